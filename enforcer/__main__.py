@@ -1,0 +1,3 @@
+from enforcer.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,10 @@
+"""Process exit codes, documented in the README."""
+
+OK = 0
+DENY = 1  # policy explain: the decision is deny
+FAILURE = 1  # a run or demo that failed at run time
+USAGE = 2  # bad command line
+BAD_CONFIG = 2  # config (or input to explain/certs) invalid
+BIND_FAILED = 3  # a listener or the admin endpoint cannot bind
+TLS_MATERIAL = 4  # a certificate/key could not be loaded at start
+INTERRUPTED = 130

@@ -1,0 +1,458 @@
+"""YAML -> ``Config``. Every problem is collected with its key path; one ``ConfigError`` at the end.
+
+Relative file paths in the config are resolved against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, cast
+
+import yaml
+
+from enforcer.config.errors import ConfigError, ConfigIssue
+from enforcer.config.model import (
+    Address,
+    AdminConfig,
+    Config,
+    FlowLogConfig,
+    LimitsConfig,
+    ListenerConfig,
+    ListenerTlsConfig,
+    NodeConfig,
+    ProxyProtocolAcceptConfig,
+    ProxyProtocolSendConfig,
+    TlsMaterialConfig,
+    UpstreamConfig,
+    UpstreamTlsConfig,
+    UpstreamVerifyConfig,
+)
+from enforcer.config.reader import Node
+from enforcer.config.rulesets import RulesetConfig, parse_rulesets
+
+TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
+            "flow_log", "admin", "limits")
+PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; raise ``ConfigError`` listing every problem."""
+    raw = read_yaml(path)
+    return parse_config(raw, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"{path}: cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue("", f"{path}: not UTF-8 text")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        what = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([ConfigIssue("", f"{path}: invalid YAML at {where}: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue("", f"{path}: invalid YAML: {exc}")]) from None
+
+
+def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") -> Config:
+    issues: list[ConfigIssue] = []
+    root = Node(raw, "", issues)
+    if raw is None or not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", "the config must be a YAML mapping with version: 1")])
+    root.keys(TOP_KEYS)
+    p = _Parser(base_dir)
+    version = root["version"].int(0)
+    if root["version"].missing:
+        root["version"].error("is required (version: 1)")
+    elif version != 1:
+        root["version"].error(f"unsupported version {version} (this enforcer reads version 1)")
+    node = p.node(root["node"])
+    materials = p.materials(root["tls"])
+    upstreams = p.upstreams(root["upstreams"])
+    rulesets = parse_rulesets(root["rulesets"])
+    rulesets_file = p.path(root["rulesets_file"])
+    if rulesets_file is not None:
+        rulesets = _merge_rulesets_file(rulesets, rulesets_file, root["rulesets_file"])
+    listeners = p.listeners(root["listeners"])
+    cfg = Config(
+        version=version,
+        node=node,
+        tls=MappingProxyType(materials),
+        listeners=tuple(listeners),
+        upstreams=MappingProxyType(upstreams),
+        rulesets=MappingProxyType(rulesets),
+        flow_log=p.flow_log(root["flow_log"]),
+        admin=p.admin(root["admin"]),
+        limits=p.limits(root["limits"]),
+        rulesets_file=rulesets_file,
+        source=source,
+    )
+    _check_references(cfg, root, issues)
+    if issues:
+        raise ConfigError(issues)
+    return cfg
+
+
+def load_rulesets_file(path: str) -> dict[str, RulesetConfig]:
+    """Read a separate rulesets file (``rulesets: {...}``); raise ``ConfigError``."""
+    raw = read_yaml(path)
+    issues: list[ConfigIssue] = []
+    node = Node(raw, "", issues)
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue("", f"{path}: expected a mapping with a rulesets: key")])
+    node.keys(("rulesets",))
+    out = parse_rulesets(node["rulesets"])
+    if issues:
+        raise ConfigError([ConfigIssue(f"{path}: {i.path}" if i.path else path, i.message)
+                           for i in issues])
+    return out
+
+
+def _merge_rulesets_file(
+    inline: dict[str, RulesetConfig], path: str, where: Node
+) -> dict[str, RulesetConfig]:
+    try:
+        from_file = load_rulesets_file(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            where.error(str(issue))
+        return inline
+    merged = dict(inline)
+    for name, rs in from_file.items():
+        if name in merged:
+            where.error(f"ruleset {name!r} is defined both inline and in {path}")
+        merged[name] = rs
+    return merged
+
+
+def parse_address(text: str, *, allow_unix: bool = True, allow_port_zero: bool = False) -> Address:
+    """Parse ``host:port``, ``[v6]:port`` or ``unix:/path``; raise ValueError naming the problem."""
+    text = text.strip()
+    if text.startswith("unix:"):
+        if not allow_unix:
+            raise ValueError(f"unix sockets are not allowed here: {text!r}")
+        path = text[5:]
+        if not path:
+            raise ValueError("unix: needs a path (unix:/run/app.sock)")
+        return Address(path=path)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"bad address {text!r} (use [v6]:port)")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad IPv6 address {host!r} in {text!r}") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"bad address {text!r} (use host:port, [v6]:port or unix:/path)")
+        if ":" in host:
+            raise ValueError(f"bad address {text!r} (put IPv6 addresses in brackets: [::1]:8080)")
+    if not port_text.isdigit():
+        raise ValueError(f"bad port {port_text!r} in {text!r}")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port {port} out of range {low}-65535 in {text!r}")
+    return Address(host=host, port=port)
+
+
+class _Parser:
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+
+    def path(self, node: Node) -> str | None:
+        text = node.str(None)
+        if text is None:
+            return None
+        if not text:
+            node.error("empty path")
+            return None
+        text = os.path.expanduser(text)
+        return text if os.path.isabs(text) else os.path.normpath(os.path.join(self.base_dir, text))
+
+    def address(self, node: Node, *, listen: bool) -> Address | None:
+        text = node.str(None, required=True)
+        if text is None:
+            return None
+        try:
+            return parse_address(text, allow_port_zero=listen)
+        except ValueError as exc:
+            node.error(str(exc))
+            return None
+
+    def node(self, node: Node) -> NodeConfig:
+        node.keys(("name", "labels"))
+        name = node["name"].str(None) or socket.gethostname()
+        labels: dict[str, str] = {}
+        for key, value in node["labels"].items():
+            text = value.str(None)
+            if text is not None:
+                labels[key] = text
+        return NodeConfig(name=name, labels=MappingProxyType(labels))
+
+    # -- tls materials -------------------------------------------------------------------
+    def materials(self, node: Node) -> dict[str, TlsMaterialConfig]:
+        out: dict[str, TlsMaterialConfig] = {}
+        for name, m in node.items():
+            material = self.material(name, m)
+            if material is not None:
+                out[name] = material
+        return out
+
+    def material(self, name: str, m: Node) -> TlsMaterialConfig | None:
+        if not m.keys(("cert", "key", "ca", "crl", "dir", "inline", "pkcs12", "password_env",
+                       "min_version")):
+            if m.is_null:
+                m.error("expected a mapping with cert/key/ca, dir, inline or pkcs12")
+            return None
+        min_version = m["min_version"].str("1.2")
+        if min_version not in ("1.2", "1.3"):
+            m["min_version"].error(f'must be "1.2" or "1.3"; got {m["min_version"].value!r}')
+            min_version = "1.2"
+        kw: dict[str, Any] = {
+            "cert": self.path(m["cert"]), "key": self.path(m["key"]), "ca": self.path(m["ca"]),
+            "crl": self.path(m["crl"]), "dir": self.path(m["dir"]),
+            "pkcs12": self.path(m["pkcs12"]), "pkcs12_password_env": m["password_env"].str(None),
+        }
+        inline = m["inline"]
+        if not inline.is_null and inline.keys(("cert", "key", "ca")):
+            for part in ("cert", "key", "ca"):
+                kw[f"inline_{part}"] = _decode_inline(inline[part])
+        sources = [s for s in ("cert", "dir", "inline", "pkcs12")
+                   if (kw.get(s) if s != "inline" else not inline.is_null)]
+        if len(sources) > 1:
+            m.error(f"give one source of certificate and key, not {' and '.join(sources)}")
+        if kw["cert"] and not kw["key"]:
+            m["key"].error("is required with cert")
+        if kw["key"] and not kw["cert"]:
+            m["cert"].error("is required with key")
+        if not sources and not kw["ca"]:
+            m.error("needs cert and key, dir, inline or pkcs12 (or at least ca, for trust only)")
+        if kw["pkcs12"] and not kw["pkcs12_password_env"]:
+            pass  # an unencrypted PKCS#12 bundle is allowed
+        if kw["pkcs12_password_env"] and not kw["pkcs12"]:
+            m["password_env"].error("goes with pkcs12")
+        return TlsMaterialConfig(name=name, path=m.path, min_version=cast(Any, min_version), **kw)
+
+    # -- listeners -----------------------------------------------------------------------
+    def listeners(self, node: Node) -> list[ListenerConfig]:
+        out: list[ListenerConfig] = []
+        names: set[str] = set()
+        items = node.list()
+        if node.missing:
+            node.error("is required (at least one listener)")
+        for item in items:
+            if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream")):
+                continue
+            name = item["name"].required_str()
+            if name in names:
+                item["name"].error(f"duplicate listener name {name!r}")
+            names.add(name)
+            listen = self.address(item["listen"], listen=True)
+            ruleset = item["ruleset"].str("", required=True)
+            if item["ruleset"].missing:
+                pass  # message already says "is required"
+            upstream = item["upstream"].required_str()
+            tls = self.listener_tls(item["tls"])
+            pp = self.proxy_accept(item["proxy_protocol"])
+            out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream))
+        return out
+
+    def listener_tls(self, node: Node) -> ListenerTlsConfig:
+        if node.is_null:
+            node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
+            return ListenerTlsConfig(mode="off")
+        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni"))
+        mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
+        if mode == "passthrough":
+            node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
+        material = node["material"].str(None)
+        if mode in ("terminate", "auto") and material is None:
+            node["material"].error(f"is required with mode {mode}")
+        return ListenerTlsConfig(
+            mode=cast(Any, mode),
+            material=material,
+            client_auth=cast(Any, node["client_auth"].choice(("required", "optional", "none"),
+                                                             "required")),
+            server_names=node["server_names"].str_list(),
+            strict_sni=node["strict_sni"].bool(False),
+        )
+
+    def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
+        if node.is_null:
+            return ProxyProtocolAcceptConfig()
+        node.keys(("accept", "trusted_sources", "timeout"))
+        accept = node["accept"].choice(("off", "optional", "required"), "off")
+        trusted = node["trusted_sources"].cidr_list()
+        if accept != "off" and not trusted:
+            node["trusted_sources"].error(
+                f"accept: {accept} needs trusted_sources (the load balancers' CIDRs)")
+        timeout = node["timeout"].duration(3.0)
+        if timeout <= 0:
+            node["timeout"].error("must be more than 0s")
+        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout)
+
+    # -- upstreams -----------------------------------------------------------------------
+    def upstreams(self, node: Node) -> dict[str, UpstreamConfig]:
+        out: dict[str, UpstreamConfig] = {}
+        for name, u in node.items():
+            if not u.keys(("address", "tls", "proxy_protocol")):
+                continue
+            address = self.address(u["address"], listen=False)
+            tls = self.upstream_tls(u["tls"])
+            pp = self.proxy_send(u["proxy_protocol"])
+            if address is not None:
+                out[name] = UpstreamConfig(name, address, tls, pp)
+        return out
+
+    def upstream_tls(self, node: Node) -> UpstreamTlsConfig:
+        if node.is_null:
+            return UpstreamTlsConfig()
+        node.keys(("mode", "material", "server_name", "verify"))
+        mode = node["mode"].choice(("off", "tls", "mtls"), "off")
+        material = node["material"].str(None)
+        if mode == "mtls" and material is None:
+            node["material"].error("is required with mode mtls")
+        v = node["verify"]
+        verify = UpstreamVerifyConfig()
+        if not v.is_null and v.keys(("uri", "dns", "cn")):
+            verify = UpstreamVerifyConfig(v["uri"].str_list(), v["dns"].str_list(),
+                                          v["cn"].str_list())
+        if mode == "off" and (material or not verify.empty):
+            node["mode"].error("material and verify need mode tls or mtls")
+        return UpstreamTlsConfig(cast(Any, mode), material, node["server_name"].str(None), verify)
+
+    def proxy_send(self, node: Node) -> ProxyProtocolSendConfig:
+        if node.is_null:
+            return ProxyProtocolSendConfig()
+        node.keys(("send", "tlvs"))
+        send = node["send"].choice(("off", "v1", "v2"), "off")
+        tlvs = node["tlvs"].str_list()
+        for i, tlv in enumerate(tlvs):
+            if tlv not in PROXY_SEND_TLVS:
+                node["tlvs"][i].error(f"unknown TLV {tlv!r} (known: {', '.join(PROXY_SEND_TLVS)})")
+        if tlvs and send != "v2":
+            node["tlvs"].error("TLVs need send: v2")
+        return ProxyProtocolSendConfig(cast(Any, send), tlvs)
+
+    # -- the rest ------------------------------------------------------------------------
+    def flow_log(self, node: Node) -> FlowLogConfig:
+        if node.is_null:
+            return FlowLogConfig()
+        node.keys(("sink", "max_bytes", "backups", "open_events", "queue_size"))
+        sink_text = node["sink"].str("stdout") or "stdout"
+        sink, path = "stdout", None
+        if sink_text == "off" or node["sink"].value is False:
+            sink = "off"
+        elif sink_text.startswith("file:"):
+            sink = "file"
+            path = self.path(Node(sink_text[5:], node["sink"].path, node.issues))
+        elif sink_text != "stdout":
+            node["sink"].error(f"must be stdout, off or file:/path; got {sink_text!r}")
+        return FlowLogConfig(
+            sink=cast(Any, sink),
+            path=path,
+            max_bytes=node["max_bytes"].int(100 * 1024 * 1024, minimum=0),
+            backups=node["backups"].int(5, minimum=0, maximum=1000),
+            open_events=node["open_events"].bool(False),
+            queue_size=node["queue_size"].int(65536, minimum=1),
+        )
+
+    def admin(self, node: Node) -> AdminConfig:
+        if node.is_null:
+            return AdminConfig()
+        node.keys(("listen",))
+        if node["listen"].is_null:
+            return AdminConfig()
+        return AdminConfig(self.address(node["listen"], listen=True))
+
+    def limits(self, node: Node) -> LimitsConfig:
+        d = LimitsConfig()
+        if node.is_null:
+            return d
+        node.keys(("max_connections", "handshake_timeout", "connect_timeout", "idle_timeout",
+                   "close_timeout", "max_lifetime", "drain_timeout"))
+        out = LimitsConfig(
+            max_connections=node["max_connections"].int(d.max_connections, minimum=1),
+            handshake_timeout=node["handshake_timeout"].duration(d.handshake_timeout),
+            connect_timeout=node["connect_timeout"].duration(d.connect_timeout),
+            idle_timeout=node["idle_timeout"].duration(d.idle_timeout),
+            close_timeout=node["close_timeout"].duration(d.close_timeout),
+            max_lifetime=node["max_lifetime"].duration(d.max_lifetime),
+            drain_timeout=node["drain_timeout"].duration(d.drain_timeout),
+        )
+        for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "close_timeout"):
+            if getattr(out, key) <= 0:
+                node[key].error("must be more than 0s")
+        return out
+
+
+def _decode_inline(node: Node) -> bytes | None:
+    text = node.str(None)
+    if text is None:
+        return None
+    if "-----BEGIN" in text:
+        return text.encode()
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        node.error("is not valid base64 (give base64 of the PEM file, or the PEM text itself)")
+        return None
+    if b"-----BEGIN" not in data:
+        node.error("decodes to something that is not PEM")
+        return None
+    return data
+
+
+def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue]) -> None:
+    known_m = ", ".join(sorted(cfg.tls)) or "none"
+    known_u = ", ".join(sorted(cfg.upstreams)) or "none"
+    known_r = ", ".join(sorted(cfg.rulesets)) or "none"
+    lnodes = root["listeners"].list() if isinstance(root["listeners"].value, list) else []
+    by_name = {}
+    for ln in lnodes:
+        if isinstance(ln.value, dict):
+            by_name[str(ln.value.get("name"))] = ln
+    for lst in cfg.listeners:
+        ln = by_name.get(lst.name, root["listeners"])
+        mat = lst.tls.material
+        if mat is not None and mat not in cfg.tls:
+            ln["tls"]["material"].error(f"unknown material {mat!r} (known: {known_m})")
+        if lst.upstream and lst.upstream not in cfg.upstreams:
+            ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
+        if lst.ruleset and lst.ruleset not in cfg.rulesets:
+            ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
+        if lst.tls.mode == "off" and lst.tls.client_auth != "required" and lst.tls.material:
+            pass
+    for name, up in cfg.upstreams.items():
+        mat = up.tls.material
+        if mat is not None and mat not in cfg.tls:
+            root["upstreams"][name]["tls"]["material"].error(
+                f"unknown material {mat!r} (known: {known_m})")
+    seen: dict[tuple[str, int, str | None], str] = {}
+    for lst, ln in zip(cfg.listeners, lnodes, strict=False):
+        a = lst.listen
+        key = (a.host, a.port, a.path)
+        if (a.port or a.path) and key in seen:
+            ln["listen"].error(f"{a} is also used by listener {seen[key]!r}")
+        seen[key] = lst.name
+    _ = Mapping  # keep import for typing users
+
+
+def format_issues(issues: tuple[ConfigIssue, ...] | list[ConfigIssue]) -> str:
+    return "\n".join(str(i) for i in issues)
