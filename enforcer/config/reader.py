@@ -8,6 +8,7 @@ keys are reported by ``Node.keys(allowed)``: typos must not pass silently.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import re
 from collections.abc import Iterator, Sequence
@@ -57,13 +58,13 @@ class Node:
 
     __slots__ = ("issues", "path", "value")
 
-    def __init__(self, value: Any, path: str, issues: list[ConfigIssue]) -> None:
+    def __init__(self, value: Any, path: builtins.str, issues: list[ConfigIssue]) -> None:
         self.value = value
         self.path = path
         self.issues = issues
 
     # -- reporting -------------------------------------------------------------------
-    def error(self, message: str) -> None:
+    def error(self, message: builtins.str) -> None:
         self.issues.append(ConfigIssue(self.path, message))
 
     @property
@@ -82,7 +83,7 @@ class Node:
             self.error(f"expected a mapping, got {_type_name(self.value)}")
         return False
 
-    def keys(self, allowed: Sequence[str]) -> bool:
+    def keys(self, allowed: Sequence[builtins.str]) -> bool:
         """Check this is a mapping whose keys are all in ``allowed``; report the others."""
         if not self.is_mapping():
             return False
@@ -95,7 +96,7 @@ class Node:
                 self.child(key).error(f"unknown key{hint}")
         return True
 
-    def child(self, key: str | int) -> Node:
+    def child(self, key: builtins.str | int) -> Node:
         value: Any = MISSING
         if isinstance(key, str) and isinstance(self.value, dict):
             value = self.value.get(key, MISSING)
@@ -103,16 +104,16 @@ class Node:
             value = self.value[key]
         return Node(value, format_path(self.path, key), self.issues)
 
-    def __getitem__(self, key: str | int) -> Node:
+    def __getitem__(self, key: builtins.str | int) -> Node:
         return self.child(key)
 
-    def items(self) -> Iterator[tuple[str, Node]]:
+    def items(self) -> Iterator[tuple[builtins.str, Node]]:
         if self.is_mapping():
             for key in self.value:
                 if isinstance(key, str):
                     yield key, self.child(key)
 
-    def list(self, *, allow_scalar: bool = False) -> list[Node]:
+    def list(self, *, allow_scalar: bool = False) -> builtins.list[Node]:
         if self.is_null:
             return []
         if isinstance(self.value, list):
@@ -123,7 +124,7 @@ class Node:
         return []
 
     # -- scalars -----------------------------------------------------------------------
-    def str(self, default: T, *, required: bool = False) -> str | T:
+    def str(self, default: T, *, required: bool = False) -> builtins.str | T:
         if self.is_null:
             if required:
                 self.error("is required")
@@ -133,11 +134,11 @@ class Node:
             return default
         return str(self.value)
 
-    def required_str(self) -> str:
+    def required_str(self) -> builtins.str:
         return self.str("", required=True)
 
-    def str_list(self) -> tuple[str, ...]:
-        out: list[str] = []
+    def str_list(self) -> tuple[builtins.str, ...]:
+        out: list[builtins.str] = []
         for item in self.list(allow_scalar=True):
             value = item.str(None)
             if value is not None:
@@ -166,7 +167,7 @@ class Node:
             return default
         return int(self.value)
 
-    def choice(self, choices: Sequence[str], default: str) -> str:
+    def choice(self, choices: Sequence[builtins.str], default: builtins.str) -> builtins.str:
         if self.is_null:
             return default
         value = self.value
@@ -194,7 +195,7 @@ class Node:
             return default
 
     def cidr_list(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        out: builtins.list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         for item in self.list(allow_scalar=True):
             text = item.str(None)
             if text is None:

@@ -1,23 +1,119 @@
 """Ruleset schema (``rulesets:`` in the config, or a separate ``rulesets_file``).
 
-Minimal foundation version: a ruleset has a ``default`` and rules with a name and an
-action. The policy issue extends the ``from``/``to`` matchers.
+``parse_rulesets(node)`` walks the raw YAML through the config ``Node`` reader, so every
+problem is recorded with its key path (``rulesets.inbound.rules[2].from.cidrs[0]: bad
+CIDR ...``) and parsing goes on to find the next one. The result is plain frozen
+dataclasses holding validated, normalised patterns; ``enforcer.policy`` compiles them.
+
+    rulesets:
+      NAME:
+        default: allow | deny                  # required
+        reevaluate_on_reload: false
+        rules:
+          - name: NAME                         # required, unique within the ruleset
+            description: free text
+            action: allow | deny               # required
+            from:                              # AND across keys, OR within a list
+              identities: [spiffe://td/ns/*/sa/**]     # * one segment, ** any number (>= 0)
+              trust_domains: [td]
+              dns: [api.shop, "*.shop.svc"]            # *. = exactly one leftmost label
+              cn: [frontend, "front*"]                 # * = any characters
+              ou: [payments]
+              spki_sha256: [BASE64 or hex]
+              cidrs: [10.0.0.0/8, 2001:db8::/32]
+              tlvs: {aws_vpce_id: [vpce-*], azure_link_id: [], gcp_psc_id: [], authority: [], alpn: []}
+              tls: required | none
+            to:
+              listeners: [inbound]
+              ports: [15006, "8000-8100"]
+              sni: ["*.shop.example"]
+              destinations: ["db.shop:5432", "10.0.0.0/8", "[2001:db8::/32]:443", "*.svc:*"]
+              server_identities: [spiffe://td/ns/db/**, "db.shop"]  # spiffe glob or DNS glob
+            ports: [15006]                     # shorthand for to.ports (DESIGN.md)
+
+A single scalar is accepted wherever a list is. An explicitly empty list is an error:
+it would silently match nothing (leave the key out to match anything); ``from: {}``
+matches everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, cast
 
 from enforcer.config.reader import Node
 
 Action = Literal["allow", "deny"]
+TlsRequirement = Literal["required", "none"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Check = Callable[[str], "str | None"]
+_Normalize = Callable[[str], str]
+
+TLV_KEYS = ("aws_vpce_id", "azure_link_id", "gcp_psc_id", "authority", "alpn")
+RULESET_KEYS = ("default", "rules", "reevaluate_on_reload")
+RULE_KEYS = ("name", "description", "action", "from", "to", "ports")
+FROM_KEYS = ("identities", "trust_domains", "dns", "cn", "ou", "spki_sha256", "cidrs", "tlvs",
+             "tls")
+TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities")
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    low: int
+    high: int
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+ANY_PORT = PortRange(1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """``host:port`` / ``CIDR`` / ``[v6 CIDR]:ports``: exactly one of host and network."""
+
+    text: str
+    host: str | None = None  # DNS glob, lowercase
+    network: IPNetwork | None = None
+    ports: tuple[PortRange, ...] = ()  # empty = any port
+
+
+@dataclass(frozen=True, slots=True)
+class FromConfig:
+    identities: tuple[str, ...] = ()
+    trust_domains: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    cn: tuple[str, ...] = ()
+    ou: tuple[str, ...] = ()
+    spki_sha256: tuple[str, ...] = ()  # normalised to standard padded base64
+    cidrs: tuple[IPNetwork, ...] = ()
+    tlvs: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    tls: TlsRequirement | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToConfig:
+    listeners: tuple[str, ...] = ()
+    ports: tuple[PortRange, ...] = ()
+    sni: tuple[str, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
+    server_identities: tuple[str, ...] = ()  # spiffe:// globs or DNS globs
 
 
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     name: str
     action: Action
+    from_: FromConfig = field(default_factory=FromConfig)  # ``from:`` in YAML
+    to: ToConfig = field(default_factory=ToConfig)
+    description: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,26 +124,326 @@ class RulesetConfig:
     reevaluate_on_reload: bool = False
 
 
+# ---------------------------------------------------------------------------- patterns
+# Validators return None when the pattern is good, else a message. They are public so
+# the policy compiler's tests and other tools can share one definition of the syntax.
+_TD_CHARS = re.compile(r"[a-z0-9._*-]+")
+_SEGMENT_CHARS = re.compile(r"[A-Za-z0-9._*-]+")
+_DNS_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
+
+
+def identity_glob_problem(text: str) -> str | None:
+    """``spiffe://td/seg/...`` where a segment is literal, contains ``*``, or is ``**``."""
+    if not text.startswith("spiffe://"):
+        return "must start with spiffe:// (e.g. spiffe://cluster.local/ns/shop/sa/*)"
+    rest = text[len("spiffe://"):]
+    if not rest:
+        return "needs a trust domain after spiffe://"
+    segments = rest.split("/")
+    for i, seg in enumerate(segments):
+        if seg == "**":
+            continue
+        if not seg:
+            return "has an empty path segment (// or a trailing /)"
+        if "**" in seg:
+            return "** must be a whole path segment (/**/)"
+        if seg in (".", ".."):
+            return "has a . or .. segment"
+        if i == 0 and not _TD_CHARS.fullmatch(seg):
+            return (f"bad trust domain {seg!r} (lowercase letters, digits, '.', '-', '_'; "
+                    "* as a wildcard)")
+        if i > 0 and not _SEGMENT_CHARS.fullmatch(seg):
+            return f"bad path segment {seg!r} (letters, digits, '.', '-', '_'; * as a wildcard)"
+    return None
+
+
+def dns_glob_problem(text: str) -> str | None:
+    """A DNS name, or ``*.`` + DNS name: the ``*`` is exactly one leftmost label."""
+    labels = text.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if not labels:
+            return "* needs a domain after it (*.example.com)"
+    for label in labels:
+        if "*" in label:
+            return "* is only allowed as the whole leftmost label (*.example.com)"
+        if not _DNS_LABEL.fullmatch(label):
+            return f"bad DNS label {label!r}" if label else "has an empty label"
+    return None
+
+
+def normalize_dns(text: str) -> str:
+    text = text.strip().lower()
+    return text[:-1] if text.endswith(".") and len(text) > 1 else text
+
+
+def trust_domain_problem(text: str) -> str | None:
+    if not _TD_CHARS.fullmatch(text) or "*" in text:
+        return "bad trust domain (lowercase letters, digits, '.', '-', '_')"
+    return None
+
+
+def normalize_spki(text: str) -> str | None:
+    """Standard padded base64 of a 32-byte sha256 given as base64 (std/url) or hex."""
+    raw: bytes | None = None
+    compact = text.strip()
+    if re.fullmatch(r"[0-9a-fA-F]{64}", compact):
+        raw = bytes.fromhex(compact)
+    else:
+        padded = compact + "=" * (-len(compact) % 4)
+        try:
+            raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) != 32:
+        return None
+    return base64.b64encode(raw).decode("ascii")
+
+
+def parse_port_range(value: object) -> PortRange | None:
+    """``443``, ``"443"`` or ``"8000-8100"`` within 1-65535; None if invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return PortRange(value, value) if 1 <= value <= 65535 else None
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"\s*(\d{1,5})\s*(?:-\s*(\d{1,5})\s*)?", value)
+    if m is None:
+        return None
+    low = int(m.group(1))
+    high = int(m.group(2)) if m.group(2) else low
+    if not 1 <= low <= high <= 65535:
+        return None
+    return PortRange(low, high)
+
+
+def parse_destination(text: str) -> DestinationConfig | str:
+    """A ``DestinationConfig``, or a message saying what is wrong."""
+    text = text.strip()
+    host, ports_text = _split_destination(text)
+    if host is None:
+        return "bad destination (use host:port, CIDR, CIDR:port or [v6 CIDR]:port)"
+    ports: tuple[PortRange, ...] = ()
+    if ports_text is not None and ports_text != "*":
+        pr = parse_port_range(ports_text)
+        if pr is None:
+            return f"bad port {ports_text!r} (1-65535, a range 8000-8100, or *)"
+        ports = (pr,)
+    try:
+        return DestinationConfig(text, network=ipaddress.ip_network(host, strict=False),
+                                 ports=ports)
+    except ValueError:
+        pass
+    name = normalize_dns(host)
+    problem = dns_glob_problem(name)
+    if problem is not None:
+        return f"bad host {host!r}: {problem}"
+    return DestinationConfig(text, host=name, ports=ports)
+
+
+def _split_destination(text: str) -> tuple[str | None, str | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None, None
+        after = text[end + 1:]
+        if after and not after.startswith(":"):
+            return None, None
+        return text[1:end], (after[1:] if after else None)
+    if text.count(":") >= 2:  # a bare IPv6 address or CIDR: any port
+        return text, None
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, None
+    return (host, port) if host else (None, None)
+
+
+# ---------------------------------------------------------------------------- parsing
 def parse_rulesets(node: Node) -> dict[str, RulesetConfig]:
     out: dict[str, RulesetConfig] = {}
     for name, rs in node.items():
-        if not rs.keys(("default", "rules", "reevaluate_on_reload")):
-            continue
-        default = rs["default"].choice(("allow", "deny"), "deny")
-        if rs["default"].missing:
-            rs["default"].error("is required (allow or deny)")
-        rules: list[RuleConfig] = []
-        seen: set[str] = set()
-        for rule in rs["rules"].list():
-            if not rule.keys(("name", "action")):
-                continue
-            rname = rule["name"].required_str()
-            if rname in seen:
-                rule["name"].error(f"duplicate rule name {rname!r}")
-            seen.add(rname)
-            action = rule["action"].choice(("allow", "deny"), "deny")
-            rules.append(RuleConfig(rname, action))  # type: ignore[arg-type]
-        out[name] = RulesetConfig(
-            name, default, tuple(rules), rs["reevaluate_on_reload"].bool(False)  # type: ignore[arg-type]
-        )
+        ruleset = _ruleset(name, rs)
+        if ruleset is not None:
+            out[name] = ruleset
     return out
+
+
+def _ruleset(name: str, rs: Node) -> RulesetConfig | None:
+    if not rs.keys(RULESET_KEYS):
+        if rs.is_null:
+            rs.error("expected a mapping with default: allow|deny and rules: [...]")
+        return None
+    default = _action(rs["default"])
+    rules: list[RuleConfig] = []
+    seen: dict[str, str] = {}
+    for item in rs["rules"].list():
+        rule = _rule(item)
+        if rule is None:
+            continue
+        if rule.name in seen:
+            item["name"].error(f"duplicate rule name {rule.name!r} (also {seen[rule.name]})")
+        else:
+            seen[rule.name] = item.path
+        rules.append(rule)
+    return RulesetConfig(name, default, tuple(rules), rs["reevaluate_on_reload"].bool(False))
+
+
+def _action(node: Node) -> Action:
+    if node.is_null:
+        node.error("is required (allow or deny)")
+        return "deny"
+    return cast(Action, node.choice(("allow", "deny"), "deny"))
+
+
+def _rule(item: Node) -> RuleConfig | None:
+    if not item.keys(RULE_KEYS):
+        if item.is_null:
+            item.error("expected a rule mapping with name and action")
+        return None
+    name = item["name"].str("", required=True)
+    if not name and not item["name"].is_null:
+        item["name"].error("must not be empty")
+    action = _action(item["action"])
+    from_ = _from(item["from"])
+    to = _to(item["to"])
+    if not item["ports"].is_null:
+        if to.ports:
+            item["ports"].error("give ports here or under to.ports, not both")
+        else:
+            to = ToConfig(to.listeners, _ports(item["ports"]), to.sni, to.destinations,
+                          to.server_identities)
+    return RuleConfig(name, action, from_, to, item["description"].str(None))
+
+
+def _from(node: Node) -> FromConfig:
+    if node.is_null or not node.keys(FROM_KEYS):
+        return FromConfig()
+    tls = node["tls"]
+    return FromConfig(
+        identities=_patterns(node["identities"], identity_glob_problem, "identity glob"),
+        trust_domains=_patterns(node["trust_domains"], trust_domain_problem, "trust domain",
+                                normalize=_strip_spiffe),
+        dns=_patterns(node["dns"], dns_glob_problem, "DNS name", normalize=normalize_dns),
+        cn=_patterns(node["cn"], _nonempty, "CN pattern"),
+        ou=_patterns(node["ou"], _nonempty, "OU pattern"),
+        spki_sha256=_spki(node["spki_sha256"]),
+        cidrs=_cidrs(node["cidrs"]),
+        tlvs=_tlvs(node["tlvs"]),
+        tls=None if tls.is_null else cast(TlsRequirement, tls.choice(("required", "none"),
+                                                                     "required")),
+    )
+
+
+def _to(node: Node) -> ToConfig:
+    if node.is_null or not node.keys(TO_KEYS):
+        return ToConfig()
+    return ToConfig(
+        listeners=_patterns(node["listeners"], _nonempty, "listener name"),
+        ports=_ports(node["ports"]),
+        sni=_patterns(node["sni"], dns_glob_problem, "SNI pattern", normalize=normalize_dns),
+        destinations=_destinations(node["destinations"]),
+        server_identities=_patterns(node["server_identities"], _server_identity_problem,
+                                    "server identity", normalize=_normalize_server_identity),
+    )
+
+
+def _items(node: Node) -> list[Node]:
+    """List items (a scalar counts as a one-item list); an explicit [] is an error."""
+    _check_not_empty(node)
+    return node.list(allow_scalar=True)
+
+
+def _check_not_empty(node: Node) -> None:
+    if isinstance(node.value, list) and not node.value:
+        node.error("is an empty list, which would match nothing (leave the key out to match "
+                   "anything)")
+
+
+def _patterns(node: Node, problem_of: _Check, what: str, *,
+              normalize: _Normalize | None = None) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in _items(node):
+        text = item.str(None)
+        if text is None:
+            continue
+        value = normalize(text) if normalize is not None else text
+        problem = problem_of(value)
+        if problem is not None:
+            item.error(f"bad {what} {text!r}: {problem}")
+        else:
+            out.append(value)
+    return tuple(out)
+
+
+def _ports(node: Node) -> tuple[PortRange, ...]:
+    out: list[PortRange] = []
+    for item in _items(node):
+        pr = parse_port_range(item.value)
+        if pr is None:
+            item.error(f"bad port {item.value!r} (1-65535, or a range like \"8000-8100\")")
+        else:
+            out.append(pr)
+    return tuple(out)
+
+
+def _cidrs(node: Node) -> tuple[IPNetwork, ...]:
+    _check_not_empty(node)
+    return node.cidr_list()
+
+
+def _spki(node: Node) -> tuple[str, ...]:
+    out: list[str] = []
+    for item in _items(node):
+        text = item.str(None)
+        if text is None:
+            continue
+        pin = normalize_spki(text)
+        if pin is None:
+            item.error(f"bad spki_sha256 {text!r} (base64 or hex of a 32-byte sha256)")
+        else:
+            out.append(pin)
+    return tuple(out)
+
+
+def _tlvs(node: Node) -> Mapping[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    if node.is_null or not node.keys(TLV_KEYS):
+        return MappingProxyType(out)
+    for key, child in node.items():
+        if key in TLV_KEYS:
+            out[key] = _patterns(child, _nonempty, f"{key} pattern")
+    return MappingProxyType(out)
+
+
+def _destinations(node: Node) -> tuple[DestinationConfig, ...]:
+    out: list[DestinationConfig] = []
+    for item in _items(node):
+        text = item.str(None)
+        if text is None:
+            continue
+        parsed = parse_destination(text)
+        if isinstance(parsed, str):
+            item.error(f"bad destination {text!r}: {parsed}")
+        else:
+            out.append(parsed)
+    return tuple(out)
+
+
+def _nonempty(text: str) -> str | None:
+    return "is empty" if not text else None
+
+
+def _strip_spiffe(text: str) -> str:
+    return text[len("spiffe://"):].rstrip("/") if text.startswith("spiffe://") else text
+
+
+def _server_identity_problem(text: str) -> str | None:
+    if text.startswith("spiffe://"):
+        return identity_glob_problem(text)
+    return dns_glob_problem(text)
+
+
+def _normalize_server_identity(text: str) -> str:
+    return text if text.startswith("spiffe://") else normalize_dns(text)
+

@@ -1,0 +1,41 @@
+"""``enforcer run -c FILE``: serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+
+from enforcer.cli import exitcodes
+from enforcer.cli.errors import fail
+from enforcer.config.errors import ConfigError
+from enforcer.config.loader import load_config
+from enforcer.dataplane.plane import StartupError
+from enforcer.observe.logging import setup_logging
+
+STARTUP_EXIT = {"config": exitcodes.BAD_CONFIG, "tls": exitcodes.TLS_MATERIAL,
+                "bind": exitcodes.BIND_FAILED}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the proxy from a config file")
+    p.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-json", action="store_true", help="log lines as JSON on stderr")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, json=args.log_json)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            fail(str(issue))
+        return exitcodes.BAD_CONFIG
+    from enforcer.runtime.server import run
+
+    try:
+        return run(cfg)
+    except StartupError as exc:
+        fail(str(exc))
+        return STARTUP_EXIT.get(exc.kind, exitcodes.FAILURE)

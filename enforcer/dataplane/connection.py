@@ -1,0 +1,652 @@
+"""The per-connection state machine: accept -> [PROXY] -> [detect] -> [TLS] -> authorize
+-> connect -> [PROXY out] -> [upstream TLS] -> relay -> half-closed -> closed.
+
+How it works. A ``Connection`` owns two ``Side`` protocols (client and upstream) and is
+driven entirely by their callbacks; the only task it creates is the upstream connect.
+Bytes from the client are interpreted according to ``stage``:
+
+- PROXY: fed to the sans-IO ``HeaderParser`` until a header, an error or the timeout;
+- DETECT (``tls.mode: auto``): the first byte decides TLS (0x16, a handshake record) or
+  plaintext;
+- HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
+- AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
+  when it is full); no upstream connection exists before the policy said allow;
+- RELAY: plaintext is forwarded. Each direction is flow controlled: when one side's
+  write buffer passes its high-water mark, reading from the other side pauses.
+
+Half-close: an EOF (TCP FIN or TLS close_notify) from one side is passed on to the other
+(FIN, or close_notify + FIN), and the other direction keeps flowing until it too ends or
+``close_timeout`` passes. Every way out goes through ``_finish`` exactly once: it cancels
+timers and the connect task, closes both sockets, and emits one flow record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import ssl
+import time
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Final
+
+from enforcer.dataplane import flowrecord
+from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
+from enforcer.dataplane.tasks import spawn
+from enforcer.dataplane.tlsengine import TlsEngine
+from enforcer.policy import FlowFacts
+from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
+from enforcer.tlsconf.identity import PeerIdentity, identity_from_der
+
+if TYPE_CHECKING:
+    from enforcer.dataplane.context import ListenerRuntime
+
+log = logging.getLogger("enforcer.dataplane")
+
+PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connects
+TLS_RECORD_TYPE_HANDSHAKE: Final = 0x16
+
+
+class Stage(IntEnum):
+    ACCEPTED = 0
+    PROXY = 1
+    DETECT = 2
+    HANDSHAKE = 3
+    AUTHORIZE = 4
+    CONNECT = 5
+    UPSTREAM_TLS = 6
+    RELAY = 7
+    CLOSED = 8
+
+
+class Connection:
+    """One proxied client connection. Created by the listener's protocol factory."""
+
+    def __init__(self, listener: ListenerRuntime) -> None:
+        self.listener = listener
+        self.plane = listener.plane
+        self.loop = asyncio.get_running_loop()
+        self.client = Side(self, is_client=True)
+        self.upstream: Side | None = None
+        self.stage = Stage.ACCEPTED
+        self.started = time.time()
+        self.started_mono = self.loop.time()
+        self.last_active = self.started_mono
+        self.flow_id = ""
+        self.peer: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+        self.client_addr: tuple[str, int] | None = None  # real client (PROXY source)
+        self.proxy_header: ProxyHeader | None = None
+        self.proxy_parser: HeaderParser | None = None
+        self.sniff_buf = b""
+        self.tls_info: dict[str, Any] | None = None
+        self.sni: str | None = None
+        self.identity: PeerIdentity | None = None
+        self.upstream_identity: PeerIdentity | None = None
+        self.decision: Any = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.client_eof_pending = False
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
+        self.first_eof: str | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.stage_timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.life_timer: asyncio.TimerHandle | None = None
+        self.hs_started = 0.0
+
+    # ===================================================================== side callbacks
+    def side_connected(self, side: Side) -> None:
+        if side is self.client:
+            self._accepted()
+        elif self.stage == Stage.CLOSED:  # client left while we were connecting
+            side.close(abort=True)
+
+    def side_data(self, side: Side, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        if side is self.client:
+            self._client_data(data)
+        else:
+            self._upstream_data(data)
+
+    def side_eof(self, side: Side) -> None:
+        if side.tls is not None:
+            side.tls.feed_eof()
+            if side is self.client and self.stage == Stage.HANDSHAKE:
+                self._fail("client_closed", "the client closed during the TLS handshake")
+                return
+            if side is not self.client and self.stage == Stage.UPSTREAM_TLS:
+                self._fail("upstream_tls_failed", "the upstream closed during the TLS handshake",
+                           upstream_reason="tls_handshake")
+                return
+            self._read_tls(side)
+            if not side.eof_in:  # FIN without close_notify: a truncated TLS stream
+                self._eof(side)
+            return
+        self._eof(side)
+
+    def side_lost(self, side: Side, exc: Exception | None) -> None:
+        if self.stage == Stage.CLOSED:
+            return
+        who = "client" if side is self.client else "upstream"
+        if side.eof_in and side.eof_out and exc is None:
+            return
+        reason = f"{who}_reset" if exc is not None else f"{who}_closed"
+        self._fail(reason, str(exc) if exc else f"the {who} closed the connection",
+                   action="allow" if self.stage == Stage.RELAY else "error", graceful=True)
+
+    def side_write_paused(self, side: Side, paused: bool) -> None:
+        other = self.upstream if side is self.client else self.client
+        if other is None:
+            return
+        if paused:
+            other.pause(PAUSE_BACKPRESSURE)
+        else:
+            other.resume(PAUSE_BACKPRESSURE)
+
+    # ===================================================================== accept
+    def _accepted(self) -> None:
+        plane, lst = self.plane, self.listener
+        transport = self.client.transport
+        assert transport is not None
+        self.flow_id = plane.new_flow_id()
+        self.peer = _addr(transport.get_extra_info("peername"))
+        self.local = _addr(transport.get_extra_info("sockname"))
+        self.client_addr = self.peer
+        plane.connection_opened(self)
+        if plane.over_limit():
+            self._fail("max_connections", "max_connections reached", abort=True)
+            return
+        limits = lst.limits
+        if limits.max_lifetime > 0:
+            self.life_timer = self.loop.call_later(limits.max_lifetime, self._timeout,
+                                                   "max_lifetime")
+        pp = lst.cfg.proxy_protocol
+        if pp.accept != "off":
+            trusted = lst.is_trusted(self.peer[0] if self.peer else None)
+            if not trusted and pp.accept == "required":
+                self._proxy_error("untrusted_source",
+                                  f"PROXY header required but {self._peer_text()} is not a "
+                                  "trusted source")
+                return
+            self.stage = Stage.PROXY
+            if trusted:
+                self.proxy_parser = HeaderParser()
+            self._set_stage_timer(pp.timeout, "proxy_protocol_timeout")
+            return
+        self._after_proxy(b"")
+
+    def _after_proxy(self, data: bytes) -> None:
+        mode = self.listener.cfg.tls.mode
+        if mode == "off":
+            self._cancel_stage_timer()
+            self._authorize(data)
+            return
+        self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
+        if mode == "auto":
+            self.stage = Stage.DETECT
+            if data:
+                self._detect(data)
+            return
+        self._start_server_tls(data)
+
+    # ===================================================================== client bytes
+    def _client_data(self, data: bytes) -> None:
+        stage = self.stage
+        if stage >= Stage.AUTHORIZE:
+            if self.client.tls is not None:
+                self.client.tls.feed(data)
+                self._read_tls(self.client)
+            else:
+                self._from_client(data)
+        elif stage == Stage.HANDSHAKE:
+            self._handshake_data(data)
+        elif stage == Stage.PROXY:
+            self._proxy_data(data)
+        elif stage == Stage.DETECT:
+            self._detect(data)
+
+    def _from_client(self, data: bytes) -> None:
+        self.bytes_from_client += len(data)
+        if self.stage == Stage.RELAY and self.upstream is not None:
+            self.upstream.send(data)
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= PENDING_LIMIT:
+            self.client.pause(PAUSE_BUFFER)
+
+    def _upstream_data(self, data: bytes) -> None:
+        up = self.upstream
+        assert up is not None
+        if up.tls is None:
+            self._to_client(data)
+            return
+        up.tls.feed(data)
+        if self.stage == Stage.UPSTREAM_TLS:
+            self._upstream_handshake()
+        else:
+            self._read_tls(up)
+
+    def _to_client(self, data: bytes) -> None:
+        if self.stage != Stage.RELAY:
+            return  # an upstream that speaks before the relay starts is ignored
+        self.bytes_to_client += len(data)
+        self.client.send(data)
+
+    def _read_tls(self, side: Side) -> None:
+        tls = side.tls
+        assert tls is not None
+        try:
+            chunks, eof = tls.read()
+        except ssl.SSLEOFError:
+            chunks, eof = [], True  # TCP FIN without close_notify
+        except ssl.SSLError as exc:
+            who = "client" if side is self.client else "upstream"
+            self._fail(f"{who}_tls_error", f"TLS error from the {who}: {exc.reason or exc}")
+            return
+        side.flush_tls()
+        forward = self._from_client if side is self.client else self._to_client
+        for chunk in chunks:
+            forward(chunk)
+        if eof and not side.eof_in:
+            self._eof(side)
+
+    # ===================================================================== PROXY protocol
+    def _proxy_data(self, data: bytes) -> None:
+        parser = self.proxy_parser
+        if parser is None:  # untrusted source, accept: optional: refuse anything PROXY-like
+            self.sniff_buf += data
+            kind = sniff(self.sniff_buf)
+            if kind is None:
+                return
+            if kind != "none":
+                self._proxy_error("untrusted_source",
+                                  f"PROXY header from untrusted source {self._peer_text()}")
+                return
+            buf, self.sniff_buf = self.sniff_buf, b""
+            self._after_proxy(buf)
+            return
+        if self.listener.cfg.proxy_protocol.accept == "optional" and not self.proxy_header:
+            self.sniff_buf += data
+            kind = sniff(self.sniff_buf)
+            if kind is None:
+                return
+            data, self.sniff_buf = self.sniff_buf, b""
+            if kind == "none":
+                self._after_proxy(data)
+                return
+        try:
+            header = parser.feed(data)
+        except ProxyProtocolError as exc:
+            self._proxy_error(exc.reason, f"bad PROXY header: {exc}")
+            return
+        if header is None:
+            return
+        self.proxy_header = header
+        if header.command == "PROXY" and header.source is not None and header.family in (
+            "TCP4", "TCP6"
+        ):
+            self.client_addr = header.source
+        self._cancel_stage_timer()
+        self._after_proxy(parser.rest)
+
+    def _proxy_error(self, reason: str, detail: str) -> None:
+        self.plane.metrics.proxy_protocol_errors_total.labels(
+            listener=self.listener.name, reason=reason).inc()
+        self._fail(f"proxy_protocol_{reason}", detail, abort=True)
+
+    # ===================================================================== TLS (server)
+    def _detect(self, data: bytes) -> None:
+        if not data:
+            return
+        if data[0] == TLS_RECORD_TYPE_HANDSHAKE:
+            self._start_server_tls(data)
+        else:
+            self._cancel_stage_timer()
+            self._authorize(data)
+
+    def _start_server_tls(self, data: bytes) -> None:
+        ctx = self.listener.server_ctx
+        assert ctx is not None
+        self.stage = Stage.HANDSHAKE
+        self.hs_started = self.loop.time()
+        self.client.tls = TlsEngine(ctx, server_side=True)
+        if data:
+            self._handshake_data(data)
+
+    def _handshake_data(self, data: bytes) -> None:
+        tls = self.client.tls
+        assert tls is not None
+        tls.feed(data)
+        try:
+            done = tls.handshake()
+        except ssl.SSLError as exc:
+            self.client.flush_tls()  # send the alert so the client knows why
+            self._handshake_failed(exc)
+            return
+        self.client.flush_tls()
+        if done:
+            self._server_handshake_done(tls)
+
+    def _handshake_failed(self, exc: ssl.SSLError) -> None:
+        reason = _tls_reason(exc)
+        self.plane.metrics.tls_handshake_errors_total.labels(
+            listener=self.listener.name, reason=reason).inc()
+        self._fail("handshake_failed", f"TLS handshake with {self._peer_text()} failed: "
+                   f"{exc.reason or exc}", tls_reason=reason)
+
+    def _server_handshake_done(self, tls: TlsEngine) -> None:
+        self._cancel_stage_timer()
+        self.plane.metrics.tls_handshake_seconds.labels(
+            listener=self.listener.name, side="server").observe(self.loop.time() - self.hs_started)
+        self.sni = getattr(tls.obj, "enforcer_sni", None)
+        der = tls.peer_cert_der()
+        if der is not None:
+            self.identity = identity_from_der(der)
+        self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni}
+        self._authorize(b"")
+        if self.stage != Stage.CLOSED:
+            self._read_tls(self.client)  # application data that came with the Finished
+
+    # ===================================================================== authorize
+    def _authorize(self, data: bytes) -> None:
+        self.stage = Stage.AUTHORIZE
+        lst = self.listener
+        decision = self.plane.decide(lst, self._facts())
+        self.decision = decision
+        self.plane.metrics.policy_decisions_total.labels(
+            listener=lst.name, ruleset=decision.ruleset, rule=decision.rule or "",
+            action=decision.action).inc()
+        if decision.action != "allow":
+            self._finish("deny", "denied", detail=f"denied by {decision.reason}"
+                         + (f" rule {decision.rule}" if decision.rule else ""))
+            return
+        self.stage = Stage.CONNECT
+        if data:
+            self._from_client(data)
+        self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
+
+    def _facts(self) -> FlowFacts:
+        ip = None
+        if self.client_addr is not None:
+            try:
+                ip = ipaddress.ip_address(self.client_addr[0].split("%", 1)[0])
+            except ValueError:
+                ip = None
+        tlvs = self.proxy_header.tlvs_for_policy() if self.proxy_header is not None else {}
+        up = self.listener.upstream.cfg.address
+        return FlowFacts(
+            listener=self.listener.name,
+            port=self.local[1] if self.local else self.listener.local_port,
+            client_ip=ip,
+            identity=self.identity,
+            tls=self.client.tls is not None,
+            sni=self.sni,
+            tlvs=tlvs,
+            destination=None if up.is_unix else (up.host, up.port),
+        )
+
+    # ===================================================================== upstream
+    async def _connect(self) -> None:
+        try:
+            await self._connect_upstream()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.internal_error(exc)
+
+    async def _connect_upstream(self) -> None:
+        up = self.listener.upstream
+        addr = up.cfg.address
+        side = Side(self, is_client=False)
+        self.upstream = side
+        started = self.loop.time()
+        try:
+            async with asyncio.timeout(self.listener.limits.connect_timeout):
+                if addr.is_unix:
+                    assert addr.path is not None
+                    await self.loop.create_unix_connection(lambda: side, addr.path)
+                else:
+                    await self.loop.create_connection(lambda: side, addr.host, addr.port)
+        except TimeoutError:
+            self._fail("upstream_connect_timeout", f"connect to {addr} timed out",
+                       upstream_reason="connect_timeout")
+            return
+        except OSError as exc:
+            code = errno.errorcode.get(exc.errno or 0, "error").lower()
+            self._fail("upstream_connect_failed",
+                       f"connect to {addr} failed: {exc.strerror or exc}",
+                       upstream_reason=code)
+            return
+        self.plane.metrics.upstream_connect_seconds.labels(upstream=up.name).observe(
+            self.loop.time() - started)
+        if self.stage == Stage.CLOSED:
+            side.close(abort=True)
+            return
+        self._upstream_connected(side)
+
+    def _upstream_connected(self, side: Side) -> None:
+        up = self.listener.upstream
+        header = self.plane.proxy_header_for(self)
+        if header and side.transport is not None:
+            side.transport.write(header)
+        if up.client_ctx is None:
+            self._start_relay()
+            return
+        self.stage = Stage.UPSTREAM_TLS
+        self.hs_started = self.loop.time()
+        self._set_stage_timer(self.listener.limits.handshake_timeout, "upstream_tls_timeout")
+        side.tls = TlsEngine(up.client_ctx, server_side=False,
+                             server_hostname=up.server_hostname, session=up.session)
+        self._upstream_handshake()
+
+    def _upstream_handshake(self) -> None:
+        up = self.upstream
+        assert up is not None and up.tls is not None
+        try:
+            done = up.tls.handshake()
+        except ssl.SSLError as exc:
+            up.flush_tls()
+            self.plane.metrics.tls_handshake_errors_total.labels(
+                listener=self.listener.name, reason=_tls_reason(exc)).inc()
+            self._fail("upstream_tls_failed",
+                       f"TLS handshake with upstream {self.listener.upstream.cfg.address} "
+                       f"failed: {exc.reason or exc}", upstream_reason="tls_handshake")
+            return
+        up.flush_tls()
+        if not done:
+            return
+        self.plane.metrics.tls_handshake_seconds.labels(
+            listener=self.listener.name, side="client").observe(self.loop.time() - self.hs_started)
+        der = up.tls.peer_cert_der()
+        self.upstream_identity = identity_from_der(der) if der else None
+        problem = self.plane.check_upstream_identity(self.listener.upstream,
+                                                     self.upstream_identity)
+        if problem is not None:
+            self._fail("upstream_identity_mismatch", problem, upstream_reason="identity_mismatch")
+            return
+        self.listener.upstream.session = up.tls.session
+        self._cancel_stage_timer()
+        self._start_relay()
+        if self.stage == Stage.RELAY:
+            self._read_tls(up)
+
+    # ===================================================================== relay
+    def _start_relay(self) -> None:
+        self.stage = Stage.RELAY
+        up = self.upstream
+        assert up is not None
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        for chunk in pending:
+            up.send(chunk)
+        self.client.resume(PAUSE_BUFFER)
+        if self.client_eof_pending:
+            self._eof(self.client)
+        self.idle_timer = self.loop.call_later(self.listener.limits.idle_timeout, self._check_idle)
+
+    def _eof(self, side: Side) -> None:
+        if side.eof_in:
+            return
+        side.eof_in = True
+        is_client = side is self.client
+        if self.stage != Stage.RELAY:
+            if is_client and self.stage in (Stage.CONNECT, Stage.UPSTREAM_TLS) and self.pending:
+                side.eof_in = False  # replayed by _start_relay once the upstream is ready
+                self.client_eof_pending = True  # half-closed after a request: keep going
+                return
+            who = "client" if is_client else "upstream"
+            self._fail(f"{who}_closed", f"the {who} closed before the relay started")
+            return
+        if self.first_eof is None:
+            self.first_eof = "client_fin" if is_client else "upstream_fin"
+            self.close_timer = self.loop.call_later(self.listener.limits.close_timeout,
+                                                    self._timeout, "close_timeout")
+        other = self.upstream if is_client else self.client
+        assert other is not None
+        other.send_eof()
+        if self.client.eof_in and up_eof(self.upstream):
+            self._finish("allow", self.first_eof or "client_fin")
+
+    def _check_idle(self) -> None:
+        if self.stage == Stage.CLOSED:
+            return
+        idle = self.loop.time() - self.last_active
+        limit = self.listener.limits.idle_timeout
+        if idle >= limit:
+            self._timeout("idle_timeout")
+        else:
+            self.idle_timer = self.loop.call_later(limit - idle, self._check_idle)
+
+    # ===================================================================== timers
+    def _set_stage_timer(self, delay: float, reason: str) -> None:
+        self._cancel_stage_timer()
+        self.stage_timer = self.loop.call_later(delay, self._timeout, reason)
+
+    def _cancel_stage_timer(self) -> None:
+        if self.stage_timer is not None:
+            self.stage_timer.cancel()
+            self.stage_timer = None
+
+    def _timeout(self, reason: str) -> None:
+        if self.stage == Stage.CLOSED:
+            return
+        if reason == "proxy_protocol_timeout":
+            self._proxy_error("timeout", "no complete PROXY header in time")
+            return
+        if reason == "handshake_timeout":
+            self.plane.metrics.tls_handshake_errors_total.labels(
+                listener=self.listener.name, reason="timeout").inc()
+        if reason == "upstream_tls_timeout":
+            self.plane.metrics.upstream_errors_total.labels(
+                upstream=self.listener.upstream.name, reason="tls_timeout").inc()
+        action = "allow" if self.stage == Stage.RELAY else "error"
+        self._finish(action, reason, detail=f"{reason.replace('_', ' ')} reached", abort=True)
+
+    def drain_close(self) -> None:
+        """Called when the drain deadline passes with this connection still open."""
+        if self.stage != Stage.CLOSED:
+            action = "allow" if self.stage == Stage.RELAY else "error"
+            self._finish(action, "drain", detail="closed at the end of the drain", abort=True)
+
+    def policy_revoked(self, decision: Any) -> None:
+        """A reloaded ruleset now denies this open connection."""
+        if self.stage != Stage.CLOSED:
+            self.decision = decision
+            self._finish("deny", "policy_reload", detail="denied after a ruleset reload",
+                         abort=True)
+
+    # ===================================================================== ending
+    def _fail(self, reason: str, detail: str, *, action: str = "error", abort: bool = False,
+              graceful: bool = False, upstream_reason: str | None = None,
+              tls_reason: str | None = None) -> None:
+        if self.stage == Stage.CLOSED:
+            return
+        if upstream_reason is not None:
+            self.plane.metrics.upstream_errors_total.labels(
+                upstream=self.listener.upstream.name, reason=upstream_reason).inc()
+        self._finish(action, reason, detail=detail, abort=abort and not graceful)
+
+    def _finish(self, action: str, reason: str, *, detail: str | None = None,
+                abort: bool = False) -> None:
+        if self.stage == Stage.CLOSED:
+            return
+        stage_reached = self.stage
+        self.stage = Stage.CLOSED
+        for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        self.pending.clear()
+        for side in (self.client, self.upstream):
+            if side is not None:
+                side.close(abort=abort)
+        if not abort:
+            self.plane.schedule_abort(self)
+        self.plane.connection_closed(self, flowrecord.build(self, action, reason, detail,
+                                                           stage_reached))
+
+    def internal_error(self, exc: BaseException) -> None:
+        """A bug in a callback: log it with the flow id and close (fail closed)."""
+        log.error("internal error on flow %s (%s): %r", self.flow_id, self.listener.name, exc,
+                  exc_info=exc)
+        if self.stage != Stage.CLOSED:
+            try:
+                self._finish("error", "internal_error", detail=f"internal error: {exc!r}",
+                             abort=True)
+            except Exception:
+                log.exception("while closing flow %s", self.flow_id)
+                self.stage = Stage.CLOSED
+                self.abort_sockets()
+        else:
+            self.abort_sockets()
+
+    def abort_sockets(self) -> None:
+        """Hard stop after a graceful close did not finish within close_timeout."""
+        for side in (self.client, self.upstream):
+            if side is not None and not side.lost:
+                side.close(abort=True)
+
+    @property
+    def open_sockets(self) -> bool:
+        return any(s is not None and s.transport is not None and not s.lost
+                   for s in (self.client, self.upstream))
+
+    def _peer_text(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
+
+
+def up_eof(side: Side | None) -> bool:
+    return side is not None and side.eof_in
+
+
+def _addr(value: object) -> tuple[str, int] | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return str(value[0]), int(value[1])
+    if isinstance(value, str) and value:
+        return value, 0
+    return None
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """A short, low-cardinality label for a handshake failure."""
+    text = (exc.reason or "").lower()
+    if "wrong version number" in text or "http request" in text:
+        return "not_tls"
+    if "certificate required" in text or "peer did not return a certificate" in text:
+        return "no_client_cert"
+    if "unknown ca" in text or "certificate verify failed" in text:
+        return "bad_certificate"
+    if "certificate" in text:
+        return "bad_certificate"
+    if "version" in text or "protocol" in text:
+        return "protocol_version"
+    if "cipher" in text:
+        return "no_shared_cipher"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "eof"
+    return "other"

@@ -1,0 +1,78 @@
+"""Build the flow record (DESIGN.md "Flow record") for a connection at close."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from enforcer.dataplane.connection import Connection
+
+
+def _endpoint(addr: tuple[str, int] | None) -> dict[str, Any] | None:
+    if addr is None:
+        return None
+    return {"ip": addr[0], "port": addr[1]}
+
+
+def timestamp(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build(conn: Connection, action: str, close: str, detail: str | None,
+          stage: int) -> dict[str, Any]:
+    lst = conn.listener
+    decision = conn.decision
+    now = conn.loop.time()
+    record: dict[str, Any] = {
+        "ts": timestamp(conn.started + (now - conn.started_mono)),
+        "event": "flow",
+        "flow_id": conn.flow_id,
+        "node": conn.plane.node_name,
+        "listener": lst.name,
+        "action": action,
+        "ruleset": lst.cfg.ruleset,
+        "rule": decision.rule if decision is not None else None,
+        "reason": decision.reason if decision is not None and action != "error" else close,
+        "client": _endpoint(conn.client_addr),
+        "peer": _endpoint(conn.peer),
+        "local": _endpoint(conn.local),
+        "proxy_protocol": _proxy(conn),
+        "tls": _tls(conn),
+        "upstream": _upstream(conn, stage),
+        "bytes": {"from_client": conn.bytes_from_client, "to_client": conn.bytes_to_client},
+        "duration_s": round(now - conn.started_mono, 6),
+        "close": close,
+    }
+    if detail:
+        record["detail"] = detail
+    return record
+
+
+def _proxy(conn: Connection) -> dict[str, Any] | None:
+    header = conn.proxy_header
+    if header is None:
+        return None
+    return {"version": header.version, "command": header.command,
+            "tlvs": header.tlvs_for_record()}
+
+
+def _tls(conn: Connection) -> dict[str, Any] | None:
+    if conn.tls_info is None:
+        return None
+    out = dict(conn.tls_info)
+    out["peer"] = conn.identity.to_record() if conn.identity is not None else None
+    return out
+
+
+def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
+    from enforcer.dataplane.connection import Stage
+
+    if stage < Stage.CONNECT:
+        return None
+    up = conn.listener.upstream
+    out: dict[str, Any] = {"name": up.name, "address": str(up.cfg.address),
+                           "tls": up.cfg.tls.mode}
+    if conn.upstream_identity is not None:
+        out["peer"] = conn.upstream_identity.to_record()
+    return out

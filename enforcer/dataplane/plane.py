@@ -1,0 +1,365 @@
+"""The data plane: builds listener/upstream runtime state from a ``Config``, binds the
+listeners, tracks open connections, and answers the questions connections ask (policy
+decision, PROXY header to send, upstream identity check). Drain stops accepting, waits
+for open connections up to a deadline, then closes what is left.
+
+Metrics and the flow log are passed in as objects, never imported as globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from enforcer.config.model import Address, Config, ListenerConfig, UpstreamConfig
+from enforcer.dataplane.connection import Connection
+from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
+from enforcer.observe.flowid import new_flow_id
+from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
+from enforcer.proxyproto import (
+    alpn_tlv,
+    authority_tlv,
+    build_v1,
+    build_v2,
+    identity_tlv,
+    ssl_tlv,
+    unique_id_tlv,
+)
+from enforcer.tlsconf.context import build_client_context, build_server_context
+from enforcer.tlsconf.identity import PeerIdentity
+from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
+
+log = logging.getLogger("enforcer.dataplane")
+
+
+class StartupError(Exception):
+    """The data plane cannot start; ``kind`` picks the exit code (config, tls, bind)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class DataPlane:
+    def __init__(self, cfg: Config, *, metrics: Any, flowlog: Any) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.flowlog = flowlog
+        self.node_name = cfg.node.name
+        self.listeners: list[ListenerRuntime] = []
+        self.rulesets: Mapping[str, CompiledRuleset] = {}
+        self.materials: dict[str, LoadedMaterial] = {}
+        self.active: set[Connection] = set()
+        self.max_connections = cfg.limits.max_connections
+        self.draining = False
+        self.started_at = time.time()
+        self.ready = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ build and bind
+    def build(self) -> None:
+        """Load materials, build TLS contexts, compile rulesets (no sockets yet)."""
+        errors: list[str] = []
+        for name, mcfg in self.cfg.tls.items():
+            try:
+                self.materials[name] = load_material(mcfg)
+            except MaterialError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise StartupError("tls", "\n".join(errors))
+        self.rulesets = compile_rulesets(self.cfg.rulesets)
+        upstreams = {name: self._build_upstream(u) for name, u in self.cfg.upstreams.items()}
+        for lcfg in self.cfg.listeners:
+            self.listeners.append(self._build_listener(lcfg, upstreams[lcfg.upstream]))
+        for name, material in self.materials.items():
+            if material.not_after is not None:
+                self.metrics.certificate_expiry_timestamp_seconds.labels(material=name).set(
+                    material.not_after.timestamp())
+
+    def _build_upstream(self, ucfg: UpstreamConfig) -> UpstreamRuntime:
+        tls = ucfg.tls
+        if tls.mode == "off":
+            return UpstreamRuntime(ucfg, None, None)
+        material = self.materials.get(tls.material) if tls.material else None
+        by_identity = not tls.verify.empty and tls.server_name is None
+        hostname = tls.server_name or (None if ucfg.address.is_unix else ucfg.address.host)
+        if by_identity:
+            # The server is checked against verify.{uri,dns,cn} after the handshake; SNI
+            # still carries a name when the address is one.
+            hostname = None if _is_ip(ucfg.address.host) else hostname
+        if hostname is None and not by_identity:
+            raise StartupError("config", f"upstreams.{ucfg.name}.tls: give server_name or "
+                               "verify (a unix socket has no host name to check)")
+        try:
+            ctx = build_client_context(material, mutual=tls.mode == "mtls",
+                                       check_hostname=not by_identity)
+        except MaterialError as exc:
+            raise StartupError("tls", str(exc)) from None
+        return UpstreamRuntime(ucfg, ctx, hostname)
+
+    def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
+        lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
+                              trusted=lcfg.proxy_protocol.trusted_sources)
+        if lcfg.tls.mode in ("terminate", "auto"):
+            assert lcfg.tls.material is not None
+            try:
+                lst.server_ctx = build_server_context(self.materials[lcfg.tls.material],
+                                                      lcfg.tls.client_auth)
+            except MaterialError as exc:
+                raise StartupError("tls", f"listeners.{lcfg.name}: {exc}") from None
+            lst.server_ctx.sni_callback = _remember_sni
+        return lst
+
+    async def bind(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lst in self.listeners:
+            addr = lst.cfg.listen
+            factory = _factory(lst)
+            try:
+                if addr.is_unix:
+                    assert addr.path is not None
+                    _remove_stale_socket(addr.path)
+                    lst.server = await loop.create_unix_server(factory, addr.path, backlog=1024)
+                    lst.bound = f"unix:{addr.path}"
+                else:
+                    lst.server = await loop.create_server(
+                        factory, addr.host or None, addr.port, backlog=1024, reuse_address=True)
+                    sock = lst.server.sockets[0].getsockname()
+                    lst.local_port = int(sock[1])
+                    lst.bound = str(Address(host=str(sock[0]), port=int(sock[1])))
+            except OSError as exc:
+                await self.close_servers()
+                raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind {addr}: "
+                                   f"{exc.strerror or exc}") from None
+            self.metrics.connections_active.labels(listener=lst.name).set(0)
+            log.info("listener %s bound on %s (tls %s, upstream %s)", lst.name, lst.bound,
+                     lst.cfg.tls.mode, lst.upstream.cfg.address)
+        self.ready = True
+
+    async def start(self) -> None:
+        self.build()
+        await self.bind()
+
+    def bound_addresses(self) -> dict[str, str]:
+        return {lst.name: lst.bound for lst in self.listeners}
+
+    # ------------------------------------------------------------------ connection hooks
+    def new_flow_id(self) -> str:
+        return new_flow_id()
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.active.add(conn)
+        self._idle.clear()
+        conn.listener.active += 1
+        self.metrics.connections_active.labels(listener=conn.listener.name).inc()
+
+    def over_limit(self) -> bool:
+        return len(self.active) > self.max_connections
+
+    def connection_closed(self, conn: Connection, record: dict[str, Any]) -> None:
+        if conn in self.active:
+            self.active.discard(conn)
+            conn.listener.active -= 1
+        m, name = self.metrics, conn.listener.name
+        m.connections_active.labels(listener=name).dec()
+        m.connections_total.labels(listener=name, action=record["action"]).inc()
+        if conn.bytes_from_client:
+            m.bytes_total.labels(listener=name, direction="from_client").inc(conn.bytes_from_client)
+        if conn.bytes_to_client:
+            m.bytes_total.labels(listener=name, direction="to_client").inc(conn.bytes_to_client)
+        m.connection_duration_seconds.labels(listener=name).observe(record["duration_s"])
+        self.flowlog.emit(record)
+        if not self.active:
+            self._idle.set()
+
+    def schedule_abort(self, conn: Connection) -> None:
+        """After a graceful close, make sure both sockets are gone within close_timeout."""
+        for side in (conn.client, conn.upstream):
+            t = side.transport if side is not None else None
+            if t is not None and not side.lost and t.get_write_buffer_size() > 0:  # type: ignore[union-attr]
+                asyncio.get_running_loop().call_later(self.cfg.limits.close_timeout,
+                                                      conn.abort_sockets)
+                return
+
+    def decide(self, lst: ListenerRuntime, facts: FlowFacts) -> Decision:
+        ruleset = self.rulesets.get(lst.cfg.ruleset)
+        if ruleset is None:
+            return Decision("deny", lst.cfg.ruleset, None, "error")
+        try:
+            return ruleset.decide(facts)
+        except Exception:  # fail closed
+            log.exception("ruleset %s failed to evaluate; denying", lst.cfg.ruleset)
+            return Decision("deny", lst.cfg.ruleset, None, "error")
+
+    def check_upstream_identity(self, up: UpstreamRuntime, ident: PeerIdentity | None) -> str | None:
+        verify = up.cfg.tls.verify
+        if verify.empty:
+            return None
+        if ident is None:
+            return f"upstream {up.cfg.address} presented no certificate"
+        if verify.uri and not set(verify.uri) & set(ident.uri):
+            return (f"upstream {up.cfg.address} identity {list(ident.uri)} is not one of "
+                    f"verify.uri {list(verify.uri)}")
+        if verify.dns and not any(_dns_match(p, n) for p in verify.dns for n in ident.dns):
+            return (f"upstream {up.cfg.address} DNS names {list(ident.dns)} match none of "
+                    f"verify.dns {list(verify.dns)}")
+        if verify.cn and ident.cn not in verify.cn:
+            return f"upstream {up.cfg.address} CN {ident.cn!r} is not one of verify.cn"
+        return None
+
+    def proxy_header_for(self, conn: Connection) -> bytes | None:
+        pp = conn.listener.upstream.cfg.proxy_protocol
+        if pp.send == "off":
+            return None
+        src = _ip_endpoint(conn.client_addr)
+        dst = _ip_endpoint(conn.local)
+        received = conn.proxy_header
+        if received is not None and received.command == "PROXY" and received.destination:
+            dst = _ip_endpoint(received.destination) or dst
+        if src is None or dst is None:
+            src = dst = None
+        elif (":" in src[0]) != (":" in dst[0]):
+            dst = ("::", 0) if ":" in src[0] else ("0.0.0.0", 0)
+        if pp.send == "v1":
+            return build_v1(src, dst)
+        return build_v2(src, dst, tlvs=_send_tlvs(conn, pp.tlvs))
+
+    # ------------------------------------------------------------------ reload
+    def swap_rulesets(self, compiled: Mapping[str, CompiledRuleset]) -> None:
+        """Atomically use new rulesets for new connections; re-check open ones if asked."""
+        self.rulesets = compiled
+        for conn in list(self.active):
+            rs = compiled.get(conn.listener.cfg.ruleset)
+            if rs is None or conn.decision is None or not rs.reevaluate_on_reload:
+                continue
+            decision = self.decide(conn.listener, conn._facts())
+            if decision.action != "allow":
+                conn.policy_revoked(decision)
+
+    # ------------------------------------------------------------------ shutdown
+    async def close_servers(self) -> None:
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+        for lst in self.listeners:
+            if lst.server is not None:
+                with contextlib.suppress(Exception):
+                    await lst.server.wait_closed()
+                lst.server = None
+                if lst.cfg.listen.is_unix and lst.cfg.listen.path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(lst.cfg.listen.path)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting; wait up to ``timeout`` for open connections; close the rest.
+        Returns how many connections had to be closed at the deadline."""
+        self.draining = True
+        self.ready = False
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            pass
+        left = list(self.active)
+        for conn in left:
+            conn.drain_close()
+        await self.close_servers()
+        return len(left)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "listeners": [{"name": lst.name, "bound": lst.bound, "tls": lst.cfg.tls.mode,
+                           "upstream": lst.upstream.name, "open_connections": lst.active}
+                          for lst in self.listeners],
+            "upstreams": [{"name": u.name, "address": str(u.cfg.address), "tls": u.cfg.tls.mode}
+                          for u in {id(lst.upstream): lst.upstream
+                                    for lst in self.listeners}.values()],
+            "draining": self.draining,
+            "open_connections": len(self.active),
+        }
+
+
+def _factory(lst: ListenerRuntime) -> Any:
+    def make() -> Any:
+        return Connection(lst).client
+    return make
+
+
+def _remember_sni(obj: Any, server_name: str | None, ctx: Any) -> None:
+    obj.enforcer_sni = server_name
+    return None
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(17, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens there: a stale socket from an earlier run
+    else:
+        raise OSError(98, "Address already in use")
+    finally:
+        probe.close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _ip_endpoint(addr: tuple[str, int] | None) -> tuple[str, int] | None:
+    if addr is None or not _is_ip(addr[0].split("%", 1)[0]):
+        return None
+    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped), addr[1]
+    return str(ip), addr[1]
+
+
+def _dns_match(pattern: str, name: str) -> bool:
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name
+
+
+def _send_tlvs(conn: Connection, names: tuple[str, ...]) -> list[Any]:
+    tlvs: list[Any] = []
+    tls = conn.client.tls
+    for name in names:
+        if name == "alpn" and tls is not None and tls.alpn():
+            tlvs.append(alpn_tlv((tls.alpn() or "").encode()))
+        elif name == "authority" and conn.sni:
+            tlvs.append(authority_tlv(conn.sni))
+        elif name == "ssl" and tls is not None:
+            ident = conn.identity
+            tlvs.append(ssl_tlv(version=tls.version(), cipher=tls.cipher(),
+                                cn=ident.cn if ident else None,
+                                client_cert_presented=ident is not None,
+                                verified=ident is not None))
+        elif name == "unique_id":
+            tlvs.append(unique_id_tlv(conn.flow_id.encode()))
+        elif name == "identity" and conn.identity is not None and conn.identity.spiffe_id:
+            tlvs.append(identity_tlv(conn.identity.spiffe_id))
+    return tlvs

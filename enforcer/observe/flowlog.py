@@ -1,0 +1,479 @@
+"""Flow log: one JSON line per flow record, written off the data path.
+
+``FlowLog.emit()`` is called on the data path: it appends the record dict to a bounded
+``collections.deque`` and wakes the writer thread. It takes no lock, does no I/O and never
+serialises; when the queue is full the record is dropped and counted
+(``enforcer_flowlog_dropped_total`` and ``.dropped``). So a slow, blocked or broken sink
+can only fill the queue, never stall relaying.
+
+The writer thread takes records in batches, serialises them (compact JSON), and hands the
+lines to a sink:
+
+- stdout (or any text stream passed in): one ``write`` + ``flush`` per batch.
+- ``file:/path``: an ``O_APPEND`` file descriptor. With ``max_bytes > 0`` and
+  ``backups > 0`` it rotates by size like ``logging.handlers.RotatingFileHandler``
+  (path -> path.1 -> ... -> path.N, never splitting a line). ``reopen()`` (SIGUSR1) makes
+  the writer reopen the path after an external rotation; independently, once a second the
+  writer checks that the path still names the open file (renamed or removed -> reopen), as
+  ``logging.handlers.WatchedFileHandler`` does. Rotation is only done on regular files
+  (never on a FIFO or a device).
+- off: nothing is queued, nothing is counted.
+
+A sink failing at run time (disk full, file removed, EPIPE) costs the records of the
+failed write, which are counted as dropped; the error is logged on ``enforcer.flowlog``
+at most once a minute, and the writer keeps going (the file is reopened on the next batch).
+
+``close()`` flushes what is queued and stops the thread; if the sink stays blocked past the
+timeout, what is still queued is counted as dropped and ``close()`` returns anyway (the
+writer is a daemon thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
+
+from enforcer.config.model import FlowLogConfig
+from enforcer.observe.metrics import Metrics, NullMetrics
+
+log = logging.getLogger("enforcer.flowlog")
+
+BATCH = 1024  # records per write
+WATCH_INTERVAL = 1.0  # seconds between checks that the file path still names our file
+ERROR_LOG_INTERVAL = 60.0  # at most one sink-error log line per this many seconds
+ROTATE_RETRY = 60.0  # after a failed rotation, keep appending and retry this much later
+
+# Same output as json.dumps(record, separators=(",", ":")), without building an encoder
+# per call; default=str turns stray non-JSON values (IP objects, enums) into strings.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
+def utc_timestamp(t: float | None = None) -> str:
+    """``2026-11-23T19:50:00.123456Z`` for Unix time ``t`` (default: now)."""
+    if t is None:
+        t = time.time()
+    sec, micros = divmod(round(t * 1_000_000), 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{micros:06d}Z"
+
+
+class FlowRecorder(Protocol):
+    """What the data plane needs from a flow log (``FlowLog`` or ``MemoryFlowLog``)."""
+
+    def start(self) -> None: ...
+    def emit(self, record: dict[str, Any]) -> None: ...
+    def reopen(self) -> None: ...
+    def close(self, timeout: float = 5.0) -> None: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def written(self) -> int: ...
+
+
+class _ErrorLog:
+    """Logs sink errors at most once per interval, saying how many were suppressed."""
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more errors since the last report)" if self._suppressed else ""
+        log.error("flow log: %s: %s%s; records are being dropped", what, exc, more)
+        self._suppressed = 0
+        self._next = now + self._interval
+
+
+Report = Callable[[str, BaseException], None]
+
+
+class _StreamSink:
+    """A text stream (stdout by default): one write and one flush per batch."""
+
+    def __init__(self, stream: TextIO, report: Report) -> None:
+        self._stream = stream
+        self._report = report
+
+    def write(self, lines: list[str]) -> int:
+        try:
+            self._stream.write("".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: write to a closed stream
+            self._report("writing to the stream failed", exc)
+            return 0
+        return len(lines)
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+
+class _FileSink:
+    """An append-only file, rotated by size, reopened when moved or on request."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int, report: Report) -> None:
+        self._path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._report = report
+        self._fd: int | None = None
+        self._size = 0
+        self._regular = False
+        self._ident = (0, 0)
+        self._next_watch = 0.0
+        self._rotate_after = 0.0
+
+    # -- file handling -------------------------------------------------------------------
+    def _open(self) -> int:
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        st = os.fstat(fd)
+        self._fd = fd
+        self._size = st.st_size
+        self._regular = stat.S_ISREG(st.st_mode)
+        self._ident = (st.st_dev, st.st_ino)
+        self._next_watch = time.monotonic() + WATCH_INTERVAL
+        return fd
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _watch(self) -> None:
+        """Close the file if the path no longer names it (renamed or removed)."""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + WATCH_INTERVAL
+        try:
+            st = os.stat(self._path)
+            moved = (st.st_dev, st.st_ino) != self._ident
+        except OSError:
+            moved = True
+        if moved:
+            self._close_fd()
+
+    def _rotate(self) -> None:
+        """path.N-1 -> path.N, ..., path -> path.1, then a fresh path."""
+        self._close_fd()
+        try:
+            for i in range(self._backups - 1, 0, -1):
+                src = f"{self._path}.{i}"
+                if os.path.lexists(src):
+                    os.replace(src, f"{self._path}.{i + 1}")
+            os.replace(self._path, f"{self._path}.1")
+        except OSError as exc:
+            self._report(f"rotating {self._path} failed (appending instead)", exc)
+            self._rotate_after = time.monotonic() + ROTATE_RETRY
+        self._open()
+
+    def _needs_rotation(self, pending: int, incoming: int) -> bool:
+        if self._max_bytes <= 0 or self._backups <= 0 or not self._regular:
+            return False
+        used = self._size + pending
+        if used == 0 or used + incoming <= self._max_bytes:
+            return False
+        return time.monotonic() >= self._rotate_after
+
+    # -- sink interface ------------------------------------------------------------------
+    def write(self, lines: list[str]) -> int:
+        """Append the lines; return how many were written (the rest are lost)."""
+        written = 0
+        chunk: list[bytes] = []
+        pending = 0
+        try:
+            if self._fd is not None:
+                self._watch()
+            fd = self._fd if self._fd is not None else self._open()
+            for line in lines:
+                data = line.encode("utf-8")
+                if self._needs_rotation(pending, len(data)):
+                    self._write_all(fd, b"".join(chunk))
+                    written += len(chunk)
+                    chunk, pending = [], 0
+                    self._rotate()
+                    assert self._fd is not None
+                    fd = self._fd
+                chunk.append(data)
+                pending += len(data)
+            self._write_all(fd, b"".join(chunk))
+            written += len(chunk)
+        except OSError as exc:
+            self._report(f"writing {self._path} failed", exc)
+            self._close_fd()  # reopen on the next batch (the file may be gone or fixed)
+        return written
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            self._size += n
+
+    def reopen(self) -> None:
+        self._close_fd()
+
+    def close(self) -> None:
+        self._close_fd()
+
+
+class _Sink(Protocol):
+    def write(self, lines: list[str]) -> int: ...
+    def reopen(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class FlowLog:
+    """Bounded-queue flow log with a writer thread. See the module comment."""
+
+    def __init__(self, cfg: FlowLogConfig, metrics: Metrics | NullMetrics, *,
+                 stream: TextIO | None = None) -> None:
+        if cfg.sink == "file" and not cfg.path:
+            raise ValueError("flow_log: the file sink needs a path")
+        self._cfg = cfg
+        self._dropped_metric = metrics.flowlog_dropped_total
+        self._off = cfg.sink == "off"
+        self._max = max(1, cfg.queue_size)
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._reopen_requested = False
+        self._count_lock = threading.Lock()
+        self._dropped = 0
+        self._written = 0
+        self._stream = stream
+        self._thread: threading.Thread | None = None
+        self._report = _ErrorLog()
+
+    # -- data path -----------------------------------------------------------------------
+    def emit(self, record: dict[str, Any]) -> None:
+        """Queue a record for writing. Never blocks, never raises; drops when full."""
+        if self._off:
+            return
+        try:
+            queue = self._queue
+            if len(queue) >= self._max or self._closing:
+                self._drop(1)
+                return
+            queue.append(record)
+            if not self._wake.is_set():
+                self._wake.set()
+        except Exception:  # emit must never break the caller
+            pass
+
+    def _drop(self, n: int) -> None:
+        with self._count_lock:
+            self._dropped += n
+        self._dropped_metric.inc(n)
+
+    # -- control -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the writer thread (idempotent)."""
+        if self._off or self._thread is not None:
+            return
+        sink = self._make_sink()
+        self._thread = threading.Thread(target=self._run, args=(sink,),
+                                        name="enforcer-flowlog", daemon=True)
+        self._thread.start()
+
+    def _make_sink(self) -> _Sink:
+        if self._cfg.sink == "file":
+            assert self._cfg.path is not None
+            return _FileSink(self._cfg.path, self._cfg.max_bytes, self._cfg.backups,
+                             self._report)
+        return _StreamSink(self._stream if self._stream is not None else sys.stdout,
+                           self._report)
+
+    def reopen(self) -> None:
+        """Ask the writer to reopen the file (after external rotation). Thread-safe.
+
+        Call it from the event loop (``loop.add_signal_handler``), not from a raw
+        ``signal.signal`` handler: waking the writer takes a lock.
+        """
+        self._reopen_requested = True
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the writer; give up after ``timeout`` seconds."""
+        self._closing = True
+        if self._off:
+            return
+        if self._thread is None and self._queue:
+            self.start()  # never started: still flush what was emitted
+        thread = self._thread
+        self._wake.set()
+        if thread is None:
+            return
+        thread.join(timeout)
+        if thread.is_alive():
+            lost = self._discard_queue()
+            if lost:
+                log.error("flow log: sink blocked at shutdown; %d queued records dropped", lost)
+
+    def _discard_queue(self) -> int:
+        lost = 0
+        while True:
+            try:
+                self._queue.popleft()
+            except IndexError:
+                break
+            lost += 1
+        if lost:
+            self._drop(lost)
+        return lost
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- writer thread -------------------------------------------------------------------
+    def _run(self, sink: _Sink) -> None:
+        try:
+            while True:
+                if self._reopen_requested:
+                    self._reopen_requested = False
+                    sink.reopen()
+                batch = self._take()
+                if batch:
+                    self._write(sink, batch)
+                    continue
+                if self._closing:
+                    break
+                self._wake.clear()
+                if not self._queue and not self._closing and not self._reopen_requested:
+                    self._wake.wait(WATCH_INTERVAL)
+        finally:
+            sink.close()
+
+    def _take(self) -> list[dict[str, Any]]:
+        queue = self._queue
+        batch: list[dict[str, Any]] = []
+        try:
+            for _ in range(min(len(queue), BATCH)):
+                batch.append(queue.popleft())
+        except IndexError:  # close() discarded the queue under us
+            pass
+        return batch
+
+    def _write(self, sink: _Sink, batch: list[dict[str, Any]]) -> None:
+        lines: list[str] = []
+        for record in batch:
+            try:
+                lines.append(_ENCODER.encode(record) + "\n")
+            except (TypeError, ValueError) as exc:
+                self._report("a flow record could not be serialised", exc)
+        try:
+            n = sink.write(lines)
+        except Exception as exc:  # a broken custom stream must not kill the writer
+            self._report("the sink raised", exc)
+            n = 0
+        self._written += n
+        if n < len(batch):
+            self._drop(len(batch) - n)
+
+
+class MemoryFlowLog:
+    """Keeps records in ``.records``. Same interface as ``FlowLog``; for tests."""
+
+    def __init__(self, cfg: FlowLogConfig | None = None,
+                 metrics: Metrics | NullMetrics | None = None) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.reopened = 0
+        self.closed = False
+
+    def start(self) -> None:
+        pass
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def reopen(self) -> None:
+        self.reopened += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+    @property
+    def dropped(self) -> int:
+        return 0
+
+    @property
+    def written(self) -> int:
+        return len(self.records)
+
+
+# -- `enforcer check` -------------------------------------------------------------------
+
+
+def check_sink_writable(cfg: FlowLogConfig) -> str | None:
+    """An error message if the file sink's path cannot be created or appended, else None.
+
+    Creates nothing that stays: a missing file is probed by creating and removing a
+    temporary file beside it (the only test that is also right for root and read-only
+    mounts). Rotation also needs the directory to be writable.
+    """
+    if cfg.sink != "file":
+        return None
+    if not cfg.path:
+        return "the file sink needs a path"
+    path = os.path.abspath(cfg.path)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.lexists(parent) else "does not exist"
+        return f"cannot write flow log {cfg.path}: {parent} {what}"
+    if os.path.isdir(path):
+        return f"cannot write flow log {cfg.path}: it is a directory"
+    if not os.path.exists(path):
+        return _probe_dir(f"cannot create flow log {cfg.path}", parent)
+    err = _probe_append(cfg.path)
+    if err is None and cfg.max_bytes > 0 and cfg.backups > 0 and os.path.isfile(path):
+        err = _probe_dir(f"cannot rotate flow log {cfg.path}", parent)
+    return err
+
+
+def _probe_append(path: str) -> str | None:
+    try:  # O_NONBLOCK: a FIFO with no reader must not hang `enforcer check`
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads yet: writable once it is
+            return None
+        return f"cannot append to flow log {path}: {exc.strerror}"
+    os.close(fd)
+    return None
+
+
+def _probe_dir(what: str, parent: str) -> str | None:
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".enforcer-check-", dir=parent)
+    except OSError as exc:
+        return f"{what}: cannot create files in {parent}: {exc.strerror}"
+    os.close(fd)
+    os.unlink(probe)
+    return None

@@ -1,0 +1,49 @@
+"""Shared fixtures: uvloop for every async test, a generated PKI, and tool discovery."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from enforcer.tlsconf.certs import DemoPki, init_demo_pki, issue
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+class Pki:
+    """The demo PKI plus a few extra identities used by tests."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.demo: DemoPki = init_demo_pki(base)
+        self.ca = self.demo.ca
+        self.server = self.demo.server
+        self.client = self.demo.client
+        self.rogue_client = self.demo.rogue_client
+        self.other = issue(base, base / "other", name="other",
+                           spiffe_id="spiffe://enforcer.demo/ns/other/sa/intruder",
+                           dns=["localhost"])
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path

@@ -1,0 +1,217 @@
+"""Building blocks for end-to-end tests: backends, clients and in-process enforcers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from enforcer.config.loader import parse_config
+from enforcer.dataplane.plane import DataPlane
+from enforcer.observe.flowlog import MemoryFlowLog
+from enforcer.observe.metrics import Metrics
+
+CHUNK = 256 * 1024
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Backend:
+    """A TCP backend. mode 'echo' echoes; mode 'swap' reads everything while sending
+    its own payload, then half-closes; 'respond' reads until EOF, then sends the reply."""
+
+    mode: str = "echo"
+    payload: bytes = b""
+    server: asyncio.Server | None = None
+    received: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self) -> Backend:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        got = bytearray()
+        try:
+            if self.mode == "echo":
+                while data := await reader.read(CHUNK):
+                    got += data
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+            elif self.mode == "swap":
+                send = asyncio.ensure_future(_send_all(writer, self.payload))
+                while data := await reader.read(CHUNK):
+                    got += data
+                await send
+            elif self.mode == "respond":
+                while data := await reader.read(CHUNK):
+                    got += data
+                writer.write(self.payload)
+                writer.write_eof()
+            elif self.mode == "hold":
+                while data := await reader.read(CHUNK):
+                    got += data
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.received.append(bytes(got))
+            self.done.set()
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def _send_all(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    view = memoryview(payload)
+    for i in range(0, len(view), CHUNK):
+        writer.write(view[i : i + CHUNK])
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+
+
+async def exchange(port: int, payload: bytes, *, ssl_ctx: ssl.SSLContext | None = None,
+                   server_hostname: str | None = None, half_close: bool = True,
+                   timeout: float = 60) -> bytes:
+    """Send payload (concurrently with reading), half-close, read until EOF."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ssl_ctx, server_hostname=server_hostname)
+    try:
+        async def send() -> None:
+            view = memoryview(payload)
+            for i in range(0, len(view), CHUNK):
+                writer.write(view[i : i + CHUNK])
+                await writer.drain()
+            if half_close and writer.can_write_eof():
+                writer.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        got = bytearray()
+        async with asyncio.timeout(timeout):
+            while data := await reader.read(CHUNK):
+                got += data
+            await sender
+        return bytes(got)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def client_ctx(ca: Any, cert: Any = None, key: Any = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+class Enforcer:
+    """An in-process enforcer: a DataPlane with its own metrics and an in-memory flow log."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = parse_config(cfg)
+        self.metrics = Metrics()
+        self.flows = MemoryFlowLog()
+        self.plane = DataPlane(self.cfg, metrics=self.metrics, flowlog=self.flows)
+
+    async def start(self) -> Enforcer:
+        await self.plane.start()
+        return self
+
+    def port(self, listener: str | None = None) -> int:
+        for lst in self.plane.listeners:
+            if listener is None or lst.name == listener:
+                return lst.local_port
+        raise KeyError(listener)
+
+    async def wait_flows(self, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+        async with asyncio.timeout(timeout):
+            while len(self.flows.records) < n:
+                await asyncio.sleep(0.01)
+        return self.flows.records
+
+    async def stop(self) -> None:
+        await self.plane.drain(0.5)
+
+
+@contextlib.asynccontextmanager
+async def running(*enforcers_or_backends: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for item in enforcers_or_backends:
+            if isinstance(item, Enforcer):
+                await item.stop()
+            else:
+                await item.close()
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def inbound_cfg(pki: Any, backend_port: int, *, rules: list[dict[str, Any]] | None = None,
+                default: str = "deny", client_auth: str = "required",
+                limits: dict[str, Any] | None = None, mode: str = "terminate",
+                listener_extra: dict[str, Any] | None = None,
+                upstream_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    if rules is None:
+        rules = [{"name": "outbound-may-call", "action": "allow",
+                  "from": {"identities": ["spiffe://enforcer.demo/ns/demo/sa/outbound"]}}]
+    listener: dict[str, Any] = {
+        "name": "inbound", "listen": "127.0.0.1:0",
+        "tls": {"mode": mode, "material": "mesh", "client_auth": client_auth},
+        "ruleset": "inbound", "upstream": "app"}
+    listener.update(listener_extra or {})
+    upstream: dict[str, Any] = {"address": f"127.0.0.1:{backend_port}"}
+    upstream.update(upstream_extra or {})
+    cfg: dict[str, Any] = {
+        "version": 1, "node": {"name": "test-inbound"},
+        "tls": {"mesh": {"cert": str(pki.server.cert), "key": str(pki.server.key),
+                         "ca": str(pki.ca)}},
+        "listeners": [listener],
+        "upstreams": {"app": upstream},
+        "rulesets": {"inbound": {"default": default, "rules": rules}},
+    }
+    if limits:
+        cfg["limits"] = limits
+    return cfg
+
+
+def outbound_cfg(pki: Any, inbound_port: int, *, verify_uri: str | None = None,
+                 limits: dict[str, Any] | None = None, cert: Any = None,
+                 key: Any = None) -> dict[str, Any]:
+    uri = verify_uri or "spiffe://enforcer.demo/ns/demo/sa/inbound"
+    cfg: dict[str, Any] = {
+        "version": 1, "node": {"name": "test-outbound"},
+        "tls": {"mesh": {"cert": str(cert or pki.client.cert), "key": str(key or pki.client.key),
+                         "ca": str(pki.ca)}},
+        "listeners": [{"name": "outbound", "listen": "127.0.0.1:0", "tls": {"mode": "off"},
+                       "ruleset": "outbound", "upstream": "peer"}],
+        "upstreams": {"peer": {"address": f"127.0.0.1:{inbound_port}",
+                               "tls": {"mode": "mtls", "material": "mesh",
+                                       "verify": {"uri": [uri]}}}},
+        "rulesets": {"outbound": {"default": "allow"}},
+    }
+    if limits:
+        cfg["limits"] = limits
+    return cfg

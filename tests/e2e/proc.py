@@ -1,0 +1,72 @@
+"""Run ``enforcer`` as a real subprocess and find the ports it bound."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BOUND = re.compile(r"listener (\S+) bound on (\S+):(\d+)")
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def enforcer_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "enforcer", *args]
+
+
+class EnforcerProcess:
+    """``enforcer run -c FILE`` with stderr collected; ``ports`` maps listener -> port."""
+
+    def __init__(self, config: Path, *extra: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            enforcer_cmd("run", "-c", str(config), *extra), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env)
+        self.stderr_lines: list[str] = []
+        self.stdout_lines: list[str] = []
+        self.ports: dict[str, int] = {}
+        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stderr,
+                                                                     self.stderr_lines), daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stdout,
+                                                                     self.stdout_lines), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, stream: Any, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+            m = BOUND.search(line)
+            if m:
+                self.ports[m.group(1)] = int(m.group(3))
+
+    def wait_bound(self, n: int = 1, timeout: float = 20) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        while len(self.ports) < n:
+            if self.proc.poll() is not None:
+                raise RuntimeError("enforcer exited early:\n" + "\n".join(self.stderr_lines))
+            if time.monotonic() > deadline:
+                raise TimeoutError("enforcer did not bind:\n" + "\n".join(self.stderr_lines))
+            time.sleep(0.02)
+        return self.ports
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,0 +1,131 @@
+"""`enforcer check`: every kind of bad config gives its message with a key path, exit 2."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enforcer.cli.main import main
+from tests.e2e.harness import inbound_cfg, outbound_cfg
+from tests.e2e.proc import enforcer_cmd, write_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _base(pki: Any) -> dict[str, Any]:
+    return inbound_cfg(pki, 8080)
+
+
+def _mutate(cfg: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    node: Any = cfg
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    last = keys[-1]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return cfg
+
+
+CASES = [
+    ("unknown top key", "tlss", {}, "tlss: unknown key"),
+    ("unknown listener key", "listeners.0.lisen", "127.0.0.1:1",
+     "listeners[0].lisen: unknown key (did you mean 'listen'?)"),
+    ("bad duration", "limits", {"idle_timeout": "10 minutes"},
+     "limits.idle_timeout: bad duration '10 minutes'"),
+    ("bad address", "listeners.0.listen", "localhost", "listeners[0].listen: bad address"),
+    ("bad port", "upstreams.app.address", "127.0.0.1:70000", "upstreams.app.address: port 70000"),
+    ("unknown material", "listeners.0.tls.material", "mesh2",
+     "listeners[0].tls.material: unknown material 'mesh2' (known: mesh)"),
+    ("unknown upstream", "listeners.0.upstream", "nope",
+     "listeners[0].upstream: unknown upstream 'nope' (known: app)"),
+    ("unknown ruleset", "listeners.0.ruleset", "nope",
+     "listeners[0].ruleset: unknown ruleset 'nope' (known: inbound)"),
+    ("bad enum", "listeners.0.tls.client_auth", "sometimes",
+     "listeners[0].tls.client_auth: must be one of required, optional, none"),
+    ("missing version", "version", KeyError, "version: is required"),
+    ("wrong version", "version", 2, "version: unsupported version 2"),
+    ("missing file", "tls.mesh.cert", "/nonexistent/tls.crt",
+     "tls.mesh.cert: /nonexistent/tls.crt: no such file"),
+    ("proxy without trusted", "listeners.0.proxy_protocol", {"accept": "required"},
+     "listeners[0].proxy_protocol.trusted_sources: accept: required needs trusted_sources"),
+    ("bad cidr", "listeners.0.proxy_protocol",
+     {"accept": "required", "trusted_sources": ["10.0.0.0/33"]},
+     "listeners[0].proxy_protocol.trusted_sources[0]: bad CIDR '10.0.0.0/33'"),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "value", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_config(tmp_path: Path, pki: Any, capsys: pytest.CaptureFixture[str], name: str,
+                    path: str, value: Any, expected: str) -> None:
+    cfg = _mutate(_base(pki), path, value) if "." in path or value is KeyError or path in (
+        "version", "limits") else {**_base(pki), path: value}
+    file = write_config(tmp_path / "c.yaml", cfg)
+    assert main(["check", "-c", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert all(line.startswith("enforcer: error: ") for line in err.splitlines())
+
+
+def test_key_not_matching_certificate(tmp_path: Path, pki: Any,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _mutate(_base(pki), "tls.mesh.key", str(pki.client.key))
+    assert main(["check", "-c", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    assert "tls.mesh.key: the private key does not match the certificate" in capsys.readouterr().err
+
+
+def test_unreadable_and_garbage_pem(tmp_path: Path, pki: Any,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("hello\n")
+    cfg = _mutate(_base(pki), "tls.mesh.cert", str(garbage))
+    assert main(["check", "-c", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    assert "tls.mesh.cert: no PEM certificate found (not PEM)" in capsys.readouterr().err
+
+
+def test_invalid_yaml_names_line_and_column(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("version: 1\nlisteners:\n  - name: a\n    listen: [oops\n")
+    assert main(["check", "-c", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid YAML at line" in err and "column" in err
+
+
+def test_every_problem_reported_at_once(tmp_path: Path, pki: Any,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _mutate(_base(pki), "listeners.0.tls.material", "mesh2")
+    cfg = _mutate(cfg, "listeners.0.upstream", "nope")
+    cfg["limits"] = {"connect_timeout": "soon"}
+    assert main(["check", "-c", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) >= 3
+
+
+def test_good_configs_pass(tmp_path: Path, pki: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    for cfg in (_base(pki), outbound_cfg(pki, 15006)):
+        assert main(["check", "-c", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+        assert ": ok (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "config").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_examples_pass_check(tmp_path: Path, example: Path) -> None:
+    # The examples name pki/ beside them: make it the way the README says.
+    shutil.copy(example, tmp_path / example.name)
+    for extra in (REPO / "config").glob("*.rules.yaml"):
+        shutil.copy(extra, tmp_path / extra.name)
+    init = subprocess.run(enforcer_cmd("certs", "init", str(tmp_path / "pki")),
+                          capture_output=True, text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    out = subprocess.run(enforcer_cmd("check", "-c", str(tmp_path / example.name)),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

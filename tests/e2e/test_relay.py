@@ -1,0 +1,271 @@
+"""The sidecar pair end to end: bytes, half-close, refusals, upstream failures, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import pytest
+
+from tests.e2e.harness import (
+    Backend,
+    Enforcer,
+    client_ctx,
+    exchange,
+    inbound_cfg,
+    outbound_cfg,
+    random_bytes,
+    running,
+    sha,
+)
+
+MiB = 1024 * 1024
+
+
+async def pair(pki, backend: Backend, **inbound_kw):  # type: ignore[no-untyped-def]
+    inbound = await Enforcer(inbound_cfg(pki, backend.port, **inbound_kw)).start()
+    outbound = await Enforcer(outbound_cfg(pki, inbound.port())).start()
+    return inbound, outbound
+
+
+async def test_64mib_each_way_at_once_through_the_pair(pki) -> None:  # type: ignore[no-untyped-def]
+    down = random_bytes(64 * MiB)
+    up = random_bytes(64 * MiB)
+    backend = await Backend(mode="swap", payload=down).start()
+    inbound, outbound = await pair(pki, backend)
+    async with running(outbound, inbound, backend):
+        got = await exchange(outbound.port(), up, timeout=240)
+        await backend.done.wait()
+        assert sha(got) == sha(down), "bytes to the client differ"
+        assert sha(backend.received[0]) == sha(up), "bytes to the backend differ"
+        flows = await outbound.wait_flows(1)
+        rec = flows[0]
+        assert rec["action"] == "allow"
+        assert rec["bytes"] == {"from_client": 64 * MiB, "to_client": 64 * MiB}
+        in_rec = (await inbound.wait_flows(1))[0]
+        assert in_rec["tls"]["peer"]["spiffe_id"] == "spiffe://enforcer.demo/ns/demo/sa/outbound"
+        assert in_rec["rule"] == "outbound-may-call"
+        assert in_rec["bytes"] == {"from_client": 64 * MiB, "to_client": 64 * MiB}
+
+
+async def test_half_close_client_still_gets_the_full_response(pki) -> None:  # type: ignore[no-untyped-def]
+    response = random_bytes(3 * MiB + 17)
+    backend = await Backend(mode="respond", payload=response).start()
+    inbound, outbound = await pair(pki, backend)
+    async with running(outbound, inbound, backend):
+        request = random_bytes(200_000)
+        got = await exchange(outbound.port(), request)
+        assert sha(got) == sha(response)
+        await backend.done.wait()
+        assert sha(backend.received[0]) == sha(request)
+        rec = (await outbound.wait_flows(1))[0]
+        assert rec["close"] == "client_fin"
+        assert rec["bytes"] == {"from_client": len(request), "to_client": len(response)}
+
+
+async def test_mtls_client_straight_to_inbound_and_echo(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    async with running(inbound, backend):
+        payload = random_bytes(MiB)
+        ctx = client_ctx(pki.ca, pki.client.cert, pki.client.key)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", inbound.port(), ssl=ctx, server_hostname="localhost")
+        writer.write(payload)
+        got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+        writer.close()
+        assert sha(got) == sha(payload)
+        rec = (await inbound.wait_flows(1))[0]
+        assert rec["action"] == "allow"
+        assert rec["tls"]["version"] in ("TLSv1.2", "TLSv1.3")
+        assert rec["bytes"]["from_client"] == len(payload)
+
+
+@pytest.mark.parametrize("who", ["no_cert", "other_ca"])
+async def test_untrusted_clients_are_refused(pki, who: str) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    async with running(inbound, backend):
+        ctx = (client_ctx(pki.ca) if who == "no_cert"
+               else client_ctx(pki.ca, pki.rogue_client.cert, pki.rogue_client.key))
+        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
+            got = await exchange(inbound.port(), b"hello", ssl_ctx=ctx,
+                                 server_hostname="localhost", half_close=False, timeout=5)
+            assert got, "refused connections return nothing"
+        rec = (await inbound.wait_flows(1))[0]
+        assert rec["action"] == "error"
+        assert rec["close"] == "handshake_failed"
+        assert rec["upstream"] is None
+        assert backend.connections == 0, "no upstream connection before authentication"
+
+
+async def test_authenticated_but_not_allowed_is_denied_before_connect(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    async with running(inbound, backend):
+        ctx = client_ctx(pki.ca, pki.other.cert, pki.other.key)
+        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
+            got = await exchange(inbound.port(), b"hello", ssl_ctx=ctx,
+                                 server_hostname="localhost", half_close=False, timeout=5)
+            assert got
+        rec = (await inbound.wait_flows(1))[0]
+        assert rec["action"] == "deny"
+        assert rec["reason"] == "default"
+        assert rec["tls"]["peer"]["spiffe_id"] == "spiffe://enforcer.demo/ns/other/sa/intruder"
+        assert backend.connections == 0
+
+
+async def test_upstream_identity_mismatch_is_refused(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    outbound = await Enforcer(outbound_cfg(
+        pki, inbound.port(), verify_uri="spiffe://enforcer.demo/ns/demo/sa/someone-else")).start()
+    async with running(outbound, inbound, backend):
+        got = await exchange(outbound.port(), b"secret", timeout=10)
+        assert got == b""
+        rec = (await outbound.wait_flows(1))[0]
+        assert rec["action"] == "error"
+        assert rec["close"] == "upstream_identity_mismatch"
+        assert "someone-else" in rec["detail"]
+        await asyncio.sleep(0.1)
+        assert backend.received in ([], [b""]), "nothing reached the app"
+
+
+async def test_upstream_down(pki) -> None:  # type: ignore[no-untyped-def]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead_port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    inbound = await Enforcer(inbound_cfg(pki, dead_port)).start()
+    outbound = await Enforcer(outbound_cfg(pki, inbound.port())).start()
+    async with running(outbound, inbound):
+        got = await exchange(outbound.port(), b"anyone there?", timeout=10)
+        assert got == b""
+        rec = (await inbound.wait_flows(1))[0]
+        assert rec["action"] == "error"
+        assert rec["close"] == "upstream_connect_failed"
+        assert "refused" in rec["detail"].lower()
+        out = (await outbound.wait_flows(1))[0]
+        assert out["action"] == "allow"  # the outbound did its job: the inbound closed on it
+        assert out["bytes"]["to_client"] == 0
+
+
+async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  # type: ignore[no-untyped-def]
+    # A listener whose accept queue is full: the kernel drops SYNs, so connects hang.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    await asyncio.sleep(0.1)
+    cfg = inbound_cfg(pki, port, default="allow", rules=[], client_auth="none", mode="off",
+                      limits={"connect_timeout": "30s"})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        await asyncio.sleep(0.3)  # the enforcer is now connecting upstream
+        assert len(enforcer.plane.active) == 1
+        writer.close()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["action"] == "error"
+        assert rec["close"] == "client_closed"
+        conn_tasks = [c.connect_task for c in enforcer.plane.active]
+        assert conn_tasks == []
+    # Drain the accept queue: only the fillers ever reached it.
+    blackhole.setblocking(False)
+    accepted = 0
+    for _ in range(20):
+        try:
+            c, _ = blackhole.accept()
+            c.close()
+            accepted += 1
+        except BlockingIOError:
+            await asyncio.sleep(0.05)
+    assert accepted <= len(fillers)
+    for s in fillers:
+        s.close()
+    blackhole.close()
+
+
+async def test_idle_timeout_closes_both_sides(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="hold").start()
+    cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off",
+                      limits={"idle_timeout": "300ms"})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        writer.write(b"ping")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the enforcer
+        writer.close()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["close"] == "idle_timeout"
+        assert rec["bytes"]["from_client"] == 4
+        await asyncio.wait_for(backend.done.wait(), 5)
+        assert backend.received == [b"ping"]
+
+
+async def test_max_connections(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="hold").start()
+    cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off",
+                      limits={"max_connections": 2})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer, backend):
+        held = [await asyncio.open_connection("127.0.0.1", enforcer.port()) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        async with asyncio.timeout(5):
+            try:
+                assert await reader.read() == b""
+            except ConnectionResetError:
+                pass
+        recs = await enforcer.wait_flows(1)
+        assert recs[0]["close"] == "max_connections"
+        assert recs[0]["action"] == "error"
+        assert len(enforcer.plane.active) == 2
+        for _, w in [*held, (reader, writer)]:
+            w.close()
+
+
+async def test_plain_both_sides_over_unix_sockets(pki, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app_path = str(tmp_path / "app.sock")
+    payload = random_bytes(2 * MiB)
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.write_eof()
+        w.close()
+
+    app = await asyncio.start_unix_server(echo, app_path)
+    cfg = inbound_cfg(pki, 1, default="allow", rules=[], mode="off",
+                      listener_extra={"listen": f"unix:{tmp_path / 'enf.sock'}"},
+                      upstream_extra={"address": f"unix:{app_path}"})
+    enforcer = await Enforcer(cfg).start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "enf.sock"))
+        writer.write(payload)
+        writer.write_eof()
+        got = bytearray()
+        async with asyncio.timeout(30):
+            while data := await reader.read(65536):
+                got += data
+        writer.close()
+        assert sha(bytes(got)) == sha(payload)
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["upstream"]["address"] == f"unix:{app_path}"
+        assert rec["bytes"]["from_client"] == len(payload)
+    finally:
+        await enforcer.stop()
+        app.close()
