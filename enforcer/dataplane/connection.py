@@ -484,6 +484,9 @@ class Connection:
         for chunk in pending:
             up.send(chunk)
         self.client.resume(PAUSE_BUFFER)
+        if self.plane.open_events:
+            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
+                                                     event="open"))
         if self.client_eof_pending:
             self._eof(self.client)
         self.idle_timer = self.loop.call_later(self.listener.limits.idle_timeout, self._check_idle)

@@ -20,13 +20,14 @@ def timestamp(epoch: float) -> str:
 
 
 def build(conn: Connection, action: str, close: str, detail: str | None,
-          stage: int) -> dict[str, Any]:
+          stage: int, *, event: str = "flow") -> dict[str, Any]:
+    """The record for ``conn``; ``event="open"`` for the optional record at relay start."""
     lst = conn.listener
     decision = conn.decision
     now = conn.loop.time()
     record: dict[str, Any] = {
         "ts": timestamp(conn.started + (now - conn.started_mono)),
-        "event": "flow",
+        "event": event,
         "flow_id": conn.flow_id,
         "node": conn.plane.node_name,
         "listener": lst.name,
@@ -42,7 +43,7 @@ def build(conn: Connection, action: str, close: str, detail: str | None,
         "upstream": _upstream(conn, stage),
         "bytes": {"from_client": conn.bytes_from_client, "to_client": conn.bytes_to_client},
         "duration_s": round(now - conn.started_mono, 6),
-        "close": close,
+        "close": close or None,
     }
     if detail:
         record["detail"] = detail

@@ -59,6 +59,7 @@ class DataPlane:
         self.materials: dict[str, LoadedMaterial] = {}
         self.active: set[Connection] = set()
         self.max_connections = cfg.limits.max_connections
+        self.open_events = cfg.flow_log.open_events
         self.draining = False
         self.started_at = time.time()
         self.ready = False
@@ -140,7 +141,7 @@ class DataPlane:
                 await self.close_servers()
                 raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind {addr}: "
                                    f"{exc.strerror or exc}") from None
-            self.metrics.connections_active.labels(listener=lst.name).set(0)
+            self.metrics.register_listener(lst.name)
             log.info("listener %s bound on %s (tls %s, upstream %s)", lst.name, lst.bound,
                      lst.cfg.tls.mode, lst.upstream.cfg.address)
         self.ready = True

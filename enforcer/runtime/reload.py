@@ -23,8 +23,8 @@ from enforcer.config.errors import ConfigError
 from enforcer.config.loader import load_config
 from enforcer.dataplane.tasks import spawn
 from enforcer.policy import compile_rulesets
-from enforcer.tlsconf.context import build_client_context, build_server_context
-from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
+from enforcer.runtime.tlsreload import reload_tls_material
+from enforcer.tlsconf.material import MaterialError
 
 if TYPE_CHECKING:
     from enforcer.runtime.server import Server
@@ -102,54 +102,15 @@ class Reloader:
 
     # ------------------------------------------------------------------ TLS material
     def reload_tls(self) -> bool:
-        plane = self.server.plane
-        fresh: dict[str, LoadedMaterial] = {}
         try:
-            for name, mcfg in self.server.cfg.tls.items():
-                loaded = load_material(mcfg)
-                if loaded.fingerprint != plane.materials[name].fingerprint:
-                    fresh[name] = loaded
-            if not fresh:
-                return True
-            updates = self._build_contexts(fresh)
-        except MaterialError as exc:
+            changed = reload_tls_material(self.server)
+        except (MaterialError, ValueError) as exc:
             return self._result("tls", False, str(exc))
-        except Exception as exc:
+        except Exception as exc:  # a bug must not take the process down
             return self._result("tls", False, f"{type(exc).__name__}: {exc}")
-        for target, ctx in updates:
-            if hasattr(target, "server_ctx"):
-                target.server_ctx = ctx
-            else:
-                target.client_ctx = ctx
-                target.session = None
-        plane.materials.update(fresh)
-        for name, m in fresh.items():
-            if m.not_after is not None:
-                self.server.metrics.certificate_expiry_timestamp_seconds.labels(
-                    material=name).set(m.not_after.timestamp())
-        return self._result("tls", True, None, materials=sorted(fresh))
-
-    def _build_contexts(self, fresh: dict[str, LoadedMaterial]) -> list[tuple[Any, Any]]:
-        from enforcer.dataplane.plane import _remember_sni
-
-        updates: list[tuple[Any, Any]] = []
-        for lst in self.server.plane.listeners:
-            name = lst.cfg.tls.material
-            if name in fresh and lst.server_ctx is not None:
-                ctx = build_server_context(fresh[name], lst.cfg.tls.client_auth)
-                ctx.sni_callback = _remember_sni
-                updates.append((lst, ctx))
-        seen: set[int] = set()
-        for lst in self.server.plane.listeners:
-            up = lst.upstream
-            name = up.cfg.tls.material
-            if id(up) in seen or name not in fresh or up.client_ctx is None:
-                continue
-            seen.add(id(up))
-            ctx = build_client_context(fresh[name], mutual=up.cfg.tls.mode == "mtls",
-                                       check_hostname=up.client_ctx.check_hostname)
-            updates.append((up, ctx))
-        return updates
+        if not changed:
+            return True
+        return self._result("tls", True, None, materials=changed)
 
     # ------------------------------------------------------------------ reporting
     def _result(self, kind: str, ok: bool, error: str | None, **extra: Any) -> bool:
