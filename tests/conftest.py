@@ -12,9 +12,9 @@ import uvloop
 from enforcer.tlsconf.certs import DemoPki, init_demo_pki, issue
 
 
-@pytest.fixture(scope="session")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Every async test runs on uvloop, the loop enforcer runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 class Pki:

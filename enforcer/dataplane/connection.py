@@ -37,7 +37,7 @@ from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import TlsEngine
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
-from enforcer.tlsconf.identity import PeerIdentity, identity_from_der
+from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
 
 if TYPE_CHECKING:
     from enforcer.dataplane.context import ListenerRuntime
@@ -346,8 +346,13 @@ class Connection:
         self.sni = getattr(tls.obj, "enforcer_sni", None)
         der = tls.peer_cert_der()
         if der is not None:
-            self.identity = identity_from_der(der)
-        self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni}
+            try:
+                self.identity = identity_from_der(der)
+            except IdentityError as exc:
+                self._fail("bad_peer_certificate", f"cannot read the client certificate: {exc}")
+                return
+        self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni,
+                         "resumed": tls.session_reused}
         self._authorize(b"")
         if self.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
@@ -463,13 +468,17 @@ class Connection:
         self.plane.metrics.tls_handshake_seconds.labels(
             listener=self.listener.name, side="client").observe(self.loop.time() - self.hs_started)
         der = up.tls.peer_cert_der()
-        self.upstream_identity = identity_from_der(der) if der else None
+        try:
+            self.upstream_identity = identity_from_der(der) if der else None
+        except IdentityError as exc:
+            self._fail("upstream_identity_mismatch", f"cannot read the upstream certificate: {exc}",
+                       upstream_reason="identity_mismatch")
+            return
         problem = self.plane.check_upstream_identity(self.listener.upstream,
                                                      self.upstream_identity)
         if problem is not None:
             self._fail("upstream_identity_mismatch", problem, upstream_reason="identity_mismatch")
             return
-        self.listener.upstream.session = up.tls.session
         self._cancel_stage_timer()
         self._start_relay()
         if self.stage == Stage.RELAY:
@@ -579,6 +588,8 @@ class Connection:
             return
         stage_reached = self.stage
         self.stage = Stage.CLOSED
+        if stage_reached == Stage.RELAY:
+            self._keep_session()
         for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
             if timer is not None:
                 timer.cancel()
@@ -592,6 +603,19 @@ class Connection:
             self.plane.schedule_abort(self)
         self.plane.connection_closed(self, flowrecord.build(self, action, reason, detail,
                                                            stage_reached))
+
+    def _keep_session(self) -> None:
+        """Remember the upstream TLS session for resumption. TLS 1.3 tickets arrive after
+        the handshake, so the session is taken when the connection ends, not before."""
+        up = self.upstream
+        if up is None or up.tls is None:
+            return
+        runtime = self.listener.upstream
+        if up.tls.session_reused and runtime.session is not None:
+            return  # the cached session still works: copying a session is not free
+        session = up.tls.session
+        if session is not None and session.has_ticket:
+            runtime.session = session
 
     def internal_error(self, exc: BaseException) -> None:
         """A bug in a callback: log it with the flow id and close (fail closed)."""

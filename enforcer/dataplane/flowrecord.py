@@ -76,4 +76,7 @@ def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
                            "tls": up.cfg.tls.mode}
     if conn.upstream_identity is not None:
         out["peer"] = conn.upstream_identity.to_record()
+    up_side = conn.upstream
+    if up_side is not None and up_side.tls is not None and conn.upstream_identity is not None:
+        out["resumed"] = up_side.tls.session_reused
     return out

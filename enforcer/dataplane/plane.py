@@ -268,10 +268,8 @@ class DataPlane:
         for lst in self.listeners:
             if lst.server is not None:
                 lst.server.close()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            pass
         left = list(self.active)
         for conn in left:
             conn.drain_close()

@@ -97,9 +97,9 @@ class Side(asyncio.Protocol):
 
     def flush_tls(self) -> None:
         tls, transport = self.tls, self.transport
-        if tls is not None and transport is not None and tls.has_output:
-            if not transport.is_closing():
-                transport.write(tls.take_output())
+        if (tls is not None and transport is not None and tls.has_output
+                and not transport.is_closing()):
+            transport.write(tls.take_output())
 
     def send_eof(self) -> None:
         """Half-close towards this peer: close_notify (TLS) and FIN; reading continues."""

@@ -132,8 +132,9 @@ def _material_status(name: str, material: Any) -> dict[str, Any]:
     leaf = material.leaf
     out: dict[str, Any] = {"name": name, "has_certificate": leaf is not None}
     if leaf is not None:
-        from enforcer.tlsconf.identity import identity_from_der
         from cryptography.hazmat.primitives.serialization import Encoding
+
+        from enforcer.tlsconf.identity import identity_from_der
 
         ident = identity_from_der(leaf.public_bytes(Encoding.DER))
         out.update({"subject": leaf.subject.rfc4514_string(), "spiffe_id": ident.spiffe_id,

@@ -116,7 +116,7 @@ async def test_openssl_s_client_without_cert_is_refused(pki: Any) -> None:
     backend = await FixedBackend(4).start()
     enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
     async with running(enforcer, backend):
-        code, out, err = await _run(
+        _code, out, _err = await _run(
             openssl, "s_client", "-connect", f"127.0.0.1:{enforcer.port()}", "-quiet",
             "-CAfile", str(pki.ca), stdin=b"ping")
         assert out == b""
@@ -130,7 +130,7 @@ async def test_openssl_s_client_tls11_is_refused(pki: Any) -> None:
     backend = await FixedBackend(4).start()
     enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
     async with running(enforcer, backend):
-        code, out, _ = await _run(
+        code, _out, _ = await _run(
             openssl, "s_client", "-connect", f"127.0.0.1:{enforcer.port()}", "-tls1_1",
             "-CAfile", str(pki.ca), "-cert", str(pki.client.cert), "-key", str(pki.client.key),
             stdin=b"")

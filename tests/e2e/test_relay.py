@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 
@@ -161,17 +162,15 @@ async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  #
     for _ in range(4):
         s = socket.socket()
         s.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
         fillers.append(s)
     await asyncio.sleep(0.1)
     cfg = inbound_cfg(pki, port, default="allow", rules=[], client_auth="none", mode="off",
                       limits={"connect_timeout": "30s"})
     enforcer = await Enforcer(cfg).start()
     async with running(enforcer):
-        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        _reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
         await asyncio.sleep(0.3)  # the enforcer is now connecting upstream
         assert len(enforcer.plane.active) == 1
         writer.close()
@@ -225,10 +224,8 @@ async def test_max_connections(pki) -> None:  # type: ignore[no-untyped-def]
         await asyncio.sleep(0.2)
         reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
         async with asyncio.timeout(5):
-            try:
+            with contextlib.suppress(ConnectionResetError):
                 assert await reader.read() == b""
-            except ConnectionResetError:
-                pass
         recs = await enforcer.wait_flows(1)
         assert recs[0]["close"] == "max_connections"
         assert recs[0]["action"] == "error"
@@ -269,3 +266,9 @@ async def test_plain_both_sides_over_unix_sockets(pki, tmp_path) -> None:  # typ
     finally:
         await enforcer.stop()
         app.close()
+
+
+async def test_tests_run_on_uvloop() -> None:
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
