@@ -113,6 +113,9 @@ class Connection:
             self._upstream_data(data)
 
     def side_eof(self, side: Side) -> None:
+        if side is self.client and self.stage == Stage.PROXY:
+            self._proxy_eof()
+            return
         if side.tls is not None:
             side.tls.feed_eof()
             if side is self.client and self.stage == Stage.HANDSHAKE:
@@ -270,7 +273,9 @@ class Connection:
             buf, self.sniff_buf = self.sniff_buf, b""
             self._after_proxy(buf)
             return
-        if self.listener.cfg.proxy_protocol.accept == "optional" and not self.proxy_header:
+        if self.listener.cfg.proxy_protocol.accept == "optional" and not parser.buffered:
+            # Still deciding (the parser buffers every byte of a header it is given, so
+            # an empty parser means no PROXY prefix has been seen yet).
             self.sniff_buf += data
             kind = sniff(self.sniff_buf)
             if kind is None:
@@ -293,6 +298,27 @@ class Connection:
             self.client_addr = header.source
         self._cancel_stage_timer()
         self._after_proxy(parser.rest)
+
+    def _proxy_eof(self) -> None:
+        """The client sent FIN during the PROXY stage: a truncated header (fail closed).
+
+        With ``accept: optional``, a FIN before the first byte is a plain connect-and-close."""
+        parser = self.proxy_parser
+        sniffing = parser is None or (
+            self.listener.cfg.proxy_protocol.accept == "optional" and not parser.buffered)
+        if sniffing and not self.sniff_buf:
+            self._fail("client_closed", "the client closed before sending anything")
+            return
+        if sniffing or parser is None:
+            self._proxy_error("truncated", f"connection closed after {len(self.sniff_buf)} "
+                              "byte(s) that may start a PROXY header")
+            return
+        try:
+            parser.eof()
+        except ProxyProtocolError as exc:
+            self._proxy_error(exc.reason, f"bad PROXY header: {exc}")
+            return
+        self._fail("client_closed", "the client closed during the PROXY stage")
 
     def _proxy_error(self, reason: str, detail: str) -> None:
         self.plane.metrics.proxy_protocol_errors_total.labels(

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from enforcer import __version__
-from enforcer.config.model import Config
+from enforcer.config.model import Config, UpstreamConfig
+from enforcer.dataplane.context import ListenerRuntime
 from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.observe.admin import AdminServer
-from enforcer.observe.flowlog import FlowLog
-from enforcer.observe.metrics import Metrics
+from enforcer.observe.flowlog import FlowLog, utc_timestamp
+from enforcer.observe.metrics import RELOAD_KINDS, Metrics
 from enforcer.runtime.reload import Reloader
+from enforcer.tlsconf.identity import identity_from_der
+from enforcer.tlsconf.material import LoadedMaterial
 
 log = logging.getLogger("enforcer.runtime")
 
@@ -72,6 +78,8 @@ class Server:
                 await self.plane.close_servers()
                 raise StartupError("bind", f"admin.listen: cannot bind {self.cfg.admin.listen}: "
                                    f"{exc.strerror or exc}") from None
+            log.info("admin endpoint bound on %s (/metrics /healthz /readyz /status)",
+                     self.admin.bound)
         self.reloader.start()
 
     async def serve(self, on_ready: Callable[[Server], None] | None = None) -> int:
@@ -115,32 +123,94 @@ class Server:
         loop.add_signal_handler(signal.SIGUSR1, self.flowlog.reopen)
 
     # ------------------------------------------------------------------ admin callbacks
+    # Both run on admin threads, concurrently with the event loop. They only read, and
+    # copy every container the loop may replace or resize (materials, reload results)
+    # before iterating it; single attribute reads and len() are atomic under the GIL.
     def is_ready(self) -> bool:
-        return self.plane.ready and not self.plane.draining
+        """/readyz: every listener bound and every material loaded, and not draining."""
+        plane = self.plane
+        return (plane.ready and not plane.draining
+                and all(lst.server is not None for lst in list(plane.listeners))
+                and set(dict(plane.materials)) >= set(self.cfg.tls))
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"version": __version__, "node": self.cfg.node.name,
-                               "uptime_s": round(time.time() - self.started, 3)}
-        out.update(self.plane.status())
-        out["materials"] = [_material_status(name, m)
-                            for name, m in sorted(self.plane.materials.items())]
-        out["reloads"] = self.reloader.status()
-        return out
+        """/status: what runs, what it serves, and how fresh its materials and rules are."""
+        plane = self.plane
+        listeners = list(plane.listeners)
+        materials = dict(plane.materials)
+        return {
+            "version": __version__,
+            "node": self.cfg.node.name,
+            "started": utc_timestamp(self.started),
+            "uptime_s": round(time.time() - self.started, 3),
+            "ready": self.is_ready(),
+            "draining": plane.draining,
+            "open_connections": len(plane.active),
+            "listeners": [_listener_status(lst) for lst in listeners],
+            "upstreams": [_upstream_status(u) for u in self.cfg.upstreams.values()],
+            "materials": [_material_status(name, m) for name, m in sorted(materials.items())],
+            "reloads": _reload_status(self.reloader.status()),
+            "flow_log": _flowlog_status(self.cfg, self.flowlog),
+        }
 
 
-def _material_status(name: str, material: Any) -> dict[str, Any]:
+def _listener_status(lst: ListenerRuntime) -> dict[str, Any]:
+    cfg = lst.cfg
+    return {"name": lst.name, "listen": str(cfg.listen), "bound": lst.bound or None,
+            "tls": cfg.tls.mode, "material": cfg.tls.material,
+            "client_auth": cfg.tls.client_auth if cfg.tls.mode != "off" else None,
+            "proxy_protocol": cfg.proxy_protocol.accept, "ruleset": cfg.ruleset,
+            "upstream": lst.upstream.name, "open_connections": lst.active}
+
+
+def _upstream_status(cfg: UpstreamConfig) -> dict[str, Any]:
+    return {"name": cfg.name, "address": str(cfg.address), "tls": cfg.tls.mode,
+            "material": cfg.tls.material, "proxy_protocol": cfg.proxy_protocol.send}
+
+
+def _material_status(name: str, material: LoadedMaterial) -> dict[str, Any]:
+    """Subject, SANs and validity of the material's leaf certificate (None without one)."""
+    out: dict[str, Any] = {"name": name, "sources": list(material.sources)}
     leaf = material.leaf
-    out: dict[str, Any] = {"name": name, "has_certificate": leaf is not None}
-    if leaf is not None:
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        from enforcer.tlsconf.identity import identity_from_der
-
-        ident = identity_from_der(leaf.public_bytes(Encoding.DER))
-        out.update({"subject": leaf.subject.rfc4514_string(), "spiffe_id": ident.spiffe_id,
-                    "dns": list(ident.dns), "uri": list(ident.uri), "ip": list(ident.ip),
-                    "serial": ident.serial, "not_after": ident.not_after.isoformat()})
+    if leaf is None:
+        out["certificate"] = None
+        return out
+    ident = identity_from_der(leaf.public_bytes(Encoding.DER))
+    not_after = leaf.not_valid_after_utc
+    out["certificate"] = {
+        "subject": leaf.subject.rfc4514_string(), "issuer": leaf.issuer.rfc4514_string(),
+        "serial": ident.serial, "spiffe_id": ident.spiffe_id, "dns": list(ident.dns),
+        "uri": list(ident.uri), "ip": list(ident.ip),
+        "not_before": _iso(leaf.not_valid_before_utc), "not_after": _iso(not_after),
+        "expires_in_s": round(not_after.timestamp() - time.time()),
+        "spki_sha256": ident.spki_sha256}
     return out
+
+
+def _reload_status(last: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind: when a reload was last attempted and succeeded, and the last error (None
+    once a later reload succeeded)."""
+    last = dict(last)
+    out: dict[str, dict[str, Any]] = {}
+    for kind in RELOAD_KINDS:
+        entry = dict(last.get(kind) or {})
+        attempt, ok = entry.get("last_attempt"), entry.get("last_ok")
+        out[kind] = {"last_attempt": utc_timestamp(attempt) if attempt else None,
+                     "last_ok": utc_timestamp(ok) if ok else None,
+                     "last_error": entry.get("last_error"),
+                     "result": None if attempt is None else
+                     ("ok" if entry.get("last_error") is None else "error")}
+    return out
+
+
+def _flowlog_status(cfg: Config, flowlog: Any) -> dict[str, Any]:
+    return {"sink": cfg.flow_log.sink, "path": cfg.flow_log.path,
+            "queued": getattr(flowlog, "queued", 0), "written": flowlog.written,
+            "dropped": flowlog.dropped}
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def run(cfg: Config, *, on_ready: Callable[[Server], None] | None = None) -> int:

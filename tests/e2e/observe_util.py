@@ -159,42 +159,68 @@ class Talk:
 async def talk(port: int, payload: bytes, *, ssl_ctx: ssl.SSLContext | None = None,
                server_hostname: str | None = None, prefix: bytes = b"",
                timeout: float = 30) -> Talk:
-    """Open a TCP connection, send ``prefix`` (a PROXY header) in the clear, then TLS if
-    asked, send ``payload`` concurrently with reading, half-close, read until EOF."""
-    loop = asyncio.get_running_loop()
+    """One connection to an echo backend through the proxy. ``prefix`` (a PROXY header)
+    goes first, in the clear. Plaintext: send ``payload`` while reading, half-close, read
+    until EOF. TLS (asyncio's TLS cannot half-close): send, read the echo back, then close
+    with close_notify, which the proxy sees as the client's FIN."""
     sock = socket.create_connection(("127.0.0.1", port))
-    local_port = sock.getsockname()[1]
+    local_port = int(sock.getsockname()[1])
     if prefix:
         sock.sendall(prefix)
     sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(
-        sock=sock, ssl=ssl_ctx, server_hostname=server_hostname if ssl_ctx else None)
-    info = writer.get_extra_info("ssl_object")
-    try:
-        async def send() -> None:
-            view = memoryview(payload)
-            for i in range(0, len(view), CHUNK):
-                writer.write(view[i : i + CHUNK])
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            elif ssl_ctx is not None:  # asyncio's TLS cannot half-close: shut the raw socket
-                await writer.drain()
-                sock.shutdown(socket.SHUT_WR)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=ssl_ctx, server_hostname=server_hostname if ssl_ctx else None)
+        tls = writer.get_extra_info("ssl_object")
+        try:
+            if tls is not None:
+                writer.write(payload)
+                got = await reader.readexactly(len(payload))
+            else:
+                got = await _send_and_read(reader, writer, payload)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    return Talk(got, local_port, tls.version() if tls else None, tls.cipher()[0] if tls else None)
 
-        sender = asyncio.ensure_future(send())
-        got = bytearray()
+
+async def _send_and_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         payload: bytes) -> bytes:
+    async def send() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), CHUNK):
+            writer.write(view[i : i + CHUNK])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.ensure_future(send())
+    got = bytearray()
+    while data := await reader.read(CHUNK):
+        got += data
+    await sender
+    return bytes(got)
+
+
+async def refused(port: int, payload: bytes = b"", *, ssl_ctx: ssl.SSLContext | None = None,
+                  server_hostname: str | None = None, timeout: float = 10) -> bytes:
+    """A connection the proxy is expected to close: send, read until EOF or an error;
+    returns what was read (nothing, for a proxy that fails closed)."""
+    got = bytearray()
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
         async with asyncio.timeout(timeout):
-            while data := await reader.read(CHUNK):
-                got += data
-            await sender
-        del loop
-        return Talk(bytes(got), local_port, info.version() if info else None,
-                    info.cipher()[0] if info else None)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ssl_ctx, server_hostname=server_hostname)
+            try:
+                if payload:
+                    writer.write(payload)
+                while data := await reader.read(CHUNK):
+                    got += data
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+    return bytes(got)
 
 
 def tls_client_ctx(ca: Path, cert: Path | None = None, key: Path | None = None,

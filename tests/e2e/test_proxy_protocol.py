@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from enforcer.proxyproto import (
+    REASONS,
     V2_SIGNATURE,
     ProxyHeader,
     Tlv,
@@ -258,20 +259,41 @@ async def test_malformed_header_closes_before_upstream(pki: Any, chunks: list[by
     app = await HeaderApp(expect_header=False).start()
     enf = await Enforcer(pp_cfg(pki, app.port, send="v2")).start()
     async with running(enf, app):
-        res = await raw_exchange(enf.port(), [*chunks, b"app data after the header"])
-        if reason == "truncated":  # the client closes right after the partial header
-            res = await raw_exchange(enf.port(), chunks)
+        # truncated: the client half-closes right after the partial header
+        data = [] if reason == "truncated" else [b"app data after the header"]
+        res = await raw_exchange(enf.port(), [*chunks, *data])
         assert res.data == b""
-        recs = await enf.wait_flows(1 if reason != "truncated" else 2)
-        rec = recs[-1]
+        rec = (await enf.wait_flows(1))[0]
         assert rec["action"] == "error"
         assert rec["reason"] == rec["close"] == f"proxy_protocol_{reason}"
         assert rec["upstream"] is None and rec["proxy_protocol"] is None
         assert rec["client"] == rec["peer"] == {"ip": "127.0.0.1", "port": res.local[1]}
-        assert proxy_errors(enf, "edge", reason) == len(recs)
+        assert proxy_errors(enf, "edge", reason) == 1
+        assert sum(proxy_errors(enf, "edge", r) for r in REASONS) == 1
         assert enf.metrics.registry.get_sample_value(
-            "enforcer_connections_total", {"listener": "edge", "action": "error"}) == len(recs)
+            "enforcer_connections_total", {"listener": "edge", "action": "error"}) == 1
         assert app.accepted == [], "no upstream connection may be opened"
+
+
+@pytest.mark.parametrize(("trusted", "sent", "close"), [
+    (["127.0.0.0/8"], b"", "client_closed"),
+    (["10.0.0.0/8"], b"", "client_closed"),
+    (["127.0.0.0/8"], b"PROX", "proxy_protocol_truncated"),
+    (["10.0.0.0/8"], V2_SIGNATURE[:5], "proxy_protocol_truncated"),
+    (["127.0.0.0/8"], b"PROXY TCP4 203.0", "proxy_protocol_truncated"),
+], ids=["trusted-nothing", "untrusted-nothing", "trusted-prefix", "untrusted-prefix",
+        "trusted-partial-header"])
+async def test_optional_client_closing_during_proxy_stage(
+        pki: Any, trusted: list[str], sent: bytes, close: str) -> None:
+    app = await HeaderApp(expect_header=False).start()
+    enf = await Enforcer(pp_cfg(pki, app.port, accept="optional", trusted=trusted)).start()
+    async with running(enf, app):
+        res = await raw_exchange(enf.port(), [sent] if sent else [])
+        assert res.data == b""
+        rec = (await enf.wait_flows(1))[0]
+        assert rec["action"] == "error" and rec["close"] == close
+        assert proxy_errors(enf, "edge", "truncated") == (close != "client_closed")
+        assert app.accepted == []
 
 
 async def test_header_timeout(pki: Any) -> None:

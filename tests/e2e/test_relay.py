@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 
@@ -272,3 +273,102 @@ async def test_tests_run_on_uvloop() -> None:
     import uvloop
 
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+
+async def test_handshake_timeout(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    cfg = inbound_cfg(pki, backend.port, limits={"handshake_timeout": "300ms"})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        writer.write(b"\x16\x03\x01")  # the start of a ClientHello, then silence
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["close"] == "handshake_timeout"
+        assert rec["action"] == "error"
+        assert backend.connections == 0
+        assert enforcer.metrics.registry.get_sample_value(
+            "enforcer_tls_handshake_errors_total",
+            {"listener": "inbound", "reason": "timeout"}) == 1
+
+
+async def test_close_timeout_after_one_side_finished(pki) -> None:  # type: ignore[no-untyped-def]
+    got = bytearray()
+    seen_eof = asyncio.Event()
+
+    async def never_closes(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            got.extend(data)
+        seen_eof.set()
+        await asyncio.sleep(30)  # keeps its own side open
+
+    server = await asyncio.start_server(never_closes, "127.0.0.1", 0)
+    backend = Backend()
+    backend.server = server
+    cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off",
+                      limits={"close_timeout": "300ms"})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        writer.write(b"last words")
+        writer.write_eof()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["close"] == "close_timeout"
+        assert rec["action"] == "allow"
+        await asyncio.wait_for(seen_eof.wait(), 5)
+        assert bytes(got) == b"last words"
+
+
+async def test_max_lifetime(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off",
+                      limits={"max_lifetime": "400ms", "idle_timeout": "1h"})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        sent = received = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(5):
+                while True:  # keep it busy: only the lifetime cap can end it
+                    chunk = os.urandom(1000)
+                    writer.write(chunk)
+                    sent += chunk
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    received += data
+                    await asyncio.sleep(0.02)
+        writer.close()
+        assert received == sent[: len(received)]
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["close"] == "max_lifetime"
+        assert rec["bytes"]["to_client"] == len(received)
+
+
+async def test_auto_mode_detects_tls_and_plaintext_per_connection(pki) -> None:  # type: ignore[no-untyped-def]
+    backend = await Backend(mode="echo").start()
+    rules = [{"name": "mesh-peers", "action": "allow",
+              "from": {"identities": ["spiffe://enforcer.demo/ns/demo/sa/outbound"]}},
+             {"name": "plain-from-localhost", "action": "allow",
+              "from": {"tls": "none", "cidrs": ["127.0.0.0/8"]}}]
+    enforcer = await Enforcer(inbound_cfg(pki, backend.port, mode="auto", rules=rules)).start()
+    async with running(enforcer, backend):
+        plain = random_bytes(300_000)
+        assert sha(await exchange(enforcer.port(), plain)) == sha(plain)
+        ctx = client_ctx(pki.ca, pki.client.cert, pki.client.key)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", enforcer.port(), ssl=ctx, server_hostname="localhost")
+        secret = random_bytes(300_000)
+        writer.write(secret)
+        assert sha(await asyncio.wait_for(reader.readexactly(len(secret)), 30)) == sha(secret)
+        writer.close()
+        recs = await enforcer.wait_flows(2)
+        by_rule = {r["rule"]: r for r in recs}
+        assert by_rule["plain-from-localhost"]["tls"] is None
+        assert by_rule["mesh-peers"]["tls"]["peer"]["spiffe_id"].endswith("/sa/outbound")
+        assert by_rule["mesh-peers"]["bytes"]["from_client"] == len(secret)
