@@ -687,7 +687,7 @@ def _addr(value: object) -> tuple[str, int] | None:
 
 def _tls_reason(exc: ssl.SSLError) -> str:
     """A short, low-cardinality label for a handshake failure."""
-    text = (exc.reason or "").lower()
+    text = (exc.reason or "").lower().replace("_", " ")  # OpenSSL: PEER_DID_NOT_RETURN_...
     if "wrong version number" in text or "http request" in text:
         return "not_tls"
     if "certificate required" in text or "peer did not return a certificate" in text:
@@ -700,6 +700,6 @@ def _tls_reason(exc: ssl.SSLError) -> str:
         return "protocol_version"
     if "cipher" in text:
         return "no_shared_cipher"
-    if isinstance(exc, ssl.SSLEOFError):
+    if isinstance(exc, ssl.SSLEOFError) or "unexpected eof" in text:
         return "eof"
     return "other"

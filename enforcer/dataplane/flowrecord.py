@@ -59,11 +59,18 @@ def _proxy(conn: Connection) -> dict[str, Any] | None:
 
 
 def _tls(conn: Connection) -> dict[str, Any] | None:
-    if conn.tls_info is None:
+    if conn.tls_info is not None:
+        out = dict(conn.tls_info)
+        out["peer"] = conn.identity.to_record() if conn.identity is not None else None
+        return out
+    engine = conn.client.tls
+    if engine is None:  # plaintext, or closed before the handshake started
         return None
-    out = dict(conn.tls_info)
-    out["peer"] = conn.identity.to_record() if conn.identity is not None else None
-    return out
+    # The handshake started but did not complete: what is known so far. The SNI comes
+    # from the ClientHello; version and cipher are null unless the failure came late
+    # (OpenSSL reports them only for a finished handshake).
+    return {"version": engine.version(), "cipher": engine.cipher(),
+            "sni": getattr(engine.obj, "enforcer_sni", None), "peer": None}
 
 
 def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
