@@ -138,6 +138,7 @@ backend be
         rec = (await enf.wait_flows(1))[0]
         assert rec["client"] == {"ip": "127.0.0.1", "port": cport}
         pp = rec["proxy_protocol"]
+        print("DBG", pp)
         assert pp["version"] == 2 and pp["command"] == "PROXY"
         tlvs = pp["tlvs"]
         assert tlvs["crc32c"] == "ok", "haproxy's CRC32C verified"
@@ -189,6 +190,7 @@ backend be
         assert (rec["client"]["ip"], rec["client"]["port"]) == client
         host = f"[{client[0]}]" if ":" in client[0] else client[0]
         line = await hp.wait_log("PPLOG ")
+        print("DBG", line, rec["client"], hp.lines)
         assert f"client={client[0]}:{client[1]} " in line or f"client={host}:{client[1]} " \
             in line, line
         assert f"up={len(up)} down={len(backend.payload)}" in line, line
