@@ -32,9 +32,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             fail(str(issue))
         return exitcodes.BAD_CONFIG
-    from enforcer.runtime.server import run
+    from enforcer.config.loader import resolve_workers
 
+    workers = resolve_workers(cfg)
     try:
+        if workers > 1:
+            from enforcer.runtime.supervisor import run_workers
+
+            return run_workers(cfg, workers)
+        from enforcer.runtime.server import run
+
         return run(cfg)
     except StartupError as exc:
         fail(str(exc))

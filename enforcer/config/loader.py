@@ -10,7 +10,7 @@ import binascii
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -34,10 +34,10 @@ from enforcer.config.model import (
     UpstreamVerifyConfig,
 )
 from enforcer.config.reader import Node
-from enforcer.config.rulesets import RulesetConfig, parse_rulesets
+from enforcer.config.rulesets import RulesetConfig, parse_rulesets, reference_problems
 
 TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
-            "flow_log", "admin", "limits")
+            "flow_log", "admin", "limits", "workers")
 PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
 
 
@@ -97,6 +97,7 @@ def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") ->
         admin=p.admin(root["admin"]),
         limits=p.limits(root["limits"]),
         rulesets_file=rulesets_file,
+        workers=_workers(root["workers"]),
         source=source,
     )
     _check_references(cfg, root, issues)
@@ -402,6 +403,19 @@ class _Parser:
         return out
 
 
+def _workers(node: Node) -> int:
+    """``workers: N`` (1-256) or ``auto`` (one per CPU, stored as 0)."""
+    if node.is_null:
+        return 1
+    if node.value == "auto":
+        return 0
+    return node.int(1, minimum=1, maximum=256)
+
+
+def resolve_workers(cfg: Config) -> int:
+    return cfg.workers or max(1, os.cpu_count() or 1)
+
+
 def _decode_inline(node: Node) -> bytes | None:
     text = node.str(None)
     if text is None:
@@ -451,7 +465,25 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue]) -> Non
         if (a.port or a.path) and key in seen:
             ln["listen"].error(f"{a} is also used by listener {seen[key]!r}")
         seen[key] = lst.name
-    _ = Mapping  # keep import for typing users
+    inline = root["rulesets"].value if isinstance(root["rulesets"].value, dict) else {}
+    issues.extend(rule_reference_issues(cfg.rulesets, cfg.listeners, cfg.upstreams,
+                                        inline=inline.keys(), rulesets_file=cfg.rulesets_file))
+
+
+def rule_reference_issues(rulesets: Mapping[str, RulesetConfig],
+                          listeners: Sequence[ListenerConfig],
+                          upstreams: Mapping[str, UpstreamConfig], *, inline: Collection[str],
+                          rulesets_file: str | None) -> list[ConfigIssue]:
+    """Rules naming unknown listeners, or that can never match on the listeners running
+    them (``rulesets.reference_problems``). Problems in rulesets that came from
+    ``rulesets_file`` name that file, the way its parse errors do."""
+    out: list[ConfigIssue] = []
+    for ruleset, path, message in reference_problems(rulesets, listeners, upstreams):
+        if ruleset in inline or rulesets_file is None:
+            out.append(ConfigIssue(path, message))
+        else:
+            out.append(ConfigIssue("rulesets_file", f"{rulesets_file}: {path}: {message}"))
+    return out
 
 
 def format_issues(issues: tuple[ConfigIssue, ...] | list[ConfigIssue]) -> str:

@@ -164,4 +164,5 @@ class Config:
     admin: AdminConfig
     limits: LimitsConfig
     rulesets_file: str | None = None
+    workers: int = 1  # processes sharing the listeners; 0 = one per CPU ("auto")
     source: str | None = None  # the file this was loaded from

@@ -42,11 +42,12 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, cast
 
+from enforcer.config.model import ListenerConfig, UpstreamConfig
 from enforcer.config.reader import Node
 
 Action = Literal["allow", "deny"]
@@ -447,3 +448,92 @@ def _server_identity_problem(text: str) -> str | None:
 def _normalize_server_identity(text: str) -> str:
     return text if text.startswith("spiffe://") else normalize_dns(text)
 
+
+
+# ---------------------------------------------------------------------------- references
+# Rules are checked against the listeners that run them. A rule that can never match is
+# almost always a mistake, and a silent one: a deny rule that never fires looks like
+# protection. Rulesets no listener of this config uses are skipped (one rulesets file can
+# serve several enforcers), and a fact is only called impossible when every listener that
+# runs the rule lacks it.
+_PEER_KEYS = ("identities", "trust_domains", "dns", "cn", "ou", "spki_sha256")
+
+
+def reference_problems(rulesets: Mapping[str, RulesetConfig],
+                       listeners: Sequence[ListenerConfig],
+                       upstreams: Mapping[str, UpstreamConfig]) -> list[tuple[str, str, str]]:
+    """``(ruleset, key path, message)`` for every rule that names an unknown listener, or
+    names a listener that runs another ruleset, or can never match on the listeners that
+    run it (peer certificate keys on plaintext listeners, TLVs without PROXY protocol ...)."""
+    by_name = {lst.name: lst for lst in listeners}
+    out: list[tuple[str, str, str]] = []
+    for name, rs in rulesets.items():
+        users = [lst for lst in listeners if lst.ruleset == name]
+        if not users:
+            continue
+        for i, rule in enumerate(rs.rules):
+            base = f"rulesets.{name}.rules[{i}]"
+            runs_on = _listeners_named(rule, name, users, by_name, base, out)
+            for message in _impossible(rule, runs_on, upstreams):
+                out.append((name, base, f"{message}, so rule {rule.name!r} can never match"))
+    return out
+
+
+def _listeners_named(rule: RuleConfig, ruleset: str, users: list[ListenerConfig],
+                     by_name: Mapping[str, ListenerConfig], base: str,
+                     out: list[tuple[str, str, str]]) -> list[ListenerConfig]:
+    if not rule.to.listeners:
+        return users
+    known = ", ".join(by_name) or "none"
+    runs_on: list[ListenerConfig] = []
+    for j, lname in enumerate(rule.to.listeners):
+        path = f"{base}.to.listeners[{j}]"
+        lst = by_name.get(lname)
+        if lst is None:
+            out.append((ruleset, path, f"unknown listener {lname!r} (known: {known})"))
+        elif lst.ruleset != ruleset:
+            out.append((ruleset, path, f"listener {lname!r} runs ruleset {lst.ruleset!r}, not "
+                        f"{ruleset!r} (listeners running {ruleset!r}: "
+                        f"{', '.join(u.name for u in users)})"))
+        else:
+            runs_on.append(lst)
+    return runs_on
+
+
+def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
+                upstreams: Mapping[str, UpstreamConfig]) -> list[str]:
+    if not runs_on:
+        return []  # every listener it names was reported above
+    names = ", ".join(lst.name for lst in runs_on)
+    f, t = rule.from_, rule.to
+    out: list[str] = []
+    no_certs = all(lst.tls.mode == "off" or lst.tls.client_auth == "none" for lst in runs_on)
+    peer_keys = [k for k in _PEER_KEYS if getattr(f, k)]
+    if peer_keys and no_certs:
+        out.append(f"from.{peer_keys[0]}: listener(s) {names} never see a client certificate "
+                   "(tls mode off or client_auth none)")
+    if f.tls == "required" and no_certs:
+        out.append(f"from.tls: required: listener(s) {names} never see a client certificate "
+                   "(tls mode off or client_auth none)")
+    if f.tls == "none" and all(lst.tls.mode == "terminate" for lst in runs_on):
+        out.append(f"from.tls: none: listener(s) {names} always terminate TLS")
+    if f.tlvs and all(lst.proxy_protocol.accept == "off" for lst in runs_on):
+        out.append(f"from.tlvs: listener(s) {names} do not accept PROXY protocol")
+    if t.sni and all(lst.tls.mode == "off" for lst in runs_on):
+        out.append(f"to.sni: listener(s) {names} have tls mode off (no SNI)")
+    out.extend(_impossible_ports(t.ports, runs_on))
+    if t.server_identities and all(
+        (up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off" for lst in runs_on
+    ):
+        out.append(f"to.server_identities: the upstreams of listener(s) {names} do not use TLS")
+    return out
+
+
+def _impossible_ports(ports: tuple[PortRange, ...], runs_on: list[ListenerConfig]) -> list[str]:
+    listening = [(lst.name, lst.listen.port) for lst in runs_on]
+    if not ports or any(lst.listen.is_unix or not lst.listen.port for lst in runs_on):
+        return []  # unix sockets and port 0 (chosen at bind) are not known here
+    if any(pr.low <= port <= pr.high for _, port in listening for pr in ports):
+        return []
+    where = ", ".join(f"{n} on {p}" for n, p in listening)
+    return [f"to.ports {[str(p) for p in ports]}: no listener running it listens there ({where})"]

@@ -71,8 +71,9 @@ class Connection:
         self.upstream: Side | None = None
         self.stage = Stage.ACCEPTED
         self.started = time.time()
-        self.started_mono = self.loop.time()
-        self.last_active = self.started_mono
+        # Durations use time.monotonic(): uvloop's loop.time() has 1 ms resolution.
+        self.started_mono = time.monotonic()
+        self.last_active = self.loop.time()
         self.flow_id = ""
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
@@ -339,7 +340,7 @@ class Connection:
         ctx = self.listener.server_ctx
         assert ctx is not None
         self.stage = Stage.HANDSHAKE
-        self.hs_started = self.loop.time()
+        self.hs_started = time.monotonic()
         self.client.tls = TlsEngine(ctx, server_side=True)
         if data:
             self._handshake_data(data)
@@ -368,7 +369,7 @@ class Connection:
     def _server_handshake_done(self, tls: TlsEngine) -> None:
         self._cancel_stage_timer()
         self.plane.metrics.tls_handshake_seconds.labels(
-            listener=self.listener.name, side="server").observe(self.loop.time() - self.hs_started)
+            listener=self.listener.name, side="server").observe(time.monotonic() - self.hs_started)
         self.sni = getattr(tls.obj, "enforcer_sni", None)
         der = tls.peer_cert_der()
         if der is not None:
@@ -393,8 +394,7 @@ class Connection:
             listener=lst.name, ruleset=decision.ruleset, rule=decision.rule or "",
             action=decision.action).inc()
         if decision.action != "allow":
-            self._finish("deny", "denied", detail=f"denied by {decision.reason}"
-                         + (f" rule {decision.rule}" if decision.rule else ""))
+            self._finish("deny", "denied", detail=flowrecord.deny_detail(decision))
             return
         self.stage = Stage.CONNECT
         if data:
@@ -435,7 +435,7 @@ class Connection:
         addr = up.cfg.address
         side = Side(self, is_client=False)
         self.upstream = side
-        started = self.loop.time()
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.listener.limits.connect_timeout):
                 if addr.is_unix:
@@ -454,7 +454,7 @@ class Connection:
                        upstream_reason=code)
             return
         self.plane.metrics.upstream_connect_seconds.labels(upstream=up.name).observe(
-            self.loop.time() - started)
+            time.monotonic() - started)
         if self.stage == Stage.CLOSED:
             side.close(abort=True)
             return
@@ -469,7 +469,7 @@ class Connection:
             self._start_relay()
             return
         self.stage = Stage.UPSTREAM_TLS
-        self.hs_started = self.loop.time()
+        self.hs_started = time.monotonic()
         self._set_stage_timer(self.listener.limits.handshake_timeout, "upstream_tls_timeout")
         side.tls = TlsEngine(up.client_ctx, server_side=False,
                              server_hostname=up.server_hostname, session=up.session)
@@ -492,7 +492,7 @@ class Connection:
         if not done:
             return
         self.plane.metrics.tls_handshake_seconds.labels(
-            listener=self.listener.name, side="client").observe(self.loop.time() - self.hs_started)
+            listener=self.listener.name, side="client").observe(time.monotonic() - self.hs_started)
         der = up.tls.peer_cert_der()
         try:
             self.upstream_identity = identity_from_der(der) if der else None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
+    from enforcer.policy import Decision
 
 
 def _endpoint(addr: tuple[str, int] | None) -> dict[str, Any] | None:
@@ -24,7 +26,7 @@ def build(conn: Connection, action: str, close: str, detail: str | None,
     """The record for ``conn``; ``event="open"`` for the optional record at relay start."""
     lst = conn.listener
     decision = conn.decision
-    now = conn.loop.time()
+    now = time.monotonic()  # the clock of conn.started_mono (ns resolution)
     record: dict[str, Any] = {
         "ts": timestamp(conn.started + (now - conn.started_mono)),
         "event": event,
@@ -87,3 +89,12 @@ def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
     if up_side is not None and up_side.tls is not None and conn.upstream_identity is not None:
         out["resumed"] = up_side.tls.session_reused
     return out
+
+
+def deny_detail(decision: Decision) -> str:
+    """The record's ``detail`` for a policy denial."""
+    if decision.reason == "rule":
+        return f"denied by rule {decision.rule} of ruleset {decision.ruleset}"
+    if decision.reason == "default":
+        return f"denied by the default of ruleset {decision.ruleset}"
+    return f"denied: ruleset {decision.ruleset} could not be evaluated (fail closed)"

@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from enforcer.config.model import Address, Config, ListenerConfig, UpstreamConfig
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
+from enforcer.dataplane.sockets import remove_stale_unix_socket
 from enforcer.observe.flowid import new_flow_id
 from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
 from enforcer.proxyproto import (
@@ -33,7 +33,7 @@ from enforcer.proxyproto import (
     ssl_tlv,
     unique_id_tlv,
 )
-from enforcer.tlsconf.context import build_client_context, build_server_context
+from enforcer.tlsconf.context import build_client_context, build_listener_context
 from enforcer.tlsconf.identity import PeerIdentity
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
 
@@ -61,6 +61,7 @@ class DataPlane:
         self.max_connections = cfg.limits.max_connections
         self.open_events = cfg.flow_log.open_events
         self.draining = False
+        self.owns_unix_paths: list[str] = []
         self.started_at = time.time()
         self.ready = False
         self._idle = asyncio.Event()
@@ -113,34 +114,37 @@ class DataPlane:
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
             try:
-                lst.server_ctx = build_server_context(self.materials[lcfg.tls.material],
-                                                      lcfg.tls.client_auth)
+                lst.server_ctx = build_listener_context(self.materials[lcfg.tls.material],
+                                                        lcfg.tls, lcfg.name)
             except MaterialError as exc:
-                raise StartupError("tls", f"listeners.{lcfg.name}: {exc}") from None
-            lst.server_ctx.sni_callback = _remember_sni
+                raise StartupError("tls", str(exc)) from None
         return lst
 
-    async def bind(self) -> None:
+    async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
+        """Listen on every listener; ``sockets`` are ready-made ones (worker processes)."""
         loop = asyncio.get_running_loop()
         for lst in self.listeners:
             addr = lst.cfg.listen
             factory = _factory(lst)
             try:
-                if addr.is_unix:
+                if sockets is not None:
+                    if addr.is_unix:
+                        lst.server = await loop.create_unix_server(factory, sock=sockets[lst.name])
+                    else:
+                        lst.server = await loop.create_server(factory, sock=sockets[lst.name])
+                elif addr.is_unix:
                     assert addr.path is not None
-                    _remove_stale_socket(addr.path)
+                    remove_stale_unix_socket(addr.path)
                     lst.server = await loop.create_unix_server(factory, addr.path, backlog=1024)
-                    lst.bound = f"unix:{addr.path}"
+                    self.owns_unix_paths.append(addr.path)
                 else:
                     lst.server = await loop.create_server(
                         factory, addr.host or None, addr.port, backlog=1024, reuse_address=True)
-                    sock = lst.server.sockets[0].getsockname()
-                    lst.local_port = int(sock[1])
-                    lst.bound = str(Address(host=str(sock[0]), port=int(sock[1])))
             except OSError as exc:
                 await self.close_servers()
                 raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind {addr}: "
                                    f"{exc.strerror or exc}") from None
+            _note_bound(lst)
             self.metrics.register_listener(lst.name)
             log.info("listener %s bound on %s (tls %s, upstream %s)", lst.name, lst.bound,
                      lst.cfg.tls.mode, lst.upstream.cfg.address)
@@ -226,25 +230,40 @@ class DataPlane:
         received = conn.proxy_header
         if received is not None and received.command == "PROXY" and received.destination:
             dst = _ip_endpoint(received.destination) or dst
-        if src is None or dst is None:
-            src = dst = None
-        elif (":" in src[0]) != (":" in dst[0]):
-            dst = ("::", 0) if ":" in src[0] else ("0.0.0.0", 0)
+        if src is None or dst is None:  # a unix socket: UNKNOWN / AF_UNSPEC, the
+            src = dst = None            # receiver keeps its own socket addresses
+        # An IPv4/IPv6 mix is written as IPv4-mapped IPv6 by the builders (as HAProxy does).
         if pp.send == "v1":
             return build_v1(src, dst)
         return build_v2(src, dst, tlvs=_send_tlvs(conn, pp.tlvs))
 
     # ------------------------------------------------------------------ reload
-    def swap_rulesets(self, compiled: Mapping[str, CompiledRuleset]) -> None:
-        """Atomically use new rulesets for new connections; re-check open ones if asked."""
+    def swap_rulesets(self, compiled: Mapping[str, CompiledRuleset]) -> int:
+        """Use new rulesets for new connections (one assignment: a connection sees either
+        the old or the new set, never a mix). Open connections keep their decision, unless
+        their ruleset says ``reevaluate_on_reload``: then each connection already allowed
+        is decided again, and closed (flow record: action deny, close policy_reload, the
+        deciding rule and reason) if the new rules deny it. Returns how many were closed."""
         self.rulesets = compiled
+        revoked = 0
         for conn in list(self.active):
             rs = compiled.get(conn.listener.cfg.ruleset)
-            if rs is None or conn.decision is None or not rs.reevaluate_on_reload:
-                continue
+            previous = conn.decision
+            if rs is None or not rs.reevaluate_on_reload or previous is None \
+                    or previous.action != "allow":
+                continue  # not yet decided (it will use the new rules), or already denied
             decision = self.decide(conn.listener, conn._facts())
-            if decision.action != "allow":
-                conn.policy_revoked(decision)
+            if decision.action == "allow":
+                continue
+            self.metrics.policy_decisions_total.labels(
+                listener=conn.listener.name, ruleset=decision.ruleset, rule=decision.rule or "",
+                action=decision.action).inc()
+            log.info("flow %s on %s: denied after the ruleset reload (%s%s); closing",
+                     conn.flow_id, conn.listener.name, decision.reason,
+                     f" rule {decision.rule}" if decision.rule else "")
+            conn.policy_revoked(decision)
+            revoked += 1
+        return revoked
 
     # ------------------------------------------------------------------ shutdown
     async def close_servers(self) -> None:
@@ -256,9 +275,10 @@ class DataPlane:
                 with contextlib.suppress(Exception):
                     await lst.server.wait_closed()
                 lst.server = None
-                if lst.cfg.listen.is_unix and lst.cfg.listen.path:
-                    with contextlib.suppress(OSError):
-                        os.unlink(lst.cfg.listen.path)
+        for path in self.owns_unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.owns_unix_paths.clear()
 
     async def drain(self, timeout: float) -> int:
         """Stop accepting; wait up to ``timeout`` for open connections; close the rest.
@@ -295,27 +315,14 @@ def _factory(lst: ListenerRuntime) -> Any:
     return make
 
 
-def _remember_sni(obj: Any, server_name: str | None, ctx: Any) -> None:
-    obj.enforcer_sni = server_name
-    return None
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+def _note_bound(lst: ListenerRuntime) -> None:
+    assert lst.server is not None
+    name = lst.server.sockets[0].getsockname()
+    if lst.cfg.listen.is_unix:
+        lst.bound = f"unix:{lst.cfg.listen.path}"
         return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(17, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens there: a stale socket from an earlier run
-    else:
-        raise OSError(98, "Address already in use")
-    finally:
-        probe.close()
+    lst.local_port = int(name[1])
+    lst.bound = str(Address(host=str(name[0]), port=int(name[1])))
 
 
 def _is_ip(host: str) -> bool:

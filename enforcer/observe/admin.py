@@ -36,7 +36,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from enforcer.config.model import Address
-from enforcer.observe.metrics import Metrics, NullMetrics
+from enforcer.observe.metrics import AggregatedMetrics, Metrics, NullMetrics
 
 log = logging.getLogger("enforcer.admin")
 
@@ -48,7 +48,7 @@ TEXT = "text/plain; charset=utf-8"
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
-    metrics: Metrics | NullMetrics
+    metrics: Metrics | NullMetrics | AggregatedMetrics
     status_fn: Callable[[], dict[str, Any]]
     ready_fn: Callable[[], bool]
 
@@ -164,7 +164,7 @@ _ROUTES: dict[str, Callable[[_Handler], _Response]] = {
 class AdminServer:
     """The admin HTTP listener. ``start()`` binds (raising ``OSError``) and serves."""
 
-    def __init__(self, address: Address, metrics: Metrics | NullMetrics, *,
+    def __init__(self, address: Address, metrics: Metrics | NullMetrics | AggregatedMetrics, *,
                  status: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
         self._address = address
         self._metrics = metrics
@@ -204,6 +204,15 @@ class AdminServer:
             return Address(path=self._address.path)
         sockname = self._server.socket.getsockname()
         return Address(host=str(sockname[0]), port=int(sockname[1]))
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: drop the inherited listening socket (the serving thread
+        did not survive the fork), leaving the parent's admin endpoint untouched."""
+        if self._server is not None:
+            with contextlib.suppress(OSError):
+                self._server.socket.close()
+            self._server = None
+            self._thread = None
 
     def close(self) -> None:
         """Stop serving and release the socket (and the unix socket file). Idempotent."""

@@ -105,14 +105,20 @@ Report = Callable[[str, BaseException], None]
 class _StreamSink:
     """A text stream (stdout by default): one write and one flush per batch."""
 
-    def __init__(self, stream: TextIO, report: Report) -> None:
+    def __init__(self, stream: TextIO, report: Report, *, line_writes: bool = False) -> None:
         self._stream = stream
         self._report = report
+        self._line_writes = line_writes
 
     def write(self, lines: list[str]) -> int:
         try:
-            self._stream.write("".join(lines))
-            self._stream.flush()
+            if self._line_writes:
+                for line in lines:
+                    self._stream.write(line)
+                    self._stream.flush()
+            else:
+                self._stream.write("".join(lines))
+                self._stream.flush()
         except (OSError, ValueError) as exc:  # ValueError: write to a closed stream
             self._report("writing to the stream failed", exc)
             return 0
@@ -129,7 +135,9 @@ class _StreamSink:
 class _FileSink:
     """An append-only file, rotated by size, reopened when moved or on request."""
 
-    def __init__(self, path: str, max_bytes: int, backups: int, report: Report) -> None:
+    def __init__(self, path: str, max_bytes: int, backups: int, report: Report, *,
+                 line_writes: bool = False) -> None:
+        self._line_writes = line_writes
         self._path = path
         self._max_bytes = max_bytes
         self._backups = backups
@@ -215,6 +223,10 @@ class _FileSink:
                     fd = self._fd
                 chunk.append(data)
                 pending += len(data)
+                if self._line_writes:
+                    self._write_all(fd, b"".join(chunk))
+                    written += 1
+                    chunk, pending = [], 0
             self._write_all(fd, b"".join(chunk))
             written += len(chunk)
         except OSError as exc:
@@ -246,7 +258,10 @@ class FlowLog:
     """Bounded-queue flow log with a writer thread. See the module comment."""
 
     def __init__(self, cfg: FlowLogConfig, metrics: Metrics | NullMetrics, *,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, shared: bool = False) -> None:
+        """``shared``: several worker processes write to the same sink, so each line goes
+        out in its own write (atomic for pipes up to PIPE_BUF, and for O_APPEND files) and
+        the file is not rotated by size (rotate it externally and send SIGUSR1)."""
         if cfg.sink == "file" and not cfg.path:
             raise ValueError("flow_log: the file sink needs a path")
         self._cfg = cfg
@@ -261,6 +276,7 @@ class FlowLog:
         self._dropped = 0
         self._written = 0
         self._stream = stream
+        self._shared = shared
         self._thread: threading.Thread | None = None
         self._report = _ErrorLog()
 
@@ -298,10 +314,10 @@ class FlowLog:
     def _make_sink(self) -> _Sink:
         if self._cfg.sink == "file":
             assert self._cfg.path is not None
-            return _FileSink(self._cfg.path, self._cfg.max_bytes, self._cfg.backups,
-                             self._report)
+            return _FileSink(self._cfg.path, 0 if self._shared else self._cfg.max_bytes,
+                             self._cfg.backups, self._report, line_writes=self._shared)
         return _StreamSink(self._stream if self._stream is not None else sys.stdout,
-                           self._report)
+                           self._report, line_writes=self._shared)
 
     def reopen(self) -> None:
         """Ask the writer to reopen the file (after external rotation). Thread-safe.

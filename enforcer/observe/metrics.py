@@ -19,7 +19,7 @@ is done per registry at render time, not through the library's process-global sw
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
@@ -85,7 +85,10 @@ def _make(name: str, registry: CollectorRegistry) -> Counter | Gauge | Histogram
     if kind == "counter":
         return Counter(full, doc, labels, registry=registry)
     if kind == "gauge":
-        return Gauge(full, doc, labels, registry=registry)
+        # With workers (prometheus multiprocess mode) gauges are combined across processes:
+        # open connections add up over live workers; an expiry time is the same everywhere.
+        mode: Literal["livesum", "max"] = "livesum" if name == "connections_active" else "max"
+        return Gauge(full, doc, labels, registry=registry, multiprocess_mode=mode)
     return Histogram(full, doc, labels, registry=registry, buckets=buckets)
 
 
@@ -128,6 +131,26 @@ class Metrics:
 
     def render_for(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition negotiated from an HTTP ``Accept`` header."""
+        return render_for(self.registry, accept)
+
+
+class AggregatedMetrics:
+    """The supervisor's view when ``workers`` > 1: every worker's metrics, summed.
+
+    Workers write their samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's
+    multiprocess mode, chosen before the library is imported); this reads them all.
+    """
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client import multiprocess
+
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+
+    def render(self, openmetrics: bool = False) -> tuple[bytes, str]:
+        return render(self.registry, openmetrics)
+
+    def render_for(self, accept: str | None) -> tuple[bytes, str]:
         return render_for(self.registry, accept)
 
 

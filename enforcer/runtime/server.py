@@ -18,8 +18,9 @@ import contextlib
 import datetime as dt
 import logging
 import signal
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -53,8 +54,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 class Server:
     def __init__(self, cfg: Config, *, metrics: Metrics | None = None,
-                 flowlog: Any = None) -> None:
+                 flowlog: Any = None, sockets: Mapping[str, socket.socket] | None = None,
+                 admin: bool = True) -> None:
+        """``sockets``: listening sockets made by the supervisor (worker processes), which
+        also runs the admin endpoint for all of them (``admin=False`` here)."""
         self.cfg = cfg
+        self.sockets = sockets
+        self.admin_enabled = admin
         self.metrics = metrics or Metrics()
         self.flowlog = flowlog if flowlog is not None else FlowLog(cfg.flow_log, self.metrics)
         self.plane = DataPlane(cfg, metrics=self.metrics, flowlog=self.flowlog)
@@ -68,8 +74,8 @@ class Server:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.plane.build()
-        await self.plane.bind()
-        if self.cfg.admin.listen is not None:
+        await self.plane.bind(self.sockets)
+        if self.cfg.admin.listen is not None and self.admin_enabled:
             self.admin = AdminServer(self.cfg.admin.listen, self.metrics, status=self.status,
                                      ready=self.is_ready)
             try:
@@ -213,15 +219,20 @@ def _iso(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def run(cfg: Config, *, on_ready: Callable[[Server], None] | None = None) -> int:
-    """Run until stopped; returns the exit code. Raises ``StartupError``."""
+def run(cfg: Config, *, on_ready: Callable[[Server], None] | None = None,
+        sockets: Mapping[str, socket.socket] | None = None, admin: bool = True,
+        shared_flowlog: bool = False) -> int:
+    """Run until stopped; returns the exit code. Raises ``StartupError``.
+    ``sockets``/``admin``/``shared_flowlog`` are set by the supervisor for a worker."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server: Server | None = None
     try:
         async def main() -> int:
             nonlocal server
-            server = Server(cfg)
+            metrics = Metrics()
+            flowlog = FlowLog(cfg.flow_log, metrics, shared=shared_flowlog)
+            server = Server(cfg, metrics=metrics, flowlog=flowlog, sockets=sockets, admin=admin)
             server.flowlog.start()
             return await server.serve(on_ready)
 

@@ -7,9 +7,27 @@ client contexts always verify the server chain, and check either the host name o
 configured identity (``verify: {uri, dns, cn}``, checked by the data plane after the
 handshake).
 
-``ssl`` can only load certificates and keys from files, so in-memory material is written
-to a private temporary file (mode 0600, in /dev/shm when present) that is removed as soon
-as OpenSSL has read it.
+Security level 2 is pinned in the cipher string (at least 112-bit keys: RSA >= 2048, no
+SHA-1 signatures), whatever the system's openssl.cnf says.
+
+Session resumption stays on: a server context issues TLS 1.3 tickets (and keeps a TLS 1.2
+session cache) under ticket keys that OpenSSL draws at random for each context and never
+writes anywhere. Every reload, and the periodic ticket-key rotation, builds a new context,
+so keys rotate and no session outlives a change of certificate, CA bundle or CRL: a peer
+revoked by a new CRL cannot resume its way back in. A resumed session still carries the
+peer's certificate (``getpeercert`` returns it), so identity checks and rules see the same
+peer as after a full handshake.
+
+With a CRL, revocation is checked for the whole peer chain (``VERIFY_CRL_CHECK_CHAIN``;
+see ``material`` for what that asks of the CRL file).
+
+``ssl`` can only load certificates, keys and CRLs from files, so in-memory material is
+written to a private temporary file (mode 0600, in /dev/shm when present) that is removed
+as soon as OpenSSL has read it.
+
+``build_listener_context`` is what the data plane and the reloader call for a listener:
+it checks that the certificate covers the listener's ``server_names``, builds the server
+context and installs the listener's SNI callback (``tlsconf.sni``).
 """
 
 from __future__ import annotations
@@ -20,9 +38,11 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 
+from enforcer.config.model import ListenerTlsConfig
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError
+from enforcer.tlsconf.sni import check_names_covered, sni_callback
 
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:@SECLEVEL=2"
 _SECURE_OPTIONS = (
     ssl.OP_NO_COMPRESSION
     | ssl.OP_NO_RENEGOTIATION
@@ -73,7 +93,11 @@ def _load_trust(ctx: ssl.SSLContext, material: LoadedMaterial) -> None:
                             f"{exc.reason or exc}") from None
     if material.crl_pem is not None:
         with _private_file(material.crl_pem) as crl:
-            ctx.load_verify_locations(cafile=crl)
+            try:
+                ctx.load_verify_locations(cafile=crl)
+            except ssl.SSLError as exc:
+                raise MaterialError(f"tls.{material.name}.crl: OpenSSL refused the CRL: "
+                                    f"{exc.reason or exc}") from None
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
 
 
@@ -112,4 +136,17 @@ def build_client_context(
             name = material.name if material else "?"
             raise MaterialError(f"tls.{name}: mode mtls needs a certificate and key")
         _load_identity(ctx, material)
+    return ctx
+
+
+def build_listener_context(material: LoadedMaterial, tls: ListenerTlsConfig,
+                           listener: str) -> ssl.SSLContext:
+    """The server context of listener ``listener``: names covered, SNI callback set."""
+    where = f"listeners.{listener}.tls"
+    check_names_covered(where, tls.server_names, tls.strict_sni, material)
+    try:
+        ctx = build_server_context(material, tls.client_auth)
+    except MaterialError as exc:
+        raise MaterialError(f"listeners.{listener}: {exc}") from None
+    ctx.sni_callback = sni_callback(tls.server_names, strict=tls.strict_sni)
     return ctx

@@ -234,7 +234,8 @@ class Haproxy:
                     return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError("haproxy did not listen:\n" + "\n".join(self.lines))
+                    raise TimeoutError("haproxy did not listen:\n"
+                                       + "\n".join(self.lines)) from None
                 time.sleep(0.05)
 
     async def wait_log(self, needle: str, timeout: float = 15) -> str:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
+import yaml
 
 from enforcer.proxyproto import (
     REASONS,
@@ -36,6 +38,7 @@ from tests.e2e.proxy_util import (
     raw_exchange,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 CLIENT_ID = "spiffe://enforcer.demo/ns/demo/sa/outbound"  # pki.client
 OTHER_ID = "spiffe://enforcer.demo/ns/other/sa/intruder"  # pki.other
 INBOUND_ID = "spiffe://enforcer.demo/ns/demo/sa/inbound"  # pki.server
@@ -410,3 +413,51 @@ async def test_chain_balancer_gateway_sidecar_app_sees_the_original_client(
         assert tlvs["authority"] == "localhost"
         assert tlvs["unique_id"] == gw["flow_id"].encode().hex()
         assert tlvs["ssl"]["verified"] is True and tlvs["ssl"]["cn"] == "other"
+
+
+# ------------------------------------------------------------------ the shipped example
+def _gateway_example(pki: Any, upstream_port: int) -> dict[str, Any]:
+    """config/gateway-nlb.yaml with loopback addresses and the test PKI."""
+    cfg = yaml.safe_load((REPO / "config" / "gateway-nlb.yaml").read_text())
+    cfg["tls"]["public"].update(cert=str(pki.server.cert), key=str(pki.server.key),
+                                ca=str(pki.ca))
+    cfg["tls"]["mesh"].update(cert=str(pki.client.cert), key=str(pki.client.key),
+                              ca=str(pki.ca))
+    listener = cfg["listeners"][0]
+    listener["listen"] = "127.0.0.1:0"
+    assert listener["proxy_protocol"]["accept"] == "required"
+    listener["proxy_protocol"]["trusted_sources"] = ["127.0.0.0/8"]  # the "VPC" here
+    cfg["upstreams"]["payments"]["address"] = f"127.0.0.1:{upstream_port}"
+    del cfg["admin"]
+    return cast(dict[str, Any], cfg)
+
+
+async def test_gateway_nlb_example_end_to_end(pki: Any) -> None:
+    """The shipped gateway config behind a (simulated) NLB, chained to an inbound enforcer
+    that accepts its PROXY v2 header and re-sends v1 to the app."""
+    app = await HeaderApp(mode="echo").start()
+    inbound = await Enforcer(pp_cfg(
+        pki, app.port, name="inbound", send="v1", default="deny",
+        rules=[{"name": "gateways", "action": "allow", "from": {"identities": [CLIENT_ID]}}],
+        tls={"mode": "terminate", "material": "mesh", "client_auth": "required"})).start()
+    gateway = await Enforcer(_gateway_example(pki, inbound.port())).start()
+    async with running(gateway, inbound, app):
+        payload = random_bytes(100_000)
+        ctx = client_ctx(pki.ca, pki.other.cert, pki.other.key)
+        office = build_v2((TEST_NET, 60000), ("10.0.0.10", 8443), crc32c=True)
+        got = await _tls_client(gateway.port(), office, ctx, payload)
+        assert sha(got) == sha(payload)
+        await app.done.wait()
+        assert sha(app.accepted[0].received) == sha(payload)
+        assert _header(app).source == (TEST_NET, 60000)
+        blocked = build_v2(("198.51.100.5", 60001), ("10.0.0.10", 8443))
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError, ssl.SSLError)):
+            await _tls_client(gateway.port(), blocked, ctx, payload)
+        recs = await gateway.wait_flows(2)
+        by_ip = {r["client"]["ip"]: r for r in recs}
+        assert by_ip[TEST_NET]["rule"] == "office-and-partners"
+        assert by_ip["198.51.100.5"]["action"] == "deny"
+        assert by_ip["198.51.100.5"]["rule"] == "blocked-networks"
+        tlvs = (await inbound.wait_flows(1))[0]["proxy_protocol"]["tlvs"]
+        assert tlvs["identity"] == OTHER_ID and tlvs["authority"] == "localhost"
+        assert len(app.accepted) == 1

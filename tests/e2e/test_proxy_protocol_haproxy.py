@@ -15,7 +15,6 @@ foreground (``-db``) with its log on stdout and is stopped at the end of each te
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -138,7 +137,6 @@ backend be
         rec = (await enf.wait_flows(1))[0]
         assert rec["client"] == {"ip": "127.0.0.1", "port": cport}
         pp = rec["proxy_protocol"]
-        print("DBG", pp)
         assert pp["version"] == 2 and pp["command"] == "PROXY"
         tlvs = pp["tlvs"]
         assert tlvs["crc32c"] == "ok", "haproxy's CRC32C verified"
@@ -179,8 +177,8 @@ backend be
     enf = await Enforcer(pp_cfg(pki, front, accept="optional", send=send, tlvs=tlvs)).start()
     async with running(enf, backend):
         up = random_bytes(1024 * 1024 + 3)
-        prefix = [build_v1(incoming, ("::1" if ":" in incoming[0] else "10.0.0.1", 443))] \
-            if incoming else []
+        dst = ("::1" if incoming and ":" in incoming[0] else "10.0.0.1", 443)
+        prefix = [build_v1(incoming, dst)] if incoming else []
         res = await raw_exchange(enf.port(), [*prefix, up])
         await backend.done.wait()
         assert sha(res.data) == sha(backend.payload), "bytes back through haproxy"
@@ -190,9 +188,52 @@ backend be
         assert (rec["client"]["ip"], rec["client"]["port"]) == client
         host = f"[{client[0]}]" if ":" in client[0] else client[0]
         line = await hp.wait_log("PPLOG ")
-        print("DBG", line, rec["client"], hp.lines)
         assert f"client={client[0]}:{client[1]} " in line or f"client={host}:{client[1]} " \
             in line, line
+        dst_seen = dst if incoming else ("127.0.0.1", enf.port())
+        assert f" dst={dst_seen[0]}:{dst_seen[1]} " in line, line
         assert f"up={len(up)} down={len(backend.payload)}" in line, line
         if send == "v2":
             assert f"uid={rec['flow_id']}" in line, line
+
+
+async def test_enforcer_v2_tlvs_after_tls_are_understood_by_haproxy(
+        pki: Any, tmp_path: Path, haproxy_bin: str, haproxies: list[Haproxy]) -> None:
+    """A TLS-terminating enforcer sends v2 with every TLV it knows (ssl, authority,
+    unique_id and the custom identity TLV 0xE4): HAProxy parses the header, logs the
+    client, the authority and the unique id, and relays the bytes."""
+    backend = await Backend(mode="echo").start()
+    front = free_port()
+    hp = _start(haproxies, haproxy_bin, tmp_path, f"""
+frontend fe
+    bind 127.0.0.1:{front} accept-proxy
+    log-format "PPLOG client=%ci:%cp authority=%[fc_pp_authority] uid=%[fc_pp_unique_id] up=%U"
+    default_backend be
+backend be
+    server app 127.0.0.1:{backend.port}
+""")
+    tls = {"mode": "terminate", "material": "mesh", "client_auth": "required"}
+    enf = await Enforcer(pp_cfg(pki, front, accept="off", send="v2", tls=tls, tlvs=[
+        "alpn", "authority", "ssl", "unique_id", "identity"])).start()
+    async with running(enf, backend):
+        payload = random_bytes(512 * 1024)
+        ctx = client_ctx(pki.ca, pki.other.cert, pki.other.key)
+        reader, writer = await asyncio.open_connection("127.0.0.1", enf.port(), ssl=ctx,
+                                                       server_hostname="localhost")
+        cport = writer.get_extra_info("sockname")[1]
+        try:
+            writer.write(payload)
+            await writer.drain()
+            got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+        finally:
+            writer.close()
+        assert sha(got) == sha(payload), "bytes back through haproxy"
+        rec = (await enf.wait_flows(1))[0]
+        assert rec["tls"]["peer"]["spiffe_id"] == OTHER_ID
+        line = await hp.wait_log("PPLOG ")
+        assert f"client=127.0.0.1:{cport} " in line, line
+        assert " authority=localhost " in line, line
+        assert f" uid={rec['flow_id']} " in line, line
+        await backend.done.wait()
+        assert sha(backend.received[0]) == sha(payload), "bytes to the backend"
+        assert f" up={len(payload)}" in line, line

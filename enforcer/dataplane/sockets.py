@@ -1,0 +1,88 @@
+"""Listening sockets shared by worker processes.
+
+With ``workers`` > 1 the supervisor reserves every listener address before forking, so a
+bind error stops the start (exit 3) and port 0 resolves to one port for everyone:
+
+- TCP: the supervisor binds a ``SO_REUSEPORT`` socket and does not listen on it (Linux
+  only balances connections over *listening* sockets in a reuseport group, so it receives
+  none); each worker binds its own ``SO_REUSEPORT`` socket to the same address and listens,
+  and the kernel spreads new connections over the workers.
+- UNIX: there is no reuseport, so the supervisor binds and listens, and the workers share
+  the inherited socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from enforcer.config.model import Address
+
+BACKLOG = 1024
+
+
+def reserve(addr: Address) -> socket.socket:
+    """Bind (without listening, for TCP) in the supervisor; raises OSError."""
+    if addr.is_unix:
+        assert addr.path is not None
+        remove_stale_unix_socket(addr.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(addr.path)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        return sock
+    sock = _tcp_socket(addr)
+    try:
+        sock.bind(_sockaddr(sock, addr.host, addr.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def worker_socket(addr: Address, reserved: socket.socket) -> socket.socket:
+    """The socket a worker serves on: its own reuseport listener (TCP) or the shared one."""
+    if addr.is_unix:
+        return reserved
+    host, port = reserved.getsockname()[:2]
+    sock = _tcp_socket(addr)
+    sock.bind(_sockaddr(sock, host, port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _tcp_socket(addr: Address) -> socket.socket:
+    infos = socket.getaddrinfo(addr.host or None, addr.port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family = infos[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def _sockaddr(sock: socket.socket, host: str, port: int) -> tuple[str, int]:
+    if not host:
+        host = "::" if sock.family == socket.AF_INET6 else "0.0.0.0"
+    return host, port
+
+
+def remove_stale_unix_socket(path: str) -> None:
+    """Remove a socket file nobody listens on (left by an earlier run); refuse others."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(17, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError(98, "Address already in use")
+    finally:
+        probe.close()

@@ -1,0 +1,120 @@
+"""`workers: 2`: one supervisor, two worker processes on SO_REUSEPORT, metrics summed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.harness import inbound_cfg
+from tests.e2e.proc import EnforcerProcess, write_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EchoThread:
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+
+def _roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while data := c.recv(65536):
+            got += data
+    return got
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _counter(text: str, name: str, labels: dict[str, str]) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def _wait(cond: Any, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki: Any) -> None:
+    echo = EchoThread()
+    admin_port = _free_port()
+    cfg = inbound_cfg(pki, echo.port, default="allow", rules=[], mode="off")
+    cfg.update({"workers": 2, "admin": {"listen": f"127.0.0.1:{admin_port}"}})
+    proc = EnforcerProcess(write_config(tmp_path / "w.yaml", cfg))
+    try:
+        port = proc.wait_bound()["inbound"]
+        _wait(lambda: _get(admin_port, "/readyz")[0] == 200)
+        payloads = [os.urandom(100_000 + i) for i in range(20)]
+        for p in payloads:
+            assert _roundtrip(port, p) == p
+        status = json.loads(_get(admin_port, "/status")[1])
+        pids = [w["pid"] for w in status["workers"]]
+        assert len(pids) == 2 and proc.proc.pid not in pids
+        _wait(lambda: _counter(_get(admin_port, "/metrics")[1], "enforcer_connections_total",
+                               {"listener": "inbound", "action": "allow"}) == 20)
+        metrics = _get(admin_port, "/metrics")[1]
+        assert _counter(metrics, "enforcer_bytes_total",
+                        {"listener": "inbound", "direction": "from_client"}) == sum(
+                            len(p) for p in payloads)
+
+        os.kill(pids[0], signal.SIGKILL)  # a crashed worker is started again
+        _wait(lambda: any(w["restarts"] == 1
+                          for w in json.loads(_get(admin_port, "/status")[1])["workers"]))
+        _wait(lambda: _get(admin_port, "/readyz")[0] == 200)
+        again = os.urandom(300_000)
+        assert _roundtrip(port, again) == again
+
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        records = [json.loads(line) for line in proc.stdout_lines if line.startswith("{")]
+        assert len(records) == 21
+        assert sorted(r["bytes"]["from_client"] for r in records) == sorted(
+            [len(p) for p in payloads] + [len(again)])
+    finally:
+        proc.stop()
+        echo.sock.close()
