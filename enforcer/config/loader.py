@@ -121,6 +121,17 @@ def load_rulesets_file(path: str) -> dict[str, RulesetConfig]:
     return out
 
 
+def is_rulesets_file(path: str) -> bool:
+    """True for a YAML document whose only top-level key is ``rulesets`` (what a
+    ``rulesets_file`` holds, e.g. a ConfigMap's rules.yaml), so ``enforcer check`` can
+    validate one on its own."""
+    try:
+        raw = read_yaml(path)
+    except ConfigError:
+        return False
+    return isinstance(raw, dict) and list(raw) == ["rulesets"]
+
+
 def _merge_rulesets_file(
     inline: dict[str, RulesetConfig], path: str, where: Node
 ) -> dict[str, RulesetConfig]:

@@ -22,7 +22,6 @@ import struct
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from enforcer.config.loader import parse_config
 from enforcer.observe.flowid import flow_id_time
-from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.runtime.server import Server
 from tests.e2e.proc import enforcer_cmd
 
@@ -51,6 +49,10 @@ RECORD_KEYS = {"ts", "event", "flow_id", "node", "listener", "action", "ruleset"
 TLS_KEYS = {"version", "cipher", "sni", "peer"}
 TLS_PEER_KEYS = {"spiffe_id", "cn", "dns", "uri", "spki_sha256"}
 UPSTREAM_KEYS = {"name", "address", "tls"}
+
+
+Series = dict[frozenset[tuple[str, str]], float]  # label set -> value
+Samples = dict[str, Series]  # sample name -> series
 
 
 # ----------------------------------------------------------------------- in-process server
@@ -114,8 +116,10 @@ async def http_get(port: int, path: str, headers: dict[str, str] | None = None,
     return await asyncio.to_thread(http_get_sync, port, path, headers, method)
 
 
-def scrape_sync(port: int) -> dict[str, float | dict[frozenset[tuple[str, str]], float]]:
-    return parse_samples(http_get_sync(port, "/metrics").body.decode())
+def scrape_sync(port: int) -> Samples:
+    result = http_get_sync(port, "/metrics")
+    assert result.status == 200, result
+    return parse_samples(result.body.decode())
 
 
 async def scrape(port: int) -> Samples:
@@ -123,10 +127,6 @@ async def scrape(port: int) -> Samples:
     assert result.status == 200, result
     assert result.headers["content-type"].startswith("text/plain; version=0.0.4")
     return parse_samples(result.body.decode())
-
-
-Series = dict[frozenset[tuple[str, str]], float]
-Samples = dict[str, Series]
 
 
 def parse_samples(text: str) -> Samples:
@@ -140,11 +140,6 @@ def parse_samples(text: str) -> Samples:
 
 def labels(**kw: str) -> frozenset[tuple[str, str]]:
     return frozenset(kw.items())
-
-
-def without(series: Series, key: str) -> Series:
-    """Histogram bucket series with the ``le`` label folded out, one entry per ``le``."""
-    return {frozenset((k, v) for k, v in lbl if k != key): val for lbl, val in series.items()}
 
 
 # ----------------------------------------------------------------------- clients
@@ -233,24 +228,6 @@ def tls_client_ctx(ca: Path, cert: Path | None = None, key: Path | None = None,
     return ctx
 
 
-def blocking_exchange(port: int, payload: bytes, timeout: float = 120) -> bytes:
-    """Plain TCP: send everything (in a thread) while reading, half-close, read to EOF."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    got = bytearray()
-
-    def send() -> None:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    with sock:
-        while data := sock.recv(CHUNK):
-            got += data
-    sender.join(timeout)
-    return bytes(got)
-
-
 def proxy_v2(src: tuple[str, int], dst: tuple[str, int], *,
              aws_vpce_id: str | None = None) -> bytes:
     """A PROXY v2 PROXY/TCP4 header built by hand (spec section 2.2), optionally with the
@@ -284,7 +261,7 @@ def assert_record_shape(rec: dict[str, Any]) -> None:
     """Every DESIGN.md field is present with the right JSON type; exact values are the
     caller's business."""
     rec = json.loads(json.dumps(rec))  # only JSON types may be in a record
-    assert RECORD_KEYS <= rec.keys(), sorted(RECORD_KEYS - rec.keys())
+    assert rec.keys() >= RECORD_KEYS, sorted(RECORD_KEYS - rec.keys())
     assert TS.match(rec["ts"]), rec["ts"]
     assert ULID.match(rec["flow_id"]), rec["flow_id"]
     # the flow id was made at accept, the ts at close: the id's time is not later
@@ -303,11 +280,11 @@ def assert_record_shape(rec: dict[str, Any]) -> None:
     if rec["proxy_protocol"] is not None:
         assert {"version", "command", "tlvs"} <= rec["proxy_protocol"].keys()
     if rec["tls"] is not None:
-        assert TLS_KEYS <= rec["tls"].keys(), rec["tls"]
+        assert rec["tls"].keys() >= TLS_KEYS, rec["tls"]
         if rec["tls"]["peer"] is not None:
-            assert TLS_PEER_KEYS <= rec["tls"]["peer"].keys(), rec["tls"]["peer"]
+            assert rec["tls"]["peer"].keys() >= TLS_PEER_KEYS, rec["tls"]["peer"]
     if rec["upstream"] is not None:
-        assert UPSTREAM_KEYS <= rec["upstream"].keys(), rec["upstream"]
+        assert rec["upstream"].keys() >= UPSTREAM_KEYS, rec["upstream"]
     assert set(rec["bytes"]) == {"from_client", "to_client"}
     assert all(isinstance(v, int) and v >= 0 for v in rec["bytes"].values())
     assert isinstance(rec["duration_s"], float | int) and rec["duration_s"] >= 0
@@ -323,9 +300,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 20,
                      what: str = "condition") -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise TimeoutError(f"timed out waiting for {what}") from None
 
 
 def wait_until_sync(predicate: Callable[[], bool], timeout: float = 20,
@@ -335,10 +315,6 @@ def wait_until_sync(predicate: Callable[[], bool], timeout: float = 20,
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-def memory_flowlog() -> MemoryFlowLog:
-    return MemoryFlowLog()
 
 
 # ----------------------------------------------------------------------- subprocess
@@ -399,11 +375,3 @@ class ObservedProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-def urlopen_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)

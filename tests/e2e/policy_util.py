@@ -43,9 +43,9 @@ async def open_tls(port: int, ctx: ssl.SSLContext, *, host: str = "127.0.0.1",
 async def tls_exchange(port: int, payload: bytes, ctx: ssl.SSLContext, *,
                        host: str = "127.0.0.1", local_ip: str | None = None,
                        timeout: float = 30) -> bytes:
-    """Send payload through an echo path (concurrently with reading), close our side after
-    everything came back, return what came back. TLS streams in asyncio cannot half-close,
-    so the echo is read by length, not to EOF."""
+    """Send payload through an echo path (concurrently with reading), close after
+    everything came back, return what came back (less, if the enforcer closed first).
+    TLS streams in asyncio cannot half-close, so the echo is read by length, not to EOF."""
     reader, writer = await open_tls(port, ctx, host=host, local_ip=local_ip)
     try:
         async def send() -> None:
@@ -56,13 +56,16 @@ async def tls_exchange(port: int, payload: bytes, ctx: ssl.SSLContext, *,
 
         sender = asyncio.ensure_future(send())
         got = bytearray()
-        async with asyncio.timeout(timeout):
-            while len(got) < len(payload):
-                data = await reader.read(CHUNK)
-                if not data:
-                    break
-                got += data
-            await sender
+        try:
+            async with asyncio.timeout(timeout):
+                while len(got) < len(payload):
+                    data = await reader.read(CHUNK)
+                    if not data:
+                        break
+                    got += data
+                await sender
+        except (ConnectionError, ssl.SSLError):
+            sender.cancel()  # refused or cut: the caller looks at what came back
         return bytes(got)
     finally:
         await close_quietly(writer)

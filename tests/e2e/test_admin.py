@@ -249,7 +249,8 @@ async def test_metrics_formats_and_http_edges(tmp_path: Path) -> None:
             assert om.status == 200
             assert om.headers["content-type"].startswith("application/openmetrics-text")
             assert om.body.endswith(b"# EOF\n")
-            families = {f.name: f for f in openmetrics_families(om.body.decode())}
+            families = {f.name: f for f in openmetrics_families(  # type: ignore[no-untyped-call]
+                om.body.decode())}
             conns = {tuple(sorted(s.labels.items())): s.value
                      for s in families["enforcer_connections"].samples
                      if s.name == "enforcer_connections_total"}

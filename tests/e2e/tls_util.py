@@ -104,7 +104,7 @@ def make_crl(issuer: Issued, revoked: tuple[int, ...] = (), *,
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.cert.subject)
-        .last_update(now - dt.timedelta(minutes=10))
+        .last_update(min(now, now + dt.timedelta(days=next_update_days)) - dt.timedelta(days=1))
         .next_update(now + dt.timedelta(days=next_update_days))
         .add_extension(x509.CRLNumber(time.time_ns() // 1000), critical=False)
     )
