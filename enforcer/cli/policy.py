@@ -46,14 +46,16 @@ def register(subparsers: Any) -> None:
     explain.add_argument("--listener", required=True, metavar="NAME")
     explain.add_argument("--identity", metavar="URI",
                          help="the peer's SPIFFE ID, as if it presented a verified certificate "
-                              "(implies TLS)")
+                              "(on a tls mode auto listener: the flow is TLS)")
     explain.add_argument("--cert", metavar="PEM",
-                         help="the peer's certificate, PEM file (implies TLS)")
+                         help="the peer's certificate, PEM file (as --identity, with every "
+                              "field of the certificate)")
     explain.add_argument("--source", metavar="IP", help="the real client address")
     explain.add_argument("--port", type=int, metavar="N",
                          help="the listener's local port (default: from the config)")
     explain.add_argument("--sni", metavar="NAME",
-                         help="the TLS server name the client sent (implies TLS)")
+                         help="the TLS server name the client sent (on a tls mode auto "
+                              "listener: the flow is TLS)")
     explain.add_argument("--tlv", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                          help=f"a PROXY protocol TLV ({', '.join(TLV_KEYS)}); repeatable")
     explain.add_argument("--destination", metavar="HOST:PORT",
@@ -77,7 +79,7 @@ def run_explain(args: argparse.Namespace) -> int:
         return exitcodes.BAD_CONFIG
     try:
         listener = _listener(cfg, args.listener)
-        facts = build_facts(args, listener)
+        facts = build_facts(args, listener, cfg)
         ruleset = compile_ruleset(cfg.rulesets[listener.ruleset])
     except (BadInput, ValueError) as exc:
         fail(str(exc))
@@ -96,8 +98,10 @@ def _listener(cfg: Config, name: str) -> ListenerConfig:
     raise BadInput(f"unknown listener {name!r} (known: {known})")
 
 
-def build_facts(args: argparse.Namespace, listener: ListenerConfig) -> FlowFacts:
-    """The ``FlowFacts`` the data plane would build for the flow the options describe."""
+def build_facts(args: argparse.Namespace, listener: ListenerConfig,
+                cfg: Config | None = None) -> FlowFacts:
+    """The ``FlowFacts`` the data plane would build for the flow the options describe. The
+    destination is the listener's upstream address unless --destination says otherwise."""
     identity = _peer(args.identity, args.cert)
     port = listener.listen.port if args.port is None else args.port
     if not 0 <= port <= 65535:
@@ -107,13 +111,27 @@ def build_facts(args: argparse.Namespace, listener: ListenerConfig) -> FlowFacts
         port=port,
         client_ip=_ip(args.source),
         identity=identity,
-        tls=identity is not None or args.cert is not None or args.sni is not None,
+        tls=_is_tls(listener, identity is not None, args.sni is not None),
         sni=args.sni,
         tlvs=_tlvs(args.tlv),
-        destination=_destination(args.destination),
+        destination=(_destination(args.destination) if args.destination is not None
+                     else _upstream_destination(cfg, listener)),
         server_identity=(None if args.server_identity is None
                          else _spiffe("--server-identity", args.server_identity)),
     )
+
+
+def _is_tls(listener: ListenerConfig, has_identity: bool, has_sni: bool) -> bool:
+    """What the listener's TLS mode allows: terminate is always TLS, off never, auto is TLS
+    when the flow described has a certificate or SNI."""
+    mode, client_auth = listener.tls.mode, listener.tls.client_auth
+    if mode == "off" and (has_identity or has_sni):
+        raise BadInput(f"listener {listener.name!r} has tls mode off: its connections never "
+                       "carry a certificate or SNI (drop --identity/--cert/--sni)")
+    if has_identity and client_auth == "none":
+        raise BadInput(f"listener {listener.name!r} has client_auth none: it never asks for "
+                       "a client certificate (drop --identity/--cert)")
+    return mode == "terminate" or (mode == "auto" and (has_identity or has_sni))
 
 
 def _peer(uri: str | None, cert: str | None) -> PeerIdentity | None:
@@ -157,6 +175,13 @@ def _tlvs(pairs: list[str]) -> dict[str, str]:
             raise BadInput(f"--tlv {pair!r}: use KEY=VALUE with KEY one of {', '.join(TLV_KEYS)}")
         out[key] = value
     return out
+
+
+def _upstream_destination(cfg: Config | None, listener: ListenerConfig) -> tuple[str, int] | None:
+    upstream = cfg.upstreams.get(listener.upstream) if cfg is not None else None
+    if upstream is None or upstream.address.is_unix:
+        return None
+    return upstream.address.host, upstream.address.port
 
 
 def _destination(text: str | None) -> tuple[str, int] | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from enforcer.cli import exitcodes
 from enforcer.cli.errors import fail
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import load_config
+from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.observe.logging import setup_logging
 
@@ -35,14 +37,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     from enforcer.config.loader import resolve_workers
 
     workers = resolve_workers(cfg)
+    worker_spec = os.environ.pop("ENFORCER_WORKER", None)
     try:
+        if worker_spec is not None:
+            return _run_worker(cfg, worker_spec)
         if workers > 1:
             from enforcer.runtime.supervisor import run_workers
 
-            return run_workers(cfg, workers)
+            return run_workers(cfg, workers, _passed_on(args))
         from enforcer.runtime.server import run
 
         return run(cfg)
     except StartupError as exc:
         fail(str(exc))
         return STARTUP_EXIT.get(exc.kind, exitcodes.FAILURE)
+
+
+def _passed_on(args: argparse.Namespace) -> list[str]:
+    out = ["--log-level", args.log_level]
+    return [*out, "--log-json"] if args.log_json else out
+
+
+def _run_worker(cfg: Config, spec: str) -> int:
+    """A worker process started by the supervisor (``workers`` > 1)."""
+    from enforcer.runtime.server import run
+    from enforcer.runtime.supervisor import worker_sockets
+
+    _, sockets, ready_file = worker_sockets(spec)
+    return run(cfg, sockets=sockets, admin=False, shared_flowlog=True,
+               on_ready=lambda _server: ready_file.touch())

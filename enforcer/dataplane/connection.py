@@ -215,6 +215,7 @@ class Connection:
 
     def _from_client(self, data: bytes) -> None:
         self.bytes_from_client += len(data)
+        self.listener.bytes_in.inc(len(data))
         if self.stage == Stage.RELAY and self.upstream is not None:
             self.upstream.send(data)
             return
@@ -239,6 +240,7 @@ class Connection:
         if self.stage != Stage.RELAY:
             return  # an upstream that speaks before the relay starts is ignored
         self.bytes_to_client += len(data)
+        self.listener.bytes_out.inc(len(data))
         self.client.send(data)
 
     def _read_tls(self, side: Side) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from enforcer.config.model import LimitsConfig, ListenerConfig, UpstreamConfig
@@ -37,7 +37,8 @@ class ListenerRuntime:
     server: Any = None  # asyncio.Server once bound
     bound: str = ""
     active: int = 0
-    children: dict[str, Any] = field(default_factory=dict)  # cached metric children
+    bytes_in: Any = None  # enforcer_bytes_total{direction="from_client"} child
+    bytes_out: Any = None  # enforcer_bytes_total{direction="to_client"} child
 
     @property
     def name(self) -> str:

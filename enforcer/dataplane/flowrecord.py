@@ -72,7 +72,7 @@ def _tls(conn: Connection) -> dict[str, Any] | None:
     # from the ClientHello; version and cipher are null unless the failure came late
     # (OpenSSL reports them only for a finished handshake).
     return {"version": engine.version(), "cipher": engine.cipher(),
-            "sni": getattr(engine.obj, "enforcer_sni", None), "peer": None}
+            "sni": getattr(engine.obj, "enforcer_sni", None), "resumed": None, "peer": None}
 
 
 def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:

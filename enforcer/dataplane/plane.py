@@ -111,6 +111,9 @@ class DataPlane:
     def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
                               trusted=lcfg.proxy_protocol.trusted_sources)
+        # counted as bytes move, so a long transfer shows up while it runs
+        lst.bytes_in = self.metrics.bytes_total.labels(listener=lcfg.name, direction="from_client")
+        lst.bytes_out = self.metrics.bytes_total.labels(listener=lcfg.name, direction="to_client")
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
             try:
@@ -177,10 +180,6 @@ class DataPlane:
         m, name = self.metrics, conn.listener.name
         m.connections_active.labels(listener=name).dec()
         m.connections_total.labels(listener=name, action=record["action"]).inc()
-        if conn.bytes_from_client:
-            m.bytes_total.labels(listener=name, direction="from_client").inc(conn.bytes_from_client)
-        if conn.bytes_to_client:
-            m.bytes_total.labels(listener=name, direction="to_client").inc(conn.bytes_to_client)
         m.connection_duration_seconds.labels(listener=name).observe(record["duration_s"])
         self.flowlog.emit(record)
         if not self.active:

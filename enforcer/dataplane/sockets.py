@@ -8,7 +8,7 @@ bind error stops the start (exit 3) and port 0 resolves to one port for everyone
   none); each worker binds its own ``SO_REUSEPORT`` socket to the same address and listens,
   and the kernel spreads new connections over the workers.
 - UNIX: there is no reuseport, so the supervisor binds and listens, and the workers share
-  the inherited socket.
+  the inherited socket (passed to them as a file descriptor).
 """
 
 from __future__ import annotations
@@ -41,12 +41,9 @@ def reserve(addr: Address) -> socket.socket:
     return sock
 
 
-def worker_socket(addr: Address, reserved: socket.socket) -> socket.socket:
-    """The socket a worker serves on: its own reuseport listener (TCP) or the shared one."""
-    if addr.is_unix:
-        return reserved
-    host, port = reserved.getsockname()[:2]
-    sock = _tcp_socket(addr)
+def worker_socket_for(host: str, port: int) -> socket.socket:
+    """A worker's own reuseport listener on the address the supervisor reserved."""
+    sock = _tcp_socket(Address(host=host, port=port))
     sock.bind(_sockaddr(sock, host, port))
     sock.listen(BACKLOG)
     sock.setblocking(False)

@@ -205,15 +205,6 @@ class AdminServer:
         sockname = self._server.socket.getsockname()
         return Address(host=str(sockname[0]), port=int(sockname[1]))
 
-    def forget_after_fork(self) -> None:
-        """In a forked child: drop the inherited listening socket (the serving thread
-        did not survive the fork), leaving the parent's admin endpoint untouched."""
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                self._server.socket.close()
-            self._server = None
-            self._thread = None
-
     def close(self) -> None:
         """Stop serving and release the socket (and the unix socket file). Idempotent."""
         server, self._server = self._server, None

@@ -205,8 +205,8 @@ _Dim = _ValueDim | _CidrDim
 class CompiledRuleset:
     """One ruleset, ready to ``decide`` per connection. Immutable apart from its caches."""
 
-    __slots__ = ("_all", "_decisions", "_default", "_deny", "_dims", "_error", "_rules",
-                 "default", "name", "reevaluate_on_reload")
+    __slots__ = ("_all", "_decisions", "_default", "_deny", "_dims", "_error", "_pre_dims",
+                 "_rules", "_server_bits", "default", "name", "reevaluate_on_reload")
 
     def __init__(self, cfg: RulesetConfig) -> None:
         self.name = cfg.name
@@ -220,6 +220,10 @@ class CompiledRuleset:
         self._default = Decision(cfg.default, cfg.name, None, "default")
         self._error = Decision("deny", cfg.name, None, "error")
         self._dims = _build_dims(self._rules, self._all)
+        self._server_bits = sum(1 << r.index for r in self._rules
+                                if any(dimension_of(m) == "server" for m in r.matchers))
+        self._pre_dims = tuple(d for d in self._dims
+                               if getattr(d, "extract", None) is not DIMENSIONS["server"])
 
     @property
     def rule_names(self) -> tuple[str, ...]:
@@ -236,6 +240,37 @@ class CompiledRuleset:
             if not hits:
                 return self._default
             return self._decisions[(hits & -hits).bit_length() - 1]
+        except Exception:
+            return self._error
+
+    @property
+    def uses_server_identity(self) -> bool:
+        """Some rule looks at the upstream's verified identity (``to.server_identities``),
+        which is known only after connecting: see ``decide_before_upstream``."""
+        return self._server_bits != 0
+
+    def decide_before_upstream(self, facts: FlowFacts) -> Decision | None:
+        """The decision, if it is already certain without the upstream's identity; None
+        when it depends on it (connect, handshake, then ``decide`` with
+        ``server_identity`` set, before relaying a byte).
+
+        Certain: a matching deny rule that does not look at the server identity (deny
+        wins whatever the server is), or no allow possible under a default deny, or no
+        matching rule looks at the server identity at all."""
+        try:
+            m = self._all
+            for dim in self._pre_dims:
+                m &= dim.mask(facts)
+                if not m:
+                    return self._default
+            if not m & self._server_bits:
+                return self.decide(facts)
+            certain_deny = m & self._deny & ~self._server_bits
+            if certain_deny:
+                return self._decisions[(certain_deny & -certain_deny).bit_length() - 1]
+            if not m & ~self._deny and self.default == "deny":
+                return self._default
+            return None
         except Exception:
             return self._error
 

@@ -447,7 +447,9 @@ class SpkiMatcher(PeerMatcher):
         return frozenset(f"spki:{p}" for p in self.pins)
 
     def why_not_peer(self, view: PeerView) -> str:
-        return f"public key {view.ident.spki_sha256 or '(none)'} is not pinned"
+        if not view.ident.spki_sha256:
+            return "the peer identity has no public key (a SPIFFE ID alone was given)"
+        return f"public key {view.ident.spki_sha256} is not pinned"
 
 
 class ServerIdentityMatcher(PeerMatcher):

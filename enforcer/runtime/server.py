@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import signal
 import socket
 import time
@@ -29,6 +30,7 @@ from enforcer import __version__
 from enforcer.config.model import Config, UpstreamConfig
 from enforcer.dataplane.context import ListenerRuntime
 from enforcer.dataplane.plane import DataPlane, StartupError
+from enforcer.dataplane.tasks import spawn
 from enforcer.observe.admin import AdminServer
 from enforcer.observe.flowlog import FlowLog, utc_timestamp
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
@@ -68,6 +70,7 @@ class Server:
         self.admin: AdminServer | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
+        self._orphan_watch: asyncio.Task[None] | None = None
         self._forced = False
         self._signals = 0
 
@@ -87,6 +90,17 @@ class Server:
             log.info("admin endpoint bound on %s (/metrics /healthz /readyz /status)",
                      self.admin.bound)
         self.reloader.start()
+        if self.sockets is not None:
+            self._orphan_watch = spawn(self._stop_when_orphaned(), name="orphan-watch")
+
+    async def _stop_when_orphaned(self) -> None:
+        """A worker whose supervisor is gone (killed) drains and exits by itself."""
+        supervisor = int(os.environ.get("ENFORCER_SUPERVISOR_PID", "0") or 0)
+        while supervisor and os.getppid() == supervisor:  # noqa: ASYNC110 - no event for this
+            await asyncio.sleep(1.0)
+        if supervisor:
+            log.warning("supervisor %d is gone: stopping this worker", supervisor)
+            self.request_stop()
 
     async def serve(self, on_ready: Callable[[Server], None] | None = None) -> int:
         await self.start()
@@ -205,7 +219,8 @@ def _reload_status(last: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
                      "last_ok": utc_timestamp(ok) if ok else None,
                      "last_error": entry.get("last_error"),
                      "result": None if attempt is None else
-                     ("ok" if entry.get("last_error") is None else "error")}
+                     ("ok" if entry.get("last_error") is None else "error"),
+                     "files": list(entry.get("files") or ())}
     return out
 
 

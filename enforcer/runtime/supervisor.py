@@ -2,9 +2,13 @@
 
 How it works. The supervisor validates everything a start needs (materials, contexts,
 rulesets) and reserves every listener address (``dataplane.sockets``) before it forks, so
-bad config exits 2/4 and a taken port exits 3, once, from one process. Then it forks N
-workers; each builds its own event loop and data plane on ``SO_REUSEPORT`` sockets and
-runs exactly like a single-process enforcer, minus the admin endpoint.
+bad config exits 2/4 and a taken port exits 3, once, from one process. Then it starts N
+workers as fresh processes (``enforcer run`` again, told by ``ENFORCER_WORKER`` which
+sockets to serve; a fresh interpreter, because forking a process that has threads (the
+admin endpoint) can leave locks held forever in the child). Each worker builds its own
+event loop and data plane on its own ``SO_REUSEPORT`` socket (or the inherited UNIX
+socket) and runs exactly like a single-process enforcer, minus the admin endpoint. A
+worker whose supervisor is gone stops by itself.
 
 The supervisor owns the signals: SIGTERM/SIGINT go to every worker (each drains), a
 second one forces them; SIGHUP (reload) and SIGUSR1 (reopen the flow log) are passed on.
@@ -19,29 +23,34 @@ Flow records: every worker writes its own, one write per line (see ``FlowLog(sha
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from enforcer import __version__
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
-from enforcer.dataplane.sockets import reserve, worker_socket
+from enforcer.dataplane.sockets import reserve, worker_socket_for
 
 log = logging.getLogger("enforcer.supervisor")
 
 RESTART_BACKOFF = 1.0  # seconds before restarting a worker that died young
 YOUNG = 5.0  # a worker that dies within this many seconds of starting is "young"
 FORWARDED = (signal.SIGHUP, signal.SIGUSR1)
+STARTUP_TIMEOUT = 60.0
 
 
-def run_workers(cfg: Config, workers: int) -> int:
+def run_workers(cfg: Config, workers: int, run_args: list[str] | None = None) -> int:
     """Serve with ``workers`` processes until stopped. Raises ``StartupError``."""
     metrics_dir = tempfile.mkdtemp(prefix="enforcer-metrics-")
     _multiprocess_metrics(metrics_dir)
@@ -54,7 +63,7 @@ def run_workers(cfg: Config, workers: int) -> int:
             except OSError as exc:
                 raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind "
                                    f"{lst.listen}: {exc.strerror or exc}") from None
-        return Supervisor(cfg, reserved, workers, metrics_dir).run()
+        return Supervisor(cfg, reserved, workers, metrics_dir, run_args or []).run()
     finally:
         for sock in reserved.values():
             sock.close()
@@ -90,8 +99,11 @@ def _bound(addr: Any, sock: socket.socket) -> str:
 
 class Supervisor:
     def __init__(self, cfg: Config, reserved: dict[str, socket.socket], workers: int,
-                 metrics_dir: str) -> None:
+                 metrics_dir: str, run_args: list[str]) -> None:
         self.cfg = cfg
+        self.run_args = run_args  # --log-level etc., passed on to the workers
+        self.ready_dir = Path(metrics_dir) / "ready"
+        self.ready_dir.mkdir()
         self.reserved = reserved
         self.workers = workers
         self.metrics_dir = metrics_dir
@@ -110,12 +122,15 @@ class Supervisor:
             signal.signal(sig, self._on_stop)
         for sig in FORWARDED:
             signal.signal(sig, self._forward)
-        for lst in self.cfg.listeners:
-            log.info("listener %s bound on %s (%d workers)", lst.name,
-                     _bound(lst.listen, self.reserved[lst.name]), self.workers)
         for index in range(self.workers):
             self._spawn(index)
         try:
+            failed = self._await_ready(STARTUP_TIMEOUT)
+            if failed is not None:
+                return failed
+            for lst in self.cfg.listeners:
+                log.info("listener %s bound on %s (%d workers)", lst.name,
+                         _bound(lst.listen, self.reserved[lst.name]), self.workers)
             self._wait_children()
         finally:
             if self.admin is not None:
@@ -124,6 +139,34 @@ class Supervisor:
         if forced:
             return 130
         return 0 if all(code == 0 for code in self.exit_codes) else 1
+
+    def _serving(self) -> set[int]:
+        return {int(p.name) for p in self.ready_dir.iterdir() if p.name.isdigit()}
+
+    def _await_ready(self, timeout: float) -> int | None:
+        """Wait until every worker serves. A worker that exits first ends the start:
+        the others are stopped and its exit code (bad config 2, bind 3, TLS 4) returned."""
+        deadline = time.monotonic() + timeout
+        while not set(self.children) <= self._serving():
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                code = os.waitstatus_to_exitcode(status)
+                self.children.pop(pid, None)
+                log.error("worker (pid %d) exited with %d while starting", pid, code)
+                return self._abort_start(code if code > 0 else 1)
+            if time.monotonic() > deadline:
+                log.error("workers did not start within %ss", timeout)
+                return self._abort_start(1)
+            time.sleep(0.02)
+        return None
+
+    def _abort_start(self, code: int) -> int:
+        self.stopping = 1
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        self._wait_children()
+        return code
 
     def _wait_children(self) -> None:
         while self.children:
@@ -178,7 +221,9 @@ class Supervisor:
                                f"{exc.strerror or exc}") from None
 
     def ready(self) -> bool:
-        return not self.stopping and len(self.children) == self.workers
+        children = set(self.children)
+        return (not self.stopping and len(children) == self.workers
+                and children <= self._serving())
 
     def status(self) -> dict[str, Any]:
         children = dict(self.children)
@@ -194,26 +239,36 @@ class Supervisor:
 
     # ------------------------------------------------------------------ child
     def _spawn(self, index: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker: never returns into the supervisor's stack
-            code = 1
-            try:
-                code = self._worker(index)
-            except BaseException:  # report anything, then leave
-                log.exception("worker %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        self.children[pid] = index
+        spec: dict[str, Any] = {"index": index, "sockets": {}, "ready_dir": str(self.ready_dir)}
+        fds: list[int] = []
+        for lst in self.cfg.listeners:
+            sock = self.reserved[lst.name]
+            if lst.listen.is_unix:
+                spec["sockets"][lst.name] = {"fd": sock.fileno()}
+                fds.append(sock.fileno())
+            else:
+                host, port = sock.getsockname()[:2]
+                spec["sockets"][lst.name] = {"host": host, "port": port}
+        env = dict(os.environ, ENFORCER_WORKER=json.dumps(spec),
+                   ENFORCER_SUPERVISOR_PID=str(os.getpid()))
+        assert self.cfg.source is not None
+        child = subprocess.Popen(
+            [sys.executable, "-m", "enforcer", "run", "-c", self.cfg.source, *self.run_args],
+            env=env, pass_fds=fds)
+        self.children[child.pid] = index
         self.started[index] = time.monotonic()
 
-    def _worker(self, index: int) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, *FORWARDED):
-            signal.signal(sig, signal.SIG_DFL)
-        if self.admin is not None:
-            self.admin.forget_after_fork()
-        sockets = {lst.name: worker_socket(lst.listen, self.reserved[lst.name])
-                   for lst in self.cfg.listeners}
-        from enforcer.runtime.server import run
 
-        return run(self.cfg, sockets=sockets, admin=False, shared_flowlog=True)
+def worker_sockets(spec_text: str) -> tuple[int, dict[str, socket.socket], Path]:
+    """In a worker: the sockets the supervisor described in ``ENFORCER_WORKER``, and the
+    file to create once serving (the supervisor's readiness signal)."""
+    spec = json.loads(spec_text)
+    sockets: dict[str, socket.socket] = {}
+    for name, where in spec["sockets"].items():
+        if "fd" in where:
+            sock = socket.socket(fileno=int(where["fd"]))
+            sock.setblocking(False)
+        else:
+            sock = worker_socket_for(str(where["host"]), int(where["port"]))
+        sockets[name] = sock
+    return int(spec["index"]), sockets, Path(spec["ready_dir"]) / str(os.getpid())

@@ -42,7 +42,7 @@ from enforcer.config.model import ListenerTlsConfig
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError
 from enforcer.tlsconf.sni import check_names_covered, sni_callback
 
-TLS12_CIPHERS = "DEFAULT:@SECLEVEL=0"
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:@SECLEVEL=2"
 _SECURE_OPTIONS = (
     ssl.OP_NO_COMPRESSION
     | ssl.OP_NO_RENEGOTIATION
@@ -69,7 +69,7 @@ def _private_file(data: bytes) -> Iterator[str]:
 
 
 def _secure(ctx: ssl.SSLContext, min_version: str) -> None:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.minimum_version = _versions(min_version)
     ctx.options |= _SECURE_OPTIONS
     ctx.set_ciphers(TLS12_CIPHERS)
 

@@ -171,7 +171,7 @@ async def test_status_lists_listeners_upstreams_materials_and_reloads(
         assert certificate_view(status, "front") == expected_certificate(Path(front))
         assert certificate_view(status, "back") == expected_certificate(Path(back))
         assert status["reloads"] == {kind: {"last_attempt": None, "last_ok": None,
-                                            "last_error": None, "result": None}
+                                            "last_error": None, "result": None, "files": []}
                                      for kind in ("tls", "rulesets")}
         assert status["flow_log"] == {"sink": "file", "path": str(flows), "queued": 0,
                                       "written": 1, "dropped": 0}
@@ -200,6 +200,8 @@ async def test_status_lists_listeners_upstreams_materials_and_reloads(
         assert status["reloads"]["rulesets"]["last_attempt"] == status["reloads"]["rulesets"][
             "last_ok"]
         assert status["reloads"]["tls"]["result"] == "ok"
+        assert str(renewed.cert) in status["reloads"]["tls"]["files"]
+        assert str(config_file) in status["reloads"]["rulesets"]["files"]
         samples = await scrape(admin)
         assert samples["enforcer_reloads_total"] == {
             labels(kind="rulesets", result="ok"): 1, labels(kind="rulesets", result="error"): 1,

@@ -96,6 +96,17 @@ def short_connections(port: int, n: int) -> None:
             assert got == message
 
 
+def admin_answers(port: int) -> bool:
+    return http_status_or_none(port) is not None
+
+
+def http_status_or_none(port: int) -> int | None:
+    try:
+        return http_get_sync(port, "/healthz").status
+    except OSError:
+        return None
+
+
 # --------------------------------------------------------------------------- blocked sinks
 async def test_fifo_nobody_reads_does_not_stall_64mib_and_drops_are_counted(
         tmp_path: Path) -> None:
@@ -184,6 +195,9 @@ def test_stdout_never_read_then_sigterm_flushes_the_queue(tmp_path: Path,
             assert flow_log["queued"] <= queue_size and dropped > 0
 
         proc.proc.send_signal(signal.SIGTERM)
+        # Start reading only once the admin endpoint is gone: shutdown() closes it just
+        # before the flow log's close(), so what is still queued now must be flushed there.
+        wait_until_sync(lambda: not admin_answers(admin), what="the admin endpoint to close")
         proc.read_stdout()
         assert proc.wait(30) == 0
         records = proc.records()

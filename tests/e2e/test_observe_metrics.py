@@ -219,7 +219,8 @@ def check_records(records: list[dict[str, Any]], pki: Pki, ports: dict[str, int]
         "bytes": {"from_client": mtls_bytes, "to_client": mtls_bytes}, "close": "client_fin"})
     assert "detail" not in allowed
     tls = allowed["tls"]
-    assert (tls["version"], tls["cipher"], tls["sni"]) == (tls_version, tls_cipher, "localhost")
+    assert (tls["version"], tls["cipher"], tls["sni"], tls["resumed"]) == (
+        tls_version, tls_cipher, "localhost", False)
     assert subset(tls["peer"], {"spiffe_id": CLIENT_ID, "cn": "client", "dns": dns, "uri": uri,
                                 "spki_sha256": spki_sha256(client)})
     assert tls["peer"]["not_after"] == client.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -239,7 +240,8 @@ def check_records(records: list[dict[str, Any]], pki: Pki, ports: dict[str, int]
         "reason": "handshake_failed", "local": local("mtls"), "proxy_protocol": None,
         "upstream": None, "bytes": {"from_client": 0, "to_client": 0},
         "close": "handshake_failed"})
-    assert no_cert["tls"]["sni"] == "localhost" and no_cert["tls"]["peer"] is None
+    assert no_cert["tls"] == {"version": None, "cipher": no_cert["tls"]["cipher"],
+                              "sni": "localhost", "resumed": None, "peer": None}
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in no_cert["detail"]
 
     assert subset(proxied, {

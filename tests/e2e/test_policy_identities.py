@@ -10,11 +10,22 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from enforcer.dataplane.plane import DataPlane
 from enforcer.tlsconf.certs import IssuedPaths
-from tests.e2e.harness import Backend, Enforcer, exchange, inbound_cfg, random_bytes, running, sha
+from tests.e2e.harness import (
+    Backend,
+    Enforcer,
+    exchange,
+    inbound_cfg,
+    outbound_cfg,
+    random_bytes,
+    running,
+    sha,
+)
 from tests.e2e.policy_util import (
     FRONTEND_ID,
     OPS_ID,
@@ -23,6 +34,7 @@ from tests.e2e.policy_util import (
     issue_identity,
     refused,
     tls_exchange,
+    wait_until,
 )
 
 
@@ -154,3 +166,51 @@ async def test_plaintext_rules_and_mtls_rules_on_one_auto_listener(pki: Any,
         ("allow", "plain-from-loopback", "rule"), ("allow", "mesh", "rule"),
         ("deny", None, "default")]
     assert decisions(enforcer.metrics, "inbound", "inbound", "", "deny") == 1
+
+
+INBOUND_ID = "spiffe://enforcer.demo/ns/demo/sa/inbound"
+
+
+@pytest.mark.skipif(not hasattr(DataPlane, "decide_before_upstream"),
+                    reason="needs the data-plane half of to.server_identities (issue 4 report)")
+async def test_outbound_rules_on_the_upstreams_verified_identity(pki: Any) -> None:
+    """An outbound listener's rules see who answered: the decision waits for the upstream
+    handshake when (and only when) it depends on the server's identity, and nothing from
+    the client is relayed before it."""
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    cfg = outbound_cfg(pki, inbound.port())
+    cfg["rulesets"]["outbound"] = {"default": "deny", "rules": [
+        {"name": "never-from-127-0-0-9", "action": "deny", "from": {"cidrs": ["127.0.0.9/32"]}},
+        {"name": "not-a-retired-server", "action": "deny",
+         "to": {"server_identities": ["spiffe://enforcer.demo/ns/demo/sa/retired"]}},
+        {"name": "to-the-inbound-sidecar", "action": "allow",
+         "to": {"server_identities": [INBOUND_ID]}},
+    ]}
+    allowed = await Enforcer(cfg).start()
+    cfg = outbound_cfg(pki, inbound.port())
+    cfg["rulesets"]["outbound"] = {"default": "allow", "rules": [
+        {"name": "not-the-inbound-sidecar", "action": "deny",
+         "to": {"server_identities": ["spiffe://enforcer.demo/ns/demo/sa/*"]}}]}
+    denied = await Enforcer(cfg).start()
+    async with running(allowed, denied, inbound, backend):
+        payload = random_bytes(300_000)
+        assert sha(await exchange(allowed.port(), payload)) == sha(payload)
+        assert backend.connections == 1
+        assert await exchange(denied.port(), payload) == b""
+        (rec,) = await denied.wait_flows(1)
+        assert (rec["action"], rec["rule"], rec["reason"], rec["close"]) == (
+            "deny", "not-the-inbound-sidecar", "rule", "denied")
+        assert rec["upstream"]["peer"]["spiffe_id"] == INBOUND_ID
+        assert rec["bytes"]["to_client"] == 0
+        (ok,) = await allowed.wait_flows(1)
+        assert (ok["action"], ok["rule"]) == ("allow", "to-the-inbound-sidecar")
+        await inbound.wait_flows(2)  # the inbound side of the denied one closed too
+        await wait_until(lambda: len(backend.received) == backend.connections)
+        assert sorted(map(sha, backend.received)) == sorted(
+            [sha(payload)] + [sha(b"")] * (backend.connections - 1)), \
+            "client bytes were relayed before the decision"
+    assert decisions(denied.metrics, "outbound", "outbound", "not-the-inbound-sidecar",
+                     "deny") == 1
+    assert decisions(allowed.metrics, "outbound", "outbound", "to-the-inbound-sidecar",
+                     "allow") == 1

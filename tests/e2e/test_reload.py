@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.config.loader import load_config
+from enforcer.config.loader import load_config, parse_config
 from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
@@ -29,7 +29,6 @@ from tests.e2e.policy_util import (
     decisions,
     issue_identity,
     open_tls,
-    refused,
     reloads,
     tls_exchange,
     wait_until,
@@ -66,6 +65,7 @@ class Running:
         self.server = server
         self.backend = backend
         self.rules = rules
+        assert isinstance(server.flowlog, MemoryFlowLog)
         self.flows: list[dict[str, Any]] = server.flowlog.records
         self.metrics = server.metrics
 
@@ -295,3 +295,31 @@ async def test_a_rules_file_that_drops_a_running_listeners_ruleset_is_refused(
            "(known: inbound)" in error
     assert await r.allowed(peers, peers.frontend)
     assert not await r.allowed(peers, peers.ops)
+
+
+async def test_a_config_built_in_memory_reloads_its_rules_file(pki: Any, tmp_path: Path) -> None:
+    """No config file to read again: the rules file is merged over the inline rulesets."""
+    peers = Peers(pki, tmp_path / "peers")
+    backend = await Backend(mode="echo").start()
+    rules = write_rules(tmp_path / "rules.yaml", ruleset(FRONTEND_RULE))
+    cfg = inbound_cfg(pki, backend.port, limits={"drain_timeout": "1s"})
+    cfg["listeners"].append(dict(cfg["listeners"][0], name="side", ruleset="inline"))
+    cfg["rulesets"] = {"inline": {"default": "allow"}}
+    cfg["rulesets_file"] = str(rules)
+    server = Server(parse_config(cfg), metrics=Metrics(), flowlog=MemoryFlowLog())
+    server.reloader.interval = 3600
+    await server.start()
+    r = Running(server, backend, rules)
+    try:
+        write_rules(rules, ruleset(OPS_RULE))
+        assert server.reloader.poll() == ["rulesets"]
+        assert sorted(server.plane.rulesets) == ["inbound", "inline"]
+        assert await r.allowed(peers, peers.ops) and not await r.allowed(peers, peers.frontend)
+        write_rules(rules, {**ruleset(OPS_RULE), "inline": {"default": "deny"}})
+        assert server.reloader.poll() == ["rulesets"]
+        assert "ruleset 'inline' is defined both inline and in" in \
+            server.status()["reloads"]["rulesets"]["last_error"]
+        assert await r.allowed(peers, peers.ops)
+    finally:
+        await server.shutdown()
+        await backend.close()

@@ -110,7 +110,7 @@ def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki:
         assert _roundtrip(port, again) == again
 
         proc.proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(30) == 0, "\n".join(proc.stderr_lines)
         records = [json.loads(line) for line in proc.stdout_lines if line.startswith("{")]
         assert len(records) == 21
         assert sorted(r["bytes"]["from_client"] for r in records) == sorted(

@@ -272,3 +272,37 @@ async def run_tool(*cmd: str, stdin: bytes = b"", timeout: float = 120,
     out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+class ExactBackend:
+    """Reads exactly ``expect`` bytes, answers ``reply`` and closes: for clients such as
+    ``openssl s_client -quiet`` that never half-close."""
+
+    def __init__(self, expect: int, reply: bytes) -> None:
+        self.expect = expect
+        self.reply = reply
+        self.server: asyncio.Server | None = None
+        self.received: list[bytes] = []
+
+    async def start(self) -> ExactBackend:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            self.received.append(await reader.readexactly(self.expect))
+            writer.write(self.reply)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

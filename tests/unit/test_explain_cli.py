@@ -12,24 +12,36 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enforcer.cli.main import main
+from enforcer.tlsconf.certs import init_ca, issue
 
 FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
 CONFIG = f"""
 version: 1
 node: {{name: test}}
+tls:
+  mesh: {{cert: /nonexistent/tls.crt, key: /nonexistent/tls.key, ca: /nonexistent/ca.crt}}
 listeners:
   - name: inbound
     listen: 127.0.0.1:15006
-    tls: {{mode: off}}
+    tls: {{mode: terminate, material: mesh}}
     ruleset: inbound
     upstream: app
   - name: gateway
     listen: 127.0.0.1:8443
-    tls: {{mode: off}}
+    proxy_protocol: {{accept: required, trusted_sources: [10.0.0.0/16]}}
+    tls: {{mode: terminate, material: mesh, client_auth: optional}}
     ruleset: gateway
+    upstream: db
+  - name: plain
+    listen: 127.0.0.1:8000
+    tls: {{mode: "off"}}
+    ruleset: plain
     upstream: app
 upstreams:
   app: {{address: 127.0.0.1:8080}}
+  db:
+    address: db.shop:5432
+    tls: {{mode: mtls, material: mesh, verify: {{uri: ["spiffe://cluster.local/ns/db/sa/pg"]}}}}
 rulesets:
   inbound:
     default: deny
@@ -53,6 +65,8 @@ rulesets:
         action: allow
         from: {{tlvs: {{aws_vpce_id: ["vpce-0abc*"]}}}}
         to: {{sni: ["*.shop.example"]}}
+  plain:
+    default: allow
 """
 
 
@@ -76,7 +90,8 @@ def test_allow(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.splitlines() == [
         "decision: allow",
         "ruleset: inbound",
-        f"flow: listener=inbound port=15006 source=10.1.2.3 tls=yes identity={FRONTEND}",
+        f"flow: listener=inbound port=15006 source=10.1.2.3 tls=yes identity={FRONTEND} "
+        "destination=127.0.0.1:8080",
         "decided by: rule 'frontend-may-call' (allow)",
         "  rule 'quarantine' (deny): from.cidrs: client 10.1.2.3 is not in [192.168.66.0/24]",
         "  rule 'any-shop' (allow): matched too, but an earlier rule decided",
@@ -106,7 +121,7 @@ def test_no_match_falls_to_default(config: str, capsys: pytest.CaptureFixture[st
         "from.cidrs: client 8.8.8.8 is not in [10.0.0.0/8]; to.ports: port 9999 is not in [15006]",
         "  rule 'any-shop' (allow): from.identities: no verified peer certificate",
     ]
-    assert "port=9999" in out and "tls=no" in out
+    assert "port=9999" in out and "tls=yes" in out
 
 
 def test_tlvs_and_sni(config: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,7 +158,10 @@ def test_cert(config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--listener", "nope"], "unknown listener 'nope' (known: inbound, gateway)"),
+    (["--listener", "nope"], "unknown listener 'nope' (known: inbound, gateway, plain)"),
+    (["--listener", "plain", "--identity", FRONTEND],
+     "listener 'plain' has tls mode off: its connections never carry a certificate or SNI "
+     "(drop --identity/--cert/--sni)"),
     (["--listener", "inbound", "--source", "10.0.0.300"], "--source '10.0.0.300': not an IP address"),
     (["--listener", "inbound", "--identity", "frontend"],
      "--identity 'frontend': not a SPIFFE ID (spiffe://trust-domain/path)"),
@@ -218,3 +236,72 @@ def test_destination_and_server_identity(tmp_path: Path,
 
 def test_policy_without_subcommand_is_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy"]) == 2
+
+
+# ---------------------------------------------------------------------------- shipped examples
+EXAMPLES = Path(__file__).resolve().parents[2] / "config"
+OUTBOUND_ID = "spiffe://enforcer.demo/ns/demo/sa/outbound"
+
+
+def test_example_inbound_allow(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = explain(capsys, "-c", str(EXAMPLES / "sidecar-inbound.yaml"), "--listener",
+                             "inbound", "--identity", OUTBOUND_ID, "--source", "10.1.2.3")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[:4] == [
+        "decision: allow",
+        "ruleset: inbound",
+        f"flow: listener=inbound port=15006 source=10.1.2.3 tls=yes identity={OUTBOUND_ID} "
+        "destination=127.0.0.1:8080",
+        "decided by: rule 'outbound-sidecars-may-call' (allow)",
+    ]
+    assert ("  rule 'quarantine-never' (deny): from.cidrs: client 10.1.2.3 is not in "
+            "[10.99.0.0/16, fd00:99::/32]") in out
+
+
+def test_example_inbound_deny_overrides_identity(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = explain(capsys, "-c", str(EXAMPLES / "sidecar-inbound.yaml"), "--listener",
+                           "inbound", "--identity", OUTBOUND_ID, "--source", "fd00:99::7")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == "decision: deny"
+    assert lines[3] == "decided by: rule 'quarantine-never' (deny)"
+    assert ("  rule 'outbound-sidecars-may-call' (allow): from.cidrs: client fd00:99::7 is not "
+            "in [127.0.0.0/8, ::1/128, 10.0.0.0/8]") in lines
+    code, out, _ = explain(capsys, "-c", str(EXAMPLES / "sidecar-inbound.yaml"), "--listener",
+                           "inbound", "--identity", OUTBOUND_ID, "--source", "10.99.0.7")
+    assert code == 1
+    assert "  rule 'outbound-sidecars-may-call' (allow): matched too, but a deny rule wins" in out
+
+
+def test_example_inbound_no_match(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = explain(capsys, "-c", str(EXAMPLES / "sidecar-inbound.yaml"), "--listener",
+                           "inbound", "--identity", "spiffe://enforcer.demo/ns/other/sa/x",
+                           "--source", "10.1.1.1")
+    assert code == 1
+    assert "decided by: default deny (no rule matched)" in out
+    assert ("  rule 'shop-service-accounts' (allow): from.identities: "
+            "spiffe://enforcer.demo/ns/other/sa/x matches none of "
+            "[spiffe://enforcer.demo/ns/shop/sa/*]") in out
+
+
+def test_example_inbound_operator_certificate(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    init_ca(tmp_path)
+    sre = issue(tmp_path, tmp_path, name="alice", ou=["sre"], dns=["alice.ops.enforcer.demo"],
+                server=False)
+    code, out, _ = explain(capsys, "-c", str(EXAMPLES / "sidecar-inbound.yaml"), "--listener",
+                           "inbound", "--cert", str(sre.cert), "--source", "192.0.2.1")
+    assert code == 0, out
+    assert "decided by: rule 'operators' (allow)" in out
+
+
+def test_example_outbound(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(EXAMPLES / "sidecar-outbound.yaml")
+    code, out, _ = explain(capsys, "-c", path, "--listener", "outbound", "--source", "::1")
+    assert code == 0
+    assert "destination=127.0.0.1:15006" in out and "rule 'pod-local-apps' (allow)" in out
+    code, out, _ = explain(capsys, "-c", path, "--listener", "outbound", "--source", "::1",
+                           "--destination", "10.0.0.1:5432")
+    assert code == 1
+    assert ("to.destinations: destination 10.0.0.1:5432 matches none of [127.0.0.1:15006]"
+            in out)

@@ -350,3 +350,76 @@ def test_thousand_rules_are_cheap_and_agree_with_explain() -> None:
             rs.decide(f)
     per_decision = (time.perf_counter() - started) / 10000
     assert per_decision < 100e-6, f"{per_decision * 1e6:.1f} µs per decision"
+
+
+# ---------------------------------------------------------------------------- upstream identity
+OUTBOUND = ruleset("""
+- name: never-from-quarantine
+  action: deny
+  from: {cidrs: [192.168.66.0/24]}
+- name: not-the-old-db
+  action: deny
+  to: {destinations: ["db:5432"], server_identities: ["spiffe://cluster.local/ns/db/sa/old"]}
+- name: db-from-apps
+  action: allow
+  from: {cidrs: [10.0.0.0/8]}
+  to: {server_identities: ["spiffe://cluster.local/ns/db/**"]}
+- name: cache-anywhere
+  action: allow
+  to: {destinations: ["cache:6379"]}
+""")
+DB, OLD_DB = "spiffe://cluster.local/ns/db/sa/pg", "spiffe://cluster.local/ns/db/sa/old"
+
+
+def out_facts(ip: str, dest: tuple[str, int], server: str | None = None) -> FlowFacts:
+    return facts(ip=ip, identity=None, destination=dest,
+                 server_identity=identity_from_spiffe_id(server) if server else None)
+
+
+@pytest.mark.parametrize(("ip", "dest", "before", "server", "final"), [
+    # a deny that does not look at the server decides before connecting
+    ("192.168.66.1", ("db", 5432), ("deny", "never-from-quarantine"), None, None),
+    # nothing could allow: default deny, before connecting
+    ("172.16.0.1", ("db", 5432), ("deny", None), None, None),
+    # no matching rule looks at the server: decided now
+    ("172.16.0.1", ("cache", 6379), ("allow", "cache-anywhere"), None, None),
+    # depends on who answers: connect, then decide with the server's identity
+    ("10.1.1.1", ("db", 5432), None, DB, ("allow", "db-from-apps")),
+    ("10.1.1.1", ("db", 5432), None, OLD_DB, ("deny", "not-the-old-db")),
+    ("10.1.1.1", ("db", 5432), None, "spiffe://other/x", ("deny", None)),
+    ("10.1.1.1", ("cache", 6379), None, OLD_DB, ("allow", "db-from-apps")),
+    ("10.1.1.1", ("cache", 6379), None, "spiffe://other/x", ("allow", "cache-anywhere")),
+])
+def test_decide_before_upstream(ip: str, dest: tuple[str, int], before: tuple[str, str | None] | None,
+                                server: str | None, final: tuple[str, str | None] | None) -> None:
+    rs = OUTBOUND
+    assert rs.uses_server_identity
+    early = rs.decide_before_upstream(out_facts(ip, dest))
+    if before is not None:
+        assert early is not None and (early.action, early.rule) == before
+        assert rs.decide(out_facts(ip, dest, DB)).action == before[0]  # whoever answers
+        assert rs.decide(out_facts(ip, dest, OLD_DB)).action == before[0]
+        return
+    assert early is None
+    assert final is not None
+    decision = rs.decide(out_facts(ip, dest, server))
+    assert (decision.action, decision.rule) == final
+    assert rs.explain(out_facts(ip, dest, server)).decision == decision
+
+
+def test_decide_before_upstream_without_server_rules_is_decide() -> None:
+    assert not INBOUND.uses_server_identity
+    for f in (facts(), facts(ip="192.168.66.1"), facts(identity=None)):
+        assert INBOUND.decide_before_upstream(f) == INBOUND.decide(f)
+
+
+def test_decide_before_upstream_default_allow_waits_for_a_server_deny() -> None:
+    rs = ruleset("""
+- name: not-old
+  action: deny
+  to: {server_identities: ["spiffe://cluster.local/ns/db/sa/old"]}
+""", default="allow")
+    f = out_facts("10.0.0.1", ("db", 5432))
+    assert rs.decide_before_upstream(f) is None
+    assert rs.decide(out_facts("10.0.0.1", ("db", 5432), DB)).action == "allow"
+    assert rs.decide(out_facts("10.0.0.1", ("db", 5432), OLD_DB)).action == "deny"

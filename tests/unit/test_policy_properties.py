@@ -177,3 +177,21 @@ def _contains(n: Any, ip: Any) -> bool:
     if n.version == 6 and n.prefixlen >= 96 and n.subnet_of(MAPPED):
         n = ipaddress.ip_network((int(n.network_address) & 0xFFFFFFFF, n.prefixlen - 96))
     return bool(ip.version == n.version and ip in n)
+
+
+@settings(max_examples=120, deadline=None)
+@given(rulesets(), st.lists(flows, min_size=1, max_size=8))
+def test_decide_before_upstream_is_never_wrong(cfg: RulesetConfig,
+                                               facts_list: list[FlowFacts]) -> None:
+    """A decision made before connecting is the one ``decide`` makes whoever the upstream
+    turns out to be; when it waits (None), some upstream identity changes the outcome or
+    the rules look at it."""
+    rs = compile_ruleset(cfg)
+    for facts in facts_list:
+        early = rs.decide_before_upstream(dataclasses.replace(facts, server_identity=None))
+        finals = {rs.decide(dataclasses.replace(facts, server_identity=s)).action
+                  for s in [None, *PEERS]}
+        if early is not None:
+            assert finals == {early.action}
+        else:
+            assert rs.uses_server_identity

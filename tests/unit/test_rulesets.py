@@ -364,3 +364,98 @@ def test_rulesets_file_errors_carry_the_file_name(tmp_path: Any) -> None:
     (issue,) = exc.value.issues
     assert issue.path == f"{path}: rulesets.r.rules[0].from.identities[0]"
     assert issue.message.startswith("bad identity glob 'bad'")
+
+
+# ---------------------------------------------------------------------------- references
+MTLS_LISTENER = {"name": "in", "listen": "127.0.0.1:15006",
+                 "tls": {"mode": "terminate", "material": "mesh"},
+                 "ruleset": "inbound", "upstream": "app"}
+PLAIN_LISTENER = {"name": "plain", "listen": "127.0.0.1:15001", "tls": {"mode": "off"},
+                  "ruleset": "outbound", "upstream": "app"}
+REFS = {
+    "version": 1,
+    "node": {"name": "t"},
+    "tls": {"mesh": {"cert": "/x/tls.crt", "key": "/x/tls.key", "ca": "/x/ca.crt"}},
+    "listeners": [MTLS_LISTENER, PLAIN_LISTENER],
+    "upstreams": {"app": {"address": "127.0.0.1:8080"}},
+}
+
+
+def reference_errors(rulesets: dict[str, Any], **extra: Any) -> list[str]:
+    raw = {**REFS, "rulesets": {"inbound": {"default": "deny"}, "outbound": {"default": "allow"},
+                                **rulesets}, **extra}
+    try:
+        parse_config(raw)
+    except ConfigError as exc:
+        return [str(i) for i in exc.issues]
+    return []
+
+
+def one_rule(ruleset: str, rule: dict[str, Any]) -> dict[str, Any]:
+    return {ruleset: {"default": "deny", "rules": [{"name": "r", "action": "deny", **rule}]}}
+
+
+@pytest.mark.parametrize(("ruleset", "rule", "expected"), [
+    ("inbound", {"to": {"listeners": ["in", "nope"]}},
+     "rulesets.inbound.rules[0].to.listeners[1]: unknown listener 'nope' (known: in, plain)"),
+    ("inbound", {"to": {"listeners": ["plain"]}},
+     "rulesets.inbound.rules[0].to.listeners[0]: listener 'plain' runs ruleset 'outbound', not "
+     "'inbound' (listeners running 'inbound': in)"),
+    ("outbound", {"from": {"identities": ["spiffe://td/a"]}},
+     "rulesets.outbound.rules[0]: from.identities: listener(s) plain never see a client "
+     "certificate (tls mode off or client_auth none), so rule 'r' can never match"),
+    ("outbound", {"from": {"tls": "required"}},
+     "rulesets.outbound.rules[0]: from.tls: required: listener(s) plain never see a client "
+     "certificate (tls mode off or client_auth none), so rule 'r' can never match"),
+    ("inbound", {"from": {"tls": "none"}},
+     "rulesets.inbound.rules[0]: from.tls: none: listener(s) in always terminate TLS, so rule "
+     "'r' can never match"),
+    ("inbound", {"from": {"tlvs": {"aws_vpce_id": ["vpce-1"]}}},
+     "rulesets.inbound.rules[0]: from.tlvs: listener(s) in do not accept PROXY protocol, so "
+     "rule 'r' can never match"),
+    ("outbound", {"to": {"sni": ["a.example"]}},
+     "rulesets.outbound.rules[0]: to.sni: listener(s) plain have tls mode off (no SNI), so rule "
+     "'r' can never match"),
+    ("inbound", {"ports": [8080, "9000-9100"]},
+     "rulesets.inbound.rules[0]: to.ports ['8080', '9000-9100']: no listener running it "
+     "listens there (in on 15006), so rule 'r' can never match"),
+    ("inbound", {"to": {"server_identities": ["spiffe://td/db"]}},
+     "rulesets.inbound.rules[0]: to.server_identities: the upstreams of listener(s) in do not "
+     "use TLS, so rule 'r' can never match"),
+])
+def test_rules_that_can_never_match_are_errors(ruleset: str, rule: dict[str, Any],
+                                               expected: str) -> None:
+    assert reference_errors(one_rule(ruleset, rule)) == [expected]
+
+
+@pytest.mark.parametrize("rule", [
+    {"from": {"identities": ["spiffe://td/a"]}, "to": {"listeners": ["in"]}},
+    {"from": {"tls": "none"}},  # fine on an auto listener, see below
+    {"ports": ["15000-15010"]},
+    {"from": {"cidrs": ["10.0.0.0/8"]}, "to": {"listeners": ["in"], "ports": [15006]}},
+])
+def test_rules_that_can_match_pass(rule: dict[str, Any]) -> None:
+    auto = {**MTLS_LISTENER, "tls": {"mode": "auto", "material": "mesh"}}
+    assert reference_errors(one_rule("inbound", rule),
+                            listeners=[auto, PLAIN_LISTENER]) == []
+
+
+def test_unused_rulesets_and_unknown_ports_are_not_judged() -> None:
+    unused = one_rule("shared", {"to": {"listeners": ["elsewhere"]},
+                                 "from": {"identities": ["spiffe://td/a"]}})
+    assert reference_errors(unused) == []  # a shared rules file may serve other enforcers
+    port0 = {**MTLS_LISTENER, "listen": "127.0.0.1:0"}
+    assert reference_errors(one_rule("inbound", {"ports": [8080]}),
+                            listeners=[port0, PLAIN_LISTENER]) == []
+
+
+def test_reference_errors_in_a_rulesets_file_name_the_file(tmp_path: Any) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"rulesets": one_rule("inbound", {
+        "to": {"listeners": ["gone"]}})}))
+    raw = {**REFS, "rulesets": {"outbound": {"default": "allow"}}, "rulesets_file": str(path)}
+    with pytest.raises(ConfigError) as exc:
+        parse_config(raw)
+    assert [str(i) for i in exc.value.issues] == [
+        f"rulesets_file: {path}: rulesets.inbound.rules[0].to.listeners[0]: unknown listener "
+        "'gone' (known: in, plain)"]

@@ -1,0 +1,1 @@
+"""enforcer's benchmark harness: ``python -m benchmarks`` (see ``benchmarks.cli``)."""

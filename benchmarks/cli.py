@@ -1,0 +1,290 @@
+"""``python -m benchmarks`` / ``make bench`` / ``enforcer bench``: the whole comparison.
+
+Order of a run: certificates, the shared HTTP backend, then workload by workload, every
+contestant in turn on a freshly started pair (interleaving contestants within a workload
+keeps slow drifts of a shared machine from favouring whoever ran first), then the
+micro-benchmarks, then results.json / results.md / charts into a run directory and
+latest.json / latest.md next to it. Progress goes to stderr as it runs.
+
+Cleanup: every child is in ``Processes``; the ``finally`` block stops them all and removes
+the temp dir, on success, on error and on Ctrl-C/SIGTERM (which also write the partial
+results, marked ``interrupted``). Exit code: 0 done, 1 some measurement failed (see the
+report), 2 bad usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks import contestants as cmod
+from benchmarks import results as rmod
+from benchmarks import workloads as wmod
+from benchmarks.backends import BODY_SIZE, start_http
+from benchmarks.contestants import Contestant, Env, tool_version
+from benchmarks.load import MeasureError
+from benchmarks.micro import run_micro
+from benchmarks.pki import make_pki
+from benchmarks.procs import Ports, Processes, StartError, install_signal_handlers
+from benchmarks.report import fmt, write_all
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TOOLS = {"iperf3": (["iperf3", "--version"], r"iperf (\S+)"),
+         "wrk": (["wrk", "--version"], r"wrk (\S+)"),
+         "openssl": (["openssl", "version"], r"OpenSSL (\S+)")}
+
+
+class UsageError(Exception):
+    pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(c.name for c in cmod.ALL)
+    p.add_argument("--quick", action="store_true",
+                   help="short run (< 2 min): 2 s per measurement, smaller N; indicative only")
+    p.add_argument("--only", metavar="LIST", help=f"contestants, comma-separated ({names})")
+    p.add_argument("--workloads", metavar="LIST",
+                   help="workloads, comma-separated (" + ", ".join(wmod.BY_NAME) + ")")
+    p.add_argument("--out", metavar="DIR", type=Path, default=RESULTS_DIR,
+                   help="results directory (default benchmarks/results)")
+    p.add_argument("--duration", metavar="S", type=int,
+                   help="seconds per throughput measurement (default 10, quick 2)")
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--enforcer-extra", metavar="YAML", type=Path,
+                   help="YAML merged into both enforcer configs (to try a setting)")
+    p.add_argument("--keep-temp", action="store_true",
+                   help="keep the temp dir (configs and process logs)")
+    p.add_argument("--list", action="store_true",
+                   help="list contestants and workloads with what is installed, then exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark enforcer against haproxy, stunnel and nginx as a sidecar pair.")
+    add_arguments(p)
+    return p
+
+
+def _pick(text: str | None, known: Sequence[str], what: str) -> list[str]:
+    if not text or text == "all":
+        return list(known)
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in known]
+    if unknown:
+        raise UsageError(f"unknown {what} {', '.join(unknown)} (known: {', '.join(known)})")
+    return [k for k in known if k in chosen]
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (children inherit it); returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def idle_cap(nofile: int) -> int:
+    """Largest idle N whose 2 sockets per connection fit one proxy process's fd limit."""
+    return max(100, (nofile - 600) // 2 // 100 * 100)
+
+
+def list_everything() -> int:
+    for c in cmod.ALL:
+        print(f"contestant {c.name:<9} {c.missing() or 'ready'}")
+    for w in wmod.WORKLOADS:
+        print(f"workload   {w.name:<11} {w.missing_tool() or 'ready'}  ({w.title})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        return list_everything()
+    try:
+        chosen = [cmod.BY_NAME[n] for n in _pick(args.only, list(cmod.BY_NAME), "contestant")]
+        works = [wmod.BY_NAME[n] for n in _pick(args.workloads, list(wmod.BY_NAME), "workload")]
+        extra = _load_extra(args.enforcer_extra)
+    except UsageError as exc:
+        print(f"enforcer bench: {exc}", file=sys.stderr)
+        return 2
+    settings = wmod.Settings.make(args.quick, args.duration, idle_cap(raise_nofile()))
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    doc = rmod.new_doc(settings, stamp)
+    return Runner(doc, settings, chosen, works, extra, args).go(out, out / stamp)
+
+
+def _load_extra(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"--enforcer-extra {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--enforcer-extra {path}: must be a YAML mapping")
+    return data
+
+
+class Runner:
+    def __init__(self, doc: rmod.Doc, settings: wmod.Settings, chosen: list[Contestant],
+                 works: list[wmod.Workload], extra: dict[str, Any],
+                 args: argparse.Namespace) -> None:
+        self.doc, self.settings, self.chosen, self.works = doc, settings, chosen, works
+        self.extra, self.args = extra, args
+        self.started = time.monotonic()
+        self.ready = [c for c in chosen if not c.missing()]
+        self.done = 0
+        self.total = len(self.ready) * len(works)
+
+    def go(self, out: Path, run_dir: Path) -> int:
+        install_signal_handlers()
+        procs = Processes()
+        tmp = Path(tempfile.mkdtemp(prefix="enforcer-bench-"))
+        self._header(run_dir)
+        try:
+            env = Env(tmp, make_pki(tmp / "pki"), procs, Ports(), self.extra)
+            self._measure_all(env)
+            if not self.args.no_micro:
+                self.doc["micro"] = run_micro(self.settings.quick, _progress)
+        except KeyboardInterrupt:
+            self.doc["interrupted"] = True
+            _progress("interrupted: stopping every process, writing partial results")
+        finally:
+            procs.stop_all()
+            if self.args.keep_temp:
+                _progress(f"temp dir kept: {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self._finish(out, run_dir)
+
+    def _header(self, run_dir: Path) -> None:
+        self._describe_tools()
+        self._describe_contestants()
+        mode = "quick" if self.settings.quick else "full"
+        _progress(f"enforcer bench: {mode} run, {len(self.ready)} contestants x "
+                  f"{len(self.works)} workloads -> {run_dir}")
+        for name, c in self.doc["contestants"].items():
+            state = c.get("reason") or c.get("version") or "ready"
+            _progress(f"  {name:<9} {state}")
+
+    def _describe_tools(self) -> None:
+        for name, (argv, pattern) in TOOLS.items():
+            installed = shutil.which(name) is not None
+            self.doc["tools"][name] = {
+                "installed": installed, "apt": name,
+                "version": tool_version(argv, pattern) if installed else None}
+
+    def _describe_contestants(self) -> None:
+        for c in self.chosen:
+            reason = c.missing()
+            entry: dict[str, Any] = {"status": "skipped" if reason else "ok", "peer": c.is_peer,
+                                     "version": None if reason else c.version(),
+                                     "setup": c.describe(), "tls": None}
+            if reason:
+                entry.update(reason=reason, apt=c.apt)
+            self.doc["contestants"][c.name] = entry
+
+    def _measure_all(self, env: Env) -> None:
+        http = self._start_http(env)
+        ctx = wmod.Ctx(env, self.settings, http)
+        for w in self.works:
+            self._workload(ctx, w)
+        for name, seen in ctx.tls_seen.items():
+            self.doc["contestants"][name]["tls"] = seen
+
+    def _start_http(self, env: Env) -> Any:
+        if not any(w.backend == "http" for w in self.works):
+            return None
+        try:
+            http = start_http(env)
+        except StartError as exc:
+            self.http_error = str(exc)
+            _progress(f"HTTP backend failed to start: {exc}")
+            return None
+        version = tool_version(["nginx", "-v"], r"nginx/(\S+)") if http.kind == "nginx" else ""
+        self.doc["backends"]["http"] = (
+            f"{http.kind} {version}".strip() + f", one static {BODY_SIZE} B file, "
+            "keep-alive without a request cap")
+        return http
+
+    def _workload(self, ctx: wmod.Ctx, w: wmod.Workload) -> None:
+        doc = rmod.workload_doc(w, self.settings)
+        self.doc["workloads"][w.name] = doc
+        reason = w.missing_tool()
+        if reason is None and w.backend == "http" and ctx.http is None:
+            reason = getattr(self, "http_error", "HTTP backend not running")
+        if reason:
+            doc.update(status="skipped", reason=reason, apt=" ".join(w.tools) or None)
+            self.done += len(self.ready)
+            _progress(f"{w.name}: skipped: {reason}")
+            return
+        if w.backend == "iperf3":
+            self.doc["backends"]["bulk"] = "iperf3 -s, started fresh for each measurement"
+        for c in self.chosen:
+            doc["results"][c.name] = self._one(ctx, w, c)
+        peers = [c.name for c in self.chosen if c.is_peer]
+        rmod.compare(doc, w.metrics, peers)
+        self._say_comparison(w, doc)
+
+    def _one(self, ctx: wmod.Ctx, w: wmod.Workload, c: Contestant) -> dict[str, Any]:
+        skipped = self.doc["contestants"][c.name]
+        if skipped["status"] != "ok":
+            return {"status": "skipped", "reason": skipped["reason"]}
+        self.done += 1
+        if w.proxies_only and c.name == "direct":
+            return {"status": "n/a", "reason": "no proxy process to measure"}
+        t0 = time.monotonic()
+        try:
+            values = wmod.measure(ctx, w, c)
+        except (MeasureError, StartError, OSError) as exc:
+            self._say(w, c, f"ERROR {str(exc).splitlines()[0]}", t0)
+            return {"status": "error", "error": str(exc)}
+        headline = " · ".join(f"{fmt(values.get(m.key))} {m.unit}" for m in w.metrics
+                              if values.get(m.key) is not None)
+        self._say(w, c, headline, t0)
+        return {"status": "ok", "values": values}
+
+    def _say(self, w: wmod.Workload, c: Contestant, text: str, t0: float) -> None:
+        elapsed = int(time.monotonic() - self.started)
+        _progress(f"[{self.done:>2}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] "
+                  f"{w.name:<10} {c.name:<9} {text}  ({time.monotonic() - t0:.1f} s)")
+
+    def _say_comparison(self, w: wmod.Workload, doc: rmod.Doc) -> None:
+        parts = []
+        for m in w.metrics:
+            c = doc["comparison"][m.key]
+            if c["ratio"] is not None:
+                parts.append(f"{c['ratio']:.2f}x {c['best_peer']} on {m.unit}")
+        if parts:
+            _progress(f"    {w.name}: enforcer = " + ", ".join(parts))
+
+    def _finish(self, out: Path, run_dir: Path) -> int:
+        self.doc["finished_at"] = rmod.utcnow()
+        self.doc["duration_s"] = round(time.monotonic() - self.started, 1)
+        self.doc["targets"] = rmod.collect_targets(self.doc)
+        paths = write_all(self.doc, out, run_dir)
+        _progress(f"done in {fmt(self.doc['duration_s'])} s: " + ", ".join(map(str, paths)))
+        if self.doc["interrupted"]:
+            return 130
+        return 1 if rmod.had_errors(self.doc) else 0

@@ -1,0 +1,221 @@
+"""Processes the harness owns, and what /proc says about them.
+
+Every process the harness starts (proxies, backends, load tools) goes through
+``Processes.spawn``, which puts it in a session of its own (``start_new_session``), so
+the session id equals its pid and every descendant (nginx workers, enforcer workers,
+threads) stays findable in /proc by that session id. Three things use that:
+
+- CPU: ``cpu_seconds(sids)`` sums utime+stime+cutime+cstime of every live process in
+  the sessions (threads are included in their process's counters; a child that exited
+  and was reaped moves into its parent's cutime/cstime, so nothing is lost or counted
+  twice between two snapshots);
+- memory: ``rss_bytes(sids)`` sums VmRSS;
+- cleanup: ``Processes.stop`` sends SIGTERM to the process group, waits, then SIGKILLs
+  whatever is left in the session. ``stop_all`` runs from ``finally`` blocks, from
+  ``atexit`` and after SIGINT/SIGTERM/SIGHUP (turned into KeyboardInterrupt by
+  ``install_signal_handlers``), and each child also gets PR_SET_PDEATHSIG so that it
+  dies with the harness even if the harness is SIGKILLed.
+
+Children write to log files in the run's temp dir, never to pipes: a full pipe would
+block a proxy in the middle of a measurement.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class StartError(Exception):
+    """A process did not come up; the message names it and quotes its log."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def log_tail(path: Path | None, lines: int = 15) -> str:
+    if path is None or not path.exists():
+        return ""
+    text = path.read_text(errors="replace").strip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+class Processes:
+    """Registry of every child the harness started; ``stop_all`` ends them all."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, tuple[subprocess.Popen[bytes], Path | None]] = {}
+        atexit.register(self.stop_all)
+
+    def spawn(self, argv: Sequence[str], *, cwd: Path, log: Path | None = None,
+              stdout: Path | None = None, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        err = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        out = open(stdout, "ab") if stdout else err  # noqa: SIM115
+        try:
+            proc = subprocess.Popen(
+                list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            raise StartError(f"{argv[0]}: not found") from None
+        finally:
+            for f in (err, out):
+                if not isinstance(f, int):
+                    f.close()
+        self._live[proc.pid] = (proc, log)
+        return proc
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> Path | None:
+        entry = self._live.get(proc.pid)
+        return entry[1] if entry else None
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+        """SIGTERM the group, wait up to ``timeout``, then SIGKILL the whole session."""
+        self._live.pop(proc.pid, None)
+        sid = proc.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(sid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc.poll()
+            if proc.returncode is not None and not session_pids([sid]):
+                return
+            time.sleep(0.02)
+        for pid in [sid, *session_pids([sid])]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+
+    def stop_all(self) -> None:
+        for proc, _ in list(self._live.values()):
+            self.stop(proc, timeout=3.0)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, like SIGINT, so ``finally`` cleans up."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) onwards
+
+
+def _all_stats() -> dict[int, list[str]]:
+    stats = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                stats[int(entry.name)] = fields
+    return stats
+
+
+def session_pids(sids: Sequence[int]) -> list[int]:
+    """Live (non-zombie) pids whose session id is one of ``sids``."""
+    wanted = {str(s) for s in sids}
+    return [pid for pid, f in _all_stats().items() if f[3] in wanted and f[0] != "Z"]
+
+
+def cpu_seconds(sids: Sequence[int]) -> float:
+    """utime+stime+cutime+cstime of every process in the sessions, in seconds."""
+    wanted = {str(s) for s in sids}
+    ticks = 0
+    for fields in _all_stats().values():
+        if fields[3] in wanted:  # field 6 (session) is index 3 here
+            ticks += sum(int(v) for v in fields[11:15])  # fields 14-17
+    return ticks / CLK_TCK
+
+
+def rss_bytes(sids: Sequence[int]) -> int:
+    """Sum of VmRSS over every live process in the sessions."""
+    total = 0
+    for pid in session_pids(sids):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+# --------------------------------------------------------------------------- ports
+
+
+class Ports:
+    """Hands out free loopback TCP ports, never the same one twice in a run."""
+
+    def __init__(self) -> None:
+        self._given: set[int] = set()
+
+    def take(self) -> int:
+        for _ in range(100):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in self._given:
+                self._given.add(port)
+                return port
+        raise StartError("no free loopback port")
+
+
+def listening_ports() -> set[int]:
+    """Ports in LISTEN state on any IPv4/IPv6 address (read from /proc/net/tcp*)."""
+    ports = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(name).read_text().splitlines()[1:]:
+                parts = line.split()
+                if parts[3] == "0A":
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_listening(ports: Sequence[int], procs: Sequence[subprocess.Popen[bytes]],
+                   registry: Processes, what: str, timeout: float = 20.0) -> None:
+    """Wait until every port listens; StartError (with the log tail) if a process dies.
+
+    Looking at /proc/net/tcp instead of connecting means no probe connection reaches a
+    proxy or a backend (an empty connection can upset iperf3's server).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                tail = log_tail(registry.log_of(proc))
+                raise StartError(f"{what}: exited with code {proc.returncode} during start"
+                                 + (f":\n{tail}" if tail else ""))
+        if set(ports) <= listening_ports():
+            return
+        if time.monotonic() > deadline:
+            tails = "\n".join(log_tail(registry.log_of(p)) for p in procs)
+            raise StartError(f"{what}: ports {list(ports)} not listening after {timeout:.0f}s"
+                             + (f":\n{tails}" if tails.strip() else ""))
+        time.sleep(0.02)

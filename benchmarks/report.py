@@ -1,0 +1,279 @@
+"""Turn a results document into results.md, results.json and one PNG chart per workload.
+
+The markdown table has one row per (workload, metric), one column per contestant, and
+enforcer's ratio to the best peer with the target and a check mark. Each chart shows the
+contestants' bars for every metric of a workload: enforcer highlighted, direct hatched
+(the ceiling, not a peer), the best peer's value as a dashed line, and enforcer's ratio
+in the panel title. ``summary.png`` shows every target at once, oriented so that a bar
+right of 1.0 is always a win for enforcer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from benchmarks.results import Doc
+
+ORDER = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
+COLORS = {"enforcer": "#e8590c", "direct": "#adb5bd"}
+PEER_COLOR = "#4c6ef5"
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not isinstance(value, int | float):
+        return str(value)
+    v = float(value)
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def contestant_names(doc: Doc) -> list[str]:
+    names = list(doc["contestants"])
+    return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+
+def _cell(result: dict[str, Any] | None, key: str) -> str:
+    if not result:
+        return "–"
+    status = result.get("status")
+    if status == "ok":
+        return fmt(result["values"].get(key))
+    return {"skipped": "skipped", "n/a": "n/a", "error": "**error**"}.get(str(status), "–")
+
+
+def _ratio_cell(c: dict[str, Any] | None) -> str:
+    if not c or c.get("ratio") is None:
+        if c and c.get("met") is not None:  # absolute target without peers
+            return "✅" if c["met"] else "❌"
+        return "–"
+    mark = {True: " ✅", False: " ❌", None: ""}[c["met"]]
+    return f"{c['ratio']:.2f}× ({c['best_peer']}){mark}"
+
+
+def _arrow(better: str) -> str:
+    return "↑" if better == "higher" else "↓"
+
+
+def results_table(doc: Doc) -> list[str]:
+    names = contestant_names(doc)
+    lines = ["| workload | metric | " + " | ".join(names) + " | enforcer ÷ best peer | target |",
+             "|---|---|" + "---:|" * len(names) + "---|---|"]
+    for w in doc["workloads"].values():
+        if w["status"] != "ok":
+            lines.append(f"| {w['title']} | skipped: {w.get('reason', '')} |"
+                         + " |" * (len(names) + 2))
+            continue
+        for i, m in enumerate(w["metrics"]):
+            cells = [_cell(w["results"].get(n), m["key"]) for n in names]
+            c = w["comparison"].get(m["key"])
+            title = _workload_title(w) if i == 0 else ""
+            target = (c or {}).get("target") or ""
+            lines.append(f"| {title} | {m['unit']} {_arrow(m['better'])} | "
+                         + " | ".join(cells) + f" | {_ratio_cell(c)} | {target} |")
+    return lines
+
+
+def _workload_title(w: dict[str, Any]) -> str:
+    n = w["params"].get("connections")
+    if w["title"].startswith("idle") and n:
+        return f"{w['title'].split(' (')[0]} (N = {n:,})"
+    return str(w["title"])
+
+
+def _contestant_lines(doc: Doc) -> list[str]:
+    out = []
+    for name in contestant_names(doc):
+        c = doc["contestants"][name]
+        if c["status"] != "ok":
+            out.append(f"- **{name}**: skipped: {c.get('reason', '')}")
+            continue
+        tls = c.get("tls") or {}
+        tls_text = (f"; inbound TLS as seen by `openssl s_client`: {tls.get('protocol')}, "
+                    f"{tls.get('cipher')}, {tls.get('group')}") if tls.get("protocol") else ""
+        version = f" {c['version']}" if c.get("version") else ""
+        out.append(f"- **{name}**{version}: {c.get('setup', '')}{tls_text}")
+    return out
+
+
+def _error_lines(doc: Doc) -> list[str]:
+    out = []
+    for wname, w in doc["workloads"].items():
+        for cname, r in w["results"].items():
+            if r.get("status") == "error":
+                first = str(r.get("error", "")).splitlines()[:3]
+                out.append(f"- {wname} / {cname}: " + " · ".join(first))
+    return out
+
+
+def markdown(doc: Doc, chart_prefix: str = "") -> str:
+    mode = "quick run (indicative only)" if doc["mode"] == "quick" else "full run"
+    h = doc["host"]
+    lines = [f"# enforcer benchmark: {doc['started_at']} ({mode})", "",
+             "Sidecar pair on one machine, every contestant in the same run with the same "
+             "certificates (ECDSA P-256 mutual TLS) and the same load: load tool → outbound "
+             "(plain in, mTLS out) → inbound (mTLS in, plain out) → backend. CPU is the "
+             "pair's own (both sidecars, all processes and threads, from /proc).", "",
+             f"Host: {h['cpus']} CPUs, Linux {h['kernel']} {h['machine']}, Python "
+             f"{h['python']}, {h['openssl']}. Duration: {fmt(doc['duration_s'])} s."
+             + (" **Interrupted: partial results.**" if doc["interrupted"] else ""), "",
+             "## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
+             "enforcer ÷ the best of haproxy, stunnel and nginx in this run.", "",
+             *results_table(doc), ""]
+    errors = _error_lines(doc)
+    if errors:
+        lines += ["## Errors", "", *errors, ""]
+    lines += ["## Contestants", "", *_contestant_lines(doc), ""]
+    b = doc["backends"]
+    lines += ["## Backends and load", "", f"- HTTP backend: {b.get('http') or '–'}",
+              f"- bulk backend: {b.get('bulk') or '–'}"]
+    for name, t in doc["tools"].items():
+        state = ((t["version"] or "installed") if t["installed"]
+                 else f"missing (apt install {t['apt']})")
+        lines.append(f"- {name}: {state}")
+    lines += ["", "## Settings", "", "```json", json.dumps(doc["settings"], indent=1), "```", ""]
+    lines += _micro_lines(doc)
+    charts = [name for name, w in doc["workloads"].items() if w.get("chart")]
+    if charts:
+        lines += ["## Charts", ""]
+        if doc.get("summary_chart"):
+            lines += [f"![targets]({chart_prefix}{doc['summary_chart']})", ""]
+        lines += [f"![{n}]({chart_prefix}{doc['workloads'][n]['chart']})" for n in charts]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _micro_lines(doc: Doc) -> list[str]:
+    micro = doc["micro"]
+    lines = ["## Micro-benchmarks (pure cores, one process, no I/O)", ""]
+    if micro["status"] != "ok":
+        return [*lines, f"Skipped: {micro.get('reason', '')}", ""]
+    for name, b in micro["benchmarks"].items():
+        lines += [f"### {name}", "", "```text", *b.get("lines", []),
+                  *([f"error: {b['error']}"] if b.get("error") else []), "```", ""]
+    return lines
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def chart_workload(doc: Doc, name: str, path: Path) -> None:
+    plt = _plt()
+    w = doc["workloads"][name]
+    names = contestant_names(doc)
+    metrics = w["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        _panel(ax, w, m, names)
+    fig.suptitle(f"{_workload_title(w)}  ({doc['mode']} run, {doc['started_at']})",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panel(ax: Any, w: dict[str, Any], m: dict[str, Any], names: list[str]) -> None:
+    values, labels, colors, hatches = [], [], [], []
+    for n in names:
+        r = w["results"].get(n) or {}
+        v = r.get("values", {}).get(m["key"]) if r.get("status") == "ok" else None
+        values.append(v or 0.0)
+        labels.append(n if v is not None else f"{n}\n({r.get('status', '–')})")
+        colors.append(COLORS.get(n, PEER_COLOR))
+        hatches.append("//" if n == "direct" else "")
+    bars = ax.bar(range(len(names)), values, color=colors, edgecolor="#343a40", linewidth=0.6)
+    for bar, hatch, v, n in zip(bars, hatches, values, names, strict=True):
+        bar.set_hatch(hatch)
+        ok = (w["results"].get(n) or {}).get("status") == "ok"
+        if ok:
+            ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(names)), labels, fontsize=8)
+    ax.set_ylabel(f"{m['unit']} ({m['better']} is better)", fontsize=8)
+    c = w["comparison"].get(m["key"]) or {}
+    if c.get("best_peer_value") is not None:
+        ax.axhline(c["best_peer_value"], color="#2b8a3e", linestyle="--", linewidth=1)
+    title = m["label"]
+    if c.get("ratio") is not None:
+        mark = {True: " ✓", False: " ✗", None: ""}[c["met"]]
+        title += f"\nenforcer = {c['ratio']:.2f}× best peer ({c['best_peer']}){mark}"
+    elif c.get("met") is not None:
+        title += f"\ntarget {c['target']}: {'met' if c['met'] else 'not met'}"
+    ax.set_title(title, fontsize=9)
+    ax.margins(y=0.15)
+
+
+def chart_summary(doc: Doc, path: Path) -> bool:
+    """Bars of enforcer's advantage (>1 = better than the best peer) for every target."""
+    rows = [t for t in doc["targets"] if t["ratio"] is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    better = {(n, m["key"]): m["better"] for n, w in doc["workloads"].items()
+              for m in w["metrics"]}
+    adv = [t["ratio"] if better[(t["workload"], t["metric"])] == "higher" else 1 / t["ratio"]
+           for t in rows]
+    labels = [f"{t['workload']} {t['unit']}" for t in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.4))
+    colors = ["#2b8a3e" if t["met"] else "#c92a2a" for t in rows]
+    ax.barh(range(len(rows)), adv, color=colors)
+    for i, (a, t) in enumerate(zip(adv, rows, strict=True)):
+        ax.annotate(f"{t['ratio']:.2f}× vs {t['best_peer']}", (a, i), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("enforcer's advantage over the best peer (>1 = enforcer better)")
+    ax.set_title(f"enforcer vs best peer, {doc['mode']} run {doc['started_at']}", fontsize=10)
+    ax.margins(x=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_charts(doc: Doc, run_dir: Path) -> str | None:
+    """PNG per workload into run_dir; returns a reason if charts could not be drawn."""
+    try:
+        _plt()
+    except ImportError:
+        return "matplotlib not installed (pip install matplotlib, or the [bench] extra)"
+    for name, w in doc["workloads"].items():
+        if w["status"] == "ok" and any(r.get("status") == "ok" for r in w["results"].values()):
+            chart_workload(doc, name, run_dir / f"{name}.png")
+            w["chart"] = f"{name}.png"
+    if chart_summary(doc, run_dir / "summary.png"):
+        doc["summary_chart"] = "summary.png"
+    return None
+
+
+def write_all(doc: Doc, out: Path, run_dir: Path) -> list[Path]:
+    """results.json/.md and charts in run_dir; latest.json/.md (charts linked) in out."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reason = write_charts(doc, run_dir)
+    if reason:
+        doc["charts_skipped"] = reason
+    text = json.dumps(doc, indent=2) + "\n"
+    (run_dir / "results.json").write_text(text)
+    (run_dir / "results.md").write_text(markdown(doc))
+    shutil.copyfile(run_dir / "results.json", out / "latest.json")
+    (out / "latest.md").write_text(markdown(doc, chart_prefix=f"{run_dir.name}/"))
+    return [run_dir / "results.md", run_dir / "results.json", out / "latest.md"]
