@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import resource
 import shutil
 import sys
@@ -187,6 +188,11 @@ class Runner:
         for name, c in self.doc["contestants"].items():
             state = c.get("reason") or c.get("version") or "ready"
             _progress(f"  {name:<9} {state}")
+        load1 = self.doc["host"]["loadavg_start"][0]
+        if load1 > 0.5 * (self.doc["host"]["cpus"] or 1):
+            _progress(f"  warning: the machine is busy (load average {load1:.1f}): absolute "
+                      "numbers will be low and noisy; ratios within this run still compare "
+                      "like with like")
 
     def _describe_tools(self) -> None:
         for name, (argv, pattern) in TOOLS.items():
@@ -260,7 +266,8 @@ class Runner:
         except (MeasureError, StartError, OSError) as exc:
             self._say(w, c, f"ERROR {str(exc).splitlines()[0]}", t0)
             return {"status": "error", "error": str(exc)}
-        headline = " · ".join(f"{fmt(values.get(m.key))} {m.unit}" for m in w.metrics
+        headline = " · ".join(f"{m.short} {fmt(values.get(m.key))} {m.unit}".strip()
+                              for m in w.metrics
                               if values.get(m.key) is not None)
         self._say(w, c, headline, t0)
         return {"status": "ok", "values": values}
@@ -275,13 +282,15 @@ class Runner:
         for m in w.metrics:
             c = doc["comparison"][m.key]
             if c["ratio"] is not None:
-                parts.append(f"{c['ratio']:.2f}x {c['best_peer']} on {m.unit}")
+                parts.append(f"{c['ratio']:.2f}x {c['best_peer']} on {m.short} {m.unit}"
+                             .replace("  ", " "))
         if parts:
             _progress(f"    {w.name}: enforcer = " + ", ".join(parts))
 
     def _finish(self, out: Path, run_dir: Path) -> int:
         self.doc["finished_at"] = rmod.utcnow()
         self.doc["duration_s"] = round(time.monotonic() - self.started, 1)
+        self.doc["host"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         self.doc["targets"] = rmod.collect_targets(self.doc)
         paths = write_all(self.doc, out, run_dir)
         _progress(f"done in {fmt(self.doc['duration_s'])} s: " + ", ".join(map(str, paths)))

@@ -124,7 +124,9 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
              "(plain in, mTLS out) → inbound (mTLS in, plain out) → backend. CPU is the "
              "pair's own (both sidecars, all processes and threads, from /proc).", "",
              f"Host: {h['cpus']} CPUs, Linux {h['kernel']} {h['machine']}, Python "
-             f"{h['python']}, {h['openssl']}. Duration: {fmt(doc['duration_s'])} s."
+             f"{h['python']}, {h['openssl']}. Load average at start / end: "
+             f"{_load(h.get('loadavg_start'))} / {_load(h.get('loadavg_end'))}. "
+             f"Duration: {fmt(doc['duration_s'])} s."
              + (" **Interrupted: partial results.**" if doc["interrupted"] else ""), "",
              "## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
              "enforcer ÷ the best of haproxy, stunnel and nginx in this run.", "",
@@ -150,6 +152,10 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
         lines += [f"![{n}]({chart_prefix}{doc['workloads'][n]['chart']})" for n in charts]
         lines.append("")
     return "\n".join(lines)
+
+
+def _load(values: list[float] | None) -> str:
+    return " ".join(f"{v:.2f}" for v in values) if values else "–"
 
 
 def _micro_lines(doc: Doc) -> list[str]:

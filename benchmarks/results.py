@@ -4,7 +4,7 @@ Shape (``SCHEMA``; every key is always present, values may be null):
 
     {"schema": "enforcer-bench/1", "mode": "quick"|"full", "interrupted": bool,
      "started_at", "finished_at" (ISO 8601 UTC), "duration_s", "run_dir",
-     "host": {cpus, kernel, machine, python, openssl, nofile},
+     "host": {cpus, kernel, machine, python, openssl, nofile, loadavg_start, loadavg_end},
      "settings": {... every knob, the same for all contestants ...},
      "backends": {"http": str|null, "bulk": str|null},
      "tools": {name: {"installed": bool, "version": str|null, "apt": str}},
@@ -51,7 +51,8 @@ def host_facts() -> Doc:
     return {"cpus": os.cpu_count(), "kernel": platform.release(),
             "machine": platform.machine(), "python": platform.python_version(),
             "openssl": ssl.OPENSSL_VERSION,
-            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+            "loadavg_start": [round(v, 2) for v in os.getloadavg()], "loadavg_end": None}
 
 
 def new_doc(settings: Settings, run_dir: str) -> Doc:

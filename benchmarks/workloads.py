@@ -57,16 +57,18 @@ class Settings:
     @classmethod
     def make(cls, quick: bool, duration: int | None, idle_cap: int) -> Settings:
         seconds = duration or (2 if quick else 10)
-        large = 1000 if quick else 10000
+        large = 500 if quick else 10000
         note = ""
         if large > idle_cap:
             note = (f"idle-large capped at {idle_cap} connections: each proxy process "
                     f"holds 2 sockets per connection and RLIMIT_NOFILE allows no more")
             large = idle_cap
-        return cls(quick=quick, bulk_seconds=seconds, bulk_warmup="256M" if quick else "2G",
+        return cls(quick=quick, bulk_seconds=duration or (1 if quick else 10),
+                   bulk_warmup="128M" if quick else "2G",
                    wrk_seconds=seconds, wrk_warmup_seconds=1 if quick else 2,
-                   wrk_connections=32, wrk_threads=2, latency_n=200 if quick else 1000,
-                   latency_warmup=20, idle_small=200 if quick else 1000, idle_large=large,
+                   wrk_connections=32, wrk_threads=2, latency_n=100 if quick else 1000,
+                   latency_warmup=10 if quick else 50, idle_small=100 if quick else 1000,
+                   idle_large=large,
                    idle_settle_s=0.5 if quick else 1.0, idle_note=note)
 
 
@@ -78,6 +80,7 @@ class Metric:
     better: str  # "higher" | "lower"
     ratio_target: float | None = None  # enforcer / best peer must be >= (higher) or <=
     absolute_max: float | None = None  # enforcer's own value must be <= this
+    short: str = ""  # prefix in progress lines ("p99")
 
 
 @dataclass
@@ -262,7 +265,7 @@ WORKLOADS: tuple[Workload, ...] = (
              (Metric("req_per_s", "requests/s", "req/s", "higher", ratio_target=1.0),
               Metric("cpu_us_per_req", "CPU per request", "CPU µs/req", "lower",
                      ratio_target=1.0),
-              Metric("p99_ms", "p99 latency", "ms", "lower")),
+              Metric("p99_ms", "p99 latency", "ms", "lower", short="p99")),
              _wrk(close=False),
              params=lambda s: {"connections": s.wrk_connections, "threads": s.wrk_threads,
                                "seconds": s.wrk_seconds, "warmup_s": s.wrk_warmup_seconds}),
@@ -270,13 +273,13 @@ WORKLOADS: tuple[Workload, ...] = (
              (Metric("conn_per_s", "new connections/s", "conn/s", "higher", ratio_target=1.0),
               Metric("cpu_us_per_conn", "CPU per new connection", "CPU µs/conn", "lower",
                      ratio_target=1.0),
-              Metric("p99_ms", "p99 latency under load", "ms", "lower")),
+              Metric("p99_ms", "p99 latency under load", "ms", "lower", short="p99")),
              _wrk(close=True),
              params=lambda s: {"connections": s.wrk_connections, "threads": s.wrk_threads,
                                "seconds": s.wrk_seconds, "warmup_s": s.wrk_warmup_seconds}),
     Workload("latency", "handshake latency, sequential new connections", (), "http",
-             (Metric("p50_ms", "p50 connect to first byte", "ms", "lower"),
-              Metric("p99_ms", "p99 connect to first byte", "ms", "lower"),
+             (Metric("p50_ms", "p50 connect to first byte", "ms", "lower", short="p50"),
+              Metric("p99_ms", "p99 connect to first byte", "ms", "lower", short="p99"),
               Metric("cpu_us_per_conn", "CPU per connection", "CPU µs/conn", "lower")),
              _latency, params=lambda s: {"connections": s.latency_n,
                                          "warmup": s.latency_warmup}),
