@@ -12,7 +12,7 @@ import sys
 from enforcer.cli import exitcodes
 from enforcer.cli.errors import fail
 from enforcer.config.errors import ConfigError
-from enforcer.config.loader import load_config
+from enforcer.config.loader import is_rulesets_file, load_config, load_rulesets_file
 from enforcer.config.model import Config
 
 
@@ -48,6 +48,8 @@ def check_runtime(cfg: Config) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if is_rulesets_file(args.config):
+        return check_rulesets_file(args.config)
     cfg, problems = check_config(args.config)
     if problems:
         for problem in problems:
@@ -57,4 +59,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok ({len(cfg.listeners)} listener(s), {len(cfg.upstreams)} "
           f"upstream(s), {len(cfg.tls)} TLS material(s), {len(cfg.rulesets)} ruleset(s))",
           file=sys.stdout)
+    return exitcodes.OK
+
+
+def check_rulesets_file(path: str) -> int:
+    """A file holding only ``rulesets:`` (a ``rulesets_file``, e.g. a ConfigMap's
+    rules.yaml) is checked on its own: everything but the listener references, which
+    need the config that names the file."""
+    try:
+        rulesets = load_rulesets_file(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            fail(str(issue))
+        return exitcodes.BAD_CONFIG
+    rules = sum(len(rs.rules) for rs in rulesets.values())
+    print(f"{path}: ok (rulesets file: {len(rulesets)} ruleset(s), {rules} rule(s); listener "
+          "references are checked with the config that names it)", file=sys.stdout)
     return exitcodes.OK
