@@ -35,11 +35,11 @@ from benchmarks.backends import BODY_SIZE, start_http
 from benchmarks.contestants import Contestant, Env, tool_version
 from benchmarks.load import MeasureError
 from benchmarks.micro import run_micro
+from benchmarks.options import CONTESTANTS, WORKLOADS, add_arguments
 from benchmarks.pki import make_pki
 from benchmarks.procs import Ports, Processes, StartError, install_signal_handlers
 from benchmarks.report import fmt, write_all
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TOOLS = {"iperf3": (["iperf3", "--version"], r"iperf (\S+)"),
          "wrk": (["wrk", "--version"], r"wrk (\S+)"),
          "openssl": (["openssl", "version"], r"OpenSSL (\S+)")}
@@ -47,26 +47,6 @@ TOOLS = {"iperf3": (["iperf3", "--version"], r"iperf (\S+)"),
 
 class UsageError(Exception):
     pass
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    names = ", ".join(c.name for c in cmod.ALL)
-    p.add_argument("--quick", action="store_true",
-                   help="short run (< 2 min): 2 s per measurement, smaller N; indicative only")
-    p.add_argument("--only", metavar="LIST", help=f"contestants, comma-separated ({names})")
-    p.add_argument("--workloads", metavar="LIST",
-                   help="workloads, comma-separated (" + ", ".join(wmod.BY_NAME) + ")")
-    p.add_argument("--out", metavar="DIR", type=Path, default=RESULTS_DIR,
-                   help="results directory (default benchmarks/results)")
-    p.add_argument("--duration", metavar="S", type=int,
-                   help="seconds per throughput measurement (default 10, quick 2)")
-    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
-    p.add_argument("--enforcer-extra", metavar="YAML", type=Path,
-                   help="YAML merged into both enforcer configs (to try a setting)")
-    p.add_argument("--keep-temp", action="store_true",
-                   help="keep the temp dir (configs and process logs)")
-    p.add_argument("--list", action="store_true",
-                   help="list contestants and workloads with what is installed, then exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         return list_everything()
     try:
-        chosen = [cmod.BY_NAME[n] for n in _pick(args.only, list(cmod.BY_NAME), "contestant")]
-        works = [wmod.BY_NAME[n] for n in _pick(args.workloads, list(wmod.BY_NAME), "workload")]
+        chosen = [cmod.BY_NAME[n] for n in _pick(args.only, CONTESTANTS, "contestant")]
+        works = [wmod.BY_NAME[n] for n in _pick(args.workloads, WORKLOADS, "workload")]
         extra = _load_extra(args.enforcer_extra)
     except UsageError as exc:
         print(f"enforcer bench: {exc}", file=sys.stderr)

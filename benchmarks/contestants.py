@@ -7,7 +7,9 @@ certificate chain and name; inbound: mTLS in with a required client certificate,
 out) into its own temp dir and runs two processes there in the foreground, through
 ``Processes`` (so they are measured and cleaned up by session id). Every contestant
 gets the same certificates and the same work; none is tuned: threads, workers, buffers
-and TLS choices are each tool's own defaults. The only settings raised are capacity
+and TLS choices are each tool's own defaults, except that every pair speaks TLS 1.3
+(nginx 1.22 needs ``ssl_protocols`` for that, see ``NGINX_PROTOCOLS``; the results
+record what each inbound negotiates). The only settings raised are capacity
 limits whose defaults cannot hold the idle-connection workload (nginx's
 ``worker_connections 512``); they are raised to the same number for every tool that
 has one (see ``CAPACITY``), and they only admit connections, they do not change speed.
@@ -32,6 +34,10 @@ from benchmarks.pki import SERVER_NAME, BenchPki
 from benchmarks.procs import Ports, Processes, wait_listening
 
 CAPACITY = 20000  # connections one proxy process may hold (nginx worker_connections)
+# nginx 1.22's built-in default is "TLSv1 TLSv1.1 TLSv1.2" (no TLS 1.3; nginx >= 1.23.4
+# defaults to exactly the line below). Every other contestant negotiates TLS 1.3 by
+# default, so this is the one setting that makes the protocol the same for everyone.
+NGINX_PROTOCOLS = "TLSv1.2 TLSv1.3"
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
@@ -340,6 +346,7 @@ class Nginx(Contestant):
 
     def describe(self) -> str:
         return ("stream module, `proxy_ssl on` + `ssl_verify_client on`, "
+                f"`ssl_protocols {NGINX_PROTOCOLS}` (the default of nginx >= 1.23.4), "
                 "`worker_processes auto` (its shipped default)")
 
     def outbound_config(self, env: Env, d: Path, port: int, in_port: int) -> Path:
@@ -351,7 +358,8 @@ class Nginx(Contestant):
             f"    proxy_ssl_certificate {env.pki.client_cert};\n"
             f"    proxy_ssl_certificate_key {env.pki.client_key};\n"
             f"    proxy_ssl_trusted_certificate {env.pki.ca};\n"
-            f"    proxy_ssl_verify on;\n    proxy_ssl_name {SERVER_NAME};\n  }}\n}}\n")
+            f"    proxy_ssl_verify on;\n    proxy_ssl_name {SERVER_NAME};\n"
+            f"    proxy_ssl_protocols {NGINX_PROTOCOLS};\n  }}\n}}\n")
         return path
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
@@ -362,6 +370,7 @@ class Nginx(Contestant):
             f"    ssl_certificate {env.pki.server_cert};\n"
             f"    ssl_certificate_key {env.pki.server_key};\n"
             f"    ssl_client_certificate {env.pki.ca};\n    ssl_verify_client on;\n"
+            f"    ssl_protocols {NGINX_PROTOCOLS};\n"
             f"    proxy_pass 127.0.0.1:{backend_port};\n  }}\n}}\n")
         return path
 

@@ -11,11 +11,6 @@ import asyncio
 import sys
 from pathlib import Path
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency of enforcer
-    uvloop = None
-
 
 class Responder(asyncio.Protocol):
     def __init__(self, keep: bytes, close: bytes) -> None:
@@ -46,8 +41,7 @@ def responses(body: bytes) -> tuple[bytes, bytes]:
             head + b"Connection: close\r\n\r\n" + body)
 
 
-async def serve(port: int, directory: Path) -> None:
-    body = next(p for p in sorted(directory.iterdir()) if p.is_file()).read_bytes()
+async def serve(port: int, body: bytes) -> None:
     keep, close = responses(body)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Responder(keep, close), "127.0.0.1", port,
@@ -57,9 +51,12 @@ async def serve(port: int, directory: Path) -> None:
 
 
 def main() -> None:
-    if uvloop is not None:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve(int(sys.argv[1]), Path(sys.argv[2])))
+    import uvloop  # a dependency of enforcer
+
+    directory = Path(sys.argv[2])
+    body = next(p for p in sorted(directory.iterdir()) if p.is_file()).read_bytes()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(serve(int(sys.argv[1]), body))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ from benchmarks.results import Doc
 ORDER = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
 COLORS = {"enforcer": "#e8590c", "direct": "#adb5bd"}
 PEER_COLOR = "#4c6ef5"
+DASH = "\u2013"  # en dash: no value
+TIMES = "\u00d7"  # multiplication sign in ratios
 
 
 def fmt(value: Any) -> str:
     if value is None:
-        return "–"
+        return DASH
     if isinstance(value, bool):
         return "yes" if value else "no"
     if not isinstance(value, int | float):
@@ -44,20 +46,20 @@ def contestant_names(doc: Doc) -> list[str]:
 
 def _cell(result: dict[str, Any] | None, key: str) -> str:
     if not result:
-        return "–"
+        return DASH
     status = result.get("status")
     if status == "ok":
         return fmt(result["values"].get(key))
-    return {"skipped": "skipped", "n/a": "n/a", "error": "**error**"}.get(str(status), "–")
+    return {"skipped": "skipped", "n/a": "n/a", "error": "**error**"}.get(str(status), DASH)
 
 
 def _ratio_cell(c: dict[str, Any] | None) -> str:
     if not c or c.get("ratio") is None:
         if c and c.get("met") is not None:  # absolute target without peers
             return "✅" if c["met"] else "❌"
-        return "–"
+        return DASH
     mark = {True: " ✅", False: " ❌", None: ""}[c["met"]]
-    return f"{c['ratio']:.2f}× ({c['best_peer']}){mark}"
+    return f"{c['ratio']:.2f}{TIMES} ({c['best_peer']}){mark}"
 
 
 def _arrow(better: str) -> str:
@@ -78,7 +80,8 @@ def results_table(doc: Doc) -> list[str]:
             c = w["comparison"].get(m["key"])
             title = _workload_title(w) if i == 0 else ""
             target = (c or {}).get("target") or ""
-            lines.append(f"| {title} | {m['unit']} {_arrow(m['better'])} | "
+            label = f"{m.get('short') or ''} {m['unit']}".strip()
+            lines.append(f"| {title} | {label} {_arrow(m['better'])} | "
                          + " | ".join(cells) + f" | {_ratio_cell(c)} | {target} |")
     return lines
 
@@ -136,8 +139,8 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
         lines += ["## Errors", "", *errors, ""]
     lines += ["## Contestants", "", *_contestant_lines(doc), ""]
     b = doc["backends"]
-    lines += ["## Backends and load", "", f"- HTTP backend: {b.get('http') or '–'}",
-              f"- bulk backend: {b.get('bulk') or '–'}"]
+    lines += ["## Backends and load", "", f"- HTTP backend: {b.get('http') or DASH}",
+              f"- bulk backend: {b.get('bulk') or DASH}"]
     for name, t in doc["tools"].items():
         state = ((t["version"] or "installed") if t["installed"]
                  else f"missing (apt install {t['apt']})")
@@ -155,7 +158,7 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
 
 
 def _load(values: list[float] | None) -> str:
-    return " ".join(f"{v:.2f}" for v in values) if values else "–"
+    return " ".join(f"{v:.2f}" for v in values) if values else DASH
 
 
 def _micro_lines(doc: Doc) -> list[str]:
@@ -202,14 +205,14 @@ def _panel(ax: Any, w: dict[str, Any], m: dict[str, Any], names: list[str]) -> N
         r = w["results"].get(n) or {}
         v = r.get("values", {}).get(m["key"]) if r.get("status") == "ok" else None
         values.append(v or 0.0)
-        labels.append(n if v is not None else f"{n}\n({r.get('status', '–')})")
+        status = r.get("status", DASH) if r.get("status") != "ok" else "n/a"
+        labels.append(n if v is not None else f"{n}\n({status})")
         colors.append(COLORS.get(n, PEER_COLOR))
         hatches.append("//" if n == "direct" else "")
     bars = ax.bar(range(len(names)), values, color=colors, edgecolor="#343a40", linewidth=0.6)
-    for bar, hatch, v, n in zip(bars, hatches, values, names, strict=True):
+    for bar, hatch, v, label in zip(bars, hatches, values, labels, strict=True):
         bar.set_hatch(hatch)
-        ok = (w["results"].get(n) or {}).get("status") == "ok"
-        if ok:
+        if "\n" not in label:  # a real value
             ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, v), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(names)), labels, fontsize=8)
@@ -220,7 +223,7 @@ def _panel(ax: Any, w: dict[str, Any], m: dict[str, Any], names: list[str]) -> N
     title = m["label"]
     if c.get("ratio") is not None:
         mark = {True: " ✓", False: " ✗", None: ""}[c["met"]]
-        title += f"\nenforcer = {c['ratio']:.2f}× best peer ({c['best_peer']}){mark}"
+        title += f"\nenforcer = {c['ratio']:.2f}{TIMES} best peer ({c['best_peer']}){mark}"
     elif c.get("met") is not None:
         title += f"\ntarget {c['target']}: {'met' if c['met'] else 'not met'}"
     ax.set_title(title, fontsize=9)
@@ -242,7 +245,10 @@ def chart_summary(doc: Doc, path: Path) -> bool:
     colors = ["#2b8a3e" if t["met"] else "#c92a2a" for t in rows]
     ax.barh(range(len(rows)), adv, color=colors)
     for i, (a, t) in enumerate(zip(adv, rows, strict=True)):
-        ax.annotate(f"{t['ratio']:.2f}× vs {t['best_peer']}", (a, i), xytext=(3, 0),
+        text = f"{t['ratio']:.2f}{TIMES} vs {t['best_peer']}"
+        if not t["target"].endswith("best peer"):  # an absolute target
+            text += f"; {fmt(t['enforcer'])} {t['unit']}, target {t['target']}"
+        ax.annotate(text, (a, i), xytext=(3, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)

@@ -12,7 +12,7 @@ Shape (``SCHEMA``; every key is always present, values may be null):
                             "peer": bool, "setup": str, "tls": {...}|null}},
      "workloads": {name: {"title", "status": "ok"|"skipped", "reason"?, "apt"?,
                           "params": {...},
-                          "metrics": [{key, label, unit, better, ratio_target, absolute_max}],
+                          "metrics": [{key, label, short, unit, better, ratio_target, absolute_max}],
                           "results": {contestant: {"status": "ok", "values": {...}}
                                                 | {"status": "skipped"|"n/a"|"error",
                                                    "reason"|"error": str}},
@@ -65,7 +65,7 @@ def new_doc(settings: Settings, run_dir: str) -> Doc:
 
 
 def metric_doc(m: Metric) -> Doc:
-    return {"key": m.key, "label": m.label, "unit": m.unit, "better": m.better,
+    return {"key": m.key, "label": m.label, "short": m.short, "unit": m.unit, "better": m.better,
             "ratio_target": m.ratio_target, "absolute_max": m.absolute_max}
 
 

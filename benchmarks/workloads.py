@@ -251,8 +251,15 @@ def _idle(size: str) -> Callable[[Ctx, Pair], Values]:
 
 GBITS = Metric("gbit_per_s", "throughput", "Gbit/s", "higher", ratio_target=1.0)
 CPU_GB = Metric("cpu_s_per_gb", "CPU per GB", "CPU s/GB", "lower", ratio_target=1.0)
-IDLE_KIB = Metric("kib_per_conn", "memory per idle connection (pair)", "KiB/conn", "lower",
-                  absolute_max=10.0)
+IDLE_METRICS = (
+    Metric("kib_per_conn", "memory per idle connection (pair)", "KiB/conn", "lower",
+           absolute_max=10.0),
+    Metric("kib_per_conn_outbound", "outbound sidecar alone", "KiB/conn", "lower",
+           short="outbound"),
+    Metric("kib_per_conn_inbound", "inbound sidecar alone", "KiB/conn", "lower",
+           short="inbound"),
+    Metric("rss_before_mib", "RSS of the pair at rest", "MiB", "lower", short="at rest"),
+)
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("bulk-1", "bulk throughput, 1 stream", ("iperf3",), "iperf3", (GBITS, CPU_GB),
@@ -283,10 +290,10 @@ WORKLOADS: tuple[Workload, ...] = (
               Metric("cpu_us_per_conn", "CPU per connection", "CPU µs/conn", "lower")),
              _latency, params=lambda s: {"connections": s.latency_n,
                                          "warmup": s.latency_warmup}),
-    Workload("idle-small", "idle connections held (small N)", (), "http", (IDLE_KIB,),
+    Workload("idle-small", "idle connections held (small N)", (), "http", IDLE_METRICS,
              _idle("small"), proxies_only=True,
              params=lambda s: {"connections": s.idle_small, "settle_s": s.idle_settle_s}),
-    Workload("idle-large", "idle connections held (large N)", (), "http", (IDLE_KIB,),
+    Workload("idle-large", "idle connections held (large N)", (), "http", IDLE_METRICS,
              _idle("large"), proxies_only=True,
              params=lambda s: {"connections": s.idle_large, "settle_s": s.idle_settle_s,
                                **({"note": s.idle_note} if s.idle_note else {})}),

@@ -56,7 +56,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Check = Callable[[str], "str | None"]
 _Normalize = Callable[[str], str]
 
-TLV_KEYS = ("aws_vpce_id", "azure_link_id", "gcp_psc_id", "authority", "alpn")
+TLV_KEYS = ("aws_vpce_id", "azure_link_id", "gcp_psc_id", "authority", "alpn", "identity")
 RULESET_KEYS = ("default", "rules", "reevaluate_on_reload")
 RULE_KEYS = ("name", "description", "action", "from", "to", "ports")
 FROM_KEYS = ("identities", "trust_domains", "dns", "cn", "ou", "spki_sha256", "cidrs", "tlvs",

@@ -23,6 +23,7 @@ timers and the connect task, closes both sockets, and emits one flow record.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
 import ipaddress
 import logging
@@ -363,10 +364,17 @@ class Connection:
 
     def _handshake_failed(self, exc: ssl.SSLError) -> None:
         reason = _tls_reason(exc)
+        why: str | None = None
+        if self.client.tls is not None:  # set by tlsconf.sni when strict_sni refused
+            why = getattr(self.client.tls.obj, "enforcer_sni_refused", None)
+        if why is not None:
+            reason = "sni_refused"
+        elif isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+            why = f"{exc.reason}: {exc.verify_message}"  # e.g. certificate revoked
         self.plane.metrics.tls_handshake_errors_total.labels(
             listener=self.listener.name, reason=reason).inc()
         self._fail("handshake_failed", f"TLS handshake with {self._peer_text()} failed: "
-                   f"{exc.reason or exc}", tls_reason=reason)
+                   f"{why or exc.reason or exc}", tls_reason=reason)
 
     def _server_handshake_done(self, tls: TlsEngine) -> None:
         self._cancel_stage_timer()
@@ -382,6 +390,10 @@ class Connection:
                 return
         self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni,
                          "resumed": tls.session_reused}
+        if tls.session_reused and _expired(self.identity):
+            self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
+                       "client certificate has expired")
+            return
         self._authorize(b"")
         if self.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
@@ -389,19 +401,27 @@ class Connection:
     # ===================================================================== authorize
     def _authorize(self, data: bytes) -> None:
         self.stage = Stage.AUTHORIZE
+        decision = self.plane.decide_before_upstream(self.listener, self._facts())
+        if decision is not None and not self._decided(decision):
+            return
+        # decision None: it depends on the upstream's verified identity; _start_relay
+        # decides once that is known, before any client byte is forwarded.
+        self.stage = Stage.CONNECT
+        if data:
+            self._from_client(data)
+        self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
+
+    def _decided(self, decision: Any) -> bool:
+        """Record and count the decision; on deny, close. Returns True for allow."""
         lst = self.listener
-        decision = self.plane.decide(lst, self._facts())
         self.decision = decision
         self.plane.metrics.policy_decisions_total.labels(
             listener=lst.name, ruleset=decision.ruleset, rule=decision.rule or "",
             action=decision.action).inc()
         if decision.action != "allow":
             self._finish("deny", "denied", detail=flowrecord.deny_detail(decision))
-            return
-        self.stage = Stage.CONNECT
-        if data:
-            self._from_client(data)
-        self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
+            return False
+        return True
 
     def _facts(self) -> FlowFacts:
         ip = None
@@ -421,6 +441,7 @@ class Connection:
             sni=self.sni,
             tlvs=tlvs,
             destination=None if up.is_unix else (up.host, up.port),
+            server_identity=self.upstream_identity,
         )
 
     # ===================================================================== upstream
@@ -504,6 +525,8 @@ class Connection:
             return
         problem = self.plane.check_upstream_identity(self.listener.upstream,
                                                      self.upstream_identity)
+        if problem is None and up.tls.session_reused and _expired(self.upstream_identity):
+            problem = "the upstream's certificate in the resumed TLS session has expired"
         if problem is not None:
             self._fail("upstream_identity_mismatch", problem, upstream_reason="identity_mismatch")
             return
@@ -514,6 +537,9 @@ class Connection:
 
     # ===================================================================== relay
     def _start_relay(self) -> None:
+        if self.decision is None and not self._decided(
+                self.plane.decide(self.listener, self._facts())):
+            return
         self.stage = Stage.RELAY
         up = self.upstream
         assert up is not None
@@ -639,6 +665,8 @@ class Connection:
         if up is None or up.tls is None:
             return
         runtime = self.listener.upstream
+        if up.tls.obj.context is not runtime.client_ctx:
+            return  # a TLS reload replaced the context; its sessions do not fit the new one
         if up.tls.session_reused and runtime.session is not None:
             return  # the cached session still works: copying a session is not free
         session = up.tls.session
@@ -705,3 +733,8 @@ def _tls_reason(exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLEOFError) or "unexpected eof" in text:
         return "eof"
     return "other"
+
+
+def _expired(identity: PeerIdentity | None) -> bool:
+    """OpenSSL does not look at the certificate again when a session resumes."""
+    return identity is not None and identity.not_after <= datetime.datetime.now(datetime.UTC)

@@ -194,6 +194,18 @@ class DataPlane:
                                                       conn.abort_sockets)
                 return
 
+    def decide_before_upstream(self, lst: ListenerRuntime, facts: FlowFacts) -> Decision | None:
+        """The decision if it is certain before connecting; None when it depends on the
+        upstream's verified identity (rules with ``to.server_identities``)."""
+        ruleset = self.rulesets.get(lst.cfg.ruleset)
+        if ruleset is None or not ruleset.uses_server_identity:
+            return self.decide(lst, facts)
+        try:
+            return ruleset.decide_before_upstream(facts)
+        except Exception:  # fail closed
+            log.exception("ruleset %s failed to evaluate; denying", lst.cfg.ruleset)
+            return Decision("deny", lst.cfg.ruleset, None, "error")
+
     def decide(self, lst: ListenerRuntime, facts: FlowFacts) -> Decision:
         ruleset = self.rulesets.get(lst.cfg.ruleset)
         if ruleset is None:

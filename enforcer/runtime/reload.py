@@ -39,7 +39,7 @@ from enforcer.config.model import Config
 from enforcer.config.rulesets import RulesetConfig
 from enforcer.dataplane.tasks import spawn
 from enforcer.policy import compile_rulesets
-from enforcer.runtime.tlsreload import reload_tls_material
+from enforcer.runtime.tlsreload import reload_tls_material, rotate_ticket_keys
 from enforcer.tlsconf.material import MaterialError
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.reload")
 
 POLL_INTERVAL = 1.0
+TICKET_KEY_LIFETIME = 3600.0  # listener contexts are rebuilt this often: fresh ticket keys
 KINDS = ("rulesets", "tls")
 Signature = tuple[int, int, int, int, int] | None
 
@@ -68,6 +69,7 @@ class Reloader:
         self.rulesets_file = server.cfg.rulesets_file  # follows the config file on reload
         self.rulesets: Mapping[str, RulesetConfig] = server.cfg.rulesets  # last good
         self._inline = self._inline_rulesets(server.cfg)
+        self.ticket_key_lifetime = TICKET_KEY_LIFETIME
         self._task: asyncio.Task[None] | None = None
         self._sigs: dict[str, Signature] = {}
 
@@ -90,10 +92,14 @@ class Reloader:
         return {"rulesets": [p for p in (cfg.source, self.rulesets_file) if p], "tls": tls}
 
     async def _watch(self) -> None:
+        keys_made = time.monotonic()
         while True:
             await asyncio.sleep(self.interval)
             try:
                 self.poll()
+                if time.monotonic() - keys_made >= self.ticket_key_lifetime:
+                    keys_made = time.monotonic()
+                    rotate_ticket_keys(self.server)  # new listener contexts, new ticket keys
             except Exception:  # a bug must not stop the watching
                 log.exception("reload poll failed")
 

@@ -10,11 +10,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from enforcer.dataplane.plane import DataPlane
 from enforcer.tlsconf.certs import IssuedPaths
 from tests.e2e.harness import (
     Backend,
@@ -171,8 +169,6 @@ async def test_plaintext_rules_and_mtls_rules_on_one_auto_listener(pki: Any,
 INBOUND_ID = "spiffe://enforcer.demo/ns/demo/sa/inbound"
 
 
-@pytest.mark.skipif(not hasattr(DataPlane, "decide_before_upstream"),
-                    reason="needs the data-plane half of to.server_identities (issue 4 report)")
 async def test_outbound_rules_on_the_upstreams_verified_identity(pki: Any) -> None:
     """An outbound listener's rules see who answered: the decision waits for the upstream
     handshake when (and only when) it depends on the server's identity, and nothing from

@@ -108,8 +108,6 @@ async def rotating_outbound(pki: Any, tmp_path: Path) -> AsyncIterator[Any]:
         await backend.close()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the session/context check in dataplane/connection.py "
-                   "_keep_session (see the TLS report)")
 async def test_client_certificate_rotation_under_load(rotating_outbound: Any, pki: Any,
                                                       tmp_path: Path) -> None:
     server, inbound, mount = rotating_outbound
@@ -174,8 +172,6 @@ def _blocking_echo(port: int, ctx: ssl.SSLContext, payload: bytes,
         return bytes(got), tls.session, tls.session_reused
 
 
-@pytest.mark.xfail(strict=True, reason="needs the expiry check on resumed sessions in "
-                   "dataplane/connection.py _server_handshake_done (see the TLS report)")
 async def test_an_expired_client_certificate_cannot_resume(pki: Any, tmp_path: Path) -> None:
     now = dt.datetime.now(dt.UTC)
     short = issue(pki.base, tmp_path / "short", name="short", spiffe_id=DEMO_CLIENT_ID,

@@ -1,0 +1,32 @@
+"""Command-line options of the harness, importable cheaply (``enforcer bench`` adds them to
+its parser at every ``enforcer`` start, so this module imports nothing heavy)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CONTESTANTS = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
+WORKLOADS = ("bulk-1", "bulk-8", "keepalive", "newconn", "latency", "idle-small",
+             "idle-large")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="short run (< 2 min): 1-2 s per measurement, smaller N; indicative")
+    p.add_argument("--only", metavar="LIST",
+                   help="contestants, comma-separated (" + ", ".join(CONTESTANTS) + ")")
+    p.add_argument("--workloads", metavar="LIST",
+                   help="workloads, comma-separated (" + ", ".join(WORKLOADS) + ")")
+    p.add_argument("--out", metavar="DIR", type=Path, default=RESULTS_DIR,
+                   help="results directory (default benchmarks/results)")
+    p.add_argument("--duration", metavar="S", type=int,
+                   help="seconds per throughput measurement (default 10; quick 1-2)")
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--enforcer-extra", metavar="YAML", type=Path,
+                   help="YAML mapping merged into both enforcer configs (to try a setting)")
+    p.add_argument("--keep-temp", action="store_true",
+                   help="keep the temp dir (generated configs and process logs)")
+    p.add_argument("--list", action="store_true",
+                   help="list contestants and workloads with what is installed, then exit")
