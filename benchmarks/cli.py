@@ -37,7 +37,13 @@ from benchmarks.load import MeasureError
 from benchmarks.micro import run_micro
 from benchmarks.options import CONTESTANTS, WORKLOADS, add_arguments
 from benchmarks.pki import make_pki
-from benchmarks.procs import Ports, Processes, StartError, install_signal_handlers
+from benchmarks.procs import (
+    Ports,
+    Processes,
+    StartError,
+    install_signal_handlers,
+    shield_cleanup,
+)
 from benchmarks.report import fmt, write_all
 
 TOOLS = {"iperf3": (["iperf3", "--version"], r"iperf (\S+)"),
@@ -152,6 +158,7 @@ class Runner:
             self.doc["interrupted"] = True
             _progress("interrupted: stopping every process, writing partial results")
         finally:
+            shield_cleanup()
             procs.stop_all()
             if self.args.keep_temp:
                 _progress(f"temp dir kept: {tmp}")

@@ -106,14 +106,31 @@ class Processes:
             self.stop(proc, timeout=3.0)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt, like SIGINT, so ``finally`` cleans up."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt so ``finally`` cleans up.
+
+    SIGINT is set explicitly: a shell starts background jobs with SIGINT ignored, and
+    Python keeps an ignored SIGINT ignored.
+    """
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, interrupt)
+
+
+def shield_cleanup() -> None:
+    """While cleaning up, further stop signals only say so (cleanup must finish)."""
+
+    def busy(signum: int, frame: FrameType | None) -> None:
+        os.write(2, b"still stopping processes and writing results...\n")
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, busy)
 
 
 # --------------------------------------------------------------------------- /proc

@@ -116,6 +116,9 @@ def build_server_context(material: LoadedMaterial, client_auth: str) -> ssl.SSLC
         ctx.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE
+    # One TLS 1.3 ticket per handshake (OpenSSL sends 2): a peer enforcer keeps one session
+    # per upstream and reuses it, so the second ticket is only work.
+    ctx.num_tickets = 1
     return ctx
 
 
