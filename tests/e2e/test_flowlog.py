@@ -36,7 +36,7 @@ from tests.e2e.observe_util import (
     wait_until,
     wait_until_sync,
 )
-from tests.e2e.proc import enforcer_cmd, write_config
+from tests.e2e.proc import EchoServer, enforcer_cmd, write_config
 
 MiB = 1024 * 1024
 NO_LABELS: frozenset[tuple[str, str]] = frozenset()
@@ -55,32 +55,6 @@ def plain_config(backend_port: int, flow_log: dict[str, Any], *,
     if admin:
         cfg["admin"] = {"listen": "127.0.0.1:0"}
     return cfg
-
-
-class EchoServer:
-    """A threaded TCP echo backend for tests whose proxy runs in a subprocess."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def short_connections(port: int, n: int) -> None:

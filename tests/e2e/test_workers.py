@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,36 +14,13 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import inbound_cfg
-from tests.e2e.proc import EnforcerProcess, write_config
+from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class EchoThread:
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
 
 
 def _roundtrip(port: int, payload: bytes) -> bytes:
@@ -81,7 +57,7 @@ def _wait(cond: Any, timeout: float = 15) -> None:
 
 
 def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki: Any) -> None:
-    echo = EchoThread()
+    echo = EchoServer()
     admin_port = _free_port()
     cfg = inbound_cfg(pki, echo.port, default="allow", rules=[], mode="off")
     cfg.update({"workers": 2, "admin": {"listen": f"127.0.0.1:{admin_port}"}})
@@ -117,4 +93,4 @@ def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki:
             [len(p) for p in payloads] + [len(again)])
     finally:
         proc.stop()
-        echo.sock.close()
+        echo.close()
