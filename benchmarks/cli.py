@@ -19,6 +19,7 @@ import datetime as dt
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"enforcer bench: {exc}", file=sys.stderr)
         return 2
-    settings = wmod.Settings.make(args.quick, args.duration, idle_cap(raise_nofile()))
+    settings = wmod.Settings.make(args.quick, args.duration, idle_cap(raise_nofile()),
+                                  getattr(args, "repeat", 1) or 1)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,31 @@ def _load_extra(path: Path | None) -> dict[str, Any]:
     return data
 
 
+def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the repetitions: the first failure, else the median of each value.
+
+    With one repetition the result is the sample itself; with more, ``samples`` keeps
+    every repetition's values so the spread can be seen.
+    """
+    failed = [s for s in samples if s["status"] != "ok"]
+    if failed or len(samples) == 1:
+        return failed[0] if failed else samples[0]
+    keys = samples[0]["values"].keys()
+    values = {}
+    for key in keys:
+        column = [s["values"][key] for s in samples]
+        numbers = [v for v in column if isinstance(v, int | float) and not isinstance(v, bool)]
+        values[key] = _median(numbers) if len(numbers) == len(column) else column[0]
+    return {"status": "ok", "values": values, "samples": [s["values"] for s in samples]}
+
+
+def _median(numbers: list[Any]) -> float | int:
+    middle = statistics.median(numbers)
+    if all(isinstance(n, int) for n in numbers) and float(middle).is_integer():
+        return int(middle)
+    return round(float(middle), 3)
+
+
 class Runner:
     def __init__(self, doc: rmod.Doc, settings: wmod.Settings, chosen: list[Contestant],
                  works: list[wmod.Workload], extra: dict[str, Any],
@@ -141,8 +168,9 @@ class Runner:
         self.extra, self.args = extra, args
         self.started = time.monotonic()
         self.ready = [c for c in chosen if not c.missing()]
+        self.repeat = settings.repeat
         self.done = 0
-        self.total = len(self.ready) * len(works)
+        self.total = len(self.ready) * len(works) * self.repeat
 
     def go(self, out: Path, run_dir: Path) -> int:
         install_signal_handlers()
@@ -175,11 +203,11 @@ class Runner:
         for name, c in self.doc["contestants"].items():
             state = c.get("reason") or c.get("version") or "ready"
             _progress(f"  {name:<9} {state}")
-        load1 = self.doc["host"]["loadavg_start"][0]
-        if load1 > 0.5 * (self.doc["host"]["cpus"] or 1):
-            _progress(f"  warning: the machine is busy (load average {load1:.1f}): absolute "
-                      "numbers will be low and noisy; ratios within this run still compare "
-                      "like with like")
+        busy = self.doc["host"]["cpu_busy_before"] = rmod.cpu_busy()
+        if busy > 0.2:
+            _progress(f"  warning: the machine is busy ({busy:.0%} of CPU in use before the "
+                      "run): absolute numbers will be low and noisy; ratios within this run "
+                      "still compare like with like")
 
     def _describe_tools(self) -> None:
         for name, (argv, pattern) in TOOLS.items():
@@ -229,13 +257,17 @@ class Runner:
             reason = getattr(self, "http_error", "HTTP backend not running")
         if reason:
             doc.update(status="skipped", reason=reason, apt=" ".join(w.tools) or None)
-            self.done += len(self.ready)
+            self.done += len(self.ready) * self.repeat
             _progress(f"{w.name}: skipped: {reason}")
             return
         if w.backend == "iperf3":
             self.doc["backends"]["bulk"] = "iperf3 -s, started fresh for each measurement"
+        samples: dict[str, list[dict[str, Any]]] = {c.name: [] for c in self.chosen}
+        for _ in range(self.repeat):  # rounds: every contestant once per round
+            for c in self.chosen:
+                samples[c.name].append(self._one(ctx, w, c))
         for c in self.chosen:
-            doc["results"][c.name] = self._one(ctx, w, c)
+            doc["results"][c.name] = combine(samples[c.name])
         peers = [c.name for c in self.chosen if c.is_peer]
         rmod.compare(doc, w.metrics, peers)
         self._say_comparison(w, doc)

@@ -16,6 +16,7 @@ import asyncio
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from typing import Any
 
 from benchmarks.backends import PATH, body, request
 from benchmarks.contestants import Env
-from benchmarks.pki import BenchPki
+from benchmarks.pki import SERVER_NAME, BenchPki
 from benchmarks.procs import log_tail
 
 
@@ -208,7 +209,7 @@ PROBE_FIELDS = {"Protocol version": "protocol", "Ciphersuite": "cipher",
                 "Server Temp Key": "group", "Verification": "verification"}
 
 
-def tls_probe(pki: BenchPki, port: int) -> dict[str, str] | None:
+def tls_probe(pki: BenchPki, port: int) -> dict[str, Any] | None:
     """What the inbound negotiates with ``openssl s_client`` (default offer, client cert).
 
     Only an indication: the outbound of each contestant makes its own offer. None when
@@ -224,9 +225,23 @@ def tls_probe(pki: BenchPki, port: int) -> dict[str, str] | None:
                               timeout=10, check=False)
     except subprocess.TimeoutExpired:
         return None
-    found = {}
+    found: dict[str, Any] = {}
     for line in done.stderr.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in PROBE_FIELDS:
             found[PROBE_FIELDS[key.strip()]] = value.strip()
+    if found:
+        found["client_cert_required"] = refuses_anonymous(pki, port)
     return found or None
+
+
+def refuses_anonymous(pki: BenchPki, port: int) -> bool:
+    """True if the inbound refuses a TLS client with no certificate (mTLS enforced)."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    try:
+        with socket.create_connection(("127.0.0.1", port), 10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+            tls.sendall(request(close=True))
+            return not tls.recv(64).startswith(b"HTTP/")
+    except (ssl.SSLError, OSError):
+        return True

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results directory (default benchmarks/results)")
     p.add_argument("--duration", metavar="S", type=int,
                    help="seconds per throughput measurement (default 10; quick 1-2)")
+    p.add_argument("--repeat", metavar="N", type=int, default=1,
+                   help="measure everything N times in interleaved rounds; report medians")
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     p.add_argument("--enforcer-extra", metavar="YAML", type=Path,
                    help="YAML mapping merged into both enforcer configs (to try a setting)")

@@ -102,7 +102,9 @@ def _contestant_lines(doc: Doc) -> list[str]:
             continue
         tls = c.get("tls") or {}
         tls_text = (f"; inbound TLS as seen by `openssl s_client`: {tls.get('protocol')}, "
-                    f"{tls.get('cipher')}, {tls.get('group')}") if tls.get("protocol") else ""
+                    f"{tls.get('cipher')}, {tls.get('group')}; refuses a client without a "
+                    f"certificate: {fmt(tls.get('client_cert_required'))}"
+                    ) if tls.get("protocol") else ""
         version = f" {c['version']}" if c.get("version") else ""
         out.append(f"- **{name}**{version}: {c.get('setup', '')}{tls_text}")
     return out
@@ -127,7 +129,8 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
              "(plain in, mTLS out) → inbound (mTLS in, plain out) → backend. CPU is the "
              "pair's own (both sidecars, all processes and threads, from /proc).", "",
              f"Host: {h['cpus']} CPUs, Linux {h['kernel']} {h['machine']}, Python "
-             f"{h['python']}, {h['openssl']}. Load average at start / end: "
+             f"{h['python']}, {h['openssl']}. CPU busy before the run: "
+             f"{fmt(100 * (h.get('cpu_busy_before') or 0))} %. Load average at start / end: "
              f"{_load(h.get('loadavg_start'))} / {_load(h.get('loadavg_end'))}. "
              f"Duration: {fmt(doc['duration_s'])} s."
              + (" **Interrupted: partial results.**" if doc["interrupted"] else ""), "",

@@ -4,7 +4,8 @@ Shape (``SCHEMA``; every key is always present, values may be null):
 
     {"schema": "enforcer-bench/1", "mode": "quick"|"full", "interrupted": bool,
      "started_at", "finished_at" (ISO 8601 UTC), "duration_s", "run_dir",
-     "host": {cpus, kernel, machine, python, openssl, nofile, loadavg_start, loadavg_end},
+     "host": {cpus, kernel, machine, python, openssl, nofile, loadavg_start, loadavg_end,
+              cpu_busy_before (fraction of all CPUs busy in the second before the run)},
      "settings": {... every knob, the same for all contestants ...},
      "backends": {"http": str|null, "bulk": str|null},
      "tools": {name: {"installed": bool, "version": str|null, "apt": str}},
@@ -13,7 +14,8 @@ Shape (``SCHEMA``; every key is always present, values may be null):
      "workloads": {name: {"title", "status": "ok"|"skipped", "reason"?, "apt"?,
                           "params": {...},
                           "metrics": [{key, label, short, unit, better, ratio_target, absolute_max}],
-                          "results": {contestant: {"status": "ok", "values": {...}}
+                          "results": {contestant: {"status": "ok", "values": {...},
+                                                   "samples"?: [{...} per repetition]}
                                                 | {"status": "skipped"|"n/a"|"error",
                                                    "reason"|"error": str}},
                           "comparison": {metric: {enforcer, best_peer, best_peer_value,
@@ -21,7 +23,8 @@ Shape (``SCHEMA``; every key is always present, values may be null):
      "targets": [{workload, metric, unit, target, enforcer, best_peer, ratio, met}],
      "micro": {"status": "ok"|"skipped", "reason"?, "benchmarks": {...}}}
 
-Ratios are always enforcer's value divided by the best peer's value in the same run
+With ``--repeat N`` (N > 1) every value is the median of N repetitions, taken in
+interleaved rounds, and ``samples`` holds each repetition. Ratios are always enforcer's value divided by the best peer's value in the same run
 (peers: haproxy, stunnel, nginx; never direct). For "higher is better" metrics a ratio
 above 1 is a win; for "lower is better" (CPU, memory, latency) a ratio below 1 is.
 ``met`` is null when there is nothing to compare against (no peer ran).
@@ -34,6 +37,7 @@ import os
 import platform
 import resource
 import ssl
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -47,12 +51,27 @@ def utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat), before we start."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:8]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
+
+
 def host_facts() -> Doc:
     return {"cpus": os.cpu_count(), "kernel": platform.release(),
             "machine": platform.machine(), "python": platform.python_version(),
             "openssl": ssl.OPENSSL_VERSION,
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
-            "loadavg_start": [round(v, 2) for v in os.getloadavg()], "loadavg_end": None}
+            "loadavg_start": [round(v, 2) for v in os.getloadavg()], "loadavg_end": None,
+            "cpu_busy_before": None}
 
 
 def new_doc(settings: Settings, run_dir: str) -> Doc:

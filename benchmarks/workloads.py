@@ -53,9 +53,11 @@ class Settings:
     idle_large: int
     idle_settle_s: float
     idle_note: str = ""
+    repeat: int = 1  # repetitions of every measurement (medians reported)
 
     @classmethod
-    def make(cls, quick: bool, duration: int | None, idle_cap: int) -> Settings:
+    def make(cls, quick: bool, duration: int | None, idle_cap: int,
+             repeat: int = 1) -> Settings:
         seconds = duration or (2 if quick else 10)
         large = 500 if quick else 10000
         note = ""
@@ -64,12 +66,13 @@ class Settings:
                     f"holds 2 sockets per connection and RLIMIT_NOFILE allows no more")
             large = idle_cap
         return cls(quick=quick, bulk_seconds=duration or (1 if quick else 10),
-                   bulk_warmup="128M" if quick else "2G",
+                   bulk_warmup="128M" if quick else "1G",
                    wrk_seconds=seconds, wrk_warmup_seconds=1 if quick else 2,
                    wrk_connections=32, wrk_threads=2, latency_n=100 if quick else 1000,
                    latency_warmup=10 if quick else 50, idle_small=100 if quick else 1000,
                    idle_large=large,
-                   idle_settle_s=0.5 if quick else 1.0, idle_note=note)
+                   idle_settle_s=0.5 if quick else 1.0, idle_note=note,
+                   repeat=max(1, repeat))
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class Ctx:
     settings: Settings
     http: HttpBackend | None
     d: Path = field(default_factory=Path)
-    tls_seen: dict[str, dict[str, str] | None] = field(default_factory=dict)  # probe per contestant
+    tls_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # TLS probes
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,7 @@ class _Parser:
         if node.is_null:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
-        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni"))
+        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
         if mode == "passthrough":
             node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
@@ -303,6 +303,7 @@ class _Parser:
                                                              "required")),
             server_names=node["server_names"].str_list(),
             strict_sni=node["strict_sni"].bool(False),
+            alpn=_alpn(node["alpn"]),
         )
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
@@ -412,6 +413,14 @@ class _Parser:
             if getattr(out, key) <= 0:
                 node[key].error("must be more than 0s")
         return out
+
+
+def _alpn(node: Node) -> tuple[str, ...]:
+    protocols = node.str_list()
+    for i, proto in enumerate(protocols):
+        if not 0 < len(proto.encode()) < 256:
+            node[i].error(f"an ALPN protocol name is 1-255 bytes; got {proto!r}")
+    return protocols
 
 
 def _workers(node: Node) -> int:

@@ -75,6 +75,7 @@ class ListenerTlsConfig:
     client_auth: ClientAuth = "required"
     server_names: tuple[str, ...] = ()
     strict_sni: bool = False
+    alpn: tuple[str, ...] = ()  # protocols offered to clients, in preference order
 
 
 @dataclass(frozen=True, slots=True)

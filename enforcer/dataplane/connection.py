@@ -389,7 +389,7 @@ class Connection:
                 self._fail("bad_peer_certificate", f"cannot read the client certificate: {exc}")
                 return
         self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni,
-                         "resumed": tls.session_reused}
+                         "alpn": tls.alpn(), "resumed": tls.session_reused}
         if tls.session_reused and _expired(self.identity):
             self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
                        "client certificate has expired")

@@ -152,4 +152,6 @@ def build_listener_context(material: LoadedMaterial, tls: ListenerTlsConfig,
     except MaterialError as exc:
         raise MaterialError(f"listeners.{listener}: {exc}") from None
     ctx.sni_callback = sni_callback(tls.server_names, strict=tls.strict_sni)
+    if tls.alpn:
+        ctx.set_alpn_protocols(list(tls.alpn))
     return ctx

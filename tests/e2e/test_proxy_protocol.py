@@ -461,3 +461,21 @@ async def test_gateway_nlb_example_end_to_end(pki: Any) -> None:
         tlvs = (await inbound.wait_flows(1))[0]["proxy_protocol"]["tlvs"]
         assert tlvs["identity"] == OTHER_ID and tlvs["authority"] == "localhost"
         assert len(app.accepted) == 1
+
+
+async def test_negotiated_alpn_is_sent_upstream(pki: Any) -> None:
+    app = await HeaderApp(mode="echo").start()
+    tls = {"mode": "terminate", "material": "mesh", "client_auth": "required",
+           "alpn": ["h2", "http/1.1"]}
+    enf = await Enforcer(pp_cfg(pki, app.port, send="v2", tls=tls, tlvs=["alpn"])).start()
+    async with running(enf, app):
+        payload = random_bytes(50_000)
+        ctx = client_ctx(pki.ca, pki.other.cert, pki.other.key)
+        ctx.set_alpn_protocols(["http/1.1"])
+        got = await _tls_client(enf.port(), build_v1((TEST_NET, 4445), ("10.0.0.1", 443)), ctx,
+                                payload)
+        assert sha(got) == sha(payload)
+        await app.done.wait()
+        assert _header(app).alpn == b"http/1.1"
+        rec = (await enf.wait_flows(1))[0]
+        assert rec["tls"]["alpn"] == "http/1.1"
