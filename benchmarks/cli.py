@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -45,7 +46,7 @@ from benchmarks.procs import (
     install_signal_handlers,
     shield_cleanup,
 )
-from benchmarks.report import fmt, write_all
+from benchmarks.report import fmt, render, write_all
 
 TOOLS = {"iperf3": (["iperf3", "--version"], r"iperf (\S+)"),
          "wrk": (["wrk", "--version"], r"wrk (\S+)"),
@@ -107,8 +108,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.list:
         return list_everything()
+    if getattr(args, "render", None):
+        if not (args.render / "results.json").is_file():
+            print(f"enforcer bench: {args.render}: no results.json there", file=sys.stderr)
+            return 2
+        for path in render(args.render):
+            _progress(f"wrote {path}")
+        return 0
     try:
         chosen = [cmod.BY_NAME[n] for n in _pick(args.only, CONTESTANTS, "contestant")]
+        chosen += _variants(getattr(args, "variant", None) or [])
         works = [wmod.BY_NAME[n] for n in _pick(args.workloads, WORKLOADS, "workload")]
         extra = _load_extra(args.enforcer_extra)
     except UsageError as exc:
@@ -120,19 +129,32 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     doc = rmod.new_doc(settings, stamp)
+    doc["settings"]["enforcer_extra"] = extra  # merged into every enforcer config
     return Runner(doc, settings, chosen, works, extra, args).go(out, out / stamp)
 
 
-def _load_extra(path: Path | None) -> dict[str, Any]:
+def _load_extra(path: Path | None, option: str = "--enforcer-extra") -> dict[str, Any]:
     if path is None:
         return {}
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"--enforcer-extra {path}: {exc}") from None
+        raise UsageError(f"{option} {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--enforcer-extra {path}: must be a YAML mapping")
+        raise UsageError(f"{option} {path}: must be a YAML mapping")
     return data
+
+
+def _variants(specs: list[str]) -> list[Contestant]:
+    out: list[Contestant] = []
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,30}", name):
+            raise UsageError(f"--variant {spec!r}: use NAME=FILE.yaml, NAME in a-z 0-9 . _ -")
+        out.append(cmod.Enforcer(name, _load_extra(Path(file), "--variant")))
+    if len({c.name for c in out}) < len(out):
+        raise UsageError("--variant: names must differ")
+    return out
 
 
 def combine(samples: list[dict[str, Any]]) -> dict[str, Any]:

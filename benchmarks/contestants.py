@@ -20,6 +20,7 @@ of the load tool and backend on this machine, not a peer.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -167,8 +168,15 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class Enforcer(Contestant):
-    name = "enforcer"
+    """enforcer itself, or a variant (``--variant NAME=YAML``: extra config merged in,
+    shown as its own column ``enforcer-NAME``, never a peer) to see a change's effect
+    within one run."""
+
     is_peer = False
+
+    def __init__(self, variant: str = "", extra: dict[str, Any] | None = None) -> None:
+        self.name = f"enforcer-{variant}" if variant else "enforcer"
+        self.extra = extra or {}
 
     def version(self) -> str | None:
         from enforcer import __version__
@@ -176,10 +184,13 @@ class Enforcer(Contestant):
         return __version__
 
     def describe(self) -> str:
-        return "`python -m enforcer run -c <yaml>` per sidecar, config defaults"
+        base = "`python -m enforcer run -c <yaml>` per sidecar"
+        return f"{base} with {json.dumps(self.extra)} merged in" if self.extra else (
+            f"{base}, config defaults")
 
     def _write(self, env: Env, path: Path, cfg: dict[str, Any]) -> Path:
-        path.write_text(yaml.safe_dump(deep_merge(cfg, env.enforcer_extra), sort_keys=False))
+        merged = deep_merge(deep_merge(cfg, env.enforcer_extra), self.extra)
+        path.write_text(yaml.safe_dump(merged, sort_keys=False))
         return path
 
     def _material(self, cert: Path, key: Path, env: Env) -> dict[str, Any]:

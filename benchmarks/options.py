@@ -28,7 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     p.add_argument("--enforcer-extra", metavar="YAML", type=Path,
                    help="YAML mapping merged into both enforcer configs (to try a setting)")
+    p.add_argument("--variant", metavar="NAME=YAML", action="append", default=[],
+                   help="also run enforcer with YAML merged into its configs, as column "
+                   "enforcer-NAME (repeatable; compares a change within one run)")
     p.add_argument("--keep-temp", action="store_true",
                    help="keep the temp dir (generated configs and process logs)")
+    p.add_argument("--render", metavar="RUN_DIR", type=Path,
+                   help="only redraw results.md, charts and latest.* from RUN_DIR/results.json")
     p.add_argument("--list", action="store_true",
                    help="list contestants and workloads with what is installed, then exit")

@@ -9,7 +9,8 @@ threads) stays findable in /proc by that session id. Three things use that:
   the sessions (threads are included in their process's counters; a child that exited
   and was reaped moves into its parent's cutime/cstime, so nothing is lost or counted
   twice between two snapshots);
-- memory: ``rss_bytes(sids)`` sums VmRSS;
+- memory: ``rss_bytes(sids)`` sums VmRSS, ``pss_bytes(sids)`` sums Pss (for footprints
+  of forked worker trees, whose shared pages VmRSS counts once per process);
 - cleanup: ``Processes.stop`` sends SIGTERM to the process group, waits, then SIGKILLs
   whatever is left in the session. ``stop_all`` runs from ``finally`` blocks, from
   ``atexit`` and after SIGINT/SIGTERM/SIGHUP (turned into KeyboardInterrupt by
@@ -171,16 +172,26 @@ def cpu_seconds(sids: Sequence[int]) -> float:
     return ticks / CLK_TCK
 
 
-def rss_bytes(sids: Sequence[int]) -> int:
-    """Sum of VmRSS over every live process in the sessions."""
+def _sum_field(sids: Sequence[int], file: str, field: str) -> int:
     total = 0
     for pid in session_pids(sids):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+                if line.startswith(field):
+                    total += int(line.split()[1]) * 1024  # kB
                     break
     return total
+
+
+def rss_bytes(sids: Sequence[int]) -> int:
+    """Sum of VmRSS over every live process in the sessions."""
+    return _sum_field(sids, "status", "VmRSS:")
+
+
+def pss_bytes(sids: Sequence[int]) -> int:
+    """Sum of Pss (shared pages divided among their users): memory of a process tree
+    without counting the pages a master shares with its forked workers several times."""
+    return _sum_field(sids, "smaps_rollup", "Pss:")
 
 
 # --------------------------------------------------------------------------- ports

@@ -20,6 +20,7 @@ from benchmarks.results import Doc
 ORDER = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
 COLORS = {"enforcer": "#e8590c", "direct": "#adb5bd"}
 PEER_COLOR = "#4c6ef5"
+VARIANT_COLOR = "#fab005"
 DASH = "\u2013"  # en dash: no value
 TIMES = "\u00d7"  # multiplication sign in ratios
 
@@ -39,9 +40,14 @@ def fmt(value: Any) -> str:
     return f"{v:.2f}"
 
 
+def _order(name: str) -> float:
+    if name.startswith("enforcer-"):  # variants right after enforcer
+        return ORDER.index("enforcer") + 0.5
+    return ORDER.index(name) if name in ORDER else len(ORDER)
+
+
 def contestant_names(doc: Doc) -> list[str]:
-    names = list(doc["contestants"])
-    return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+    return sorted(doc["contestants"], key=_order)
 
 
 def _cell(result: dict[str, Any] | None, key: str) -> str:
@@ -129,10 +135,10 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
              "(plain in, mTLS out) → inbound (mTLS in, plain out) → backend. CPU is the "
              "pair's own (both sidecars, all processes and threads, from /proc).", "",
              f"Host: {h['cpus']} CPUs, Linux {h['kernel']} {h['machine']}, Python "
-             f"{h['python']}, {h['openssl']}. CPU busy before the run: "
-             f"{fmt(100 * (h.get('cpu_busy_before') or 0))} %. Load average at start / end: "
-             f"{_load(h.get('loadavg_start'))} / {_load(h.get('loadavg_end'))}. "
-             f"Duration: {fmt(doc['duration_s'])} s."
+             f"{h['python']}, {h['openssl']}. CPU busy in the second before the run: "
+             f"{fmt(100 * (h.get('cpu_busy_before') or 0))} % (other work on the machine "
+             f"during the run makes absolute numbers lower and noisier; ratios compare "
+             f"contestants under the same conditions). Duration: {fmt(doc['duration_s'])} s."
              + (" **Interrupted: partial results.**" if doc["interrupted"] else ""), "",
              "## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
              "enforcer ÷ the best of haproxy, stunnel and nginx in this run.", "",
@@ -155,13 +161,9 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
         lines += ["## Charts", ""]
         if doc.get("summary_chart"):
             lines += [f"![targets]({chart_prefix}{doc['summary_chart']})", ""]
-        lines += [f"![{n}]({chart_prefix}{doc['workloads'][n]['chart']})" for n in charts]
-        lines.append("")
+        for n in charts:
+            lines += [f"![{n}]({chart_prefix}{doc['workloads'][n]['chart']})", ""]
     return "\n".join(lines)
-
-
-def _load(values: list[float] | None) -> str:
-    return " ".join(f"{v:.2f}" for v in values) if values else DASH
 
 
 def _micro_lines(doc: Doc) -> list[str]:
@@ -190,10 +192,12 @@ def _plt() -> Any:
 def chart_workload(doc: Doc, name: str, path: Path) -> None:
     plt = _plt()
     w = doc["workloads"][name]
-    names = contestant_names(doc)
+    names = [n for n in contestant_names(doc) if (w["results"].get(n) or {}).get("status") != "n/a"]
     metrics = w["metrics"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
-    for ax, m in zip(axes[0], metrics, strict=True):
+    cols = 2 if len(metrics) == 4 else len(metrics)
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.4), squeeze=False)
+    for ax, m in zip(axes.flat, metrics, strict=True):
         _panel(ax, w, m, names)
     fig.suptitle(f"{_workload_title(w)}  ({doc['mode']} run, {doc['started_at']})",
                  fontsize=11)
@@ -207,17 +211,23 @@ def _panel(ax: Any, w: dict[str, Any], m: dict[str, Any], names: list[str]) -> N
     for n in names:
         r = w["results"].get(n) or {}
         v = r.get("values", {}).get(m["key"]) if r.get("status") == "ok" else None
-        values.append(v or 0.0)
+        values.append(v)
         status = r.get("status", DASH) if r.get("status") != "ok" else "n/a"
         labels.append(n if v is not None else f"{n}\n({status})")
-        colors.append(COLORS.get(n, PEER_COLOR))
+        colors.append(VARIANT_COLOR if n.startswith("enforcer-") else COLORS.get(n, PEER_COLOR))
         hatches.append("//" if n == "direct" else "")
-    bars = ax.bar(range(len(names)), values, color=colors, edgecolor="#343a40", linewidth=0.6)
-    for bar, hatch, v, label in zip(bars, hatches, values, labels, strict=True):
+    # the scale follows the proxies: direct (the ceiling) may run off it, labelled so
+    proxied = [v for v, n in zip(values, names, strict=True) if v is not None and n != "direct"]
+    top = 1.2 * max(proxied or [v for v in values if v is not None] or [1.0]) or 1.0
+    heights = [min(v, top) if v is not None else 0.0 for v in values]
+    bars = ax.bar(range(len(names)), heights, color=colors, edgecolor="#343a40", linewidth=0.6)
+    for bar, hatch, v in zip(bars, hatches, values, strict=True):
         bar.set_hatch(hatch)
-        if "\n" not in label:  # a real value
-            ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, v), ha="center",
+        if v is not None:
+            text = fmt(v) + (" (off scale)" if v > top else "")
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, min(v, top)), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_ylim(0, top * 1.12)
     ax.set_xticks(range(len(names)), labels, fontsize=8)
     ax.set_ylabel(f"{m['unit']} ({m['better']} is better)", fontsize=8)
     c = w["comparison"].get(m["key"]) or {}
@@ -230,7 +240,6 @@ def _panel(ax: Any, w: dict[str, Any], m: dict[str, Any], names: list[str]) -> N
     elif c.get("met") is not None:
         title += f"\ntarget {c['target']}: {'met' if c['met'] else 'not met'}"
     ax.set_title(title, fontsize=9)
-    ax.margins(y=0.15)
 
 
 def chart_summary(doc: Doc, path: Path) -> bool:
@@ -244,13 +253,13 @@ def chart_summary(doc: Doc, path: Path) -> bool:
     adv = [t["ratio"] if better[(t["workload"], t["metric"])] == "higher" else 1 / t["ratio"]
            for t in rows]
     labels = [f"{t['workload']} {t['unit']}" for t in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(9.5, 0.45 * len(rows) + 1.4))
     colors = ["#2b8a3e" if t["met"] else "#c92a2a" for t in rows]
     ax.barh(range(len(rows)), adv, color=colors)
     for i, (a, t) in enumerate(zip(adv, rows, strict=True)):
         text = f"{t['ratio']:.2f}{TIMES} vs {t['best_peer']}"
         if not t["target"].endswith("best peer"):  # an absolute target
-            text += f"; {fmt(t['enforcer'])} {t['unit']}, target {t['target']}"
+            text += f"; {fmt(t['enforcer'])} {t['unit']} (target {t['target'].split()[1]})"
         ax.annotate(text, (a, i), xytext=(3, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.axvline(1.0, color="black", linewidth=1)
@@ -258,7 +267,7 @@ def chart_summary(doc: Doc, path: Path) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel("enforcer's advantage over the best peer (>1 = enforcer better)")
     ax.set_title(f"enforcer vs best peer, {doc['mode']} run {doc['started_at']}", fontsize=10)
-    ax.margins(x=0.25)
+    ax.set_xlim(0, max(1.25, max(adv) * 1.7))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -281,7 +290,11 @@ def write_charts(doc: Doc, run_dir: Path) -> str | None:
 
 
 def write_all(doc: Doc, out: Path, run_dir: Path) -> list[Path]:
-    """results.json/.md and charts in run_dir; latest.json/.md (charts linked) in out."""
+    """results.json/.md and charts in run_dir; latest.json/.md (charts linked) in out.
+
+    A quick run writes latest-quick.json/.md instead, so that an indicative run never
+    replaces the latest full run's numbers.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     reason = write_charts(doc, run_dir)
     if reason:
@@ -289,6 +302,17 @@ def write_all(doc: Doc, out: Path, run_dir: Path) -> list[Path]:
     text = json.dumps(doc, indent=2) + "\n"
     (run_dir / "results.json").write_text(text)
     (run_dir / "results.md").write_text(markdown(doc))
-    shutil.copyfile(run_dir / "results.json", out / "latest.json")
-    (out / "latest.md").write_text(markdown(doc, chart_prefix=f"{run_dir.name}/"))
-    return [run_dir / "results.md", run_dir / "results.json", out / "latest.md"]
+    latest = latest_name(doc)
+    shutil.copyfile(run_dir / "results.json", out / f"{latest}.json")
+    (out / f"{latest}.md").write_text(markdown(doc, chart_prefix=f"{run_dir.name}/"))
+    return [run_dir / "results.md", run_dir / "results.json", out / f"{latest}.md"]
+
+
+def render(run_dir: Path) -> list[Path]:
+    """Redraw results.md, charts and latest.* from a run's results.json."""
+    doc = json.loads((run_dir / "results.json").read_text())
+    return write_all(doc, run_dir.parent, run_dir)
+
+
+def latest_name(doc: Doc) -> str:
+    return "latest-quick" if doc["mode"] == "quick" else "latest"

@@ -10,7 +10,8 @@ after the measured window only, so costs are per unit of the measured work:
 | keepalive   | wrk, 32 conns  | requests/s          | CPU µs per request         |
 | newconn     | wrk + close    | new connections/s   | CPU µs per connection      |
 | latency     | Python client  | p50/p99 ms, connect to first byte, one at a time     |
-| idle-small/large | Python client | KiB of RSS per held connection (both sidecars) |
+| idle-small/large | Python client | KiB of RSS per held connection (both sidecars), |
+|             |                | and the pair's PSS at rest                             |
 
 Everything a workload returns is a flat dict of numbers; ``METRICS`` says which of them
 are compared across contestants, their unit, and the target for enforcer's ratio to the
@@ -31,7 +32,7 @@ from typing import Any
 from benchmarks import load
 from benchmarks.backends import HttpBackend, start_iperf3
 from benchmarks.contestants import Contestant, Env, Pair, stop_pair
-from benchmarks.procs import cpu_seconds, log_tail, rss_bytes
+from benchmarks.procs import cpu_seconds, log_tail, pss_bytes, rss_bytes
 
 Values = dict[str, Any]
 
@@ -230,6 +231,7 @@ def _idle(size: str) -> Callable[[Ctx, Pair], Values]:
         asyncio.run(load.hold_idle(pair.entry_port, 20, lambda: None))  # warm-up
         time.sleep(s.idle_settle_s)
         before = {role: rss_bytes([sid]) for role, sid in pair.roles.items()}
+        pss_before = pss_bytes(pair.sids)
         held: dict[str, int] = {}
 
         def measure() -> None:
@@ -243,6 +245,7 @@ def _idle(size: str) -> Callable[[Ctx, Pair], Values]:
             out[f"kib_per_conn_{role}"] = round((held[role] - before[role]) / 1024 / n, 2)
         out["kib_per_conn"] = round((sum(held.values()) - sum(before.values())) / 1024 / n, 2)
         out["rss_before_mib"] = round(sum(before.values()) / 2**20, 1)
+        out["pss_before_mib"] = round(pss_before / 2**20, 1)
         out["rss_held_mib"] = round(sum(held.values()) / 2**20, 1)
         out["cpu_us_per_conn"] = _per(w.total, n, 1e6)
         return {**out, **w.values()}
@@ -261,7 +264,8 @@ IDLE_METRICS = (
            short="outbound"),
     Metric("kib_per_conn_inbound", "inbound sidecar alone", "KiB/conn", "lower",
            short="inbound"),
-    Metric("rss_before_mib", "RSS of the pair at rest", "MiB", "lower", short="at rest"),
+    Metric("pss_before_mib", "memory of the pair at rest (PSS)", "MiB", "lower",
+           short="at rest"),
 )
 
 WORKLOADS: tuple[Workload, ...] = (

@@ -64,6 +64,13 @@ class Stage(IntEnum):
 class Connection:
     """One proxied client connection. Created by the listener's protocol factory."""
 
+    __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
+                 "client_eof_pending", "close_timer", "connect_task", "decision", "first_eof",
+                 "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
+                 "listener", "local", "loop", "peer", "pending", "pending_bytes", "plane",
+                 "proxy_header", "proxy_parser", "sni", "sniff_buf", "stage", "stage_timer",
+                 "started", "started_mono", "tls_info", "upstream", "upstream_identity")
+
     def __init__(self, listener: ListenerRuntime) -> None:
         self.listener = listener
         self.plane = listener.plane

@@ -3,7 +3,7 @@
 - ``test_quick_run_enforcer_and_direct``: ``python -m benchmarks --quick`` against
   enforcer and direct: every workload produced a number for every metric (or is skipped
   with the apt package to install), the JSON has the documented shape, the markdown,
-  latest.* and charts are written, and no process the harness started is left.
+  latest-quick.* and charts are written, and no process the harness started is left.
 - ``test_missing_tools_are_skipped``: with a PATH holding no tool at all, peers and
   workloads are reported as skipped with their apt package, enforcer still runs on the
   Python fallback backend, and the exit code is 0.
@@ -47,10 +47,13 @@ TARGET_KEYS = {"workload", "metric", "unit", "target", "enforcer", "best_peer", 
 
 def run_bench(out: Path, *args: str, env: dict[str, str] | None = None
               ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run the harness with its temp dir under ``out`` (so leftovers are ours to find)."""
+    (out / "tmp").mkdir(parents=True)
+    env = dict(env if env is not None else os.environ, TMPDIR=str(out / "tmp"))
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--no-micro", "--out", str(out), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=170, env=env, check=False)
-    latest = out / "latest.json"
+    latest = out / "latest-quick.json"  # a quick run never replaces latest.json
     assert latest.exists(), done.stderr
     return done, json.loads(latest.read_text())
 
@@ -106,16 +109,18 @@ def assert_numbers(doc: dict[str, Any], contestant: str) -> None:
 
 
 def harness_leftovers(tmp_root: str) -> list[str]:
-    """Processes whose command line mentions the harness's temp dirs or our out dir."""
+    """Processes whose command line or working directory is under ``tmp_root`` (where the
+    harness's temp dir was): every process it starts runs in, or names a file in, it."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(Path(entry.path, "cwd"))
         except OSError:
             continue
-        if tmp_root in cmdline:
+        if tmp_root in cmdline or cwd.startswith(tmp_root):
             found.append(cmdline)
     return found
 
@@ -143,7 +148,8 @@ def test_quick_run_enforcer_and_direct(tmp_path: Path) -> None:
                 assert c["ratio"] is None and c["met"] is None
     run_dir = tmp_path / doc["run_dir"]
     assert json.loads((run_dir / "results.json").read_text()) == doc
-    md = (tmp_path / "latest.md").read_text()
+    assert not (tmp_path / "latest.json").exists()
+    md = (tmp_path / "latest-quick.md").read_text()
     assert "| workload | metric | direct | enforcer |" in md
     for name, w in doc["workloads"].items():
         if w["status"] == "ok":
@@ -152,7 +158,8 @@ def test_quick_run_enforcer_and_direct(tmp_path: Path) -> None:
                 assert (run_dir / w["chart"]).stat().st_size > 1000
                 assert f"({doc['run_dir']}/{name}.png)" in md
     assert "[" in done.stderr and "enforcer" in done.stderr  # progress was shown
-    assert harness_leftovers("enforcer-bench-") == []
+    assert harness_leftovers(str(tmp_path / "tmp")) == []
+    assert list((tmp_path / "tmp").iterdir()) == []  # the temp dir was removed
 
 
 def test_missing_tools_are_skipped(tmp_path: Path) -> None:
@@ -204,10 +211,15 @@ def test_the_mtls_probe_tells_enforced_from_not(tmp_path: Path, require_cert: bo
     assert refuses_anonymous(pki, serve_tls_once(pki, require_cert)) is require_cert
 
 
-@pytest.mark.parametrize("argv", [["--only", "nosuch"], ["--workloads", "bulk-9"]])
-def test_unknown_names_are_usage_errors(tmp_path: Path, argv: list[str]) -> None:
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--only", "nosuch"], "unknown contestant nosuch (known: direct, enforcer,"),
+    (["--workloads", "bulk-9"], "unknown workload bulk-9 (known: bulk-1,"),
+    (["--variant", "Bad Name=x.yaml"], "use NAME=FILE.yaml"),
+    (["--variant", "a=/nonexistent.yaml"], "--variant /nonexistent.yaml:"),
+    (["--render", "/nonexistent"], "/nonexistent: no results.json there")])
+def test_bad_options_are_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(tmp_path), *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    assert "unknown" in done.stderr and "known:" in done.stderr
-    assert not (tmp_path / "latest.json").exists()
+    assert done.stderr.startswith("enforcer bench: ") and message in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written

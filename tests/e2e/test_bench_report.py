@@ -81,7 +81,7 @@ def test_enforcer_failure_gives_no_ratio() -> None:
 
 
 def full_doc(tmp_path: Path) -> dict[str, Any]:
-    settings = Settings.make(True, None, 20000)
+    settings = Settings.make(False, None, 20000)
     doc = results.new_doc(settings, "run-1")
     for name in ("direct", "enforcer", "haproxy", "stunnel"):
         doc["contestants"][name] = {"status": "ok", "peer": name not in ("direct", "enforcer"),
@@ -128,6 +128,10 @@ def test_write_all_writes_run_dir_latest_and_charts(tmp_path: Path) -> None:
     assert "](run-1/keepalive.png)" in (tmp_path / "latest.md").read_text()
     assert "](keepalive.png)" in (tmp_path / "run-1" / "results.md").read_text()
     assert tmp_path / "latest.md" in written
+    doc["mode"] = "quick"  # an indicative run must not replace the full run's latest.*
+    report.write_all(doc, tmp_path, tmp_path / "run-2")
+    assert (tmp_path / "latest-quick.md").exists()
+    assert "](run-1/keepalive.png)" in (tmp_path / "latest.md").read_text()
 
 
 @pytest.mark.parametrize(("values", "pct", "expected"), [

@@ -171,7 +171,7 @@ def test_cert(config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
      "give --identity or --cert, not both"),
     (["--listener", "inbound", "--tlv", "vpce=1"],
      "--tlv 'vpce=1': use KEY=VALUE with KEY one of aws_vpce_id, azure_link_id, gcp_psc_id, "
-     "authority, alpn"),
+     "authority, alpn, identity"),
     (["--listener", "inbound", "--port", "70000"], "--port 70000: out of range 0-65535"),
     (["--listener", "inbound", "--destination", "db"],
      "--destination 'db': use host:port or [v6]:port"),

@@ -157,7 +157,7 @@ P = "rulesets.rs.rules[0]"
      f"{P}.to.port: unknown key (did you mean 'ports'?)"),
     ({"name": "r", "action": "allow", "from": {"tlvs": {"vpce": ["x"]}}},
      f"{P}.from.tlvs.vpce: unknown key (known: aws_vpce_id, azure_link_id, gcp_psc_id, "
-     "authority, alpn)"),
+     "authority, alpn, identity)"),
     ({"name": "r", "action": "allow", "from": {"cidrs": ["10.0.0.0/8", "10.0.0.0/33"]}},
      f"{P}.from.cidrs[1]: bad CIDR '10.0.0.0/33' (use 10.0.0.0/8, 2001:db8::/32 or a single "
      "address)"),
