@@ -12,6 +12,7 @@ Their CPU is not counted: only the contestants' processes are measured.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -47,16 +48,15 @@ def start_http(env: Env) -> HttpBackend:
     port = env.ports.take()
     (d / "www").mkdir()
     (d / "www" / PATH.lstrip("/")).write_bytes(body())
-    # nginx started as root serves as an unprivileged user: let it reach the file
-    for p in (env.tmp, d, d / "www"):
-        p.chmod(0o755)
-    (d / "www" / PATH.lstrip("/")).chmod(0o644)
     if shutil.which("nginx"):
         conf = d / "nginx.conf"
         temp = "".join(f"  {kind}_temp_path {d}/{kind};\n"
                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        # nginx started as root serves as "nobody", who may not reach a temp dir below a
+        # private one (pytest's, a TMPDIR): keep root's rights for this loopback backend
+        user = "user root;\n" if os.geteuid() == 0 else ""
         conf.write_text(
-            f"daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\n"
+            f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\n"
             f"error_log {d}/backend.log warn;\n"
             f"events {{ worker_connections {CAPACITY}; }}\n"
             f"http {{\n  access_log off;\n{temp}  keepalive_timeout 600s;\n"
