@@ -377,7 +377,7 @@ class Connection:
         if why is not None:
             reason = "sni_refused"
         elif isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-            why = f"{exc.reason}: {exc.verify_message}"  # e.g. certificate revoked
+            why = _tls_detail(exc)  # e.g. certificate revoked
         self.plane.metrics.tls_handshake_errors_total.labels(
             listener=self.listener.name, reason=reason).inc()
         self._fail("handshake_failed", f"TLS handshake with {self._peer_text()} failed: "
@@ -516,7 +516,7 @@ class Connection:
                 listener=self.listener.name, reason=_tls_reason(exc)).inc()
             self._fail("upstream_tls_failed",
                        f"TLS handshake with upstream {self.listener.upstream.cfg.address} "
-                       f"failed: {exc.reason or exc}", upstream_reason="tls_handshake")
+                       f"failed: {_tls_detail(exc)}", upstream_reason="tls_handshake")
             return
         up.flush_tls()
         if not done:
@@ -720,6 +720,13 @@ def _addr(value: object) -> tuple[str, int] | None:
     if isinstance(value, str) and value:
         return value, 0
     return None
+
+
+def _tls_detail(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason, plus the verifier's message when a certificate was refused."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"  # e.g. Hostname mismatch, ...
+    return str(exc.reason or exc)
 
 
 def _tls_reason(exc: ssl.SSLError) -> str:

@@ -277,6 +277,8 @@ class FlowLog:
         self._written = 0
         self._stream = stream
         self._shared = shared
+        self._in_flight = 0  # records the writer thread is writing right now
+        self._abandoned = False  # close() timed out and counted the in-flight batch
         self._thread: threading.Thread | None = None
         self._report = _ErrorLog()
 
@@ -341,7 +343,12 @@ class FlowLog:
             return
         thread.join(timeout)
         if thread.is_alive():
-            lost = self._discard_queue()
+            # The writer is stuck in the sink with a batch in hand: count that batch too
+            # (if the write ever finishes, it is not counted again: see _write).
+            lost = self._discard_queue() + self._in_flight
+            self._abandoned = True
+            if self._in_flight:
+                self._drop(self._in_flight)
             if lost:
                 log.error("flow log: sink blocked at shutdown; %d queued records dropped", lost)
 
@@ -399,6 +406,13 @@ class FlowLog:
         return batch
 
     def _write(self, sink: _Sink, batch: list[dict[str, Any]]) -> None:
+        self._in_flight = len(batch)
+        try:
+            self._write_batch(sink, batch)
+        finally:
+            self._in_flight = 0
+
+    def _write_batch(self, sink: _Sink, batch: list[dict[str, Any]]) -> None:
         lines: list[str] = []
         for record in batch:
             try:
@@ -410,6 +424,8 @@ class FlowLog:
         except Exception as exc:  # a broken custom stream must not kill the writer
             self._report("the sink raised", exc)
             n = 0
+        if self._abandoned:
+            return  # close() gave up on this batch and counted it as dropped
         self._written += n
         if n < len(batch):
             self._drop(len(batch) - n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -107,10 +108,38 @@ def test_version() -> None:
     assert out.stdout.startswith("enforcer ")
 
 
-def test_demo_exits_0() -> None:
-    out = subprocess.run(enforcer_cmd("demo"), capture_output=True, text=True, timeout=120)
+def test_make_demo_exits_0() -> None:
+    """`make demo` as a newcomer runs it (the venv exists already: `make test` made it)."""
+    repo = Path(__file__).resolve().parents[2]
+    cmd = ["make", "-s", "demo"] if shutil.which("make") else enforcer_cmd("demo")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "sha256 match" in out.stdout
     assert "untrusted CA" in out.stdout and "refused" in out.stdout
     flows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert {f["action"] for f in flows} >= {"allow", "error"}
+
+
+def test_second_signal_closes_everything_at_once(tmp_path: Path, pki) -> None:  # type: ignore[no-untyped-def]
+    sink = SlowSink()
+    cfg = inbound_cfg(pki, sink.port, default="allow", rules=[], mode="off",
+                      limits={"drain_timeout": "60s"})
+    proc = EnforcerProcess(write_config(tmp_path / "e.yaml", cfg))
+    client = socket.create_connection(("127.0.0.1", proc.wait_bound()["inbound"]))
+    try:
+        client.sendall(b"still talking")  # an open connection keeps the drain waiting
+        time.sleep(0.3)
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.proc.poll() is None, "the first signal drains"
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 130
+        assert time.monotonic() - started < 10, "the second signal does not wait for the drain"
+        records = [json.loads(line) for line in proc.stdout_lines if line.startswith("{")]
+        assert [r["close"] for r in records] == ["drain"]
+        assert records[0]["bytes"]["from_client"] == len(b"still talking")
+    finally:
+        proc.stop()
+        client.close()
+        sink.sock.close()

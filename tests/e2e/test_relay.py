@@ -372,3 +372,28 @@ async def test_auto_mode_detects_tls_and_plaintext_per_connection(pki) -> None: 
         assert by_rule["plain-from-localhost"]["tls"] is None
         assert by_rule["mesh-peers"]["tls"]["peer"]["spiffe_id"].endswith("/sa/outbound")
         assert by_rule["mesh-peers"]["bytes"]["from_client"] == len(secret)
+
+
+async def test_upstream_tls_mode_checks_the_host_name(pki) -> None:  # type: ignore[no-untyped-def]
+    """`tls.mode: tls` (no client certificate): SNI and host-name verification."""
+    backend = await Backend(mode="echo").start()
+    server = await Enforcer(inbound_cfg(pki, backend.port, default="allow", rules=[],
+                                        client_auth="none")).start()
+    ok_cfg = outbound_cfg(pki, server.port())
+    ok_cfg["upstreams"]["peer"]["tls"] = {"mode": "tls", "material": "mesh",
+                                          "server_name": "localhost"}
+    bad_cfg = outbound_cfg(pki, server.port())
+    bad_cfg["upstreams"]["peer"]["tls"] = {"mode": "tls", "material": "mesh",
+                                           "server_name": "not-this-host.example"}
+    good, bad = await Enforcer(ok_cfg).start(), await Enforcer(bad_cfg).start()
+    async with running(good, bad, server, backend):
+        payload = random_bytes(500_000)
+        assert sha(await exchange(good.port(), payload)) == sha(payload)
+        rec = (await server.wait_flows(1))[0]
+        assert rec["tls"]["sni"] == "localhost"
+        assert rec["tls"]["peer"] is None  # no client certificate in mode tls
+        assert await exchange(bad.port(), b"secret") == b""
+        bad_rec = (await bad.wait_flows(1))[0]
+        assert bad_rec["close"] == "upstream_tls_failed"
+        assert "hostname mismatch" in bad_rec["detail"].lower()
+        assert backend.connections == 1
