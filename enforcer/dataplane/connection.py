@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 from enforcer.dataplane import flowrecord
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
-from enforcer.dataplane.tlsengine import TlsEngine
+from enforcer.dataplane.tlsengine import READ_CHUNK, TlsEngine
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -221,13 +221,13 @@ class Connection:
         elif stage == Stage.DETECT:
             self._detect(data)
 
-    def _from_client(self, data: bytes) -> None:
+    def _from_client(self, data: bytes | memoryview) -> None:
         self.bytes_from_client += len(data)
         self.listener.bytes_in.inc(len(data))
         if self.stage == Stage.RELAY and self.upstream is not None:
             self.upstream.send(data)
             return
-        self.pending.append(data)
+        self.pending.append(bytes(data))  # may be a view of the shared TLS read buffer
         self.pending_bytes += len(data)
         if self.pending_bytes >= PENDING_LIMIT:
             self.client.pause(PAUSE_BUFFER)
@@ -244,7 +244,7 @@ class Connection:
         else:
             self._read_tls(up)
 
-    def _to_client(self, data: bytes) -> None:
+    def _to_client(self, data: bytes | memoryview) -> None:
         if self.stage != Stage.RELAY:
             return  # an upstream that speaks before the relay starts is ignored
         self.bytes_to_client += len(data)
@@ -254,20 +254,23 @@ class Connection:
     def _read_tls(self, side: Side) -> None:
         tls = side.tls
         assert tls is not None
-        try:
-            chunks, eof = tls.read()
-        except ssl.SSLEOFError:
-            chunks, eof = [], True  # TCP FIN without close_notify
-        except ssl.SSLError as exc:
-            who = "client" if side is self.client else "upstream"
-            self._fail(f"{who}_tls_error", f"TLS error from the {who}: {exc.reason or exc}")
-            return
-        side.flush_tls()
         forward = self._from_client if side is self.client else self._to_client
-        for chunk in chunks:
-            forward(chunk)
-        if eof and not side.eof_in:
-            self._eof(side)
+        while True:
+            try:
+                data, eof = tls.read()
+            except ssl.SSLEOFError:
+                data, eof = None, True  # TCP FIN without close_notify
+            except ssl.SSLError as exc:
+                who = "client" if side is self.client else "upstream"
+                self._fail(f"{who}_tls_error", f"TLS error from the {who}: {exc.reason or exc}")
+                return
+            side.flush_tls()
+            if data is not None:
+                forward(data)
+            if eof and not side.eof_in:
+                self._eof(side)
+            if data is None or len(data) < READ_CHUNK or self.stage == Stage.CLOSED:
+                return
 
     # ===================================================================== PROXY protocol
     def _proxy_data(self, data: bytes) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final, cast
 
-from enforcer.dataplane.tlsengine import TlsEngine
+from enforcer.dataplane.tlsengine import TlsEngine, scratch_taken
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
@@ -84,13 +84,15 @@ class Side(asyncio.Protocol):
             self.conn.internal_error(exc)
 
     # -- sending -------------------------------------------------------------------------
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None or self.eof_out or transport.is_closing():
             return
         tls = self.tls
         if tls is None:
             transport.write(data)
+            if type(data) is memoryview and transport.get_write_buffer_size():
+                scratch_taken()  # the transport keeps the view: don't reuse its buffer
         else:
             tls.write(data)
             transport.write(tls.take_output())

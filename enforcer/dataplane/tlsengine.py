@@ -10,7 +10,8 @@ on one raw TCP transport.
 How it is driven (by ``dataplane.connection``):
 - ``feed(ciphertext)`` puts received bytes into the incoming BIO;
 - ``handshake()`` advances the handshake; True once done (raises ``ssl.SSLError``);
-- ``read()`` returns decrypted chunks and whether the peer finished (close_notify);
+- ``read()`` returns decrypted bytes (a view of a shared buffer) and whether the peer
+  finished (close_notify);
 - ``write(plaintext)`` encrypts; ``take_output()`` returns the ciphertext to send;
 - ``close_notify()`` sends our close_notify but keeps reading (TLS 1.3 half-close).
 After every call that can produce output the caller sends ``take_output()``.
@@ -19,9 +20,28 @@ After every call that can produce output the caller sends ``take_output()``.
 from __future__ import annotations
 
 import ssl
-from typing import Final
+from typing import Final, cast
 
 READ_CHUNK: Final = 256 * 1024
+
+# Decrypted data is read into one shared scratch buffer (the loop is single-threaded and
+# every read is forwarded at once), many TLS records per read, so a 256 KiB burst costs one
+# buffer and one send() instead of sixteen 16 KiB objects and sends. If whoever consumed a
+# view kept a reference (a transport that could not send it all at once keeps the view),
+# ``scratch_taken()`` drops the buffer and the next read starts a new one.
+_scratch: bytearray | None = None
+
+
+def scratch_taken() -> None:
+    global _scratch
+    _scratch = None
+
+
+def _scratch_buffer() -> memoryview:
+    global _scratch
+    if _scratch is None:
+        _scratch = bytearray(READ_CHUNK)
+    return memoryview(_scratch)
 
 
 class TlsEngine:
@@ -59,23 +79,26 @@ class TlsEngine:
             return False
         return True
 
-    def read(self) -> tuple[list[bytes], bool]:
-        """Decrypt everything buffered. Returns (chunks, eof): eof once close_notify came."""
-        chunks: list[bytes] = []
+    def read(self) -> tuple[memoryview | None, bool]:
+        """Decrypt what is buffered, up to READ_CHUNK bytes, into the shared scratch buffer.
+        Returns (view or None, eof): eof once close_notify came. Call again while a full
+        buffer came back: more may be waiting."""
+        buf = _scratch_buffer()
+        filled = 0
         read = self.obj.read
-        while not self.peer_closed:
+        while not self.peer_closed and filled < READ_CHUNK:
             try:
-                data = read(READ_CHUNK)
+                n = cast(int, read(READ_CHUNK - filled, buf[filled:]))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
                 self.peer_closed = True
                 break
-            if not data:
+            if not n:
                 self.peer_closed = True
                 break
-            chunks.append(data)
-        return chunks, self.peer_closed
+            filled += n
+        return (buf[:filled] if filled else None), self.peer_closed
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)

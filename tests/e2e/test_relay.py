@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import socket
 import ssl
@@ -397,3 +398,31 @@ async def test_upstream_tls_mode_checks_the_host_name(pki) -> None:  # type: ign
         assert bad_rec["close"] == "upstream_tls_failed"
         assert "hostname mismatch" in bad_rec["detail"].lower()
         assert backend.connections == 1
+
+
+async def test_slow_plain_reader_behind_tls_gets_every_byte(pki) -> None:  # type: ignore[no-untyped-def]
+    """Decrypted bytes are handed to the upstream as views of a shared buffer; a slow
+    reader makes the transport keep them, which must never let a later read reuse them."""
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(32768):
+            received.extend(data)
+            await asyncio.sleep(0.001)
+        w.write(hashlib.sha256(received).hexdigest().encode())
+        await w.drain()
+        w.close()
+        done.set()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    backend = Backend()
+    backend.server = server
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    outbound = await Enforcer(outbound_cfg(pki, inbound.port())).start()
+    async with running(outbound, inbound, backend):
+        payload = random_bytes(24 * MiB)
+        answer = await exchange(outbound.port(), payload, timeout=120)
+        await asyncio.wait_for(done.wait(), 30)
+        assert sha(bytes(received)) == sha(payload)
+        assert answer.decode() == hashlib.sha256(payload).hexdigest()
