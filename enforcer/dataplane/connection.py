@@ -148,7 +148,7 @@ class Connection:
             return
         reason = f"{who}_reset" if exc is not None else f"{who}_closed"
         self._fail(reason, str(exc) if exc else f"the {who} closed the connection",
-                   action="allow" if self.stage == Stage.RELAY else "error", graceful=True)
+                   action="allow" if self.stage == Stage.RELAY else "error")
 
     def side_write_paused(self, side: Side, paused: bool) -> None:
         other = self.upstream if side is self.client else self.client
@@ -384,12 +384,11 @@ class Connection:
         self.plane.metrics.tls_handshake_errors_total.labels(
             listener=self.listener.name, reason=reason).inc()
         self._fail("handshake_failed", f"TLS handshake with {self._peer_text()} failed: "
-                   f"{why or exc.reason or exc}", tls_reason=reason)
+                   f"{why or exc.reason or exc}")
 
     def _server_handshake_done(self, tls: TlsEngine) -> None:
         self._cancel_stage_timer()
-        self.plane.metrics.tls_handshake_seconds.labels(
-            listener=self.listener.name, side="server").observe(time.monotonic() - self.hs_started)
+        self.listener.observe_handshake("server", time.monotonic() - self.hs_started)
         self.sni = getattr(tls.obj, "enforcer_sni", None)
         der = tls.peer_cert_der()
         if der is not None:
@@ -486,8 +485,7 @@ class Connection:
                        f"connect to {addr} failed: {exc.strerror or exc}",
                        upstream_reason=code)
             return
-        self.plane.metrics.upstream_connect_seconds.labels(upstream=up.name).observe(
-            time.monotonic() - started)
+        up.observe_connect(time.monotonic() - started)
         if self.stage == Stage.CLOSED:
             side.close(abort=True)
             return
@@ -524,8 +522,7 @@ class Connection:
         up.flush_tls()
         if not done:
             return
-        self.plane.metrics.tls_handshake_seconds.labels(
-            listener=self.listener.name, side="client").observe(time.monotonic() - self.hs_started)
+        self.listener.observe_handshake("client", time.monotonic() - self.hs_started)
         der = up.tls.peer_cert_der()
         try:
             self.upstream_identity = identity_from_der(der) if der else None
@@ -584,7 +581,7 @@ class Connection:
         other = self.upstream if is_client else self.client
         assert other is not None
         other.send_eof()
-        if self.client.eof_in and up_eof(self.upstream):
+        if other.eof_in:  # both directions have finished
             self._finish("allow", self.first_eof or "client_fin")
 
     def _check_idle(self) -> None:
@@ -637,14 +634,13 @@ class Connection:
 
     # ===================================================================== ending
     def _fail(self, reason: str, detail: str, *, action: str = "error", abort: bool = False,
-              graceful: bool = False, upstream_reason: str | None = None,
-              tls_reason: str | None = None) -> None:
+              upstream_reason: str | None = None) -> None:
         if self.stage == Stage.CLOSED:
             return
         if upstream_reason is not None:
             self.plane.metrics.upstream_errors_total.labels(
                 upstream=self.listener.upstream.name, reason=upstream_reason).inc()
-        self._finish(action, reason, detail=detail, abort=abort and not graceful)
+        self._finish(action, reason, detail=detail, abort=abort)
 
     def _finish(self, action: str, reason: str, *, detail: str | None = None,
                 abort: bool = False) -> None:
@@ -704,17 +700,8 @@ class Connection:
             if side is not None and not side.lost:
                 side.close(abort=True)
 
-    @property
-    def open_sockets(self) -> bool:
-        return any(s is not None and s.transport is not None and not s.lost
-                   for s in (self.client, self.upstream))
-
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
-
-
-def up_eof(side: Side | None) -> bool:
-    return side is not None and side.eof_in
 
 
 def _addr(value: object) -> tuple[str, int] | None:

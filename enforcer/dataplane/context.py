@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from enforcer.config.model import LimitsConfig, ListenerConfig, UpstreamConfig
@@ -19,6 +19,14 @@ class UpstreamRuntime:
     client_ctx: ssl.SSLContext | None
     server_hostname: str | None
     session: ssl.SSLSession | None = None  # last session, for TLS resumption
+    connect_histogram: Any = None  # enforcer_upstream_connect_seconds
+    _connect_child: Any = None
+
+    def observe_connect(self, seconds: float) -> None:
+        """The series appears with the first connect (no zero series for dead upstreams)."""
+        if self._connect_child is None:
+            self._connect_child = self.connect_histogram.labels(upstream=self.cfg.name)
+        self._connect_child.observe(seconds)
 
     @property
     def name(self) -> str:
@@ -37,12 +45,25 @@ class ListenerRuntime:
     server: Any = None  # asyncio.Server once bound
     bound: str = ""
     active: int = 0
-    bytes_in: Any = None  # enforcer_bytes_total{direction="from_client"} child
-    bytes_out: Any = None  # enforcer_bytes_total{direction="to_client"} child
+    # Metric children looked up once (labels() takes a lock and builds a key each call):
+    bytes_in: Any = None  # enforcer_bytes_total{direction="from_client"}
+    bytes_out: Any = None  # enforcer_bytes_total{direction="to_client"}
+    active_gauge: Any = None  # enforcer_connections_active
+    duration: Any = None  # enforcer_connection_duration_seconds
+    handshakes: dict[str, Any] = field(default_factory=dict)  # tls_handshake_seconds by side
+    totals: dict[str, Any] = field(default_factory=dict)  # connections_total by action
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    def observe_handshake(self, side: str, seconds: float) -> None:
+        """enforcer_tls_handshake_seconds; the series appears with the first handshake."""
+        child = self.handshakes.get(side)
+        if child is None:
+            child = self.handshakes[side] = self.plane.metrics.tls_handshake_seconds.labels(
+                listener=self.name, side=side)
+        child.observe(seconds)
 
     def is_trusted(self, ip: str | None) -> bool:
         if ip is None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
+
+from enforcer.observe.flowlog import utc_timestamp
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
@@ -17,10 +18,6 @@ def _endpoint(addr: tuple[str, int] | None) -> dict[str, Any] | None:
     return {"ip": addr[0], "port": addr[1]}
 
 
-def timestamp(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def build(conn: Connection, action: str, close: str, detail: str | None,
           stage: int, *, event: str = "flow") -> dict[str, Any]:
     """The record for ``conn``; ``event="open"`` for the optional record at relay start."""
@@ -28,7 +25,7 @@ def build(conn: Connection, action: str, close: str, detail: str | None,
     decision = conn.decision
     now = time.monotonic()  # the clock of conn.started_mono (ns resolution)
     record: dict[str, Any] = {
-        "ts": timestamp(conn.started + (now - conn.started_mono)),
+        "ts": utc_timestamp(conn.started + (now - conn.started_mono)),
         "event": event,
         "flow_id": conn.flow_id,
         "node": conn.plane.node_name,

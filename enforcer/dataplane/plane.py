@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +35,7 @@ from enforcer.proxyproto import (
 from enforcer.tlsconf.context import build_client_context, build_listener_context
 from enforcer.tlsconf.identity import PeerIdentity
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
+from enforcer.tlsconf.sni import name_matches
 
 log = logging.getLogger("enforcer.dataplane")
 
@@ -62,7 +62,6 @@ class DataPlane:
         self.open_events = cfg.flow_log.open_events
         self.draining = False
         self.owns_unix_paths: list[str] = []
-        self.started_at = time.time()
         self.ready = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -89,8 +88,9 @@ class DataPlane:
 
     def _build_upstream(self, ucfg: UpstreamConfig) -> UpstreamRuntime:
         tls = ucfg.tls
+        connect = self.metrics.upstream_connect_seconds
         if tls.mode == "off":
-            return UpstreamRuntime(ucfg, None, None)
+            return UpstreamRuntime(ucfg, None, None, connect_histogram=connect)
         material = self.materials.get(tls.material) if tls.material else None
         by_identity = not tls.verify.empty and tls.server_name is None
         hostname = tls.server_name or (None if ucfg.address.is_unix else ucfg.address.host)
@@ -106,14 +106,12 @@ class DataPlane:
                                        check_hostname=not by_identity)
         except MaterialError as exc:
             raise StartupError("tls", str(exc)) from None
-        return UpstreamRuntime(ucfg, ctx, hostname)
+        return UpstreamRuntime(ucfg, ctx, hostname, connect_histogram=connect)
 
     def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
                               trusted=lcfg.proxy_protocol.trusted_sources)
-        # counted as bytes move, so a long transfer shows up while it runs
-        lst.bytes_in = self.metrics.bytes_total.labels(listener=lcfg.name, direction="from_client")
-        lst.bytes_out = self.metrics.bytes_total.labels(listener=lcfg.name, direction="to_client")
+        _bind_metrics(lst, self.metrics)
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
             try:
@@ -157,9 +155,6 @@ class DataPlane:
         self.build()
         await self.bind()
 
-    def bound_addresses(self) -> dict[str, str]:
-        return {lst.name: lst.bound for lst in self.listeners}
-
     # ------------------------------------------------------------------ connection hooks
     def new_flow_id(self) -> str:
         return new_flow_id()
@@ -168,7 +163,7 @@ class DataPlane:
         self.active.add(conn)
         self._idle.clear()
         conn.listener.active += 1
-        self.metrics.connections_active.labels(listener=conn.listener.name).inc()
+        conn.listener.active_gauge.inc()
 
     def over_limit(self) -> bool:
         return len(self.active) > self.max_connections
@@ -177,10 +172,10 @@ class DataPlane:
         if conn in self.active:
             self.active.discard(conn)
             conn.listener.active -= 1
-        m, name = self.metrics, conn.listener.name
-        m.connections_active.labels(listener=name).dec()
-        m.connections_total.labels(listener=name, action=record["action"]).inc()
-        m.connection_duration_seconds.labels(listener=name).observe(record["duration_s"])
+        lst = conn.listener
+        lst.active_gauge.dec()
+        lst.totals[record["action"]].inc()
+        lst.duration.observe(record["duration_s"])
         self.flowlog.emit(record)
         if not self.active:
             self._idle.set()
@@ -225,7 +220,7 @@ class DataPlane:
         if verify.uri and not set(verify.uri) & set(ident.uri):
             return (f"upstream {up.cfg.address} identity {list(ident.uri)} is not one of "
                     f"verify.uri {list(verify.uri)}")
-        if verify.dns and not any(_dns_match(p, n) for p in verify.dns for n in ident.dns):
+        if verify.dns and not any(name_matches(p, n) for p in verify.dns for n in ident.dns):
             return (f"upstream {up.cfg.address} DNS names {list(ident.dns)} match none of "
                     f"verify.dns {list(verify.dns)}")
         if verify.cn and ident.cn not in verify.cn:
@@ -307,17 +302,17 @@ class DataPlane:
         await self.close_servers()
         return len(left)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "listeners": [{"name": lst.name, "bound": lst.bound, "tls": lst.cfg.tls.mode,
-                           "upstream": lst.upstream.name, "open_connections": lst.active}
-                          for lst in self.listeners],
-            "upstreams": [{"name": u.name, "address": str(u.cfg.address), "tls": u.cfg.tls.mode}
-                          for u in {id(lst.upstream): lst.upstream
-                                    for lst in self.listeners}.values()],
-            "draining": self.draining,
-            "open_connections": len(self.active),
-        }
+
+def _bind_metrics(lst: ListenerRuntime, metrics: Any) -> None:
+    """Look up the listener's metric children once, not per connection or per chunk."""
+    name = lst.cfg.name
+    # bytes are counted as they move, so a long transfer shows up while it runs
+    lst.bytes_in = metrics.bytes_total.labels(listener=name, direction="from_client")
+    lst.bytes_out = metrics.bytes_total.labels(listener=name, direction="to_client")
+    lst.active_gauge = metrics.connections_active.labels(listener=name)
+    lst.duration = metrics.connection_duration_seconds.labels(listener=name)
+    lst.totals = {action: metrics.connections_total.labels(listener=name, action=action)
+                  for action in ("allow", "deny", "error")}
 
 
 def _factory(lst: ListenerRuntime) -> Any:
@@ -351,14 +346,6 @@ def _ip_endpoint(addr: tuple[str, int] | None) -> tuple[str, int] | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped), addr[1]
     return str(ip), addr[1]
-
-
-def _dns_match(pattern: str, name: str) -> bool:
-    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
-    if pattern.startswith("*."):
-        head, _, rest = name.partition(".")
-        return bool(head) and rest == pattern[2:]
-    return pattern == name
 
 
 def _send_tlvs(conn: Connection, names: tuple[str, ...]) -> list[Any]:

@@ -21,7 +21,3 @@ def spawn(coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.T
     _live.add(task)
     task.add_done_callback(_live.discard)
     return task
-
-
-def live_tasks() -> int:
-    return len(_live)

@@ -14,6 +14,7 @@ thousands of SANs costs set intersections, not loops.
 from __future__ import annotations
 
 import ipaddress
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -130,7 +131,7 @@ def tlv_dimension(key: str) -> Callable[[FlowFacts], Any]:
     return lambda f: f.tlvs.get(key)
 
 
-class Matcher:
+class Matcher(ABC):
     """Base: ``key`` is the rule key as written; ``dim`` the fact it looks at."""
 
     __slots__ = ("key",)
@@ -139,11 +140,11 @@ class Matcher:
     def __init__(self, key: str) -> None:
         self.key = key
 
-    def test(self, value: Any) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def test(self, value: Any) -> bool: ...
 
-    def why_not(self, value: Any) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def why_not(self, value: Any) -> str: ...
 
 
 # ---------------------------------------------------------------------------- to.*
@@ -313,16 +314,16 @@ class PeerMatcher(Matcher):
     def test(self, value: PeerView | None) -> bool:
         return value is not None and self.test_peer(value)
 
-    def test_peer(self, view: PeerView) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def test_peer(self, view: PeerView) -> bool: ...
 
     def why_not(self, value: PeerView | None) -> str:
         if value is None:
             return "no verified peer certificate"
         return self.why_not_peer(value)
 
-    def why_not_peer(self, view: PeerView) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def why_not_peer(self, view: PeerView) -> str: ...
 
     def index_keys(self) -> frozenset[str] | None:
         """Keys such that a peer can only match if ``PeerView.index_keys`` has one of them;

@@ -47,7 +47,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when it loads, else the standard loop."""
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    except ImportError:  # uvloop is a dependency, but has no build for some platforms
         log.warning("uvloop is not available; using the standard asyncio loop")
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
@@ -126,6 +126,8 @@ class Server:
 
     async def shutdown(self) -> int:
         self.reloader.stop()
+        if self._orphan_watch is not None:
+            self._orphan_watch.cancel()
         drain = self.cfg.limits.drain_timeout
         closed = await self.plane.drain(0.0 if self._forced else drain)
         if closed:
