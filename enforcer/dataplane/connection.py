@@ -653,6 +653,7 @@ class Connection:
         for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
             if timer is not None:
                 timer.cancel()
+        self.stage_timer = self.idle_timer = self.close_timer = self.life_timer = None
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         self.pending.clear()
@@ -678,6 +679,18 @@ class Connection:
         session = up.tls.session
         if session is not None and session.has_ticket:
             runtime.session = session
+
+    def release_if_done(self) -> None:
+        """Once closed with every socket gone, no callback can come: break the cycles
+        between this connection and its sides so reference counting frees them."""
+        if self.stage != Stage.CLOSED or not self.client.lost:
+            return
+        up = self.upstream
+        if up is not None and not up.lost:
+            return  # still open, or never connected (then the garbage collector frees it)
+        self.client.release()
+        if up is not None:
+            up.release()
 
     def internal_error(self, exc: BaseException) -> None:
         """A bug in a callback: log it with the flow id and close (fail closed)."""

@@ -66,10 +66,16 @@ class Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        conn = self.conn
         try:
-            self.conn.side_lost(self, exc)
+            conn.side_lost(self, exc)
         except Exception as err:
-            self.conn.internal_error(err)
+            conn.internal_error(err)
+        # The socket is gone: drop the protocol <-> transport cycle, and the connection's
+        # once both of its sockets are gone, so that everything (the OpenSSL state too) is
+        # freed now by reference counting instead of at the next garbage collection.
+        self.transport = None
+        conn.release_if_done()
 
     def pause_writing(self) -> None:
         try:
@@ -130,6 +136,10 @@ class Side(asyncio.Protocol):
         if not self.pause_flags and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def release(self) -> None:
+        """Forget the connection (see ``Connection.release_if_done``): no callback follows."""
+        del self.conn
+
     # -- closing ---------------------------------------------------------------------------
     def close(self, *, abort: bool = False) -> None:
         transport = self.transport
@@ -141,8 +151,3 @@ class Side(asyncio.Protocol):
             self.flush_tls()
             transport.close()
 
-    def addresses(self) -> tuple[object, object]:
-        t = self.transport
-        if t is None:
-            return None, None
-        return t.get_extra_info("peername"), t.get_extra_info("sockname")

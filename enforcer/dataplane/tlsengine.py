@@ -20,7 +20,7 @@ After every call that can produce output the caller sends ``take_output()``.
 from __future__ import annotations
 
 import ssl
-from typing import Final, cast
+from typing import Any, Final
 
 READ_CHUNK: Final = 256 * 1024
 
@@ -85,10 +85,11 @@ class TlsEngine:
         buffer came back: more may be waiting."""
         buf = _scratch_buffer()
         filled = 0
-        read = self.obj.read
+        obj, incoming = self.obj, self._in
+        read: Any = obj.read  # returns an int when given a buffer (typeshed says bytes)
         while not self.peer_closed and filled < READ_CHUNK:
             try:
-                n = cast(int, read(READ_CHUNK - filled, buf[filled:]))
+                n: int = read(READ_CHUNK - filled, buf[filled:])
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -98,6 +99,8 @@ class TlsEngine:
                 self.peer_closed = True
                 break
             filled += n
+            if not incoming.pending and not obj.pending() and not incoming.eof:
+                break  # all consumed: another read would only raise SSLWantReadError
         return (buf[:filled] if filled else None), self.peer_closed
 
     def write(self, data: bytes | memoryview) -> None:

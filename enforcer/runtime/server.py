@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import os
 import signal
@@ -105,6 +106,10 @@ class Server:
     async def serve(self, on_ready: Callable[[Server], None] | None = None) -> int:
         await self.start()
         self._install_signals()
+        # Everything built so far (modules, config, TLS contexts) lives as long as the
+        # process: keep it out of every garbage collection (connections break their own
+        # cycles, so collections are rare and only look at young objects).
+        gc.freeze()
         if on_ready is not None:
             on_ready(self)
         await self._stop.wait()

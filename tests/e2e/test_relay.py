@@ -426,3 +426,47 @@ async def test_slow_plain_reader_behind_tls_gets_every_byte(pki) -> None:  # typ
         await asyncio.wait_for(done.wait(), 30)
         assert sha(bytes(received)) == sha(payload)
         assert answer.decode() == hashlib.sha256(payload).hexdigest()
+
+
+async def test_a_finished_connection_is_freed_without_the_garbage_collector(pki) -> None:  # type: ignore[no-untyped-def]
+    """Closed connections break their reference cycles, so their sockets' objects and the
+    OpenSSL state go at once (memory under churn), not at the next collection."""
+    import gc
+
+    from enforcer.dataplane.connection import Connection
+    from enforcer.dataplane.side import Side
+    from enforcer.dataplane.tlsengine import TlsEngine
+
+    def alive() -> list[str]:
+        return sorted(type(o).__name__ for o in gc.get_objects()
+                      if isinstance(o, Connection | Side | TlsEngine))
+
+    payload = random_bytes(300_000)
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await pair(pki, backend)
+    async with running(outbound, inbound, backend):
+        gc.collect()
+        gc.disable()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+            writer.write(payload)
+            got = await reader.readexactly(len(payload))
+            # both enforcers' connections, each with two sides; TLS on the mTLS leg only
+            assert alive() == ["Connection"] * 2 + ["Side"] * 4 + ["TlsEngine"] * 2
+            writer.write_eof()
+            assert await reader.read() == b""  # the backend's FIN came back through the pair
+            writer.close()
+            await writer.wait_closed()
+            await inbound.wait_flows(1)
+            await outbound.wait_flows(1)
+            for _ in range(100):
+                if not alive():
+                    break
+                await asyncio.sleep(0.01)
+            left = alive()
+        finally:
+            gc.enable()
+        assert left == []
+        assert sha(got) == sha(payload)
+        assert [f["bytes"] for f in outbound.flows.records] == [
+            {"from_client": len(payload), "to_client": len(payload)}]
