@@ -100,8 +100,11 @@ class Side(asyncio.Protocol):
             if type(data) is memoryview and transport.get_write_buffer_size():
                 scratch_taken()  # the transport keeps the view: don't reuse its buffer
         else:
-            tls.write(data)
-            transport.write(tls.take_output())
+            chunks = tls.encrypt(data)
+            if len(chunks) == 1:
+                transport.write(chunks[0])
+            else:
+                transport.writelines(chunks)  # one writev
 
     def flush_tls(self) -> None:
         tls, transport = self.tls, self.transport

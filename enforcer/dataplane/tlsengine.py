@@ -8,21 +8,33 @@ listener can read a PROXY header and peek at the first bytes before any handshak
 on one raw TCP transport.
 
 How it is driven (by ``dataplane.connection``):
-- ``feed(ciphertext)`` puts received bytes into the incoming BIO;
+- ``feed(ciphertext)`` queues received bytes for the incoming BIO;
 - ``handshake()`` advances the handshake; True once done (raises ``ssl.SSLError``);
 - ``read()`` returns decrypted bytes (a view of a shared buffer) and whether the peer
   finished (close_notify);
-- ``write(plaintext)`` encrypts; ``take_output()`` returns the ciphertext to send;
+- ``encrypt(plaintext)`` returns the ciphertext to send, as a list of chunks;
 - ``close_notify()`` sends our close_notify but keeps reading (TLS 1.3 half-close).
-After every call that can produce output the caller sends ``take_output()``.
+After every other call that can produce output (handshake, read, close_notify) the caller
+sends ``take_output()``.
+
+Bounded memory: a memory BIO never gives back the buffer it grew to (OpenSSL's BUF_MEM
+keeps its peak), so writing a 256 KiB read into one would leave ~350 KiB behind on every
+connection that ever moved a burst, idle or not. Ciphertext therefore enters the incoming
+BIO at most ``BIO_SLICE`` (one full TLS record) at a time, just ahead of ``SSL_read``, and
+plaintext is encrypted ``WRITE_SLICE`` at a time, each slice's output taken at once: each
+BIO stays below ~23 KiB for the life of the connection, at the cost of a few more calls
+per burst (the records are the same; the kernel still gets one ``writev``).
 """
 
 from __future__ import annotations
 
 import ssl
+from collections import deque
 from typing import Any, Final
 
 READ_CHUNK: Final = 256 * 1024
+BIO_SLICE: Final = 17 * 1024  # > the largest TLS record (16 KiB + 256 + 5 header)
+WRITE_SLICE: Final = 16 * 1024  # one full TLS record of plaintext
 
 # Decrypted data is read into one shared scratch buffer (the loop is single-threaded and
 # every read is forwarded at once), many TLS records per read, so a 256 KiB burst costs one
@@ -45,7 +57,7 @@ def _scratch_buffer() -> memoryview:
 
 
 class TlsEngine:
-    __slots__ = ("_in", "_out", "obj", "peer_closed", "we_closed")
+    __slots__ = ("_backlog", "_eof_queued", "_in", "_out", "obj", "peer_closed", "we_closed")
 
     def __init__(
         self,
@@ -61,36 +73,69 @@ class TlsEngine:
             self._in, self._out, server_side=server_side, server_hostname=server_hostname,
             session=session,
         )
+        self._backlog: deque[memoryview] = deque()  # ciphertext not yet in the BIO
+        self._eof_queued = False
         self.peer_closed = False
         self.we_closed = False
 
+    # -- ciphertext in ---------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        self._in.write(data)
+        incoming = self._in
+        if not self._backlog and len(data) <= BIO_SLICE - incoming.pending:
+            incoming.write(data)  # the common case: a small read, straight in
+        else:
+            self._backlog.append(memoryview(data))
+            self._fill()
 
     def feed_eof(self) -> None:
         """The TCP stream ended (FIN). Without close_notify this is a truncated stream."""
-        if not self._in.eof:
-            self._in.write_eof()
+        self._eof_queued = True
+        self._fill()
+
+    def _fill(self) -> bool:
+        """Top the incoming BIO up to BIO_SLICE from the backlog; True if anything moved."""
+        incoming, backlog = self._in, self._backlog
+        moved = False
+        while backlog:
+            room = BIO_SLICE - incoming.pending
+            if room <= 0:
+                break
+            head = backlog[0]
+            if len(head) <= room:
+                incoming.write(head)
+                backlog.popleft()
+            else:
+                incoming.write(head[:room])
+                backlog[0] = head[room:]
+            moved = True
+        if not backlog and self._eof_queued and not incoming.eof:
+            incoming.write_eof()
+        return moved
 
     def handshake(self) -> bool:
-        try:
-            self.obj.do_handshake()
-        except ssl.SSLWantReadError:
-            return False
-        return True
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                if self._fill():
+                    continue  # the handshake needs more of what is already queued
+                return False
+            return True
 
     def read(self) -> tuple[memoryview | None, bool]:
-        """Decrypt what is buffered, up to READ_CHUNK bytes, into the shared scratch buffer.
+        """Decrypt what is queued, up to READ_CHUNK bytes, into the shared scratch buffer.
         Returns (view or None, eof): eof once close_notify came. Call again while a full
         buffer came back: more may be waiting."""
         buf = _scratch_buffer()
         filled = 0
-        obj, incoming = self.obj, self._in
+        obj, incoming, backlog = self.obj, self._in, self._backlog
         read: Any = obj.read  # returns an int when given a buffer (typeshed says bytes)
         while not self.peer_closed and filled < READ_CHUNK:
             try:
                 n: int = read(READ_CHUNK - filled, buf[filled:])
             except ssl.SSLWantReadError:
+                if self._fill():
+                    continue
                 break
             except ssl.SSLZeroReturnError:
                 self.peer_closed = True
@@ -99,15 +144,25 @@ class TlsEngine:
                 self.peer_closed = True
                 break
             filled += n
-            if not incoming.pending and not obj.pending() and not incoming.eof:
+            if backlog:
+                self._fill()
+            elif not incoming.pending and not obj.pending() and not incoming.eof:
                 break  # all consumed: another read would only raise SSLWantReadError
         return (buf[:filled] if filled else None), self.peer_closed
 
-    def write(self, data: bytes | memoryview) -> None:
+    # -- plaintext in, ciphertext out -------------------------------------------------------
+    def encrypt(self, data: bytes | memoryview) -> list[bytes]:
+        """Encrypt ``data``; the ciphertext to send (after any output already pending)."""
+        obj, out = self.obj, self._out
+        if len(data) <= WRITE_SLICE:
+            obj.write(data)  # a memory BIO takes everything: no partial writes
+            return [out.read()]
         view = memoryview(data)
-        while view:
-            n = self.obj.write(view)
-            view = view[n:]
+        chunks = []
+        for i in range(0, len(view), WRITE_SLICE):
+            obj.write(view[i : i + WRITE_SLICE])
+            chunks.append(out.read())
+        return chunks
 
     def take_output(self) -> bytes:
         out = self._out
