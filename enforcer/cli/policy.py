@@ -13,9 +13,7 @@ import ipaddress
 from typing import Any
 
 from enforcer.cli import exitcodes
-from enforcer.cli.errors import fail
-from enforcer.config.errors import ConfigError
-from enforcer.config.loader import load_config
+from enforcer.cli.errors import fail, load_config_or_report
 from enforcer.config.model import Config, ListenerConfig
 from enforcer.config.rulesets import TLV_KEYS
 from enforcer.policy import Explanation, FlowFacts, compile_ruleset
@@ -71,11 +69,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            fail(str(issue))
+    cfg = load_config_or_report(args.config)
+    if cfg is None:
         return exitcodes.BAD_CONFIG
     try:
         listener = _listener(cfg, args.listener)

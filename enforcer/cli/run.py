@@ -6,9 +6,7 @@ import argparse
 import os
 
 from enforcer.cli import exitcodes
-from enforcer.cli.errors import fail
-from enforcer.config.errors import ConfigError
-from enforcer.config.loader import load_config
+from enforcer.cli.errors import fail, load_config_or_report
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.observe.logging import setup_logging
@@ -28,11 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, json=args.log_json)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            fail(str(issue))
+    cfg = load_config_or_report(args.config)
+    if cfg is None:
         return exitcodes.BAD_CONFIG
     from enforcer.config.loader import resolve_workers
 

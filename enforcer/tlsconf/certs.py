@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enforcer.tlsconf.files import FileProblem, read_nonempty
 from enforcer.tlsconf.identity import IdentityError, identity_from_der, parse_spiffe_id
 
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -174,16 +175,9 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CertsError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CertsError(f"{path}: is a directory, not a file") from None
-    except OSError as exc:
-        raise CertsError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if not data.strip():
-        raise CertsError(f"{path}: file is empty")
-    return data
+        return read_nonempty(path)
+    except FileProblem as exc:
+        raise CertsError(f"{path}: {exc}") from None
 
 
 def load_certificates(path: Path) -> list[x509.Certificate]:

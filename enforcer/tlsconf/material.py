@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from enforcer.config.model import TlsMaterialConfig
+from enforcer.tlsconf.files import FileProblem, read_nonempty
 
 log = logging.getLogger("enforcer.tls")
 
@@ -212,16 +213,9 @@ def _read_stable(cfg: TlsMaterialConfig) -> tuple[_Raw, list[str]]:
 
 def _read(where: str, path: str) -> Blob:
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MaterialError(f"{where}: {path}: no such file") from None
-    except IsADirectoryError:
-        raise MaterialError(f"{where}: {path}: is a directory, expected a file") from None
-    except OSError as exc:
-        raise MaterialError(f"{where}: {path}: cannot read: {exc.strerror or exc}") from None
-    if not data.strip():
-        raise MaterialError(f"{where}: {path}: file is empty")
-    return Blob(where, path, data)
+        return Blob(where, path, read_nonempty(Path(path)))
+    except FileProblem as exc:
+        raise MaterialError(f"{where}: {path}: {exc}") from None
 
 
 def _read_parts(cfg: TlsMaterialConfig) -> _Raw:
