@@ -3,9 +3,14 @@
 #   docker run --rm enforcer --version
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# gcc builds the native relay pump (enforcer/dataplane/_pump.c); the runtime stage has none
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY enforcer ./enforcer
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install . \
+    && python -c "import sys; sys.path.insert(0, '/install/lib/python3.11/site-packages'); \
+from enforcer.dataplane import pump; assert pump.available(), pump.UNAVAILABLE"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

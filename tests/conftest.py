@@ -47,3 +47,12 @@ def require_tool(name: str) -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
+
+
+@pytest.fixture(params=["native", "python"])
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the native relay pump and again with the Python relay."""
+    from tests.e2e import harness
+
+    monkeypatch.setattr(harness, "RELAY", request.param)
+    return str(request.param)

@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -37,7 +37,7 @@ from enforcer.config.reader import Node
 from enforcer.config.rulesets import RulesetConfig, parse_rulesets, reference_problems
 
 TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
-            "flow_log", "admin", "limits", "workers")
+            "flow_log", "admin", "limits", "workers", "relay")
 PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
 
 
@@ -98,6 +98,7 @@ def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") ->
         limits=p.limits(root["limits"]),
         rulesets_file=rulesets_file,
         workers=_workers(root["workers"]),
+        relay=_relay(root["relay"]),
         source=source,
     )
     _check_references(cfg, root, issues)
@@ -430,6 +431,12 @@ def _workers(node: Node) -> int:
     if node.value == "auto":
         return 0
     return node.int(1, minimum=1, maximum=256)
+
+
+def _relay(node: Node) -> Literal["auto", "native", "python"]:
+    """``relay: auto`` (native pump when built, else Python) | ``native`` | ``python``."""
+    value = node.choice(("auto", "native", "python"), "auto")
+    return "native" if value == "native" else "python" if value == "python" else "auto"
 
 
 def resolve_workers(cfg: Config) -> int:

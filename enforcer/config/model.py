@@ -166,4 +166,5 @@ class Config:
     limits: LimitsConfig
     rulesets_file: str | None = None
     workers: int = 1  # processes sharing the listeners; 0 = one per CPU ("auto")
+    relay: Literal["auto", "native", "python"] = "auto"  # who moves bytes once in RELAY
     source: str | None = None  # the file this was loaded from

@@ -27,12 +27,13 @@ import datetime
 import errno
 import ipaddress
 import logging
+import os
 import ssl
 import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord
+from enforcer.dataplane import flowrecord, pump
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, TlsEngine
@@ -42,6 +43,7 @@ from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from
 
 if TYPE_CHECKING:
     from enforcer.dataplane.context import ListenerRuntime
+    from enforcer.dataplane.pump import NativePump
 
 log = logging.getLogger("enforcer.dataplane")
 
@@ -68,7 +70,7 @@ class Connection:
                  "client_eof_pending", "close_timer", "connect_task", "decision", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
                  "listener", "local", "loop", "peer", "pending", "pending_bytes", "plane",
-                 "proxy_header", "proxy_parser", "sni", "sniff_buf", "stage", "stage_timer",
+                 "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
                  "started", "started_mono", "tls_info", "upstream", "upstream_identity")
 
     def __init__(self, listener: ListenerRuntime) -> None:
@@ -97,6 +99,8 @@ class Connection:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.client_eof_pending = False
+        self.pump: NativePump | None = None  # set once the native pump relays this connection
+        self.relay: str | None = None  # who relayed: "python" or "native" (flow record)
         self.bytes_from_client = 0
         self.bytes_to_client = 0
         self.first_eof: str | None = None
@@ -497,7 +501,7 @@ class Connection:
         if header and side.transport is not None:
             side.transport.write(header)
         if up.client_ctx is None:
-            self._start_relay()
+            self._enter_relay()
             return
         self.stage = Stage.UPSTREAM_TLS
         self.hs_started = time.monotonic()
@@ -538,28 +542,89 @@ class Connection:
             self._fail("upstream_identity_mismatch", problem, upstream_reason="identity_mismatch")
             return
         self._cancel_stage_timer()
-        self._start_relay()
-        if self.stage == Stage.RELAY:
-            self._read_tls(up)
+        self._enter_relay()
 
     # ===================================================================== relay
+    def _enter_relay(self) -> None:
+        """Decide (if still open), start relaying, then hand over to the native pump."""
+        self._start_relay()
+        up = self.upstream
+        if self.stage != Stage.RELAY or up is None:
+            return
+        if up.tls is not None:
+            self._read_tls(up)  # application data that came with the upstream's Finished
+        self._go_native()
+        if self.stage == Stage.RELAY and self.plane.open_events:
+            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
+                                                     event="open"))
+
     def _start_relay(self) -> None:
         if self.decision is None and not self._decided(
                 self.plane.decide(self.listener, self._facts())):
             return
         self.stage = Stage.RELAY
+        self.relay = "python"
         up = self.upstream
         assert up is not None
         pending, self.pending, self.pending_bytes = self.pending, [], 0
         for chunk in pending:
             up.send(chunk)
         self.client.resume(PAUSE_BUFFER)
-        if self.plane.open_events:
-            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
-                                                     event="open"))
         if self.client_eof_pending:
             self._eof(self.client)
         self.idle_timer = self.loop.call_later(self.listener.limits.idle_timeout, self._check_idle)
+
+    def _go_native(self) -> None:
+        """Hand the relay to the native pump when this process uses it (see pump.py)."""
+        up = self.upstream
+        if self.stage != Stage.RELAY or not self.plane.native_relay or up is None:
+            return
+        self.pump = pump.hand_over(self.client, up, self.loop, self._pump_event)
+        if self.pump is not None:
+            self.relay = "native"
+            self.plane.pump_started(self)
+
+    def _pump_event(self, kind: str, index: int, detail: object) -> None:
+        """What the native pump reports: an end of stream, the end, or a failure."""
+        try:
+            who = "client" if index == 0 else "upstream"
+            if kind == "eof":
+                self._pump_eof(index)
+            elif kind == "done":
+                self._finish("allow", self.first_eof or "client_fin")
+            elif kind == "reset":
+                code = detail if isinstance(detail, int) else 0
+                self._fail(f"{who}_reset", str(OSError(code, os.strerror(code))),
+                           action="allow")
+            elif kind == "tls_error":
+                reason = str(detail).upper().replace(" ", "_")
+                self._fail(f"{who}_tls_error", f"TLS error from the {who}: {reason}")
+            else:
+                raise RuntimeError(f"native pump: {detail}")
+        except Exception as exc:
+            self.internal_error(exc)
+
+    def _pump_eof(self, index: int) -> None:
+        side = self.client if index == 0 else self.upstream
+        other = self.upstream if index == 0 else self.client
+        assert side is not None and other is not None
+        side.eof_in = other.eof_out = True
+        if self.first_eof is None:
+            self.first_eof = "client_fin" if index == 0 else "upstream_fin"
+            self.close_timer = self.loop.call_later(self.listener.limits.close_timeout,
+                                                    self._timeout, "close_timeout")
+
+    def flush_pump_counts(self) -> None:
+        """Add what the native pump relayed since the last call to the counters."""
+        if self.pump is None:
+            return
+        from_client, to_client = self.pump.take_counts()
+        if from_client:
+            self.bytes_from_client += from_client
+            self.listener.bytes_in.inc(from_client)
+        if to_client:
+            self.bytes_to_client += to_client
+            self.listener.bytes_out.inc(to_client)
 
     def _eof(self, side: Side) -> None:
         if side.eof_in:
@@ -587,7 +652,10 @@ class Connection:
     def _check_idle(self) -> None:
         if self.stage == Stage.CLOSED:
             return
-        idle = self.loop.time() - self.last_active
+        if self.pump is not None:
+            idle = time.monotonic() - self.pump.last_active
+        else:
+            idle = self.loop.time() - self.last_active
         limit = self.listener.limits.idle_timeout
         if idle >= limit:
             self._timeout("idle_timeout")
@@ -650,6 +718,10 @@ class Connection:
         self.stage = Stage.CLOSED
         if stage_reached == Stage.RELAY:
             self._keep_session()
+        if self.pump is not None:
+            self.flush_pump_counts()
+            self.pump.close()
+            self.plane.pump_stopped(self)
         for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
             if timer is not None:
                 timer.cancel()
@@ -664,6 +736,9 @@ class Connection:
             self.plane.schedule_abort(self)
         self.plane.connection_closed(self, flowrecord.build(self, action, reason, detail,
                                                            stage_reached))
+        if self.pump is not None:
+            self.pump = None  # drops the pump's reference back to this connection
+            self.release_if_done()
 
     def _keep_session(self) -> None:
         """Remember the upstream TLS session for resumption. TLS 1.3 tickets arrive after

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from enforcer.config.model import Address, Config, ListenerConfig, UpstreamConfig
+from enforcer.dataplane import pump
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
 from enforcer.dataplane.sockets import remove_stale_unix_socket
@@ -38,6 +39,9 @@ from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_materi
 from enforcer.tlsconf.sni import name_matches
 
 log = logging.getLogger("enforcer.dataplane")
+
+
+PUMP_COUNT_EVERY = 1.0  # seconds between byte-counter updates from native pumps
 
 
 class StartupError(Exception):
@@ -61,6 +65,9 @@ class DataPlane:
         self.max_connections = cfg.limits.max_connections
         self.open_events = cfg.flow_log.open_events
         self.draining = False
+        self.native_relay = False  # decided in build() from cfg.relay
+        self.pumped: set[Connection] = set()  # connections relayed by the native pump
+        self._pump_tick: asyncio.TimerHandle | None = None
         self.owns_unix_paths: list[str] = []
         self.ready = False
         self._idle = asyncio.Event()
@@ -69,6 +76,7 @@ class DataPlane:
     # ------------------------------------------------------------------ build and bind
     def build(self) -> None:
         """Load materials, build TLS contexts, compile rulesets (no sockets yet)."""
+        self.native_relay = _choose_relay(self.cfg.relay)
         errors: list[str] = []
         for name, mcfg in self.cfg.tls.items():
             try:
@@ -164,6 +172,24 @@ class DataPlane:
         self._idle.clear()
         conn.listener.active += 1
         conn.listener.active_gauge.inc()
+
+    def pump_started(self, conn: Connection) -> None:
+        self.pumped.add(conn)
+        if self._pump_tick is None:
+            self._pump_tick = asyncio.get_running_loop().call_later(PUMP_COUNT_EVERY,
+                                                                    self._flush_pumps)
+
+    def pump_stopped(self, conn: Connection) -> None:
+        self.pumped.discard(conn)
+
+    def _flush_pumps(self) -> None:
+        """Bytes moved by native pumps reach enforcer_bytes_total while transfers run."""
+        self._pump_tick = None
+        for conn in self.pumped:
+            conn.flush_pump_counts()
+        if self.pumped:
+            self._pump_tick = asyncio.get_running_loop().call_later(PUMP_COUNT_EVERY,
+                                                                    self._flush_pumps)
 
     def over_limit(self) -> bool:
         return len(self.active) > self.max_connections
@@ -301,6 +327,19 @@ class DataPlane:
             conn.drain_close()
         await self.close_servers()
         return len(left)
+
+
+def _choose_relay(setting: str) -> bool:
+    """True to relay with the native pump (``relay: auto|native|python``)."""
+    if setting == "python":
+        return False
+    if pump.available():
+        log.info("relay: native pump")
+        return True
+    if setting == "native":
+        raise StartupError("config", f"relay: native, but {pump.UNAVAILABLE}")
+    log.warning("relay: Python (%s)", pump.UNAVAILABLE)
+    return False
 
 
 def _bind_metrics(lst: ListenerRuntime, metrics: Any) -> None:

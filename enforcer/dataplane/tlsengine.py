@@ -184,6 +184,15 @@ class TlsEngine:
         except ssl.SSLError:
             pass  # the connection is failing anyway; the caller closes the socket
 
+    def hand_over(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None:
+        """The TLS state for the native pump, with every queued byte moved into the incoming
+        BIO; None once an end of stream was seen (the Python relay finishes those)."""
+        if self._eof_queued or self.peer_closed or self.we_closed or self._out.pending:
+            return None
+        while self._backlog:
+            self._in.write(self._backlog.popleft())
+        return self.obj, self._in, self._out
+
     # -- facts after the handshake -------------------------------------------------------
     def peer_cert_der(self) -> bytes | None:
         return self.obj.getpeercert(binary_form=True)

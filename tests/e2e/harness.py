@@ -124,11 +124,16 @@ def client_ctx(ca: Any, cert: Any = None, key: Any = None) -> ssl.SSLContext:
     return ctx
 
 
+# ``relay`` for enforcers whose config does not set it; the ``relay_mode`` fixture runs a
+# test module once with the native pump and once with the Python relay.
+RELAY = "auto"
+
+
 class Enforcer:
     """An in-process enforcer: a DataPlane with its own metrics and an in-memory flow log."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        self.cfg = parse_config(cfg)
+        self.cfg = parse_config({"relay": RELAY, **cfg})
         self.metrics = Metrics()
         self.flows = MemoryFlowLog()
         self.plane = DataPlane(self.cfg, metrics=self.metrics, flowlog=self.flows)

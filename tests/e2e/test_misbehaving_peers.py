@@ -9,6 +9,8 @@ import socket
 import struct
 from typing import Any
 
+import pytest
+
 from tests.e2e.harness import (
     Backend,
     Enforcer,
@@ -19,6 +21,8 @@ from tests.e2e.harness import (
     running,
     sha,
 )
+
+pytestmark = pytest.mark.usefixtures("relay_mode")
 
 
 def _open_fds() -> int:

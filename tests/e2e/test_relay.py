@@ -11,6 +11,7 @@ import ssl
 
 import pytest
 
+from tests.e2e import harness
 from tests.e2e.harness import (
     Backend,
     Enforcer,
@@ -22,6 +23,8 @@ from tests.e2e.harness import (
     running,
     sha,
 )
+
+pytestmark = pytest.mark.usefixtures("relay_mode")
 
 MiB = 1024 * 1024
 
@@ -50,6 +53,7 @@ async def test_64mib_each_way_at_once_through_the_pair(pki) -> None:  # type: ig
         assert in_rec["tls"]["peer"]["spiffe_id"] == "spiffe://enforcer.demo/ns/demo/sa/outbound"
         assert in_rec["rule"] == "outbound-may-call"
         assert in_rec["bytes"] == {"from_client": 64 * MiB, "to_client": 64 * MiB}
+        assert rec["relay"] == in_rec["relay"] == harness.RELAY
 
 
 async def test_half_close_client_still_gets_the_full_response(pki) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,846 @@
+/* The native relay pump: moves bytes between the two sockets of a connection that has
+ * reached RELAY, in C, with no Python code run per socket event.
+ *
+ * How it works
+ * - Python does everything up to RELAY (PROXY header, detection, TLS handshake, identity,
+ *   policy, upstream connect) with asyncio transports and ssl.SSLObject. It then hands the
+ *   two sockets (as dup'ed file descriptors) and the two SSLObjects (or None for plaintext)
+ *   to a Pump, and closes its transports.
+ * - The pump registers its own bound methods with the event loop (loop.add_reader /
+ *   add_writer): on each readable event it does recv() -> [BIO_write + SSL_read] ->
+ *   [SSL_write + BIO_read] -> send(), all in C, into static scratch buffers (the loop is
+ *   single-threaded and holds the GIL), so a request costs a few syscalls and no Python
+ *   objects.
+ * - The TLS state stays the SSLObject's: the SSL* and its memory BIOs are read from the
+ *   _ssl objects (the layout sslkeylog and sslpsk rely on), and every OpenSSL function is
+ *   looked up with dlsym() in the _ssl module's own libssl, so both always use the same
+ *   library. bind() checks the layout on a live object before the pump is ever used.
+ * - Flow control: when a send() is short, the rest waits in that socket's out buffer, the
+ *   pump watches it for writability and stops reading the other socket until it drains.
+ *   Ciphertext enters an incoming BIO at most BIO_SLICE at a time (memory BIOs keep their
+ *   peak size), as in tlsengine.py.
+ * - Half-close: an EOF (FIN, or close_notify for TLS) from one side becomes close_notify
+ *   (TLS) and shutdown(SHUT_WR) on the other, after its pending bytes. Python is told with
+ *   on_event("eof", side, "") and, once both directions have ended and everything is
+ *   sent, on_event("done", -1, ""). Errors are on_event("reset", side, errno) and
+ *   on_event("tls_error", side, reason). Python then calls close() (also for timeouts,
+ *   drain and policy revocation), which unregisters and closes both descriptors.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ----------------------------------------------------------------- OpenSSL, by dlsym */
+typedef struct ssl_st SSL;
+typedef struct bio_st BIO;
+
+#define SSL_ERROR_SSL 1
+#define SSL_ERROR_WANT_READ 2
+#define SSL_ERROR_SYSCALL 5
+#define SSL_ERROR_ZERO_RETURN 6
+#define BIO_CTRL_PENDING 10
+#define BIO_C_SET_BUF_MEM_EOF_RETURN 130
+
+static struct {
+    int (*SSL_read)(SSL *, void *, int);
+    int (*SSL_write)(SSL *, const void *, int);
+    int (*SSL_get_error)(const SSL *, int);
+    int (*SSL_shutdown)(SSL *);
+    BIO *(*SSL_get_rbio)(const SSL *);
+    BIO *(*SSL_get_wbio)(const SSL *);
+    int (*BIO_write)(BIO *, const void *, int);
+    int (*BIO_read)(BIO *, void *, int);
+    long (*BIO_ctrl)(BIO *, int, long, void *);
+    unsigned long (*ERR_peek_error)(void);
+    void (*ERR_clear_error)(void);
+    const char *(*ERR_reason_error_string)(unsigned long);
+} ossl;
+static int ossl_bound = 0;
+
+#define CHUNK (256 * 1024)           /* one recv() */
+#define BIO_SLICE (17 * 1024)        /* > the largest TLS record */
+#define WRITE_SLICE (16 * 1024)      /* one full TLS record of plaintext */
+#define CIPHER_ROOM (CHUNK + CHUNK / 8) /* 256 KiB of plaintext as records, with headroom */
+
+static char recv_buf[CHUNK];
+static char plain_buf[CHUNK];
+static char cipher_buf[CIPHER_ROOM];
+
+/* The leading fields of CPython's _ssl objects (Modules/_ssl.c, unchanged 3.7 - 3.13). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+} SslSocketHead;
+
+typedef struct {
+    PyObject_HEAD
+    BIO *bio;
+} MemoryBioHead;
+
+/* ----------------------------------------------------------------- the pump object */
+typedef struct {
+    int fd;
+    SSL *ssl;
+    BIO *rbio, *wbio;
+    PyObject *sslobj; /* keeps the SSL alive (the _ssl._SSLSocket) */
+    char *out;        /* bytes waiting for this socket to become writable */
+    size_t out_len, out_off, out_cap;
+    int fin_in;           /* TCP FIN (or reset) seen */
+    int eof_in;           /* the peer finished sending: FIN, or close_notify for TLS */
+    int eof_out;          /* we asked to end our direction towards this peer */
+    int shut_pending;     /* shutdown(SHUT_WR) once the out buffer drains */
+    int shut_done;
+    int reading, writing; /* registered with the loop */
+} End;
+
+typedef struct {
+    PyObject_HEAD
+    End e[2]; /* 0 = client, 1 = upstream */
+    PyObject *loop;
+    PyObject *on_event;
+    unsigned long long bytes[2];    /* plaintext from e[i] forwarded to the other */
+    unsigned long long reported[2]; /* what take_counts() already returned */
+    double last_active;             /* CLOCK_MONOTONIC seconds, as time.monotonic() */
+    int started, closed, done_sent;
+} Pump;
+
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* ---- calls back into Python ---------------------------------------------------------- */
+static void pump_close_impl(Pump *p);
+
+static void emit(Pump *p, const char *kind, int side, PyObject *detail) {
+    if (p->closed || p->on_event == NULL) {
+        return;
+    }
+    PyObject *cb = p->on_event;
+    Py_INCREF(cb);
+    PyObject *r = PyObject_CallFunction(cb, "siO", kind, side, detail ? detail : Py_None);
+    Py_DECREF(cb);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(cb);
+        pump_close_impl(p); /* fail closed */
+    } else {
+        Py_DECREF(r);
+    }
+}
+
+static void emit_str(Pump *p, const char *kind, int side, const char *text) {
+    PyObject *s = PyUnicode_FromString(text);
+    if (s == NULL) {
+        PyErr_Clear();
+    }
+    emit(p, kind, side, s);
+    Py_XDECREF(s);
+}
+
+static void emit_errno(Pump *p, int side, int err) {
+    PyObject *n = PyLong_FromLong(err);
+    if (n == NULL) {
+        PyErr_Clear();
+    }
+    emit(p, "reset", side, n);
+    Py_XDECREF(n);
+}
+
+static void emit_tls_error(Pump *p, int side, unsigned long code) {
+    const char *reason = code ? ossl.ERR_reason_error_string(code) : NULL;
+    ossl.ERR_clear_error();
+    emit_str(p, "tls_error", side, reason ? reason : "TLS protocol error");
+}
+
+/* Register or unregister our bound method with the loop for one fd and direction. */
+static int watch(Pump *p, int i, int writing, int on) {
+    End *e = &p->e[i];
+    int *flag = writing ? &e->writing : &e->reading;
+    if (*flag == on || p->closed) {
+        return 0;
+    }
+    PyObject *r;
+    if (on) {
+        PyObject *method = PyObject_GetAttrString((PyObject *)p, writing ? "_writable" : "_readable");
+        if (method == NULL) {
+            return -1;
+        }
+        r = PyObject_CallMethod(p->loop, writing ? "add_writer" : "add_reader", "iOi", e->fd,
+                                method, i);
+        Py_DECREF(method);
+    } else {
+        r = PyObject_CallMethod(p->loop, writing ? "remove_writer" : "remove_reader", "i", e->fd);
+    }
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    *flag = on;
+    return 0;
+}
+
+/* A failure we cannot report any better: close everything (the connection fails). */
+static void fatal(Pump *p) {
+    PyErr_WriteUnraisable((PyObject *)p);
+    emit_str(p, "internal", -1, "native relay: event loop registration failed");
+    pump_close_impl(p);
+}
+
+/* ---- sending ------------------------------------------------------------------------- */
+static int out_append(End *e, const char *data, size_t len) {
+    size_t used = e->out_len - e->out_off;
+    if (e->out_off > 0 && used > 0) {
+        memmove(e->out, e->out + e->out_off, used);
+    }
+    e->out_off = 0;
+    e->out_len = used;
+    if (used + len > e->out_cap) {
+        size_t cap = used + len;
+        char *grown = realloc(e->out, cap);
+        if (grown == NULL) {
+            return -1;
+        }
+        e->out = grown;
+        e->out_cap = cap;
+    }
+    memcpy(e->out + e->out_len, data, len);
+    e->out_len += len;
+    return 0;
+}
+
+static void out_free(End *e) {
+    free(e->out);
+    e->out = NULL;
+    e->out_len = e->out_off = e->out_cap = 0;
+}
+
+static int has_out(End *e) { return e->out_len > e->out_off; }
+
+/* Send to socket j, keeping what the kernel does not take; 0 ok, -1 failed (reported). */
+static int send_to(Pump *p, int j, const char *data, size_t len) {
+    End *d = &p->e[j];
+    size_t sent = 0;
+    if (!has_out(d)) {
+        while (sent < len) {
+            ssize_t n = send(d->fd, data + sent, len - sent, MSG_NOSIGNAL);
+            if (n > 0) {
+                sent += (size_t)n;
+                continue;
+            }
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                break;
+            }
+            emit_errno(p, j, n < 0 ? errno : EPIPE);
+            return -1;
+        }
+    }
+    if (sent == len) {
+        return 0;
+    }
+    if (out_append(d, data + sent, len - sent) < 0) {
+        emit_errno(p, j, ENOMEM);
+        return -1;
+    }
+    /* Flow control: wait for j to drain before reading more from the other side. */
+    if (watch(p, j, 1, 1) < 0 || watch(p, 1 - j, 0, 0) < 0) {
+        fatal(p);
+        return -1;
+    }
+    return 0;
+}
+
+/* Whatever the TLS state machine wrote (records, alerts, close_notify) goes out to j. */
+static int flush_wbio(Pump *p, int j) {
+    End *d = &p->e[j];
+    for (;;) {
+        int n = ossl.BIO_read(d->wbio, cipher_buf, CIPHER_ROOM);
+        if (n <= 0) {
+            return 0;
+        }
+        if (send_to(p, j, cipher_buf, (size_t)n) < 0) {
+            return -1;
+        }
+    }
+}
+
+/* Plaintext read from side i goes to the other side, encrypted when that side is TLS. */
+static int forward(Pump *p, int i, const char *data, size_t len) {
+    int j = 1 - i;
+    End *d = &p->e[j];
+    p->bytes[i] += len;
+    if (d->eof_out) {
+        return 0; /* cannot happen: side i ended before we ended towards j */
+    }
+    if (d->ssl == NULL) {
+        return send_to(p, j, data, len);
+    }
+    size_t off = 0, filled = 0;
+    while (off < len) {
+        int slice = (int)(len - off < WRITE_SLICE ? len - off : WRITE_SLICE);
+        ossl.ERR_clear_error();
+        int w = ossl.SSL_write(d->ssl, data + off, slice);
+        if (w <= 0) {
+            emit_tls_error(p, j, ossl.ERR_peek_error());
+            return -1;
+        }
+        off += (size_t)w;
+        int n = ossl.BIO_read(d->wbio, cipher_buf + filled, (int)(CIPHER_ROOM - filled));
+        if (n > 0) {
+            filled += (size_t)n;
+        }
+        if (CIPHER_ROOM - filled < 2 * WRITE_SLICE) {
+            if (send_to(p, j, cipher_buf, filled) < 0) {
+                return -1;
+            }
+            filled = 0;
+        }
+    }
+    if (filled && send_to(p, j, cipher_buf, filled) < 0) {
+        return -1;
+    }
+    return flush_wbio(p, j); /* anything a slice did not fit */
+}
+
+/* ---- ending a direction -------------------------------------------------------------- */
+static void check_done(Pump *p) {
+    End *a = &p->e[0], *b = &p->e[1];
+    if (p->closed || p->done_sent) {
+        return;
+    }
+    if (a->eof_in && b->eof_in && a->shut_done && b->shut_done && !has_out(a) && !has_out(b)) {
+        p->done_sent = 1;
+        emit(p, "done", -1, NULL);
+    }
+}
+
+static void finish_shutdown(Pump *p, int j) {
+    End *d = &p->e[j];
+    if (!d->shut_pending || has_out(d)) {
+        return;
+    }
+    d->shut_pending = 0;
+    d->shut_done = 1;
+    if (shutdown(d->fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+        emit_errno(p, j, errno);
+    }
+}
+
+/* End our direction towards j: close_notify (TLS) then FIN once everything is sent. */
+static void send_eof(Pump *p, int j) {
+    End *d = &p->e[j];
+    if (d->eof_out) {
+        return;
+    }
+    d->eof_out = 1;
+    if (d->ssl != NULL) {
+        ossl.ERR_clear_error();
+        ossl.SSL_shutdown(d->ssl); /* queues close_notify; the reply is not awaited */
+        ossl.ERR_clear_error();
+        if (flush_wbio(p, j) < 0) {
+            return;
+        }
+    }
+    d->shut_pending = 1;
+    finish_shutdown(p, j);
+}
+
+static void got_eof(Pump *p, int i) {
+    End *s = &p->e[i];
+    if (s->eof_in) {
+        return;
+    }
+    s->eof_in = 1;
+    if (watch(p, i, 0, 0) < 0) {
+        fatal(p);
+        return;
+    }
+    emit(p, "eof", i, NULL);
+    if (p->closed) {
+        return;
+    }
+    send_eof(p, 1 - i);
+    if (!p->closed) {
+        check_done(p);
+    }
+}
+
+/* ---- receiving ----------------------------------------------------------------------- */
+/* Decrypt what side i's BIO holds plus `len` new bytes of ciphertext, forwarding as we go. */
+static void tls_in(Pump *p, int i, const char *data, size_t len) {
+    End *s = &p->e[i];
+    size_t off = 0, filled = 0;
+    int eof = 0;
+    for (;;) {
+        long pending = ossl.BIO_ctrl(s->rbio, BIO_CTRL_PENDING, 0, NULL);
+        if (off < len && pending < BIO_SLICE) {
+            size_t room = (size_t)(BIO_SLICE - pending);
+            size_t k = len - off < room ? len - off : room;
+            ossl.BIO_write(s->rbio, data + off, (int)k);
+            off += k;
+        }
+        if (off == len && s->fin_in) {
+            /* after the last byte, an empty BIO means end of stream, not "try again" */
+            ossl.BIO_ctrl(s->rbio, BIO_C_SET_BUF_MEM_EOF_RETURN, 0, NULL);
+        }
+        ossl.ERR_clear_error();
+        int r = ossl.SSL_read(s->ssl, plain_buf + filled, (int)(CHUNK - filled));
+        if (r > 0) {
+            filled += (size_t)r;
+            if (filled == CHUNK) {
+                if (forward(p, i, plain_buf, filled) < 0 || p->closed) {
+                    return;
+                }
+                filled = 0;
+            }
+            continue;
+        }
+        int err = ossl.SSL_get_error(s->ssl, r);
+        if (err == SSL_ERROR_WANT_READ) {
+            if (off < len) {
+                continue;
+            }
+            break;
+        }
+        if (err == SSL_ERROR_ZERO_RETURN || (s->fin_in && (err == SSL_ERROR_SYSCALL ||
+                                                           err == SSL_ERROR_SSL))) {
+            ossl.ERR_clear_error();
+            eof = 1; /* close_notify, or FIN without one (a truncated stream) */
+            break;
+        }
+        unsigned long code = ossl.ERR_peek_error();
+        ossl.ERR_clear_error();
+        if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
+            return;
+        }
+        emit_tls_error(p, i, code);
+        return;
+    }
+    if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
+        return;
+    }
+    /* post-handshake messages (key updates) may have produced a reply */
+    if (ossl.BIO_ctrl(s->wbio, BIO_CTRL_PENDING, 0, NULL) > 0 && !s->eof_out &&
+        flush_wbio(p, i) < 0) {
+        return;
+    }
+    if (eof && !p->closed) {
+        got_eof(p, i);
+    }
+}
+
+static void on_readable(Pump *p, int i) {
+    End *s = &p->e[i];
+    if (p->closed || s->eof_in) {
+        return;
+    }
+    ssize_t n;
+    do {
+        n = recv(s->fd, recv_buf, CHUNK, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return;
+        }
+        emit_errno(p, i, errno);
+        return;
+    }
+    p->last_active = monotonic_now();
+    if (n == 0) {
+        s->fin_in = 1;
+        if (s->ssl == NULL) {
+            got_eof(p, i);
+            return;
+        }
+    }
+    if (s->ssl != NULL) {
+        tls_in(p, i, recv_buf, (size_t)n);
+        if (!p->closed && s->fin_in && !s->eof_in) {
+            got_eof(p, i);
+        }
+    } else {
+        forward(p, i, recv_buf, (size_t)n);
+    }
+}
+
+static void on_writable(Pump *p, int j) {
+    End *d = &p->e[j];
+    if (p->closed) {
+        return;
+    }
+    while (has_out(d)) {
+        ssize_t n = send(d->fd, d->out + d->out_off, d->out_len - d->out_off, MSG_NOSIGNAL);
+        if (n > 0) {
+            d->out_off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return;
+        }
+        emit_errno(p, j, n < 0 ? errno : EPIPE);
+        return;
+    }
+    out_free(d); /* an idle connection keeps no buffer */
+    p->last_active = monotonic_now();
+    if (watch(p, j, 1, 0) < 0) {
+        fatal(p);
+        return;
+    }
+    finish_shutdown(p, j);
+    if (p->closed) {
+        return;
+    }
+    if (!p->e[1 - j].eof_in && watch(p, 1 - j, 0, 1) < 0) {
+        fatal(p);
+        return;
+    }
+    check_done(p);
+}
+
+/* ---- Python methods ------------------------------------------------------------------ */
+static void pump_close_impl(Pump *p) {
+    if (p->closed) {
+        return;
+    }
+    for (int i = 0; i < 2; i++) {
+        End *e = &p->e[i];
+        if (e->reading || e->writing) {
+            /* while still open: the loop forgets the fd before it is closed */
+            int r1 = e->reading ? watch(p, i, 0, 0) : 0;
+            int r2 = e->writing ? watch(p, i, 1, 0) : 0;
+            if (r1 < 0 || r2 < 0) {
+                PyErr_WriteUnraisable((PyObject *)p);
+            }
+        }
+    }
+    p->closed = 1;
+    for (int i = 0; i < 2; i++) {
+        End *e = &p->e[i];
+        if (e->fd >= 0) {
+            close(e->fd);
+            e->fd = -1;
+        }
+        out_free(e);
+        Py_CLEAR(e->sslobj);
+        e->ssl = NULL;
+    }
+    Py_CLEAR(p->on_event);
+    Py_CLEAR(p->loop);
+}
+
+static PyObject *Pump_readable(PyObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i != 0 && i != 1) {
+        PyErr_SetString(PyExc_ValueError, "side must be 0 or 1");
+        return NULL;
+    }
+    Py_INCREF(self); /* a callback may drop the last other reference (close) */
+    on_readable((Pump *)self, (int)i);
+    Py_DECREF(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pump_writable(PyObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i != 0 && i != 1) {
+        PyErr_SetString(PyExc_ValueError, "side must be 0 or 1");
+        return NULL;
+    }
+    Py_INCREF(self); /* a callback may drop the last other reference (close) */
+    on_writable((Pump *)self, (int)i);
+    Py_DECREF(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Pump *p = (Pump *)self;
+    if (p->started || p->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "pump already started or closed");
+        return NULL;
+    }
+    p->started = 1;
+    p->last_active = monotonic_now();
+    for (int i = 0; i < 2 && !p->closed; i++) {
+        if (watch(p, i, 0, 1) < 0) {
+            return NULL;
+        }
+    }
+    /* Plaintext the handshake reads left in the SSL or its BIO goes first. */
+    Py_INCREF(self);
+    for (int i = 0; i < 2 && !p->closed; i++) {
+        if (p->e[i].ssl != NULL) {
+            tls_in(p, i, NULL, 0);
+        }
+    }
+    Py_DECREF(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pump_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    pump_close_impl((Pump *)self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pump_take_counts(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Pump *p = (Pump *)self;
+    unsigned long long d0 = p->bytes[0] - p->reported[0], d1 = p->bytes[1] - p->reported[1];
+    p->reported[0] = p->bytes[0];
+    p->reported[1] = p->bytes[1];
+    return Py_BuildValue("(KK)", d0, d1);
+}
+
+static PyObject *Pump_get_last_active(PyObject *self, void *Py_UNUSED(closure)) {
+    return PyFloat_FromDouble(((Pump *)self)->last_active);
+}
+
+static PyObject *Pump_get_closed(PyObject *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(((Pump *)self)->closed);
+}
+
+static PyObject *Pump_get_buffered(PyObject *self, void *Py_UNUSED(closure)) {
+    Pump *p = (Pump *)self;
+    return PyLong_FromSize_t(p->e[0].out_cap + p->e[1].out_cap);
+}
+
+static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner);
+
+static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "loop",
+                             "on_event", NULL};
+    Pump *p = (Pump *)self;
+    int fds[2];
+    PyObject *tls[2], *loop, *on_event;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO", kwlist, &fds[0], &tls[0], &fds[1],
+                                     &tls[1], &loop, &on_event)) {
+        return -1;
+    }
+    if (!ossl_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+        return -1;
+    }
+    if (p->loop != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump.__init__ called twice");
+        return -1;
+    }
+    for (int i = 0; i < 2; i++) {
+        End *e = &p->e[i];
+        e->fd = -1;
+        if (tls[i] != Py_None) {
+            e->ssl = ssl_of(tls[i], &e->rbio, &e->wbio, &e->sslobj);
+            if (e->ssl == NULL) {
+                return -1;
+            }
+        }
+    }
+    p->e[0].fd = fds[0];
+    p->e[1].fd = fds[1];
+    Py_INCREF(loop);
+    p->loop = loop;
+    Py_INCREF(on_event);
+    p->on_event = on_event;
+    return 0;
+}
+
+static int Pump_traverse(PyObject *self, visitproc visit, void *arg) {
+    Pump *p = (Pump *)self;
+    Py_VISIT(p->loop);
+    Py_VISIT(p->on_event);
+    Py_VISIT(p->e[0].sslobj);
+    Py_VISIT(p->e[1].sslobj);
+    return 0;
+}
+
+static int Pump_clear(PyObject *self) {
+    Pump *p = (Pump *)self;
+    Py_CLEAR(p->on_event);
+    return 0;
+}
+
+static void Pump_dealloc(PyObject *self) {
+    Pump *p = (Pump *)self;
+    PyObject_GC_UnTrack(self);
+    if (!p->closed) {
+        /* never normally: Python closes every pump. Without a loop call (the loop may be
+           gone), just release the descriptors; libuv drops a closed fd from epoll. */
+        Py_CLEAR(p->on_event);
+        p->e[0].reading = p->e[0].writing = p->e[1].reading = p->e[1].writing = 0;
+        pump_close_impl(p);
+    }
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Pump *p = (Pump *)type->tp_alloc(type, 0);
+    if (p != NULL) {
+        p->e[0].fd = p->e[1].fd = -1;
+    }
+    return (PyObject *)p;
+}
+
+static PyMethodDef Pump_methods[] = {
+    {"start", Pump_start, METH_NOARGS, "Register with the loop and relay what is buffered."},
+    {"close", Pump_close, METH_NOARGS, "Unregister and close both descriptors (idempotent)."},
+    {"take_counts", Pump_take_counts, METH_NOARGS,
+     "Plaintext bytes (from client, to client) relayed since the last call."},
+    {"_readable", Pump_readable, METH_O, "Event loop callback: side is readable."},
+    {"_writable", Pump_writable, METH_O, "Event loop callback: side is writable."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Pump_getset[] = {
+    {"last_active", Pump_get_last_active, NULL, "time.monotonic() of the last I/O", NULL},
+    {"closed", Pump_get_closed, NULL, "close() was called", NULL},
+    {"buffered", Pump_get_buffered, NULL, "bytes of out buffers allocated now", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PumpType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "enforcer.dataplane._pump.Pump",
+    .tp_basicsize = sizeof(Pump),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Relays one connection's two sockets in C (see the module comment).",
+    .tp_new = Pump_new,
+    .tp_init = Pump_init,
+    .tp_dealloc = Pump_dealloc,
+    .tp_traverse = Pump_traverse,
+    .tp_clear = Pump_clear,
+    .tp_methods = Pump_methods,
+    .tp_getset = Pump_getset,
+};
+
+/* ---- binding to the _ssl module's OpenSSL -------------------------------------------- */
+static int check_type_name(PyObject *obj, const char *want) {
+    const char *name = Py_TYPE(obj)->tp_name;
+    if (strcmp(name, want) != 0) {
+        PyErr_Format(PyExc_TypeError, "expected %s, got %s", want, name);
+        return -1;
+    }
+    return 0;
+}
+
+static BIO *bio_of(PyObject *b) {
+    if (check_type_name(b, "_ssl.MemoryBIO") < 0) {
+        return NULL;
+    }
+    return ((MemoryBioHead *)b)->bio;
+}
+
+/* The SSL* behind (ssl.SSLObject, incoming MemoryBIO, outgoing MemoryBIO), checked against
+   the two BIOs (read independently): if the layout were not the expected one, they would
+   not agree. On success *inner is a new reference to the _ssl._SSLSocket. */
+static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
+    PyObject *sslobject, *in_obj, *out_obj;
+    if (!PyArg_ParseTuple(triple, "OOO;tls must be (SSLObject, MemoryBIO, MemoryBIO) or None",
+                          &sslobject, &in_obj, &out_obj)) {
+        return NULL;
+    }
+    BIO *in = bio_of(in_obj);
+    BIO *out = in ? bio_of(out_obj) : NULL;
+    if (out == NULL) {
+        return NULL;
+    }
+    PyObject *obj = PyObject_GetAttrString(sslobject, "_sslobj");
+    if (obj == NULL) {
+        return NULL;
+    }
+    if (check_type_name(obj, "_ssl._SSLSocket") < 0) {
+        Py_DECREF(obj);
+        return NULL;
+    }
+    SSL *ssl = ((SslSocketHead *)obj)->ssl;
+    if (ssl == NULL || ossl.SSL_get_rbio(ssl) != in || ossl.SSL_get_wbio(ssl) != out) {
+        Py_DECREF(obj);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the _ssl object layout is not the expected one (BIOs do not match)");
+        return NULL;
+    }
+    *rbio = in;
+    *wbio = out;
+    *inner = obj;
+    return ssl;
+}
+
+#define BIND(name)                                                                           \
+    do {                                                                                     \
+        *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
+        if (ossl.name == NULL) {                                                             \
+            PyErr_Format(PyExc_RuntimeError, "%s not found beside the _ssl module", #name); \
+            return NULL;                                                                     \
+        }                                                                                    \
+    } while (0)
+
+/* bind(path of the _ssl extension, (SSLObject, MemoryBIO, MemoryBIO) freshly made): resolve OpenSSL in the library
+   _ssl itself uses, then check the object layout on the sample. */
+static PyObject *mod_bind(PyObject *module, PyObject *args) {
+    const char *path;
+    PyObject *sample;
+    if (!PyArg_ParseTuple(args, "sO", &path, &sample)) {
+        return NULL;
+    }
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (handle == NULL) {
+        PyErr_Format(PyExc_RuntimeError, "the _ssl module is not loaded from %s", path);
+        return NULL;
+    }
+    BIND(SSL_read);
+    BIND(SSL_write);
+    BIND(SSL_get_error);
+    BIND(SSL_shutdown);
+    BIND(SSL_get_rbio);
+    BIND(SSL_get_wbio);
+    BIND(BIO_write);
+    BIND(BIO_read);
+    BIND(BIO_ctrl);
+    BIND(ERR_peek_error);
+    BIND(ERR_clear_error);
+    BIND(ERR_reason_error_string);
+    BIO *r, *w;
+    PyObject *inner;
+    if (ssl_of(sample, &r, &w, &inner) == NULL) {
+        return NULL;
+    }
+    Py_DECREF(inner);
+    ossl_bound = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"bind", mod_bind, METH_VARARGS, "Bind to the OpenSSL the _ssl module uses; check layout."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef pump_module = {
+    PyModuleDef_HEAD_INIT, "enforcer.dataplane._pump",
+    "The native relay pump (see the comment at the top of _pump.c).", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__pump(void) {
+    if (PyType_Ready(&PumpType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&pump_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&PumpType);
+    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) {
+        Py_DECREF(&PumpType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,21 @@
+"""Build the optional native relay pump (enforcer/dataplane/_pump.c).
+
+Everything else is in pyproject.toml. The extension is optional: without a C compiler
+or Python headers the package still installs, and enforcer relays in Python (the log
+says so at startup, and ``relay: native`` in the config then refuses to start).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "enforcer.dataplane._pump",
+            sources=["enforcer/dataplane/_pump.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers"],
+            libraries=["dl"],
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,263 @@
+"""The native relay pump (enforcer/dataplane/_pump.c) end to end: it is built and used,
+half-closes both ways, keeps memory bounded under back-pressure, counts bytes while a
+transfer runs, times out idle connections, and reports resets and TLS errors the way the
+Python relay does (the tests marked with ``relay_mode`` run on both)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from typing import Any
+
+import pytest
+
+from enforcer.dataplane import pump
+from tests.e2e import harness
+from tests.e2e.harness import (
+    Backend,
+    Enforcer,
+    client_ctx,
+    inbound_cfg,
+    outbound_cfg,
+    random_bytes,
+    running,
+    sha,
+)
+
+MiB = 1024 * 1024
+
+
+def test_the_native_pump_is_built_and_bound() -> None:
+    assert pump.available(), pump.UNAVAILABLE
+
+
+async def _pair(pki: Any, backend_port: int, **inbound_kw: Any) -> tuple[Enforcer, Enforcer]:
+    inbound = await Enforcer({**inbound_cfg(pki, backend_port, **inbound_kw),
+                              "relay": "native"}).start()
+    outbound = await Enforcer({**outbound_cfg(pki, inbound.port()), "relay": "native"}).start()
+    return inbound, outbound
+
+
+async def _until(check: Any, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+async def test_client_half_close_after_handover_gets_the_whole_response(pki: Any) -> None:
+    response = random_bytes(5 * MiB + 3)
+    backend = await Backend(mode="respond", payload=response).start()
+    inbound, outbound = await _pair(pki, backend.port)
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        first, rest = random_bytes(1000), random_bytes(2 * MiB)
+        writer.write(first)
+        await _until(lambda: outbound.plane.pumped and inbound.plane.pumped)
+        writer.write(rest)
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert sha(got) == sha(response)
+        await backend.done.wait()
+        assert sha(backend.received[0]) == sha(first + rest)
+        for enforcer in (outbound, inbound):
+            rec = (await enforcer.wait_flows(1))[0]
+            assert rec["relay"] == "native"
+            assert rec["close"] == "client_fin"
+            assert rec["bytes"] == {"from_client": len(first + rest), "to_client": len(response)}
+
+
+async def test_upstream_half_close_first_and_the_client_keeps_sending(pki: Any) -> None:
+    greeting = random_bytes(3 * MiB)
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def speaks_first(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(greeting)
+        w.write_eof()  # the upstream finishes first
+        while data := await r.read(65536):
+            received.extend(data)
+        w.close()
+        done.set()
+
+    server = await asyncio.start_server(speaks_first, "127.0.0.1", 0)
+    backend = Backend()
+    backend.server = server
+    inbound, outbound = await _pair(pki, backend.port)
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        writer.write(b"hello")
+        got = await asyncio.wait_for(reader.read(), 30)  # EOF: the upstream's FIN came through
+        assert sha(got) == sha(greeting)
+        later = random_bytes(4 * MiB)
+        writer.write(later)  # the other direction still flows
+        await writer.drain()
+        writer.write_eof()
+        await asyncio.wait_for(done.wait(), 30)
+        writer.close()
+        assert sha(bytes(received)) == sha(b"hello" + later)
+        for enforcer in (outbound, inbound):
+            rec = (await enforcer.wait_flows(1))[0]
+            assert (rec["relay"], rec["close"]) == ("native", "upstream_fin")
+            assert rec["bytes"] == {"from_client": len(later) + 5, "to_client": len(greeting)}
+
+
+async def test_a_stalled_upstream_bounds_memory_then_gets_every_byte(pki: Any) -> None:
+    """Flow control: while the upstream reads nothing, the pump holds at most one read's
+    worth and stops reading the client; once it reads, every byte arrives."""
+    go = asyncio.Event()
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def stalled(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await go.wait()
+        while data := await r.read(262144):
+            received.extend(data)
+        w.write(sha(bytes(received)).encode())
+        await w.drain()
+        w.close()
+        done.set()
+
+    server = await asyncio.start_server(stalled, "127.0.0.1", 0)
+    backend = Backend()
+    backend.server = server
+    inbound, outbound = await _pair(pki, backend.port)
+    async with running(outbound, inbound, backend):
+        payload = random_bytes(48 * MiB)
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+
+        async def send() -> None:
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        await _until(lambda: inbound.plane.pumped)
+        await asyncio.sleep(1.0)
+        assert not sender.done(), "48 MiB cannot fit in socket buffers: the client must wait"
+        for enforcer in (outbound, inbound):
+            for conn in enforcer.plane.pumped:
+                assert conn.pump is not None
+                assert conn.pump.buffered <= 1 * MiB
+        go.set()
+        await asyncio.wait_for(sender, 60)
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        assert answer.decode() == sha(payload)
+        assert sha(bytes(received)) == sha(payload)
+
+
+async def test_bytes_are_counted_while_a_pumped_connection_is_open(pki: Any) -> None:
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await _pair(pki, backend.port)
+    async with running(outbound, inbound, backend):
+        payload = random_bytes(1 * MiB)
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        writer.write(payload)
+        got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+        assert sha(got) == sha(payload)
+
+        def counted(direction: str) -> float | None:
+            value = outbound.metrics.registry.get_sample_value(
+                "enforcer_bytes_total", {"listener": "outbound", "direction": direction})
+            return value
+
+        await _until(lambda: counted("to_client") == len(payload), timeout=5)
+        assert counted("from_client") == len(payload)
+        assert outbound.plane.pumped, "still open, and still relayed by the pump"
+        writer.close()
+        rec = (await outbound.wait_flows(1))[0]
+        assert rec["bytes"] == {"from_client": len(payload), "to_client": len(payload)}
+        assert counted("to_client") == len(payload)
+
+
+async def test_idle_timeout_closes_a_pumped_connection_and_activity_defers_it(pki: Any) -> None:
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await _pair(pki, backend.port, limits={"idle_timeout": "400ms"})
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        sent = bytearray()
+        for _ in range(8):  # 1.2 s of traffic, never idle for 400 ms
+            chunk = random_bytes(1000)
+            sent += chunk
+            writer.write(chunk)
+            assert await asyncio.wait_for(reader.readexactly(len(chunk)), 5) == chunk
+            await asyncio.sleep(0.15)
+        assert inbound.plane.pumped and not inbound.flows.records
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # then idle: closed
+        writer.close()
+        rec = (await inbound.wait_flows(1))[0]
+        assert (rec["relay"], rec["close"]) == ("native", "idle_timeout")
+        assert rec["bytes"] == {"from_client": len(sent), "to_client": len(sent)}
+        assert sha(backend.received[0]) == sha(bytes(sent))
+
+
+@pytest.mark.usefixtures("relay_mode")
+async def test_an_upstream_reset_mid_relay_is_recorded(pki: Any) -> None:
+    got_some = asyncio.Event()
+
+    async def resets(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(1000)
+        w.write(b"partial answer")
+        await w.drain()
+        got_some.set()
+        await asyncio.sleep(0.2)
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()  # RST
+
+    server = await asyncio.start_server(resets, "127.0.0.1", 0)
+    backend = Backend()
+    backend.server = server
+    enforcer = await Enforcer(inbound_cfg(pki, backend.port, default="allow", rules=[],
+                                          mode="off")).start()
+    async with running(enforcer, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        writer.write(random_bytes(1000))
+        assert await asyncio.wait_for(reader.readexactly(14), 5) == b"partial answer"
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["relay"] == harness.RELAY
+        assert rec["close"] == "upstream_reset"
+        assert rec["detail"] == "[Errno 104] Connection reset by peer"
+        assert rec["bytes"] == {"from_client": 1000, "to_client": 14}
+
+
+@pytest.mark.usefixtures("relay_mode")
+async def test_a_corrupt_tls_record_mid_relay_is_a_client_tls_error(pki: Any) -> None:
+    backend = await Backend(mode="hold").start()
+    enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    async with running(enforcer, backend):
+        ctx = client_ctx(pki.ca, pki.client.cert, pki.client.key)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        sock = socket.create_connection(("127.0.0.1", enforcer.port()))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await loop.sock_sendall(sock, outgoing.read())
+                    incoming.write(await loop.sock_recv(sock, 65536))
+            tls.write(b"a real request")
+            await loop.sock_sendall(sock, outgoing.read())
+            await _until(lambda: any(c.relay == harness.RELAY for c in enforcer.plane.active))
+            await asyncio.sleep(0.1)
+            # an application-data record of the right shape whose contents are garbage
+            await loop.sock_sendall(sock, b"\x17\x03\x03\x00\x40" + random_bytes(64))
+            rec = (await enforcer.wait_flows(1))[0]
+        finally:
+            sock.close()
+        assert rec["relay"] == harness.RELAY
+        assert rec["close"] == "client_tls_error"
+        assert rec["detail"] == "TLS error from the client: DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+        await asyncio.wait_for(backend.done.wait(), 5)
+        assert backend.received == [b"a real request"]
