@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from enforcer.config.model import Address, Config, ListenerConfig, UpstreamConfig
-from enforcer.dataplane import pump
+from enforcer.dataplane import native
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
 from enforcer.dataplane.sockets import remove_stale_unix_socket
@@ -333,12 +333,12 @@ def _choose_relay(setting: str) -> bool:
     """True to relay with the native pump (``relay: auto|native|python``)."""
     if setting == "python":
         return False
-    if pump.available():
+    if native.available():
         log.info("relay: native pump")
         return True
     if setting == "native":
-        raise StartupError("config", f"relay: native, but {pump.UNAVAILABLE}")
-    log.warning("relay: Python (%s)", pump.UNAVAILABLE)
+        raise StartupError("config", f"relay: native, but {native.UNAVAILABLE}")
+    log.warning("relay: Python (%s)", native.UNAVAILABLE)
     return False
 
 

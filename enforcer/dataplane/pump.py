@@ -1,11 +1,8 @@
-"""The native relay pump (``_pump.c``): whether it can run here, and handing a connection
-in RELAY over to it.
+"""Handing a connection in RELAY over to the native relay pump (``_pump.c``).
 
-The pump is optional. ``relay: auto`` (the default) uses it when the extension was built
-and passed its self-check against this Python's ``_ssl`` module; ``relay: python`` never
-does; ``relay: native`` refuses to start without it. A connection is handed over only
-from a clean state (nothing buffered, no end-of-stream seen); anything else stays on the
-Python relay, which behaves the same way.
+Whether the pump can run at all is ``native.available()``. A connection is handed over
+only from a clean state (nothing buffered, no end of stream seen); anything else stays on
+the Python relay, which behaves the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +11,8 @@ import asyncio
 import os
 import ssl
 from typing import TYPE_CHECKING, Any, Protocol
+
+from enforcer.dataplane import native
 
 if TYPE_CHECKING:
     from enforcer.dataplane.side import Side
@@ -27,31 +26,6 @@ class NativePump(Protocol):
     def start(self) -> None: ...
     def close(self) -> None: ...
     def take_counts(self) -> tuple[int, int]: ...
-
-
-def _bind() -> tuple[Any, str | None]:
-    """The bound extension module, or None and why not."""
-    try:
-        from enforcer.dataplane import _pump  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return None, f"the native pump is not built ({exc})"
-    import _ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    sample = ctx.wrap_bio(incoming, outgoing, server_hostname="pump.check")
-    try:
-        _pump.bind(_ssl.__file__, (sample, incoming, outgoing))
-    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
-        return None, f"the native pump cannot use this Python's ssl module: {exc}"
-    return _pump, None
-
-
-_MODULE, UNAVAILABLE = _bind()
-
-
-def available() -> bool:
-    return _MODULE is not None
 
 
 class _Detached(asyncio.Protocol):
@@ -71,7 +45,7 @@ def hand_over(client: Side, upstream: Side, loop: asyncio.AbstractEventLoop,
               on_event: Any) -> NativePump | None:
     """Move both sockets (and TLS states) of a connection in RELAY to a new pump, started.
     None if it cannot be done now (the Python relay then carries on, nothing changed)."""
-    if _MODULE is None or not (_transport_ready(client) and _transport_ready(upstream)):
+    if native.MODULE is None or not (_transport_ready(client) and _transport_ready(upstream)):
         return None
     tls_states: list[tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None] = []
     for side in (client, upstream):
@@ -87,7 +61,7 @@ def hand_over(client: Side, upstream: Side, loop: asyncio.AbstractEventLoop,
         for side in (client, upstream):
             assert side.transport is not None
             fds.append(os.dup(side.transport.get_extra_info("socket").fileno()))
-        pump: NativePump = _MODULE.Pump(fds[0], tls_states[0], fds[1], tls_states[1], loop,
+        pump: NativePump = native.MODULE.Pump(fds[0], tls_states[0], fds[1], tls_states[1], loop,
                                         on_event)
     except (OSError, AttributeError, RuntimeError, TypeError, ValueError):
         for fd in fds:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.dataplane import pump
+from enforcer.dataplane import native
 from tests.e2e import harness
 from tests.e2e.harness import (
     Backend,
@@ -31,7 +31,7 @@ MiB = 1024 * 1024
 
 
 def test_the_native_pump_is_built_and_bound() -> None:
-    assert pump.available(), pump.UNAVAILABLE
+    assert native.available(), native.UNAVAILABLE
 
 
 async def _pair(pki: Any, backend_port: int, **inbound_kw: Any) -> tuple[Enforcer, Enforcer]:

@@ -77,6 +77,8 @@ def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki:
         assert _counter(metrics, "enforcer_bytes_total",
                         {"listener": "inbound", "direction": "from_client"}) == sum(
                             len(p) for p in payloads)
+        # flow records go out within flowlog.LINGER of the close; a SIGKILL loses the rest
+        _wait(lambda: sum(line.startswith("{") for line in proc.stdout_lines) == 20)
 
         os.kill(pids[0], signal.SIGKILL)  # a crashed worker is started again
         _wait(lambda: any(w["restarts"] == 1
