@@ -39,6 +39,7 @@
 
 /* ----------------------------------------------------------------- OpenSSL, by dlsym */
 typedef struct ssl_st SSL;
+typedef struct ssl_ctx_st SSL_CTX;
 typedef struct bio_st BIO;
 
 #define SSL_ERROR_SSL 1
@@ -47,6 +48,11 @@ typedef struct bio_st BIO;
 #define SSL_ERROR_ZERO_RETURN 6
 #define BIO_CTRL_PENDING 10
 #define BIO_C_SET_BUF_MEM_EOF_RETURN 130
+#define SSL_SENT_SHUTDOWN 1
+#define SSL_RECEIVED_SHUTDOWN 2
+#define SSL_CTRL_SESS_NUMBER 20
+#define SSL_CTRL_SET_SESS_CACHE_SIZE 42
+#define SSL_CTRL_GET_SESS_CACHE_SIZE 43
 
 static struct {
     int (*SSL_read)(SSL *, void *, int);
@@ -61,6 +67,9 @@ static struct {
     unsigned long (*ERR_peek_error)(void);
     void (*ERR_clear_error)(void);
     const char *(*ERR_reason_error_string)(unsigned long);
+    SSL_CTX *(*SSL_get_SSL_CTX)(const SSL *);
+    void (*SSL_set_shutdown)(SSL *, int);
+    long (*SSL_CTX_ctrl)(SSL_CTX *, int, long, void *);
 } ossl;
 static int ossl_bound = 0;
 
@@ -84,6 +93,11 @@ typedef struct {
     PyObject_HEAD
     BIO *bio;
 } MemoryBioHead;
+
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} SslContextHead;
 
 /* ----------------------------------------------------------------- the pump object */
 typedef struct {
@@ -808,6 +822,9 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(ERR_peek_error);
     BIND(ERR_clear_error);
     BIND(ERR_reason_error_string);
+    BIND(SSL_get_SSL_CTX);
+    BIND(SSL_set_shutdown);
+    BIND(SSL_CTX_ctrl);
     BIO *r, *w;
     PyObject *inner;
     if (ssl_of(sample, &r, &w, &inner) == NULL) {
@@ -818,7 +835,82 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The SSL_CTX* of an ssl.SSLContext (a Python subclass of _ssl._SSLContext: same head),
+   checked against the SSL_CTX of a sample (SSLObject, MemoryBIO, MemoryBIO) made from it. */
+static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
+    PyTypeObject *t = Py_TYPE(context);
+    while (t != NULL && strcmp(t->tp_name, "_ssl._SSLContext") != 0) {
+        t = t->tp_base;
+    }
+    if (t == NULL) {
+        PyErr_Format(PyExc_TypeError, "expected an ssl.SSLContext, got %s",
+                     Py_TYPE(context)->tp_name);
+        return NULL;
+    }
+    BIO *r, *w;
+    PyObject *inner;
+    SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    if (ssl == NULL) {
+        return NULL;
+    }
+    Py_DECREF(inner);
+    SSL_CTX *ctx = ((SslContextHead *)context)->ctx;
+    if (ctx == NULL || ossl.SSL_get_SSL_CTX(ssl) != ctx) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the _ssl context layout is not the expected one (contexts differ)");
+        return NULL;
+    }
+    return ctx;
+}
+
+/* session_cache(SSLContext, sample, size): bound the context's session cache to `size`
+   sessions (size < 0: leave it); returns (bound, sessions held now). */
+static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
+    PyObject *context, *sample;
+    long size;
+    if (!ossl_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOl", &context, &sample, &size)) {
+        return NULL;
+    }
+    SSL_CTX *ctx = ctx_of(context, sample);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    if (size >= 0) {
+        ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SESS_CACHE_SIZE, size, NULL);
+    }
+    return Py_BuildValue("(ll)", ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_GET_SESS_CACHE_SIZE, 0, NULL),
+                         ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_SESS_NUMBER, 0, NULL));
+}
+
+/* keep_session((SSLObject, MemoryBIO, MemoryBIO)): mark the connection as shut down, so
+   that freeing it does not drop its session from the server's cache (OpenSSL drops the
+   session of any SSL freed without having sent close_notify, e.g. after a reset or a
+   timeout; nginx marks connections the same way). Fatal TLS errors drop it regardless. */
+static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
+    PyObject *inner;
+    BIO *r, *w;
+    if (!ossl_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+        return NULL;
+    }
+    SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    if (ssl == NULL) {
+        return NULL;
+    }
+    ossl.SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    Py_DECREF(inner);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"keep_session", mod_keep_session, METH_O,
+     "Mark an SSL as shut down so its session stays in the server cache."},
+    {"session_cache", mod_session_cache, METH_VARARGS,
+     "Bound a context's session cache; returns (bound, sessions held now)."},
     {"bind", mod_bind, METH_VARARGS, "Bind to the OpenSSL the _ssl module uses; check layout."},
     {NULL, NULL, 0, NULL},
 };

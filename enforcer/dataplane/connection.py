@@ -33,7 +33,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, pump
+from enforcer.dataplane import flowrecord, native, pump
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, TlsEngine
@@ -49,6 +49,8 @@ log = logging.getLogger("enforcer.dataplane")
 
 PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connects
 TLS_RECORD_TYPE_HANDSHAKE: Final = 0x16
+# close reasons after which a client's TLS session must not be resumed
+TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
 
 
 class Stage(IntEnum):
@@ -732,6 +734,9 @@ class Connection:
         for side in (self.client, self.upstream):
             if side is not None:
                 side.close(abort=abort)
+        if self.client.tls is not None and self.plane.native_relay \
+                and self.tls_info is not None and reason not in TLS_FAILURES:
+            native.keep_session(self.client.tls.state)
         if not abort:
             self.plane.schedule_abort(self)
         self.plane.connection_closed(self, flowrecord.build(self, action, reason, detail,

@@ -14,10 +14,17 @@ import ipaddress
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
-from enforcer.config.model import Address, Config, ListenerConfig, UpstreamConfig
+from enforcer.config.model import (
+    Address,
+    Config,
+    ListenerConfig,
+    ListenerTlsConfig,
+    UpstreamConfig,
+)
 from enforcer.dataplane import native
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
@@ -123,11 +130,19 @@ class DataPlane:
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
             try:
-                lst.server_ctx = build_listener_context(self.materials[lcfg.tls.material],
-                                                        lcfg.tls, lcfg.name)
+                lst.server_ctx = self.listener_context(self.materials[lcfg.tls.material],
+                                                       lcfg.tls, lcfg.name)
             except MaterialError as exc:
                 raise StartupError("tls", str(exc)) from None
         return lst
+
+    def listener_context(self, material: LoadedMaterial, tls: ListenerTlsConfig,
+                         name: str) -> ssl.SSLContext:
+        """A listener's server context: at startup, and on every reload and key rotation."""
+        ctx = build_listener_context(material, tls, name)
+        if self.native_relay:
+            native.use_session_cache(ctx)
+        return ctx
 
     async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Listen on every listener; ``sockets`` are ready-made ones (worker processes)."""
@@ -337,8 +352,8 @@ def _choose_relay(setting: str) -> bool:
         log.info("relay: native pump")
         return True
     if setting == "native":
-        raise StartupError("config", f"relay: native, but {native.UNAVAILABLE}")
-    log.warning("relay: Python (%s)", native.UNAVAILABLE)
+        raise StartupError("config", f"relay: native, but {native.unavailable_reason()}")
+    log.warning("relay: Python (%s)", native.unavailable_reason())
     return False
 
 

@@ -184,6 +184,11 @@ class TlsEngine:
         except ssl.SSLError:
             pass  # the connection is failing anyway; the caller closes the socket
 
+    @property
+    def state(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+        """The SSLObject with its two BIOs, as the native extension takes them."""
+        return self.obj, self._in, self._out
+
     def hand_over(self) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None:
         """The TLS state for the native pump, with every queued byte moved into the incoming
         BIO; None once an end of stream was seen (the Python relay finishes those)."""

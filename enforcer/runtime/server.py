@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from enforcer import __version__
 from enforcer.config.model import Config, UpstreamConfig
+from enforcer.dataplane import native
 from enforcer.dataplane.context import ListenerRuntime
 from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.dataplane.tasks import spawn
@@ -173,6 +174,8 @@ class Server:
             "ready": self.is_ready(),
             "draining": plane.draining,
             "open_connections": len(plane.active),
+            "relay": "native" if plane.native_relay else "python",
+            "native_relayed": len(plane.pumped),
             "listeners": [_listener_status(lst) for lst in listeners],
             "upstreams": [_upstream_status(u) for u in self.cfg.upstreams.values()],
             "materials": [_material_status(name, m) for name, m in sorted(materials.items())],
@@ -187,7 +190,13 @@ def _listener_status(lst: ListenerRuntime) -> dict[str, Any]:
             "tls": cfg.tls.mode, "material": cfg.tls.material,
             "client_auth": cfg.tls.client_auth if cfg.tls.mode != "off" else None,
             "proxy_protocol": cfg.proxy_protocol.accept, "ruleset": cfg.ruleset,
-            "upstream": lst.upstream.name, "open_connections": lst.active}
+            "upstream": lst.upstream.name, "open_connections": lst.active,
+            "session_cache": _session_cache(lst)}
+
+
+def _session_cache(lst: ListenerRuntime) -> dict[str, int] | None:
+    stats = native.session_cache_stats(lst.server_ctx) if lst.server_ctx is not None else None
+    return None if stats is None else {"sessions": stats[1], "bound": stats[0]}
 
 
 def _upstream_status(cfg: UpstreamConfig) -> dict[str, Any]:

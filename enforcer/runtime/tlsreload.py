@@ -27,7 +27,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
-from enforcer.tlsconf.context import build_client_context, build_listener_context
+from enforcer.tlsconf.context import build_client_context
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def rotate_ticket_keys(server: Server) -> int:
         if lst.server_ctx is None or lst.cfg.tls.material is None:
             continue
         material = server.plane.materials[lst.cfg.tls.material]
-        swaps.append((lst, build_listener_context(material, lst.cfg.tls, lst.name)))
+        swaps.append((lst, server.plane.listener_context(material, lst.cfg.tls, lst.name)))
     _apply(swaps)
     return len(swaps)
 
@@ -85,7 +85,7 @@ def _contexts_for(server: Server, name: str, material: LoadedMaterial) -> list[S
     swaps: list[Swap] = []
     for lst in server.plane.listeners:
         if lst.cfg.tls.material == name and lst.server_ctx is not None:
-            swaps.append((lst, build_listener_context(material, lst.cfg.tls, lst.name)))
+            swaps.append((lst, server.plane.listener_context(material, lst.cfg.tls, lst.name)))
     seen: set[int] = set()
     for lst in server.plane.listeners:
         up = lst.upstream

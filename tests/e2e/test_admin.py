@@ -221,7 +221,11 @@ def check_static_status(status: dict[str, Any], server: Server) -> None:
     assert status["version"] == __version__ and status["node"] == "status-node"
     assert status["uptime_s"] >= 0 and status["started"].endswith("Z")
     assert (status["ready"], status["draining"], status["open_connections"]) == (True, False, 0)
+    assert (status["relay"], status["native_relayed"]) == ("native", 0)
     bound = {lst.name: f"127.0.0.1:{lst.local_port}" for lst in server.plane.listeners}
+    cache = status["listeners"][0].pop("session_cache")  # the TLS listener's, natively bounded
+    assert cache["bound"] == 2048 and 0 <= cache["sessions"] <= 2
+    assert status["listeners"][1].pop("session_cache") is None  # a plain TCP listener
     assert status["listeners"] == [
         {"name": "front", "listen": "127.0.0.1:0", "bound": bound["front"],
          "tls": "terminate", "material": "front", "client_auth": "required",

@@ -51,6 +51,7 @@ CASES = [
      "listeners[0].ruleset: unknown ruleset 'nope' (known: inbound)"),
     ("bad enum", "listeners.0.tls.client_auth", "sometimes",
      "listeners[0].tls.client_auth: must be one of required, optional, none"),
+    ("bad relay", "relay", "fast", "relay: must be one of auto, native, python; got 'fast'"),
     ("missing version", "version", KeyError, "version: is required"),
     ("wrong version", "version", 2, "version: unsupported version 2"),
     ("missing file", "tls.mesh.cert", "/nonexistent/tls.crt",

@@ -31,7 +31,23 @@ MiB = 1024 * 1024
 
 
 def test_the_native_pump_is_built_and_bound() -> None:
-    assert native.available(), native.UNAVAILABLE
+    assert native.available(), native.unavailable_reason()
+
+
+def test_relay_native_refuses_to_start_without_the_extension(
+        pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a host without a C compiler at install time sees (simulated: the extension is
+    built here); ``auto`` falls back to the Python relay instead."""
+    from enforcer.dataplane.plane import StartupError
+
+    monkeypatch.setattr(native, "_bound", (None, "the native extension is not built (test)"))
+    with pytest.raises(StartupError) as info:
+        Enforcer({**inbound_cfg(pki, 1), "relay": "native"}).plane.build()
+    assert info.value.kind == "config"
+    assert str(info.value) == "relay: native, but the native extension is not built (test)"
+    auto = Enforcer({**inbound_cfg(pki, 1), "relay": "auto"}).plane
+    auto.build()
+    assert auto.native_relay is False
 
 
 async def _pair(pki: Any, backend_port: int, **inbound_kw: Any) -> tuple[Enforcer, Enforcer]:

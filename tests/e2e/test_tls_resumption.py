@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import gc
 import os
 import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -212,3 +214,73 @@ async def test_ticket_key_rotation_ends_old_sessions_only(pki: Any) -> None:
     # the new ticket resumes again
     assert [r["tls"]["resumed"] for r in in_recs] == [False, True, False, True]
     assert all(r["action"] == "allow" for r in in_recs)
+
+
+@pytest.mark.usefixtures("relay_mode")
+async def test_clients_that_skip_close_notify_still_resume(pki: Any) -> None:
+    """With the native extension the listener keeps sessions in a bounded cache (stateful
+    tickets); a client closing without close_notify must not lose its session for it.
+    With the Python relay, tickets carry the session as before."""
+    from enforcer.dataplane import native
+    from tests.e2e import harness
+
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    async with running(inbound, backend):
+        ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
+        payload = random_bytes(30_000)
+        got, session, reused = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx,
+                                                       payload, None)
+        assert sha(got) == sha(payload) and session is not None and not reused
+        for _ in range(3):  # each connection ends with a bare FIN from the client
+            got, session, reused = await asyncio.to_thread(_blocking_echo, inbound.port(),
+                                                           ctx, payload, session)
+            assert sha(got) == sha(payload) and reused
+        records = await inbound.wait_flows(4)
+        assert [r["tls"]["resumed"] for r in records] == [False, True, True, True]
+        server_ctx = inbound.plane.listeners[0].server_ctx
+        assert server_ctx is not None
+        stats = native.session_cache_stats(server_ctx)
+        if harness.RELAY == "native":
+            assert stats is not None and stats[0] == native.SESSION_CACHE_SIZE
+            assert 1 <= stats[1] <= 4  # one session per ticket issued
+        else:
+            assert stats is None
+
+
+async def test_a_session_survives_a_client_that_resets_right_after_the_handshake(
+        pki: Any) -> None:
+    """OpenSSL drops the session of a connection freed without close_notify; enforcer marks
+    connections that did not fail in TLS as shut down, so such a client resumes later.
+    TLS 1.2 (session ids): in TLS 1.3 the server has moved on to the next ticket's session
+    by then, so the drop would not show."""
+    from enforcer.dataplane import native
+
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer({**inbound_cfg(pki, backend.port), "relay": "native"}).start()
+    async with running(inbound, backend):
+        ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        payload = random_bytes(10_000)
+        got, session, _ = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx, payload,
+                                                  None)
+        assert sha(got) == sha(payload) and session is not None
+
+        def resume_then_reset() -> bool:
+            raw = socket.create_connection(("127.0.0.1", inbound.port()), timeout=10)
+            tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+            reused = tls.session_reused
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            tls.close()  # RST, no close_notify
+            return reused
+
+        assert await asyncio.to_thread(resume_then_reset)
+        records = await inbound.wait_flows(2)
+        assert records[1]["close"] in ("client_reset", "client_closed")
+        await asyncio.sleep(0.1)
+        gc.collect()  # the reset connection's SSL is freed: that is when OpenSSL drops sessions
+        got, _, reused = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx, payload,
+                                                 session)
+        assert sha(got) == sha(payload) and reused, "the session was dropped from the cache"
+        server_ctx = inbound.plane.listeners[0].server_ctx
+        assert server_ctx is not None and native.session_cache_stats(server_ctx) is not None
