@@ -40,6 +40,7 @@
 /* ----------------------------------------------------------------- OpenSSL, by dlsym */
 typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
+typedef struct ssl_session_st SSL_SESSION;
 typedef struct bio_st BIO;
 
 #define SSL_ERROR_SSL 1
@@ -69,6 +70,10 @@ static struct {
     const char *(*ERR_reason_error_string)(unsigned long);
     SSL_CTX *(*SSL_get_SSL_CTX)(const SSL *);
     void (*SSL_set_shutdown)(SSL *, int);
+    int (*SSL_set_session)(SSL *, SSL_SESSION *);
+    SSL_SESSION *(*SSL_SESSION_dup)(const SSL_SESSION *);
+    void (*SSL_SESSION_free)(SSL_SESSION *);
+    const unsigned char *(*SSL_SESSION_get_id)(const SSL_SESSION *, unsigned int *);
     long (*SSL_CTX_ctrl)(SSL_CTX *, int, long, void *);
 } ossl;
 static int ossl_bound = 0;
@@ -98,6 +103,11 @@ typedef struct {
     PyObject_HEAD
     SSL_CTX *ctx;
 } SslContextHead;
+
+typedef struct {
+    PyObject_HEAD
+    SSL_SESSION *session;
+} SslSessionHead;
 
 /* ----------------------------------------------------------------- the pump object */
 typedef struct {
@@ -824,6 +834,10 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(ERR_reason_error_string);
     BIND(SSL_get_SSL_CTX);
     BIND(SSL_set_shutdown);
+    BIND(SSL_set_session);
+    BIND(SSL_SESSION_dup);
+    BIND(SSL_SESSION_free);
+    BIND(SSL_SESSION_get_id);
     BIND(SSL_CTX_ctrl);
     BIO *r, *w;
     PyObject *inner;
@@ -906,7 +920,62 @@ static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
     Py_RETURN_NONE;
 }
 
+/* set_session((SSLObject, MemoryBIO, MemoryBIO), SSLSession): resume a copy of the session
+   made with SSL_SESSION_dup (a memory copy that shares the certificates by reference)
+   instead of CPython's copy, which encodes the session and decodes it again, parsing the
+   peer's certificate (~150 us). A copy it must be: OpenSSL changes a session while it
+   resumes with it, so a shared one resumes only once. The session pointer is checked
+   against the session's id as Python reports it. */
+static PyObject *mod_set_session(PyObject *module, PyObject *args) {
+    PyObject *sample, *session, *inner;
+    BIO *r, *w;
+    if (!ossl_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO", &sample, &session)) {
+        return NULL;
+    }
+    if (check_type_name(session, "_ssl.SSLSession") < 0) {
+        return NULL;
+    }
+    SSL_SESSION *sess = ((SslSessionHead *)session)->session;
+    PyObject *want = PyObject_GetAttrString(session, "id");
+    if (want == NULL) {
+        return NULL;
+    }
+    unsigned int len = 0;
+    const unsigned char *id = sess ? ossl.SSL_SESSION_get_id(sess, &len) : NULL;
+    int same = PyBytes_Check(want) && id != NULL && (Py_ssize_t)len == PyBytes_GET_SIZE(want) &&
+               memcmp(id, PyBytes_AS_STRING(want), len) == 0;
+    Py_DECREF(want);
+    if (!same) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the _ssl session layout is not the expected one (ids do not match)");
+        return NULL;
+    }
+    SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    if (ssl == NULL) {
+        return NULL;
+    }
+    Py_DECREF(inner);
+    SSL_SESSION *copy = ossl.SSL_SESSION_dup(sess);
+    if (copy == NULL) {
+        ossl.ERR_clear_error();
+        return PyErr_NoMemory();
+    }
+    int ok = ossl.SSL_set_session(ssl, copy);
+    ossl.SSL_SESSION_free(copy); /* the SSL holds its own reference */
+    if (ok != 1) {
+        ossl.ERR_clear_error();
+        PyErr_SetString(PyExc_ValueError, "OpenSSL refused the session");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_session", mod_set_session, METH_VARARGS, "Resume a copy of a session (see above)."},
     {"keep_session", mod_keep_session, METH_O,
      "Mark an SSL as shut down so its session stays in the server cache."},
     {"session_cache", mod_session_cache, METH_VARARGS,

@@ -509,7 +509,8 @@ class Connection:
         self.hs_started = time.monotonic()
         self._set_stage_timer(self.listener.limits.handshake_timeout, "upstream_tls_timeout")
         side.tls = TlsEngine(up.client_ctx, server_side=False,
-                             server_hostname=up.server_hostname, session=up.session)
+                             server_hostname=up.server_hostname, session=up.session,
+                             native_session=self.plane.native_relay)
         self._upstream_handshake()
 
     def _upstream_handshake(self) -> None:

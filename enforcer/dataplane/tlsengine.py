@@ -32,6 +32,8 @@ import ssl
 from collections import deque
 from typing import Any, Final
 
+from enforcer.dataplane import native
+
 READ_CHUNK: Final = 256 * 1024
 BIO_SLICE: Final = 17 * 1024  # > the largest TLS record (16 KiB + 256 + 5 header)
 WRITE_SLICE: Final = 16 * 1024  # one full TLS record of plaintext
@@ -66,13 +68,15 @@ class TlsEngine:
         server_side: bool,
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
+        native_session: bool = False,
     ) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(
-            self._in, self._out, server_side=server_side, server_hostname=server_hostname,
-            session=session,
-        )
+            self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        if session is not None and not (native_session and native.set_session(self.state,
+                                                                               session)):
+            self.obj.session = session  # CPython's copy: an encode and a decode
         self._backlog: deque[memoryview] = deque()  # ciphertext not yet in the BIO
         self._eof_queued = False
         self.peer_closed = False

@@ -162,3 +162,45 @@ def test_connections_that_moved_bursts_do_not_keep_burst_sized_buffers(pki) -> N
     # Two idle SSL objects (~28 KiB each in OpenSSL 3.0) and four BIOs (< 23 KiB each);
     # with whole 256 KiB reads written into the BIOs this was over 1.4 MiB.
     assert per_pair < 300 * 1024, f"{per_pair / 1024:.0f} KiB per idle connection pair"
+
+
+@pytest.mark.parametrize("native_session", [True, False])
+def test_one_session_resumes_again_and_again(pki, native_session: bool) -> None:  # type: ignore[no-untyped-def]
+    """Each connection resumes its own copy of the cached session (OpenSSL changes a
+    session while resuming with it): natively through SSL_SESSION_dup, else CPython's."""
+    sctx, cctx = contexts(pki)
+    server, client = TlsEngine(sctx, server_side=True), TlsEngine(
+        cctx, server_side=False, server_hostname="localhost")
+    handshake(server, client)
+    send(server, client, b"ticket please", [13], [4096])  # the client reads the ticket
+    session = client.session
+    assert session is not None and session.has_ticket and not client.session_reused
+    for _ in range(4):
+        server2 = TlsEngine(sctx, server_side=True)
+        client2 = TlsEngine(cctx, server_side=False, server_hostname="localhost",
+                            session=session, native_session=native_session)
+        handshake(server2, client2)
+        assert client2.session_reused and server2.session_reused
+        payload = os.urandom(70_000)
+        assert send(client2, server2, payload, [70_000], [17_000]) == payload
+
+
+def test_the_native_session_copy_refuses_what_is_not_a_session(pki) -> None:  # type: ignore[no-untyped-def]
+    from enforcer.dataplane import native
+
+    _, cctx = contexts(pki)
+    client = TlsEngine(cctx, server_side=False, server_hostname="localhost")
+    assert native.set_session(client.state, "not a session") is False  # type: ignore[arg-type]
+    swapped = (client.state[0], client.state[2], client.state[1])  # BIOs the wrong way round
+    other = TlsEngine(cctx, server_side=False, server_hostname="localhost")
+    assert native.set_session(swapped, other.obj.session or _a_session(pki)) is False
+
+
+def _a_session(pki) -> ssl.SSLSession:  # type: ignore[no-untyped-def]
+    sctx, cctx = contexts(pki)
+    server, client = TlsEngine(sctx, server_side=True), TlsEngine(
+        cctx, server_side=False, server_hostname="localhost")
+    handshake(server, client)
+    send(server, client, b"t", [1], [4096])
+    assert client.session is not None
+    return client.session
