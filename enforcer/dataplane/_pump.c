@@ -249,24 +249,32 @@ static void out_free(End *e) {
 
 static int has_out(End *e) { return e->out_len > e->out_off; }
 
+/* Send data[*sent:len] as far as the socket takes it now, advancing *sent; 0 (all sent, or
+   the socket is full), else the errno that ended the connection. */
+static int send_some(int fd, const char *data, size_t len, size_t *sent) {
+    while (*sent < len) {
+        ssize_t n = send(fd, data + *sent, len - *sent, MSG_NOSIGNAL);
+        if (n > 0) {
+            *sent += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return 0;
+        } else {
+            return n < 0 ? errno : EPIPE;
+        }
+    }
+    return 0;
+}
+
 /* Send to socket j, keeping what the kernel does not take; 0 ok, -1 failed (reported). */
 static int send_to(Pump *p, int j, const char *data, size_t len) {
     End *d = &p->e[j];
     size_t sent = 0;
     if (!has_out(d)) {
-        while (sent < len) {
-            ssize_t n = send(d->fd, data + sent, len - sent, MSG_NOSIGNAL);
-            if (n > 0) {
-                sent += (size_t)n;
-                continue;
-            }
-            if (n < 0 && errno == EINTR) {
-                continue;
-            }
-            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                break;
-            }
-            emit_errno(p, j, n < 0 ? errno : EPIPE);
+        int err = send_some(d->fd, data, len, &sent);
+        if (err) {
+            emit_errno(p, j, err);
             return -1;
         }
     }
@@ -503,20 +511,13 @@ static void on_writable(Pump *p, int j) {
     if (p->closed) {
         return;
     }
-    while (has_out(d)) {
-        ssize_t n = send(d->fd, d->out + d->out_off, d->out_len - d->out_off, MSG_NOSIGNAL);
-        if (n > 0) {
-            d->out_off += (size_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            return;
-        }
-        emit_errno(p, j, n < 0 ? errno : EPIPE);
+    int err = send_some(d->fd, d->out, d->out_len, &d->out_off);
+    if (err) {
+        emit_errno(p, j, err);
         return;
+    }
+    if (has_out(d)) {
+        return; /* still full: wait for the next writable event */
     }
     out_free(d); /* an idle connection keeps no buffer */
     p->last_active = monotonic_now();
@@ -566,28 +567,26 @@ static void pump_close_impl(Pump *p) {
     Py_CLEAR(p->loop);
 }
 
-static PyObject *Pump_readable(PyObject *self, PyObject *arg) {
+/* The loop's callbacks: (side) -> handler, with the pump kept alive through it (a callback
+   into Python may drop the last other reference, by closing it). */
+static PyObject *run_event(PyObject *self, PyObject *arg, void (*handler)(Pump *, int)) {
     long i = PyLong_AsLong(arg);
     if (i != 0 && i != 1) {
         PyErr_SetString(PyExc_ValueError, "side must be 0 or 1");
         return NULL;
     }
-    Py_INCREF(self); /* a callback may drop the last other reference (close) */
-    on_readable((Pump *)self, (int)i);
+    Py_INCREF(self);
+    handler((Pump *)self, (int)i);
     Py_DECREF(self);
     Py_RETURN_NONE;
 }
 
+static PyObject *Pump_readable(PyObject *self, PyObject *arg) {
+    return run_event(self, arg, on_readable);
+}
+
 static PyObject *Pump_writable(PyObject *self, PyObject *arg) {
-    long i = PyLong_AsLong(arg);
-    if (i != 0 && i != 1) {
-        PyErr_SetString(PyExc_ValueError, "side must be 0 or 1");
-        return NULL;
-    }
-    Py_INCREF(self); /* a callback may drop the last other reference (close) */
-    on_writable((Pump *)self, (int)i);
-    Py_DECREF(self);
-    Py_RETURN_NONE;
+    return run_event(self, arg, on_writable);
 }
 
 static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
@@ -642,6 +641,13 @@ static PyObject *Pump_get_buffered(PyObject *self, void *Py_UNUSED(closure)) {
 
 static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner);
 
+static int require_bound(void) {
+    if (!ossl_bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+    }
+    return ossl_bound;
+}
+
 static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "loop",
                              "on_event", NULL};
@@ -652,8 +658,7 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
                                      &tls[1], &loop, &on_event)) {
         return -1;
     }
-    if (!ossl_bound) {
-        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+    if (!require_bound()) {
         return -1;
     }
     if (p->loop != NULL) {
@@ -882,8 +887,7 @@ static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
 static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
     PyObject *context, *sample;
     long size;
-    if (!ossl_bound) {
-        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+    if (!require_bound()) {
         return NULL;
     }
     if (!PyArg_ParseTuple(args, "OOl", &context, &sample, &size)) {
@@ -907,8 +911,7 @@ static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
 static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
     PyObject *inner;
     BIO *r, *w;
-    if (!ossl_bound) {
-        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+    if (!require_bound()) {
         return NULL;
     }
     SSL *ssl = ssl_of(sample, &r, &w, &inner);
@@ -929,8 +932,7 @@ static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
 static PyObject *mod_set_session(PyObject *module, PyObject *args) {
     PyObject *sample, *session, *inner;
     BIO *r, *w;
-    if (!ossl_bound) {
-        PyErr_SetString(PyExc_RuntimeError, "bind() has not succeeded");
+    if (!require_bound()) {
         return NULL;
     }
     if (!PyArg_ParseTuple(args, "OO", &sample, &session)) {

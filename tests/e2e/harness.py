@@ -44,6 +44,14 @@ class Backend:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         return self
 
+    @classmethod
+    async def serving(cls, handler: Any) -> Backend:
+        """A backend whose connections ``handler(reader, writer)`` serves (for a test's
+        own behaviour); only ``port`` and ``close`` are meaningful on it."""
+        backend = cls()
+        backend.server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        return backend
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         got = bytearray()

@@ -99,9 +99,7 @@ async def test_upstream_half_close_first_and_the_client_keeps_sending(pki: Any) 
         w.close()
         done.set()
 
-    server = await asyncio.start_server(speaks_first, "127.0.0.1", 0)
-    backend = Backend()
-    backend.server = server
+    backend = await Backend.serving(speaks_first)
     inbound, outbound = await _pair(pki, backend.port)
     async with running(outbound, inbound, backend):
         reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
@@ -137,9 +135,7 @@ async def test_a_stalled_upstream_bounds_memory_then_gets_every_byte(pki: Any) -
         w.close()
         done.set()
 
-    server = await asyncio.start_server(stalled, "127.0.0.1", 0)
-    backend = Backend()
-    backend.server = server
+    backend = await Backend.serving(stalled)
     inbound, outbound = await _pair(pki, backend.port)
     async with running(outbound, inbound, backend):
         payload = random_bytes(48 * MiB)
@@ -225,9 +221,7 @@ async def test_an_upstream_reset_mid_relay_is_recorded(pki: Any) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         w.transport.abort()  # RST
 
-    server = await asyncio.start_server(resets, "127.0.0.1", 0)
-    backend = Backend()
-    backend.server = server
+    backend = await Backend.serving(resets)
     enforcer = await Enforcer(inbound_cfg(pki, backend.port, default="allow", rules=[],
                                           mode="off")).start()
     async with running(enforcer, backend):

@@ -309,9 +309,7 @@ async def test_close_timeout_after_one_side_finished(pki) -> None:  # type: igno
         seen_eof.set()
         await asyncio.sleep(30)  # keeps its own side open
 
-    server = await asyncio.start_server(never_closes, "127.0.0.1", 0)
-    backend = Backend()
-    backend.server = server
+    backend = await Backend.serving(never_closes)
     cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off",
                       limits={"close_timeout": "300ms"})
     enforcer = await Enforcer(cfg).start()
@@ -419,9 +417,7 @@ async def test_slow_plain_reader_behind_tls_gets_every_byte(pki) -> None:  # typ
         w.close()
         done.set()
 
-    server = await asyncio.start_server(slow, "127.0.0.1", 0)
-    backend = Backend()
-    backend.server = server
+    backend = await Backend.serving(slow)
     inbound = await Enforcer(inbound_cfg(pki, backend.port)).start()
     outbound = await Enforcer(outbound_cfg(pki, inbound.port())).start()
     async with running(outbound, inbound, backend):
