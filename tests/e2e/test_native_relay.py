@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import struct
@@ -271,3 +272,46 @@ async def test_a_corrupt_tls_record_mid_relay_is_a_client_tls_error(pki: Any) ->
         assert rec["detail"] == "TLS error from the client: DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
         await asyncio.wait_for(backend.done.wait(), 5)
         assert backend.received == [b"a real request"]
+
+
+async def test_a_reset_while_bytes_wait_for_a_stalled_upstream_releases_everything(
+        pki: Any) -> None:
+    """The pump holds unsent bytes for a stalled upstream, which then resets: the flow ends
+    as upstream_reset, the client is closed, and no descriptor or buffer is left behind."""
+    reset_now = asyncio.Event()
+
+    async def stalls_then_resets(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await reset_now.wait()
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+
+    backend = await Backend.serving(stalls_then_resets)
+    enforcer = await Enforcer({**inbound_cfg(pki, backend.port, default="allow", rules=[],
+                                             mode="off"), "relay": "native"}).start()
+    async with running(enforcer, backend):
+        fds_before = len(os.listdir("/proc/self/fd"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    writer.write(random_bytes(1 * MiB))
+                    await writer.drain()
+
+        flooding = asyncio.ensure_future(flood())
+        await _until(lambda: any(c.pump is not None and c.pump.buffered > 0
+                                 for c in enforcer.plane.pumped))
+        reset_now.set()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert (rec["relay"], rec["close"]) == ("native", "upstream_reset")
+        assert rec["bytes"]["from_client"] > 0
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        flooding.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await flooding
+        writer.close()
+        assert not enforcer.plane.pumped and not enforcer.plane.active
+        await asyncio.sleep(0.2)
+        assert len(os.listdir("/proc/self/fd")) <= fds_before
