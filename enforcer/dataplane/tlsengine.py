@@ -77,7 +77,9 @@ class TlsEngine:
         if session is not None and not (native_session and native.set_session(self.state,
                                                                                session)):
             self.obj.session = session  # CPython's copy: an encode and a decode
-        self._backlog: deque[memoryview] = deque()  # ciphertext not yet in the BIO
+        # ciphertext not yet in the BIO; a deque only while there is some (an empty one is
+        # ~600 bytes, on every idle connection)
+        self._backlog: deque[memoryview] | None = None
         self._eof_queued = False
         self.peer_closed = False
         self.we_closed = False
@@ -88,6 +90,8 @@ class TlsEngine:
         if not self._backlog and len(data) <= BIO_SLICE - incoming.pending:
             incoming.write(data)  # the common case: a small read, straight in
         else:
+            if self._backlog is None:
+                self._backlog = deque()
             self._backlog.append(memoryview(data))
             self._fill()
 
@@ -112,6 +116,8 @@ class TlsEngine:
                 incoming.write(head[:room])
                 backlog[0] = head[room:]
             moved = True
+        if backlog is not None and not backlog:
+            self._backlog = None  # drained: let the deque go
         if not backlog and self._eof_queued and not incoming.eof:
             incoming.write_eof()
         return moved
