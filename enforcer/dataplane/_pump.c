@@ -37,6 +37,11 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Threads: the static scratch buffers below are shared by every pump of the process, which
+ * is safe because all of them run on the one event-loop thread (they may call back into
+ * Python mid-relay, so a second thread relaying with pumps would not be).
+ */
+
 /* ----------------------------------------------------------------- OpenSSL, by dlsym */
 typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
@@ -599,6 +604,12 @@ static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     p->last_active = monotonic_now();
     for (int i = 0; i < 2 && !p->closed; i++) {
         if (watch(p, i, 0, 1) < 0) {
+            /* unregister what was registered and close both descriptors, keeping the
+               error: the caller fails the connection */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            pump_close_impl(p);
+            PyErr_Restore(type, value, tb);
             return NULL;
         }
     }

@@ -70,7 +70,7 @@ def hand_over(client: Side, upstream: Side, loop: asyncio.AbstractEventLoop,
         return None
     for side in (client, upstream):
         _detach(side)
-    pump.start()
+    pump.start()  # on failure it has closed both sockets; the caller fails the connection
     return pump
 
 
