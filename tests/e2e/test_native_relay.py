@@ -315,3 +315,59 @@ async def test_a_reset_while_bytes_wait_for_a_stalled_upstream_releases_everythi
         assert not enforcer.plane.pumped and not enforcer.plane.active
         await asyncio.sleep(0.2)
         assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+
+@pytest.mark.usefixtures("relay_mode")
+async def test_tls13_key_updates_from_openssl_mid_relay(pki: Any) -> None:
+    """openssl s_client's K command sends a KeyUpdate that asks for ours: both directions
+    change keys mid-relay, and the bytes after it still arrive intact both ways."""
+    from tests.conftest import require_tool
+
+    openssl = require_tool("openssl")
+    backend = await Backend(mode="echo").start()
+    enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
+    async with running(enforcer, backend):
+        proc = await asyncio.create_subprocess_exec(
+            openssl, "s_client", "-connect", f"127.0.0.1:{enforcer.port()}", "-servername",
+            "localhost", "-tls1_3", "-brief", "-msg", "-cert", str(pki.client.cert), "-key",
+            str(pki.client.key), "-CAfile", str(pki.ca), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            lines = [f"line {i} {random_bytes(24).hex()}\n".encode() for i in range(3)]
+            trace: list[bytes] = []  # s_client's -msg lines: the TLS messages either way
+
+            async def echoed(line: bytes) -> None:
+                proc.stdin.write(line)  # type: ignore[union-attr]
+                while (got := await asyncio.wait_for(proc.stdout.readline(), 10)) != line:  # type: ignore[union-attr]
+                    assert got, "s_client ended before the echo came back"
+                    trace.append(got)
+
+            async def key_update() -> None:
+                # s_client reads a whole stdin chunk as one command: wait until it has sent
+                # the KeyUpdate before typing the next line
+                proc.stdin.write(b"K\n")  # type: ignore[union-attr]
+                while (got := await asyncio.wait_for(proc.stderr.readline(), 10)) != b"KEYUPDATE\n":  # type: ignore[union-attr]
+                    assert got, "s_client ended before its key update"
+
+            await echoed(lines[0])
+            await _until(lambda: any(c.relay == harness.RELAY for c in enforcer.plane.active))
+            await key_update()  # update_requested: our side must update its keys too
+            await echoed(lines[1])
+            await key_update()
+            await echoed(lines[2])
+            # ours, in answer to each update_requested (its own says update_not_requested)
+            received_updates = [t for t in trace if t.startswith(b"<<<") and b"KeyUpdate" in t]
+            assert len(received_updates) == 2, b"".join(trace).decode(errors="replace")
+            proc.stdin.close()
+            await asyncio.wait_for(proc.wait(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["relay"] == harness.RELAY and rec["action"] == "allow"
+        sent = b"".join(lines)
+        assert rec["bytes"] == {"from_client": len(sent), "to_client": len(sent)}
+        await asyncio.wait_for(backend.done.wait(), 5)
+        assert sha(backend.received[0]) == sha(sent)
