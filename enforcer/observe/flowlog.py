@@ -65,12 +65,20 @@ ROTATE_RETRY = 60.0  # after a failed rotation, keep appending and retry this mu
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
+_last_second: tuple[int, str] = (-1, "")  # the last second formatted: records come in bursts
+
+
 def utc_timestamp(t: float | None = None) -> str:
     """``2026-11-23T19:50:00.123456Z`` for Unix time ``t`` (default: now)."""
+    global _last_second
     if t is None:
         t = time.time()
     sec, micros = divmod(round(t * 1_000_000), 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{micros:06d}Z"
+    cached_sec, text = _last_second
+    if sec != cached_sec:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _last_second = (sec, text)
+    return f"{text}.{micros:06d}Z"
 
 
 class FlowRecorder(Protocol):

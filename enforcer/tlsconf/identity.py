@@ -29,6 +29,7 @@ certificate at all raise ``IdentityError``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 import re
@@ -78,7 +79,11 @@ class PeerIdentity:
     spki_sha256: str
 
     def to_record(self) -> dict[str, object]:
-        """The flow record's ``tls.peer`` object (DESIGN.md), SAN lists capped."""
+        """The flow record's ``tls.peer`` object (DESIGN.md), SAN lists capped. Built once
+        per identity (identities are cached per certificate); each call gets its own dict."""
+        return dict(_record_of(self))
+
+    def _build_record(self) -> dict[str, object]:
         out: dict[str, object] = {
             "spiffe_id": self.spiffe_id,
             "cn": self.cn,
@@ -95,6 +100,11 @@ class PeerIdentity:
         if dropped:
             out["truncated"] = dropped
         return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_of(identity: PeerIdentity) -> dict[str, object]:
+    return identity._build_record()
 
 
 # ---------------------------------------------------------------------------- SPIFFE IDs
