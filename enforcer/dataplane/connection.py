@@ -428,11 +428,8 @@ class Connection:
 
     def _decided(self, decision: Any) -> bool:
         """Record and count the decision; on deny, close. Returns True for allow."""
-        lst = self.listener
         self.decision = decision
-        self.plane.metrics.policy_decisions_total.labels(
-            listener=lst.name, ruleset=decision.ruleset, rule=decision.rule or "",
-            action=decision.action).inc()
+        self.listener.count_decision(decision.ruleset, decision.rule or "", decision.action)
         if decision.action != "allow":
             self._finish("deny", "denied", detail=flowrecord.deny_detail(decision))
             return False

@@ -52,6 +52,8 @@ class ListenerRuntime:
     duration: Any = None  # enforcer_connection_duration_seconds
     handshakes: dict[str, Any] = field(default_factory=dict)  # tls_handshake_seconds by side
     totals: dict[str, Any] = field(default_factory=dict)  # connections_total by action
+    decisions: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # by (ruleset,
+    # rule, action): enforcer_policy_decisions_total
 
     @property
     def name(self) -> str:
@@ -64,6 +66,15 @@ class ListenerRuntime:
             child = self.handshakes[side] = self.plane.metrics.tls_handshake_seconds.labels(
                 listener=self.name, side=side)
         child.observe(seconds)
+
+    def count_decision(self, ruleset: str, rule: str, action: str) -> None:
+        """enforcer_policy_decisions_total; one child per rule that decided, made once."""
+        key = (ruleset, rule, action)
+        child = self.decisions.get(key)
+        if child is None:
+            child = self.decisions[key] = self.plane.metrics.policy_decisions_total.labels(
+                listener=self.name, ruleset=ruleset, rule=rule, action=action)
+        child.inc()
 
     def is_trusted(self, ip: str | None) -> bool:
         if ip is None:

@@ -302,9 +302,7 @@ class DataPlane:
             decision = self.decide(conn.listener, conn._facts())
             if decision.action == "allow":
                 continue
-            self.metrics.policy_decisions_total.labels(
-                listener=conn.listener.name, ruleset=decision.ruleset, rule=decision.rule or "",
-                action=decision.action).inc()
+            conn.listener.count_decision(decision.ruleset, decision.rule or "", decision.action)
             log.info("flow %s on %s: denied after the ruleset reload (%s%s); closing",
                      conn.flow_id, conn.listener.name, decision.reason,
                      f" rule {decision.rule}" if decision.rule else "")
