@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -436,12 +437,7 @@ class Connection:
         return True
 
     def _facts(self) -> FlowFacts:
-        ip = None
-        if self.client_addr is not None:
-            try:
-                ip = ipaddress.ip_address(self.client_addr[0].split("%", 1)[0])
-            except ValueError:
-                ip = None
+        ip = _client_ip(self.client_addr[0]) if self.client_addr is not None else None
         tlvs = self.proxy_header.tlvs_for_policy() if self.proxy_header is not None else {}
         up = self.listener.upstream.cfg.address
         return FlowFacts(
@@ -793,6 +789,15 @@ class Connection:
 
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The policy's client address (zone id dropped); parsed once per distinct address."""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 def _addr(value: object) -> tuple[str, int] | None:
