@@ -6,11 +6,11 @@
  *   policy, upstream connect) with asyncio transports and ssl.SSLObject. It then hands the
  *   two sockets (as dup'ed file descriptors) and the two SSLObjects (or None for plaintext)
  *   to a Pump, and closes its transports.
- * - The pump registers its own bound methods with the event loop (loop.add_reader /
- *   add_writer): on each readable event it does recv() -> [BIO_write + SSL_read] ->
- *   [SSL_write + BIO_read] -> send(), all in C, into static scratch buffers (the loop is
- *   single-threaded and holds the GIL), so a request costs a few syscalls and no Python
- *   objects.
+ * - The pumps of one event loop share a Poller: one epoll set holding their sockets, whose
+ *   fd alone the loop watches (loop.add_reader(poller.fileno(), poller.run)). For each
+ *   ready socket a pump does recv() -> [BIO_write + SSL_read] -> [SSL_write + BIO_read] ->
+ *   send(), all in C, into static scratch buffers (the loop is single-threaded and holds
+ *   the GIL), so a request costs a few syscalls and no Python objects.
  * - The TLS state stays the SSLObject's: the SSL* and its memory BIOs are read from the
  *   _ssl objects (the layout sslkeylog and sslpsk rely on), and every OpenSSL function is
  *   looked up with dlsym() in the _ssl module's own libssl, so both always use the same
@@ -33,6 +33,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,8 +115,23 @@ typedef struct {
     SSL_SESSION *session;
 } SslSessionHead;
 
-/* ----------------------------------------------------------------- the pump object */
+/* ----------------------------------------------------------------- the poller */
+/* One epoll set per event loop for every pumped socket; the loop watches only its fd
+   (loop.add_reader(poller.fileno(), poller.run)), so a pumped socket costs the loop no
+   handle objects, and a burst of events is one callback. */
 typedef struct {
+    PyObject_HEAD
+    int epfd;
+} Poller;
+
+static PyTypeObject PollerType;
+
+/* ----------------------------------------------------------------- the pump object */
+typedef struct PumpObject Pump;
+
+typedef struct {
+    Pump *owner;
+    int index; /* 0 = client, 1 = upstream */
     int fd;
     SSL *ssl;
     BIO *rbio, *wbio;
@@ -127,19 +143,19 @@ typedef struct {
     int eof_out;          /* we asked to end our direction towards this peer */
     int shut_pending;     /* shutdown(SHUT_WR) once the out buffer drains */
     int shut_done;
-    int reading, writing; /* registered with the loop */
+    int reading, writing; /* watched in the poller's epoll set */
 } End;
 
-typedef struct {
+struct PumpObject {
     PyObject_HEAD
     End e[2]; /* 0 = client, 1 = upstream */
-    PyObject *loop;
+    PyObject *poller;
     PyObject *on_event;
     unsigned long long bytes[2];    /* plaintext from e[i] forwarded to the other */
     unsigned long long reported[2]; /* what take_counts() already returned */
     double last_active;             /* CLOCK_MONOTONIC seconds, as time.monotonic() */
     int started, closed, done_sent;
-} Pump;
+};
 
 static double monotonic_now(void) {
     struct timespec ts;
@@ -190,37 +206,33 @@ static void emit_tls_error(Pump *p, int side, unsigned long code) {
     emit_str(p, "tls_error", side, reason ? reason : "TLS protocol error");
 }
 
-/* Register or unregister our bound method with the loop for one fd and direction. */
+/* Start or stop watching one socket for one direction in the poller's epoll set. */
 static int watch(Pump *p, int i, int writing, int on) {
     End *e = &p->e[i];
     int *flag = writing ? &e->writing : &e->reading;
     if (*flag == on || p->closed) {
         return 0;
     }
-    PyObject *r;
-    if (on) {
-        PyObject *method = PyObject_GetAttrString((PyObject *)p, writing ? "_writable" : "_readable");
-        if (method == NULL) {
-            return -1;
-        }
-        r = PyObject_CallMethod(p->loop, writing ? "add_writer" : "add_reader", "iOi", e->fd,
-                                method, i);
-        Py_DECREF(method);
-    } else {
-        r = PyObject_CallMethod(p->loop, writing ? "remove_writer" : "remove_reader", "i", e->fd);
-    }
-    if (r == NULL) {
+    int was = e->reading || e->writing;
+    *flag = on;
+    int now = e->reading || e->writing;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = (e->reading ? EPOLLIN : 0) | (e->writing ? EPOLLOUT : 0);
+    ev.data.ptr = e;
+    int op = !was ? EPOLL_CTL_ADD : (now ? EPOLL_CTL_MOD : EPOLL_CTL_DEL);
+    if (epoll_ctl(((Poller *)p->poller)->epfd, op, e->fd, &ev) < 0) {
+        *flag = !on;
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    Py_DECREF(r);
-    *flag = on;
     return 0;
 }
 
 /* A failure we cannot report any better: close everything (the connection fails). */
 static void fatal(Pump *p) {
     PyErr_WriteUnraisable((PyObject *)p);
-    emit_str(p, "internal", -1, "native relay: event loop registration failed");
+    emit_str(p, "internal", -1, "native relay: epoll registration failed");
     pump_close_impl(p);
 }
 
@@ -548,13 +560,10 @@ static void pump_close_impl(Pump *p) {
     }
     for (int i = 0; i < 2; i++) {
         End *e = &p->e[i];
-        if (e->reading || e->writing) {
-            /* while still open: the loop forgets the fd before it is closed */
-            int r1 = e->reading ? watch(p, i, 0, 0) : 0;
-            int r2 = e->writing ? watch(p, i, 1, 0) : 0;
-            if (r1 < 0 || r2 < 0) {
-                PyErr_WriteUnraisable((PyObject *)p);
-            }
+        if ((e->reading || e->writing) && p->poller != NULL) {
+            /* while still open: the epoll set forgets the fd before it is closed */
+            epoll_ctl(((Poller *)p->poller)->epfd, EPOLL_CTL_DEL, e->fd, NULL);
+            e->reading = e->writing = 0;
         }
     }
     p->closed = 1;
@@ -569,29 +578,7 @@ static void pump_close_impl(Pump *p) {
         e->ssl = NULL;
     }
     Py_CLEAR(p->on_event);
-    Py_CLEAR(p->loop);
-}
-
-/* The loop's callbacks: (side) -> handler, with the pump kept alive through it (a callback
-   into Python may drop the last other reference, by closing it). */
-static PyObject *run_event(PyObject *self, PyObject *arg, void (*handler)(Pump *, int)) {
-    long i = PyLong_AsLong(arg);
-    if (i != 0 && i != 1) {
-        PyErr_SetString(PyExc_ValueError, "side must be 0 or 1");
-        return NULL;
-    }
-    Py_INCREF(self);
-    handler((Pump *)self, (int)i);
-    Py_DECREF(self);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Pump_readable(PyObject *self, PyObject *arg) {
-    return run_event(self, arg, on_readable);
-}
-
-static PyObject *Pump_writable(PyObject *self, PyObject *arg) {
-    return run_event(self, arg, on_writable);
+    Py_CLEAR(p->poller);
 }
 
 static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
@@ -660,19 +647,23 @@ static int require_bound(void) {
 }
 
 static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "loop",
+    static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "poller",
                              "on_event", NULL};
     Pump *p = (Pump *)self;
     int fds[2];
-    PyObject *tls[2], *loop, *on_event;
+    PyObject *tls[2], *poller, *on_event;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO", kwlist, &fds[0], &tls[0], &fds[1],
-                                     &tls[1], &loop, &on_event)) {
+                                     &tls[1], &poller, &on_event)) {
         return -1;
     }
     if (!require_bound()) {
         return -1;
     }
-    if (p->loop != NULL) {
+    if (!PyObject_TypeCheck(poller, &PollerType) || ((Poller *)poller)->epfd < 0) {
+        PyErr_SetString(PyExc_TypeError, "poller must be an open Poller");
+        return -1;
+    }
+    if (p->poller != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Pump.__init__ called twice");
         return -1;
     }
@@ -688,8 +679,8 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     }
     p->e[0].fd = fds[0];
     p->e[1].fd = fds[1];
-    Py_INCREF(loop);
-    p->loop = loop;
+    Py_INCREF(poller);
+    p->poller = poller;
     Py_INCREF(on_event);
     p->on_event = on_event;
     return 0;
@@ -697,7 +688,7 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
 
 static int Pump_traverse(PyObject *self, visitproc visit, void *arg) {
     Pump *p = (Pump *)self;
-    Py_VISIT(p->loop);
+    Py_VISIT(p->poller);
     Py_VISIT(p->on_event);
     Py_VISIT(p->e[0].sslobj);
     Py_VISIT(p->e[1].sslobj);
@@ -714,10 +705,8 @@ static void Pump_dealloc(PyObject *self) {
     Pump *p = (Pump *)self;
     PyObject_GC_UnTrack(self);
     if (!p->closed) {
-        /* never normally: Python closes every pump. Without a loop call (the loop may be
-           gone), just release the descriptors; libuv drops a closed fd from epoll. */
+        /* never normally: Python closes every pump. No Python is called from here. */
         Py_CLEAR(p->on_event);
-        p->e[0].reading = p->e[0].writing = p->e[1].reading = p->e[1].writing = 0;
         pump_close_impl(p);
     }
     Py_TYPE(self)->tp_free(self);
@@ -726,7 +715,11 @@ static void Pump_dealloc(PyObject *self) {
 static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     Pump *p = (Pump *)type->tp_alloc(type, 0);
     if (p != NULL) {
-        p->e[0].fd = p->e[1].fd = -1;
+        for (int i = 0; i < 2; i++) {
+            p->e[i].owner = p;
+            p->e[i].index = i;
+            p->e[i].fd = -1;
+        }
     }
     return (PyObject *)p;
 }
@@ -736,8 +729,6 @@ static PyMethodDef Pump_methods[] = {
     {"close", Pump_close, METH_NOARGS, "Unregister and close both descriptors (idempotent)."},
     {"take_counts", Pump_take_counts, METH_NOARGS,
      "Plaintext bytes (from client, to client) relayed since the last call."},
-    {"_readable", Pump_readable, METH_O, "Event loop callback: side is readable."},
-    {"_writable", Pump_writable, METH_O, "Event loop callback: side is writable."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -760,6 +751,100 @@ static PyTypeObject PumpType = {
     .tp_clear = Pump_clear,
     .tp_methods = Pump_methods,
     .tp_getset = Pump_getset,
+};
+
+/* ---- the poller ---------------------------------------------------------------------- */
+static PyObject *Poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if (!PyArg_ParseTuple(args, ":Poller")) {
+        return NULL;
+    }
+    Poller *self = (Poller *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void Poller_dealloc(PyObject *self) {
+    Poller *poller = (Poller *)self;
+    if (poller->epfd >= 0) {
+        close(poller->epfd);
+    }
+    Py_TYPE(self)->tp_free(self);
+}
+
+#define POLL_BATCH 64
+
+/* The loop's callback: relay whatever is ready now, at most POLL_BATCH sockets (the loop
+   calls again while more are ready: the epoll fd stays readable). Every pump in the batch
+   is held for the whole batch, so one closing another's connection cannot free it. */
+static PyObject *Poller_run(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Poller *poller = (Poller *)self;
+    struct epoll_event evs[POLL_BATCH];
+    if (poller->epfd < 0) {
+        Py_RETURN_NONE;
+    }
+    int n = epoll_wait(poller->epfd, evs, POLL_BATCH, 0);
+    if (n < 0) {
+        if (errno == EINTR) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    for (int k = 0; k < n; k++) {
+        Py_INCREF((PyObject *)((End *)evs[k].data.ptr)->owner);
+    }
+    for (int k = 0; k < n; k++) {
+        End *e = (End *)evs[k].data.ptr;
+        Pump *p = e->owner;
+        uint32_t m = evs[k].events;
+        if (!p->closed && e->writing && (m & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+            on_writable(p, e->index);
+        }
+        if (!p->closed && e->reading && (m & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
+            on_readable(p, e->index);
+        }
+    }
+    for (int k = 0; k < n; k++) {
+        Py_DECREF((PyObject *)((End *)evs[k].data.ptr)->owner);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Poller_fileno(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(((Poller *)self)->epfd);
+}
+
+static PyObject *Poller_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Poller *poller = (Poller *)self;
+    if (poller->epfd >= 0) {
+        close(poller->epfd);
+        poller->epfd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Poller_methods[] = {
+    {"run", Poller_run, METH_NOARGS, "Event loop callback: relay what is ready."},
+    {"fileno", Poller_fileno, METH_NOARGS, "The epoll fd, for loop.add_reader."},
+    {"close", Poller_close, METH_NOARGS, "Close the epoll fd (after every pump has closed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PollerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "enforcer.dataplane._pump.Poller",
+    .tp_basicsize = sizeof(Poller),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One epoll set for the pumps of one event loop (see the module comment).",
+    .tp_new = Poller_new,
+    .tp_dealloc = Poller_dealloc,
+    .tp_methods = Poller_methods,
 };
 
 /* ---- binding to the _ssl module's OpenSSL -------------------------------------------- */
@@ -1003,7 +1088,7 @@ static struct PyModuleDef pump_module = {
 };
 
 PyMODINIT_FUNC PyInit__pump(void) {
-    if (PyType_Ready(&PumpType) < 0) {
+    if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&pump_module);
@@ -1013,6 +1098,12 @@ PyMODINIT_FUNC PyInit__pump(void) {
     Py_INCREF(&PumpType);
     if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) {
         Py_DECREF(&PumpType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&PollerType);
+    if (PyModule_AddObject(m, "Poller", (PyObject *)&PollerType) < 0) {
+        Py_DECREF(&PollerType);
         Py_DECREF(m);
         return NULL;
     }

@@ -575,7 +575,7 @@ class Connection:
         up = self.upstream
         if self.stage != Stage.RELAY or not self.plane.native_relay or up is None:
             return
-        self.pump = pump.hand_over(self.client, up, self.loop, self._pump_event)
+        self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event)
         if self.pump is not None:
             self.relay = "native"
             self.plane.pump_started(self)

@@ -34,6 +34,7 @@ TLS 1.3 OpenSSL changes a session while it resumes with it, so it would resume o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from typing import Any, Final
@@ -133,3 +134,19 @@ def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
     except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
         return False
     return True
+
+
+def new_poller(loop: asyncio.AbstractEventLoop) -> Any:
+    """The epoll set the pumps of ``loop`` share, registered with the loop."""
+    ext = module()
+    if ext is None:
+        raise RuntimeError(unavailable_reason())
+    poller = ext.Poller()
+    loop.add_reader(poller.fileno(), poller.run)
+    return poller
+
+
+def close_poller(loop: asyncio.AbstractEventLoop, poller: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        loop.remove_reader(poller.fileno())
+    poller.close()

@@ -74,6 +74,7 @@ class DataPlane:
         self.draining = False
         self.native_relay = False  # decided in build() from cfg.relay
         self.pumped: set[Connection] = set()  # connections relayed by the native pump
+        self.poller: Any = None  # the native pumps' epoll set, watched by the loop
         self._pump_tick: asyncio.TimerHandle | None = None
         self.owns_unix_paths: list[str] = []
         self.ready = False
@@ -147,6 +148,8 @@ class DataPlane:
     async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Listen on every listener; ``sockets`` are ready-made ones (worker processes)."""
         loop = asyncio.get_running_loop()
+        if self.native_relay and self.poller is None:
+            self.poller = native.new_poller(loop)
         for lst in self.listeners:
             addr = lst.cfg.listen
             factory = _factory(lst)
@@ -339,6 +342,9 @@ class DataPlane:
         for conn in left:
             conn.drain_close()
         await self.close_servers()
+        if self.poller is not None:  # every pump has closed with its connection
+            native.close_poller(asyncio.get_running_loop(), self.poller)
+            self.poller = None
         return len(left)
 
 

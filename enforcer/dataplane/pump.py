@@ -41,12 +41,12 @@ def _transport_ready(side: Side) -> bool:
             and not side.pause_flags and t.get_write_buffer_size() == 0)
 
 
-def hand_over(client: Side, upstream: Side, loop: asyncio.AbstractEventLoop,
-              on_event: Any) -> NativePump | None:
+def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> NativePump | None:
     """Move both sockets (and TLS states) of a connection in RELAY to a new pump, started.
     None if it cannot be done now (the Python relay then carries on, nothing changed)."""
     ext = native.module()
-    if ext is None or not (_transport_ready(client) and _transport_ready(upstream)):
+    if ext is None or poller is None or not (_transport_ready(client)
+                                             and _transport_ready(upstream)):
         return None
     tls_states: list[tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None] = []
     for side in (client, upstream):
@@ -62,8 +62,8 @@ def hand_over(client: Side, upstream: Side, loop: asyncio.AbstractEventLoop,
         for side in (client, upstream):
             assert side.transport is not None
             fds.append(os.dup(side.transport.get_extra_info("socket").fileno()))
-        pump: NativePump = ext.Pump(fds[0], tls_states[0], fds[1], tls_states[1], loop,
-                                        on_event)
+        pump: NativePump = ext.Pump(fds[0], tls_states[0], fds[1], tls_states[1], poller,
+                                    on_event)
     except (OSError, AttributeError, RuntimeError, TypeError, ValueError):
         for fd in fds:
             os.close(fd)

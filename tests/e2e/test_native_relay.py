@@ -371,3 +371,36 @@ async def test_tls13_key_updates_from_openssl_mid_relay(pki: Any) -> None:
         assert rec["bytes"] == {"from_client": len(sent), "to_client": len(sent)}
         await asyncio.wait_for(backend.done.wait(), 5)
         assert sha(backend.received[0]) == sha(sent)
+
+
+async def test_pumps_share_one_epoll_set_closed_at_drain(pki: Any) -> None:
+    """Pumped sockets live in one epoll set per data plane (the loop watches its fd only);
+    drain closes it after the last connection."""
+    backend = await Backend(mode="echo").start()
+    enforcer = await Enforcer({**inbound_cfg(pki, backend.port, default="allow", rules=[],
+                                             mode="off"), "relay": "native"}).start()
+    poller = enforcer.plane.poller
+    assert poller is not None
+    epfd = poller.fileno()
+    assert os.readlink(f"/proc/self/fd/{epfd}") == "anon_inode:[eventpoll]"
+    streams = []
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        streams.append((reader, writer))
+    assert len(enforcer.plane.pumped) == 5
+    assert _watched(epfd) == 10  # both sockets of each connection
+    for _, writer in streams:
+        writer.close()
+    await enforcer.wait_flows(5)
+    assert _watched(epfd) == 0
+    await enforcer.stop()
+    await backend.close()
+    assert enforcer.plane.poller is None and poller.fileno() == -1
+
+
+def _watched(epfd: int) -> int:
+    """How many descriptors an epoll set in this process watches (from /proc)."""
+    with open(f"/proc/self/fdinfo/{epfd}") as info:
+        return sum(line.startswith("tfd:") for line in info)
