@@ -9,7 +9,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from enforcer.config.loader import parse_config
 from enforcer.dataplane.plane import DataPlane
@@ -23,8 +23,31 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class LocalServer:
+    """A TCP server on 127.0.0.1 (port 0) whose connections ``_handle`` serves: the
+    common part of the tests' backends."""
+
+    server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self) -> Self:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class Backend:
+class Backend(LocalServer):
     """A TCP backend. mode 'echo' echoes; mode 'swap' reads everything while sending
     its own payload, then half-closes; 'respond' reads until EOF, then sends the reply."""
 
@@ -34,15 +57,6 @@ class Backend:
     received: list[bytes] = field(default_factory=list)
     connections: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def start(self) -> Backend:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
 
     @classmethod
     async def serving(cls, handler: Any) -> Backend:
@@ -83,9 +97,12 @@ class Backend:
             self.done.set()
             writer.close()
 
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+
+async def wait_until(predicate: Any, timeout: float = 20) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
 
 
 async def _send_all(writer: asyncio.StreamWriter, payload: bytes) -> None:

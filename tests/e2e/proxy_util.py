@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError
+from tests.e2e.harness import LocalServer
 
 CHUNK = 256 * 1024
 TEST_NET = "203.0.113.7"  # RFC 5737 TEST-NET-3: the "real client" behind a load balancer
@@ -43,7 +44,7 @@ class Accepted:
 
 
 @dataclass
-class HeaderApp:
+class HeaderApp(LocalServer):
     """An app behind enforcer that expects a PROXY header, records it and its payload.
 
     mode 'echo' echoes; 'swap' sends ``payload`` while reading, then half-closes."""
@@ -54,19 +55,6 @@ class HeaderApp:
     server: asyncio.Server | None = None
     accepted: list[Accepted] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def start(self) -> HeaderApp:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

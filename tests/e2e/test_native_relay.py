@@ -26,6 +26,7 @@ from tests.e2e.harness import (
     random_bytes,
     running,
     sha,
+    wait_until,
 )
 
 MiB = 1024 * 1024
@@ -58,12 +59,6 @@ async def _pair(pki: Any, backend_port: int, **inbound_kw: Any) -> tuple[Enforce
     return inbound, outbound
 
 
-async def _until(check: Any, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 async def test_client_half_close_after_handover_gets_the_whole_response(pki: Any) -> None:
     response = random_bytes(5 * MiB + 3)
     backend = await Backend(mode="respond", payload=response).start()
@@ -72,7 +67,7 @@ async def test_client_half_close_after_handover_gets_the_whole_response(pki: Any
         reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
         first, rest = random_bytes(1000), random_bytes(2 * MiB)
         writer.write(first)
-        await _until(lambda: outbound.plane.pumped and inbound.plane.pumped)
+        await wait_until(lambda: outbound.plane.pumped and inbound.plane.pumped)
         writer.write(rest)
         writer.write_eof()
         got = await asyncio.wait_for(reader.read(), 30)
@@ -148,7 +143,7 @@ async def test_a_stalled_upstream_bounds_memory_then_gets_every_byte(pki: Any) -
             writer.write_eof()
 
         sender = asyncio.ensure_future(send())
-        await _until(lambda: inbound.plane.pumped)
+        await wait_until(lambda: inbound.plane.pumped)
         await asyncio.sleep(1.0)
         assert not sender.done(), "48 MiB cannot fit in socket buffers: the client must wait"
         for enforcer in (outbound, inbound):
@@ -178,7 +173,7 @@ async def test_bytes_are_counted_while_a_pumped_connection_is_open(pki: Any) -> 
                 "enforcer_bytes_total", {"listener": "outbound", "direction": direction})
             return value
 
-        await _until(lambda: counted("to_client") == len(payload), timeout=5)
+        await wait_until(lambda: counted("to_client") == len(payload), timeout=5)
         assert counted("from_client") == len(payload)
         assert outbound.plane.pumped, "still open, and still relayed by the pump"
         writer.close()
@@ -260,7 +255,7 @@ async def test_a_corrupt_tls_record_mid_relay_is_a_client_tls_error(pki: Any) ->
                     incoming.write(await loop.sock_recv(sock, 65536))
             tls.write(b"a real request")
             await loop.sock_sendall(sock, outgoing.read())
-            await _until(lambda: any(c.relay == harness.RELAY for c in enforcer.plane.active))
+            await wait_until(lambda: any(c.relay == harness.RELAY for c in enforcer.plane.active))
             await asyncio.sleep(0.1)
             # an application-data record of the right shape whose contents are garbage
             await loop.sock_sendall(sock, b"\x17\x03\x03\x00\x40" + random_bytes(64))
@@ -300,7 +295,7 @@ async def test_a_reset_while_bytes_wait_for_a_stalled_upstream_releases_everythi
                     await writer.drain()
 
         flooding = asyncio.ensure_future(flood())
-        await _until(lambda: any(c.pump is not None and c.pump.buffered > 0
+        await wait_until(lambda: any(c.pump is not None and c.pump.buffered > 0
                                  for c in enforcer.plane.pumped))
         reset_now.set()
         rec = (await enforcer.wait_flows(1))[0]
@@ -351,7 +346,7 @@ async def test_tls13_key_updates_from_openssl_mid_relay(pki: Any) -> None:
                     assert got, "s_client ended before its key update"
 
             await echoed(lines[0])
-            await _until(lambda: any(c.relay == harness.RELAY for c in enforcer.plane.active))
+            await wait_until(lambda: any(c.relay == harness.RELAY for c in enforcer.plane.active))
             await key_update()  # update_requested: our side must update its keys too
             await echoed(lines[1])
             await key_update()

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import require_tool
-from tests.e2e.harness import Enforcer, inbound_cfg, running
+from tests.e2e.harness import Enforcer, LocalServer, inbound_cfg, running
+from tests.e2e.tls_util import run_tool
 
 MiB = 1024 * 1024
 
 
-class FixedBackend:
+class FixedBackend(LocalServer):
     """Reads exactly ``expect`` bytes, answers with sha256(received) + ``extra``, closes."""
 
     def __init__(self, expect: int, extra: bytes = b"") -> None:
@@ -23,42 +24,20 @@ class FixedBackend:
         self.server: asyncio.Server | None = None
         self.received = b""
 
-    async def start(self) -> FixedBackend:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         self.received = await r.readexactly(self.expect)
         w.write(hashlib.sha256(self.received).hexdigest().encode() + b"\n" + self.extra)
         await w.drain()
         w.close()
 
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
-
-class HttpBackend:
+class HttpBackend(LocalServer):
     """A tiny HTTP/1.1 server: echoes the request body, then a fixed random tail."""
 
     def __init__(self, tail: bytes) -> None:
         self.tail = tail
         self.server: asyncio.Server | None = None
         self.bodies: list[bytes] = []
-
-    async def start(self) -> HttpBackend:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         head = await r.readuntil(b"\r\n\r\n")
@@ -74,19 +53,6 @@ class HttpBackend:
         await w.drain()
         w.close()
 
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-async def _run(*cmd: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out, err
-
 
 async def test_openssl_s_client_with_client_cert(pki: Any) -> None:
     openssl = require_tool("openssl")
@@ -95,7 +61,7 @@ async def test_openssl_s_client_with_client_cert(pki: Any) -> None:
     backend = await FixedBackend(len(payload), tail).start()
     enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
     async with running(enforcer, backend):
-        code, out, err = await _run(
+        code, out, err = await run_tool(
             openssl, "s_client", "-connect", f"127.0.0.1:{enforcer.port()}", "-quiet",
             "-ign_eof", "-verify_return_error", "-CAfile", str(pki.ca),
             "-cert", str(pki.client.cert), "-key", str(pki.client.key),
@@ -116,7 +82,7 @@ async def test_openssl_s_client_without_cert_is_refused(pki: Any) -> None:
     backend = await FixedBackend(4).start()
     enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
     async with running(enforcer, backend):
-        _code, out, _err = await _run(
+        _code, out, _err = await run_tool(
             openssl, "s_client", "-connect", f"127.0.0.1:{enforcer.port()}", "-quiet",
             "-CAfile", str(pki.ca), stdin=b"ping")
         assert out == b""
@@ -130,7 +96,7 @@ async def test_openssl_s_client_tls11_is_refused(pki: Any) -> None:
     backend = await FixedBackend(4).start()
     enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
     async with running(enforcer, backend):
-        code, _out, _ = await _run(
+        code, _out, _ = await run_tool(
             openssl, "s_client", "-connect", f"127.0.0.1:{enforcer.port()}", "-tls1_1",
             "-CAfile", str(pki.ca), "-cert", str(pki.client.cert), "-key", str(pki.client.key),
             stdin=b"")
@@ -147,7 +113,7 @@ async def test_curl_through_server_mode(pki: Any, tmp_path: Path) -> None:
     backend = await HttpBackend(tail).start()
     enforcer = await Enforcer(inbound_cfg(pki, backend.port)).start()
     async with running(enforcer, backend):
-        code, _, err = await _run(
+        code, _, err = await run_tool(
             curl, "-sS", "--fail", "--cacert", str(pki.ca), "--cert", str(pki.client.cert),
             "--key", str(pki.client.key), "--data-binary", f"@{tmp_path / 'body'}",
             "-H", "Content-Type: application/octet-stream",

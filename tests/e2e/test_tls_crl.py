@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,21 +18,16 @@ from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
 from enforcer.tlsconf.certs import write_crl
-from tests.e2e.harness import Backend, inbound_cfg
+from tests.e2e.harness import Backend, inbound_cfg, wait_until
 from tests.e2e.proc import write_config
-from tests.e2e.tls_util import echo_once, mtls_client, serial_of_file, sha
-
-
-def _reloads(server: Server, result: str) -> float:
-    value = server.metrics.registry.get_sample_value(
-        "enforcer_reloads_total", {"kind": "tls", "result": result})
-    return float(value or 0.0)
-
-
-async def _wait_until(predicate: Any, timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
+from tests.e2e.tls_util import (
+    blocking_echo,
+    echo_once,
+    mtls_client,
+    serial_of_file,
+    sha,
+    tls_reloads,
+)
 
 
 @pytest.fixture
@@ -50,21 +44,6 @@ async def crl_server(pki: Any, tmp_path: Path) -> AsyncIterator[tuple[Server, Pa
     finally:
         await server.shutdown()
         await backend.close()
-
-
-def _blocking_echo(port: int, ctx: ssl.SSLContext, payload: bytes,
-                   session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
-    """One connection with an optional session to resume; returns (echo, session, reused)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-        tls.sendall(payload)
-        got = bytearray()
-        while len(got) < len(payload):
-            data = tls.recv(65536)
-            if not data:
-                break
-            got += data
-        return bytes(got), tls.session, tls.session_reused
 
 
 async def test_revoked_client_refused_then_unrevoked_without_restart(
@@ -89,27 +68,27 @@ async def test_revoked_client_refused_then_unrevoked_without_restart(
 
     # a new CRL without the serial: picked up by the watcher, no restart
     write_crl(pki.base, crl, [])
-    await _wait_until(lambda: _reloads(server, "ok") >= 1)
+    await wait_until(lambda: tls_reloads(server, "ok") >= 1)
     got, _ = await echo_once(port, client, payload)
     assert sha(got) == sha(payload)
     assert server.flowlog.records[-1]["action"] == "allow"
-    assert _reloads(server, "error") == 0
+    assert tls_reloads(server, "error") == 0
 
 
 async def test_revocation_also_ends_resumption(crl_server: tuple[Server, Path], pki: Any) -> None:
     server, crl = crl_server
     port = server.plane.listeners[0].local_port
     write_crl(pki.base, crl, [])  # start with the client in good standing
-    await _wait_until(lambda: _reloads(server, "ok") >= 1)
+    await wait_until(lambda: tls_reloads(server, "ok") >= 1)
     ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
     payload = os.urandom(10_000)
-    got, session, _ = await asyncio.to_thread(_blocking_echo, port, ctx, payload, None)
+    got, session, _ = await asyncio.to_thread(blocking_echo, port, ctx, payload, None)
     assert sha(got) == sha(payload) and session is not None and session.has_ticket
-    got, _, reused = await asyncio.to_thread(_blocking_echo, port, ctx, payload, session)
+    got, _, reused = await asyncio.to_thread(blocking_echo, port, ctx, payload, session)
     assert sha(got) == sha(payload) and reused, "resumption should work on this listener"
 
     write_crl(pki.base, crl, [serial_of_file(pki.client.cert)])
-    await _wait_until(lambda: _reloads(server, "ok") >= 2)
+    await wait_until(lambda: tls_reloads(server, "ok") >= 2)
     with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
-        await asyncio.to_thread(_blocking_echo, port, ctx, payload, session)
+        await asyncio.to_thread(blocking_echo, port, ctx, payload, session)
     assert server.flowlog.records[-1]["close"] == "handshake_failed"

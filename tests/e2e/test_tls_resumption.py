@@ -39,7 +39,7 @@ from tests.e2e.harness import (
     sha,
 )
 from tests.e2e.proc import write_config
-from tests.e2e.tls_util import SecretMount, mtls_client
+from tests.e2e.tls_util import SecretMount, blocking_echo, mtls_client
 
 
 async def _pair(pki: Any, backend: Backend) -> tuple[Enforcer, Enforcer]:
@@ -160,20 +160,6 @@ async def test_client_certificate_rotation_under_load(rotating_outbound: Any, pk
     assert int(last_serial, 16) == serial_of_file(serials[-1].cert)
 
 
-def _blocking_echo(port: int, ctx: ssl.SSLContext, payload: bytes,
-                   session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
-        tls.sendall(payload)
-        got = bytearray()
-        while len(got) < len(payload):
-            data = tls.recv(65536)
-            if not data:
-                break
-            got += data
-        return bytes(got), tls.session, tls.session_reused
-
-
 async def test_an_expired_client_certificate_cannot_resume(pki: Any, tmp_path: Path) -> None:
     now = dt.datetime.now(dt.UTC)
     short = issue(pki.base, tmp_path / "short", name="short", spiffe_id=DEMO_CLIENT_ID,
@@ -183,14 +169,14 @@ async def test_an_expired_client_certificate_cannot_resume(pki: Any, tmp_path: P
     async with running(inbound, backend):
         ctx = mtls_client(pki.ca, short.cert, short.key)
         payload = random_bytes(5_000)
-        got, session, _ = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx, payload,
+        got, session, _ = await asyncio.to_thread(blocking_echo, inbound.port(), ctx, payload,
                                                   None)
         assert sha(got) == sha(payload) and session is not None
         await asyncio.sleep(max(0.0, (now + dt.timedelta(seconds=3.5)
                                       - dt.datetime.now(dt.UTC)).total_seconds()))
         # a full handshake would refuse the expired certificate; a resumed one must too
         try:
-            got, _, _ = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx, payload,
+            got, _, _ = await asyncio.to_thread(blocking_echo, inbound.port(), ctx, payload,
                                                 session)
         except (ssl.SSLError, ConnectionError):
             got = b""
@@ -229,11 +215,11 @@ async def test_clients_that_skip_close_notify_still_resume(pki: Any) -> None:
     async with running(inbound, backend):
         ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
         payload = random_bytes(30_000)
-        got, session, reused = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx,
+        got, session, reused = await asyncio.to_thread(blocking_echo, inbound.port(), ctx,
                                                        payload, None)
         assert sha(got) == sha(payload) and session is not None and not reused
         for _ in range(3):  # each connection ends with a bare FIN from the client
-            got, session, reused = await asyncio.to_thread(_blocking_echo, inbound.port(),
+            got, session, reused = await asyncio.to_thread(blocking_echo, inbound.port(),
                                                            ctx, payload, session)
             assert sha(got) == sha(payload) and reused
         records = await inbound.wait_flows(4)
@@ -262,7 +248,7 @@ async def test_a_session_survives_a_client_that_resets_right_after_the_handshake
         ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         payload = random_bytes(10_000)
-        got, session, _ = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx, payload,
+        got, session, _ = await asyncio.to_thread(blocking_echo, inbound.port(), ctx, payload,
                                                   None)
         assert sha(got) == sha(payload) and session is not None
 
@@ -279,7 +265,7 @@ async def test_a_session_survives_a_client_that_resets_right_after_the_handshake
         assert records[1]["close"] in ("client_reset", "client_closed")
         await asyncio.sleep(0.1)
         gc.collect()  # the reset connection's SSL is freed: that is when OpenSSL drops sessions
-        got, _, reused = await asyncio.to_thread(_blocking_echo, inbound.port(), ctx, payload,
+        got, _, reused = await asyncio.to_thread(blocking_echo, inbound.port(), ctx, payload,
                                                  session)
         assert sha(got) == sha(payload) and reused, "the session was dropped from the cache"
         server_ctx = inbound.plane.listeners[0].server_ctx

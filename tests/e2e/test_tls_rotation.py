@@ -31,9 +31,16 @@ from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
 from enforcer.tlsconf.certs import DEMO_SERVER_ID, IssuedPaths, issue
-from tests.e2e.harness import Backend, inbound_cfg
+from tests.e2e.harness import Backend, inbound_cfg, wait_until
 from tests.e2e.proc import write_config
-from tests.e2e.tls_util import SecretMount, echo_once, mtls_client, serial_of_der, sha
+from tests.e2e.tls_util import (
+    SecretMount,
+    echo_once,
+    mtls_client,
+    serial_of_der,
+    sha,
+    tls_reloads,
+)
 
 CLIENTS = 50
 ROTATIONS = 5
@@ -53,18 +60,6 @@ def _serial(cert: IssuedPaths) -> int:
     from tests.e2e.tls_util import serial_of_file
 
     return serial_of_file(cert.cert)
-
-
-def _reloads(server: Server, result: str) -> float:
-    value = server.metrics.registry.get_sample_value(
-        "enforcer_reloads_total", {"kind": "tls", "result": result})
-    return float(value or 0.0)
-
-
-async def _wait_until(predicate: Any, timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -174,25 +169,25 @@ async def test_rotation_under_load(mounted: Any, pki: Any, tmp_path: Path) -> No
     tasks += [asyncio.ensure_future(load.client(n)) for n in range(CLIENTS)]
     try:
         first_seen: dict[int, float] = {}
-        await _wait_until(lambda: serials[0] in load.seen_since(0))
+        await wait_until(lambda: serials[0] in load.seen_since(0))
         for gen in range(1, ROTATIONS + 1):
             await asyncio.sleep(1.0)  # the files change every second (or a bit slower)
             swapped = time.monotonic()
             m.mount.update(_files(gens[gen], pki.ca.read_bytes()))
-            await _wait_until(lambda g=gen, t=swapped: serials[g] in load.seen_since(t))
+            await wait_until(lambda g=gen, t=swapped: serials[g] in load.seen_since(t))
             first_seen[gen] = min(t for t, s in load.handshakes if s == serials[gen])
-        assert _reloads(m.server, "ok") >= ROTATIONS
+        assert tls_reloads(m.server, "ok") >= ROTATIONS
 
         # a broken certificate: the key of another generation
         broken = {**_files(gens[ROTATIONS + 1], pki.ca.read_bytes()),
                   "tls.key": gens[0].key.read_bytes()}
-        errors_before = _reloads(m.server, "error")
+        errors_before = tls_reloads(m.server, "error")
         broken_at = time.monotonic()
         m.mount.update(broken)
-        await _wait_until(lambda: _reloads(m.server, "error") > errors_before)
+        await wait_until(lambda: tls_reloads(m.server, "error") > errors_before)
         after_error = time.monotonic()
         count = len(load.handshakes)
-        await _wait_until(lambda: len(load.handshakes) >= count + 2 * CLIENTS)
+        await wait_until(lambda: len(load.handshakes) >= count + 2 * CLIENTS)
     finally:
         load.stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -240,7 +235,7 @@ async def test_expired_certificate_at_reload_is_rejected(mounted: Any, pki: Any,
                             not_after=now - dt.timedelta(hours=1))
     m.mount.update(_files(expired, pki.ca.read_bytes()))
     assert m.server.reloader.poll() == ["tls"]
-    assert _reloads(m.server, "error") == 1 and _reloads(m.server, "ok") == 0
+    assert tls_reloads(m.server, "error") == 1 and tls_reloads(m.server, "ok") == 0
     last_error = m.server.status()["reloads"]["tls"]["last_error"]
     assert "tls.mesh.dir: certificate CN=server expired at" in last_error
     ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
@@ -251,7 +246,7 @@ async def test_expired_certificate_at_reload_is_rejected(mounted: Any, pki: Any,
     good = _issue_server(pki, tmp_path / "good")
     m.mount.update(_files(good, pki.ca.read_bytes()))
     assert m.server.reloader.poll() == ["tls"]
-    assert _reloads(m.server, "ok") == 1
+    assert tls_reloads(m.server, "ok") == 1
     assert m.server.status()["reloads"]["tls"]["last_error"] is None
     got, serial = await echo_once(m.port, ctx, payload)
     assert sha(got) == sha(payload) and serial == _serial(good)
@@ -268,7 +263,7 @@ async def test_ca_bundle_reload_trusts_a_new_ca(mounted: Any, pki: Any, tmp_path
     bundle = pki.ca.read_bytes() + rogue.ca.read_bytes()
     m.mount.update(_files(first, bundle))
     assert m.server.reloader.poll() == ["tls"]
-    assert _reloads(m.server, "ok") == 1
+    assert tls_reloads(m.server, "ok") == 1
     payload = os.urandom(20_000)
     got, _ = await echo_once(m.port, rogue_ctx, payload)
     assert sha(got) == sha(payload)

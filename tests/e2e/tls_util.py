@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enforcer.config.model import TlsMaterialConfig
+from tests.e2e.harness import LocalServer
 
 PEM = serialization.Encoding.PEM
 
@@ -274,7 +276,7 @@ async def run_tool(*cmd: str, stdin: bytes = b"", timeout: float = 120,
     return proc.returncode, out, err
 
 
-class ExactBackend:
+class ExactBackend(LocalServer):
     """Reads exactly ``expect`` bytes, answers ``reply`` and closes: for clients such as
     ``openssl s_client -quiet`` that never half-close."""
 
@@ -283,15 +285,6 @@ class ExactBackend:
         self.reply = reply
         self.server: asyncio.Server | None = None
         self.received: list[bytes] = []
-
-    async def start(self) -> ExactBackend:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -303,6 +296,26 @@ class ExactBackend:
         finally:
             writer.close()
 
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+
+def blocking_echo(port: int, ctx: ssl.SSLContext, payload: bytes,
+                  session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """One blocking TLS connection (optionally resuming ``session``) that sends ``payload``
+    and reads as much back, then closes without close_notify; (echo, session, reused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            data = tls.recv(65536)
+            if not data:
+                break
+            got += data
+        return bytes(got), tls.session, bool(tls.session_reused)
+
+
+def tls_reloads(server: Any, result: str) -> float:
+    """enforcer_reloads_total{kind="tls", result=...} of a Server."""
+    value = server.metrics.registry.get_sample_value(
+        "enforcer_reloads_total", {"kind": "tls", "result": result})
+    return float(value or 0.0)
+
