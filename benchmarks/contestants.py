@@ -252,23 +252,21 @@ class Haproxy(Contestant):
                  "    timeout client 1h\n    timeout server 1h\n")
 
     def outbound_config(self, env: Env, d: Path, port: int, in_port: int) -> Path:
-        path = d / "outbound.cfg"
-        path.write_text(
+        return _written(
+            d / "outbound.cfg",
             self._DEFAULTS
             + f"frontend outbound\n    bind 127.0.0.1:{port}\n    default_backend inbound\n"
             f"backend inbound\n    server inbound 127.0.0.1:{in_port} ssl "
             f"crt {env.pki.client_pem} ca-file {env.pki.ca} verify required "
             f"verifyhost {SERVER_NAME}\n")
-        return path
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
-        path = d / "inbound.cfg"
-        path.write_text(
+        return _written(
+            d / "inbound.cfg",
             self._DEFAULTS
             + f"frontend inbound\n    bind 127.0.0.1:{port} ssl crt {env.pki.server_pem} "
             f"ca-file {env.pki.ca} verify required\n    default_backend app\n"
             f"backend app\n    server app 127.0.0.1:{backend_port}\n")
-        return path
 
     def command(self, config: Path, d: Path, role: str) -> list[str]:
         return ["haproxy", "-db", "-f", str(config)]
@@ -297,22 +295,20 @@ class Stunnel(Contestant):
         return "client and server services, `CAfile` + `verifyChain = yes`, default threading"
 
     def outbound_config(self, env: Env, d: Path, port: int, in_port: int) -> Path:
-        path = d / "outbound.conf"
-        path.write_text(
+        return _written(
+            d / "outbound.conf",
             "foreground = yes\npid =\n[outbound]\nclient = yes\n"
             f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{in_port}\n"
             f"cert = {env.pki.client_cert}\nkey = {env.pki.client_key}\n"
             f"CAfile = {env.pki.ca}\nverifyChain = yes\ncheckHost = {SERVER_NAME}\n")
-        return path
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
-        path = d / "inbound.conf"
-        path.write_text(
+        return _written(
+            d / "inbound.conf",
             "foreground = yes\npid =\n[inbound]\n"
             f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend_port}\n"
             f"cert = {env.pki.server_cert}\nkey = {env.pki.server_key}\n"
             f"CAfile = {env.pki.ca}\nverifyChain = yes\n")
-        return path
 
     def command(self, config: Path, d: Path, role: str) -> list[str]:
         return [self._exe(), str(config)]
@@ -361,8 +357,8 @@ class Nginx(Contestant):
                 "`worker_processes auto` (its shipped default)")
 
     def outbound_config(self, env: Env, d: Path, port: int, in_port: int) -> Path:
-        path = d / "outbound.conf"
-        path.write_text(
+        return _written(
+            d / "outbound.conf",
             nginx_main(d, "outbound", "auto")
             + f"stream {{\n  server {{\n    listen 127.0.0.1:{port};\n"
             f"    proxy_pass 127.0.0.1:{in_port};\n    proxy_ssl on;\n"
@@ -371,11 +367,10 @@ class Nginx(Contestant):
             f"    proxy_ssl_trusted_certificate {env.pki.ca};\n"
             f"    proxy_ssl_verify on;\n    proxy_ssl_name {SERVER_NAME};\n"
             f"    proxy_ssl_protocols {NGINX_PROTOCOLS};\n  }}\n}}\n")
-        return path
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
-        path = d / "inbound.conf"
-        path.write_text(
+        return _written(
+            d / "inbound.conf",
             nginx_main(d, "inbound", "auto")
             + f"stream {{\n  server {{\n    listen 127.0.0.1:{port} ssl;\n"
             f"    ssl_certificate {env.pki.server_cert};\n"
@@ -383,7 +378,6 @@ class Nginx(Contestant):
             f"    ssl_client_certificate {env.pki.ca};\n    ssl_verify_client on;\n"
             f"    ssl_protocols {NGINX_PROTOCOLS};\n"
             f"    proxy_pass 127.0.0.1:{backend_port};\n  }}\n}}\n")
-        return path
 
     def command(self, config: Path, d: Path, role: str) -> list[str]:
         return ["nginx", "-p", f"{d}/", "-e", str(d / f"{role}.log"), "-c", str(config)]
@@ -391,3 +385,9 @@ class Nginx(Contestant):
 
 ALL: tuple[Contestant, ...] = (Direct(), Enforcer(), Haproxy(), Stunnel(), Nginx())
 BY_NAME = {c.name: c for c in ALL}
+
+
+def _written(path: Path, text: str) -> Path:
+    """Write a contestant's config file; its path."""
+    path.write_text(text)
+    return path
