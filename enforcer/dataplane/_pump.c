@@ -628,10 +628,6 @@ static PyObject *Pump_get_last_active(PyObject *self, void *Py_UNUSED(closure)) 
     return PyFloat_FromDouble(((Pump *)self)->last_active);
 }
 
-static PyObject *Pump_get_closed(PyObject *self, void *Py_UNUSED(closure)) {
-    return PyBool_FromLong(((Pump *)self)->closed);
-}
-
 static PyObject *Pump_get_buffered(PyObject *self, void *Py_UNUSED(closure)) {
     Pump *p = (Pump *)self;
     return PyLong_FromSize_t(p->e[0].out_cap + p->e[1].out_cap);
@@ -734,7 +730,6 @@ static PyMethodDef Pump_methods[] = {
 
 static PyGetSetDef Pump_getset[] = {
     {"last_active", Pump_get_last_active, NULL, "time.monotonic() of the last I/O", NULL},
-    {"closed", Pump_get_closed, NULL, "close() was called", NULL},
     {"buffered", Pump_get_buffered, NULL, "bytes of out buffers allocated now", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -605,10 +605,7 @@ class Connection:
         other = self.upstream if index == 0 else self.client
         assert side is not None and other is not None
         side.eof_in = other.eof_out = True
-        if self.first_eof is None:
-            self.first_eof = "client_fin" if index == 0 else "upstream_fin"
-            self.close_timer = self.loop.call_later(self.listener.limits.close_timeout,
-                                                    self._timeout, "close_timeout")
+        self._first_eof(index == 0)
 
     def flush_pump_counts(self) -> None:
         """Add what the native pump relayed since the last call to the counters."""
@@ -635,15 +632,19 @@ class Connection:
             who = "client" if is_client else "upstream"
             self._fail(f"{who}_closed", f"the {who} closed before the relay started")
             return
-        if self.first_eof is None:
-            self.first_eof = "client_fin" if is_client else "upstream_fin"
-            self.close_timer = self.loop.call_later(self.listener.limits.close_timeout,
-                                                    self._timeout, "close_timeout")
+        self._first_eof(is_client)
         other = self.upstream if is_client else self.client
         assert other is not None
         other.send_eof()
         if other.eof_in:  # both directions have finished
             self._finish("allow", self.first_eof or "client_fin")
+
+    def _first_eof(self, from_client: bool) -> None:
+        """The first direction ended: remember which, and give the other close_timeout."""
+        if self.first_eof is None:
+            self.first_eof = "client_fin" if from_client else "upstream_fin"
+            self.close_timer = self.loop.call_later(self.listener.limits.close_timeout,
+                                                    self._timeout, "close_timeout")
 
     def _check_idle(self) -> None:
         if self.stage == Stage.CLOSED:

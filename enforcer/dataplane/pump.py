@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 class NativePump(Protocol):
     last_active: float
-    closed: bool
     buffered: int
 
     def start(self) -> None: ...

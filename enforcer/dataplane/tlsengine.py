@@ -206,7 +206,8 @@ class TlsEngine:
             return None
         while self._backlog:
             self._in.write(self._backlog.popleft())
-        return self.obj, self._in, self._out
+        self._backlog = None
+        return self.state
 
     # -- facts after the handshake -------------------------------------------------------
     def peer_cert_der(self) -> bytes | None:
