@@ -48,6 +48,12 @@ typedef struct ssl_st SSL;
 typedef struct ssl_ctx_st SSL_CTX;
 typedef struct ssl_session_st SSL_SESSION;
 typedef struct bio_st BIO;
+typedef struct {          /* struct buf_mem_st, public in <openssl/buffer.h> */
+    size_t length;
+    char *data;
+    size_t max;
+    unsigned long flags;
+} BUF_MEM;
 
 #define SSL_ERROR_SSL 1
 #define SSL_ERROR_WANT_READ 2
@@ -60,6 +66,9 @@ typedef struct bio_st BIO;
 #define SSL_CTRL_SESS_NUMBER 20
 #define SSL_CTRL_SET_SESS_CACHE_SIZE 42
 #define SSL_CTRL_GET_SESS_CACHE_SIZE 43
+#define BIO_C_SET_BUF_MEM 114
+#define BIO_C_GET_BUF_MEM_PTR 115
+#define BIO_CLOSE 0x01
 
 static struct {
     int (*SSL_read)(SSL *, void *, int);
@@ -81,8 +90,23 @@ static struct {
     void (*SSL_SESSION_free)(SSL_SESSION *);
     const unsigned char *(*SSL_SESSION_get_id)(const SSL_SESSION *, unsigned int *);
     long (*SSL_CTX_ctrl)(SSL_CTX *, int, long, void *);
+    int (*SSL_free_buffers)(SSL *);
+    unsigned long (*OpenSSL_version_num)(void);
+    BUF_MEM *(*BUF_MEM_new)(void);
 } ossl;
+static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
+
+/* SSL_free_buffers could free a buffer still in use before these releases (CVE-2024-4741):
+   3.0.14, 3.1.6, 3.2.2, 3.3.1, 1.1.1y. Older libraries keep their buffers. */
+static int fixed_free_buffers(unsigned long v) {
+    if ((v >> 28) >= 3) { /* 0xMNN00PP0 */
+        unsigned long minor = (v >> 20) & 0xff, patch = (v >> 4) & 0xff;
+        static const unsigned long first_fixed[] = {14, 6, 2, 1};
+        return (v >> 28) > 3 || minor >= 4 || patch >= first_fixed[minor];
+    }
+    return v >= 0x1010119fUL; /* 1.1.1y */
+}
 
 #define CHUNK (256 * 1024)           /* one recv() */
 #define BIO_SLICE (17 * 1024)        /* > the largest TLS record */
@@ -310,6 +334,37 @@ static int send_to(Pump *p, int j, const char *data, size_t len) {
     return 0;
 }
 
+/* ---- idle buffers -------------------------------------------------------------------- */
+/* Bytes a memory BIO holds allocated (its peak size: it never shrinks by itself). */
+static size_t bio_capacity(BIO *bio) {
+    BUF_MEM *held = NULL;
+    ossl.BIO_ctrl(bio, BIO_C_GET_BUF_MEM_PTR, 0, &held);
+    return held == NULL ? 0 : held->max;
+}
+
+/* A drained memory BIO gets an empty buffer in place of its peak-sized one. */
+static void shrink_bio(BIO *bio) {
+    if (ossl.BIO_ctrl(bio, BIO_CTRL_PENDING, 0, NULL) != 0 || bio_capacity(bio) == 0) {
+        return;
+    }
+    BUF_MEM *empty = ossl.BUF_MEM_new();
+    if (empty != NULL) {
+        ossl.BIO_ctrl(bio, BIO_C_SET_BUF_MEM, BIO_CLOSE, empty); /* frees the held one */
+    }
+}
+
+/* Once a burst is over, the TLS side gives back what only a burst needs: OpenSSL's record
+   buffers (~17 KiB each; SSL_MODE_RELEASE_BUFFERS does not free them with memory BIOs)
+   and the peak allocation of both memory BIOs, so an idle connection holds none of them
+   (nginx and haproxy release theirs the same way). The next burst allocates them again. */
+static void release_buffers(End *e) {
+    shrink_bio(e->rbio);
+    shrink_bio(e->wbio);
+    if (free_buffers_safe) {
+        ossl.SSL_free_buffers(e->ssl); /* refuses (0) while a record is part-read/written */
+    }
+}
+
 /* Whatever the TLS state machine wrote (records, alerts, close_notify) goes out to j. */
 static int flush_wbio(Pump *p, int j) {
     End *d = &p->e[j];
@@ -359,7 +414,11 @@ static int forward(Pump *p, int i, const char *data, size_t len) {
     if (filled && send_to(p, j, cipher_buf, filled) < 0) {
         return -1;
     }
-    return flush_wbio(p, j); /* anything a slice did not fit */
+    if (flush_wbio(p, j) < 0) { /* anything a slice did not fit */
+        return -1;
+    }
+    release_buffers(d);
+    return 0;
 }
 
 /* ---- ending a direction -------------------------------------------------------------- */
@@ -484,7 +543,11 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
         flush_wbio(p, i) < 0) {
         return;
     }
-    if (eof && !p->closed) {
+    if (p->closed) {
+        return;
+    }
+    release_buffers(s);
+    if (eof) {
         got_eof(p, i);
     }
 }
@@ -633,6 +696,17 @@ static PyObject *Pump_get_buffered(PyObject *self, void *Py_UNUSED(closure)) {
     return PyLong_FromSize_t(p->e[0].out_cap + p->e[1].out_cap);
 }
 
+static PyObject *Pump_get_bio_bytes(PyObject *self, void *Py_UNUSED(closure)) {
+    Pump *p = (Pump *)self;
+    size_t held = 0;
+    for (int i = 0; i < 2; i++) {
+        if (p->e[i].ssl != NULL && !p->closed) {
+            held += bio_capacity(p->e[i].rbio) + bio_capacity(p->e[i].wbio);
+        }
+    }
+    return PyLong_FromSize_t(held);
+}
+
 static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner);
 
 static int require_bound(void) {
@@ -731,6 +805,7 @@ static PyMethodDef Pump_methods[] = {
 static PyGetSetDef Pump_getset[] = {
     {"last_active", Pump_get_last_active, NULL, "time.monotonic() of the last I/O", NULL},
     {"buffered", Pump_get_buffered, NULL, "bytes of out buffers allocated now", NULL},
+    {"bio_bytes", Pump_get_bio_bytes, NULL, "bytes the memory BIOs hold allocated now", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -935,6 +1010,10 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(SSL_SESSION_free);
     BIND(SSL_SESSION_get_id);
     BIND(SSL_CTX_ctrl);
+    BIND(SSL_free_buffers);
+    BIND(OpenSSL_version_num);
+    BIND(BUF_MEM_new);
+    free_buffers_safe = fixed_free_buffers(ossl.OpenSSL_version_num());
     BIO *r, *w;
     PyObject *inner;
     if (ssl_of(sample, &r, &w, &inner) == NULL) {

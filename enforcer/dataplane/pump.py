@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class NativePump(Protocol):
     last_active: float
     buffered: int
+    bio_bytes: int
 
     def start(self) -> None: ...
     def close(self) -> None: ...

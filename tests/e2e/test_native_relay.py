@@ -182,6 +182,31 @@ async def test_bytes_are_counted_while_a_pumped_connection_is_open(pki: Any) -> 
         assert counted("to_client") == len(payload)
 
 
+def _tls_buffers_held(*proxies: Enforcer) -> int:
+    pumps = [conn.pump for proxy in proxies for conn in proxy.plane.pumped]
+    assert len(pumps) == len(proxies) and None not in pumps
+    return sum(p.bio_bytes + p.buffered for p in pumps if p is not None)
+
+
+async def test_an_idle_pumped_connection_holds_no_tls_buffers(pki: Any) -> None:
+    """After a bulk transfer, the memory BIOs (which only ever grow by themselves) are back
+    to empty on both TLS ends, and the connection still relays every byte afterwards."""
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await _pair(pki, backend.port)
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        for size in (1 * MiB, 100, 300 * 1024):
+            payload = random_bytes(size)
+            writer.write(payload)
+            got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+            assert sha(got) == sha(payload)
+            await wait_until(lambda: _tls_buffers_held(outbound, inbound) == 0, timeout=5)
+        writer.close()
+        rec = (await outbound.wait_flows(1))[0]
+        total = 1 * MiB + 100 + 300 * 1024
+        assert rec["bytes"] == {"from_client": total, "to_client": total}
+
+
 async def test_idle_timeout_closes_a_pumped_connection_and_activity_defers_it(pki: Any) -> None:
     backend = await Backend(mode="echo").start()
     inbound, outbound = await _pair(pki, backend.port, limits={"idle_timeout": "400ms"})
