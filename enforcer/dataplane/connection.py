@@ -460,6 +460,8 @@ class Connection:
             raise
         except Exception as exc:
             self.internal_error(exc)
+        finally:
+            self.connect_task = None  # a finished task is not kept for the connection's life
 
     async def _connect_upstream(self) -> None:
         up = self.listener.upstream
@@ -578,6 +580,9 @@ class Connection:
         self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event)
         if self.pump is not None:
             self.relay = "native"
+            if self.idle_timer is not None:  # the plane's pump tick checks idleness now
+                self.idle_timer.cancel()
+                self.idle_timer = None
             self.plane.pump_started(self)
 
     def _pump_event(self, kind: str, index: int, detail: object) -> None:
@@ -606,6 +611,14 @@ class Connection:
         assert side is not None and other is not None
         side.eof_in = other.eof_out = True
         self._first_eof(index == 0)
+
+    def pump_tick(self, now: float) -> None:
+        """The plane's periodic visit (see plane.PUMP_TICK): counters catch up, and a
+        connection idle for its listener's idle_timeout closes."""
+        assert self.pump is not None
+        self.flush_pump_counts()
+        if now - self.pump.last_active >= self.listener.limits.idle_timeout:
+            self._timeout("idle_timeout")
 
     def flush_pump_counts(self) -> None:
         """Add what the native pump relayed since the last call to the counters."""
@@ -649,10 +662,7 @@ class Connection:
     def _check_idle(self) -> None:
         if self.stage == Stage.CLOSED:
             return
-        if self.pump is not None:
-            idle = time.monotonic() - self.pump.last_active
-        else:
-            idle = self.loop.time() - self.last_active
+        idle = self.loop.time() - self.last_active
         limit = self.listener.limits.idle_timeout
         if idle >= limit:
             self._timeout("idle_timeout")

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +49,10 @@ from enforcer.tlsconf.sni import name_matches
 log = logging.getLogger("enforcer.dataplane")
 
 
-PUMP_COUNT_EVERY = 1.0  # seconds between byte-counter updates from native pumps
+# Native pumps are visited by one plane-wide tick (no timer per connection): their bytes
+# reach the counters and their idle timeouts are checked, every second or, for short idle
+# timeouts, every quarter of the shortest.
+PUMP_TICK = 1.0
 
 
 class StartupError(Exception):
@@ -76,6 +80,7 @@ class DataPlane:
         self.pumped: set[Connection] = set()  # connections relayed by the native pump
         self.poller: Any = None  # the native pumps' epoll set, watched by the loop
         self._pump_tick: asyncio.TimerHandle | None = None
+        self._pump_every = PUMP_TICK
         self.owns_unix_paths: list[str] = []
         self.ready = False
         self._idle = asyncio.Event()
@@ -193,21 +198,24 @@ class DataPlane:
 
     def pump_started(self, conn: Connection) -> None:
         self.pumped.add(conn)
+        self._pump_every = min(self._pump_every, conn.listener.limits.idle_timeout / 4)
         if self._pump_tick is None:
-            self._pump_tick = asyncio.get_running_loop().call_later(PUMP_COUNT_EVERY,
-                                                                    self._flush_pumps)
+            self._pump_tick = asyncio.get_running_loop().call_later(self._pump_every,
+                                                                    self._tick_pumps)
 
     def pump_stopped(self, conn: Connection) -> None:
         self.pumped.discard(conn)
 
-    def _flush_pumps(self) -> None:
-        """Bytes moved by native pumps reach enforcer_bytes_total while transfers run."""
+    def _tick_pumps(self) -> None:
+        """Bytes moved by native pumps reach enforcer_bytes_total while transfers run, and
+        pumped connections idle past their listener's idle_timeout close."""
         self._pump_tick = None
-        for conn in self.pumped:
-            conn.flush_pump_counts()
+        now = time.monotonic()
+        for conn in list(self.pumped):  # a tick may close (and so remove) connections
+            conn.pump_tick(now)
         if self.pumped:
-            self._pump_tick = asyncio.get_running_loop().call_later(PUMP_COUNT_EVERY,
-                                                                    self._flush_pumps)
+            self._pump_tick = asyncio.get_running_loop().call_later(self._pump_every,
+                                                                    self._tick_pumps)
 
     def over_limit(self) -> bool:
         return len(self.active) > self.max_connections
