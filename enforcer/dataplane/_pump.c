@@ -1146,6 +1146,22 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* frees_tls_buffers(version): whether idle pumps free OpenSSL's record buffers with this
+   OpenSSL (OPENSSL_VERSION_NUMBER); without an argument, the bound library's answer. */
+static PyObject *mod_frees_tls_buffers(PyObject *module, PyObject *args) {
+    unsigned long version = 0;
+    if (!PyArg_ParseTuple(args, "|k", &version)) {
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(args) == 0) {
+        if (!require_bound()) {
+            return NULL;
+        }
+        return PyBool_FromLong(free_buffers_safe);
+    }
+    return PyBool_FromLong(fixed_free_buffers(version));
+}
+
 static PyMethodDef module_methods[] = {
     {"set_session", mod_set_session, METH_VARARGS, "Resume a copy of a session (see above)."},
     {"keep_session", mod_keep_session, METH_O,
@@ -1153,6 +1169,8 @@ static PyMethodDef module_methods[] = {
     {"session_cache", mod_session_cache, METH_VARARGS,
      "Bound a context's session cache; returns (bound, sessions held now)."},
     {"bind", mod_bind, METH_VARARGS, "Bind to the OpenSSL the _ssl module uses; check layout."},
+    {"frees_tls_buffers", mod_frees_tls_buffers, METH_VARARGS,
+     "Whether idle pumps free OpenSSL's record buffers (CVE-2024-4741 fixed)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -136,6 +136,13 @@ def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
     return True
 
 
+def frees_tls_buffers() -> bool:
+    """Whether idle pumps give OpenSSL's record buffers back: only with an OpenSSL release
+    that has the CVE-2024-4741 fix (SSL_free_buffers could free a buffer in use before)."""
+    ext = module()
+    return ext is not None and bool(ext.frees_tls_buffers())
+
+
 def new_poller(loop: asyncio.AbstractEventLoop) -> Any:
     """The epoll set the pumps of ``loop`` share, registered with the loop."""
     ext = module()

@@ -362,6 +362,9 @@ def _choose_relay(setting: str) -> bool:
         return False
     if native.available():
         log.info("relay: native pump")
+        if not native.frees_tls_buffers():
+            log.warning("idle TLS connections keep OpenSSL's record buffers (~34 KiB each): "
+                        "%s predates the CVE-2024-4741 fix", ssl.OPENSSL_VERSION)
         return True
     if setting == "native":
         raise StartupError("config", f"relay: native, but {native.unavailable_reason()}")

@@ -36,6 +36,22 @@ def test_the_native_pump_is_built_and_bound() -> None:
     assert native.available(), native.unavailable_reason()
 
 
+@pytest.mark.parametrize(("version", "frees"), [
+    (0x300000D0, False), (0x300000E0, True), (0x30000160, True),  # 3.0.13, 3.0.14, 3.0.22
+    (0x30100050, False), (0x30100060, True),  # 3.1.5, 3.1.6
+    (0x30200010, False), (0x30200020, True),  # 3.2.1, 3.2.2
+    (0x30300000, False), (0x30300010, True),  # 3.3.0, 3.3.1
+    (0x30400000, True), (0x40000000, True),  # 3.4.0, 4.0.0
+    (0x1010118F, False), (0x1010119F, True),  # 1.1.1x, 1.1.1y
+])
+def test_record_buffers_are_freed_only_where_cve_2024_4741_is_fixed(
+        version: int, frees: bool) -> None:
+    ext = native.module()
+    assert ext is not None
+    assert ext.frees_tls_buffers(version) is frees
+    assert native.frees_tls_buffers() is ext.frees_tls_buffers(ssl.OPENSSL_VERSION_NUMBER)
+
+
 def test_relay_native_refuses_to_start_without_the_extension(
         pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a host without a C compiler at install time sees (simulated: the extension is
