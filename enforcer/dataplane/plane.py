@@ -51,8 +51,9 @@ log = logging.getLogger("enforcer.dataplane")
 
 # Native pumps are visited by one plane-wide tick (no timer per connection): their bytes
 # reach the counters and their idle timeouts are checked, every second or, for short idle
-# timeouts, every quarter of the shortest.
+# timeouts, every quarter of the shortest (but at most ten times a second).
 PUMP_TICK = 1.0
+PUMP_TICK_MIN = 0.1
 
 
 class StartupError(Exception):
@@ -198,7 +199,8 @@ class DataPlane:
 
     def pump_started(self, conn: Connection) -> None:
         self.pumped.add(conn)
-        self._pump_every = min(self._pump_every, conn.listener.limits.idle_timeout / 4)
+        self._pump_every = max(PUMP_TICK_MIN, min(self._pump_every,
+                                                  conn.listener.limits.idle_timeout / 4))
         if self._pump_tick is None:
             self._pump_tick = asyncio.get_running_loop().call_later(self._pump_every,
                                                                     self._tick_pumps)
