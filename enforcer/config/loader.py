@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import yaml
 
@@ -28,6 +28,7 @@ from enforcer.config.model import (
     NodeConfig,
     ProxyProtocolAcceptConfig,
     ProxyProtocolSendConfig,
+    RelayMode,
     TlsMaterialConfig,
     UpstreamConfig,
     UpstreamTlsConfig,
@@ -433,10 +434,9 @@ def _workers(node: Node) -> int:
     return node.int(1, minimum=1, maximum=256)
 
 
-def _relay(node: Node) -> Literal["auto", "native", "python"]:
+def _relay(node: Node) -> RelayMode:
     """``relay: auto`` (native pump when built, else Python) | ``native`` | ``python``."""
-    value = node.choice(("auto", "native", "python"), "auto")
-    return "native" if value == "native" else "python" if value == "python" else "auto"
+    return cast(RelayMode, node.choice(("auto", "native", "python"), "auto"))
 
 
 def resolve_workers(cfg: Config) -> int:

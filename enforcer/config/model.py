@@ -18,6 +18,7 @@ ClientAuth = Literal["required", "optional", "none"]
 UpstreamTlsMode = Literal["off", "tls", "mtls"]
 ProxyAccept = Literal["off", "optional", "required"]
 ProxySend = Literal["off", "v1", "v2"]
+RelayMode = Literal["auto", "native", "python"]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
 
@@ -166,5 +167,5 @@ class Config:
     limits: LimitsConfig
     rulesets_file: str | None = None
     workers: int = 1  # processes sharing the listeners; 0 = one per CPU ("auto")
-    relay: Literal["auto", "native", "python"] = "auto"  # who moves bytes once in RELAY
+    relay: RelayMode = "auto"  # who moves bytes once in RELAY
     source: str | None = None  # the file this was loaded from

@@ -552,6 +552,9 @@ class Connection:
         if up.tls is not None:
             self._read_tls(up)  # application data that came with the upstream's Finished
         self._go_native()
+        if self.stage == Stage.RELAY and self.pump is None:  # pumps are checked by the plane
+            self.idle_timer = self.loop.call_later(self.listener.limits.idle_timeout,
+                                                   self._check_idle)
         if self.stage == Stage.RELAY and self.plane.open_events:
             self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
                                                      event="open"))
@@ -570,7 +573,6 @@ class Connection:
         self.client.resume(PAUSE_BUFFER)
         if self.client_eof_pending:
             self._eof(self.client)
-        self.idle_timer = self.loop.call_later(self.listener.limits.idle_timeout, self._check_idle)
 
     def _go_native(self) -> None:
         """Hand the relay to the native pump when this process uses it (see pump.py)."""
@@ -580,9 +582,6 @@ class Connection:
         self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event)
         if self.pump is not None:
             self.relay = "native"
-            if self.idle_timer is not None:  # the plane's pump tick checks idleness now
-                self.idle_timer.cancel()
-                self.idle_timer = None
             self.plane.pump_started(self)
 
     def _pump_event(self, kind: str, index: int, detail: object) -> None:
@@ -622,8 +621,7 @@ class Connection:
 
     def flush_pump_counts(self) -> None:
         """Add what the native pump relayed since the last call to the counters."""
-        if self.pump is None:
-            return
+        assert self.pump is not None
         from_client, to_client = self.pump.take_counts()
         if from_client:
             self.bytes_from_client += from_client
