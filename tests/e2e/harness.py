@@ -116,8 +116,12 @@ async def _send_all(writer: asyncio.StreamWriter, payload: bytes) -> None:
 
 async def exchange(port: int, payload: bytes, *, ssl_ctx: ssl.SSLContext | None = None,
                    server_hostname: str | None = None, half_close: bool = True,
-                   timeout: float = 60) -> bytes:
-    """Send payload (concurrently with reading), half-close, read until EOF."""
+                   timeout: float = 60, reset_ok: bool = False) -> bytes:
+    """Send payload (concurrently with reading), half-close, read until EOF.
+
+    ``reset_ok``: a connection refused before the proxy read everything the client sent
+    may end in a reset instead of a FIN (the kernel resets a socket closed with unread
+    data); then what arrived before it is returned."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=ssl_ctx, server_hostname=server_hostname)
     try:
@@ -131,10 +135,17 @@ async def exchange(port: int, payload: bytes, *, ssl_ctx: ssl.SSLContext | None 
 
         sender = asyncio.ensure_future(send())
         got = bytearray()
-        async with asyncio.timeout(timeout):
-            while data := await reader.read(CHUNK):
-                got += data
-            await sender
+        try:
+            async with asyncio.timeout(timeout):
+                while data := await reader.read(CHUNK):
+                    got += data
+                await sender
+        except ConnectionResetError:
+            if not reset_ok:
+                raise
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sender
         return bytes(got)
     finally:
         writer.close()

@@ -193,7 +193,7 @@ async def test_outbound_rules_on_the_upstreams_verified_identity(pki: Any) -> No
         payload = random_bytes(300_000)
         assert sha(await exchange(allowed.port(), payload)) == sha(payload)
         assert backend.connections == 1
-        assert await exchange(denied.port(), payload) == b""
+        assert await exchange(denied.port(), payload, reset_ok=True) == b""
         (rec,) = await denied.wait_flows(1)
         assert (rec["action"], rec["rule"], rec["reason"], rec["close"]) == (
             "deny", "not-the-inbound-sidecar", "rule", "denied")

@@ -129,7 +129,7 @@ async def test_upstream_identity_mismatch_is_refused(pki) -> None:  # type: igno
     outbound = await Enforcer(outbound_cfg(
         pki, inbound.port(), verify_uri="spiffe://enforcer.demo/ns/demo/sa/someone-else")).start()
     async with running(outbound, inbound, backend):
-        got = await exchange(outbound.port(), b"secret", timeout=10)
+        got = await exchange(outbound.port(), b"secret", timeout=10, reset_ok=True)
         assert got == b""
         rec = (await outbound.wait_flows(1))[0]
         assert rec["action"] == "error"
@@ -147,7 +147,7 @@ async def test_upstream_down(pki) -> None:  # type: ignore[no-untyped-def]
     inbound = await Enforcer(inbound_cfg(pki, dead_port)).start()
     outbound = await Enforcer(outbound_cfg(pki, inbound.port())).start()
     async with running(outbound, inbound):
-        got = await exchange(outbound.port(), b"anyone there?", timeout=10)
+        got = await exchange(outbound.port(), b"anyone there?", timeout=10, reset_ok=True)
         assert got == b""
         rec = (await inbound.wait_flows(1))[0]
         assert rec["action"] == "error"
@@ -395,7 +395,7 @@ async def test_upstream_tls_mode_checks_the_host_name(pki) -> None:  # type: ign
         rec = (await server.wait_flows(1))[0]
         assert rec["tls"]["sni"] == "localhost"
         assert rec["tls"]["peer"] is None  # no client certificate in mode tls
-        assert await exchange(bad.port(), b"secret") == b""
+        assert await exchange(bad.port(), b"secret", reset_ok=True) == b""
         bad_rec = (await bad.wait_flows(1))[0]
         assert bad_rec["close"] == "upstream_tls_failed"
         assert "hostname mismatch" in bad_rec["detail"].lower()

@@ -78,7 +78,7 @@ async def test_verify_uri_is_enforced_on_a_resumed_session(pki: Any) -> None:
         # Same context, same cached session: only what the upstream must be changes.
         wrong = UpstreamVerifyConfig(uri=("spiffe://enforcer.demo/ns/demo/sa/somebody-else",))
         up.cfg = dataclasses.replace(up.cfg, tls=dataclasses.replace(up.cfg.tls, verify=wrong))
-        assert await exchange(outbound.port(), payload) == b""
+        assert await exchange(outbound.port(), payload, reset_ok=True) == b""
         rec = (await outbound.wait_flows(2))[1]
         in_rec = (await inbound.wait_flows(2))[1]
     assert rec["close"] == "upstream_identity_mismatch"
