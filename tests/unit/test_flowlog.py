@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from enforcer.config.model import FlowLogConfig
+from enforcer.dataplane.connection import Stage
 from enforcer.observe.flowlog import (
     BATCH,
     FlowLog,
@@ -243,6 +245,33 @@ def test_stream_override() -> None:
         fl.emit(record(i))
     fl.close()
     assert out.getvalue() == "".join(line(record(i)) for i in range(3))
+
+
+@pytest.mark.parametrize("sink", ["file", "stream"])
+def test_unusual_values_are_written_as_json(tmp_path: Path, sink: str) -> None:
+    """Non-ASCII text (an SNI, a certificate CN) as UTF-8, IP objects and enums as text or
+    numbers, non-string keys (TLV types) as strings: nothing is dropped, every line parses."""
+    rec = record(1) | {"tls": {"sni": "bücher.example", "peer": {"cn": "Zoë 🐙"}},
+                       "client": {"ip": ipaddress.ip_address("2001:db8::7"), "port": 1},
+                       "proxy_protocol": {"tlvs": {1: "h2", 0xE0: "x"}},
+                       "stage": Stage.RELAY, "detail": 'quote " and \\ and \n'}
+    out = io.StringIO()
+    path = tmp_path / "flows.log"
+    fl = (FlowLog(file_cfg(path), NullMetrics()) if sink == "file"
+          else FlowLog(FlowLogConfig(), NullMetrics(), stream=out))
+    fl.start()
+    fl.emit(rec)
+    fl.close()
+    text = path.read_text(encoding="utf-8") if sink == "file" else out.getvalue()
+    assert (fl.written, fl.dropped) == (1, 0)
+    assert text.endswith("\n") and text.count("\n") == 1
+    got = json.loads(text)
+    assert got["tls"] == {"sni": "bücher.example", "peer": {"cn": "Zoë 🐙"}}
+    assert got["client"] == {"ip": "2001:db8::7", "port": 1}
+    assert got["proxy_protocol"] == {"tlvs": {"1": "h2", "224": "x"}}
+    assert got["stage"] == int(Stage.RELAY)
+    assert got["detail"] == 'quote " and \\ and \n'
+    assert "bücher" in text  # UTF-8, not \\u escapes
 
 
 def test_sink_off_writes_and_counts_nothing() -> None:
