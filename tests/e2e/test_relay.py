@@ -174,12 +174,17 @@ def blackhole_listener() -> tuple[socket.socket, int, list[socket.socket]]:
     return blackhole, port, fillers
 
 
-async def test_upstream_connect_timeout(pki) -> None:  # type: ignore[no-untyped-def]
+async def blackholed_listener(pki, connect_timeout: str):  # type: ignore[no-untyped-def]
+    """A plaintext listener whose upstream never answers a connect."""
     blackhole, port, fillers = blackhole_listener()
     await asyncio.sleep(0.1)
     cfg = inbound_cfg(pki, port, default="allow", rules=[], client_auth="none", mode="off",
-                      limits={"connect_timeout": "300ms"})
-    enforcer = await Enforcer(cfg).start()
+                      limits={"connect_timeout": connect_timeout})
+    return await Enforcer(cfg).start(), blackhole, port, fillers
+
+
+async def test_upstream_connect_timeout(pki) -> None:  # type: ignore[no-untyped-def]
+    enforcer, blackhole, port, fillers = await blackholed_listener(pki, "300ms")
     try:
         async with running(enforcer):
             got = await exchange(enforcer.port(), b"hello?", timeout=10, reset_ok=True)
@@ -198,11 +203,7 @@ async def test_upstream_connect_timeout(pki) -> None:  # type: ignore[no-untyped
 
 
 async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  # type: ignore[no-untyped-def]
-    blackhole, port, fillers = blackhole_listener()
-    await asyncio.sleep(0.1)
-    cfg = inbound_cfg(pki, port, default="allow", rules=[], client_auth="none", mode="off",
-                      limits={"connect_timeout": "30s"})
-    enforcer = await Enforcer(cfg).start()
+    enforcer, blackhole, _port, fillers = await blackholed_listener(pki, "30s")
     async with running(enforcer):
         _reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
         await asyncio.sleep(0.3)  # the enforcer is now connecting upstream
