@@ -4,8 +4,9 @@
  * How it works
  * - Python does everything up to RELAY (PROXY header, detection, TLS handshake, identity,
  *   policy, upstream connect) with asyncio transports and ssl.SSLObject. It then hands the
- *   two sockets (as dup'ed file descriptors) and the two SSLObjects (or None for plaintext)
- *   to a Pump, and closes its transports.
+ *   two sockets (as dup'ed file descriptors, or the descriptor itself for an upstream
+ *   connected on a bare socket through a Watch, see rawtransport.py) and the two
+ *   SSLObjects (or None for plaintext) to a Pump, and closes its transports.
  * - The pumps of one event loop share a Poller: one epoll set holding their sockets, whose
  *   fd alone the loop watches (loop.add_reader(poller.fileno(), poller.run)). For each
  *   ready socket a pump does recv() -> [BIO_write + SSL_read] -> [SSL_write + BIO_read] ->
@@ -823,6 +824,190 @@ static PyTypeObject PumpType = {
     .tp_getset = Pump_getset,
 };
 
+/* ---- watches: sockets of connections that are not pumped yet ------------------------- */
+/* A Watch puts one more socket in the poller's epoll set and calls back into Python when
+   it is ready: the bare sockets of rawtransport.py (a connect in progress, an upstream TLS
+   handshake) use it instead of loop.add_reader/add_writer, each registration of which
+   costs uvloop a poll handle, an ioctl and an add/delete probe of the descriptor. Its
+   epoll entry carries the Watch's address with the low bit set (a Pump's End is never odd),
+   and holds a reference to the Watch while registered. callback(readable, writable). */
+#define WATCH_TAG ((uint64_t)1)
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *poller; /* the Poller (its epfd); NULL once closed */
+    PyObject *callback;
+    int fd;
+    uint32_t events; /* EPOLLIN / EPOLLOUT as registered; 0 = not in the set */
+} Watch;
+
+static PyTypeObject WatchType;
+
+static PyObject *event_owner(uint64_t tag) {
+    if (tag & WATCH_TAG) {
+        return (PyObject *)(uintptr_t)(tag & ~WATCH_TAG);
+    }
+    return (PyObject *)((End *)(uintptr_t)tag)->owner;
+}
+
+static void watch_event(Watch *w, uint32_t m) {
+    if (w->callback == NULL || w->events == 0) {
+        return;
+    }
+    int err = (m & (EPOLLERR | EPOLLHUP)) != 0;
+    int readable = (w->events & EPOLLIN) && ((m & EPOLLIN) || err);
+    int writable = (w->events & EPOLLOUT) && ((m & EPOLLOUT) || err);
+    if (!readable && !writable) {
+        return;
+    }
+    PyObject *cb = w->callback;
+    Py_INCREF(cb);
+    PyObject *r = PyObject_CallFunction(cb, "OO", readable ? Py_True : Py_False,
+                                        writable ? Py_True : Py_False);
+    Py_DECREF(cb);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(cb);
+    } else {
+        Py_DECREF(r);
+    }
+}
+
+/* Register for exactly these events (0: leave the set). */
+static int watch_update(Watch *w, uint32_t events) {
+    if (w->poller == NULL) {
+        if (events == 0) {
+            return 0;
+        }
+        PyErr_SetString(PyExc_ValueError, "the watch is closed");
+        return -1;
+    }
+    if (events == w->events) {
+        return 0;
+    }
+    int epfd = ((Poller *)w->poller)->epfd;
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = events;
+    ev.data.u64 = (uint64_t)(uintptr_t)w | WATCH_TAG;
+    int op = w->events == 0 ? EPOLL_CTL_ADD : (events ? EPOLL_CTL_MOD : EPOLL_CTL_DEL);
+    if (epfd < 0 || epoll_ctl(epfd, op, w->fd, &ev) < 0) {
+        if (epfd < 0) {
+            errno = EBADF;
+        }
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (w->events == 0) {
+        Py_INCREF(w); /* the epoll entry's reference */
+    }
+    w->events = events;
+    if (events == 0) {
+        Py_DECREF(w);
+    }
+    return 0;
+}
+
+static PyObject *Watch_set(PyObject *self, PyObject *args) {
+    int readable, writable;
+    if (!PyArg_ParseTuple(args, "pp:set", &readable, &writable)) {
+        return NULL;
+    }
+    if (watch_update((Watch *)self, (readable ? EPOLLIN : 0) | (writable ? EPOLLOUT : 0)) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Watch_set_callback(PyObject *self, PyObject *callback) {
+    Watch *w = (Watch *)self;
+    if (!PyCallable_Check(callback)) {
+        PyErr_SetString(PyExc_TypeError, "the callback must be callable");
+        return NULL;
+    }
+    if (w->poller == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the watch is closed");
+        return NULL;
+    }
+    Py_INCREF(callback);
+    Py_XSETREF(w->callback, callback);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Watch_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Watch *w = (Watch *)self;
+    Py_INCREF(self);
+    if (w->events != 0 && watch_update(w, 0) < 0) {
+        PyErr_Clear(); /* the fd is closing anyway; the entry goes with it */
+        w->events = 0;
+        Py_DECREF(self);
+    }
+    Py_CLEAR(w->callback);
+    Py_CLEAR(w->poller);
+    Py_DECREF(self);
+    Py_RETURN_NONE;
+}
+
+static int Watch_traverse(PyObject *self, visitproc visit, void *arg) {
+    Py_VISIT(((Watch *)self)->callback);
+    Py_VISIT(((Watch *)self)->poller);
+    return 0;
+}
+
+static int Watch_clear(PyObject *self) {
+    Py_CLEAR(((Watch *)self)->callback);
+    return 0;
+}
+
+static void Watch_dealloc(PyObject *self) {
+    Watch *w = (Watch *)self;
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(w->callback);
+    Py_CLEAR(w->poller);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMethodDef Watch_methods[] = {
+    {"set", Watch_set, METH_VARARGS, "set(readable, writable): what to be called for."},
+    {"set_callback", Watch_set_callback, METH_O, "Call this instead from now on."},
+    {"close", Watch_close, METH_NOARGS, "Leave the epoll set and drop the callback."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "enforcer.dataplane._pump.Watch",
+    .tp_basicsize = sizeof(Watch),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A socket in a poller's epoll set, with a Python callback (Poller.watch).",
+    .tp_traverse = Watch_traverse,
+    .tp_clear = Watch_clear,
+    .tp_dealloc = Watch_dealloc,
+    .tp_methods = Watch_methods,
+};
+
+static PyObject *Poller_watch(PyObject *self, PyObject *args) {
+    int fd;
+    PyObject *callback;
+    if (!PyArg_ParseTuple(args, "iO:watch", &fd, &callback)) {
+        return NULL;
+    }
+    if (fd < 0 || !PyCallable_Check(callback)) {
+        PyErr_SetString(PyExc_ValueError, "watch(fd, callback) needs a descriptor and a callable");
+        return NULL;
+    }
+    Watch *w = PyObject_GC_New(Watch, &WatchType);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->fd = fd;
+    w->events = 0;
+    Py_INCREF(self);
+    w->poller = self;
+    Py_INCREF(callback);
+    w->callback = callback;
+    PyObject_GC_Track((PyObject *)w);
+    return (PyObject *)w;
+}
+
 /* ---- the poller ---------------------------------------------------------------------- */
 static PyObject *Poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTuple(args, ":Poller")) {
@@ -868,12 +1053,17 @@ static PyObject *Poller_run(PyObject *self, PyObject *Py_UNUSED(ignored)) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     for (int k = 0; k < n; k++) {
-        Py_INCREF((PyObject *)((End *)evs[k].data.ptr)->owner);
+        Py_INCREF(event_owner(evs[k].data.u64));
     }
     for (int k = 0; k < n; k++) {
-        End *e = (End *)evs[k].data.ptr;
-        Pump *p = e->owner;
+        uint64_t tag = evs[k].data.u64;
         uint32_t m = evs[k].events;
+        if (tag & WATCH_TAG) {
+            watch_event((Watch *)(uintptr_t)(tag & ~WATCH_TAG), m);
+            continue;
+        }
+        End *e = (End *)(uintptr_t)tag;
+        Pump *p = e->owner;
         if (!p->closed && e->writing && (m & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
             on_writable(p, e->index);
         }
@@ -882,7 +1072,7 @@ static PyObject *Poller_run(PyObject *self, PyObject *Py_UNUSED(ignored)) {
         }
     }
     for (int k = 0; k < n; k++) {
-        Py_DECREF((PyObject *)((End *)evs[k].data.ptr)->owner);
+        Py_DECREF(event_owner(evs[k].data.u64));
     }
     Py_RETURN_NONE;
 }
@@ -903,6 +1093,8 @@ static PyObject *Poller_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
 static PyMethodDef Poller_methods[] = {
     {"run", Poller_run, METH_NOARGS, "Event loop callback: relay what is ready."},
     {"fileno", Poller_fileno, METH_NOARGS, "The epoll fd, for loop.add_reader."},
+    {"watch", Poller_watch, METH_VARARGS,
+     "watch(fd, callback) -> Watch: call callback(readable, writable) when the fd is ready."},
     {"close", Poller_close, METH_NOARGS, "Close the epoll fd (after every pump has closed)."},
     {NULL, NULL, 0, NULL},
 };
@@ -1180,7 +1372,8 @@ static struct PyModuleDef pump_module = {
 };
 
 PyMODINIT_FUNC PyInit__pump(void) {
-    if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0) {
+    if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||
+        PyType_Ready(&WatchType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&pump_module);

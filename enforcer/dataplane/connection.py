@@ -34,7 +34,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, native, pump
+from enforcer.dataplane import flowrecord, native, pump, rawtransport
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, TlsEngine
@@ -70,7 +70,7 @@ class Connection:
     """One proxied client connection. Created by the listener's protocol factory."""
 
     __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
-                 "client_eof_pending", "close_timer", "connect_task", "decision", "first_eof",
+                 "client_eof_pending", "close_timer", "connect_task", "connecting", "decision", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
                  "listener", "local", "loop", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
@@ -108,6 +108,7 @@ class Connection:
         self.bytes_to_client = 0
         self.first_eof: str | None = None
         self.connect_task: asyncio.Task[None] | None = None
+        self.connecting: rawtransport.Connecting | None = None  # a bare-socket connect
         self.stage_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.close_timer: asyncio.TimerHandle | None = None
@@ -425,7 +426,7 @@ class Connection:
         self.stage = Stage.CONNECT
         if data:
             self._from_client(data)
-        self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
+        self._start_connect()
 
     def _decided(self, decision: Any) -> bool:
         """Record and count the decision; on deny, close. Returns True for allow."""
@@ -453,6 +454,45 @@ class Connection:
         )
 
     # ===================================================================== upstream
+    def _start_connect(self) -> None:
+        """Connect upstream: on a bare socket when the native pump will relay and no name
+        needs resolving (see rawtransport.py), else with the loop's create_connection."""
+        poller = self.plane.poller if self.plane.native_relay else None
+        target = self.listener.upstream.raw_target if poller is not None else None
+        if target is None:
+            self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
+            return
+        self.upstream = Side(self, is_client=False)
+        self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
+        self.connecting = rawtransport.connect(
+            self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()))
+
+    def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
+                       exc: OSError | None) -> None:
+        self.connecting = None
+        try:
+            side = self.upstream
+            if transport is None or side is None or self.stage == Stage.CLOSED:
+                if transport is not None:
+                    transport.abort()
+                if side is not None and side.transport is None:
+                    side.lost = True  # never connected: no callback will come from it
+                self._connect_failed(exc or OSError(errno.ECONNABORTED, "connect abandoned"))
+                return
+            self._cancel_stage_timer()
+            self.listener.upstream.observe_connect(time.monotonic() - started)
+            transport.start(side)
+            self._upstream_connected(side)
+            transport.start_reading()  # a no-op once the pump has the socket
+        except Exception as err:
+            self.internal_error(err)
+
+    def _connect_failed(self, exc: OSError) -> None:
+        addr = self.listener.upstream.cfg.address
+        code = errno.errorcode.get(exc.errno or 0, "error").lower()
+        self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
+                   upstream_reason=code)
+
     async def _connect(self) -> None:
         try:
             await self._connect_upstream()
@@ -479,10 +519,7 @@ class Connection:
             else:
                 await self.loop.create_connection(lambda: side, addr.host, addr.port)
         except OSError as exc:
-            code = errno.errorcode.get(exc.errno or 0, "error").lower()
-            self._fail("upstream_connect_failed",
-                       f"connect to {addr} failed: {exc.strerror or exc}",
-                       upstream_reason=code)
+            self._connect_failed(exc)
             return
         self._cancel_stage_timer()
         up.observe_connect(time.monotonic() - started)
@@ -683,8 +720,7 @@ class Connection:
             self._proxy_error("timeout", "no complete PROXY header in time")
             return
         if reason == "upstream_connect_timeout":
-            self._fail(reason, f"connect to {self.listener.upstream.cfg.address} timed out",
-                       upstream_reason="connect_timeout")
+            self._connect_timed_out()
             return
         if reason == "handshake_timeout":
             self.plane.metrics.tls_handshake_errors_total.labels(
@@ -694,6 +730,11 @@ class Connection:
                 upstream=self.listener.upstream.name, reason="tls_timeout").inc()
         action = "allow" if self.stage == Stage.RELAY else "error"
         self._finish(action, reason, detail=f"{reason.replace('_', ' ')} reached", abort=True)
+
+    def _connect_timed_out(self) -> None:
+        self._fail("upstream_connect_timeout",
+                   f"connect to {self.listener.upstream.cfg.address} timed out",
+                   upstream_reason="connect_timeout")
 
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
@@ -736,6 +777,11 @@ class Connection:
         self.stage_timer = self.idle_timer = self.close_timer = self.life_timer = None
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+            if self.upstream is not None and self.upstream.transport is None:
+                self.upstream.lost = True  # never connected: nothing more will come from it
         self.pending.clear()
         for side in (self.client, self.upstream):
             if side is not None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from enforcer.config.model import LimitsConfig, ListenerConfig, UpstreamConfig
+from enforcer.dataplane.rawtransport import Target, target_of
 
 if TYPE_CHECKING:
     from enforcer.dataplane.plane import DataPlane
@@ -21,6 +22,11 @@ class UpstreamRuntime:
     session: ssl.SSLSession | None = None  # last session, for TLS resumption
     connect_histogram: Any = None  # enforcer_upstream_connect_seconds
     _connect_child: Any = None
+    # where a bare-socket connect can go without name resolution (see rawtransport.py)
+    raw_target: Target | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.raw_target = target_of(self.cfg.address)
 
     def observe_connect(self, seconds: float) -> None:
         """The series appears with the first connect (no zero series for dead upstreams)."""

@@ -2,7 +2,9 @@
 
 Whether the pump can run at all is ``native.available()``. A connection is handed over
 only from a clean state (nothing buffered, no end of stream seen); anything else stays on
-the Python relay, which behaves the same way.
+the Python relay, which behaves the same way. A uvloop transport's socket is given to the
+pump as a duplicate and the transport then aborted; a ``RawTransport`` (an upstream
+connected on a bare socket) gives its descriptor itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, Protocol
 
 from enforcer.dataplane import native
+from enforcer.dataplane.rawtransport import RawTransport
 
 if TYPE_CHECKING:
     from enforcer.dataplane.side import Side
@@ -58,14 +61,20 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
             return None
         tls_states.append(state)
     fds: list[int] = []
+    duplicates: list[int] = []  # a bare socket's descriptor is given away, not duplicated
     try:
         for side in (client, upstream):
-            assert side.transport is not None
-            fds.append(os.dup(side.transport.get_extra_info("socket").fileno()))
+            transport = side.transport
+            assert transport is not None
+            if isinstance(transport, RawTransport):
+                fds.append(transport.fileno())
+            else:
+                fds.append(os.dup(transport.get_extra_info("socket").fileno()))
+                duplicates.append(fds[-1])
         pump: NativePump = ext.Pump(fds[0], tls_states[0], fds[1], tls_states[1], poller,
                                     on_event)
     except (OSError, AttributeError, RuntimeError, TypeError, ValueError):
-        for fd in fds:
+        for fd in duplicates:
             os.close(fd)
         return None
     for side in (client, upstream):
@@ -75,10 +84,14 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
 
 
 def _detach(side: Side) -> None:
-    """The transport lets go of its socket (the pump has its own descriptor of it)."""
+    """The transport lets go of its socket (the pump has its own descriptor of it, or, for
+    a bare socket, the descriptor itself)."""
     transport = side.transport
     assert transport is not None
-    transport.set_protocol(_DETACHED)
-    transport.abort()
+    if isinstance(transport, RawTransport):
+        transport.release()
+    else:
+        transport.set_protocol(_DETACHED)
+        transport.abort()
     side.transport = None
     side.lost = True

@@ -1,0 +1,366 @@
+"""Upstream connections on bare sockets, for connections the native pump will relay.
+
+Why: a connection relayed by the native pump (``pump.py``) only needs a transport for its
+upstream socket between the TCP connect and the hand-over: to send the PROXY header and
+the pending client bytes, and to run the upstream TLS handshake. A uvloop transport costs
+more than that work: it is created, registered with the loop, given its protocol through
+``call_soon``, then duplicated (``dup``) for the pump, deregistered and closed. Here the
+socket sits in the pumps' own epoll set (a ``Watch`` of the plane's ``Poller``) from the
+connect on, and the pump gets the descriptor itself. (``loop.add_reader``/``add_writer``
+would not do: each registration costs uvloop a poll handle, an ``ioctl`` and an add/delete
+probe of the descriptor, more than the transport it replaces; measured.)
+
+How it works:
+- ``connect()`` makes a non-blocking socket, starts the connect and watches it for
+  writability; once writable, ``SO_ERROR`` says how the connect ended and
+  ``done(transport, None)`` or ``done(None, OSError)`` is called (the socket is closed on
+  failure). ``Connecting.cancel()`` (connect timeout, the client left) closes it silently.
+- ``RawTransport`` is the part of ``asyncio.Transport`` that ``Side`` and ``Connection``
+  use, with the callback order of asyncio's own socket transports: ``connection_made``
+  (from ``start()``), ``data_received``/``eof_received`` when readable,
+  ``pause_writing``/``resume_writing`` around the write-buffer marks, and
+  ``connection_lost`` exactly once, scheduled with ``call_soon`` after the socket closed.
+  Writes go straight to ``send()``; what the kernel does not take is copied to a buffer
+  sent when the socket is writable. It can carry a whole relay (the Python relay uses it
+  when a connection cannot be handed over), but that is the rare path.
+- ``release()`` gives the descriptor to the pump: it leaves the epoll set and the socket
+  object lets go of it without closing it (no ``dup``, no ``close``).
+
+Only IP-literal and unix-socket upstreams are connected here (``target_of``); a host
+name needs the resolver, and keeps ``loop.create_connection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+
+from enforcer.config.model import Address
+
+# Reads below glibc's mmap threshold (128 KiB): a 256 KiB recv() costs an mmap, an mremap
+# and an munmap per call. The handshake reads a few KiB; the rare Python relay over this
+# transport just makes more calls.
+READ_CHUNK: Final = 64 * 1024
+DEFAULT_HIGH_WATER: Final = 64 * 1024
+DEFAULT_LOW_WATER: Final = 16 * 1024
+
+Target = tuple[int, Any]  # (address family, address for socket.connect)
+Done = Callable[["RawTransport | None", "OSError | None"], None]
+
+
+def target_of(address: Address) -> Target | None:
+    """(family, sockaddr) for an upstream that needs no name resolution, else None."""
+    if address.path is not None:
+        return socket.AF_UNIX, address.path
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return socket.AF_INET, (address.host, address.port)
+    return socket.AF_INET6, (address.host, address.port, 0, 0)
+
+
+class Connecting:
+    """A connect in progress (see the module comment)."""
+
+    __slots__ = ("_done", "_loop", "_sock", "_watch")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, watch: Any,
+                 done: Done) -> None:
+        self._loop = loop
+        self._sock: socket.socket | None = sock
+        self._watch = watch
+        self._done = done
+
+    def _ready(self, readable: bool, writable: bool) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._watch.close()
+            sock.close()
+            self._done(None, OSError(err, os.strerror(err)))
+            return
+        transport = RawTransport(self._loop, sock, self._watch)
+        self._done(transport, None)
+
+    def cancel(self) -> None:
+        sock = self._sock
+        if sock is not None:
+            self._sock = None
+            self._watch.close()
+            sock.close()
+
+
+def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
+            done: Done) -> Connecting | None:
+    """Start connecting to ``target``, watched by ``poller``. A connect that fails at once
+    calls ``done`` with the error before returning None; otherwise ``done`` is called when
+    the socket is ready."""
+    family, sockaddr = target
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(sockaddr)
+    except OSError as exc:
+        sock.close()
+        done(None, exc)
+        return None
+    if err not in (0, errno.EINPROGRESS, errno.EAGAIN):  # unix sockets: EAGAIN, backlog full
+        sock.close()
+        done(None, OSError(err, os.strerror(err)))
+        return None
+    pending = Connecting(loop, sock, None, done)
+    watch = poller.watch(sock.fileno(), pending._ready)
+    pending._watch = watch
+    try:
+        watch.set(False, True)
+    except OSError as exc:
+        pending._sock = None
+        watch.close()
+        sock.close()
+        done(None, exc)
+        return None
+    return pending
+
+
+class RawTransport:
+    """A socket transport for ``Side`` (see the module comment)."""
+
+    __slots__ = ("_buffer", "_closing", "_eof_wanted", "_fd", "_gone", "_high", "_loop",
+                 "_low", "_protocol", "_read_eof", "_read_paused", "_reading", "_sock",
+                 "_started", "_watch", "_write_paused", "_writing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 watch: Any) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._watch = watch  # the socket's entry in the pumps' epoll set (_pump.Watch)
+        watch.set_callback(self._ready)
+        self._fd = sock.fileno()
+        self._protocol: Any = None
+        self._buffer = bytearray()
+        self._high, self._low = DEFAULT_HIGH_WATER, DEFAULT_LOW_WATER
+        self._started = False  # start_reading() was called
+        self._reading = False  # in the epoll set for reading
+        self._writing = False  # in the epoll set for writing
+        self._read_paused = False
+        self._read_eof = False
+        self._write_paused = False  # protocol told to pause writing
+        self._eof_wanted = False
+        self._closing = False
+        self._gone = False  # socket closed or released: no more callbacks
+
+    def start(self, protocol: asyncio.BaseProtocol) -> None:
+        """``connection_made``; reading waits for ``start_reading()``, so that a socket
+        handed to the pump at once is never registered with the loop."""
+        self._protocol = protocol
+        protocol.connection_made(self)  # type: ignore[arg-type]
+
+    def start_reading(self) -> None:
+        """Read from now on (unless paused, closed or released). Also replaces the
+        connect's interest in writability with what the transport needs now."""
+        if self._gone:
+            return
+        self._started = True
+        self._reading = not (self._closing or self._read_paused or self._read_eof)
+        self._watch_set()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _update_reader(self) -> None:
+        want = self._started and not (self._gone or self._closing or self._read_paused
+                                      or self._read_eof)
+        if want != self._reading:
+            self._reading = want
+            self._watch_set()
+
+    def _watch_set(self) -> None:
+        try:
+            self._watch.set(self._reading, self._writing)
+        except OSError as exc:  # the epoll set refused: the connection cannot go on
+            self._reading = self._writing = False
+            self._force_close(exc)
+
+    def _ready(self, readable: bool, writable: bool) -> None:
+        if writable and self._writing:
+            self._writable()
+        if readable and self._reading:
+            self._readable()
+
+    def _readable(self) -> None:
+        if not self._reading:
+            return
+        try:
+            data = self._sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if data:
+            self._protocol.data_received(data)
+            return
+        self._read_eof = True
+        self._update_reader()
+        if not self._protocol.eof_received():
+            self.close()
+
+    def pause_reading(self) -> None:
+        self._read_paused = True
+        self._update_reader()
+
+    def resume_reading(self) -> None:
+        self._read_paused = False
+        self._update_reader()
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._gone or self._closing or self._eof_wanted or not data:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._force_close(exc)
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self._writing = True
+            self._watch_set()
+        self._buffer += data  # a copy: the caller may reuse its buffer
+        if not self._write_paused and len(self._buffer) > self._high:
+            self._write_paused = True
+            self._protocol.pause_writing()
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def _writable(self) -> None:
+        if self._gone:
+            return
+        try:
+            sent = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        del self._buffer[:sent]
+        if self._buffer:
+            self._maybe_resume_writer()
+            return
+        self._writing = False
+        self._watch_set()
+        self._maybe_resume_writer()
+        if self._closing:
+            self._force_close(None)
+        elif self._eof_wanted:
+            self._shutdown_write()
+
+    def _maybe_resume_writer(self) -> None:
+        if self._write_paused and len(self._buffer) <= self._low and not self._gone:
+            self._write_paused = False
+            self._protocol.resume_writing()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_wanted or self._gone:
+            return
+        self._eof_wanted = True
+        if not self._buffer:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._force_close(exc)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = DEFAULT_HIGH_WATER if high is None else high
+        self._low = (self._high // 4 if low is None else low)
+
+    # -- closing ---------------------------------------------------------------------------
+    def is_closing(self) -> bool:
+        return self._closing or self._gone
+
+    def close(self) -> None:
+        """Stop reading; close once the write buffer has drained."""
+        if self._closing or self._gone:
+            return
+        self._closing = True
+        self._update_reader()
+        if not self._buffer:
+            self._force_close(None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _force_close(self, exc: OSError | None) -> None:
+        if self._gone:
+            return
+        self._stop_watching()
+        self._closing = self._gone = True
+        self._buffer = bytearray()
+        self._sock.close()
+        self._loop.call_soon(self._lost, exc)
+
+    def _lost(self, exc: OSError | None) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.connection_lost(exc)
+
+    def _stop_watching(self) -> None:
+        self._reading = self._writing = False
+        self._watch.close()  # leaves the epoll set (before the descriptor is closed)
+
+    def release(self) -> int:
+        """Give the descriptor away (to the native pump): no callback comes after this."""
+        if self._gone:
+            raise RuntimeError("the socket is already closed")
+        self._stop_watching()
+        self._closing = self._gone = True
+        self._protocol = None
+        return self._sock.detach()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # -- the rest of the transport interface that is used -----------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._sock
+        try:
+            if name == "peername":
+                return self._sock.getpeername()
+            if name == "sockname":
+                return self._sock.getsockname()
+        except OSError:
+            return default
+        return default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self._protocol

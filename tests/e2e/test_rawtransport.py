@@ -1,0 +1,251 @@
+"""Bare-socket upstream connections (enforcer/dataplane/rawtransport.py) on real loopback
+sockets and the native poller: connect outcomes, the transport's callback contract
+(flow control, half-close, close, abort, resets) and the hand-over of the descriptor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from enforcer.config.model import Address
+from enforcer.dataplane import native, rawtransport
+from enforcer.dataplane.rawtransport import RawTransport, target_of
+from tests.e2e.harness import random_bytes
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="needs the native extension")
+
+
+class Recorder(asyncio.Protocol):
+    """Records every callback; ``lost`` resolves on connection_lost."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.data = bytearray()
+        self.transport: Any = None
+        self.lost: asyncio.Future[Exception | None] = (
+            asyncio.get_running_loop().create_future())
+        self.eof = asyncio.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.events.append("made")
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.events.append("eof")
+        self.eof.set()
+        return True
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+
+@pytest.fixture
+async def poller() -> AsyncIterator[Any]:
+    loop = asyncio.get_running_loop()
+    p = native.new_poller(loop)
+    yield p
+    native.close_poller(loop, p)
+
+
+async def connected(poller: Any, port: int) -> RawTransport:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[RawTransport | None, OSError | None]] = loop.create_future()
+    target = target_of(Address(host="127.0.0.1", port=port))
+    assert target is not None
+    rawtransport.connect(loop, poller, target, lambda t, e: done.set_result((t, e)))
+    transport, exc = await asyncio.wait_for(done, 10)
+    assert exc is None and transport is not None
+    return transport
+
+
+class Server:
+    """A plain asyncio server keeping its accepted streams."""
+
+    def __init__(self) -> None:
+        self.accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+            asyncio.Queue())
+
+    async def start(self) -> int:
+        async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await self.accepted.put((r, w))
+        self.server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_targets_need_no_name_resolution() -> None:
+    assert target_of(Address(host="10.0.0.7", port=80)) == (socket.AF_INET, ("10.0.0.7", 80))
+    assert target_of(Address(host="::1", port=443)) == (socket.AF_INET6, ("::1", 443, 0, 0))
+    assert target_of(Address(path="/run/app.sock")) == (socket.AF_UNIX, "/run/app.sock")
+    assert target_of(Address(host="app.default.svc", port=80)) is None
+
+
+async def test_bytes_both_ways_with_flow_control_and_half_close(poller: Any) -> None:
+    server = Server()
+    port = await server.start()
+    transport = await connected(poller, port)
+    proto = Recorder()
+    transport.start(proto)
+    transport.set_write_buffer_limits(64 * 1024, 16 * 1024)
+    transport.start_reading()
+    reader, writer = await server.accepted.get()
+    up, down = random_bytes(8 * 1024 * 1024), random_bytes(3 * 1024 * 1024 + 7)
+    transport.write(up)  # far more than the socket buffers: most of it is queued
+    assert transport.get_write_buffer_size() > 64 * 1024 and proto.events[-1] == "pause"
+    transport.write_eof()
+    writer.write(down)
+    writer.write_eof()
+    got = await asyncio.wait_for(reader.read(), 30)  # until our FIN, after every byte
+    await asyncio.wait_for(proto.eof.wait(), 30)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(proto.data).digest() == hashlib.sha256(down).digest()
+    assert transport.get_write_buffer_size() == 0
+    assert proto.events == ["made", "pause", "resume", "eof"]
+    transport.close()
+    assert await asyncio.wait_for(proto.lost, 5) is None
+    assert proto.events[-1] == "lost" and proto.events.count("lost") == 1
+    assert transport.is_closing()
+    writer.close()
+    await server.close()
+
+
+async def test_connect_refused_is_reported_and_nothing_leaks(poller: Any) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[Any, OSError | None]] = loop.create_future()
+    target = target_of(Address(host="127.0.0.1", port=port))
+    assert target is not None
+    rawtransport.connect(loop, poller, target, lambda t, e: done.set_result((t, e)))
+    transport, exc = await asyncio.wait_for(done, 10)
+    assert transport is None and exc is not None and exc.errno == errno.ECONNREFUSED
+    assert _watched(poller.fileno()) == 0
+
+
+async def test_a_cancelled_connect_never_reports(poller: Any) -> None:
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue: further SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    await asyncio.sleep(0.1)
+    calls: list[Any] = []
+    target = target_of(Address(host="127.0.0.1", port=port))
+    assert target is not None
+    pending = rawtransport.connect(asyncio.get_running_loop(), poller, target,
+                                   lambda t, e: calls.append((t, e)))
+    assert pending is not None and _watched(poller.fileno()) == 1
+    pending.cancel()
+    assert _watched(poller.fileno()) == 0
+    await asyncio.sleep(0.2)
+    assert calls == []
+    for s in [*fillers, blackhole]:
+        s.close()
+
+
+async def test_a_reset_is_reported_once(poller: Any) -> None:
+    server = Server()
+    port = await server.start()
+    transport = await connected(poller, port)
+    proto = Recorder()
+    transport.start(proto)
+    transport.start_reading()
+    _reader, writer = await server.accepted.get()
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # RST
+    exc = await asyncio.wait_for(proto.lost, 5)
+    assert isinstance(exc, ConnectionResetError)
+    assert proto.events == ["made", "lost"]
+    transport.write(b"after the end")  # ignored, no second callback
+    transport.close()
+    await asyncio.sleep(0.05)
+    assert proto.events == ["made", "lost"]
+    await server.close()
+
+
+async def test_close_sends_what_is_buffered_first_and_abort_does_not(poller: Any) -> None:
+    server = Server()
+    port = await server.start()
+    payload = random_bytes(4 * 1024 * 1024)
+    for how in ("close", "abort"):
+        transport = await connected(poller, port)
+        proto = Recorder()
+        transport.start(proto)
+        transport.start_reading()
+        reader, writer = await server.accepted.get()
+        transport.write(payload)
+        assert transport.get_write_buffer_size() > 0
+        getattr(transport, how)()
+        try:
+            got = await asyncio.wait_for(reader.read(), 30)
+        except ConnectionResetError:
+            got = b""
+        assert await asyncio.wait_for(proto.lost, 5) is None
+        if how == "close":
+            assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        else:
+            assert len(got) < len(payload)
+        writer.close()
+    assert _watched(poller.fileno()) == 0
+    await server.close()
+
+
+async def test_release_hands_over_the_descriptor_without_callbacks(poller: Any) -> None:
+    server = Server()
+    port = await server.start()
+    transport = await connected(poller, port)
+    proto = Recorder()
+    transport.start(proto)
+    transport.start_reading()
+    assert _watched(poller.fileno()) == 1
+    reader, writer = await server.accepted.get()
+    fd = transport.release()
+    assert _watched(poller.fileno()) == 0
+    writer.write(b"for the new owner")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    assert proto.data == b"" and proto.events == ["made"]
+    with socket.socket(fileno=fd) as sock:  # the descriptor is open and still connected
+        assert sock.recv(100) == b"for the new owner"
+        sock.sendall(b"from the new owner")
+    assert await asyncio.wait_for(reader.read(), 5) == b"from the new owner"
+    with pytest.raises(RuntimeError):
+        transport.release()
+    writer.close()
+    await server.close()
+
+
+def _watched(epfd: int) -> int:
+    """How many descriptors the epoll set holds (from /proc)."""
+    with open(f"/proc/self/fdinfo/{epfd}") as f:
+        return sum(1 for line in f if line.startswith("tfd:"))
