@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -256,3 +257,19 @@ def outbound_cfg(pki: Any, inbound_port: int, *, verify_uri: str | None = None,
     if limits:
         cfg["limits"] = limits
     return cfg
+
+
+def blackhole_listener() -> tuple[socket.socket, int, list[socket.socket]]:
+    """A listener whose accept queue is full: the kernel drops SYNs, so connects hang."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    return blackhole, port, fillers

@@ -5,7 +5,6 @@ sockets and the native poller: connect outcomes, the transport's callback contra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import socket
@@ -18,7 +17,7 @@ import pytest
 from enforcer.config.model import Address
 from enforcer.dataplane import native, rawtransport
 from enforcer.dataplane.rawtransport import RawTransport, target_of
-from tests.e2e.harness import random_bytes
+from tests.e2e.harness import blackhole_listener, random_bytes
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="needs the native extension")
 
@@ -76,6 +75,17 @@ async def connected(poller: Any, port: int) -> RawTransport:
     return transport
 
 
+async def opened(poller: Any, server: Server) -> tuple[
+        RawTransport, Recorder, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A started, reading transport to ``server`` and the server's end of it."""
+    transport = await connected(poller, server.port)
+    proto = Recorder()
+    transport.start(proto)
+    transport.start_reading()
+    reader, writer = await server.accepted.get()
+    return transport, proto, reader, writer
+
+
 class Server:
     """A plain asyncio server keeping its accepted streams."""
 
@@ -87,7 +97,8 @@ class Server:
         async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await self.accepted.put((r, w))
         self.server = await asyncio.start_server(on_client, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self.port
 
     async def close(self) -> None:
         self.server.close()
@@ -103,13 +114,9 @@ def test_targets_need_no_name_resolution() -> None:
 
 async def test_bytes_both_ways_with_flow_control_and_half_close(poller: Any) -> None:
     server = Server()
-    port = await server.start()
-    transport = await connected(poller, port)
-    proto = Recorder()
-    transport.start(proto)
+    await server.start()
+    transport, proto, reader, writer = await opened(poller, server)
     transport.set_write_buffer_limits(64 * 1024, 16 * 1024)
-    transport.start_reading()
-    reader, writer = await server.accepted.get()
     up, down = random_bytes(8 * 1024 * 1024), random_bytes(3 * 1024 * 1024 + 7)
     transport.write(up)  # far more than the socket buffers: most of it is queued
     assert transport.get_write_buffer_size() > 64 * 1024 and proto.events[-1] == "pause"
@@ -146,17 +153,7 @@ async def test_connect_refused_is_reported_and_nothing_leaks(poller: Any) -> Non
 
 
 async def test_a_cancelled_connect_never_reports(poller: Any) -> None:
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(4):  # fill the accept queue: further SYNs are dropped
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect(("127.0.0.1", port))
-        fillers.append(s)
+    blackhole, port, fillers = blackhole_listener()
     await asyncio.sleep(0.1)
     calls: list[Any] = []
     target = target_of(Address(host="127.0.0.1", port=port))
@@ -174,12 +171,8 @@ async def test_a_cancelled_connect_never_reports(poller: Any) -> None:
 
 async def test_a_reset_is_reported_once(poller: Any) -> None:
     server = Server()
-    port = await server.start()
-    transport = await connected(poller, port)
-    proto = Recorder()
-    transport.start(proto)
-    transport.start_reading()
-    _reader, writer = await server.accepted.get()
+    await server.start()
+    transport, proto, _reader, writer = await opened(poller, server)
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()  # RST
@@ -195,14 +188,10 @@ async def test_a_reset_is_reported_once(poller: Any) -> None:
 
 async def test_close_sends_what_is_buffered_first_and_abort_does_not(poller: Any) -> None:
     server = Server()
-    port = await server.start()
+    await server.start()
     payload = random_bytes(4 * 1024 * 1024)
     for how in ("close", "abort"):
-        transport = await connected(poller, port)
-        proto = Recorder()
-        transport.start(proto)
-        transport.start_reading()
-        reader, writer = await server.accepted.get()
+        transport, proto, reader, writer = await opened(poller, server)
         transport.write(payload)
         assert transport.get_write_buffer_size() > 0
         getattr(transport, how)()
@@ -222,13 +211,9 @@ async def test_close_sends_what_is_buffered_first_and_abort_does_not(poller: Any
 
 async def test_release_hands_over_the_descriptor_without_callbacks(poller: Any) -> None:
     server = Server()
-    port = await server.start()
-    transport = await connected(poller, port)
-    proto = Recorder()
-    transport.start(proto)
-    transport.start_reading()
+    await server.start()
+    transport, proto, reader, writer = await opened(poller, server)
     assert _watched(poller.fileno()) == 1
-    reader, writer = await server.accepted.get()
     fd = transport.release()
     assert _watched(poller.fileno()) == 0
     writer.write(b"for the new owner")

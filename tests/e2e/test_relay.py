@@ -15,6 +15,7 @@ from tests.e2e import harness
 from tests.e2e.harness import (
     Backend,
     Enforcer,
+    blackhole_listener,
     client_ctx,
     exchange,
     inbound_cfg,
@@ -156,22 +157,6 @@ async def test_upstream_down(pki) -> None:  # type: ignore[no-untyped-def]
         out = (await outbound.wait_flows(1))[0]
         assert out["action"] == "allow"  # the outbound did its job: the inbound closed on it
         assert out["bytes"]["to_client"] == 0
-
-
-def blackhole_listener() -> tuple[socket.socket, int, list[socket.socket]]:
-    """A listener whose accept queue is full: the kernel drops SYNs, so connects hang."""
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            s.connect(("127.0.0.1", port))
-        fillers.append(s)
-    return blackhole, port, fillers
 
 
 async def blackholed_listener(pki, connect_timeout: str):  # type: ignore[no-untyped-def]
