@@ -4,9 +4,9 @@
  * How it works
  * - Python does everything up to RELAY (PROXY header, detection, TLS handshake, identity,
  *   policy, upstream connect) with asyncio transports and ssl.SSLObject. It then hands the
- *   two sockets (as dup'ed file descriptors, or the descriptor itself for an upstream
- *   connected on a bare socket through a Watch, see rawtransport.py) and the two
- *   SSLObjects (or None for plaintext) to a Pump, and closes its transports.
+ *   two sockets (the descriptors themselves for bare sockets watched through a Watch,
+ *   see acceptor.py and rawtransport.py; dup'ed descriptors for asyncio transports) and
+ *   the two SSLObjects (or None for plaintext) to a Pump, and closes its transports.
  * - The pumps of one event loop share a Poller: one epoll set holding their sockets, whose
  *   fd alone the loop watches (loop.add_reader(poller.fileno(), poller.run)). For each
  *   ready socket a pump does recv() -> [BIO_write + SSL_read] -> [SSL_write + BIO_read] ->
@@ -34,8 +34,12 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stddef.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1354,7 +1358,60 @@ static PyObject *mod_frees_tls_buffers(PyObject *module, PyObject *args) {
     return PyBool_FromLong(fixed_free_buffers(version));
 }
 
+/* accept(listen_fd) -> (fd, family, address) or None when no connection is waiting.
+   accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC, and the peer address as the socket module
+   gives it ((host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6, the path
+   for unix sockets), so a listener needs no fcntl and no getpeername per connection. */
+static PyObject *mod_accept(PyObject *module, PyObject *arg) {
+    int lfd = PyLong_AsLong(arg);
+    if (lfd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int fd;
+    do {
+        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            Py_RETURN_NONE;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    char host[INET6_ADDRSTRLEN];
+    PyObject *addr = NULL;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        addr = Py_BuildValue("(si)", host, ntohs(a->sin_port));
+    } else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        addr = Py_BuildValue("(siII)", host, ntohs(a->sin6_port), ntohl(a->sin6_flowinfo),
+                             a->sin6_scope_id);
+    } else if (ss.ss_family == AF_UNIX) {
+        struct sockaddr_un *a = (struct sockaddr_un *)&ss;
+        size_t n = len > offsetof(struct sockaddr_un, sun_path)
+                       ? strnlen(a->sun_path, len - offsetof(struct sockaddr_un, sun_path))
+                       : 0;
+        addr = PyUnicode_DecodeFSDefaultAndSize(a->sun_path, (Py_ssize_t)n);
+    } else {
+        addr = Py_NewRef(Py_None);
+    }
+    if (addr == NULL) {
+        close(fd);
+        return NULL;
+    }
+    PyObject *r = Py_BuildValue("(iiN)", fd, (int)ss.ss_family, addr);
+    if (r == NULL) {
+        close(fd);
+    }
+    return r;
+}
+
 static PyMethodDef module_methods[] = {
+    {"accept", mod_accept, METH_O, "accept(listen_fd) -> (fd, family, address) or None."},
     {"set_session", mod_set_session, METH_VARARGS, "Resume a copy of a session (see above)."},
     {"keep_session", mod_keep_session, METH_O,
      "Mark an SSL as shut down so its session stays in the server cache."},

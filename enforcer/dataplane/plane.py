@@ -27,6 +27,7 @@ from enforcer.config.model import (
     UpstreamConfig,
 )
 from enforcer.dataplane import native
+from enforcer.dataplane.acceptor import Acceptor
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
 from enforcer.dataplane.sockets import remove_stale_unix_socket
@@ -156,23 +157,33 @@ class DataPlane:
         loop = asyncio.get_running_loop()
         if self.native_relay and self.poller is None:
             self.poller = native.new_poller(loop)
+        # With the native pump, listeners accept into bare sockets (see acceptor.py): the
+        # loop binds them but does not serve them.
+        serve = self.poller is None
         for lst in self.listeners:
             addr = lst.cfg.listen
             factory = _factory(lst)
             try:
                 if sockets is not None:
                     if addr.is_unix:
-                        lst.server = await loop.create_unix_server(factory, sock=sockets[lst.name])
+                        server = await loop.create_unix_server(
+                            factory, sock=sockets[lst.name], start_serving=serve)
                     else:
-                        lst.server = await loop.create_server(factory, sock=sockets[lst.name])
+                        server = await loop.create_server(
+                            factory, sock=sockets[lst.name], start_serving=serve)
                 elif addr.is_unix:
                     assert addr.path is not None
                     remove_stale_unix_socket(addr.path)
-                    lst.server = await loop.create_unix_server(factory, addr.path, backlog=1024)
+                    server = await loop.create_unix_server(factory, addr.path, backlog=1024,
+                                                           start_serving=serve)
                     self.owns_unix_paths.append(addr.path)
                 else:
-                    lst.server = await loop.create_server(
-                        factory, addr.host or None, addr.port, backlog=1024, reuse_address=True)
+                    server = await loop.create_server(
+                        factory, addr.host or None, addr.port, backlog=1024, reuse_address=True,
+                        start_serving=serve)
+                lst.server = server  # closed by close_servers() if the next step fails
+                if not serve:
+                    lst.server = Acceptor(server, lst, self.poller, Connection)
             except OSError as exc:
                 await self.close_servers()
                 raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind {addr}: "

@@ -2,9 +2,10 @@
 
 Whether the pump can run at all is ``native.available()``. A connection is handed over
 only from a clean state (nothing buffered, no end of stream seen); anything else stays on
-the Python relay, which behaves the same way. A uvloop transport's socket is given to the
-pump as a duplicate and the transport then aborted; a ``RawTransport`` (an upstream
-connected on a bare socket) gives its descriptor itself.
+the Python relay, which behaves the same way. A ``RawTransport`` (a bare socket: every
+socket of a plane that uses the pump, see ``rawtransport.py``) gives its descriptor
+itself; a uvloop transport's socket (an upstream reached by host name) is given as a
+duplicate and the transport then aborted.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""Upstream connections on bare sockets, for connections the native pump will relay.
+"""Sockets without asyncio transports, for connections the native pump will relay.
 
 Why: a connection relayed by the native pump (``pump.py``) only needs a transport for its
-upstream socket between the TCP connect and the hand-over: to send the PROXY header and
-the pending client bytes, and to run the upstream TLS handshake. A uvloop transport costs
-more than that work: it is created, registered with the loop, given its protocol through
-``call_soon``, then duplicated (``dup``) for the pump, deregistered and closed. Here the
-socket sits in the pumps' own epoll set (a ``Watch`` of the plane's ``Poller``) from the
-connect on, and the pump gets the descriptor itself. (``loop.add_reader``/``add_writer``
-would not do: each registration costs uvloop a poll handle, an ``ioctl`` and an add/delete
-probe of the descriptor, more than the transport it replaces; measured.)
+two sockets until the hand-over: to read a PROXY header, run the TLS handshakes and send
+pending bytes. A uvloop transport costs more than that work: it is created, registered
+with the loop, given its protocol through ``call_soon``, then duplicated (``dup``) for the
+pump, deregistered and closed. Here both sockets (the accepted one, see ``acceptor.py``,
+and the upstream one, connected here) sit in the pumps' own epoll set (a ``Watch`` of the
+plane's ``Poller``) from the start, and the pump later takes the descriptors themselves.
+Ready sockets of many connections then come back from one ``epoll_wait`` in one call
+from the loop. (``loop.add_reader``/``add_writer`` would not do: each registration costs
+uvloop a poll handle, an ``ioctl`` and an add/delete probe of the descriptor, more than
+the transport it replaces; measured.)
 
 How it works:
 - ``connect()`` makes a non-blocking socket, starts the connect and watches it for
@@ -137,13 +139,14 @@ class RawTransport:
     """A socket transport for ``Side`` (see the module comment)."""
 
     __slots__ = ("_buffer", "_closing", "_eof_wanted", "_fd", "_gone", "_high", "_loop",
-                 "_low", "_protocol", "_read_eof", "_read_paused", "_reading", "_sock",
-                 "_started", "_watch", "_write_paused", "_writing")
+                 "_low", "_peername", "_protocol", "_read_eof", "_read_paused", "_reading",
+                 "_sock", "_started", "_watch", "_write_paused", "_writing")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 watch: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, watch: Any, *,
+                 peername: Any = None) -> None:
         self._loop = loop
         self._sock = sock
+        self._peername = peername  # known from accept(): no getpeername() needed
         self._watch = watch  # the socket's entry in the pumps' epoll set (_pump.Watch)
         watch.set_callback(self._ready)
         self._fd = sock.fileno()
@@ -352,7 +355,9 @@ class RawTransport:
             return self._sock
         try:
             if name == "peername":
-                return self._sock.getpeername()
+                if self._peername is None:
+                    self._peername = self._sock.getpeername()
+                return self._peername
             if name == "sockname":
                 return self._sock.getsockname()
         except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -141,8 +142,11 @@ async def exchange(port: int, payload: bytes, *, ssl_ctx: ssl.SSLContext | None 
                 while data := await reader.read(CHUNK):
                     got += data
                 await sender
-        except ConnectionResetError:
-            if not reset_ok:
+        except OSError as exc:
+            # a reset shows up as ECONNRESET on a read, or as EPIPE or ENOTCONN when the
+            # half-close is sent after it
+            if not reset_ok or exc.errno not in (errno.ECONNRESET, errno.EPIPE,
+                                                 errno.ENOTCONN):
                 raise
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):

@@ -410,8 +410,8 @@ async def test_tls13_key_updates_from_openssl_mid_relay(pki: Any) -> None:
 
 
 async def test_pumps_share_one_epoll_set_closed_at_drain(pki: Any) -> None:
-    """Pumped sockets live in one epoll set per data plane (the loop watches its fd only);
-    drain closes it after the last connection."""
+    """Pumped sockets (and the listening socket) live in one epoll set per data plane
+    (the loop watches its fd only); drain closes it after the last connection."""
     backend = await Backend(mode="echo").start()
     enforcer = await Enforcer({**inbound_cfg(pki, backend.port, default="allow", rules=[],
                                              mode="off"), "relay": "native"}).start()
@@ -419,6 +419,7 @@ async def test_pumps_share_one_epoll_set_closed_at_drain(pki: Any) -> None:
     assert poller is not None
     epfd = poller.fileno()
     assert os.readlink(f"/proc/self/fd/{epfd}") == "anon_inode:[eventpoll]"
+    assert _watched(epfd) == 1  # the listening socket (acceptor.py)
     streams = []
     for _ in range(5):
         reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
@@ -426,11 +427,11 @@ async def test_pumps_share_one_epoll_set_closed_at_drain(pki: Any) -> None:
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
         streams.append((reader, writer))
     assert len(enforcer.plane.pumped) == 5
-    assert _watched(epfd) == 10  # both sockets of each connection
+    assert _watched(epfd) == 1 + 10  # both sockets of each connection
     for _, writer in streams:
         writer.close()
     await enforcer.wait_flows(5)
-    assert _watched(epfd) == 0
+    assert _watched(epfd) == 1
     await enforcer.stop()
     await backend.close()
     assert enforcer.plane.poller is None and poller.fileno() == -1
