@@ -59,11 +59,13 @@ class Acceptor:
         self._loop = asyncio.get_running_loop()
         self._accept = native.module().accept
         self._watches: list[Any] = []
+        self._local: dict[int, Any] = {}  # listening fd -> its connections' local address
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         try:
             for sock in server.sockets:
                 fd, family = sock.fileno(), sock.family
+                self._local[fd] = _fixed_local_address(sock)
                 listening = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
                 try:
                     listening.listen(BACKLOG)
@@ -113,12 +115,13 @@ class Acceptor:
                 continue  # ECONNABORTED, EPROTO, EPERM (firewall): skip that one
             if got is None:
                 return
+            conn_fd, family, peer = got
             try:
-                self._open(*got)
+                self._open(conn_fd, family, peer, self._local[fd])
             except Exception:  # a bug: this connection fails, the listener goes on
                 log.exception("listener %s: accepting a connection failed", self._listener.name)
 
-    def _open(self, fd: int, family: int, peer: Any) -> None:
+    def _open(self, fd: int, family: int, peer: Any, local: Any) -> None:
         # SOCK_NONBLOCK in the type: non-blocking in Python's view too, with no syscall
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fileno=fd)
         try:
@@ -128,7 +131,7 @@ class Acceptor:
         except OSError:
             sock.close()
             return
-        transport = RawTransport(self._loop, sock, watch, peername=peer)
+        transport = RawTransport(self._loop, sock, watch, peername=peer, sockname=local)
         conn = self._make_connection(self._listener)
         transport.start(conn.client)
         transport.start_reading()
@@ -143,3 +146,13 @@ class Acceptor:
         self._retry = None
         if not self._closed:
             self._watch_all(True)
+
+
+def _fixed_local_address(sock: Any) -> Any:
+    """The local address of every connection a listener accepts, when it is the same for
+    all (a listener bound to one IP address); None for a wildcard address, where it depends
+    on the interface a connection came in on (then getsockname() tells, per connection)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    local = sock.getsockname()
+    return None if local[0] in ("0.0.0.0", "::") else local

@@ -140,13 +140,15 @@ class RawTransport:
 
     __slots__ = ("_buffer", "_closing", "_eof_wanted", "_fd", "_gone", "_high", "_loop",
                  "_low", "_peername", "_protocol", "_read_eof", "_read_paused", "_reading",
-                 "_sock", "_started", "_watch", "_write_paused", "_writing")
+                 "_sock", "_sockname", "_started", "_watch", "_write_paused", "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, watch: Any, *,
-                 peername: Any = None) -> None:
+                 peername: Any = None, sockname: Any = None) -> None:
         self._loop = loop
         self._sock = sock
-        self._peername = peername  # known from accept(): no getpeername() needed
+        # known from accept() and the listener: no getpeername()/getsockname() needed
+        self._peername = peername
+        self._sockname = sockname
         self._watch = watch  # the socket's entry in the pumps' epoll set (_pump.Watch)
         watch.set_callback(self._ready)
         self._fd = sock.fileno()
@@ -359,7 +361,9 @@ class RawTransport:
                     self._peername = self._sock.getpeername()
                 return self._peername
             if name == "sockname":
-                return self._sock.getsockname()
+                if self._sockname is None:
+                    self._sockname = self._sock.getsockname()
+                return self._sockname
         except OSError:
             return default
         return default

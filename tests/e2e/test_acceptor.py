@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from enforcer.dataplane import acceptor, native
-from enforcer.dataplane.acceptor import Acceptor
+from enforcer.dataplane.acceptor import Acceptor, _fixed_local_address
 from enforcer.dataplane.rawtransport import RawTransport
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="needs the native extension")
@@ -80,6 +80,19 @@ async def test_connections_get_bare_transports_with_the_peer_address(
     assert _watched(poller.fileno()) == 2  # the listener and the connection
     transport.close()
     writer.close()
+
+
+def test_the_local_address_is_known_only_for_a_listener_on_one_address() -> None:
+    """Connections to a wildcard listener ask the kernel for their local address (it
+    depends on the interface); a listener on one address gives it without a syscall.
+    (Bound without listen(): nothing is reachable from outside.)"""
+    with socket.socket() as one, socket.socket() as wildcard, \
+            socket.socket(socket.AF_UNIX) as unix:
+        one.bind(("127.0.0.1", 0))
+        wildcard.bind(("0.0.0.0", 0))
+        assert _fixed_local_address(one) == one.getsockname()
+        assert _fixed_local_address(wildcard) is None
+        assert _fixed_local_address(unix) is None
 
 
 async def test_running_out_of_descriptors_pauses_accepting_then_recovers(
