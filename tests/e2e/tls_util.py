@@ -268,10 +268,14 @@ def sha(data: bytes) -> str:
 
 async def run_tool(*cmd: str, stdin: bytes = b"", timeout: float = 120,
                    env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
+    # Nothing to send: stdin is /dev/null (EOF at once). Writing even b"" to a pipe races
+    # with a tool that exits first (s_client after a refused handshake), and uvloop then
+    # raises instead of ignoring the closed pipe.
+    feed = bool(stdin)
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        *cmd, stdin=asyncio.subprocess.PIPE if feed else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(stdin if feed else None), timeout)
     assert proc.returncode is not None
     return proc.returncode, out, err
 
