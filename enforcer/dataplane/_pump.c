@@ -155,6 +155,19 @@ typedef struct {
 
 static PyTypeObject PollerType;
 
+/* A socket in the poller's epoll set that is not a pump's (see "watches" below). */
+#define WATCH_TAG ((uint64_t)1)
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *poller; /* the Poller (its epfd); NULL once closed */
+    PyObject *callback;
+    int fd;
+    uint32_t events; /* EPOLLIN / EPOLLOUT as registered; 0 = not in the set */
+} Watch;
+
+static PyTypeObject WatchType;
+
 /* ----------------------------------------------------------------- the pump object */
 typedef struct PumpObject Pump;
 
@@ -165,6 +178,7 @@ typedef struct {
     SSL *ssl;
     BIO *rbio, *wbio;
     PyObject *sslobj; /* keeps the SSL alive (the _ssl._SSLSocket) */
+    PyObject *adopt;  /* a Watch whose epoll entry for fd start() takes over, or NULL */
     char *out;        /* bytes waiting for this socket to become writable */
     size_t out_len, out_off, out_cap;
     int fin_in;           /* TCP FIN (or reset) seen */
@@ -643,10 +657,40 @@ static void pump_close_impl(Pump *p) {
         }
         out_free(e);
         Py_CLEAR(e->sslobj);
+        Py_CLEAR(e->adopt);
         e->ssl = NULL;
     }
     Py_CLEAR(p->on_event);
     Py_CLEAR(p->poller);
+}
+
+/* Take over the epoll entry a Watch has for this end's socket (one EPOLL_CTL_MOD instead
+   of the Watch's DEL and our ADD): from now on its events come to the pump, and the Watch
+   is left closed (no entry, no callback). A Watch not in the set is an ordinary ADD. */
+static int adopt_entry(Pump *p, int i) {
+    End *e = &p->e[i];
+    Watch *w = (Watch *)e->adopt;
+    e->adopt = NULL;
+    if (w->events == 0 || w->poller == NULL) {
+        Py_DECREF(w);
+        return watch(p, i, 0, 1);
+    }
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.ptr = e;
+    if (epoll_ctl(((Poller *)p->poller)->epfd, EPOLL_CTL_MOD, e->fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(w);
+        return -1;
+    }
+    e->reading = 1;
+    w->events = 0;
+    Py_CLEAR(w->callback);
+    Py_CLEAR(w->poller);
+    Py_DECREF(w); /* the epoll entry's reference, now the pump's */
+    Py_DECREF(w); /* ours */
+    return 0;
 }
 
 static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
@@ -658,7 +702,7 @@ static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     p->started = 1;
     p->last_active = monotonic_now();
     for (int i = 0; i < 2 && !p->closed; i++) {
-        if (watch(p, i, 0, 1) < 0) {
+        if ((p->e[i].adopt != NULL ? adopt_entry(p, i) : watch(p, i, 0, 1)) < 0) {
             /* unregister what was registered and close both descriptors, keeping the
                error: the caller fails the connection */
             PyObject *type, *value, *tb;
@@ -723,13 +767,23 @@ static int require_bound(void) {
 
 static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "poller",
-                             "on_event", NULL};
+                             "on_event", "client_watch", "upstream_watch", NULL};
     Pump *p = (Pump *)self;
     int fds[2];
-    PyObject *tls[2], *poller, *on_event;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO", kwlist, &fds[0], &tls[0], &fds[1],
-                                     &tls[1], &poller, &on_event)) {
+    PyObject *tls[2], *poller, *on_event, *watches[2] = {Py_None, Py_None};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OO", kwlist, &fds[0], &tls[0],
+                                     &fds[1], &tls[1], &poller, &on_event, &watches[0],
+                                     &watches[1])) {
         return -1;
+    }
+    for (int i = 0; i < 2; i++) {
+        Watch *w = (Watch *)watches[i];
+        if (watches[i] != Py_None &&
+            (!PyObject_TypeCheck(watches[i], &WatchType) || w->poller != poller ||
+             w->fd != fds[i])) {
+            PyErr_SetString(PyExc_TypeError, "a watch must be of the same poller and socket");
+            return -1;
+        }
     }
     if (!require_bound()) {
         return -1;
@@ -754,6 +808,12 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     }
     p->e[0].fd = fds[0];
     p->e[1].fd = fds[1];
+    for (int i = 0; i < 2; i++) {
+        if (watches[i] != Py_None) {
+            Py_INCREF(watches[i]);
+            Py_XSETREF(p->e[i].adopt, watches[i]);
+        }
+    }
     Py_INCREF(poller);
     p->poller = poller;
     Py_INCREF(on_event);
@@ -767,6 +827,8 @@ static int Pump_traverse(PyObject *self, visitproc visit, void *arg) {
     Py_VISIT(p->on_event);
     Py_VISIT(p->e[0].sslobj);
     Py_VISIT(p->e[1].sslobj);
+    Py_VISIT(p->e[0].adopt);
+    Py_VISIT(p->e[1].adopt);
     return 0;
 }
 
@@ -835,17 +897,7 @@ static PyTypeObject PumpType = {
    costs uvloop a poll handle, an ioctl and an add/delete probe of the descriptor. Its
    epoll entry carries the Watch's address with the low bit set (a Pump's End is never odd),
    and holds a reference to the Watch while registered. callback(readable, writable). */
-#define WATCH_TAG ((uint64_t)1)
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *poller; /* the Poller (its epfd); NULL once closed */
-    PyObject *callback;
-    int fd;
-    uint32_t events; /* EPOLLIN / EPOLLOUT as registered; 0 = not in the set */
-} Watch;
-
-static PyTypeObject WatchType;
+/* (the Watch type, its tag in epoll data and the Watch struct: see "watches" below) */
 
 static PyObject *event_owner(uint64_t tag) {
     if (tag & WATCH_TAG) {

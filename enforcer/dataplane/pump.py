@@ -62,6 +62,7 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
             return None
         tls_states.append(state)
     fds: list[int] = []
+    watches: list[Any] = []  # a bare socket's epoll entry, taken over by the pump
     duplicates: list[int] = []  # a bare socket's descriptor is given away, not duplicated
     try:
         for side in (client, upstream):
@@ -69,11 +70,13 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
             assert transport is not None
             if isinstance(transport, RawTransport):
                 fds.append(transport.fileno())
+                watches.append(transport.handover_watch())
             else:
                 fds.append(os.dup(transport.get_extra_info("socket").fileno()))
                 duplicates.append(fds[-1])
+                watches.append(None)
         pump: NativePump = ext.Pump(fds[0], tls_states[0], fds[1], tls_states[1], poller,
-                                    on_event)
+                                    on_event, watches[0], watches[1])
     except (OSError, AttributeError, RuntimeError, TypeError, ValueError):
         for fd in duplicates:
             os.close(fd)
@@ -90,7 +93,7 @@ def _detach(side: Side) -> None:
     transport = side.transport
     assert transport is not None
     if isinstance(transport, RawTransport):
-        transport.release()
+        transport.release(keep_entry=True)  # Pump.start() takes the epoll entry over
     else:
         transport.set_protocol(_DETACHED)
         transport.abort()

@@ -189,6 +189,8 @@ class RawTransport:
             self._watch_set()
 
     def _watch_set(self) -> None:
+        if self._watch is None:  # handed over to the pump
+            return
         try:
             self._watch.set(self._reading, self._writing)
         except OSError as exc:  # the epoll set refused: the connection cannot go on
@@ -337,16 +339,27 @@ class RawTransport:
 
     def _stop_watching(self) -> None:
         self._reading = self._writing = False
-        self._watch.close()  # leaves the epoll set (before the descriptor is closed)
+        if self._watch is not None:
+            self._watch.close()  # leaves the epoll set (before the descriptor is closed)
 
-    def release(self) -> int:
-        """Give the descriptor away (to the native pump): no callback comes after this."""
+    def release(self, *, keep_entry: bool = False) -> int:
+        """Give the descriptor away (to the native pump): no callback comes after this.
+        ``keep_entry``: leave the socket's epoll entry for the pump to take over (it was
+        given ``handover_watch()``); otherwise the socket leaves the epoll set here."""
         if self._gone:
             raise RuntimeError("the socket is already closed")
-        self._stop_watching()
+        if keep_entry:
+            self._reading = self._writing = False
+            self._watch = None  # the pump holds it until it takes the entry over
+        else:
+            self._stop_watching()
         self._closing = self._gone = True
         self._protocol = None
         return self._sock.detach()
+
+    def handover_watch(self) -> Any:
+        """The socket's epoll entry (``_pump.Watch``), for ``_pump.Pump`` to take over."""
+        return self._watch
 
     def fileno(self) -> int:
         return self._fd

@@ -234,3 +234,42 @@ def _watched(epfd: int) -> int:
     """How many descriptors the epoll set holds (from /proc)."""
     with open(f"/proc/self/fdinfo/{epfd}") as f:
         return sum(1 for line in f if line.startswith("tfd:"))
+
+
+async def test_the_pump_takes_over_a_watched_socket_and_relays(poller: Any) -> None:
+    """Pump(..., client_watch=) takes the socket's epoll entry over (one MOD instead of the
+    watch's DEL and its own ADD): the watch calls nothing any more, the epoll set keeps one
+    entry per socket, and the pump relays both ways."""
+    ext = native.module()
+    a_near, a_far = socket.socketpair()
+    b_near, b_far = socket.socketpair()
+    for s in (a_near, b_near, a_far, b_far):
+        s.setblocking(False)
+    calls: list[tuple[bool, bool]] = []
+    watch = poller.watch(a_near.fileno(), lambda r, w: calls.append((r, w)))
+    watch.set(True, False)
+    other = poller.watch(b_near.fileno(), lambda r, w: None)
+    with pytest.raises(TypeError):  # a watch of another socket
+        ext.Pump(a_near.fileno(), None, b_near.fileno(), None, poller, lambda *a: None, other)
+    other.close()
+    events: list[str] = []
+    pump = ext.Pump(a_near.detach(), None, b_near.detach(), None, poller,
+                    lambda kind, side, detail: events.append(kind), watch, None)
+    pump.start()
+    assert _watched(poller.fileno()) == 2
+    up, down = random_bytes(300_000), random_bytes(200_000)
+    got_b, got_a = bytearray(), bytearray()
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(loop.sock_sendall(a_far, up), loop.sock_sendall(b_far, down))
+    while len(got_b) < len(up) or len(got_a) < len(down):
+        if len(got_b) < len(up):
+            got_b += await asyncio.wait_for(loop.sock_recv(b_far, 65536), 5)
+        if len(got_a) < len(down):
+            got_a += await asyncio.wait_for(loop.sock_recv(a_far, 65536), 5)
+    assert hashlib.sha256(got_b).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got_a).digest() == hashlib.sha256(down).digest()
+    assert calls == []  # every event went to the pump
+    pump.close()
+    assert _watched(poller.fileno()) == 0
+    a_far.close()
+    b_far.close()
