@@ -117,7 +117,9 @@ def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
         sock.close()
         done(None, exc)
         return None
-    if err not in (0, errno.EINPROGRESS, errno.EAGAIN):  # unix sockets: EAGAIN, backlog full
+    # TCP: EINPROGRESS. A unix socket connects at once or fails; its EAGAIN (the
+    # listener's backlog is full) does not leave a connect in progress: a failure.
+    if err not in (0, errno.EINPROGRESS):
         sock.close()
         done(None, OSError(err, os.strerror(err)))
         return None

@@ -273,3 +273,34 @@ async def test_the_pump_takes_over_a_watched_socket_and_relays(poller: Any) -> N
     assert _watched(poller.fileno()) == 0
     a_far.close()
     b_far.close()
+
+
+async def test_a_unix_listener_with_a_full_backlog_is_a_failed_connect(
+        poller: Any, tmp_path: Any) -> None:
+    """A unix socket's connect does not stay in progress: EAGAIN (backlog full) fails at
+    once, with the error, instead of waiting for a writability that means nothing."""
+    path = str(tmp_path / "app.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    while True:  # fill the backlog
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    results: list[tuple[Any, OSError | None]] = []
+    target = target_of(Address(path=path))
+    assert target is not None
+    pending = rawtransport.connect(asyncio.get_running_loop(), poller, target,
+                                   lambda t, e: results.append((t, e)))
+    assert pending is None
+    ((transport, exc),) = results
+    assert transport is None and exc is not None and exc.errno == errno.EAGAIN
+    assert _watched(poller.fileno()) == 0
+    for s in [*fillers, listener]:
+        s.close()
