@@ -14,10 +14,11 @@ unix paths, the sockets a supervisor hands to its workers) and closing behave as
 poller; a ready listener is drained with ``_pump.accept`` (``accept4`` with
 ``SOCK_NONBLOCK | SOCK_CLOEXEC``, the peer address included), at most ``ACCEPT_BATCH``
 connections per wake-up so that one busy listener cannot starve the rest. When the
-process runs out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), accepting
-pauses for ``ACCEPT_RETRY`` seconds instead of spinning on a listener that stays ready,
-and that is logged at most once per pause; other accept errors (a connection reset
-before it was accepted) skip that connection.
+process runs out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), or accept
+fails in a way that says nothing about one connection, accepting pauses for
+``ACCEPT_RETRY`` seconds instead of spinning on a listener that stays ready, and that is
+logged once per pause; errors about one connection (reset before it was accepted, refused
+by a firewall) skip that connection.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ log = logging.getLogger("enforcer.dataplane")
 ACCEPT_BATCH: Final = 64
 ACCEPT_RETRY: Final = 1.0
 BACKLOG: Final = 1024
-RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2): errors about the one connection being accepted; the next one may be fine.
+# Anything else (EMFILE, ENFILE, ENOBUFS, ENOMEM, or an error nobody expects) pauses.
+CONNECTION_ERRORS: Final = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+    errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})
 
 
 def _unset(readable: bool, writable: bool) -> None:
@@ -109,10 +114,10 @@ class Acceptor:
             try:
                 got = accept(fd)
             except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:
-                    self._pause(exc)
-                    return
-                continue  # ECONNABORTED, EPROTO, EPERM (firewall): skip that one
+                if exc.errno in CONNECTION_ERRORS:
+                    continue  # that connection is gone (reset, refused by a firewall)
+                self._pause(exc)
+                return
             if got is None:
                 return
             conn_fd, family, peer = got

@@ -115,6 +115,24 @@ async def test_running_out_of_descriptors_pauses_accepting_then_recovers(
     Conn.made[0].client.transport.close()
 
 
+async def test_an_accept_error_that_is_not_about_one_connection_pauses(
+        listening: tuple[Acceptor, Any, int], caplog: pytest.LogCaptureFixture) -> None:
+    """A listening socket shut down under the acceptor is always ready and accept() fails
+    with EINVAL: the listener pauses instead of spinning."""
+    acc, poller, _port = listening
+    fd = acc.sockets[0].fileno()
+    with caplog.at_level(logging.WARNING, logger="enforcer.dataplane"):
+        listening_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+        try:
+            listening_sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            listening_sock.detach()
+        await asyncio.sleep(0.1)
+    assert _watched(poller.fileno()) == 0
+    assert "cannot accept connections (Invalid argument)" in caplog.text
+    assert Conn.made == []
+
+
 async def test_close_stops_accepting(listening: tuple[Acceptor, Any, int]) -> None:
     acc, poller, port = listening
     acc.close()
