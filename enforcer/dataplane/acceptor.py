@@ -142,6 +142,8 @@ class Acceptor:
         transport.start_reading()
 
     def _pause(self, exc: OSError) -> None:
+        if self._retry is not None:  # another of its sockets paused it in the same round
+            return
         log.warning("listener %s: cannot accept connections (%s); retrying in %.0f s",
                     self._listener.name, exc.strerror or exc, ACCEPT_RETRY)
         self._watch_all(False)

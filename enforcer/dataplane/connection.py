@@ -469,15 +469,14 @@ class Connection:
 
     def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
                        exc: OSError | None) -> None:
-        self.connecting = None
+        self.connecting = None  # (a cancelled connect never calls back: see _finish)
         try:
             side = self.upstream
-            if transport is None or side is None or self.stage == Stage.CLOSED:
-                if transport is not None:
-                    transport.abort()
-                if side is not None and side.transport is None:
-                    side.lost = True  # never connected: no callback will come from it
-                self._connect_failed(exc or OSError(errno.ECONNABORTED, "connect abandoned"))
+            assert side is not None
+            if transport is None:
+                assert exc is not None
+                side.lost = True  # never connected: no callback will come from it
+                self._connect_failed(exc)
                 return
             self._cancel_stage_timer()
             self.listener.upstream.observe_connect(time.monotonic() - started)
@@ -720,7 +719,8 @@ class Connection:
             self._proxy_error("timeout", "no complete PROXY header in time")
             return
         if reason == "upstream_connect_timeout":
-            self._connect_timed_out()
+            self._fail(reason, f"connect to {self.listener.upstream.cfg.address} timed out",
+                       upstream_reason="connect_timeout")
             return
         if reason == "handshake_timeout":
             self.plane.metrics.tls_handshake_errors_total.labels(
@@ -730,11 +730,6 @@ class Connection:
                 upstream=self.listener.upstream.name, reason="tls_timeout").inc()
         action = "allow" if self.stage == Stage.RELAY else "error"
         self._finish(action, reason, detail=f"{reason.replace('_', ' ')} reached", abort=True)
-
-    def _connect_timed_out(self) -> None:
-        self._fail("upstream_connect_timeout",
-                   f"connect to {self.listener.upstream.cfg.address} timed out",
-                   upstream_reason="connect_timeout")
 
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""

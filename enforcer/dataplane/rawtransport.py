@@ -179,13 +179,16 @@ class RawTransport:
         if self._gone:
             return
         self._started = True
-        self._reading = not (self._closing or self._read_paused or self._read_eof)
+        self._reading = self._wants_to_read()
         self._watch_set()
 
     # -- reading ---------------------------------------------------------------------------
-    def _update_reader(self) -> None:
-        want = self._started and not (self._gone or self._closing or self._read_paused
+    def _wants_to_read(self) -> bool:
+        return self._started and not (self._gone or self._closing or self._read_paused
                                       or self._read_eof)
+
+    def _update_reader(self) -> None:
+        want = self._wants_to_read()
         if want != self._reading:
             self._reading = want
             self._watch_set()
@@ -231,9 +234,6 @@ class RawTransport:
         self._read_paused = False
         self._update_reader()
 
-    def is_reading(self) -> bool:
-        return self._reading
-
     # -- writing ---------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._gone or self._closing or self._eof_wanted or not data:
@@ -251,6 +251,8 @@ class RawTransport:
             data = memoryview(data)[sent:]
             self._writing = True
             self._watch_set()
+            if self._gone:  # the epoll set refused the socket: closed
+                return
         self._buffer += data  # a copy: the caller may reuse its buffer
         if not self._write_paused and len(self._buffer) > self._high:
             self._write_paused = True
@@ -382,9 +384,3 @@ class RawTransport:
         except OSError:
             return default
         return default
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-
-    def get_protocol(self) -> Any:
-        return self._protocol
