@@ -74,6 +74,11 @@ typedef struct {          /* struct buf_mem_st, public in <openssl/buffer.h> */
 #define BIO_C_SET_BUF_MEM 114
 #define BIO_C_GET_BUF_MEM_PTR 115
 #define BIO_CLOSE 0x01
+#define SSL_CTRL_SET_SESS_CACHE_MODE 44
+#define SSL_CTRL_GET_SESS_CACHE_MODE 45
+#define SSL_SESS_CACHE_CLIENT 0x0001
+#define SSL_SESS_CACHE_NO_INTERNAL_STORE 0x0200
+#define CRYPTO_EX_INDEX_SSL_CTX 1
 
 static struct {
     int (*SSL_read)(SSL *, void *, int);
@@ -98,6 +103,13 @@ static struct {
     int (*SSL_free_buffers)(SSL *);
     unsigned long (*OpenSSL_version_num)(void);
     BUF_MEM *(*BUF_MEM_new)(void);
+    void (*SSL_CTX_sess_set_new_cb)(SSL_CTX *, int (*)(SSL *, SSL_SESSION *));
+    int (*(*SSL_CTX_sess_get_new_cb)(SSL_CTX *))(SSL *, SSL_SESSION *);
+    void *(*SSL_CTX_get_ex_data)(const SSL_CTX *, int);
+    int (*SSL_CTX_set_ex_data)(SSL_CTX *, int, void *);
+    int (*CRYPTO_get_ex_new_index)(int, long, void *, void *, void *,
+                                   void (*)(void *, void *, void *, int, long, void *));
+    int (*SSL_SESSION_is_resumable)(const SSL_SESSION *);
 } ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
@@ -1261,6 +1273,12 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(SSL_free_buffers);
     BIND(OpenSSL_version_num);
     BIND(BUF_MEM_new);
+    BIND(SSL_CTX_sess_set_new_cb);
+    BIND(SSL_CTX_sess_get_new_cb);
+    BIND(SSL_CTX_get_ex_data);
+    BIND(SSL_CTX_set_ex_data);
+    BIND(CRYPTO_get_ex_new_index);
+    BIND(SSL_SESSION_is_resumable);
     free_buffers_safe = fixed_free_buffers(ossl.OpenSSL_version_num());
     BIO *r, *w;
     PyObject *inner;
@@ -1394,6 +1412,111 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- the newest client session -------------------------------------------------------
+ * A client context tracked with track_sessions() keeps the newest session the server gave
+ * it (with TLS 1.3: the last NewSessionTicket, which arrives after the handshake), in the
+ * context's own ex_data slot, and resume_latest() resumes a copy of it on a new connection.
+ * Taking the session only when a connection ends is not enough: a ticket presented by every
+ * connection of a burst ages out of the server's bounded cache while those connections are
+ * still open, and every later one then makes a full handshake. The slot is freed with the
+ * context (a reload makes a new one). The callback runs inside OpenSSL calls on the event
+ * loop thread, sometimes with the GIL released: it touches no Python object. */
+static int latest_session_slot = -1;
+
+static void free_latest_session(void *parent, void *ptr, void *ad, int idx, long argl,
+                                void *argp) {
+    if (ptr != NULL) {
+        ossl.SSL_SESSION_free((SSL_SESSION *)ptr);
+    }
+}
+
+static int on_new_session(SSL *ssl, SSL_SESSION *session) {
+    SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(ssl);
+    SSL_SESSION *old = ossl.SSL_CTX_get_ex_data(ctx, latest_session_slot);
+    if (!ossl.SSL_CTX_set_ex_data(ctx, latest_session_slot, session)) {
+        return 0; /* OpenSSL keeps its reference; the old session stays */
+    }
+    if (old != NULL) {
+        ossl.SSL_SESSION_free(old);
+    }
+    return 1; /* the slot holds the reference OpenSSL passed us */
+}
+
+/* track_sessions(SSLContext, sample): from now on, keep the context's newest session. */
+static PyObject *mod_track_sessions(PyObject *module, PyObject *args) {
+    PyObject *context, *sample;
+    if (!require_bound()) {
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO", &context, &sample)) {
+        return NULL;
+    }
+    SSL_CTX *ctx = ctx_of(context, sample);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    if (latest_session_slot < 0) {
+        latest_session_slot = ossl.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL_CTX, 0, NULL,
+                                                           NULL, NULL, free_latest_session);
+        if (latest_session_slot < 0) {
+            ossl.ERR_clear_error();
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL gave no ex_data slot for sessions");
+            return NULL;
+        }
+    }
+    int (*current)(SSL *, SSL_SESSION *) = ossl.SSL_CTX_sess_get_new_cb(ctx);
+    if (current != NULL && current != on_new_session) {
+        PyErr_SetString(PyExc_RuntimeError, "the context already has a new-session callback");
+        return NULL;
+    }
+    long mode = ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_GET_SESS_CACHE_MODE, 0, NULL);
+    ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_SET_SESS_CACHE_MODE,
+                      mode | SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE, NULL);
+    ossl.SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+    Py_RETURN_NONE;
+}
+
+/* resume_latest((SSLObject, MemoryBIO, MemoryBIO)) -> bool: before a client handshake,
+   resume a copy of its context's newest session; False when there is none to resume (the
+   context is not tracked, no session came yet, or the last one is no longer resumable). */
+static PyObject *mod_resume_latest(PyObject *module, PyObject *sample) {
+    PyObject *inner;
+    BIO *r, *w;
+    if (!require_bound()) {
+        return NULL;
+    }
+    SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    if (ssl == NULL) {
+        return NULL;
+    }
+    Py_DECREF(inner);
+    if (latest_session_slot < 0) {
+        Py_RETURN_FALSE;
+    }
+    SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(ssl);
+    SSL_SESSION *latest = ossl.SSL_CTX_get_ex_data(ctx, latest_session_slot);
+    if (latest == NULL) {
+        Py_RETURN_FALSE;
+    }
+    if (!ossl.SSL_SESSION_is_resumable(latest)) { /* e.g. its connection was reset */
+        ossl.SSL_CTX_set_ex_data(ctx, latest_session_slot, NULL);
+        ossl.SSL_SESSION_free(latest);
+        Py_RETURN_FALSE;
+    }
+    SSL_SESSION *copy = ossl.SSL_SESSION_dup(latest);
+    if (copy == NULL) {
+        ossl.ERR_clear_error();
+        return PyErr_NoMemory();
+    }
+    int ok = ossl.SSL_set_session(ssl, copy);
+    ossl.SSL_SESSION_free(copy); /* the SSL holds its own reference */
+    if (ok != 1) {
+        ossl.ERR_clear_error();
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 /* frees_tls_buffers(version): whether idle pumps free OpenSSL's record buffers with this
    OpenSSL (OPENSSL_VERSION_NUMBER); without an argument, the bound library's answer. */
 static PyObject *mod_frees_tls_buffers(PyObject *module, PyObject *args) {
@@ -1465,6 +1588,10 @@ static PyObject *mod_accept(PyObject *module, PyObject *arg) {
 static PyMethodDef module_methods[] = {
     {"accept", mod_accept, METH_O, "accept(listen_fd) -> (fd, family, address) or None."},
     {"set_session", mod_set_session, METH_VARARGS, "Resume a copy of a session (see above)."},
+    {"track_sessions", mod_track_sessions, METH_VARARGS,
+     "Keep a client context's newest session (see above)."},
+    {"resume_latest", mod_resume_latest, METH_O,
+     "Resume a copy of the context's newest session; False if none."},
     {"keep_session", mod_keep_session, METH_O,
      "Mark an SSL as shut down so its session stays in the server cache."},
     {"session_cache", mod_session_cache, METH_VARARGS,

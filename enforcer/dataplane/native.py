@@ -25,7 +25,14 @@ unless they failed in TLS. The cache lives in the context, so every reload and t
 rotation (a new context) starts it empty, as new ticket keys did. TLS 1.2 clients resume
 by session id instead of tickets.
 
-And ``set_session``: resuming a TLS session on an outbound connection through a copy made
+Clients resume the newest session (``track_sessions``, ``resume_latest``): a tracked client
+context keeps, in C, the last session its server gave it (with TLS 1.3, the ticket that
+arrives after each handshake), and every new connection resumes a copy of it. Taking the
+session only when a connection ends would leave a burst of connections that stay open all
+presenting the ticket of the last one that ended; once the server's bounded cache (above)
+has forgotten it, every later connection of the burst makes a full handshake.
+
+And ``set_session`` (the fallback before a tracked context has a session): resuming a TLS session on an outbound connection through a copy made
 by ``SSL_SESSION_dup`` (certificates shared by reference) instead of CPython's copy, which
 encodes the session and decodes it again, parsing the server's certificate (~140 us per
 connection, against ~2 us). Sharing the session itself without a copy does not work: with
@@ -136,6 +143,31 @@ def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
     except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
         return False
     return True
+
+
+def track_sessions(ctx: ssl.SSLContext) -> bool:
+    """Make a client context keep its newest session for ``resume_latest``. False, and the
+    context unchanged, without the extension."""
+    ext = module()
+    if ext is None:
+        return False
+    try:
+        ext.track_sessions(ctx, _sample(ctx))
+    except (RuntimeError, TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def resume_latest(engine_state: Triple) -> bool:
+    """Resume a copy of the newest session of a tracked client context on a client
+    SSLObject before its handshake. False if there is none (or no extension)."""
+    ext = module()
+    if ext is None:
+        return False
+    try:
+        return bool(ext.resume_latest(engine_state))
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+        return False
 
 
 def frees_tls_buffers() -> bool:

@@ -125,8 +125,8 @@ class DataPlane:
             raise StartupError("config", f"upstreams.{ucfg.name}.tls: give server_name or "
                                "verify (a unix socket has no host name to check)")
         try:
-            ctx = build_client_context(material, mutual=tls.mode == "mtls",
-                                       check_hostname=not by_identity)
+            ctx = self.client_context(material, mutual=tls.mode == "mtls",
+                                      check_hostname=not by_identity)
         except MaterialError as exc:
             raise StartupError("tls", str(exc)) from None
         return UpstreamRuntime(ucfg, ctx, hostname, connect_histogram=connect)
@@ -150,6 +150,14 @@ class DataPlane:
         ctx = build_listener_context(material, tls, name)
         if self.native_relay:
             native.use_session_cache(ctx)
+        return ctx
+
+    def client_context(self, material: LoadedMaterial | None, *, mutual: bool,
+                       check_hostname: bool) -> ssl.SSLContext:
+        """An upstream's client context: at startup and on every reload and key rotation."""
+        ctx = build_client_context(material, mutual=mutual, check_hostname=check_hostname)
+        if self.native_relay:
+            native.track_sessions(ctx)
         return ctx
 
     async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:

@@ -74,8 +74,10 @@ class TlsEngine:
         self._out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(
             self._in, self._out, server_side=server_side, server_hostname=server_hostname)
-        if session is not None and not (native_session and native.set_session(self.state,
-                                                                               session)):
+        if native_session and native.resume_latest(self.state):
+            pass  # the newest session of a tracked context (see native.py)
+        elif session is not None and not (native_session and native.set_session(self.state,
+                                                                                 session)):
             self.obj.session = session  # CPython's copy: an encode and a decode
         # ciphertext not yet in the BIO; a deque only while there is some (an empty one is
         # ~600 bytes, on every idle connection)

@@ -27,7 +27,6 @@ import ssl
 from typing import TYPE_CHECKING
 
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
-from enforcer.tlsconf.context import build_client_context
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
 
 if TYPE_CHECKING:
@@ -93,8 +92,8 @@ def _contexts_for(server: Server, name: str, material: LoadedMaterial) -> list[S
             continue
         seen.add(id(up))
         try:
-            ctx = build_client_context(material, mutual=up.cfg.tls.mode == "mtls",
-                                       check_hostname=up.client_ctx.check_hostname)
+            ctx = server.plane.client_context(material, mutual=up.cfg.tls.mode == "mtls",
+                                              check_hostname=up.client_ctx.check_hostname)
         except MaterialError as exc:
             raise MaterialError(f"upstreams.{up.name}: {exc}") from None
         swaps.append((up, ctx))

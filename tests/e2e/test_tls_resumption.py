@@ -270,3 +270,34 @@ async def test_a_session_survives_a_client_that_resets_right_after_the_handshake
         assert sha(got) == sha(payload) and reused, "the session was dropped from the cache"
         server_ctx = inbound.plane.listeners[0].server_ctx
         assert server_ctx is not None and native.session_cache_stats(server_ctx) is not None
+
+
+async def test_a_burst_of_held_connections_keeps_resuming(pki: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbound resumes the newest ticket the inbound gave it, not the ticket of the
+    last connection that ended: connections that all stay open keep resuming even once the
+    inbound's bounded session cache has forgotten the first ones' sessions."""
+    from enforcer.dataplane import native
+
+    monkeypatch.setattr(native, "SESSION_CACHE_SIZE", 3)  # read when a context is built
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer({**inbound_cfg(pki, backend.port), "relay": "native"}).start()
+    outbound = await Enforcer({**outbound_cfg(pki, inbound.port()), "relay": "native"}).start()
+    held: list[asyncio.StreamWriter] = []
+    async with running(outbound, inbound, backend):
+        try:
+            for _ in range(12):  # one after the other, each answered before the next opens
+                reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+                held.append(writer)
+                payload = random_bytes(5_000)
+                writer.write(payload)
+                got = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+                assert sha(got) == sha(payload)
+        finally:
+            for writer in held:
+                writer.close()
+        out_recs = await outbound.wait_flows(12)
+        in_recs = await inbound.wait_flows(12)
+    assert [r["upstream"]["resumed"] for r in out_recs].count(True) == 11
+    assert [r["tls"]["resumed"] for r in in_recs].count(True) == 11
+    assert all(r["bytes"]["from_client"] == r["bytes"]["to_client"] == 5_000 for r in out_recs)

@@ -185,6 +185,74 @@ def test_one_session_resumes_again_and_again(pki, native_session: bool) -> None:
         assert send(client2, server2, payload, [70_000], [17_000]) == payload
 
 
+def _bounded_cache_server(pki, size: int) -> ssl.SSLContext:  # type: ignore[no-untyped-def]
+    """A listener-like server context: stateful tickets in a cache of ``size`` sessions."""
+    from enforcer.dataplane import native
+
+    sctx, _ = contexts(pki)
+    ext = native.module()
+    if ext is None:
+        pytest.skip(native.unavailable_reason())
+    ext.session_cache(sctx, native._sample(sctx, server_side=True), size)
+    sctx.options |= ssl.OP_NO_TICKET
+    return sctx
+
+
+def _connect(sctx: ssl.SSLContext, cctx: ssl.SSLContext, **client_kw) -> tuple[TlsEngine, TlsEngine]:  # type: ignore[no-untyped-def]
+    server = TlsEngine(sctx, server_side=True)
+    client = TlsEngine(cctx, server_side=False, server_hostname="localhost", **client_kw)
+    handshake(server, client)
+    payload = os.urandom(3000)  # the client reads the server's ticket with this reply
+    assert send(server, client, payload, [3000], [4096]) == payload
+    return server, client
+
+
+def test_a_tracked_client_context_resumes_its_newest_session(pki) -> None:  # type: ignore[no-untyped-def]
+    """Connections that stay open each resume the newest session: with a server cache of two
+    sessions, the first session is long forgotten by the tenth connection."""
+    from enforcer.dataplane import native
+
+    sctx = _bounded_cache_server(pki, 2)
+    _, cctx = contexts(pki)
+    assert native.track_sessions(cctx)
+    held = [_connect(sctx, cctx, native_session=True)]
+    first = held[0][1].session
+    assert not held[0][1].session_reused and first is not None
+    for _ in range(9):
+        server, client = _connect(sctx, cctx, native_session=True)
+        assert client.session_reused and server.session_reused
+        held.append((server, client))
+    # what taking the session of the first connection would have done
+    stale = TlsEngine(cctx, server_side=False, server_hostname="localhost")
+    stale.obj.session = first
+    server = TlsEngine(sctx, server_side=True)
+    handshake(server, stale)
+    assert not stale.session_reused
+
+
+def test_an_untracked_or_new_context_has_no_session_to_resume(pki) -> None:  # type: ignore[no-untyped-def]
+    from enforcer.dataplane import native
+
+    sctx = _bounded_cache_server(pki, 8)
+    _, untracked = contexts(pki)
+    _connect(sctx, untracked)
+    client = TlsEngine(untracked, server_side=False, server_hostname="localhost")
+    assert native.resume_latest(client.state) is False
+    _, tracked = contexts(pki)
+    assert native.track_sessions(tracked) and native.track_sessions(tracked)  # idempotent
+    client = TlsEngine(tracked, server_side=False, server_hostname="localhost")
+    assert native.resume_latest(client.state) is False  # none came yet
+    held = _connect(sctx, tracked)  # (a server frees the session of a dropped connection)
+    _, reloaded = contexts(pki)  # a reload: a new context starts without a session
+    assert native.track_sessions(reloaded)
+    client = TlsEngine(reloaded, server_side=False, server_hostname="localhost")
+    assert native.resume_latest(client.state) is False
+    server, client = _connect(sctx, tracked, native_session=True)
+    assert client.session_reused and server.session_reused and held[1].session is not None
+    swapped = (client.state[0], client.state[2], client.state[1])
+    assert native.resume_latest(swapped) is False  # not the layout the extension checks
+
+
 def test_the_native_session_copy_refuses_what_is_not_a_session(pki) -> None:  # type: ignore[no-untyped-def]
     from enforcer.dataplane import native
 
