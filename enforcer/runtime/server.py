@@ -36,6 +36,7 @@ from enforcer.dataplane.tasks import spawn
 from enforcer.observe.admin import AdminServer
 from enforcer.observe.flowlog import FlowLog, utc_timestamp
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
+from enforcer.runtime.heaptrim import HeapTrimmer
 from enforcer.runtime.reload import Reloader
 from enforcer.tlsconf.identity import identity_from_der
 from enforcer.tlsconf.material import LoadedMaterial
@@ -73,6 +74,8 @@ class Server:
         self.started = time.time()
         self._stop = asyncio.Event()
         self._orphan_watch: asyncio.Task[None] | None = None
+        self.heap_trimmer = HeapTrimmer()
+        self._heap_trim: asyncio.Task[None] | None = None
         self._forced = False
         self._signals = 0
 
@@ -92,6 +95,7 @@ class Server:
             log.info("admin endpoint bound on %s (/metrics /healthz /readyz /status)",
                      self.admin.bound)
         self.reloader.start()
+        self._heap_trim = spawn(self.heap_trimmer.run(), name="heap-trim")
         if self.sockets is not None:
             self._orphan_watch = spawn(self._stop_when_orphaned(), name="orphan-watch")
 
@@ -132,8 +136,9 @@ class Server:
 
     async def shutdown(self) -> int:
         self.reloader.stop()
-        if self._orphan_watch is not None:
-            self._orphan_watch.cancel()
+        for task in (self._orphan_watch, self._heap_trim):
+            if task is not None:
+                task.cancel()
         drain = self.cfg.limits.drain_timeout
         closed = await self.plane.drain(0.0 if self._forced else drain)
         if closed:
