@@ -1607,6 +1607,10 @@ static struct PyModuleDef pump_module = {
     "The native relay pump (see the comment at the top of _pump.c).", -1, module_methods,
 };
 
+/* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
+   stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
+#define API_VERSION 2
+
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||
         PyType_Ready(&WatchType) < 0) {
@@ -1625,6 +1629,10 @@ PyMODINIT_FUNC PyInit__pump(void) {
     Py_INCREF(&PollerType);
     if (PyModule_AddObject(m, "Poller", (PyObject *)&PollerType) < 0) {
         Py_DECREF(&PollerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

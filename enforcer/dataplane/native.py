@@ -48,6 +48,7 @@ from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
+API_VERSION: Final = 2  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 
@@ -64,6 +65,10 @@ def _bind() -> tuple[Any, str | None]:
         from enforcer.dataplane import _pump  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"the native extension is not built ({exc})"
+    built = getattr(_pump, "API_VERSION", None)
+    if built != API_VERSION:
+        return None, (f"the native extension is out of date (built for API {built}, this "
+                      f"enforcer needs {API_VERSION}): reinstall enforcer to rebuild it")
     import _ssl
 
     try:

@@ -68,6 +68,18 @@ def test_relay_native_refuses_to_start_without_the_extension(
     assert auto.native_relay is False
 
 
+def test_a_stale_build_of_the_extension_is_refused_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup.py keeps an old ``_pump`` when a compile fails (the extension is optional):
+    one that does not offer what this enforcer calls is reported instead of half used."""
+    assert native.module() is not None  # the real build passes
+    monkeypatch.setattr(native, "API_VERSION", native.API_VERSION + 1)
+    monkeypatch.setattr(native, "_bound", None)
+    assert native.module() is None
+    reason = native.unavailable_reason()
+    assert "out of date" in reason and f"needs {native.API_VERSION}" in reason
+
+
 async def _pair(pki: Any, backend_port: int, **inbound_kw: Any) -> tuple[Enforcer, Enforcer]:
     inbound = await Enforcer({**inbound_cfg(pki, backend_port, **inbound_kw),
                               "relay": "native"}).start()
