@@ -15,8 +15,9 @@ trimming again and again while free memory stays high but is already given back 
 still counts madvised chunks as free). haproxy trims the same way when it releases its
 memory pools.
 
-Only with glibc >= 2.33 (``mallinfo2``) on Linux; elsewhere (musl, macOS) it is off and says
-so once in the log. Python's own small-object arenas are returned by CPython when empty.
+Only with glibc >= 2.33 (``mallinfo2``) on Linux and glibc's own malloc; elsewhere (musl,
+macOS, a preloaded jemalloc or tcmalloc, AddressSanitizer) it is off and says so once in
+the log. Python's own small-object arenas are returned by CPython when empty.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class HeapTrimmer:
         self._mallinfo2.argtypes = []
         self._malloc_trim.restype = ctypes.c_int
         self._malloc_trim.argtypes = [ctypes.c_size_t]
+        if self._mallinfo2().arena == 0:  # a running Python always has a glibc main arena
+            self.unavailable_reason = "malloc is not glibc's (preloaded allocator?)"
 
     @property
     def available(self) -> bool:
