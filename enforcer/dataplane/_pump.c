@@ -1340,22 +1340,50 @@ static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
                          ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_SESS_NUMBER, 0, NULL));
 }
 
-/* keep_session((SSLObject, MemoryBIO, MemoryBIO)): mark the connection as shut down, so
-   that freeing it does not drop its session from the server's cache (OpenSSL drops the
-   session of any SSL freed without having sent close_notify, e.g. after a reset or a
-   timeout; nginx marks connections the same way). Fatal TLS errors drop it regardless. */
-static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
+/* The SSL* of a (SSLObject, MemoryBIO, MemoryBIO) sample, with the extension bound and the
+   layout checked; NULL with an exception set otherwise. */
+static SSL *bound_ssl_of(PyObject *sample) {
     PyObject *inner;
     BIO *r, *w;
     if (!require_bound()) {
         return NULL;
     }
     SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    if (ssl != NULL) {
+        Py_DECREF(inner);
+    }
+    return ssl;
+}
+
+/* Resume a copy of `session` on `ssl` (made with SSL_SESSION_dup: OpenSSL changes a session
+   while it resumes with it, so a shared one would resume only once). 1 done, 0 refused by
+   OpenSSL, -1 out of memory (exception set). */
+static int resume_copy(SSL *ssl, SSL_SESSION *session) {
+    SSL_SESSION *copy = ossl.SSL_SESSION_dup(session);
+    if (copy == NULL) {
+        ossl.ERR_clear_error();
+        PyErr_NoMemory();
+        return -1;
+    }
+    int ok = ossl.SSL_set_session(ssl, copy);
+    ossl.SSL_SESSION_free(copy); /* the SSL holds its own reference */
+    if (ok != 1) {
+        ossl.ERR_clear_error();
+        return 0;
+    }
+    return 1;
+}
+
+/* keep_session((SSLObject, MemoryBIO, MemoryBIO)): mark the connection as shut down, so
+   that freeing it does not drop its session from the server's cache (OpenSSL drops the
+   session of any SSL freed without having sent close_notify, e.g. after a reset or a
+   timeout; nginx marks connections the same way). Fatal TLS errors drop it regardless. */
+static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
+    SSL *ssl = bound_ssl_of(sample);
     if (ssl == NULL) {
         return NULL;
     }
     ossl.SSL_set_shutdown(ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
-    Py_DECREF(inner);
     Py_RETURN_NONE;
 }
 
@@ -1366,8 +1394,7 @@ static PyObject *mod_keep_session(PyObject *module, PyObject *sample) {
    resumes with it, so a shared one resumes only once. The session pointer is checked
    against the session's id as Python reports it. */
 static PyObject *mod_set_session(PyObject *module, PyObject *args) {
-    PyObject *sample, *session, *inner;
-    BIO *r, *w;
+    PyObject *sample, *session;
     if (!require_bound()) {
         return NULL;
     }
@@ -1392,21 +1419,15 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
                         "the _ssl session layout is not the expected one (ids do not match)");
         return NULL;
     }
-    SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    SSL *ssl = bound_ssl_of(sample);
     if (ssl == NULL) {
         return NULL;
     }
-    Py_DECREF(inner);
-    SSL_SESSION *copy = ossl.SSL_SESSION_dup(sess);
-    if (copy == NULL) {
-        ossl.ERR_clear_error();
-        return PyErr_NoMemory();
-    }
-    int ok = ossl.SSL_set_session(ssl, copy);
-    ossl.SSL_SESSION_free(copy); /* the SSL holds its own reference */
-    if (ok != 1) {
-        ossl.ERR_clear_error();
-        PyErr_SetString(PyExc_ValueError, "OpenSSL refused the session");
+    int done = resume_copy(ssl, sess);
+    if (done <= 0) {
+        if (done == 0) {
+            PyErr_SetString(PyExc_ValueError, "OpenSSL refused the session");
+        }
         return NULL;
     }
     Py_RETURN_NONE;
@@ -1480,16 +1501,10 @@ static PyObject *mod_track_sessions(PyObject *module, PyObject *args) {
    resume a copy of its context's newest session; False when there is none to resume (the
    context is not tracked, no session came yet, or the last one is no longer resumable). */
 static PyObject *mod_resume_latest(PyObject *module, PyObject *sample) {
-    PyObject *inner;
-    BIO *r, *w;
-    if (!require_bound()) {
-        return NULL;
-    }
-    SSL *ssl = ssl_of(sample, &r, &w, &inner);
+    SSL *ssl = bound_ssl_of(sample);
     if (ssl == NULL) {
         return NULL;
     }
-    Py_DECREF(inner);
     if (latest_session_slot < 0) {
         Py_RETURN_FALSE;
     }
@@ -1503,18 +1518,11 @@ static PyObject *mod_resume_latest(PyObject *module, PyObject *sample) {
         ossl.SSL_SESSION_free(latest);
         Py_RETURN_FALSE;
     }
-    SSL_SESSION *copy = ossl.SSL_SESSION_dup(latest);
-    if (copy == NULL) {
-        ossl.ERR_clear_error();
-        return PyErr_NoMemory();
+    int done = resume_copy(ssl, latest);
+    if (done < 0) {
+        return NULL;
     }
-    int ok = ossl.SSL_set_session(ssl, copy);
-    ossl.SSL_SESSION_free(copy); /* the SSL holds its own reference */
-    if (ok != 1) {
-        ossl.ERR_clear_error();
-        Py_RETURN_FALSE;
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(done);
 }
 
 /* frees_tls_buffers(version): whether idle pumps free OpenSSL's record buffers with this
