@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 import time
@@ -63,7 +62,7 @@ class HeapTrimmer:
         self.unavailable_reason: str | None = None
         self._rss_after_last = 0
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+            libc = ctypes.CDLL(None)  # the process's own symbols: libc's, without a lookup
             self._mallinfo2 = libc.mallinfo2
             self._malloc_trim = libc.malloc_trim
         except (OSError, AttributeError, TypeError) as exc:
