@@ -103,6 +103,12 @@ class HeapTrimmer:
                 (time.perf_counter() - started) * 1000)
         return returned
 
+    def status(self) -> dict[str, int | bool]:
+        """For /status (read from the admin thread: a statm read and a locked malloc walk)."""
+        return {"rss_bytes": resident_bytes(), "heap_free_bytes": self.free_heap_bytes(),
+                "heap_trim": self.available, "heap_trims": self.trims,
+                "heap_returned_bytes": self.returned_bytes}
+
     async def run(self, interval: float | None = None) -> None:
         """Check every ``interval`` seconds (``TRIM_INTERVAL``) until cancelled."""
         interval = TRIM_INTERVAL if interval is None else interval

@@ -186,6 +186,7 @@ class Server:
             "materials": [_material_status(name, m) for name, m in sorted(materials.items())],
             "reloads": _reload_status(self.reloader.status()),
             "flow_log": _flowlog_status(self.cfg, self.flowlog),
+            "memory": self.heap_trimmer.status(),
         }
 
 

@@ -175,6 +175,12 @@ async def test_status_lists_listeners_upstreams_materials_and_reloads(
                                      for kind in ("tls", "rulesets")}
         assert status["flow_log"] == {"sink": "file", "path": str(flows), "queued": 0,
                                       "written": 1, "dropped": 0}
+        memory = status["memory"]
+        assert set(memory) == {"rss_bytes", "heap_free_bytes", "heap_trim", "heap_trims",
+                               "heap_returned_bytes"}
+        assert memory["rss_bytes"] > 10 * 2**20 and memory["heap_trim"] is True
+        assert memory["heap_trims"] == server.heap_trimmer.trims >= 0
+        assert memory["heap_returned_bytes"] == server.heap_trimmer.returned_bytes
 
         # a broken rulesets reload: kept the last good state, and /status says why
         broken = dict(raw, rulesets={"rs": {"default": "maybe"}})
