@@ -32,8 +32,9 @@ session only when a connection ends would leave a burst of connections that stay
 presenting the ticket of the last one that ended; once the server's bounded cache (above)
 has forgotten it, every later connection of the burst makes a full handshake.
 
-And ``set_session`` (the fallback before a tracked context has a session): resuming a TLS session on an outbound connection through a copy made
-by ``SSL_SESSION_dup`` (certificates shared by reference) instead of CPython's copy, which
+And ``set_session`` (the fallback before a tracked context has a session): resuming a TLS
+session on an outbound connection through a copy made by ``SSL_SESSION_dup``
+(certificates shared by reference) instead of CPython's copy, which
 encodes the session and decodes it again, parsing the server's certificate (~140 us per
 connection, against ~2 us). Sharing the session itself without a copy does not work: with
 TLS 1.3 OpenSSL changes a session while it resumes with it, so it would resume only once.
