@@ -190,6 +190,9 @@ def cache_info() -> dict[str, int]:
 # ---------------------------------------------------------------------------- parsing
 def parse_der(der: bytes) -> PeerIdentity:
     """Uncached parse (``identity_from_der`` is the one to call)."""
+    if _serial_not_positive(der):
+        # RFC 5280 4.1.2.2; cryptography only warns today and will refuse such certificates
+        raise IdentityError("the certificate's serial number is not positive (RFC 5280)")
     try:
         cert = x509.load_der_x509_certificate(der)
         tbs = cert.tbs_certificate_bytes
@@ -285,6 +288,22 @@ def _children(data: bytes, start: int, end: int) -> list[tuple[int, int, int, in
         out.append((tag, start, vs, ve))
         start = ve
     return out
+
+
+def _serial_not_positive(der: bytes) -> bool:
+    """Whether the serial INTEGER of a certificate is zero or negative (False when the
+    structure cannot be read here: cryptography then says what is wrong with it)."""
+    try:
+        _, cs, ce = _tlv(der, 0)  # Certificate
+        _, _, ts, te = _children(der, cs, ce)[0]  # TBSCertificate
+        fields = _children(der, ts, te)
+        if fields and fields[0][0] == 0xA0:  # [0] version
+            fields = fields[1:]
+        tag, _, vs, ve = fields[0]
+    except (ValueError, IndexError):
+        return False
+    value = der[vs:ve]
+    return tag == 0x02 and (not value or value[0] & 0x80 != 0 or not any(value))
 
 
 def _decode(tag: int, value: bytes) -> str:

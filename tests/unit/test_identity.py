@@ -358,3 +358,27 @@ def test_synthetic_identity_from_spiffe_id() -> None:
         "spiffe://td/ns/a", "td", "/ns/a")
     assert ident.uri == ("spiffe://td/ns/a",)
     assert identity_from_spiffe_id("spiffe://td").spiffe_id is None
+
+
+@pytest.mark.parametrize(("first", "refused"), [
+    (b"\xfb", True), (b"\x80", True), (None, True), (b"\x01", False), (b"\x7f", False)])
+def test_a_non_positive_serial_is_refused_by_name(first: bytes | None, refused: bool) -> None:
+    """RFC 5280 wants a positive serial (cryptography only warns today): the parse says so,
+    before cryptography gets to warn. ``first`` replaces the serial's first byte (the
+    length stays, so every enclosing length stays valid); None zeroes the whole serial."""
+    import warnings
+
+    der = _FUZZ_DER
+    _, cs, ce = identity_mod._tlv(der, 0)
+    _, _, ts, te = identity_mod._children(der, cs, ce)[0]
+    fields = identity_mod._children(der, ts, te)
+    _, _, vs, ve = fields[1] if fields[0][0] == 0xA0 else fields[0]
+    value = bytes(ve - vs) if first is None else first + der[vs + 1:ve]
+    patched = der[:vs] + value + der[ve:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if refused:
+            with pytest.raises(IdentityError, match="serial number is not positive"):
+                parse_der(patched)
+        else:
+            assert parse_der(patched).serial == format(int.from_bytes(value, "big"), "x")
