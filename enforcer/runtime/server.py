@@ -38,7 +38,7 @@ from enforcer.observe.flowlog import FlowLog, utc_timestamp
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
 from enforcer.runtime.heaptrim import HeapTrimmer
 from enforcer.runtime.reload import Reloader
-from enforcer.tlsconf.identity import identity_from_der
+from enforcer.tlsconf.identity import IdentityError, identity_from_der
 from enforcer.tlsconf.material import LoadedMaterial
 
 log = logging.getLogger("enforcer.runtime")
@@ -217,7 +217,11 @@ def _material_status(name: str, material: LoadedMaterial) -> dict[str, Any]:
     if leaf is None:
         out["certificate"] = None
         return out
-    ident = identity_from_der(leaf.public_bytes(Encoding.DER))
+    try:
+        ident = identity_from_der(leaf.public_bytes(Encoding.DER))
+    except IdentityError as exc:  # e.g. a non-positive serial: peers refuse it too
+        out["certificate"] = {"subject": leaf.subject.rfc4514_string(), "error": str(exc)}
+        return out
     not_after = leaf.not_valid_after_utc
     out["certificate"] = {
         "subject": leaf.subject.rfc4514_string(), "issuer": leaf.issuer.rfc4514_string(),

@@ -312,3 +312,23 @@ def unix_get(path: str, target: str) -> bytes:
             while data := sock.recv(65536):
                 out += data
         return out
+
+
+def test_status_names_a_material_certificate_it_cannot_read(pki: Any, tmp_path: Path) -> None:
+    """Its own certificate with a zero serial (peers refuse it): /status says why instead of
+    failing as a whole."""
+    import warnings
+
+    from enforcer.runtime.server import _material_status
+    from enforcer.tlsconf.material import load_material
+    from tests.e2e.tls_util import material_cfg, openssl_issued
+
+    odd = openssl_issued(pki, tmp_path, "0")
+    with warnings.catch_warnings():  # cryptography warns while loading it
+        warnings.simplefilter("ignore")
+        material = load_material(material_cfg(cert=str(odd.cert), key=str(odd.key),
+                                              ca=str(pki.ca)))
+    view = _material_status("odd", material)
+    assert view["certificate"] == {
+        "subject": "CN=odd-serial",
+        "error": "the certificate's serial number is not positive (RFC 5280)"}

@@ -34,6 +34,7 @@ from tests.e2e.policy_util import (
     tls_exchange,
     wait_until,
 )
+from tests.e2e.tls_util import openssl_issued
 
 
 def spki_pin(cert: Path) -> str:
@@ -212,27 +213,6 @@ async def test_outbound_rules_on_the_upstreams_verified_identity(pki: Any) -> No
                      "allow") == 1
 
 
-def _openssl_client_cert(pki: Any, out: Path, serial: str) -> IssuedPaths:
-    """A client certificate from the trusted CA with the given serial, made by the openssl
-    command (cryptography refuses to build non-positive serials)."""
-    import subprocess
-
-    from tests.conftest import require_tool
-
-    openssl = require_tool("openssl")
-    out.mkdir(parents=True, exist_ok=True)
-    key, csr, cert = out / f"s{serial}.key", out / f"s{serial}.csr", out / f"s{serial}.crt"
-    subprocess.run([openssl, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=odd-serial",
-                    "-addext", f"subjectAltName=URI:{FRONTEND_ID}"],
-                   check=True, capture_output=True)
-    subprocess.run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(pki.ca),
-                    "-CAkey", str(pki.demo.ca_key), "-set_serial", serial, "-days", "2",
-                    "-copy_extensions", "copy", "-out", str(cert)],
-                   check=True, capture_output=True)
-    return IssuedPaths(cert=cert, key=key, ca=pki.ca)
-
-
 async def test_a_client_certificate_with_a_non_positive_serial_is_refused(
         pki: Any, tmp_path: Path) -> None:
     """RFC 5280 wants a positive serial; OpenSSL verifies such a certificate anyway, and
@@ -242,12 +222,12 @@ async def test_a_client_certificate_with_a_non_positive_serial_is_refused(
     frontend_rule = [r for r in rules(spki_pin(pki.client.cert)) if r["name"] == "frontend"]
     inbound = await Enforcer(inbound_cfg(pki, backend.port, rules=frontend_rule)).start()
     async with running(inbound, backend):
-        good = _openssl_client_cert(pki, tmp_path, "7")
+        good = openssl_issued(pki, tmp_path, "7")
         payload = random_bytes(20_000)
         assert sha(await tls_exchange(inbound.port(), payload, ctx_for(pki, good))) == \
             sha(payload)
         for serial in ("0", "-5"):
-            odd = _openssl_client_cert(pki, tmp_path, serial)
+            odd = openssl_issued(pki, tmp_path, serial)
             assert await refused(inbound.port(), ctx_for(pki, odd)) == b""
         records = await inbound.wait_flows(3)
     assert records[0]["action"] == "allow" and records[0]["rule"] == "frontend"

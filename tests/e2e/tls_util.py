@@ -10,6 +10,7 @@ import hashlib
 import os
 import socket
 import ssl
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enforcer.config.model import TlsMaterialConfig
+from enforcer.tlsconf.certs import IssuedPaths
 from tests.e2e.harness import LocalServer
 
 PEM = serialization.Encoding.PEM
@@ -323,3 +325,22 @@ def tls_reloads(server: Any, result: str) -> float:
         "enforcer_reloads_total", {"kind": "tls", "result": result})
     return float(value or 0.0)
 
+
+def openssl_issued(pki: Any, out: Path, serial: str, *,
+                   uri: str = "spiffe://enforcer.demo/ns/shop/sa/frontend") -> IssuedPaths:
+    """A certificate from the test CA with the given serial and a URI SAN, made by the
+    openssl command (cryptography refuses to build non-positive serials)."""
+    from tests.conftest import require_tool
+
+    openssl = require_tool("openssl")
+    out.mkdir(parents=True, exist_ok=True)
+    key, csr, cert = out / f"s{serial}.key", out / f"s{serial}.csr", out / f"s{serial}.crt"
+    subprocess.run([openssl, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=odd-serial",
+                    "-addext", f"subjectAltName=URI:{uri}"],
+                   check=True, capture_output=True)
+    subprocess.run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(pki.ca),
+                    "-CAkey", str(pki.demo.ca_key), "-set_serial", serial, "-days", "2",
+                    "-copy_extensions", "copy", "-out", str(cert)],
+                   check=True, capture_output=True)
+    return IssuedPaths(cert=cert, key=key, ca=pki.ca)
