@@ -178,7 +178,8 @@ async def test_status_lists_listeners_upstreams_materials_and_reloads(
         memory = status["memory"]
         assert set(memory) == {"rss_bytes", "heap_free_bytes", "heap_trim", "heap_trims",
                                "heap_returned_bytes"}
-        assert memory["rss_bytes"] > 10 * 2**20 and memory["heap_trim"] is True
+        assert memory["rss_bytes"] > 10 * 2**20
+        assert memory["heap_trim"] is server.heap_trimmer.available  # glibc malloc: True
         assert memory["heap_trims"] == server.heap_trimmer.trims >= 0
         assert memory["heap_returned_bytes"] == server.heap_trimmer.returned_bytes
 
