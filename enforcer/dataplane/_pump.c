@@ -909,7 +909,7 @@ static PyTypeObject PumpType = {
    costs uvloop a poll handle, an ioctl and an add/delete probe of the descriptor. Its
    epoll entry carries the Watch's address with the low bit set (a Pump's End is never odd),
    and holds a reference to the Watch while registered. callback(readable, writable). */
-/* (the Watch type, its tag in epoll data and the Watch struct: see "watches" below) */
+/* (WATCH_TAG and the Watch struct are defined near the top, before the pump uses them.) */
 
 static PyObject *event_owner(uint64_t tag) {
     if (tag & WATCH_TAG) {

@@ -126,10 +126,13 @@ Report = Callable[[str, BaseException], None]
 
 
 class _StreamSink:
-    """A text stream (stdout by default): one write and one flush per batch."""
+    """A text stream (stdout by default): one write and one flush per batch. The lines are
+    UTF-8 already: a stream with a bytes layer (stdout) gets them as they are, whatever
+    its text encoding; any other text stream gets them decoded."""
 
     def __init__(self, stream: TextIO, report: Report, *, line_writes: bool = False) -> None:
         self._stream = stream
+        self._binary: Any = getattr(stream, "buffer", None)
         self._report = report
         self._line_writes = line_writes
 
@@ -137,15 +140,22 @@ class _StreamSink:
         try:
             if self._line_writes:
                 for line in lines:
-                    self._stream.write(line.decode("utf-8"))
-                    self._stream.flush()
+                    self._put(line)
             else:
-                self._stream.write(b"".join(lines).decode("utf-8"))
-                self._stream.flush()
+                self._put(b"".join(lines))
         except (OSError, ValueError) as exc:  # ValueError: write to a closed stream
             self._report("writing to the stream failed", exc)
             return 0
         return len(lines)
+
+    def _put(self, data: bytes) -> None:
+        if self._binary is not None:
+            self._stream.flush()  # text written to the stream before stays before
+            self._binary.write(data)
+            self._binary.flush()
+        else:
+            self._stream.write(data.decode("utf-8"))
+            self._stream.flush()
 
     def reopen(self) -> None:
         pass

@@ -274,6 +274,22 @@ def test_unusual_values_are_written_as_json(tmp_path: Path, sink: str) -> None:
     assert "bücher" in text  # UTF-8, not \\u escapes
 
 
+def test_a_stream_with_a_bytes_layer_gets_utf8_whatever_its_encoding() -> None:
+    """stdout under LANG=C (or PYTHONIOENCODING=ascii) cannot encode an SNI like bücher:
+    the lines go to its bytes layer as UTF-8, after any text written to it before."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", write_through=False)
+    out.write("banner\n")  # still in the text layer's buffer
+    fl = FlowLog(FlowLogConfig(), NullMetrics(), stream=out)
+    fl.start()
+    fl.emit(record(1) | {"tls": {"sni": "bücher.example"}})
+    fl.close()
+    assert (fl.written, fl.dropped) == (1, 0)
+    banner, line = raw.getvalue().split(b"\n", 1)
+    assert banner == b"banner"
+    assert json.loads(line.decode("utf-8"))["tls"] == {"sni": "bücher.example"}
+
+
 def test_sink_off_writes_and_counts_nothing() -> None:
     m = Metrics()
     fl = FlowLog(FlowLogConfig(sink="off"), m)
