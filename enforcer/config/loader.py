@@ -18,6 +18,7 @@ import yaml
 
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
+    CIPHER_SUITES,
     Address,
     AdminConfig,
     Config,
@@ -230,7 +231,7 @@ class _Parser:
 
     def material(self, name: str, m: Node) -> TlsMaterialConfig | None:
         if not m.keys(("cert", "key", "ca", "crl", "dir", "inline", "pkcs12", "password_env",
-                       "min_version")):
+                       "min_version", "cipher_suites")):
             if m.is_null:
                 m.error("expected a mapping with cert/key/ca, dir, inline or pkcs12")
             return None
@@ -261,7 +262,8 @@ class _Parser:
             pass  # an unencrypted PKCS#12 bundle is allowed
         if kw["pkcs12_password_env"] and not kw["pkcs12"]:
             m["password_env"].error("goes with pkcs12")
-        return TlsMaterialConfig(name=name, path=m.path, min_version=cast(Any, min_version), **kw)
+        return TlsMaterialConfig(name=name, path=m.path, min_version=cast(Any, min_version),
+                                 cipher_suites=_cipher_suites(m["cipher_suites"]), **kw)
 
     # -- listeners -----------------------------------------------------------------------
     def listeners(self, node: Node) -> list[ListenerConfig]:
@@ -423,6 +425,24 @@ def _alpn(node: Node) -> tuple[str, ...]:
         if not 0 < len(proto.encode()) < 256:
             node[i].error(f"an ALPN protocol name is 1-255 bytes; got {proto!r}")
     return protocols
+
+
+def _cipher_suites(node: Node) -> tuple[str, ...]:
+    """``cipher_suites``: TLS 1.3 suite names in preference order (default CIPHER_SUITES)."""
+    if node.is_null:
+        return CIPHER_SUITES
+    suites = node.str_list()
+    if not suites:
+        if node.value == []:
+            node.error(f"needs at least one of {', '.join(CIPHER_SUITES)}")
+        return CIPHER_SUITES
+    for i, suite in enumerate(suites):
+        where = node[i] if isinstance(node.value, list) else node
+        if suite not in CIPHER_SUITES:
+            where.error(f"unknown cipher suite {suite!r}; one of {', '.join(CIPHER_SUITES)}")
+        elif suite in suites[:i]:
+            where.error(f"{suite} is listed twice")
+    return suites
 
 
 def _workers(node: Node) -> int:

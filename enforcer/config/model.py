@@ -43,6 +43,17 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
+# TLS 1.3 cipher suites enforcer accepts, and its default preference: AES-128-GCM first, as
+# BoringSSL (Envoy) and Go (ghostunnel) order them. P-256 keys and X25519 give 128-bit
+# security, so AES-256 and SHA-384 add cost (the key schedule's hashing above all), not
+# strength. ``cipher_suites`` reorders or narrows this; TLS 1.2 follows the same list.
+CIPHER_SUITES: tuple[str, ...] = (
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class TlsMaterialConfig:
     """Where a named certificate/key/trust bundle comes from. Exactly one source is set."""
@@ -60,6 +71,7 @@ class TlsMaterialConfig:
     pkcs12: str | None = None
     pkcs12_password_env: str | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
+    cipher_suites: tuple[str, ...] = CIPHER_SUITES  # preference order; see CIPHER_SUITES
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,7 @@ static struct {
     int (*CRYPTO_get_ex_new_index)(int, long, void *, void *, void *,
                                    void (*)(void *, void *, void *, int, long, void *));
     int (*SSL_SESSION_is_resumable)(const SSL_SESSION *);
+    int (*SSL_CTX_set_ciphersuites)(SSL_CTX *, const char *);
 } ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
@@ -1279,6 +1280,7 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(SSL_CTX_set_ex_data);
     BIND(CRYPTO_get_ex_new_index);
     BIND(SSL_SESSION_is_resumable);
+    BIND(SSL_CTX_set_ciphersuites);
     free_buffers_safe = fixed_free_buffers(ossl.OpenSSL_version_num());
     BIO *r, *w;
     PyObject *inner;
@@ -1338,6 +1340,29 @@ static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
     }
     return Py_BuildValue("(ll)", ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_GET_SESS_CACHE_SIZE, 0, NULL),
                          ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_SESS_NUMBER, 0, NULL));
+}
+
+/* set_ciphersuites(SSLContext, sample, "TLS_...:TLS_..."): the context's TLS 1.3 cipher
+   suites, in preference order (Python's ssl module can set only the TLS 1.2 ones). */
+static PyObject *mod_set_ciphersuites(PyObject *module, PyObject *args) {
+    PyObject *context, *sample;
+    const char *suites;
+    if (!require_bound()) {
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOs", &context, &sample, &suites)) {
+        return NULL;
+    }
+    SSL_CTX *ctx = ctx_of(context, sample);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    if (ossl.SSL_CTX_set_ciphersuites(ctx, suites) != 1) {
+        ossl.ERR_clear_error();
+        PyErr_Format(PyExc_ValueError, "OpenSSL refused the TLS 1.3 cipher suites %s", suites);
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 /* The SSL* of a (SSLObject, MemoryBIO, MemoryBIO) sample, with the extension bound and the
@@ -1602,6 +1627,8 @@ static PyMethodDef module_methods[] = {
      "Resume a copy of the context's newest session; False if none."},
     {"keep_session", mod_keep_session, METH_O,
      "Mark an SSL as shut down so its session stays in the server cache."},
+    {"set_ciphersuites", mod_set_ciphersuites, METH_VARARGS,
+     "Set a context's TLS 1.3 cipher suites, in preference order."},
     {"session_cache", mod_session_cache, METH_VARARGS,
      "Bound a context's session cache; returns (bound, sessions held now)."},
     {"bind", mod_bind, METH_VARARGS, "Bind to the OpenSSL the _ssl module uses; check layout."},
@@ -1617,7 +1644,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 2
+#define API_VERSION 3
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

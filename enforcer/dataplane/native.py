@@ -2,6 +2,9 @@
 shortcuts it makes possible for new connections. The relay pump itself is handed
 connections in ``pump.py``.
 
+It also sets the TLS 1.3 cipher suites of every context (``set_ciphersuites``), which
+Python's ``ssl`` module cannot.
+
 The extension reaches the OpenSSL objects behind Python's ``ssl`` objects (their layout is
 checked on live objects, and every OpenSSL function is looked up in the library the
 ``_ssl`` module itself uses). ``relay: auto`` (the default) uses it when it was built and
@@ -49,7 +52,7 @@ from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 2  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 3  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 
@@ -149,6 +152,19 @@ def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
     except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
         return False
     return True
+
+
+def set_ciphersuites(ctx: ssl.SSLContext, suites: str) -> None:
+    """Set a context's TLS 1.3 cipher suites (``"TLS_A:TLS_B"``, preference order); Python's
+    ``ssl`` cannot. Raises RuntimeError naming why when it cannot be done."""
+    ext = module()
+    if ext is None:
+        raise RuntimeError(unavailable_reason())
+    try:
+        server_side = ctx.protocol == ssl.PROTOCOL_TLS_SERVER
+        ext.set_ciphersuites(ctx, _sample(ctx, server_side=server_side), suites)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def track_sessions(ctx: ssl.SSLContext) -> bool:

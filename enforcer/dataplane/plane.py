@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from enforcer.config.model import (
+    CIPHER_SUITES,
     Address,
     Config,
     ListenerConfig,
@@ -42,7 +43,7 @@ from enforcer.proxyproto import (
     ssl_tlv,
     unique_id_tlv,
 )
-from enforcer.tlsconf.context import build_client_context, build_listener_context
+from enforcer.tlsconf.context import build_client_context, build_listener_context, tls13_suites
 from enforcer.tlsconf.identity import PeerIdentity
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
 from enforcer.tlsconf.sni import name_matches
@@ -148,6 +149,7 @@ class DataPlane:
                          name: str) -> ssl.SSLContext:
         """A listener's server context: at startup, and on every reload and key rotation."""
         ctx = build_listener_context(material, tls, name)
+        self._set_tls13_suites(ctx, material)
         if self.native_relay:
             native.use_session_cache(ctx)
         return ctx
@@ -156,9 +158,25 @@ class DataPlane:
                        check_hostname: bool) -> ssl.SSLContext:
         """An upstream's client context: at startup and on every reload and key rotation."""
         ctx = build_client_context(material, mutual=mutual, check_hostname=check_hostname)
+        self._set_tls13_suites(ctx, material)
         if self.native_relay:
             native.track_sessions(ctx)
         return ctx
+
+    def _set_tls13_suites(self, ctx: ssl.SSLContext, material: LoadedMaterial | None) -> None:
+        """TLS 1.3 suites in the material's order, with the extension; without it (relay:
+        python) OpenSSL's own order of all three, and a narrowed list is refused."""
+        where = f"tls.{material.name}.cipher_suites" if material else "cipher_suites"
+        if self.native_relay:
+            try:
+                native.set_ciphersuites(ctx, tls13_suites(material))
+            except RuntimeError as exc:
+                raise MaterialError(f"{where}: {exc}") from None
+        elif material is not None and set(material.cipher_suites) != set(CIPHER_SUITES):
+            why = ("relay: python" if self.cfg.relay == "python"
+                   else native.unavailable_reason())
+            raise MaterialError(f"{where}: leaving out TLS 1.3 suites needs the native "
+                                f"extension ({why})")
 
     async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Listen on every listener; ``sockets`` are ready-made ones (worker processes)."""

@@ -1,11 +1,15 @@
 """Build ``ssl.SSLContext`` objects from loaded material, with secure defaults only.
 
 Every context: TLS 1.2 minimum (or 1.3), TLS 1.2 suites ECDHE with AES-GCM or
-ChaCha20-Poly1305 only, no compression, no renegotiation, peer verification on with no
+ChaCha20-Poly1305 only, in the order of the material's ``cipher_suites`` (TLS 1.3 names;
+each maps to its two ECDHE TLS 1.2 suites), no compression, no renegotiation, peer verification on with no
 way to turn it off. Server contexts ask for a client certificate per ``client_auth``;
 client contexts always verify the server chain, and check either the host name or the
 configured identity (``verify: {uri, dns, cn}``, checked by the data plane after the
 handshake).
+
+The TLS 1.3 suites themselves cannot be set through Python's ``ssl`` module: the data plane
+sets them with the native extension (``tls13_suites`` gives the string it passes).
 
 Security level 2 is pinned in the cipher string (at least 112-bit keys: RSA >= 2048, no
 SHA-1 signatures), whatever the system's openssl.cnf says.
@@ -38,11 +42,17 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 
-from enforcer.config.model import ListenerTlsConfig
+from enforcer.config.model import CIPHER_SUITES, ListenerTlsConfig
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError
 from enforcer.tlsconf.sni import check_names_covered, sni_callback
 
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK:@SECLEVEL=2"
+# The TLS 1.2 suites standing for each TLS 1.3 one (same AEAD and hash; ECDHE only).
+_TLS12_EQUIVALENTS = {
+    "TLS_AES_128_GCM_SHA256": ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256"),
+    "TLS_AES_256_GCM_SHA384": ("ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384"),
+    "TLS_CHACHA20_POLY1305_SHA256": ("ECDHE-ECDSA-CHACHA20-POLY1305",
+                                     "ECDHE-RSA-CHACHA20-POLY1305"),
+}
 _SECURE_OPTIONS = (
     ssl.OP_NO_COMPRESSION
     | ssl.OP_NO_RENEGOTIATION
@@ -68,10 +78,21 @@ def _private_file(data: bytes) -> Iterator[str]:
             os.unlink(path)
 
 
-def _secure(ctx: ssl.SSLContext, min_version: str) -> None:
-    ctx.minimum_version = _versions(min_version)
+def tls12_ciphers(suites: tuple[str, ...] = CIPHER_SUITES) -> str:
+    """The OpenSSL cipher string for TLS 1.2: the equivalents of ``suites``, in order."""
+    names = [name for suite in suites for name in _TLS12_EQUIVALENTS[suite]]
+    return ":".join(names) + ":@SECLEVEL=2"
+
+
+def tls13_suites(material: LoadedMaterial | None) -> str:
+    """The OpenSSL TLS 1.3 cipher-suite string of a context built from ``material``."""
+    return ":".join(material.cipher_suites if material else CIPHER_SUITES)
+
+
+def _secure(ctx: ssl.SSLContext, material: LoadedMaterial | None) -> None:
+    ctx.minimum_version = _versions(material.min_version if material else "1.2")
     ctx.options |= _SECURE_OPTIONS
-    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.set_ciphers(tls12_ciphers(material.cipher_suites if material else CIPHER_SUITES))
 
 
 def _load_identity(ctx: ssl.SSLContext, material: LoadedMaterial) -> None:
@@ -106,7 +127,7 @@ def build_server_context(material: LoadedMaterial, client_auth: str) -> ssl.SSLC
     if not material.has_identity:
         raise MaterialError(f"tls.{material.name}: a listener needs a certificate and key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _secure(ctx, material.min_version)
+    _secure(ctx, material)
     _load_identity(ctx, material)
     if client_auth != "none":
         if material.ca_pem is None:
@@ -132,7 +153,7 @@ def build_client_context(
 ) -> ssl.SSLContext:
     """A client context: always verifies the server chain (system roots if no CA is given)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _secure(ctx, material.min_version if material else "1.2")
+    _secure(ctx, material)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = check_hostname
     if material is not None and material.ca_pem is not None:

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from enforcer.config.errors import ConfigError
+from enforcer.config.loader import parse_config
+from enforcer.config.model import CIPHER_SUITES
 from enforcer.tlsconf.context import (
     build_client_context,
     build_server_context,
+    tls13_suites,
 )
 from enforcer.tlsconf.identity import identity_from_der
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
@@ -75,6 +79,70 @@ def test_every_context_has_the_secure_defaults(server_m: LoadedMaterial,
             assert name.startswith("ECDHE-") and ("-GCM-" in name or "CHACHA20" in name), name
         tls13 = [c for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.3"]
         assert all(c["aead"] for c in tls13)
+
+
+def test_tls12_suites_follow_cipher_suites(tmp_path: Path, pkis: tuple[Issued, Issued, Issued],
+                                           server_m: LoadedMaterial,
+                                           client_m: LoadedMaterial) -> None:
+    assert _tls12_ciphers(build_server_context(server_m, "required")) == [
+        "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305"]
+    root, server, _ = pkis
+    chacha = _material(tmp_path, server, root, "chacha",
+                       cipher_suites=("TLS_CHACHA20_POLY1305_SHA256",))
+    sctx = build_server_context(chacha, "required")
+    assert _tls12_ciphers(sctx) == ["ECDHE-ECDSA-CHACHA20-POLY1305",
+                                    "ECDHE-RSA-CHACHA20-POLY1305"]
+    cctx = build_client_context(client_m, mutual=True, check_hostname=False)
+    cctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    s, _c = bio_handshake(sctx, cctx)
+    assert s.cipher()[0] == "ECDHE-ECDSA-CHACHA20-POLY1305"  # type: ignore[index]
+    assert tls13_suites(chacha) == "TLS_CHACHA20_POLY1305_SHA256"
+    assert tls13_suites(None) == "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:" \
+                                 "TLS_CHACHA20_POLY1305_SHA256"
+
+
+CIPHER_BASE = {
+    "version": 1, "node": {"name": "t"},
+    "listeners": [{"name": "in", "listen": "127.0.0.1:0", "tls": {"mode": "off"},
+                   "ruleset": "r", "upstream": "app"}],
+    "upstreams": {"app": {"address": "127.0.0.1:8080"}},
+    "rulesets": {"r": {"default": "allow"}},
+}
+
+
+def _cipher_cfg(suites: object) -> dict[str, object]:
+    return {**CIPHER_BASE, "tls": {"mesh": {"ca": "/x/ca.crt", "cipher_suites": suites}}}
+
+
+@pytest.mark.parametrize(("suites", "parsed"), [
+    (None, CIPHER_SUITES),
+    (["TLS_AES_256_GCM_SHA384"], ("TLS_AES_256_GCM_SHA384",)),
+    ("TLS_CHACHA20_POLY1305_SHA256", ("TLS_CHACHA20_POLY1305_SHA256",)),
+    (list(reversed(CIPHER_SUITES)), tuple(reversed(CIPHER_SUITES))),
+])
+def test_cipher_suites_config(suites: object, parsed: tuple[str, ...]) -> None:
+    assert parse_config(_cipher_cfg(suites)).tls["mesh"].cipher_suites == parsed
+
+
+@pytest.mark.parametrize(("suites", "issue"), [
+    ([], "tls.mesh.cipher_suites: needs at least one of TLS_AES_128_GCM_SHA256, "
+         "TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256"),
+    (["TLS_AES_128_GCM_SHA256", "ECDHE-ECDSA-AES128-SHA"],
+     "tls.mesh.cipher_suites[1]: unknown cipher suite 'ECDHE-ECDSA-AES128-SHA'; one of "
+     "TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256"),
+    ("TLS_AES_128_CCM_SHA256", "tls.mesh.cipher_suites: unknown cipher suite "
+     "'TLS_AES_128_CCM_SHA256'; one of TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, "
+     "TLS_CHACHA20_POLY1305_SHA256"),
+    (["TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384"],
+     "tls.mesh.cipher_suites[1]: TLS_AES_256_GCM_SHA384 is listed twice"),
+    ({"a": 1}, "tls.mesh.cipher_suites: expected a string, got a mapping"),
+])
+def test_cipher_suites_config_errors(suites: object, issue: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(_cipher_cfg(suites))
+    assert [str(i) for i in exc.value.issues] == [issue]
 
 
 def test_verification_modes(server_m: LoadedMaterial, client_m: LoadedMaterial) -> None:
