@@ -56,8 +56,9 @@ def _passed_on(args: argparse.Namespace) -> list[str]:
 def _run_worker(cfg: Config, spec: str) -> int:
     """A worker process started by the supervisor (``workers`` > 1)."""
     from enforcer.runtime.server import run
-    from enforcer.runtime.supervisor import worker_sockets
+    from enforcer.runtime.supervisor import worker_sockets, worker_ticket_secret
 
+    secret = worker_ticket_secret(spec)
     _, sockets, ready_file = worker_sockets(spec)
-    return run(cfg, sockets=sockets, admin=False, shared_flowlog=True,
+    return run(cfg, sockets=sockets, admin=False, shared_flowlog=True, ticket_secret=secret,
                on_ready=lambda _server: ready_file.touch())

@@ -75,6 +75,8 @@ typedef struct {          /* struct buf_mem_st, public in <openssl/buffer.h> */
 #define BIO_C_GET_BUF_MEM_PTR 115
 #define BIO_CLOSE 0x01
 #define SSL_CTRL_SET_SESS_CACHE_MODE 44
+#define SSL_CTRL_SET_TLSEXT_TICKET_KEYS 59
+#define TICKET_KEYS_LEN 80 /* key name 16, HMAC key 32, AES key 32 */
 #define SSL_CTRL_GET_SESS_CACHE_MODE 45
 #define SSL_SESS_CACHE_CLIENT 0x0001
 #define SSL_SESS_CACHE_NO_INTERNAL_STORE 0x0200
@@ -1365,6 +1367,36 @@ static PyObject *mod_set_ciphersuites(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_ticket_keys(SSLContext, sample, keys): the context's session-ticket keys, OpenSSL's
+   80-byte block (key name, HMAC key, AES key), instead of the random ones it drew itself:
+   worker processes that share them resume each other's tickets. */
+static PyObject *mod_set_ticket_keys(PyObject *module, PyObject *args) {
+    PyObject *context, *sample;
+    Py_buffer keys;
+    if (!require_bound()) {
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOy*", &context, &sample, &keys)) {
+        return NULL;
+    }
+    SSL_CTX *ctx = NULL;
+    if (keys.len != TICKET_KEYS_LEN) {
+        PyErr_Format(PyExc_ValueError, "ticket keys are %d bytes, got %zd", TICKET_KEYS_LEN,
+                     keys.len);
+    } else if ((ctx = ctx_of(context, sample)) != NULL &&
+               ossl.SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEYS_LEN,
+                                 keys.buf) != 1) {
+        ossl.ERR_clear_error();
+        PyErr_SetString(PyExc_ValueError, "OpenSSL refused the ticket keys");
+        ctx = NULL;
+    }
+    PyBuffer_Release(&keys);
+    if (ctx == NULL) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* The SSL* of a (SSLObject, MemoryBIO, MemoryBIO) sample, with the extension bound and the
    layout checked; NULL with an exception set otherwise. */
 static SSL *bound_ssl_of(PyObject *sample) {
@@ -1629,6 +1661,8 @@ static PyMethodDef module_methods[] = {
      "Mark an SSL as shut down so its session stays in the server cache."},
     {"set_ciphersuites", mod_set_ciphersuites, METH_VARARGS,
      "Set a context's TLS 1.3 cipher suites, in preference order."},
+    {"set_ticket_keys", mod_set_ticket_keys, METH_VARARGS,
+     "Set a context's session-ticket keys (80 bytes)."},
     {"session_cache", mod_session_cache, METH_VARARGS,
      "Bound a context's session cache; returns (bound, sessions held now)."},
     {"bind", mod_bind, METH_VARARGS, "Bind to the OpenSSL the _ssl module uses; check layout."},
@@ -1644,7 +1678,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 3
+#define API_VERSION 4
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

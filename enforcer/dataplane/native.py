@@ -2,8 +2,9 @@
 shortcuts it makes possible for new connections. The relay pump itself is handed
 connections in ``pump.py``.
 
-It also sets the TLS 1.3 cipher suites of every context (``set_ciphersuites``), which
-Python's ``ssl`` module cannot.
+It also sets the TLS 1.3 cipher suites of every context (``set_ciphersuites``) and, for
+worker processes, the session-ticket keys they share (``set_ticket_keys``, see
+``tlsconf.tickets``), which Python's ``ssl`` module cannot.
 
 The extension reaches the OpenSSL objects behind Python's ``ssl`` objects (their layout is
 checked on live objects, and every OpenSSL function is looked up in the library the
@@ -52,7 +53,7 @@ from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 3  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 4  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 
@@ -103,9 +104,11 @@ def unavailable_reason() -> str:
     return _bound[1] or ""
 
 
-def use_session_cache(ctx: ssl.SSLContext) -> bool:
-    """Give a listener context a bounded session cache with stateful TLS 1.3 tickets (see
-    the module comment). False, and the context unchanged, without the extension."""
+def use_session_cache(ctx: ssl.SSLContext, *, stateful: bool = True) -> bool:
+    """Give a listener context a bounded session cache, with stateful TLS 1.3 tickets (see
+    the module comment) unless ``stateful`` is False (worker processes sharing ticket keys:
+    their tickets must carry the session). False, and the context unchanged, without the
+    extension."""
     ext = module()
     if ext is None:
         return False
@@ -113,8 +116,22 @@ def use_session_cache(ctx: ssl.SSLContext) -> bool:
         ext.session_cache(ctx, _sample(ctx, server_side=True), SESSION_CACHE_SIZE)
     except (RuntimeError, TypeError, ValueError, AttributeError):
         return False
-    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_IGNORE_UNEXPECTED_EOF
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    if stateful:
+        ctx.options |= ssl.OP_NO_TICKET
     return True
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
+    """Make a listener context encrypt and accept session tickets under ``keys`` (80 bytes,
+    see ``tlsconf.tickets``). Raises RuntimeError naming why when it cannot be done."""
+    ext = module()
+    if ext is None:
+        raise RuntimeError(unavailable_reason())
+    try:
+        ext.set_ticket_keys(ctx, _sample(ctx, server_side=True), keys)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def session_cache_stats(ctx: ssl.SSLContext) -> tuple[int, int] | None:

@@ -47,6 +47,7 @@ from enforcer.tlsconf.context import build_client_context, build_listener_contex
 from enforcer.tlsconf.identity import PeerIdentity
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
 from enforcer.tlsconf.sni import name_matches
+from enforcer.tlsconf.tickets import ROTATION_PERIOD, rotation_epoch, ticket_keys
 
 log = logging.getLogger("enforcer.dataplane")
 
@@ -67,7 +68,9 @@ class StartupError(Exception):
 
 
 class DataPlane:
-    def __init__(self, cfg: Config, *, metrics: Any, flowlog: Any) -> None:
+    def __init__(self, cfg: Config, *, metrics: Any, flowlog: Any,
+                 ticket_secret: bytes | None = None) -> None:
+        """``ticket_secret``: the supervisor's, in a worker process (``tlsconf.tickets``)."""
         self.cfg = cfg
         self.metrics = metrics
         self.flowlog = flowlog
@@ -80,6 +83,9 @@ class DataPlane:
         self.open_events = cfg.flow_log.open_events
         self.draining = False
         self.native_relay = False  # decided in build() from cfg.relay
+        self.ticket_secret = ticket_secret
+        self.ticket_epoch = 0  # rotation period of the shared ticket keys now in use
+        self.ticket_period = float(ROTATION_PERIOD)  # seconds (tests shorten it)
         self.pumped: set[Connection] = set()  # connections relayed by the native pump
         self.poller: Any = None  # the native pumps' epoll set, watched by the loop
         self._pump_tick: asyncio.TimerHandle | None = None
@@ -93,6 +99,11 @@ class DataPlane:
     def build(self) -> None:
         """Load materials, build TLS contexts, compile rulesets (no sockets yet)."""
         self.native_relay = _choose_relay(self.cfg.relay)
+        if self.ticket_secret is not None and not self.native_relay:
+            log.warning("workers do not share session tickets without the native extension "
+                        "(%s): a resumption that reaches another worker makes a full "
+                        "handshake", "relay: python" if self.cfg.relay == "python"
+                        else native.unavailable_reason())
         errors: list[str] = []
         for name, mcfg in self.cfg.tls.items():
             try:
@@ -151,8 +162,21 @@ class DataPlane:
         ctx = build_listener_context(material, tls, name)
         self._set_tls13_suites(ctx, material)
         if self.native_relay:
-            native.use_session_cache(ctx)
+            native.use_session_cache(ctx, stateful=not self.shares_tickets)
+        if self.shares_tickets:
+            assert self.ticket_secret is not None
+            self.ticket_epoch = rotation_epoch(time.time(), self.ticket_period)
+            keys = ticket_keys(self.ticket_secret, name, material.fingerprint, self.ticket_epoch)
+            try:
+                native.set_ticket_keys(ctx, keys)
+            except RuntimeError as exc:
+                raise MaterialError(f"listeners.{name}: session-ticket keys: {exc}") from None
         return ctx
+
+    @property
+    def shares_tickets(self) -> bool:
+        """Whether listener contexts use the ticket keys every worker derives alike."""
+        return self.ticket_secret is not None and self.native_relay
 
     def client_context(self, material: LoadedMaterial | None, *, mutual: bool,
                        check_hostname: bool) -> ssl.SSLContext:

@@ -41,6 +41,7 @@ from enforcer.dataplane.tasks import spawn
 from enforcer.policy import compile_rulesets
 from enforcer.runtime.tlsreload import reload_tls_material, rotate_ticket_keys
 from enforcer.tlsconf.material import MaterialError
+from enforcer.tlsconf.tickets import rotation_epoch
 
 if TYPE_CHECKING:
     from enforcer.runtime.server import Server
@@ -97,11 +98,20 @@ class Reloader:
             await asyncio.sleep(self.interval)
             try:
                 self.poll()
-                if time.monotonic() - keys_made >= self.ticket_key_lifetime:
+                if self._keys_due(keys_made):
                     keys_made = time.monotonic()
                     rotate_ticket_keys(self.server)  # new listener contexts, new ticket keys
             except Exception:  # a bug must not stop the watching
                 log.exception("reload poll failed")
+
+    def _keys_due(self, keys_made: float) -> bool:
+        """Time for new ticket keys: an hour after the last ones, or, for workers sharing
+        keys (``tlsconf.tickets``), when the wall clock enters the next rotation period, so
+        that every worker changes keys together."""
+        plane = self.server.plane
+        if plane.shares_tickets:
+            return rotation_epoch(time.time(), plane.ticket_period) != plane.ticket_epoch
+        return time.monotonic() - keys_made >= self.ticket_key_lifetime
 
     def poll(self) -> list[str]:
         """Reload the kinds whose files changed since the last look; returns them."""

@@ -60,15 +60,17 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class Server:
     def __init__(self, cfg: Config, *, metrics: Metrics | None = None,
                  flowlog: Any = None, sockets: Mapping[str, socket.socket] | None = None,
-                 admin: bool = True) -> None:
+                 admin: bool = True, ticket_secret: bytes | None = None) -> None:
         """``sockets``: listening sockets made by the supervisor (worker processes), which
-        also runs the admin endpoint for all of them (``admin=False`` here)."""
+        also runs the admin endpoint for all of them (``admin=False`` here) and gives them
+        the secret their session-ticket keys come from (``ticket_secret``)."""
         self.cfg = cfg
         self.sockets = sockets
         self.admin_enabled = admin
         self.metrics = metrics or Metrics()
         self.flowlog = flowlog if flowlog is not None else FlowLog(cfg.flow_log, self.metrics)
-        self.plane = DataPlane(cfg, metrics=self.metrics, flowlog=self.flowlog)
+        self.plane = DataPlane(cfg, metrics=self.metrics, flowlog=self.flowlog,
+                               ticket_secret=ticket_secret)
         self.reloader = Reloader(self)
         self.admin: AdminServer | None = None
         self.started = time.time()
@@ -262,9 +264,10 @@ def _iso(when: dt.datetime) -> str:
 
 def run(cfg: Config, *, on_ready: Callable[[Server], None] | None = None,
         sockets: Mapping[str, socket.socket] | None = None, admin: bool = True,
-        shared_flowlog: bool = False) -> int:
+        shared_flowlog: bool = False, ticket_secret: bytes | None = None) -> int:
     """Run until stopped; returns the exit code. Raises ``StartupError``.
-    ``sockets``/``admin``/``shared_flowlog`` are set by the supervisor for a worker."""
+    ``sockets``/``admin``/``shared_flowlog``/``ticket_secret`` are set by the supervisor
+    for a worker."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     server: Server | None = None
@@ -273,7 +276,8 @@ def run(cfg: Config, *, on_ready: Callable[[Server], None] | None = None,
             nonlocal server
             metrics = Metrics()
             flowlog = FlowLog(cfg.flow_log, metrics, shared=shared_flowlog)
-            server = Server(cfg, metrics=metrics, flowlog=flowlog, sockets=sockets, admin=admin)
+            server = Server(cfg, metrics=metrics, flowlog=flowlog, sockets=sockets, admin=admin,
+                            ticket_secret=ticket_secret)
             server.flowlog.start()
             return await server.serve(on_ready)
 

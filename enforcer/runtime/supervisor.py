@@ -18,6 +18,11 @@ multiprocess mode (every worker writes its samples to files in a private directo
 the supervisor sums on each scrape), /readyz is 200 while every worker runs.
 
 Flow records: every worker writes its own, one write per line (see ``FlowLog(shared=)``).
+
+Session tickets: the supervisor draws one secret, in memory, and hands it to every worker
+(also a restarted one) through an inherited pipe; the workers derive the same ticket keys
+from it (``tlsconf.tickets``), so a client resumes whichever worker ``SO_REUSEPORT`` gives
+its next connection to.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from enforcer import __version__
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.dataplane.sockets import reserve, worker_socket_for
+from enforcer.tlsconf.tickets import SECRET_BYTES, new_secret
 
 log = logging.getLogger("enforcer.supervisor")
 
@@ -114,6 +120,7 @@ class Supervisor:
         self.exit_codes: list[int] = []
         self.admin: Any = None
         self.started_at = time.time()
+        self.ticket_secret = new_secret()  # every worker derives the same ticket keys from it
 
     # ------------------------------------------------------------------ parent
     def run(self) -> int:
@@ -249,14 +256,43 @@ class Supervisor:
             else:
                 host, port = sock.getsockname()[:2]
                 spec["sockets"][lst.name] = {"host": host, "port": port}
+        secret_fd = self._secret_pipe()
+        spec["ticket_secret_fd"] = secret_fd
         env = dict(os.environ, ENFORCER_WORKER=json.dumps(spec),
                    ENFORCER_SUPERVISOR_PID=str(os.getpid()))
         assert self.cfg.source is not None
-        child = subprocess.Popen(
-            [sys.executable, "-m", "enforcer", "run", "-c", self.cfg.source, *self.run_args],
-            env=env, pass_fds=fds)
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "enforcer", "run", "-c", self.cfg.source,
+                 *self.run_args], env=env, pass_fds=[*fds, secret_fd])
+        finally:
+            os.close(secret_fd)
         self.children[child.pid] = index
         self.started[index] = time.monotonic()
+
+
+    def _secret_pipe(self) -> int:
+        """The read end of a pipe holding the ticket secret, for one child to inherit (a
+        pipe, not the environment, which other processes of the user can read)."""
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, self.ticket_secret)  # far below the pipe's capacity
+        finally:
+            os.close(write_end)
+        return read_end
+
+
+def worker_ticket_secret(spec_text: str) -> bytes:
+    """In a worker: the supervisor's ticket secret, read from the inherited pipe."""
+    fd = int(json.loads(spec_text)["ticket_secret_fd"])
+    try:
+        secret = os.read(fd, SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(secret) != SECRET_BYTES:
+        raise StartupError("config", f"the supervisor's ticket secret is {len(secret)} bytes, "
+                           f"not {SECRET_BYTES}")
+    return secret
 
 
 def worker_sockets(spec_text: str) -> tuple[int, dict[str, socket.socket], Path]:

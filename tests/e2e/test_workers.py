@@ -13,7 +13,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import inbound_cfg
+from enforcer.tlsconf.certs import DEMO_CLIENT_ID
+from tests.e2e.harness import (
+    Enforcer,
+    exchange,
+    inbound_cfg,
+    outbound_cfg,
+    random_bytes,
+    running,
+    sha,
+)
 from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
 
 
@@ -93,6 +102,33 @@ def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki:
         assert len(records) == 21
         assert sorted(r["bytes"]["from_client"] for r in records) == sorted(
             [len(p) for p in payloads] + [len(again)])
+    finally:
+        proc.stop()
+        echo.close()
+
+
+async def test_a_client_resumes_whichever_worker_it_reaches(tmp_path: Path, pki: Any) -> None:
+    """Each worker accepts on its own SO_REUSEPORT socket, so consecutive connections of one
+    client land on either; both derive the same ticket keys from the supervisor's secret,
+    so every connection after the first resumes (with a key per worker, about half would
+    make a full handshake). Checked through a real outbound sidecar."""
+    echo = EchoServer()
+    cfg = inbound_cfg(pki, echo.port)
+    cfg["workers"] = 2
+    proc = EnforcerProcess(write_config(tmp_path / "in.yaml", cfg))
+    try:
+        port = proc.wait_bound()["inbound"]
+        outbound = await Enforcer(outbound_cfg(pki, port)).start()
+        async with running(outbound):
+            for _ in range(16):
+                payload = random_bytes(50_000)
+                assert sha(await exchange(outbound.port(), payload)) == sha(payload)
+            out_recs = await outbound.wait_flows(16)
+        _wait(lambda: sum(line.startswith("{") for line in proc.stdout_lines) == 16)
+        in_recs = [json.loads(line) for line in proc.stdout_lines if line.startswith("{")]
+        assert [r["upstream"]["resumed"] for r in out_recs] == [False] + [True] * 15
+        assert sorted(r["tls"]["resumed"] for r in in_recs) == [False] + [True] * 15
+        assert all(r["tls"]["peer"]["spiffe_id"] == DEMO_CLIENT_ID for r in in_recs)
     finally:
         proc.stop()
         echo.close()
