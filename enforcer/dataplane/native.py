@@ -125,13 +125,7 @@ def use_session_cache(ctx: ssl.SSLContext, *, stateful: bool = True) -> bool:
 def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
     """Make a listener context encrypt and accept session tickets under ``keys`` (80 bytes,
     see ``tlsconf.tickets``). Raises RuntimeError naming why when it cannot be done."""
-    ext = module()
-    if ext is None:
-        raise RuntimeError(unavailable_reason())
-    try:
-        ext.set_ticket_keys(ctx, _sample(ctx, server_side=True), keys)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise RuntimeError(str(exc)) from None
+    _configure(ctx, "set_ticket_keys", keys)
 
 
 def session_cache_stats(ctx: ssl.SSLContext) -> tuple[int, int] | None:
@@ -174,12 +168,17 @@ def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
 def set_ciphersuites(ctx: ssl.SSLContext, suites: str) -> None:
     """Set a context's TLS 1.3 cipher suites (``"TLS_A:TLS_B"``, preference order); Python's
     ``ssl`` cannot. Raises RuntimeError naming why when it cannot be done."""
+    _configure(ctx, "set_ciphersuites", suites)
+
+
+def _configure(ctx: ssl.SSLContext, function: str, value: bytes | str) -> None:
+    """Call the extension's ``function(ctx, sample, value)``; RuntimeError if it cannot."""
     ext = module()
     if ext is None:
         raise RuntimeError(unavailable_reason())
+    sample = _sample(ctx, server_side=ctx.protocol == ssl.PROTOCOL_TLS_SERVER)
     try:
-        server_side = ctx.protocol == ssl.PROTOCOL_TLS_SERVER
-        ext.set_ciphersuites(ctx, _sample(ctx, server_side=server_side), suites)
+        getattr(ext, function)(ctx, sample, value)
     except (TypeError, ValueError, AttributeError) as exc:
         raise RuntimeError(str(exc)) from None
 

@@ -120,3 +120,14 @@ def test_shared_keys_rotate_with_the_period(pki: Any) -> None:
     after = plane.listener_context(material, lst.cfg.tls, lst.name)
     assert plane.ticket_epoch > epoch and not reloader._keys_due(time.monotonic())
     assert not _resumes(before, after, client)
+
+
+@needs_native
+def test_the_extension_refuses_bad_keys_and_suites_by_name(pki: Any) -> None:
+    ctx = _plane(pki, None).listeners[0].server_ctx
+    assert ctx is not None
+    with pytest.raises(RuntimeError, match="ticket keys are 80 bytes, got 79"):
+        native.set_ticket_keys(ctx, bytes(79))
+    with pytest.raises(RuntimeError, match="OpenSSL refused the TLS 1.3 cipher suites "
+                                           "TLS_NOT_A_SUITE"):
+        native.set_ciphersuites(ctx, "TLS_NOT_A_SUITE")
