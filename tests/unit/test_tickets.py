@@ -128,6 +128,6 @@ def test_the_extension_refuses_bad_keys_and_suites_by_name(pki: Any) -> None:
     assert ctx is not None
     with pytest.raises(RuntimeError, match="ticket keys are 80 bytes, got 79"):
         native.set_ticket_keys(ctx, bytes(79))
-    with pytest.raises(RuntimeError, match="OpenSSL refused the TLS 1.3 cipher suites "
-                                           "TLS_NOT_A_SUITE"):
+    with pytest.raises(RuntimeError, match=r"OpenSSL refused the TLS 1\.3 cipher suites "
+                                           r"TLS_NOT_A_SUITE"):
         native.set_ciphersuites(ctx, "TLS_NOT_A_SUITE")
