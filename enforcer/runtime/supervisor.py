@@ -284,7 +284,10 @@ class Supervisor:
 
 def worker_ticket_secret(spec_text: str) -> bytes:
     """In a worker: the supervisor's ticket secret, read from the inherited pipe."""
-    fd = int(json.loads(spec_text)["ticket_secret_fd"])
+    fd = json.loads(spec_text).get("ticket_secret_fd")
+    if not isinstance(fd, int):
+        raise StartupError("config", "the supervisor passed no ticket secret (a worker of "
+                           "another enforcer version?)")
     try:
         secret = os.read(fd, SECRET_BYTES + 1)
     finally:

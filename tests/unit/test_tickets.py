@@ -4,6 +4,8 @@ resumptions between data planes built as two workers of one supervisor would bui
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
 import time
 from types import SimpleNamespace
@@ -13,10 +15,11 @@ import pytest
 
 from enforcer.config.loader import parse_config
 from enforcer.dataplane import native
-from enforcer.dataplane.plane import DataPlane
+from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import NullMetrics
 from enforcer.runtime.reload import Reloader
+from enforcer.runtime.supervisor import worker_ticket_secret
 from enforcer.tlsconf.context import build_client_context
 from enforcer.tlsconf.material import load_material
 from enforcer.tlsconf.tickets import (
@@ -131,3 +134,24 @@ def test_the_extension_refuses_bad_keys_and_suites_by_name(pki: Any) -> None:
     with pytest.raises(RuntimeError, match=r"OpenSSL refused the TLS 1\.3 cipher suites "
                                            r"TLS_NOT_A_SUITE"):
         native.set_ciphersuites(ctx, "TLS_NOT_A_SUITE")
+
+
+@pytest.mark.parametrize(("written", "error"), [
+    (SECRET, None),
+    (SECRET[:16], "the supervisor's ticket secret is 16 bytes, not 32"),
+    (SECRET + b"x", "the supervisor's ticket secret is 33 bytes, not 32"),
+])
+def test_a_worker_reads_the_secret_from_its_pipe(written: bytes, error: str | None) -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, written)
+    os.close(write_end)
+    spec = json.dumps({"ticket_secret_fd": read_end})
+    if error is None:
+        assert worker_ticket_secret(spec) == SECRET
+    else:
+        with pytest.raises(StartupError, match=error):
+            worker_ticket_secret(spec)
+    with pytest.raises(OSError):  # read once, then closed
+        os.fstat(read_end)
+    with pytest.raises(StartupError, match="the supervisor passed no ticket secret"):
+        worker_ticket_secret("{}")
