@@ -556,32 +556,40 @@ class Connection:
                        f"TLS handshake with upstream {self.listener.upstream.cfg.address} "
                        f"failed: {_tls_detail(exc)}", upstream_reason="tls_handshake")
             return
-        up.flush_tls()
         if not done:
+            up.flush_tls()
             return
+        # Our last flight (TLS 1.3: the Finished) stays in the BIO until _enter_relay has
+        # encrypted the client's first bytes behind it: one segment, one wake-up upstream.
         self.listener.observe_handshake("client", time.monotonic() - self.hs_started)
-        der = up.tls.peer_cert_der()
-        try:
-            self.upstream_identity = identity_from_der(der) if der else None
-        except IdentityError as exc:
-            self._fail("upstream_identity_mismatch", f"cannot read the upstream certificate: {exc}",
-                       upstream_reason="identity_mismatch")
-            return
-        problem = self.plane.check_upstream_identity(self.listener.upstream,
-                                                     self.upstream_identity)
-        if problem is None and up.tls.session_reused and _expired(self.upstream_identity):
-            problem = "the upstream's certificate in the resumed TLS session has expired"
+        problem = self._upstream_identity_problem(up.tls)
         if problem is not None:
+            up.flush_tls()
             self._fail("upstream_identity_mismatch", problem, upstream_reason="identity_mismatch")
             return
         self._cancel_stage_timer()
         self._enter_relay()
+
+    def _upstream_identity_problem(self, tls: TlsEngine) -> str | None:
+        """Why the upstream's certificate is not the one expected; None when it is."""
+        der = tls.peer_cert_der()
+        try:
+            self.upstream_identity = identity_from_der(der) if der else None
+        except IdentityError as exc:
+            return f"cannot read the upstream certificate: {exc}"
+        problem = self.plane.check_upstream_identity(self.listener.upstream,
+                                                     self.upstream_identity)
+        if problem is None and tls.session_reused and _expired(self.upstream_identity):
+            problem = "the upstream's certificate in the resumed TLS session has expired"
+        return problem
 
     # ===================================================================== relay
     def _enter_relay(self) -> None:
         """Decide (if still open), start relaying, then hand over to the native pump."""
         self._start_relay()
         up = self.upstream
+        if up is not None:
+            up.flush_tls()  # the handshake's last flight, with any first bytes behind it
         if self.stage != Stage.RELAY or up is None:
             return
         if up.tls is not None:

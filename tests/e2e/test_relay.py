@@ -484,3 +484,37 @@ async def test_a_finished_connection_is_freed_without_the_garbage_collector(pki)
         assert sha(got) == sha(payload)
         assert [f["bytes"] for f in outbound.flows.records] == [
             {"from_client": len(payload), "to_client": len(payload)}]
+
+
+async def test_a_server_that_speaks_first_through_the_pair(pki) -> None:  # type: ignore[no-untyped-def]
+    """The outbound's last handshake flight waits for the client's first bytes so that both
+    leave together; with a client that sends nothing until the server has spoken (SMTP,
+    MySQL, SSH banners), it must still leave at once, or the inbound never completes the
+    handshake and the banner never comes."""
+    banner = random_bytes(3000)
+
+    async def speaks_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(banner)
+        await writer.drain()
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.write_eof()
+        writer.close()
+
+    backend = await Backend.serving(speaks_first)
+    inbound, outbound = await pair(pki, backend)
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        try:
+            got = await asyncio.wait_for(reader.readexactly(len(banner)), 10)
+            assert sha(got) == sha(banner)
+            payload = random_bytes(200_000)
+            writer.write(payload)
+            writer.write_eof()
+            echoed = await asyncio.wait_for(reader.read(), 10)
+            assert sha(echoed) == sha(payload)
+        finally:
+            writer.close()
+        records = await inbound.wait_flows(1)
+    assert records[0]["bytes"] == {"from_client": len(payload),
+                                   "to_client": len(banner) + len(payload)}
