@@ -1295,8 +1295,11 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
 }
 
 /* The SSL_CTX* of an ssl.SSLContext (a Python subclass of _ssl._SSLContext: same head),
-   checked against the SSL_CTX of a sample (SSLObject, MemoryBIO, MemoryBIO) made from it. */
+   with the extension bound, checked against the SSL_CTX of a sample (SSLObject, MemoryBIO, MemoryBIO) made from it. */
 static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
+    if (!require_bound()) {
+        return NULL;
+    }
     PyTypeObject *t = Py_TYPE(context);
     while (t != NULL && strcmp(t->tp_name, "_ssl._SSLContext") != 0) {
         t = t->tp_base;
@@ -1327,9 +1330,6 @@ static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
 static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
     PyObject *context, *sample;
     long size;
-    if (!require_bound()) {
-        return NULL;
-    }
     if (!PyArg_ParseTuple(args, "OOl", &context, &sample, &size)) {
         return NULL;
     }
@@ -1349,9 +1349,6 @@ static PyObject *mod_session_cache(PyObject *module, PyObject *args) {
 static PyObject *mod_set_ciphersuites(PyObject *module, PyObject *args) {
     PyObject *context, *sample;
     const char *suites;
-    if (!require_bound()) {
-        return NULL;
-    }
     if (!PyArg_ParseTuple(args, "OOs", &context, &sample, &suites)) {
         return NULL;
     }
@@ -1373,9 +1370,6 @@ static PyObject *mod_set_ciphersuites(PyObject *module, PyObject *args) {
 static PyObject *mod_set_ticket_keys(PyObject *module, PyObject *args) {
     PyObject *context, *sample;
     Py_buffer keys;
-    if (!require_bound()) {
-        return NULL;
-    }
     if (!PyArg_ParseTuple(args, "OOy*", &context, &sample, &keys)) {
         return NULL;
     }
@@ -1523,9 +1517,6 @@ static int on_new_session(SSL *ssl, SSL_SESSION *session) {
 /* track_sessions(SSLContext, sample): from now on, keep the context's newest session. */
 static PyObject *mod_track_sessions(PyObject *module, PyObject *args) {
     PyObject *context, *sample;
-    if (!require_bound()) {
-        return NULL;
-    }
     if (!PyArg_ParseTuple(args, "OO", &context, &sample)) {
         return NULL;
     }

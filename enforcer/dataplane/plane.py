@@ -84,7 +84,7 @@ class DataPlane:
         self.draining = False
         self.native_relay = False  # decided in build() from cfg.relay
         self.ticket_secret = ticket_secret
-        self.ticket_epoch = 0  # rotation period of the shared ticket keys now in use
+        self.ticket_epoch = 0  # rotation period of the ticket keys in use (tlsconf.tickets)
         self.ticket_period = float(ROTATION_PERIOD)  # seconds (tests shorten it)
         self.pumped: set[Connection] = set()  # connections relayed by the native pump
         self.poller: Any = None  # the native pumps' epoll set, watched by the loop
@@ -99,6 +99,7 @@ class DataPlane:
     def build(self) -> None:
         """Load materials, build TLS contexts, compile rulesets (no sockets yet)."""
         self.native_relay = _choose_relay(self.cfg.relay)
+        self.enter_ticket_period()
         if self.ticket_secret is not None and not self.native_relay:
             log.warning("workers do not share session tickets without the native extension "
                         "(%s): a resumption that reaches another worker makes a full "
@@ -163,15 +164,25 @@ class DataPlane:
         self._set_tls13_suites(ctx, material)
         if self.native_relay:
             native.use_session_cache(ctx, stateful=not self.shares_tickets)
+        epoch = self.enter_ticket_period()
         if self.shares_tickets:
             assert self.ticket_secret is not None
-            self.ticket_epoch = rotation_epoch(time.time(), self.ticket_period)
-            keys = ticket_keys(self.ticket_secret, name, material.fingerprint, self.ticket_epoch)
+            keys = ticket_keys(self.ticket_secret, name, material.fingerprint, epoch)
             try:
                 native.set_ticket_keys(ctx, keys)
             except RuntimeError as exc:
                 raise MaterialError(f"listeners.{name}: session-ticket keys: {exc}") from None
         return ctx
+
+    def enter_ticket_period(self) -> int:
+        """Record the rotation period the wall clock is in: ticket keys made now belong to
+        it (listener contexts rebuilt on the hour: every worker rotates together)."""
+        self.ticket_epoch = rotation_epoch(time.time(), self.ticket_period)
+        return self.ticket_epoch
+
+    def ticket_keys_due(self) -> bool:
+        """Whether the wall clock has left the rotation period of the ticket keys in use."""
+        return rotation_epoch(time.time(), self.ticket_period) != self.ticket_epoch
 
     @property
     def shares_tickets(self) -> bool:

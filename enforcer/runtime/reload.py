@@ -41,7 +41,6 @@ from enforcer.dataplane.tasks import spawn
 from enforcer.policy import compile_rulesets
 from enforcer.runtime.tlsreload import reload_tls_material, rotate_ticket_keys
 from enforcer.tlsconf.material import MaterialError
-from enforcer.tlsconf.tickets import rotation_epoch
 
 if TYPE_CHECKING:
     from enforcer.runtime.server import Server
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.reload")
 
 POLL_INTERVAL = 1.0
-TICKET_KEY_LIFETIME = 3600.0  # listener contexts are rebuilt this often: fresh ticket keys
 KINDS = ("rulesets", "tls")
 Signature = tuple[int, int, int, int, int] | None
 
@@ -70,7 +68,6 @@ class Reloader:
         self.rulesets_file = server.cfg.rulesets_file  # follows the config file on reload
         self.rulesets: Mapping[str, RulesetConfig] = server.cfg.rulesets  # last good
         self._inline = self._inline_rulesets(server.cfg)
-        self.ticket_key_lifetime = TICKET_KEY_LIFETIME
         self._task: asyncio.Task[None] | None = None
         self._sigs: dict[str, Signature] = {}
 
@@ -93,25 +90,14 @@ class Reloader:
         return {"rulesets": [p for p in (cfg.source, self.rulesets_file) if p], "tls": tls}
 
     async def _watch(self) -> None:
-        keys_made = time.monotonic()
         while True:
             await asyncio.sleep(self.interval)
             try:
                 self.poll()
-                if self._keys_due(keys_made):
-                    keys_made = time.monotonic()
+                if self.server.plane.ticket_keys_due():  # the wall clock's next hour
                     rotate_ticket_keys(self.server)  # new listener contexts, new ticket keys
             except Exception:  # a bug must not stop the watching
                 log.exception("reload poll failed")
-
-    def _keys_due(self, keys_made: float) -> bool:
-        """Time for new ticket keys: an hour after the last ones, or, for workers sharing
-        keys (``tlsconf.tickets``), when the wall clock enters the next rotation period, so
-        that every worker changes keys together."""
-        plane = self.server.plane
-        if plane.shares_tickets:
-            return rotation_epoch(time.time(), plane.ticket_period) != plane.ticket_epoch
-        return time.monotonic() - keys_made >= self.ticket_key_lifetime
 
     def poll(self) -> list[str]:
         """Reload the kinds whose files changed since the last look; returns them."""

@@ -270,13 +270,15 @@ class Supervisor:
         self.children[child.pid] = index
         self.started[index] = time.monotonic()
 
-
     def _secret_pipe(self) -> int:
         """The read end of a pipe holding the ticket secret, for one child to inherit (a
         pipe, not the environment, which other processes of the user can read)."""
         read_end, write_end = os.pipe()
         try:
             os.write(write_end, self.ticket_secret)  # far below the pipe's capacity
+        except OSError:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         return read_end

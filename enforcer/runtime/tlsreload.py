@@ -69,6 +69,7 @@ def reload_tls_material(server: Server) -> list[str]:
 
 def rotate_ticket_keys(server: Server) -> int:
     """Rebuild every listener context (fresh ticket keys); returns how many."""
+    server.plane.enter_ticket_period()  # also with no TLS listener: not due again this hour
     swaps: list[Swap] = []
     for lst in server.plane.listeners:
         if lst.server_ctx is None or lst.cfg.tls.material is None:

@@ -1,9 +1,9 @@
 """Build ``ssl.SSLContext`` objects from loaded material, with secure defaults only.
 
 Every context: TLS 1.2 minimum (or 1.3), TLS 1.2 suites ECDHE with AES-GCM or
-ChaCha20-Poly1305 only, in the order of the material's ``cipher_suites`` (TLS 1.3 names;
-each maps to its two ECDHE TLS 1.2 suites), no compression, no renegotiation, peer verification on with no
-way to turn it off. Server contexts ask for a client certificate per ``client_auth``;
+ChaCha20-Poly1305 only, in the order of the material's ``cipher_suites`` (TLS 1.3
+names; each maps to its two ECDHE TLS 1.2 suites), no compression, no renegotiation, peer
+verification on with no way to turn it off. Server contexts ask for a client certificate per ``client_auth``;
 client contexts always verify the server chain, and check either the host name or the
 configured identity (``verify: {uri, dns, cn}``, checked by the data plane after the
 handshake).
@@ -86,13 +86,17 @@ def tls12_ciphers(suites: tuple[str, ...] = CIPHER_SUITES) -> str:
 
 def tls13_suites(material: LoadedMaterial | None) -> str:
     """The OpenSSL TLS 1.3 cipher-suite string of a context built from ``material``."""
-    return ":".join(material.cipher_suites if material else CIPHER_SUITES)
+    return ":".join(_suites(material))
+
+
+def _suites(material: LoadedMaterial | None) -> tuple[str, ...]:
+    return material.cipher_suites if material else CIPHER_SUITES
 
 
 def _secure(ctx: ssl.SSLContext, material: LoadedMaterial | None) -> None:
     ctx.minimum_version = _versions(material.min_version if material else "1.2")
     ctx.options |= _SECURE_OPTIONS
-    ctx.set_ciphers(tls12_ciphers(material.cipher_suites if material else CIPHER_SUITES))
+    ctx.set_ciphers(tls12_ciphers(_suites(material)))
 
 
 def _load_identity(ctx: ssl.SSLContext, material: LoadedMaterial) -> None:

@@ -191,7 +191,7 @@ async def test_ticket_key_rotation_ends_old_sessions_only(pki: Any) -> None:
     inbound, outbound = await _pair(pki, backend)
     async with running(outbound, inbound, backend):
         for i in range(4):
-            if i == 2:  # what the reloader does every TICKET_KEY_LIFETIME
+            if i == 2:  # what the reloader does on every hour of the wall clock
                 assert rotate_ticket_keys(SimpleNamespace(plane=inbound.plane)) == 1  # type: ignore[arg-type]
             payload = random_bytes(20_000)
             assert sha(await exchange(outbound.port(), payload)) == sha(payload)

@@ -8,7 +8,6 @@ import json
 import os
 import ssl
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from enforcer.dataplane import native
 from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import NullMetrics
-from enforcer.runtime.reload import Reloader
 from enforcer.runtime.supervisor import worker_ticket_secret
 from enforcer.tlsconf.context import build_client_context
 from enforcer.tlsconf.material import load_material
@@ -109,19 +107,18 @@ def test_shared_keys_rotate_with_the_period(pki: Any) -> None:
     plane.ticket_period = 0.2
     lst = plane.listeners[0]
     material = plane.materials["mesh"]
-    reloader = Reloader(SimpleNamespace(cfg=plane.cfg, plane=plane))  # type: ignore[arg-type]
     before = plane.listener_context(material, lst.cfg.tls, lst.name)
     same = plane.listener_context(material, lst.cfg.tls, lst.name)
     epoch = plane.ticket_epoch
     client = _client(pki, ssl.TLSVersion.TLSv1_3)
     if rotation_epoch(time.time(), 0.2) == epoch:  # both built within one period
-        assert not reloader._keys_due(0.0)
+        assert not plane.ticket_keys_due()
         assert _resumes(before, same, client)
     while rotation_epoch(time.time(), 0.2) == epoch:
         time.sleep(0.01)
-    assert reloader._keys_due(time.monotonic())  # a new period: every worker rotates
+    assert plane.ticket_keys_due()  # a new period: every worker rotates
     after = plane.listener_context(material, lst.cfg.tls, lst.name)
-    assert plane.ticket_epoch > epoch and not reloader._keys_due(time.monotonic())
+    assert plane.ticket_epoch > epoch and not plane.ticket_keys_due()
     assert not _resumes(before, after, client)
 
 
