@@ -140,6 +140,7 @@ class Acceptor:
         conn = self._make_connection(self._listener)
         transport.start(conn.client)
         transport.start_reading()
+        transport.read_now()
 
     def _pause(self, exc: OSError) -> None:
         if self._retry is not None:  # another of its sockets paused it in the same round

@@ -14,7 +14,9 @@ the transport it replaces; measured.)
 
 How it works:
 - ``connect()`` makes a non-blocking socket, starts the connect and watches it for
-  writability; once writable, ``SO_ERROR`` says how the connect ended and
+  writability (unless ``getpeername()`` shows it connected already, as loopback connects
+  are, when the next loop turn stands in for that wait); then ``SO_ERROR`` says how the
+  connect ended and
   ``done(transport, None)`` or ``done(None, OSError)`` is called (the socket is closed on
   failure). ``Connecting.cancel()`` (connect timeout, the client left) closes it silently.
 - ``RawTransport`` is the part of ``asyncio.Transport`` that ``Side`` and ``Connection``
@@ -126,6 +128,12 @@ def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
     pending = Connecting(loop, sock, None, done)
     watch = poller.watch(sock.fileno(), pending._ready)
     pending._watch = watch
+    if err == 0 or _connected(sock):
+        # Connected within connect(): a loopback peer (the sidecar's own app, a local
+        # inbound) or a unix socket. No writability wait, no epoll entry yet; done()
+        # still comes from the loop, never from inside the caller.
+        loop.call_soon(pending._ready, False, True)
+        return pending
     try:
         watch.set(False, True)
     except OSError as exc:
@@ -135,6 +143,16 @@ def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
         done(None, exc)
         return None
     return pending
+
+
+def _connected(sock: socket.socket) -> bool:
+    """Whether a connect that said EINPROGRESS has in fact completed (on loopback the
+    handshake runs inside connect(); a remote peer answers later, or refuses: ENOTCONN)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 class RawTransport:
@@ -207,6 +225,12 @@ class RawTransport:
             self._writable()
         if readable and self._reading:
             self._readable()
+
+    def read_now(self) -> None:
+        """Read what has already arrived, without waiting for the poller: an accepted
+        connection's first bytes (a ClientHello, a PROXY header, a request) have often
+        come in with it, which saves a wake-up and a trip through the epoll set."""
+        self._readable()
 
     def _readable(self) -> None:
         if not self._reading:

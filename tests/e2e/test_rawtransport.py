@@ -304,3 +304,83 @@ async def test_a_unix_listener_with_a_full_backlog_is_a_failed_connect(
     assert _watched(poller.fileno()) == 0
     for s in [*fillers, listener]:
         s.close()
+
+
+async def test_a_connect_that_completes_at_once_skips_the_writability_wait(
+        poller: Any) -> None:
+    """On loopback, connect() completes inside the call (EINPROGRESS notwithstanding): no
+    epoll entry is made for writability, done() comes on the next loop turn (never from
+    inside connect()), and the transport then carries bytes both ways."""
+    server = Server()
+    await server.start()
+    loop = asyncio.get_running_loop()
+    results: list[tuple[Any, OSError | None]] = []
+    target = target_of(Address(host="127.0.0.1", port=server.port))
+    assert target is not None
+    pending = rawtransport.connect(loop, poller, target, lambda t, e: results.append((t, e)))
+    assert pending is not None and results == [] and _watched(poller.fileno()) == 0
+    await asyncio.sleep(0)
+    ((transport, exc),) = results
+    assert exc is None and transport is not None
+    proto = Recorder()
+    transport.start(proto)
+    transport.start_reading()
+    assert _watched(poller.fileno()) == 1  # now for reading
+    reader, writer = await server.accepted.get()
+    up, down = random_bytes(600_000), random_bytes(400_000)
+    transport.write(up)
+    transport.write_eof()
+    writer.write(down)
+    writer.write_eof()
+    got = await asyncio.wait_for(reader.read(), 30)
+    await asyncio.wait_for(proto.eof.wait(), 30)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(proto.data).digest() == hashlib.sha256(down).digest()
+    transport.close()
+    assert await asyncio.wait_for(proto.lost, 5) is None
+    writer.close()
+    await server.close()
+
+
+async def test_a_connect_cancelled_before_its_loop_turn_never_reports(poller: Any) -> None:
+    server = Server()
+    await server.start()
+    calls: list[Any] = []
+    target = target_of(Address(host="127.0.0.1", port=server.port))
+    assert target is not None
+    pending = rawtransport.connect(asyncio.get_running_loop(), poller, target,
+                                   lambda t, e: calls.append((t, e)))
+    assert pending is not None
+    pending.cancel()  # the client left before the connect's loop turn
+    reader, writer = await asyncio.wait_for(server.accepted.get(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # our socket was closed
+    assert calls == [] and _watched(poller.fileno()) == 0
+    writer.close()
+    await server.close()
+
+
+async def test_read_now_takes_bytes_that_arrived_with_the_connection(poller: Any) -> None:
+    """``read_now`` (called by the acceptor) delivers what is already there at once, and is
+    a no-op on a socket with nothing to read; later bytes still come through the poller."""
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    far.sendall(b"first bytes")
+    watch = poller.watch(near.fileno(), lambda r, w: None)
+    transport = RawTransport(asyncio.get_running_loop(), near, watch)
+    proto = Recorder()
+    transport.start(proto)
+    transport.start_reading()
+    transport.read_now()
+    assert bytes(proto.data) == b"first bytes"  # delivered synchronously
+    transport.read_now()  # nothing more: no callback, no error
+    assert bytes(proto.data) == b"first bytes" and proto.events == ["made"]
+    payload = random_bytes(300_000)
+    far.setblocking(False)
+    await asyncio.get_running_loop().sock_sendall(far, payload)
+    far.shutdown(socket.SHUT_WR)
+    await asyncio.wait_for(proto.eof.wait(), 10)
+    assert hashlib.sha256(bytes(proto.data)).digest() == hashlib.sha256(
+        b"first bytes" + payload).digest()
+    transport.close()
+    assert await asyncio.wait_for(proto.lost, 5) is None
+    far.close()
