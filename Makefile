@@ -6,6 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint bench clean
 
+# The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
+# if a clean of the tree (git clean -x) removed it while .venv stayed, install again.
+ifeq ($(wildcard enforcer/dataplane/_pump*.so),)
+.PHONY: $(STAMP)
+endif
+
 $(STAMP): pyproject.toml setup.py enforcer/dataplane/_pump.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
