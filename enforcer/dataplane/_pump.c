@@ -1295,7 +1295,8 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
 }
 
 /* The SSL_CTX* of an ssl.SSLContext (a Python subclass of _ssl._SSLContext: same head),
-   with the extension bound, checked against the SSL_CTX of a sample (SSLObject, MemoryBIO, MemoryBIO) made from it. */
+   with the extension bound, checked against the SSL_CTX of a sample (SSLObject,
+   MemoryBIO, MemoryBIO) made from it. */
 static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
     if (!require_bound()) {
         return NULL;

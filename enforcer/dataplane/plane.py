@@ -164,10 +164,13 @@ class DataPlane:
         self._set_tls13_suites(ctx, material)
         if self.native_relay:
             native.use_session_cache(ctx, stateful=not self.shares_tickets)
-        epoch = self.enter_ticket_period()
         if self.shares_tickets:
             assert self.ticket_secret is not None
-            keys = ticket_keys(self.ticket_secret, name, material.fingerprint, epoch)
+            # The process's period, not the clock's: a context rebuilt by a reload just
+            # after the hour keeps the keys of its siblings until rotate_ticket_keys
+            # moves them all (and every worker) to the new period together.
+            keys = ticket_keys(self.ticket_secret, name, material.fingerprint,
+                               self.ticket_epoch)
             try:
                 native.set_ticket_keys(ctx, keys)
             except RuntimeError as exc:
@@ -175,8 +178,9 @@ class DataPlane:
         return ctx
 
     def enter_ticket_period(self) -> int:
-        """Record the rotation period the wall clock is in: ticket keys made now belong to
-        it (listener contexts rebuilt on the hour: every worker rotates together)."""
+        """Record the rotation period the wall clock is in: listener contexts built from now
+        on derive their ticket keys for it (at startup, and by rotate_ticket_keys on the
+        hour, so every worker rotates together)."""
         self.ticket_epoch = rotation_epoch(time.time(), self.ticket_period)
         return self.ticket_epoch
 

@@ -3,10 +3,10 @@
 Every context: TLS 1.2 minimum (or 1.3), TLS 1.2 suites ECDHE with AES-GCM or
 ChaCha20-Poly1305 only, in the order of the material's ``cipher_suites`` (TLS 1.3
 names; each maps to its two ECDHE TLS 1.2 suites), no compression, no renegotiation, peer
-verification on with no way to turn it off. Server contexts ask for a client certificate per ``client_auth``;
-client contexts always verify the server chain, and check either the host name or the
-configured identity (``verify: {uri, dns, cn}``, checked by the data plane after the
-handshake).
+verification on with no way to turn it off. Server contexts ask for a client certificate
+per ``client_auth``; client contexts always verify the server chain, and check either
+the host name or the configured identity (``verify: {uri, dns, cn}``, checked by the data
+plane after the handshake).
 
 The TLS 1.3 suites themselves cannot be set through Python's ``ssl`` module: the data plane
 sets them with the native extension (``tls13_suites`` gives the string it passes).

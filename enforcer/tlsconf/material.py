@@ -155,7 +155,8 @@ def load_material(cfg: TlsMaterialConfig, *, now: dt.datetime | None = None) -> 
     material = LoadedMaterial(
         name=cfg.name, cert_pem=raw.cert.data if raw.cert else None, key_pem=key_pem,
         ca_pem=raw.ca.data if raw.ca else None, crl_pem=raw.crl.data if raw.crl else None,
-        min_version=cfg.min_version, cipher_suites=cfg.cipher_suites, leaf=leaf, sources=tuple(sources),
+        min_version=cfg.min_version, cipher_suites=cfg.cipher_suites, leaf=leaf,
+        sources=tuple(sources),
         fingerprint=digest.hexdigest(),
         cert_file=(raw.cert.file or "inline") if raw.cert else "none")
     warning = expiry_warning(material, now)

@@ -117,6 +117,11 @@ def test_shared_keys_rotate_with_the_period(pki: Any) -> None:
     while rotation_epoch(time.time(), 0.2) == epoch:
         time.sleep(0.01)
     assert plane.ticket_keys_due()  # a new period: every worker rotates
+    # a reload before the rotation keeps the period of the other listeners' keys
+    mid = plane.listener_context(material, lst.cfg.tls, lst.name)
+    assert plane.ticket_epoch == epoch and plane.ticket_keys_due()
+    assert _resumes(before, mid, client)
+    plane.enter_ticket_period()  # what rotate_ticket_keys does before rebuilding
     after = plane.listener_context(material, lst.cfg.tls, lst.name)
     assert plane.ticket_epoch > epoch and not plane.ticket_keys_due()
     assert not _resumes(before, after, client)
