@@ -655,10 +655,12 @@ class Connection:
         self._first_eof(index == 0)
 
     def pump_tick(self, now: float) -> None:
-        """The plane's periodic visit (see plane.PUMP_TICK): counters catch up, and a
-        connection idle for its listener's idle_timeout closes."""
+        """The plane's periodic visit (see plane.PUMP_TICK): counters catch up, a busy TLS
+        end quiet since the last visit gives its buffers back, and a connection idle for
+        its listener's idle_timeout closes."""
         assert self.pump is not None
         self.flush_pump_counts()
+        self.pump.tick()
         if now - self.pump.last_active >= self.listener.limits.idle_timeout:
             self._timeout("idle_timeout")
 

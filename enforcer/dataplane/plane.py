@@ -53,8 +53,9 @@ log = logging.getLogger("enforcer.dataplane")
 
 
 # Native pumps are visited by one plane-wide tick (no timer per connection): their bytes
-# reach the counters and their idle timeouts are checked, every second or, for short idle
-# timeouts, every quarter of the shortest (but at most ten times a second).
+# reach the counters, busy TLS ends that went quiet give their buffers back (_pump.c,
+# burst_over) and idle timeouts are checked, every second or, for short idle timeouts,
+# every quarter of the shortest (but at most ten times a second).
 PUMP_TICK = 1.0
 PUMP_TICK_MIN = 0.1
 

@@ -235,6 +235,69 @@ async def test_an_idle_pumped_connection_holds_no_tls_buffers(pki: Any) -> None:
         assert rec["bytes"] == {"from_client": total, "to_client": total}
 
 
+def _keeping(*proxies: Enforcer) -> int:
+    return sum(c.pump.keeping for proxy in proxies for c in proxy.plane.pumped if c.pump)
+
+
+async def _exchanges(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     count: int, sent: bytearray) -> None:
+    """Small echoes back to back, as a keep-alive client makes requests."""
+    for _ in range(count):
+        chunk = random_bytes(300)
+        sent += chunk
+        writer.write(chunk)
+        assert sha(await asyncio.wait_for(reader.readexactly(len(chunk)), 5)) == sha(chunk)
+
+
+async def test_a_busy_tls_end_keeps_its_buffers_until_a_quiet_tick(pki: Any) -> None:
+    """Requests back to back do not free and allocate the TLS buffers each time: the busy
+    ends keep them while traffic flows and give them back once a tick finds them quiet."""
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await _pair(pki, backend.port, limits={"idle_timeout": "2s"})
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        sent = bytearray()
+        await _exchanges(reader, writer, 40, sent)
+        assert _keeping(outbound) == 1 and _keeping(inbound) == 1  # their one TLS end each
+        assert _tls_buffers_held(outbound, inbound) > 0
+        assert native.module().busy_limits()[2] == 2  # the process-wide count
+        await wait_until(lambda: _keeping(outbound, inbound) == 0
+                         and _tls_buffers_held(outbound, inbound) == 0, timeout=5)
+        await _exchanges(reader, writer, 3, sent)  # a few again: given back at once
+        await wait_until(lambda: _tls_buffers_held(outbound, inbound) == 0, timeout=1)
+        assert _keeping(outbound, inbound) == 0
+        writer.close()
+        rec = (await inbound.wait_flows(1))[0]
+        assert rec["bytes"] == {"from_client": len(sent), "to_client": len(sent)}
+        assert sha(backend.received[0]) == sha(bytes(sent))
+    assert native.module().busy_limits()[2] == 0
+
+
+async def test_busy_ends_beyond_the_limit_give_their_buffers_back_at_once(pki: Any) -> None:
+    ext = native.module()
+    bursts, ends, _ = ext.busy_limits()
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await _pair(pki, backend.port)
+    try:
+        ext.busy_limits(bursts, 1)  # one end in the process may keep its buffers
+        async with running(outbound, inbound, backend):
+            streams = [await asyncio.open_connection("127.0.0.1", outbound.port())
+                       for _ in range(2)]
+            sent = [bytearray(), bytearray()]
+            for (reader, writer), out in zip(streams, sent, strict=True):
+                await _exchanges(reader, writer, 40, out)
+            assert _keeping(outbound, inbound) == 1 == ext.busy_limits()[2]
+            for _, writer in streams:
+                writer.close()
+            records = await inbound.wait_flows(2)
+            assert sorted(r["bytes"]["to_client"] for r in records) == [len(sent[0])] * 2
+            assert sorted(sha(b) for b in backend.received) == sorted(sha(bytes(b))
+                                                                      for b in sent)
+        assert ext.busy_limits()[2] == 0  # closed pumps stop counting
+    finally:
+        ext.busy_limits(bursts, ends)
+
+
 async def test_idle_timeout_closes_a_pumped_connection_and_activity_defers_it(pki: Any) -> None:
     backend = await Backend(mode="echo").start()
     inbound, outbound = await _pair(pki, backend.port, limits={"idle_timeout": "400ms"})
