@@ -10,6 +10,7 @@ from enforcer.cli.errors import fail, load_config_or_report
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.observe.logging import setup_logging
+from enforcer.runtime import early_signals
 
 STARTUP_EXIT = {"config": exitcodes.BAD_CONFIG, "tls": exitcodes.TLS_MATERIAL,
                 "bind": exitcodes.BIND_FAILED}
@@ -25,6 +26,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    early_signals.hold()  # (already, when started as python -m enforcer)
     setup_logging(args.log_level, json=args.log_json)
     cfg = load_config_or_report(args.config)
     if cfg is None:
@@ -33,6 +35,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     workers = resolve_workers(cfg)
     worker_spec = os.environ.pop("ENFORCER_WORKER", None)
+    if worker_spec is None and (problem := _sink_problem(cfg)):
+        fail(problem)  # as `enforcer check` says: no flow records would ever be written
+        return exitcodes.BAD_CONFIG
     try:
         if worker_spec is not None:
             return _run_worker(cfg, worker_spec)
@@ -46,6 +51,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         fail(str(exc))
         return STARTUP_EXIT.get(exc.kind, exitcodes.FAILURE)
+
+
+def _sink_problem(cfg: Config) -> str | None:
+    from enforcer.observe.flowlog import check_sink_writable
+
+    problem = check_sink_writable(cfg.flow_log)
+    return f"flow_log.sink: {problem}" if problem else None
 
 
 def _passed_on(args: argparse.Namespace) -> list[str]:

@@ -66,6 +66,8 @@ def read_yaml(path: str) -> Any:
         raise ConfigError([ConfigIssue("", f"{path}: invalid YAML at {where}: {what}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue("", f"{path}: invalid YAML: {exc}")]) from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError([ConfigIssue("", f"{path}: invalid YAML: nested too deeply")]) from None
 
 
 def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") -> Config:

@@ -70,11 +70,13 @@ class Connection:
     """One proxied client connection. Created by the listener's protocol factory."""
 
     __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
-                 "client_eof_pending", "close_timer", "connect_task", "connecting", "decision", "first_eof",
+                 "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
+                 "early_upstream", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
                  "listener", "local", "loop", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
-                 "started", "started_mono", "tls_info", "upstream", "upstream_identity")
+                 "started", "started_mono", "tls_info", "upstream", "upstream_eof_pending",
+                 "upstream_identity")
 
     def __init__(self, listener: ListenerRuntime) -> None:
         self.listener = listener
@@ -102,6 +104,8 @@ class Connection:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.client_eof_pending = False
+        self.early_upstream: list[bytes] | None = None  # a plaintext upstream spoke first
+        self.upstream_eof_pending = False
         self.pump: NativePump | None = None  # set once the native pump relays this connection
         self.relay: str | None = None  # who relayed: "python" or "native" (flow record)
         self.bytes_from_client = 0
@@ -254,10 +258,30 @@ class Connection:
 
     def _to_client(self, data: bytes | memoryview) -> None:
         if self.stage != Stage.RELAY:
-            return  # an upstream that speaks before the relay starts is ignored
+            self._early_upstream_data(data)
+            return
         self.bytes_to_client += len(data)
         self.listener.bytes_out.inc(len(data))
         self.client.send(data)
+
+    def _early_upstream_data(self, data: bytes | memoryview) -> None:
+        """A plaintext upstream that speaks first (SMTP, MySQL and SSH banners) may do so
+        before the relay has started: its bytes wait, as the client's do, and reach the
+        client once the relay starts. A TLS upstream may not speak before the handshake."""
+        if self.stage == Stage.CLOSED:
+            return
+        up = self.upstream
+        assert up is not None
+        if self.listener.upstream.client_ctx is not None:
+            self._fail("upstream_tls_failed", f"upstream {self.listener.upstream.cfg.address} "
+                       "sent data before the TLS handshake", upstream_reason="tls_handshake")
+            return
+        early = self.early_upstream
+        if early is None:
+            early = self.early_upstream = []
+        early.append(bytes(data))
+        if sum(map(len, early)) >= PENDING_LIMIT:
+            up.pause(PAUSE_BUFFER)
 
     def _read_tls(self, side: Side) -> None:
         tls = side.tls
@@ -614,8 +638,15 @@ class Connection:
         for chunk in pending:
             up.send(chunk)
         self.client.resume(PAUSE_BUFFER)
+        early, self.early_upstream = self.early_upstream, None
+        if early:
+            for chunk in early:
+                self._to_client(chunk)
+            up.resume(PAUSE_BUFFER)
         if self.client_eof_pending:
             self._eof(self.client)
+        if self.upstream_eof_pending and self.stage == Stage.RELAY:
+            self._eof(up)
 
     def _go_native(self) -> None:
         """Hand the relay to the native pump when this process uses it (see pump.py)."""
@@ -681,9 +712,16 @@ class Connection:
         side.eof_in = True
         is_client = side is self.client
         if self.stage != Stage.RELAY:
-            if is_client and self.stage in (Stage.CONNECT, Stage.UPSTREAM_TLS) and self.pending:
-                side.eof_in = False  # replayed by _start_relay once the upstream is ready
-                self.client_eof_pending = True  # half-closed after a request: keep going
+            # A half-close while the upstream is being reached is replayed by _start_relay
+            # (a request then FIN, or FIN alone to read a banner: `nc -N`), as is a FIN that
+            # follows a plaintext upstream's first words.
+            if is_client and self.stage in (Stage.CONNECT, Stage.UPSTREAM_TLS):
+                side.eof_in = False
+                self.client_eof_pending = True
+                return
+            if not is_client and self.stage == Stage.CONNECT and self.early_upstream:
+                side.eof_in = False
+                self.upstream_eof_pending = True
                 return
             who = "client" if is_client else "upstream"
             self._fail(f"{who}_closed", f"the {who} closed before the relay started")
@@ -726,7 +764,12 @@ class Connection:
         if self.stage == Stage.CLOSED:
             return
         if reason == "proxy_protocol_timeout":
-            self._proxy_error("timeout", "no complete PROXY header in time")
+            optional = self.listener.cfg.proxy_protocol.accept == "optional"
+            parser = self.proxy_parser
+            silent = not self.sniff_buf and not (parser is not None and parser.buffered)
+            self._proxy_error("timeout", "nothing received in time (with accept: optional the "
+                              "client must send first)" if optional and silent
+                              else "no complete PROXY header in time")
             return
         if reason == "upstream_connect_timeout":
             self._fail(reason, f"connect to {self.listener.upstream.cfg.address} timed out",

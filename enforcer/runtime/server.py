@@ -36,6 +36,7 @@ from enforcer.dataplane.tasks import spawn
 from enforcer.observe.admin import AdminServer
 from enforcer.observe.flowlog import FlowLog, utc_timestamp
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
+from enforcer.runtime import early_signals
 from enforcer.runtime.heaptrim import HeapTrimmer
 from enforcer.runtime.reload import Reloader
 from enforcer.tlsconf.identity import IdentityError, identity_from_der
@@ -156,6 +157,7 @@ class Server:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reloader.reload_now)
         loop.add_signal_handler(signal.SIGUSR1, self.flowlog.reopen)
+        early_signals.release()  # what came while starting is handled now
 
     # ------------------------------------------------------------------ admin callbacks
     # Both run on admin threads, concurrently with the event loop. They only read, and

@@ -46,13 +46,14 @@ from enforcer import __version__
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.dataplane.sockets import reserve, worker_socket_for
+from enforcer.runtime import early_signals
 from enforcer.tlsconf.tickets import SECRET_BYTES, new_secret
 
 log = logging.getLogger("enforcer.supervisor")
 
 RESTART_BACKOFF = 1.0  # seconds before restarting a worker that died young
 YOUNG = 5.0  # a worker that dies within this many seconds of starting is "young"
-FORWARDED = (signal.SIGHUP, signal.SIGUSR1)
+FORWARDED = early_signals.HELD  # passed on to every worker
 STARTUP_TIMEOUT = 60.0
 
 
@@ -129,6 +130,7 @@ class Supervisor:
             signal.signal(sig, self._on_stop)
         for sig in FORWARDED:
             signal.signal(sig, self._forward)
+        early_signals.release()  # forwarded to the workers, which hold them until they serve
         for index in range(self.workers):
             self._spawn(index)
         try:
@@ -262,9 +264,10 @@ class Supervisor:
                    ENFORCER_SUPERVISOR_PID=str(os.getpid()))
         assert self.cfg.source is not None
         try:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "enforcer", "run", "-c", self.cfg.source,
-                 *self.run_args], env=env, pass_fds=[*fds, secret_fd])
+            with early_signals.spawning():
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "enforcer", "run", "-c", self.cfg.source,
+                     *self.run_args], env=env, pass_fds=[*fds, secret_fd])
         finally:
             os.close(secret_fd)
         self.children[child.pid] = index

@@ -101,6 +101,19 @@ def test_invalid_yaml_names_line_and_column(tmp_path: Path,
     assert "invalid YAML at line" in err and "column" in err
 
 
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_yaml_nested_too_deeply_is_one_line_exit_2(tmp_path: Path, command: str) -> None:
+    """PyYAML builds nested collections recursively: 5,000 levels is bad input, not a
+    RecursionError traceback."""
+    file = tmp_path / "deep.yaml"
+    file.write_text("version: 1\nnode: " + "[" * 5000 + "]" * 5000 + "\n")
+    res = subprocess.run(enforcer_cmd(command, "-c", str(file)), capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"enforcer: error: {file}: invalid YAML: nested too deeply"]
+
+
 def test_every_problem_reported_at_once(tmp_path: Path, pki: Any,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _mutate(_base(pki), "listeners.0.tls.material", "mesh2")

@@ -301,12 +301,14 @@ def _unwritable_cases(tmp_path: Path) -> dict[str, tuple[str, str]]:
     }
 
 
+@pytest.mark.parametrize("command", ["check", "run"])  # run refuses to start as check says
 @pytest.mark.parametrize("case", ["missing directory", "parent is a file",
                                   "path is a directory", "read-only filesystem"])
-def test_check_rejects_an_unwritable_flow_log(tmp_path: Path, case: str) -> None:
+def test_check_and_run_reject_an_unwritable_flow_log(tmp_path: Path, case: str,
+                                                     command: str) -> None:
     sink, message = _unwritable_cases(tmp_path)[case]
     cfg = plain_config(9, {"sink": f"file:{sink}"}, admin=False)
-    result = subprocess.run(enforcer_cmd("check", "-c", str(write_config(tmp_path / "e.yaml",
+    result = subprocess.run(enforcer_cmd(command, "-c", str(write_config(tmp_path / "e.yaml",
                                                                           cfg))),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result

@@ -143,3 +143,65 @@ def test_second_signal_closes_everything_at_once(tmp_path: Path, pki) -> None:  
         proc.stop()
         client.close()
         sink.sock.close()
+
+
+def _holds_sighup(pid: int) -> bool:
+    """Whether the process blocks SIGHUP now (its SigBlk mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _wait(predicate: object, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_signals_during_startup_wait_for_the_handlers(tmp_path: Path, pki,  # type: ignore[no-untyped-def]
+                                                             workers: int) -> None:
+    """SIGHUP and SIGUSR1 end a process by default; one that arrives while enforcer (or a
+    worker) is still importing is held and handled once the process serves: a reload
+    reloads, once, and nothing exits."""
+    cfg = {**inbound_cfg(pki, 9, default="allow", rules=[], mode="off"), "workers": workers}
+    proc = EnforcerProcess(write_config(tmp_path / "e.yaml", cfg))
+    try:
+        pid = proc.proc.pid
+        if workers == 1:
+            _wait(lambda: _holds_sighup(pid), "enforcer run never held SIGHUP")
+        else:  # the supervisor passes signals on to workers that are still starting
+            _wait(lambda: len(_children(pid)) == workers and all(
+                _holds_sighup(kid) for kid in _children(pid)), "workers never held SIGHUP")
+        assert not proc.ports, "signalled too late: already serving"
+        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGUSR1)
+        proc.wait_bound()
+        _wait(lambda: sum("SIGHUP: reloading" in line for line in proc.stderr_lines) == workers,
+              "no reload after startup:\n" + "\n".join(proc.stderr_lines))
+        time.sleep(0.5)
+        assert proc.proc.poll() is None, "\n".join(proc.stderr_lines)
+        assert sum("SIGHUP: reloading" in line for line in proc.stderr_lines) == workers
+        assert not any("exited" in line for line in proc.stderr_lines), proc.stderr_lines
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.stop()

@@ -312,14 +312,26 @@ async def test_header_timeout(pki: Any) -> None:
         assert app.accepted == []
 
 
-async def test_header_timeout_silent_client(pki: Any) -> None:
+@pytest.mark.parametrize(("accept", "trusted", "detail"), [
+    ("required", ["127.0.0.0/8"], "no complete PROXY header in time"),
+    ("optional", ["127.0.0.0/8"], "nothing received in time (with accept: optional the "
+                                  "client must send first)"),
+    ("optional", ["10.0.0.0/8"], "nothing received in time (with accept: optional the "
+                                 "client must send first)"),
+], ids=["required", "optional-trusted", "optional-untrusted"])
+async def test_header_timeout_silent_client(pki: Any, accept: str, trusted: list[str],
+                                            detail: str) -> None:
+    """A client waiting for the server to speak first never gets past the PROXY stage:
+    the record says why (README: server-first protocols need accept: required or off)."""
     app = await HeaderApp(expect_header=False).start()
-    enf = await Enforcer(pp_cfg(pki, app.port, timeout="200ms")).start()
+    enf = await Enforcer(pp_cfg(pki, app.port, timeout="200ms", accept=accept,
+                                trusted=trusted)).start()
     async with running(enf, app):
         res = await raw_exchange(enf.port(), [], half_close=False)
         assert res.data == b""
         rec = (await enf.wait_flows(1))[0]
         assert rec["reason"] == "proxy_protocol_timeout"
+        assert rec["detail"] == detail
         assert proxy_errors(enf, "edge", "timeout") == 1
         assert app.accepted == []
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 
 import pytest
 
@@ -187,16 +188,17 @@ async def test_upstream_connect_timeout(pki) -> None:  # type: ignore[no-untyped
             s.close()
 
 
-async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  # type: ignore[no-untyped-def]
+async def test_client_resetting_during_connect_leaves_no_upstream(pki) -> None:  # type: ignore[no-untyped-def]
     enforcer, blackhole, _port, fillers = await blackholed_listener(pki, "30s")
     async with running(enforcer):
-        _reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        client = socket.create_connection(("127.0.0.1", enforcer.port()))
         await asyncio.sleep(0.3)  # the enforcer is now connecting upstream
         assert len(enforcer.plane.active) == 1
-        writer.close()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # RST: certainly gone (a FIN may be a half-close, see below)
         rec = (await enforcer.wait_flows(1))[0]
         assert rec["action"] == "error"
-        assert rec["close"] == "client_closed"
+        assert rec["close"] == "client_reset"
         conn_tasks = [c.connect_task for c in enforcer.plane.active]
         assert conn_tasks == []
     # Drain the accept queue: only the fillers ever reached it.
@@ -213,6 +215,25 @@ async def test_client_closing_during_connect_leaves_no_upstream(pki) -> None:  #
     for s in fillers:
         s.close()
     blackhole.close()
+
+
+async def test_a_client_half_close_during_connect_lets_the_connect_go_on(pki) -> None:  # type: ignore[no-untyped-def]
+    """FIN is all a client that has nothing to say sends (`nc -N`, reading a banner): the
+    upstream is still reached, here until the connect times out."""
+    enforcer, blackhole, port, fillers = await blackholed_listener(pki, "500ms")
+    try:
+        async with running(enforcer):
+            reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+            await asyncio.sleep(0.2)  # connecting upstream
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            rec = (await enforcer.wait_flows(1))[0]
+            assert (rec["action"], rec["close"]) == ("error", "upstream_connect_timeout")
+            assert rec["detail"] == f"connect to 127.0.0.1:{port} timed out"
+    finally:
+        for s in [*fillers, blackhole]:
+            s.close()
 
 
 async def test_idle_timeout_closes_both_sides(pki) -> None:  # type: ignore[no-untyped-def]
