@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 from enforcer.dataplane import flowrecord, native, pump, rawtransport
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
-from enforcer.dataplane.tlsengine import READ_CHUNK, TlsEngine
+from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -854,6 +854,8 @@ class Connection:
         runtime = self.listener.upstream
         if up.tls.obj.context is not runtime.client_ctx:
             return  # a TLS reload replaced the context; its sessions do not fit the new one
+        if native.tracks_sessions(up.tls.obj.context) or SESSION_GETTER_LEAKS:
+            return  # it keeps its newest session itself (native.py), or reading one leaks
         if up.tls.session_reused and runtime.session is not None:
             return  # the cached session still works: copying a session is not free
         session = up.tls.session

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import weakref
 from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
@@ -183,6 +184,9 @@ def _configure(ctx: ssl.SSLContext, function: str, value: bytes | str) -> None:
         raise RuntimeError(str(exc)) from None
 
 
+_tracking: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+
+
 def track_sessions(ctx: ssl.SSLContext) -> bool:
     """Make a client context keep its newest session for ``resume_latest``. False, and the
     context unchanged, without the extension."""
@@ -193,7 +197,13 @@ def track_sessions(ctx: ssl.SSLContext) -> bool:
         ext.track_sessions(ctx, _sample(ctx))
     except (RuntimeError, TypeError, ValueError, AttributeError):
         return False
+    _tracking.add(ctx)
     return True
+
+
+def tracks_sessions(ctx: ssl.SSLContext) -> bool:
+    """Whether ``track_sessions`` made this context keep its newest session."""
+    return ctx in _tracking
 
 
 def resume_latest(engine_state: Triple) -> bool:

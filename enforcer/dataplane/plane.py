@@ -32,6 +32,7 @@ from enforcer.dataplane.acceptor import Acceptor
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
 from enforcer.dataplane.sockets import remove_stale_unix_socket
+from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
 from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
 from enforcer.proxyproto import (
@@ -91,6 +92,7 @@ class DataPlane:
         self.poller: Any = None  # the native pumps' epoll set, watched by the loop
         self._pump_tick: asyncio.TimerHandle | None = None
         self._pump_every = PUMP_TICK
+        self.warned_no_resumption = False
         self.owns_unix_paths: list[str] = []
         self.ready = False
         self._idle = asyncio.Event()
@@ -201,6 +203,12 @@ class DataPlane:
         self._set_tls13_suites(ctx, material)
         if self.native_relay:
             native.track_sessions(ctx)
+        elif SESSION_GETTER_LEAKS and not self.warned_no_resumption:
+            self.warned_no_resumption = True
+            log.warning("upstream TLS sessions are not resumed with the Python relay on this "
+                        "Python (its ssl module leaks a session each time one is read: "
+                        "CPython gh-116810, fixed in 3.12.8 and 3.13.1); the native "
+                        "extension resumes without reading them")
         return ctx
 
     def _set_tls13_suites(self, ctx: ssl.SSLContext, material: LoadedMaterial | None) -> None:

@@ -29,6 +29,7 @@ per burst (the records are the same; the kernel still gets one ``writev``).
 from __future__ import annotations
 
 import ssl
+import sys
 from collections import deque
 from typing import Any, Final
 
@@ -56,6 +57,12 @@ def _scratch_buffer() -> memoryview:
     if _scratch is None:
         _scratch = bytearray(READ_CHUNK)
     return memoryview(_scratch)
+
+
+# Reading SSLObject.session leaks a copy of the session (with its certificate) every time
+# on CPython 3.10 to 3.12.7 and 3.13.0 (gh-116810, fixed in 3.12.8 and 3.13.1).
+SESSION_GETTER_LEAKS: Final = ((3, 10) <= sys.version_info < (3, 12, 8)
+                               or (3, 13) <= sys.version_info < (3, 13, 1))
 
 
 class TlsEngine:

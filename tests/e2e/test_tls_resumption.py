@@ -23,6 +23,7 @@ import pytest
 
 from enforcer.config.loader import load_config
 from enforcer.config.model import UpstreamVerifyConfig
+from enforcer.dataplane import native
 from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
@@ -66,6 +67,38 @@ async def test_connections_after_the_first_resume_and_keep_identities(pki: Any) 
         assert rec["upstream"]["peer"]["spiffe_id"] == DEMO_SERVER_ID
 
 
+@pytest.mark.parametrize("relay", ["native", "python"])
+async def test_the_upstream_session_is_never_read_from_python(
+        pki: Any, relay: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SSLObject.session leaks a copy of the session per read on CPython before 3.12.8
+    (gh-116810): a full upstream handshake used to read it, so clients that reset (every
+    next handshake full) leaked ~1 KiB per connection. The native extension keeps the
+    newest session itself; the Python relay on such a Python does not resume, and says so."""
+    from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
+
+    reads = []
+    getter = ssl.SSLObject.session
+    monkeypatch.setattr(ssl.SSLObject, "session", property(
+        lambda obj: reads.append(obj) or getter.fget(obj), getter.fset))  # type: ignore[attr-defined]
+    backend = await Backend(mode="echo").start()
+    inbound = await Enforcer({**inbound_cfg(pki, backend.port), "relay": relay}).start()
+    outbound = await Enforcer({**outbound_cfg(pki, inbound.port()), "relay": relay}).start()
+    async with running(outbound, inbound, backend):
+        for _ in range(3):
+            payload = random_bytes(10_000)
+            assert sha(await exchange(outbound.port(), payload)) == sha(payload)
+        records = await outbound.wait_flows(3)
+    if relay == "native" or SESSION_GETTER_LEAKS:
+        assert reads == []
+    resumed = [r["upstream"]["resumed"] for r in records]
+    warned = "upstream TLS sessions are not resumed" in caplog.text
+    if relay == "native" or not SESSION_GETTER_LEAKS:
+        assert resumed == [False, True, True] and not warned
+    else:
+        assert resumed == [False, False, False] and warned
+
+
 async def test_verify_uri_is_enforced_on_a_resumed_session(pki: Any) -> None:
     backend = await Backend(mode="echo").start()
     inbound, outbound = await _pair(pki, backend)
@@ -74,7 +107,7 @@ async def test_verify_uri_is_enforced_on_a_resumed_session(pki: Any) -> None:
         assert sha(await exchange(outbound.port(), payload)) == sha(payload)
         await outbound.wait_flows(1)
         up = outbound.plane.listeners[0].upstream
-        assert up.session is not None and up.session.has_ticket
+        assert up.client_ctx is not None and native.tracks_sessions(up.client_ctx)
         # Same context, same cached session: only what the upstream must be changes.
         wrong = UpstreamVerifyConfig(uri=("spiffe://enforcer.demo/ns/demo/sa/somebody-else",))
         up.cfg = dataclasses.replace(up.cfg, tls=dataclasses.replace(up.cfg.tls, verify=wrong))
