@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -74,9 +75,11 @@ class EnforcerProcess:
 
 
 class EchoServer:
-    """A threaded TCP echo backend for tests whose proxy runs in a subprocess."""
+    """A threaded TCP echo backend for tests whose proxy runs in a subprocess; with a
+    ``banner``, it speaks first (as SMTP, MySQL and SSH servers do)."""
 
-    def __init__(self) -> None:
+    def __init__(self, banner: bytes = b"") -> None:
+        self.banner = banner
         self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
         self.port = int(self.sock.getsockname()[1])
         threading.Thread(target=self._serve, daemon=True).start()
@@ -89,9 +92,9 @@ class EchoServer:
                 return
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
+    def _echo(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # a client may reset
+            conn.sendall(self.banner)
             while data := conn.recv(65536):
                 conn.sendall(data)
 

@@ -13,7 +13,6 @@ import asyncio
 import json
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,41 +28,9 @@ from tests.e2e.harness import (
     running,
     sha,
 )
-from tests.e2e.proc import EnforcerProcess, write_config
+from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
 
 BANNER = b"220 mail.example ESMTP ready\r\n"
-
-
-class SpeaksFirst:
-    """A threaded backend: sends BANNER as soon as it accepts, then echoes until EOF."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _one(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.sendall(BANNER)
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _records(proc: EnforcerProcess, n: int) -> list[dict[str, Any]]:
@@ -87,7 +54,7 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 @pytest.mark.parametrize("mode", ["off", "terminate"])
 def test_a_banner_sent_at_accept_reaches_every_client(tmp_path: Path, pki: Any,
                                                       relay: str, mode: str) -> None:
-    backend = SpeaksFirst()
+    backend = EchoServer(banner=BANNER)
     cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode=mode)
     proc = EnforcerProcess(write_config(tmp_path / "e.yaml", {"relay": relay, **cfg}))
     ctx = None
@@ -120,7 +87,7 @@ def test_a_banner_sent_at_accept_reaches_every_client(tmp_path: Path, pki: Any,
 @pytest.mark.parametrize("relay", ["python", "native"])
 def test_a_client_that_half_closes_at_once_gets_the_answer(tmp_path: Path, pki: Any,
                                                            relay: str) -> None:
-    backend = SpeaksFirst()
+    backend = EchoServer(banner=BANNER)
     cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off")
     proc = EnforcerProcess(write_config(tmp_path / "e.yaml", {"relay": relay, **cfg}))
     try:
