@@ -2,7 +2,11 @@
 
 A ``ThreadingHTTPServer`` (one short-lived thread per request, HTTP/1.0, connection closed
 after each response) serves from its own thread, so the data plane's event loop never
-handles admin traffic. ``start()`` binds synchronously, so a bind failure raises
+handles admin traffic. A client gets REQUEST_TIMEOUT for its whole exchange (the serving
+loop shuts down the sockets of late ones, so a client trickling a byte at a time cannot
+hold a thread), at most MAX_CLIENTS are served at once (more are closed at once: the admin
+endpoint shares the process's descriptors with the data plane), and a client that resets
+or times out is not an error worth a traceback. ``start()`` binds synchronously, so a bind failure raises
 ``OSError`` to the caller (the CLI exits 3). ``unix:/path`` addresses get an ``AF_UNIX``
 server; a stale socket file left by a dead process is removed first, but a socket someone
 still answers on, or a path that is not a socket, is an error.
@@ -29,7 +33,9 @@ import logging
 import os
 import socket
 import stat
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
@@ -41,7 +47,8 @@ from enforcer.observe.metrics import AggregatedMetrics, Metrics, NullMetrics
 log = logging.getLogger("enforcer.admin")
 
 POLL_INTERVAL = 0.1  # how long close() may wait for the serving loop to notice
-REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+REQUEST_TIMEOUT = 10.0  # seconds a client has for its whole exchange
+MAX_CLIENTS = 64  # admin clients served at once
 TEXT = "text/plain; charset=utf-8"
 
 
@@ -51,6 +58,53 @@ class _Server(ThreadingHTTPServer):
     metrics: Metrics | NullMetrics | AggregatedMetrics
     status_fn: Callable[[], dict[str, Any]]
     ready_fn: Callable[[], bool]
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once
+            return
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + REQUEST_TIMEOUT
+        try:
+            super().process_request(request, client_address)  # starts its thread
+        except BaseException:
+            self._done(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request: socket.socket) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every POLL_INTERVAL: cut the clients past their time
+        (their thread's blocked read or write then fails, and the thread ends)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, deadline in self._deadlines.items() if deadline <= now]
+            for sock in late:
+                del self._deadlines[sock]
+        for sock in late:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # the client reset, went away or ran out of time
+            return
+        log.error("admin: request from %s failed", client_address, exc_info=exc)
 
 
 class _Server6(_Server):
@@ -89,6 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(405, b"method not allowed\n", TEXT, head=False, extra={"Allow": "GET, HEAD"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # any other method (PROPFIND, FOO): 405 too, not 501
+            return self._not_allowed
+        raise AttributeError(name)
 
     def _dispatch(self, head: bool) -> None:
         path = urlsplit(self.path).path

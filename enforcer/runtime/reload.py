@@ -186,6 +186,9 @@ class Reloader:
             log.exception("TLS reload failed")
             return self._result("tls", False, f"{type(exc).__name__}: {exc}")
         if not changed:
+            if self.last.get("tls", {}).get("result") == "error":  # the good files are back
+                return self._result("tls", True, None, note="the files hold the running "
+                                    "material again")
             return True
         return self._result("tls", True, None, note=", ".join(changed))
 

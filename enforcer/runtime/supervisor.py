@@ -228,6 +228,8 @@ class Supervisor:
         except OSError as exc:
             raise StartupError("bind", f"admin.listen: cannot bind {self.cfg.admin.listen}: "
                                f"{exc.strerror or exc}") from None
+        log.info("admin endpoint bound on %s (/metrics /healthz /readyz /status)",
+                 self.admin.bound)
 
     def ready(self) -> bool:
         children = set(self.children)

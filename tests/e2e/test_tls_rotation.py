@@ -252,6 +252,29 @@ async def test_expired_certificate_at_reload_is_rejected(mounted: Any, pki: Any,
     assert sha(got) == sha(payload) and serial == _serial(good)
 
 
+async def test_restoring_the_running_material_clears_the_reload_error(
+        mounted: Any, pki: Any, tmp_path: Path) -> None:
+    """Broken files, then the very files that are running again: nothing new to load, but
+    /status and the metric must stop saying the last reload failed."""
+    first = _issue_server(pki, tmp_path / "first")
+    m = await mounted(first, interval=3600)
+    expired = _issue_server(pki, tmp_path / "expired",
+                            not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=9),
+                            not_after=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    m.mount.update(_files(expired, pki.ca.read_bytes()))
+    assert m.server.reloader.poll() == ["tls"]
+    assert m.server.status()["reloads"]["tls"]["result"] == "error"
+    m.mount.update(_files(first, pki.ca.read_bytes()))
+    assert m.server.reloader.poll() == ["tls"]
+    status = m.server.status()["reloads"]["tls"]
+    assert (status["result"], status["last_error"]) == ("ok", None)
+    assert tls_reloads(m.server, "ok") == 1 and tls_reloads(m.server, "error") == 1
+    ctx = mtls_client(pki.ca, pki.client.cert, pki.client.key)
+    payload = os.urandom(10_000)
+    got, serial = await echo_once(m.port, ctx, payload)
+    assert sha(got) == sha(payload) and serial == _serial(first)
+
+
 async def test_ca_bundle_reload_trusts_a_new_ca(mounted: Any, pki: Any, tmp_path: Path) -> None:
     first = _issue_server(pki, tmp_path / "first")
     m = await mounted(first, interval=3600)

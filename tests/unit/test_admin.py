@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import json
 import os
 import socket
+import struct
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,6 +180,109 @@ def test_other_methods_405(admin: AdminServer) -> None:
         r = request(admin, "/metrics", method=method)
         assert r.status == 405, method
         assert r.headers["Allow"] == "GET, HEAD"
+
+
+def test_any_other_method_is_405_too(admin: AdminServer) -> None:
+    for method in ("PROPFIND", "FOO"):
+        r = request(admin, "/metrics", method=method)
+        assert (r.status, r.headers["Allow"]) == (405, "GET, HEAD"), method
+
+
+def _resetting_client(server: AdminServer, data: bytes) -> None:
+    sock = socket.create_connection((server.bound.host, server.bound.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.sendall(data)
+    sock.close()  # RST, before (or while) the answer is written
+
+
+def test_clients_that_reset_leave_no_traceback(admin: AdminServer,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    for i in range(20):
+        _resetting_client(admin, b"GET /status HTTP/1.1\r\n\r\n" if i % 2 else b"GET /me")
+    time.sleep(0.5)
+    assert request(admin, "/healthz").status == 200
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
+def _threads_named_for_requests() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("Thread-"))
+
+
+def test_a_client_trickling_its_request_is_cut_at_the_deadline(
+        state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REQUEST_TIMEOUT bounds the whole exchange, not each read: a byte every 0.1 s would
+    otherwise hold a thread (and a descriptor) for as long as the client likes."""
+    from enforcer.observe import admin as admin_module
+
+    monkeypatch.setattr(admin_module, "REQUEST_TIMEOUT", 0.6)
+    server = AdminServer(Address("127.0.0.1", 0), NullMetrics(), status=state.status,
+                         ready=state.is_ready)
+    server.start()
+    before = _threads_named_for_requests()
+    socks = [socket.create_connection((server.bound.host, server.bound.port)) for _ in range(5)]
+    try:
+        started = time.monotonic()
+        cut = 0
+        while cut < len(socks) and time.monotonic() - started < 5:
+            time.sleep(0.1)
+            for sock in socks:
+                try:
+                    sock.send(b"G")
+                except OSError:
+                    continue
+            cut = sum(_closed_by_peer(sock) for sock in socks)
+        assert cut == len(socks), "trickling clients still served after the deadline"
+        assert 0.5 < time.monotonic() - started < 3
+        time.sleep(0.2)
+        assert _threads_named_for_requests() == before
+        assert request(server, "/healthz").status == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_clients_beyond_max_clients_are_closed_at_once(
+        state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+    from enforcer.observe import admin as admin_module
+
+    monkeypatch.setattr(admin_module, "MAX_CLIENTS", 3)
+    monkeypatch.setattr(admin_module, "REQUEST_TIMEOUT", 30.0)
+    server = AdminServer(Address("127.0.0.1", 0), NullMetrics(), status=state.status,
+                         ready=state.is_ready)
+    server.start()
+    addr = (server.bound.host, server.bound.port)
+    held = [socket.create_connection(addr) for _ in range(3)]  # silent: holding their slots
+    try:
+        time.sleep(0.3)
+        extra = socket.create_connection(addr)
+        extra.settimeout(5)
+        assert extra.recv(100) == b""  # closed without an answer
+        extra.close()
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # slots come back as the held ones end
+            with contextlib.suppress(OSError):
+                if request(server, "/healthz").status == 200:
+                    break
+            time.sleep(0.05)
+        assert request(server, "/healthz").status == 200
+    finally:
+        server.close()
 
 
 def test_quiet_no_request_lines(admin: AdminServer, capfd: pytest.CaptureFixture[str]) -> None:
