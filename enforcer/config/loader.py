@@ -87,8 +87,11 @@ def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") ->
     upstreams = p.upstreams(root["upstreams"])
     rulesets = parse_rulesets(root["rulesets"])
     rulesets_file = p.path(root["rulesets_file"])
+    rulesets_read = True  # False: the rulesets file could not be read (see below)
     if rulesets_file is not None:
-        rulesets = _merge_rulesets_file(rulesets, rulesets_file, root["rulesets_file"])
+        merged = _merge_rulesets_file(rulesets, rulesets_file, root["rulesets_file"])
+        rulesets_read = merged is not None
+        rulesets = merged if merged is not None else rulesets
     listeners = p.listeners(root["listeners"])
     cfg = Config(
         version=version,
@@ -105,7 +108,7 @@ def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") ->
         relay=_relay(root["relay"]),
         source=source,
     )
-    _check_references(cfg, root, issues)
+    _check_references(cfg, root, issues, rulesets_read=rulesets_read)
     if issues:
         raise ConfigError(issues)
     return cfg
@@ -139,13 +142,14 @@ def is_rulesets_file(path: str) -> bool:
 
 def _merge_rulesets_file(
     inline: dict[str, RulesetConfig], path: str, where: Node
-) -> dict[str, RulesetConfig]:
+) -> dict[str, RulesetConfig] | None:
+    """The inline rulesets and the file's; None (its problems reported) if unreadable."""
     try:
         from_file = load_rulesets_file(path)
     except ConfigError as exc:
         for issue in exc.issues:
             where.error(str(issue))
-        return inline
+        return None
     merged = dict(inline)
     for name, rs in from_file.items():
         if name in merged:
@@ -482,7 +486,11 @@ def _decode_inline(node: Node) -> bytes | None:
     return data
 
 
-def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue]) -> None:
+def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
+                      rulesets_read: bool = True) -> None:
+    """Names that must exist. A listener's ruleset is not checked when the rulesets file
+    could not be read: its problems are reported already, and every ruleset it holds would
+    look unknown."""
     known_m = ", ".join(sorted(cfg.tls)) or "none"
     known_u = ", ".join(sorted(cfg.upstreams)) or "none"
     known_r = ", ".join(sorted(cfg.rulesets)) or "none"
@@ -498,7 +506,7 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue]) -> Non
             ln["tls"]["material"].error(f"unknown material {mat!r} (known: {known_m})")
         if lst.upstream and lst.upstream not in cfg.upstreams:
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
-        if lst.ruleset and lst.ruleset not in cfg.rulesets:
+        if lst.ruleset and lst.ruleset not in cfg.rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
         if lst.tls.mode == "off" and lst.tls.client_auth != "required" and lst.tls.material:
             pass

@@ -114,6 +114,20 @@ def test_yaml_nested_too_deeply_is_one_line_exit_2(tmp_path: Path, command: str)
         f"enforcer: error: {file}: invalid YAML: nested too deeply"]
 
 
+def test_a_broken_rulesets_file_reports_only_its_own_problems(
+        tmp_path: Path, pki: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not also "unknown ruleset" for every listener using a ruleset the file defines."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rulesets:\n  inbound:\n    default: maybe\n")
+    cfg = _base(pki)
+    del cfg["rulesets"]
+    cfg["rulesets_file"] = str(rules)
+    assert main(["check", "-c", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"enforcer: error: rulesets_file: {rules}: rulesets.inbound.default: must be one of "
+        "allow, deny; got 'maybe'"]
+
+
 def test_every_problem_reported_at_once(tmp_path: Path, pki: Any,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _mutate(_base(pki), "listeners.0.tls.material", "mesh2")

@@ -74,6 +74,8 @@ def test_two_workers_share_the_listener_and_survive_a_crash(tmp_path: Path, pki:
     try:
         port = proc.wait_bound()["inbound"]
         _wait(lambda: _get(admin_port, "/readyz")[0] == 200)
+        assert any(f"admin endpoint bound on 127.0.0.1:{admin_port}" in line
+                   for line in proc.stderr_lines), "the supervisor says where its admin is"
         payloads = [os.urandom(100_000 + i) for i in range(20)]
         for p in payloads:
             assert _roundtrip(port, p) == p
