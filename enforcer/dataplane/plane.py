@@ -375,12 +375,17 @@ class DataPlane:
         received = conn.proxy_header
         if received is not None and received.command == "PROXY" and received.destination:
             dst = _ip_endpoint(received.destination) or dst
-        if src is None or dst is None:  # a unix socket: UNKNOWN / AF_UNSPEC, the
-            src = dst = None            # receiver keeps its own socket addresses
         # An IPv4/IPv6 mix is written as IPv4-mapped IPv6 by the builders (as HAProxy does).
+        if src is not None and dst is not None:
+            if pp.send == "v1":
+                return build_v1(src, dst)
+            return build_v2(src, dst, tlvs=_send_tlvs(conn, pp.tlvs))
+        # A unix socket: v1 UNKNOWN, v2 LOCAL with AF_UNSPEC (what HAProxy sends for such
+        # clients; it resets a PROXY command without addresses). The receiver keeps its own
+        # socket addresses.
         if pp.send == "v1":
-            return build_v1(src, dst)
-        return build_v2(src, dst, tlvs=_send_tlvs(conn, pp.tlvs))
+            return build_v1(None, None)
+        return build_v2(None, None, command="LOCAL", tlvs=_send_tlvs(conn, pp.tlvs))
 
     # ------------------------------------------------------------------ reload
     def swap_rulesets(self, compiled: Mapping[str, CompiledRuleset]) -> int:

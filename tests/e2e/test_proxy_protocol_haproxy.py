@@ -197,6 +197,40 @@ backend be
             assert f"uid={rec['flow_id']}" in line, line
 
 
+@pytest.mark.parametrize("send", ["v1", "v2"])
+async def test_a_unix_socket_listener_sends_a_header_haproxy_accepts(
+        pki: Any, tmp_path: Path, haproxy_bin: str, haproxies: list[Haproxy], send: str) -> None:
+    """A client on a unix socket has no address to pass on: v1 says UNKNOWN and v2 LOCAL
+    with AF_UNSPEC (HAProxy resets a v2 PROXY command without addresses), TLVs included;
+    HAProxy keeps its own socket addresses and relays every byte."""
+    backend = await Backend(mode="echo").start()
+    front = free_port()
+    _start(haproxies, haproxy_bin, tmp_path, f"""
+frontend fe
+    bind 127.0.0.1:{front} accept-proxy
+    default_backend be
+backend be
+    server app 127.0.0.1:{backend.port}
+""")
+    cfg = pp_cfg(pki, front, accept="off", send=send,
+                 tlvs=["unique_id"] if send == "v2" else None)
+    path = tmp_path / "in.sock"
+    cfg["listeners"][0]["listen"] = f"unix:{path}"
+    enf = await Enforcer(cfg).start()
+    async with running(enf, backend):
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        payload = random_bytes(300_000)
+        writer.write(payload)
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        rec = (await enf.wait_flows(1))[0]
+    assert sha(got) == sha(payload)
+    assert sha(backend.received[0]) == sha(payload)
+    assert rec["action"] == "allow"
+    assert rec["bytes"] == {"from_client": len(payload), "to_client": len(payload)}
+
+
 async def test_enforcer_v2_tlvs_after_tls_are_understood_by_haproxy(
         pki: Any, tmp_path: Path, haproxy_bin: str, haproxies: list[Haproxy]) -> None:
     """A TLS-terminating enforcer sends v2 with every TLV it knows (ssl, authority,
