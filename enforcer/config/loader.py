@@ -40,6 +40,7 @@ from enforcer.config.rulesets import RulesetConfig, parse_rulesets, reference_pr
 
 TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
             "flow_log", "admin", "limits", "workers", "relay")
+UNIX_PATH_MAX = 107  # bytes of a unix socket path (sun_path holds 108 with the NUL)
 PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
 
 
@@ -211,10 +212,20 @@ class _Parser:
         if text is None:
             return None
         try:
-            return parse_address(text, allow_port_zero=listen)
+            addr = parse_address(text, allow_port_zero=listen)
         except ValueError as exc:
             node.error(str(exc))
             return None
+        if addr.path is None:
+            return addr
+        path = os.path.expanduser(addr.path)  # relative to the config file, as files are
+        if not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(self.base_dir, path))
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            node.error(f"unix socket path {path} is {len(os.fsencode(path))} bytes; at most "
+                       f"{UNIX_PATH_MAX} fit in a socket address")
+            return None
+        return Address(path=path)
 
     def node(self, node: Node) -> NodeConfig:
         node.keys(("name", "labels"))
@@ -488,12 +499,15 @@ def _decode_inline(node: Node) -> bytes | None:
 
 def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
                       rulesets_read: bool = True) -> None:
-    """Names that must exist. A listener's ruleset is not checked when the rulesets file
-    could not be read: its problems are reported already, and every ruleset it holds would
-    look unknown."""
+    """Names that must exist. A name defined with problems (reported where it is defined)
+    is not also reported as unknown where it is used, nor is a listener's ruleset when the
+    rulesets file could not be read."""
     known_m = ", ".join(sorted(cfg.tls)) or "none"
     known_u = ", ".join(sorted(cfg.upstreams)) or "none"
     known_r = ", ".join(sorted(cfg.rulesets)) or "none"
+    materials = set(cfg.tls) | _names(root["tls"])
+    upstreams = set(cfg.upstreams) | _names(root["upstreams"])
+    rulesets = set(cfg.rulesets) | _names(root["rulesets"])
     lnodes = root["listeners"].list() if isinstance(root["listeners"].value, list) else []
     by_name = {}
     for ln in lnodes:
@@ -502,17 +516,17 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
     for lst in cfg.listeners:
         ln = by_name.get(lst.name, root["listeners"])
         mat = lst.tls.material
-        if mat is not None and mat not in cfg.tls:
+        if mat is not None and mat not in materials:
             ln["tls"]["material"].error(f"unknown material {mat!r} (known: {known_m})")
-        if lst.upstream and lst.upstream not in cfg.upstreams:
+        if lst.upstream and lst.upstream not in upstreams:
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
-        if lst.ruleset and lst.ruleset not in cfg.rulesets and rulesets_read:
+        if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
         if lst.tls.mode == "off" and lst.tls.client_auth != "required" and lst.tls.material:
             pass
     for name, up in cfg.upstreams.items():
         mat = up.tls.material
-        if mat is not None and mat not in cfg.tls:
+        if mat is not None and mat not in materials:
             root["upstreams"][name]["tls"]["material"].error(
                 f"unknown material {mat!r} (known: {known_m})")
     seen: dict[tuple[str, int, str | None], str] = {}
@@ -525,6 +539,11 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
     inline = root["rulesets"].value if isinstance(root["rulesets"].value, dict) else {}
     issues.extend(rule_reference_issues(cfg.rulesets, cfg.listeners, cfg.upstreams,
                                         inline=inline.keys(), rulesets_file=cfg.rulesets_file))
+
+
+def _names(section: Node) -> set[str]:
+    """The names a mapping section of the raw config defines, valid or not."""
+    return {str(k) for k in section.value} if isinstance(section.value, dict) else set()
 
 
 def rule_reference_issues(rulesets: Mapping[str, RulesetConfig],

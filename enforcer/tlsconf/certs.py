@@ -148,7 +148,11 @@ def _check_dns(dns: Sequence[str]) -> None:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` via a temporary file created with ``mode``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CertsError(f"{path.parent}: cannot create the directory: "
+                         f"{exc.strerror or exc}") from None
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +54,10 @@ __all__ = [
     "identity_from_spiffe_id",
     "parse_spiffe_id",
 ]
+
+# cryptography warns (on stderr, outside the log) when a subject attribute is longer than
+# X.520 allows, e.g. a 5,000-character CN; such a name is read all the same.
+warnings.filterwarnings("ignore", message="Attribute's length must be", category=UserWarning)
 
 CACHE_SIZE = 4096
 RECORD_LIST_LIMIT = 64  # SANs listed per kind in a flow record; the rest is counted

@@ -128,6 +128,34 @@ def test_a_broken_rulesets_file_reports_only_its_own_problems(
         "allow, deny; got 'maybe'"]
 
 
+def test_relative_unix_socket_paths_are_relative_to_the_config_file(
+        tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from enforcer.config.loader import load_config
+
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    cfg = _mutate(_base(pki), "listeners.0.listen", "unix:run/in.sock")
+    cfg = _mutate(cfg, "upstreams.app.address", "unix:../app.sock")
+    path = write_config(conf_dir / "c.yaml", cfg)
+    monkeypatch.chdir("/")  # not where the config is
+    loaded = load_config(str(path))
+    assert loaded.listeners[0].listen.path == str(conf_dir / "run" / "in.sock")
+    assert loaded.upstreams["app"].address.path == str(tmp_path / "app.sock")
+
+
+@pytest.mark.parametrize("key", ["listeners.0.listen", "upstreams.app.address"])
+def test_a_unix_socket_path_too_long_for_a_socket_address(
+        tmp_path: Path, pki: Any, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    """`check` says so (naming the key), instead of `run` failing to bind or connect."""
+    long_path = "/tmp/" + "s" * 110 + ".sock"
+    cfg = _mutate(_base(pki), key, f"unix:{long_path}")
+    assert main(["check", "-c", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    key_path = key.replace(".0.", "[0].")
+    assert err == [f"enforcer: error: {key_path}: unix socket path {long_path} is "
+                   f"{len(long_path)} bytes; at most 107 fit in a socket address"]
+
+
 def test_every_problem_reported_at_once(tmp_path: Path, pki: Any,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _mutate(_base(pki), "listeners.0.tls.material", "mesh2")

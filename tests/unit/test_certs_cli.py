@@ -95,6 +95,44 @@ def test_issue(pki: Path, tmp_path: Path, capsys: Capture) -> None:
     assert san.get_values_for_type(x509.DNSName) == ["pay.shop", "pay"]
 
 
+@pytest.mark.parametrize("command", ["init", "issue"])
+def test_a_directory_that_cannot_be_created_is_one_line(
+        pki: Path, tmp_path: Path, capsys: Capture, command: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    target = blocker / "sub"
+    argv = (["certs", "init", target] if command == "init"
+            else ["certs", "issue", pki, "--name", "x", "--out", target])
+    assert run(*argv) == exitcodes.BAD_CONFIG
+    line = one_line_error(capsys)
+    assert str(blocker) in line and "Not a directory" in line, line
+
+
+@pytest.mark.filterwarnings("ignore:Attribute's length")  # building the test certificate
+def test_an_over_long_subject_cn_prints_no_library_warning(tmp_path: Path) -> None:
+    """cryptography warns about a CN longer than X.520 allows; enforcer reads it (rules and
+    records see it) without a raw warning line on stderr, in every command and in run."""
+    import datetime as dt
+    import sys
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "c" * 5000, _validate=False)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(7).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    pem = tmp_path / "long-cn.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    res = subprocess.run([sys.executable, "-m", "enforcer", "certs", "show", "--json", str(pem)],
+                         capture_output=True, text=True, timeout=60)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert json.loads(res.stdout)["cn"] == "c" * 5000
+
+
 def test_issue_rsa(pki: Path) -> None:
     assert run("certs", "issue", pki, "--name", "old", "--rsa") == 0
     cert = x509.load_pem_x509_certificate((pki / "old.crt").read_bytes())
