@@ -31,15 +31,22 @@ def check_config(path: str) -> tuple[Config | None, list[str]]:
     return cfg, check_runtime(cfg)
 
 
+def flow_log_problem(cfg: Config) -> str | None:
+    """Why the flow-log file sink cannot be written (``run`` refuses to start too)."""
+    from enforcer.observe.flowlog import check_sink_writable
+
+    problem = check_sink_writable(cfg.flow_log)
+    return f"flow_log.sink: {problem}" if problem else None
+
+
 def check_runtime(cfg: Config) -> list[str]:
     from enforcer.dataplane.plane import DataPlane, StartupError
-    from enforcer.observe.flowlog import check_sink_writable
     from enforcer.observe.metrics import NullMetrics
 
     problems: list[str] = []
-    sink_problem = check_sink_writable(cfg.flow_log)
+    sink_problem = flow_log_problem(cfg)
     if sink_problem:
-        problems.append(f"flow_log.sink: {sink_problem}")
+        problems.append(sink_problem)
     try:
         DataPlane(cfg, metrics=NullMetrics(), flowlog=None).build()
     except StartupError as exc:

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from enforcer.cli import exitcodes
+from enforcer.cli.check import flow_log_problem
 from enforcer.cli.errors import fail, load_config_or_report
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
@@ -35,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     workers = resolve_workers(cfg)
     worker_spec = os.environ.pop("ENFORCER_WORKER", None)
-    if worker_spec is None and (problem := _sink_problem(cfg)):
+    if worker_spec is None and (problem := flow_log_problem(cfg)):
         fail(problem)  # as `enforcer check` says: no flow records would ever be written
         return exitcodes.BAD_CONFIG
     try:
@@ -51,13 +52,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         fail(str(exc))
         return STARTUP_EXIT.get(exc.kind, exitcodes.FAILURE)
-
-
-def _sink_problem(cfg: Config) -> str | None:
-    from enforcer.observe.flowlog import check_sink_writable
-
-    problem = check_sink_writable(cfg.flow_log)
-    return f"flow_log.sink: {problem}" if problem else None
 
 
 def _passed_on(args: argparse.Namespace) -> list[str]:

@@ -204,6 +204,11 @@ class _Parser:
         if not text:
             node.error("empty path")
             return None
+        return self._resolve(text)
+
+    def _resolve(self, text: str) -> str:
+        """A path as given, with ~ expanded and a relative one taken from the config file's
+        directory."""
         text = os.path.expanduser(text)
         return text if os.path.isabs(text) else os.path.normpath(os.path.join(self.base_dir, text))
 
@@ -218,9 +223,7 @@ class _Parser:
             return None
         if addr.path is None:
             return addr
-        path = os.path.expanduser(addr.path)  # relative to the config file, as files are
-        if not os.path.isabs(path):
-            path = os.path.normpath(os.path.join(self.base_dir, path))
+        path = self._resolve(addr.path)  # relative to the config file, as files are
         if len(os.fsencode(path)) > UNIX_PATH_MAX:
             node.error(f"unix socket path {path} is {len(os.fsencode(path))} bytes; at most "
                        f"{UNIX_PATH_MAX} fit in a socket address")

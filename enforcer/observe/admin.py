@@ -142,10 +142,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_allowed(self) -> None:
         self._send(405, b"method not allowed\n", TEXT, head=False, extra={"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
-
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("do_"):  # any other method (PROPFIND, FOO): 405 too, not 501
+        if name.startswith("do_"):  # any method but GET and HEAD: 405 (not http.server's 501)
             return self._not_allowed
         raise AttributeError(name)
 

@@ -139,13 +139,12 @@ def build_server_context(material: LoadedMaterial, client_auth: str) -> ssl.SSLC
                                 "bundle to verify clients")
         _load_trust(ctx, material)
         ctx.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
-    else:
-        # client_auth: none, written explicitly (the default is required): a public TLS
-        # listener that does not ask clients for a certificate at all, as any HTTPS server.
-        # Nothing presented is half-trusted: rules on certificate fields can never match
-        # here (`enforcer check` refuses them on such a listener), so identity-based
-        # allows fail closed.
-        ctx.verify_mode = ssl.CERT_NONE
+    # else client_auth: none, written explicitly (the default is required): a public TLS
+    # listener that does not ask clients for a certificate at all, as any HTTPS server; a
+    # server context asks for none unless told to. Nothing is half-trusted: rules on
+    # certificate fields can never match here (`enforcer check` refuses them on such a
+    # listener), so identity-based allows fail closed.
+
     # One TLS 1.3 ticket per handshake (OpenSSL sends 2): a peer enforcer keeps one session
     # per upstream and reuses it, so the second ticket is only work.
     ctx.num_tickets = 1
