@@ -49,6 +49,22 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
+@pytest.fixture(params=["own", "openssl"])
+def tls_records(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test with the native pump protecting TLS 1.3 records itself once a handshake
+    is over (the default), and again with OpenSSL keeping every end."""
+    from enforcer.dataplane import native
+
+    if native.module() is None:
+        pytest.skip(native.unavailable_reason())
+    was = native.own_records()
+    native.own_records(request.param == "own")
+    try:
+        yield str(request.param)
+    finally:
+        native.own_records(was)
+
+
 @pytest.fixture(params=["native", "python"])
 def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with the native relay pump and again with the Python relay."""

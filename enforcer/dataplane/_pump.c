@@ -80,6 +80,7 @@ typedef struct {          /* struct buf_mem_st, public in <openssl/buffer.h> */
 #define SSL_CTRL_GET_SESS_CACHE_MODE 45
 #define SSL_SESS_CACHE_CLIENT 0x0001
 #define SSL_SESS_CACHE_NO_INTERNAL_STORE 0x0200
+#define CRYPTO_EX_INDEX_SSL 0
 #define CRYPTO_EX_INDEX_SSL_CTX 1
 
 static struct {
@@ -113,6 +114,36 @@ static struct {
                                    void (*)(void *, void *, void *, int, long, void *));
     int (*SSL_SESSION_is_resumable)(const SSL_SESSION *);
     int (*SSL_CTX_set_ciphersuites)(SSL_CTX *, const char *);
+    /* the pump's own TLS 1.3 records (optional: without them OpenSSL keeps every end) */
+    void (*SSL_set_msg_callback)(SSL *, void (*)(int, int, int, const void *, size_t, SSL *,
+                                                 void *));
+    long (*SSL_ctrl)(SSL *, int, long, void *);
+    void (*SSL_CTX_set_keylog_callback)(SSL_CTX *, void (*)(const SSL *, const char *));
+    void (*(*SSL_CTX_get_keylog_callback)(const SSL_CTX *))(const SSL *, const char *);
+    void *(*SSL_get_ex_data)(const SSL *, int);
+    int (*SSL_set_ex_data)(SSL *, int, void *);
+    int (*SSL_version)(const SSL *);
+    const void *(*SSL_get_current_cipher)(const SSL *);
+    unsigned long (*SSL_CIPHER_get_id)(const void *);
+    int (*SSL_is_server)(const SSL *);
+    int (*SSL_pending)(const SSL *);
+    int (*SSL_has_pending)(const SSL *);
+    int (*SSL_get_shutdown)(const SSL *);
+    void *(*EVP_CIPHER_CTX_new)(void);
+    void (*EVP_CIPHER_CTX_free)(void *);
+    int (*EVP_CipherInit_ex)(void *, const void *, void *, const unsigned char *,
+                             const unsigned char *, int);
+    int (*EVP_CipherUpdate)(void *, unsigned char *, int *, const unsigned char *, int);
+    int (*EVP_CipherFinal_ex)(void *, unsigned char *, int *);
+    int (*EVP_CIPHER_CTX_ctrl)(void *, int, int, void *);
+    const void *(*EVP_aes_128_gcm)(void);
+    const void *(*EVP_aes_256_gcm)(void);
+    const void *(*EVP_chacha20_poly1305)(void);
+    const void *(*EVP_sha256)(void);
+    const void *(*EVP_sha384)(void);
+    unsigned char *(*HMAC)(const void *, const void *, int, const unsigned char *, size_t,
+                           unsigned char *, unsigned int *);
+    void (*OPENSSL_cleanse)(void *, size_t);
 } ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
@@ -185,6 +216,7 @@ static PyTypeObject WatchType;
 
 /* ----------------------------------------------------------------- the pump object */
 typedef struct PumpObject Pump;
+typedef struct RecordsState Records; /* see "TLS 1.3 records" below */
 
 typedef struct {
     Pump *owner;
@@ -192,6 +224,7 @@ typedef struct {
     int fd;
     SSL *ssl;
     BIO *rbio, *wbio;
+    Records *rec;     /* the end's TLS records are ours (ssl is then NULL) */
     PyObject *sslobj; /* keeps the SSL alive (the _ssl._SSLSocket) */
     PyObject *adopt;  /* a Watch whose epoll entry for fd start() takes over, or NULL */
     char *out;        /* bytes waiting for this socket to become writable */
@@ -205,6 +238,7 @@ typedef struct {
     unsigned bursts;      /* TLS bursts ended since the last tick (see burst_over) */
     int active;           /* a TLS burst ended since the last tick */
     int keeping;          /* busy: keeps its TLS buffers until a quiet tick */
+    int tls_failed;       /* a TLS error was reported for this end */
 } End;
 
 struct PumpObject {
@@ -271,6 +305,7 @@ static void clear_errors(void) {
 
 static void emit_tls_error(Pump *p, int side, unsigned long code) {
     const char *reason = code ? ossl.ERR_reason_error_string(code) : NULL;
+    p->e[side].tls_failed = 1;
     ossl.ERR_clear_error();
     emit_str(p, "tls_error", side, reason ? reason : "TLS protocol error");
 }
@@ -398,11 +433,407 @@ static void shrink_bio(BIO *bio) {
     }
 }
 
+/* ---- TLS 1.3 records after the handshake (the pump's own record layer) ---------------
+ * Why: OpenSSL's SSL object costs a connection ~7.5 KiB for as long as it lives, and its
+ * two AEAD contexts ~1.9 KiB more, idle or not (heaptrack: SSL_new is the largest single
+ * allocation of an idle mutual-TLS connection). Once a TLS 1.3 handshake is over, all
+ * that is left of TLS is record protection (RFC 8446 section 5): an AEAD key and IV per
+ * direction, a sequence number per direction, the traffic secrets for KeyUpdate, and a
+ * few post-handshake messages. So an end whose handshake is over takes its record layer
+ * over from OpenSSL, and the SSL object is freed; the AEAD itself stays OpenSSL's (EVP).
+ *
+ * How it knows the state OpenSSL was in:
+ * - Secrets: the context's keylog callback (public API; the same lines SSLKEYLOGFILE
+ *   writes) hands us CLIENT_/SERVER_TRAFFIC_SECRET_0 of each tracked SSL (ex_data slot).
+ *   A context that already logs keys for someone else is left alone: no take-over.
+ * - Sequence numbers: the SSL's message callback reports every record header read and
+ *   written and every handshake message. Encrypted records (outer type 23) are counted
+ *   per direction, and the count starts again after the record holding the Finished of
+ *   that direction (the key change of RFC 8446 section 7.1; a key change falls on a record
+ *   boundary). So the count is the next sequence number of the application keys.
+ * - An end is taken over only from a clean state: TLS 1.3 with one of the three AEAD
+ *   suites, both Finished seen, no KeyUpdate yet, nothing buffered in the SSL or its BIOs,
+ *   no shutdown begun, and (a client) after the server's first record since the handshake
+ *   (its NewSessionTickets, which OpenSSL stores for resumption). Otherwise OpenSSL keeps
+ *   the end, as before. Handing back is never needed.
+ * What it then does: application data both ways; close_notify both ways (a FIN without
+ * one is the end of the stream, as with OpenSSL); any other alert fails the connection;
+ * KeyUpdate from the peer (answered with ours when asked); NewSessionTicket ignored.
+ * Anything else (a record too long, a bad tag, a message TLS 1.3 does not allow here)
+ * fails the connection with the reason OpenSSL would give.
+ */
+#define TLS13_VERSION 0x0304
+#define RT_HEADER 256 /* SSL3_RT_HEADER, the message callback's record header */
+#define RT_APPLICATION_DATA 23
+#define RT_ALERT 21
+#define RT_HANDSHAKE 22
+#define HS_NEW_SESSION_TICKET 4
+#define HS_FINISHED 20
+#define HS_KEY_UPDATE 24
+#define SSL_CTRL_SET_MSG_CALLBACK_ARG 16
+#define EVP_CTRL_AEAD_GET_TAG 0x10
+#define EVP_CTRL_AEAD_SET_TAG 0x11
+#define TAG_LEN 16
+#define RECORD_PLAIN (16 * 1024)                 /* the largest plaintext of a record */
+#define RECORD_BODY_MAX (RECORD_PLAIN + 256)     /* its largest ciphertext (RFC 8446 5.2) */
+#define RECORD_MAX (5 + RECORD_BODY_MAX)
+#define HANDSHAKE_MAX (64 * 1024)                /* a post-handshake message we will hold */
+
+typedef struct {
+    unsigned char secret[2][48]; /* traffic secret 0: [0] client's, [1] server's */
+    unsigned secret_len[2];
+    uint64_t records[2];         /* encrypted records since the last key change: [0] read */
+    unsigned finished[2];        /* Finished read / written */
+    unsigned key_update;         /* a KeyUpdate went either way: no take-over */
+    unsigned read_after;         /* a record read after the peer's Finished */
+    unsigned refused;            /* not TLS 1.3 or not an AEAD suite we know */
+} Tracker;
+
+typedef struct {
+    unsigned char secret[48], key[32], iv[12];
+    uint64_t seq;
+    void *ctx; /* EVP_CIPHER_CTX keyed for this direction, or NULL until needed */
+} Direction;
+
+struct RecordsState {
+    const void *cipher, *md;
+    int key_len, hash_len, server;
+    Direction dir[2];   /* [0] records we read, [1] records we write */
+    unsigned char *part; /* a record received in part (RECORD_MAX bytes), or NULL */
+    size_t part_len;
+    unsigned char *hs;   /* a handshake message received in part, or NULL */
+    size_t hs_len, hs_cap;
+};
+
+static int tracker_slot = -1;
+static int records_ready = 0; /* bound with every function it needs */
+static int records_on = 1;    /* own_records(False) leaves every end to OpenSSL */
+
+static void free_tracker(void *parent, void *ptr, void *ad, int idx, long argl, void *argp) {
+    if (ptr != NULL) {
+        ossl.OPENSSL_cleanse(ptr, sizeof(Tracker));
+        free(ptr);
+    }
+}
+
+/* OpenSSL's message callback (see above): counts records, notes key changes. */
+static void on_tls_message(int write_p, int version, int content_type, const void *buf,
+                           size_t len, SSL *ssl, void *arg) {
+    Tracker *t = arg;
+    const unsigned char *b = buf;
+    int w = write_p ? 1 : 0;
+    if (t == NULL || len == 0) {
+        return;
+    }
+    if (content_type == RT_HEADER && b[0] == RT_APPLICATION_DATA) {
+        t->records[w]++;
+        if (!w && t->finished[0]) {
+            t->read_after = 1;
+        }
+    } else if (content_type == RT_HANDSHAKE && b[0] == HS_FINISHED) {
+        t->records[w] = 0; /* the next record is the first under the application keys */
+        t->finished[w] = 1;
+    } else if (content_type == RT_HANDSHAKE && b[0] == HS_KEY_UPDATE) {
+        t->key_update = 1;
+    }
+}
+
+static int unhex(const char *s, unsigned char *out, size_t room) {
+    size_t n = 0;
+    while (s[0] && s[1] && s[0] != ' ' && n < room) {
+        unsigned v = 0;
+        for (int k = 0; k < 2; k++) {
+            char c = s[k];
+            v = v * 16 + (unsigned)(c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                   : c >= 'A' && c <= 'F' ? c - 'A' + 10 : 99);
+        }
+        if (v > 255) {
+            return -1;
+        }
+        out[n++] = (unsigned char)v;
+        s += 2;
+    }
+    return (s[0] == '\0' || s[0] == ' ') ? (int)n : -1;
+}
+
+/* The context's keylog callback: keeps the application traffic secrets of tracked SSLs. */
+static void on_keylog(const SSL *ssl, const char *line) {
+    Tracker *t = ossl.SSL_get_ex_data(ssl, tracker_slot);
+    int which = strncmp(line, "CLIENT_TRAFFIC_SECRET_0 ", 24) == 0   ? 0
+                : strncmp(line, "SERVER_TRAFFIC_SECRET_0 ", 24) == 0 ? 1
+                                                                      : -1;
+    if (t == NULL || which < 0) {
+        return;
+    }
+    const char *secret = strchr(line + 24, ' '); /* after the client random */
+    int n = secret ? unhex(secret + 1, t->secret[which], sizeof t->secret[which]) : -1;
+    t->secret_len[which] = n == 32 || n == 48 ? (unsigned)n : 0;
+}
+
+/* HKDF-Expand-Label(secret, label, "", len) for len <= the hash size: one HMAC block. */
+static int expand_label(const Records *r, const unsigned char *secret, const char *label,
+                        unsigned char *out, int len) {
+    unsigned char info[2 + 1 + 6 + 12 + 1 + 1], block[64];
+    size_t ll = strlen(label), n = 0;
+    unsigned block_len = 0;
+    info[n++] = (unsigned char)(len >> 8);
+    info[n++] = (unsigned char)len;
+    info[n++] = (unsigned char)(6 + ll);
+    memcpy(info + n, "tls13 ", 6);
+    n += 6;
+    memcpy(info + n, label, ll);
+    n += ll;
+    info[n++] = 0; /* no context */
+    info[n++] = 1; /* HKDF-Expand's block counter */
+    if (ossl.HMAC(r->md, secret, r->hash_len, info, n, block, &block_len) == NULL ||
+        (int)block_len < len) {
+        ossl.ERR_clear_error();
+        return -1;
+    }
+    memcpy(out, block, (size_t)len);
+    ossl.OPENSSL_cleanse(block, sizeof block);
+    return 0;
+}
+
+/* Key and IV of a direction from its secret; its cipher context is made again when used. */
+static int derive_keys(Records *r, Direction *d) {
+    if (d->ctx != NULL) {
+        ossl.EVP_CIPHER_CTX_free(d->ctx);
+        d->ctx = NULL;
+    }
+    d->seq = 0;
+    return expand_label(r, d->secret, "key", d->key, r->key_len) < 0 ||
+                   expand_label(r, d->secret, "iv", d->iv, 12) < 0
+               ? -1
+               : 0;
+}
+
+/* KeyUpdate: the next secret of a direction (RFC 8446 7.2), then its keys. */
+static int next_keys(Records *r, Direction *d) {
+    unsigned char next[48];
+    if (expand_label(r, d->secret, "traffic upd", next, r->hash_len) < 0) {
+        return -1;
+    }
+    memcpy(d->secret, next, (size_t)r->hash_len);
+    ossl.OPENSSL_cleanse(next, sizeof next);
+    return derive_keys(r, d);
+}
+
+static void *cipher_ctx(Records *r, int w) {
+    Direction *d = &r->dir[w];
+    if (d->ctx == NULL) {
+        d->ctx = ossl.EVP_CIPHER_CTX_new();
+        if (d->ctx != NULL &&
+            ossl.EVP_CipherInit_ex(d->ctx, r->cipher, NULL, d->key, NULL, w) != 1) {
+            ossl.EVP_CIPHER_CTX_free(d->ctx);
+            d->ctx = NULL;
+        }
+        if (d->ctx == NULL) {
+            ossl.ERR_clear_error();
+        }
+    }
+    return d->ctx;
+}
+
+static void nonce_of(const Direction *d, unsigned char nonce[12]) {
+    memcpy(nonce, d->iv, 12);
+    for (int k = 0; k < 8; k++) {
+        nonce[11 - k] ^= (unsigned char)(d->seq >> (8 * k));
+    }
+}
+
+/* One record of inner type `type` with `len` (<= RECORD_PLAIN) bytes of `data`, written at
+   `out` (room for len + 22). Returns its size, or -1. */
+static int seal_record(Records *r, int type, const unsigned char *data, size_t len,
+                       unsigned char *out) {
+    Direction *d = &r->dir[1];
+    void *ctx = cipher_ctx(r, 1);
+    size_t body = len + 1 + TAG_LEN;
+    unsigned char nonce[12], inner = (unsigned char)type;
+    int n = 0, m = 0, f = 0;
+    if (ctx == NULL || d->seq == UINT64_MAX) {
+        return -1;
+    }
+    out[0] = RT_APPLICATION_DATA;
+    out[1] = 3;
+    out[2] = 3;
+    out[3] = (unsigned char)(body >> 8);
+    out[4] = (unsigned char)body;
+    nonce_of(d, nonce);
+    if (ossl.EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1) != 1 ||
+        ossl.EVP_CipherUpdate(ctx, NULL, &n, out, 5) != 1 ||
+        (len > 0 && ossl.EVP_CipherUpdate(ctx, out + 5, &n, data, (int)len) != 1) ||
+        ossl.EVP_CipherUpdate(ctx, out + 5 + len, &m, &inner, 1) != 1 ||
+        ossl.EVP_CipherFinal_ex(ctx, out + 5 + len + 1, &f) != 1 ||
+        ossl.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + 5 + len + 1) != 1) {
+        ossl.ERR_clear_error();
+        return -1;
+    }
+    d->seq++;
+    return (int)(5 + body);
+}
+
+/* Opens the whole record at rec (header and `body` bytes) into out; returns the length of
+   its content and sets *type, or NULL-terminated reason in *why and -1. */
+static int open_record(Records *r, const unsigned char *rec, size_t body, unsigned char *out,
+                       int *type, const char **why) {
+    Direction *d = &r->dir[0];
+    void *ctx = cipher_ctx(r, 0);
+    unsigned char nonce[12];
+    int n = 0, f = 0;
+    if (ctx == NULL || d->seq == UINT64_MAX) {
+        *why = "internal error";
+        return -1;
+    }
+    if (body < TAG_LEN + 1) {
+        *why = "BAD_RECORD_MAC"; /* too short to hold a tag and a content type */
+        return -1;
+    }
+    size_t clen = body - TAG_LEN;
+    nonce_of(d, nonce);
+    if (ossl.EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0) != 1 ||
+        ossl.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN,
+                                 (void *)(rec + 5 + clen)) != 1 ||
+        ossl.EVP_CipherUpdate(ctx, NULL, &n, rec, 5) != 1 ||
+        ossl.EVP_CipherUpdate(ctx, out, &n, rec + 5, (int)clen) != 1 ||
+        ossl.EVP_CipherFinal_ex(ctx, out + n, &f) != 1) {
+        ossl.ERR_clear_error();
+        *why = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC";
+        return -1;
+    }
+    d->seq++;
+    while (clen > 0 && out[clen - 1] == 0) {
+        clen--; /* padding */
+    }
+    if (clen == 0) {
+        *why = "UNEXPECTED_MESSAGE"; /* no content type */
+        return -1;
+    }
+    if (clen - 1 > RECORD_PLAIN) {
+        *why = "RECORD_OVERFLOW";
+        return -1;
+    }
+    *type = out[clen - 1];
+    return (int)(clen - 1);
+}
+
+static void free_records(Records *r) {
+    for (int w = 0; w < 2; w++) {
+        if (r->dir[w].ctx != NULL) {
+            ossl.EVP_CIPHER_CTX_free(r->dir[w].ctx);
+        }
+    }
+    free(r->part);
+    if (r->hs != NULL) {
+        ossl.OPENSSL_cleanse(r->hs, r->hs_cap);
+        free(r->hs);
+    }
+    ossl.OPENSSL_cleanse(r, sizeof *r);
+    free(r);
+}
+
+/* What a quiet end gives back: cipher contexts (made again on the next record) and
+   empty buffers. */
+static void release_records(Records *r) {
+    for (int w = 0; w < 2; w++) {
+        if (r->dir[w].ctx != NULL) {
+            ossl.EVP_CIPHER_CTX_free(r->dir[w].ctx);
+            r->dir[w].ctx = NULL;
+        }
+    }
+    if (r->part != NULL && r->part_len == 0) {
+        free(r->part);
+        r->part = NULL;
+    }
+    if (r->hs != NULL && r->hs_len == 0) {
+        free(r->hs);
+        r->hs = NULL;
+        r->hs_cap = 0;
+    }
+}
+
+static size_t records_bytes(const Records *r) {
+    return (r->part != NULL ? RECORD_MAX : 0) + r->hs_cap;
+}
+
+/* The cipher of a TLS 1.3 suite we protect records for, or NULL. */
+static const void *suite_cipher(unsigned long id, int *key_len, const void **md) {
+    switch (id & 0xffff) {
+    case 0x1301: /* TLS_AES_128_GCM_SHA256 */
+        *key_len = 16;
+        *md = ossl.EVP_sha256();
+        return ossl.EVP_aes_128_gcm();
+    case 0x1302: /* TLS_AES_256_GCM_SHA384 */
+        *key_len = 32;
+        *md = ossl.EVP_sha384();
+        return ossl.EVP_aes_256_gcm();
+    case 0x1303: /* TLS_CHACHA20_POLY1305_SHA256 */
+        *key_len = 32;
+        *md = ossl.EVP_sha256();
+        return ossl.EVP_chacha20_poly1305();
+    default:
+        return NULL;
+    }
+}
+
+/* The records of an SSL whose state allows it (see above), or NULL (OpenSSL keeps it). */
+static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
+    Tracker *t = ossl.SSL_get_ex_data(ssl, tracker_slot);
+    if (t == NULL || t->refused || t->key_update || !t->finished[0] || !t->finished[1]) {
+        return NULL;
+    }
+    int server = ossl.SSL_is_server(ssl);
+    if (!server && !t->read_after) {
+        return NULL; /* the server's tickets may still be on their way */
+    }
+    const void *md = NULL;
+    int key_len = 0;
+    const void *cipher = NULL;
+    if (ossl.SSL_version(ssl) == TLS13_VERSION) {
+        const void *suite = ossl.SSL_get_current_cipher(ssl);
+        cipher = suite ? suite_cipher(ossl.SSL_CIPHER_get_id(suite), &key_len, &md) : NULL;
+    }
+    int hash_len = md == ossl.EVP_sha384() ? 48 : 32;
+    if (cipher == NULL || md == NULL || t->secret_len[0] != (unsigned)hash_len ||
+        t->secret_len[1] != (unsigned)hash_len) {
+        t->refused = 1;
+        return NULL;
+    }
+    if (ossl.SSL_get_shutdown(ssl) != 0 || ossl.SSL_pending(ssl) > 0 ||
+        ossl.SSL_has_pending(ssl) || ossl.BIO_ctrl(rbio, BIO_CTRL_PENDING, 0, NULL) != 0 ||
+        ossl.BIO_ctrl(wbio, BIO_CTRL_PENDING, 0, NULL) != 0) {
+        return NULL;
+    }
+    Records *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        return NULL;
+    }
+    r->cipher = cipher;
+    r->md = md;
+    r->key_len = key_len;
+    r->hash_len = hash_len;
+    r->server = server;
+    memcpy(r->dir[0].secret, t->secret[server ? 0 : 1], (size_t)hash_len);
+    memcpy(r->dir[1].secret, t->secret[server ? 1 : 0], (size_t)hash_len);
+    if (derive_keys(r, &r->dir[0]) < 0 || derive_keys(r, &r->dir[1]) < 0) {
+        free_records(r);
+        t->refused = 1;
+        return NULL;
+    }
+    r->dir[0].seq = t->records[0];
+    r->dir[1].seq = t->records[1];
+    return r;
+}
+
 /* The TLS side gives back what only a burst needs: OpenSSL's record buffers (~17 KiB
    each; SSL_MODE_RELEASE_BUFFERS does not free them with memory BIOs) and the peak
    allocation of both memory BIOs, so an idle connection holds none of them (nginx and
    haproxy release theirs too). The next burst allocates them again. */
 static void release_buffers(End *e) {
+    if (e->rec != NULL) {
+        release_records(e->rec);
+        return;
+    }
     shrink_bio(e->rbio);
     shrink_bio(e->wbio);
     if (free_buffers_safe) {
@@ -457,6 +888,8 @@ static int flush_wbio(Pump *p, int j) {
     }
 }
 
+static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len);
+
 /* Plaintext read from side i goes to the other side, encrypted when that side is TLS. */
 static int forward(Pump *p, int i, const char *data, size_t len) {
     int j = 1 - i;
@@ -464,6 +897,13 @@ static int forward(Pump *p, int i, const char *data, size_t len) {
     p->bytes[i] += len;
     if (d->eof_out) {
         return 0; /* cannot happen: side i ended before we ended towards j */
+    }
+    if (d->rec != NULL) {
+        if (len > 0 && seal_and_send(p, j, RT_APPLICATION_DATA, data, len) < 0) {
+            return -1;
+        }
+        burst_over(d);
+        return 0;
     }
     if (d->ssl == NULL) {
         return send_to(p, j, data, len);
@@ -530,7 +970,12 @@ static void send_eof(Pump *p, int j) {
         return;
     }
     d->eof_out = 1;
-    if (d->ssl != NULL) {
+    if (d->rec != NULL) {
+        static const char close_notify[2] = {1, 0};
+        if (seal_and_send(p, j, RT_ALERT, close_notify, sizeof close_notify) < 0) {
+            return;
+        }
+    } else if (d->ssl != NULL) {
         ossl.ERR_clear_error();
         ossl.SSL_shutdown(d->ssl); /* queues close_notify; the reply is not awaited */
         ossl.ERR_clear_error();
@@ -559,6 +1004,253 @@ static void got_eof(Pump *p, int i) {
     send_eof(p, 1 - i);
     if (!p->closed) {
         check_done(p);
+    }
+}
+
+/* ---- the pump's side of its own records ----------------------------------------------- */
+static int tls_end(const End *e) { return e->ssl != NULL || e->rec != NULL; }
+
+/* After a burst (or at start): an end OpenSSL no longer needs to keep is taken over and its
+   SSL object let go (freed once Python holds no reference either). */
+static void take_over(Pump *p, int i) {
+    End *e = &p->e[i];
+    if (!records_on || !records_ready || e->ssl == NULL || p->closed || e->fin_in ||
+        e->eof_in || e->eof_out) {
+        return;
+    }
+    Records *r = records_from(e->ssl, e->rbio, e->wbio);
+    if (r == NULL) {
+        return;
+    }
+    /* freed without close_notify, OpenSSL would drop the session from the cache */
+    ossl.SSL_set_shutdown(e->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    e->rec = r;
+    e->ssl = NULL;
+    e->rbio = e->wbio = NULL;
+    Py_CLEAR(e->sslobj);
+}
+
+/* Encrypt data[0:len] towards j as records, sending as cipher_buf fills. 0 ok, -1 failed. */
+static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len) {
+    Records *r = p->e[j].rec;
+    size_t off = 0, filled = 0;
+    do {
+        size_t n = len - off < RECORD_PLAIN ? len - off : RECORD_PLAIN;
+        int w = seal_record(r, type, (const unsigned char *)data + off, n,
+                            (unsigned char *)cipher_buf + filled);
+        if (w < 0) {
+            emit_str(p, "tls_error", j, "internal error: record encryption failed");
+            return -1;
+        }
+        off += n;
+        filled += (size_t)w;
+        if (CIPHER_ROOM - filled < RECORD_PLAIN + 64 || off == len) {
+            if (send_to(p, j, cipher_buf, filled) < 0) {
+                return -1;
+            }
+            filled = 0;
+        }
+    } while (off < len);
+    return 0;
+}
+
+/* A post-handshake message from side i (RFC 8446 4.6). NULL, or why it is refused. */
+static const char *handshake_message(Pump *p, int i, const unsigned char *m, size_t len,
+                                     int last_in_record) {
+    End *s = &p->e[i];
+    Records *r = s->rec;
+    if (m[0] == HS_NEW_SESSION_TICKET && !r->server) {
+        return NULL; /* a ticket for later connections: the handshake's ones are kept */
+    }
+    if (m[0] != HS_KEY_UPDATE) {
+        return "UNEXPECTED_MESSAGE";
+    }
+    if (len != 5 || m[4] > 1) {
+        return "BAD_KEY_UPDATE";
+    }
+    if (!last_in_record) {
+        return "NOT_ON_RECORD_BOUNDARY";
+    }
+    if (next_keys(r, &r->dir[0]) < 0) {
+        return "internal error: key update failed";
+    }
+    if (m[4] == 1 && !s->eof_out) { /* update_requested: ours goes before any more data */
+        static const unsigned char ours[5] = {HS_KEY_UPDATE, 0, 0, 1, 0};
+        if (seal_and_send(p, i, RT_HANDSHAKE, (const char *)ours, sizeof ours) < 0) {
+            return ""; /* reported */
+        }
+        if (next_keys(r, &r->dir[1]) < 0) {
+            return "internal error: key update failed";
+        }
+    }
+    return NULL;
+}
+
+/* The handshake content of one record: whole messages, and a part kept for the next. */
+static const char *handshake_content(Pump *p, int i, const unsigned char *data, size_t len) {
+    Records *r = p->e[i].rec;
+    const unsigned char *b = data;
+    size_t have = len;
+    if (r->hs_len > 0) { /* a message began in an earlier record */
+        if (r->hs_len + len > r->hs_cap) {
+            size_t cap = r->hs_len + len;
+            unsigned char *grown = realloc(r->hs, cap);
+            if (grown == NULL) {
+                return "internal error: out of memory";
+            }
+            r->hs = grown;
+            r->hs_cap = cap;
+        }
+        memcpy(r->hs + r->hs_len, data, len);
+        r->hs_len += len;
+        b = r->hs;
+        have = r->hs_len;
+    }
+    size_t off = 0;
+    while (have - off >= 4) {
+        size_t mlen = ((size_t)b[off + 1] << 16) | ((size_t)b[off + 2] << 8) | b[off + 3];
+        if (mlen > HANDSHAKE_MAX) {
+            return "EXCESSIVE_MESSAGE_SIZE";
+        }
+        if (have - off < 4 + mlen) {
+            break;
+        }
+        const char *why = handshake_message(p, i, b + off, 4 + mlen, off + 4 + mlen == have);
+        if (why != NULL || p->closed) {
+            return why ? why : "";
+        }
+        off += 4 + mlen;
+    }
+    size_t rest = have - off;
+    if (rest > 0 && b != r->hs) { /* keep the start of a message for the next record */
+        if (rest > r->hs_cap) {
+            unsigned char *grown = realloc(r->hs, rest);
+            if (grown == NULL) {
+                return "internal error: out of memory";
+            }
+            r->hs = grown;
+            r->hs_cap = rest;
+        }
+        memcpy(r->hs, b + off, rest);
+    } else if (rest > 0 && off > 0) {
+        memmove(r->hs, r->hs + off, rest);
+    }
+    r->hs_len = rest;
+    return NULL;
+}
+
+/* The next whole record of side i: in data[*off:len], or completed in r->part from it.
+   Returns the record (header first) and its body length, or NULL when more bytes are
+   needed (what there is, is kept) or on error (*why set). */
+static const unsigned char *next_record(Records *r, const char *data, size_t len, size_t *off,
+                                        size_t *body, const char **why) {
+    if (r->part_len == 0 && len - *off >= 5) {
+        const unsigned char *h = (const unsigned char *)data + *off;
+        size_t n = ((size_t)h[3] << 8) | h[4];
+        if (n > RECORD_BODY_MAX) {
+            *why = "RECORD_OVERFLOW"; /* RFC 8446 5.2 */
+            return NULL;
+        }
+        if (len - *off >= 5 + n) {
+            *off += 5 + n;
+            *body = n;
+            return h;
+        }
+    }
+    if (len == *off) {
+        return NULL;
+    }
+    if (r->part == NULL && (r->part = malloc(RECORD_MAX)) == NULL) {
+        *why = "internal error: out of memory";
+        return NULL;
+    }
+    for (;;) {
+        size_t want = 5;
+        if (r->part_len >= 5) {
+            size_t n = ((size_t)r->part[3] << 8) | r->part[4];
+            if (n > RECORD_BODY_MAX) {
+                *why = "RECORD_OVERFLOW";
+                return NULL;
+            }
+            want = 5 + n;
+            if (r->part_len == want) {
+                r->part_len = 0; /* the caller uses it before anything else is kept */
+                *body = n;
+                return r->part;
+            }
+        }
+        if (*off == len) {
+            return NULL;
+        }
+        size_t take = want - r->part_len < len - *off ? want - r->part_len : len - *off;
+        memcpy(r->part + r->part_len, data + *off, take);
+        r->part_len += take;
+        *off += take;
+    }
+}
+
+/* Side i's records in `len` new bytes (and a record begun earlier), forwarding as we go:
+   the counterpart of tls_in() for an end whose records are ours. */
+static void records_in(Pump *p, int i, const char *data, size_t len) {
+    End *s = &p->e[i];
+    Records *r = s->rec;
+    size_t off = 0, filled = 0, body = 0;
+    const char *why = NULL;
+    int eof = 0;
+    while (!eof) {
+        const unsigned char *rec = next_record(r, data, len, &off, &body, &why);
+        if (rec == NULL) {
+            break;
+        }
+        if (rec[0] != RT_APPLICATION_DATA) {
+            why = "UNEXPECTED_RECORD"; /* plaintext records end with the handshake */
+            break;
+        }
+        if (CHUNK - filled < body) {
+            if (forward(p, i, plain_buf, filled) < 0 || p->closed) {
+                return;
+            }
+            filled = 0;
+        }
+        int type = 0;
+        unsigned char *out = (unsigned char *)plain_buf + filled;
+        int n = open_record(r, rec, body, out, &type, &why);
+        if (n < 0) {
+            break;
+        }
+        if (type == RT_APPLICATION_DATA) {
+            filled += (size_t)n;
+        } else if (type == RT_ALERT) {
+            if (n != 2) {
+                why = "BAD_ALERT";
+            } else if (out[1] == 0) {
+                eof = 1; /* close_notify: whatever follows it is ignored */
+            } else if (out[1] != 90) { /* user_canceled comes before a close_notify */
+                static char alert[48];
+                snprintf(alert, sizeof alert, "TLS alert %u from the peer", out[1]);
+                why = alert;
+            }
+        } else if (type == RT_HANDSHAKE && n > 0) {
+            why = handshake_content(p, i, out, (size_t)n);
+        } else {
+            why = "UNEXPECTED_RECORD";
+        }
+        if (why != NULL || p->closed) {
+            break;
+        }
+    }
+    if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
+        return;
+    }
+    if (why != NULL) {
+        if (*why != '\0' && !p->closed) {
+            emit_str(p, "tls_error", i, why);
+        }
+        return;
+    }
+    burst_over(s);
+    if (eof || (s->fin_in && off == len)) {
+        got_eof(p, i); /* close_notify, or FIN (with or without one, as with OpenSSL) */
     }
 }
 
@@ -627,6 +1319,8 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
     burst_over(s);
     if (eof) {
         got_eof(p, i);
+    } else {
+        take_over(p, i);
     }
 }
 
@@ -649,12 +1343,17 @@ static void on_readable(Pump *p, int i) {
     p->last_active = monotonic_now();
     if (n == 0) {
         s->fin_in = 1;
-        if (s->ssl == NULL) {
+        if (!tls_end(s)) {
             got_eof(p, i);
             return;
         }
     }
-    if (s->ssl != NULL) {
+    if (s->rec != NULL) {
+        records_in(p, i, recv_buf, (size_t)n);
+        if (!p->closed && s->fin_in && !s->eof_in) {
+            got_eof(p, i);
+        }
+    } else if (s->ssl != NULL) {
         tls_in(p, i, recv_buf, (size_t)n);
         if (!p->closed && s->fin_in && !s->eof_in) {
             got_eof(p, i);
@@ -708,6 +1407,12 @@ static void pump_close_impl(Pump *p) {
         }
     }
     p->closed = 1;
+    /* The listener's end, still OpenSSL's, keeps its session in the cache although no
+       close_notify went (a reset, a timeout), unless it failed in TLS (as nginx does; with
+       the SSL object taken over this was done then, see take_over). */
+    if (p->e[0].ssl != NULL && !p->e[0].tls_failed) {
+        ossl.SSL_set_shutdown(p->e[0].ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    }
     for (int i = 0; i < 2; i++) {
         End *e = &p->e[i];
         if (e->fd >= 0) {
@@ -719,6 +1424,10 @@ static void pump_close_impl(Pump *p) {
         Py_CLEAR(e->sslobj);
         Py_CLEAR(e->adopt);
         e->ssl = NULL;
+        if (e->rec != NULL) {
+            free_records(e->rec);
+            e->rec = NULL;
+        }
     }
     Py_CLEAR(p->on_event);
     Py_CLEAR(p->poller);
@@ -817,6 +1526,21 @@ static PyObject *Pump_get_keeping(PyObject *self, void *Py_UNUSED(closure)) {
     return PyLong_FromLong(p->e[0].keeping + p->e[1].keeping);
 }
 
+static PyObject *Pump_get_own_records(PyObject *self, void *Py_UNUSED(closure)) {
+    Pump *p = (Pump *)self;
+    return PyLong_FromLong((p->e[0].rec != NULL) + (p->e[1].rec != NULL));
+}
+
+static PyObject *Pump_get_cipher_contexts(PyObject *self, void *Py_UNUSED(closure)) {
+    Pump *p = (Pump *)self;
+    long held = 0;
+    for (int i = 0; i < 2; i++) {
+        Records *r = p->closed ? NULL : p->e[i].rec;
+        held += r != NULL ? (r->dir[0].ctx != NULL) + (r->dir[1].ctx != NULL) : 0;
+    }
+    return PyLong_FromLong(held);
+}
+
 static PyObject *Pump_get_last_active(PyObject *self, void *Py_UNUSED(closure)) {
     return PyFloat_FromDouble(((Pump *)self)->last_active);
 }
@@ -832,6 +1556,8 @@ static PyObject *Pump_get_bio_bytes(PyObject *self, void *Py_UNUSED(closure)) {
     for (int i = 0; i < 2; i++) {
         if (p->e[i].ssl != NULL && !p->closed) {
             held += bio_capacity(p->e[i].rbio) + bio_capacity(p->e[i].wbio);
+        } else if (p->e[i].rec != NULL && !p->closed) {
+            held += records_bytes(p->e[i].rec);
         }
     }
     return PyLong_FromSize_t(held);
@@ -957,6 +1683,10 @@ static PyGetSetDef Pump_getset[] = {
     {"buffered", Pump_get_buffered, NULL, "bytes of out buffers allocated now", NULL},
     {"bio_bytes", Pump_get_bio_bytes, NULL, "bytes the memory BIOs hold allocated now", NULL},
     {"keeping", Pump_get_keeping, NULL, "TLS ends keeping their buffers as busy (0-2)", NULL},
+    {"own_records", Pump_get_own_records, NULL,
+     "TLS ends whose records the pump protects itself, their SSL let go (0-2)", NULL},
+    {"cipher_contexts", Pump_get_cipher_contexts, NULL,
+     "AEAD contexts those ends hold now (0-4; a quiet end holds none)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1310,6 +2040,52 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
         }                                                                                    \
     } while (0)
 
+#define BIND_OPTIONAL(name)                                                                  \
+    do {                                                                                     \
+        *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
+        if (ossl.name == NULL) {                                                             \
+            records_ready = 0;                                                               \
+        }                                                                                    \
+    } while (0)
+
+static void bind_records(void *handle) {
+    records_ready = 1;
+    BIND_OPTIONAL(SSL_set_msg_callback);
+    BIND_OPTIONAL(SSL_ctrl);
+    BIND_OPTIONAL(SSL_CTX_set_keylog_callback);
+    BIND_OPTIONAL(SSL_CTX_get_keylog_callback);
+    BIND_OPTIONAL(SSL_get_ex_data);
+    BIND_OPTIONAL(SSL_set_ex_data);
+    BIND_OPTIONAL(SSL_version);
+    BIND_OPTIONAL(SSL_get_current_cipher);
+    BIND_OPTIONAL(SSL_CIPHER_get_id);
+    BIND_OPTIONAL(SSL_is_server);
+    BIND_OPTIONAL(SSL_pending);
+    BIND_OPTIONAL(SSL_has_pending);
+    BIND_OPTIONAL(SSL_get_shutdown);
+    BIND_OPTIONAL(EVP_CIPHER_CTX_new);
+    BIND_OPTIONAL(EVP_CIPHER_CTX_free);
+    BIND_OPTIONAL(EVP_CipherInit_ex);
+    BIND_OPTIONAL(EVP_CipherUpdate);
+    BIND_OPTIONAL(EVP_CipherFinal_ex);
+    BIND_OPTIONAL(EVP_CIPHER_CTX_ctrl);
+    BIND_OPTIONAL(EVP_aes_128_gcm);
+    BIND_OPTIONAL(EVP_aes_256_gcm);
+    BIND_OPTIONAL(EVP_chacha20_poly1305);
+    BIND_OPTIONAL(EVP_sha256);
+    BIND_OPTIONAL(EVP_sha384);
+    BIND_OPTIONAL(HMAC);
+    BIND_OPTIONAL(OPENSSL_cleanse);
+    if (records_ready && tracker_slot < 0) {
+        tracker_slot = ossl.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL,
+                                                    free_tracker);
+        if (tracker_slot < 0) {
+            ossl.ERR_clear_error();
+            records_ready = 0;
+        }
+    }
+}
+
 /* bind(path of the _ssl extension, (SSLObject, MemoryBIO, MemoryBIO) freshly made): resolve OpenSSL in the library
    _ssl itself uses, then check the object layout on the sample. */
 static PyObject *mod_bind(PyObject *module, PyObject *args) {
@@ -1353,6 +2129,7 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(SSL_SESSION_is_resumable);
     BIND(SSL_CTX_set_ciphersuites);
     free_buffers_safe = fixed_free_buffers(ossl.OpenSSL_version_num());
+    bind_records(handle);
     BIO *r, *w;
     PyObject *inner;
     if (ssl_of(sample, &r, &w, &inner) == NULL) {
@@ -1643,6 +2420,54 @@ static PyObject *mod_resume_latest(PyObject *module, PyObject *sample) {
     return PyBool_FromLong(done);
 }
 
+/* track_records((SSLObject, MemoryBIO, MemoryBIO)) -> bool: before its handshake, follow
+   an SSL's keys and record counts so that a pump can take its records over later (see
+   "TLS 1.3 records"). False when that cannot be: the library lacks what it needs, own
+   records are off, or the context already logs its keys elsewhere (SSLKEYLOGFILE). */
+static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
+    SSL *ssl = bound_ssl_of(sample);
+    if (ssl == NULL) {
+        return NULL;
+    }
+    if (!records_ready || !records_on) {
+        Py_RETURN_FALSE;
+    }
+    SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(ssl);
+    void (*logging)(const SSL *, const char *) = ossl.SSL_CTX_get_keylog_callback(ctx);
+    if (logging != NULL && logging != on_keylog) {
+        Py_RETURN_FALSE;
+    }
+    if (ossl.SSL_get_ex_data(ssl, tracker_slot) != NULL) {
+        Py_RETURN_TRUE;
+    }
+    Tracker *t = calloc(1, sizeof *t);
+    if (t == NULL) {
+        return PyErr_NoMemory();
+    }
+    if (!ossl.SSL_set_ex_data(ssl, tracker_slot, t)) {
+        ossl.ERR_clear_error();
+        free(t);
+        Py_RETURN_FALSE;
+    }
+    if (logging == NULL) {
+        ossl.SSL_CTX_set_keylog_callback(ctx, on_keylog);
+    }
+    ossl.SSL_set_msg_callback(ssl, on_tls_message);
+    ossl.SSL_ctrl(ssl, SSL_CTRL_SET_MSG_CALLBACK_ARG, 0, t);
+    Py_RETURN_TRUE;
+}
+
+/* own_records([on]) -> bool: whether pumps take TLS 1.3 records over from OpenSSL (set it,
+   e.g. in tests, to compare); False also when the bound library lacks what it needs. */
+static PyObject *mod_own_records(PyObject *module, PyObject *args) {
+    int on = records_on;
+    if (!PyArg_ParseTuple(args, "|p", &on)) {
+        return NULL;
+    }
+    records_on = on;
+    return PyBool_FromLong(records_on && records_ready);
+}
+
 /* frees_tls_buffers(version): whether idle pumps free OpenSSL's record buffers with this
    OpenSSL (OPENSSL_VERSION_NUMBER); without an argument, the bound library's answer. */
 static PyObject *mod_frees_tls_buffers(PyObject *module, PyObject *args) {
@@ -1746,6 +2571,10 @@ static PyMethodDef module_methods[] = {
     {"bind", mod_bind, METH_VARARGS, "Bind to the OpenSSL the _ssl module uses; check layout."},
     {"frees_tls_buffers", mod_frees_tls_buffers, METH_VARARGS,
      "Whether idle pumps free OpenSSL's record buffers (CVE-2024-4741 fixed)."},
+    {"track_records", mod_track_records, METH_O,
+     "Follow an SSL's keys and record counts from before its handshake (see above)."},
+    {"own_records", mod_own_records, METH_VARARGS,
+     "Whether pumps take TLS 1.3 records over from OpenSSL; set it with a bool."},
     {"busy_limits", mod_busy_limits, METH_VARARGS,
      "(bursts, ends): when busy TLS ends keep their buffers; returns them and the count."},
     {NULL, NULL, 0, NULL},
@@ -1758,7 +2587,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 5
+#define API_VERSION 6
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

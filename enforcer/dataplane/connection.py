@@ -386,7 +386,8 @@ class Connection:
         assert ctx is not None
         self.stage = Stage.HANDSHAKE
         self.hs_started = time.monotonic()
-        self.client.tls = TlsEngine(ctx, server_side=True)
+        self.client.tls = TlsEngine(ctx, server_side=True,
+                                    track_records=self.plane.native_relay)
         if data:
             self._handshake_data(data)
 
@@ -564,7 +565,8 @@ class Connection:
         self._set_stage_timer(self.listener.limits.handshake_timeout, "upstream_tls_timeout")
         side.tls = TlsEngine(up.client_ctx, server_side=False,
                              server_hostname=up.server_hostname, session=up.session,
-                             native_session=self.plane.native_relay)
+                             native_session=self.plane.native_relay,
+                             track_records=self.plane.native_relay)
         self._upstream_handshake()
 
     def _upstream_handshake(self) -> None:
@@ -835,6 +837,7 @@ class Connection:
             if side is not None:
                 side.close(abort=abort)
         if self.client.tls is not None and self.plane.native_relay \
+                and not self.client.tls.detached \
                 and self.tls_info is not None and reason not in TLS_FAILURES:
             native.keep_session(self.client.tls.state)
         if not abort:
@@ -852,9 +855,10 @@ class Connection:
         if up is None or up.tls is None:
             return
         runtime = self.listener.upstream
-        if up.tls.obj.context is not runtime.client_ctx:
-            return  # a TLS reload replaced the context; its sessions do not fit the new one
-        if native.tracks_sessions(up.tls.obj.context) or SESSION_GETTER_LEAKS:
+        if up.tls.context is not runtime.client_ctx or up.tls.detached:
+            return  # a TLS reload replaced the context (its sessions do not fit the new
+            # one), or a pump had the TLS state (it resumes with native.py's sessions)
+        if native.tracks_sessions(up.tls.context) or SESSION_GETTER_LEAKS:
             return  # it keeps its newest session itself (native.py), or reading one leaks
         if up.tls.session_reused and runtime.session is not None:
             return  # the cached session still works: copying a session is not free

@@ -54,7 +54,7 @@ from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 5  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 6  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 
@@ -216,6 +216,27 @@ def resume_latest(engine_state: Triple) -> bool:
         return bool(ext.resume_latest(engine_state))
     except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
         return False
+
+
+def track_records(engine_state: Triple) -> bool:
+    """Before a handshake: let a pump take this SSLObject's TLS 1.3 records over from
+    OpenSSL once the handshake is done, freeing its SSL object (see "TLS 1.3 records" in
+    ``_pump.c``). False if it cannot be (no extension, or a context logging its keys)."""
+    ext = module()
+    if ext is None:
+        return False
+    try:
+        return bool(ext.track_records(engine_state))
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+        return False
+
+
+def own_records(on: bool | None = None) -> bool:
+    """Whether pumps take TLS 1.3 records over (tests set it to compare both ways)."""
+    ext = module()
+    if ext is None:
+        return False
+    return bool(ext.own_records() if on is None else ext.own_records(on))
 
 
 def frees_tls_buffers() -> bool:

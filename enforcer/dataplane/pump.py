@@ -85,6 +85,8 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
         return None
     for side in (client, upstream):
         _detach(side)
+        if side.tls is not None:
+            side.tls.detach()
     pump.start()  # on failure it has closed both sockets; the caller fails the connection
     return pump
 

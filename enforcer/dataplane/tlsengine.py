@@ -66,7 +66,8 @@ SESSION_GETTER_LEAKS: Final = ((3, 10) <= sys.version_info < (3, 12, 8)
 
 
 class TlsEngine:
-    __slots__ = ("_backlog", "_eof_queued", "_in", "_out", "obj", "peer_closed", "we_closed")
+    __slots__ = ("_backlog", "_context", "_eof_queued", "_in", "_out", "_reused", "obj",
+                 "peer_closed", "we_closed")
 
     def __init__(
         self,
@@ -76,11 +77,16 @@ class TlsEngine:
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
         native_session: bool = False,
+        track_records: bool = False,
     ) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(
             self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        self._context = context
+        self._reused: bool | None = None  # set once detached (see detach)
+        if track_records:
+            native.track_records(self.state)  # a pump may take the records over later
         if native_session and native.resume_latest(self.state):
             pass  # the newest session of a tracked context (see native.py)
         elif session is not None and not (native_session and native.set_session(self.state,
@@ -218,6 +224,22 @@ class TlsEngine:
         self._backlog = None
         return self.state
 
+    def detach(self) -> None:
+        """The native pump has the TLS state now (``hand_over``): let go of the SSLObject
+        and its BIOs, so that the SSL object is freed as soon as the pump lets go of it too
+        (it does once it protects the records itself). What is asked of the engine
+        afterwards (``session_reused``, ``context``) was kept; anything else is an error."""
+        self._reused = self.obj.session_reused
+        del self.obj, self._in, self._out
+
+    @property
+    def detached(self) -> bool:
+        return self._reused is not None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
     # -- facts after the handshake -------------------------------------------------------
     def peer_cert_der(self) -> bytes | None:
         return self.obj.getpeercert(binary_form=True)
@@ -238,4 +260,6 @@ class TlsEngine:
 
     @property
     def session_reused(self) -> bool:
+        if self._reused is not None:
+            return self._reused
         return self.obj.session_reused
