@@ -686,7 +686,7 @@ static int open_record(Records *r, const unsigned char *rec, size_t body, unsign
         return -1;
     }
     if (body < TAG_LEN + 1) {
-        *why = "BAD_RECORD_MAC"; /* too short to hold a tag and a content type */
+        *why = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"; /* too short for a tag and a type */
         return -1;
     }
     size_t clen = body - TAG_LEN;
@@ -706,7 +706,7 @@ static int open_record(Records *r, const unsigned char *rec, size_t body, unsign
         clen--; /* padding */
     }
     if (clen == 0) {
-        *why = "UNEXPECTED_MESSAGE"; /* no content type */
+        *why = "BAD_RECORD_TYPE"; /* no content type */
         return -1;
     }
     if (clen - 1 > RECORD_PLAIN) {
@@ -1148,7 +1148,7 @@ static const unsigned char *next_record(Records *r, const char *data, size_t len
         const unsigned char *h = (const unsigned char *)data + *off;
         size_t n = ((size_t)h[3] << 8) | h[4];
         if (n > RECORD_BODY_MAX) {
-            *why = "RECORD_OVERFLOW"; /* RFC 8446 5.2 */
+            *why = "ENCRYPTED_LENGTH_TOO_LONG"; /* RFC 8446 5.2 */
             return NULL;
         }
         if (len - *off >= 5 + n) {
@@ -1169,7 +1169,7 @@ static const unsigned char *next_record(Records *r, const char *data, size_t len
         if (r->part_len >= 5) {
             size_t n = ((size_t)r->part[3] << 8) | r->part[4];
             if (n > RECORD_BODY_MAX) {
-                *why = "RECORD_OVERFLOW";
+                *why = "ENCRYPTED_LENGTH_TOO_LONG";
                 return NULL;
             }
             want = 5 + n;
@@ -1189,6 +1189,18 @@ static const unsigned char *next_record(Records *r, const char *data, size_t len
     }
 }
 
+/* OpenSSL's words for an alert received (its reason codes are 1000 + the alert), so the
+   flow record says the same whichever layer read it. */
+static const char *alert_reason(unsigned description) {
+    const char *text = ossl.ERR_reason_error_string((20UL << 23) | (1000UL + description));
+    if (text != NULL) {
+        return text;
+    }
+    static char unknown[40];
+    snprintf(unknown, sizeof unknown, "TLS alert %u", description);
+    return unknown;
+}
+
 /* Side i's records in `len` new bytes (and a record begun earlier), forwarding as we go:
    the counterpart of tls_in() for an end whose records are ours. */
 static void records_in(Pump *p, int i, const char *data, size_t len) {
@@ -1203,7 +1215,7 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
             break;
         }
         if (rec[0] != RT_APPLICATION_DATA) {
-            why = "UNEXPECTED_RECORD"; /* plaintext records end with the handshake */
+            why = "BAD_RECORD_TYPE"; /* plaintext records end with the handshake */
             break;
         }
         if (CHUNK - filled < body) {
@@ -1226,14 +1238,12 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
             } else if (out[1] == 0) {
                 eof = 1; /* close_notify: whatever follows it is ignored */
             } else if (out[1] != 90) { /* user_canceled comes before a close_notify */
-                static char alert[48];
-                snprintf(alert, sizeof alert, "TLS alert %u from the peer", out[1]);
-                why = alert;
+                why = alert_reason(out[1]);
             }
         } else if (type == RT_HANDSHAKE && n > 0) {
             why = handshake_content(p, i, out, (size_t)n);
         } else {
-            why = "UNEXPECTED_RECORD";
+            why = "BAD_RECORD_TYPE";
         }
         if (why != NULL || p->closed) {
             break;

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import weakref
 from typing import Any, Final
@@ -81,6 +82,8 @@ def _bind() -> tuple[Any, str | None]:
         _pump.bind(_ssl.__file__, _sample(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)))
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         return None, f"the native extension cannot use this Python's ssl module: {exc}"
+    if os.environ.get("ENFORCER_TLS_RECORDS") == "openssl":
+        _pump.own_records(False)  # troubleshooting: OpenSSL keeps every TLS end (README)
     return _pump, None
 
 
