@@ -12,10 +12,13 @@
  *   ready socket a pump does recv() -> [BIO_write + SSL_read] -> [SSL_write + BIO_read] ->
  *   send(), all in C, into static scratch buffers (the loop is single-threaded and holds
  *   the GIL), so a request costs a few syscalls and no Python objects.
- * - The TLS state stays the SSLObject's: the SSL* and its memory BIOs are read from the
- *   _ssl objects (the layout sslkeylog and sslpsk rely on), and every OpenSSL function is
- *   looked up with dlsym() in the _ssl module's own libssl, so both always use the same
+ * - The TLS state starts as the SSLObject's: the SSL* and its memory BIOs are read from
+ *   the _ssl objects (the layout sslkeylog and sslpsk rely on), and every OpenSSL function
+ *   is looked up with dlsym() in the _ssl module's own libssl, so both always use the same
  *   library. bind() checks the layout on a live object before the pump is ever used.
+ * - Once a TLS 1.3 end is in a clean state after its handshake, the pump protects its
+ *   records itself (AEAD by OpenSSL's EVP) and lets the SSL object go, ~10 KiB per end
+ *   (see "TLS 1.3 records" below); TLS 1.2, and any end not clean yet, stays OpenSSL's.
  * - Flow control: when a send() is short, the rest waits in that socket's out buffer, the
  *   pump watches it for writability and stops reading the other socket until it drains.
  *   Ciphertext enters an incoming BIO at most BIO_SLICE at a time (memory BIOs keep their
