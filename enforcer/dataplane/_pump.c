@@ -1519,7 +1519,8 @@ static PyObject *Pump_take_counts(PyObject *self, PyObject *Py_UNUSED(ignored)) 
 }
 
 /* The plane's periodic visit: an end that kept its buffers and has been quiet since the
-   last visit gives them back; every end's burst count starts again. */
+   last visit gives them back; every end's burst count starts again; a TLS end still
+   OpenSSL's is taken over if it can be now. */
 static PyObject *Pump_tick(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     Pump *p = (Pump *)self;
     for (int i = 0; i < 2 && !p->closed; i++) {
@@ -1530,6 +1531,7 @@ static PyObject *Pump_tick(PyObject *self, PyObject *Py_UNUSED(ignored)) {
         }
         e->bursts = 0;
         e->active = 0;
+        take_over(p, i); /* an end not clean enough when its last burst ended */
     }
     Py_RETURN_NONE;
 }
