@@ -168,17 +168,24 @@ def connect_latencies(port: int, n: int, timeout: float = 10.0) -> list[float]:
 async def _open_one(port: int, req: bytes, expected: bytes
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await _exchange(reader, writer, req, expected)
+    return reader, writer
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes,
+                    expected: bytes) -> None:
     writer.write(req)
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                   if line.lower().startswith(b"content-length:"))
     _check_response(head + await reader.readexactly(length), expected)
-    return reader, writer
 
 
 async def hold_idle(port: int, n: int, measure: Callable[[], None], *,
                     concurrency: int = 64, timeout: float = 60.0) -> float:
-    """Open N checked connections, call ``measure()`` while all are held; return setup s."""
+    """Open N checked connections, call ``measure()`` while all are held, then check that
+    every one still answers (what a proxy saves on idle connections must not break them);
+    return setup s."""
     req, expected = request(), body()
     gate = asyncio.Semaphore(concurrency)
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -196,6 +203,18 @@ async def hold_idle(port: int, n: int, measure: Callable[[], None], *,
                                f"(first: {type(failed[0]).__name__}: {failed[0]})")
         setup = time.perf_counter() - started
         measure()
+
+        async def still_answers(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+            async with gate:
+                await asyncio.wait_for(_exchange(reader, writer, req, expected), timeout)
+
+        results = await asyncio.gather(*(still_answers(r, w) for r, w in held),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise MeasureError(f"{len(failed)} of {n} idle connections no longer answer "
+                               f"(first: {type(failed[0]).__name__}: {failed[0]})")
         return setup
     finally:
         for _, writer in held:
