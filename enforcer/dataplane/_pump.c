@@ -147,6 +147,10 @@ static struct {
     unsigned char *(*HMAC)(const void *, const void *, int, const unsigned char *, size_t,
                            unsigned char *, unsigned int *);
     void (*OPENSSL_cleanse)(void *, size_t);
+    SSL_SESSION *(*SSL_get1_session)(SSL *);
+    int (*SSL_CTX_remove_session)(SSL_CTX *, SSL_SESSION *);
+    int (*SSL_CTX_up_ref)(SSL_CTX *);
+    void (*SSL_CTX_free)(SSL_CTX *);
 } ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
@@ -481,6 +485,8 @@ static void shrink_bio(BIO *bio) {
 #define RECORD_BODY_MAX (RECORD_PLAIN + 256)     /* its largest ciphertext (RFC 8446 5.2) */
 #define RECORD_MAX (5 + RECORD_BODY_MAX)
 #define HANDSHAKE_MAX (64 * 1024)                /* a post-handshake message we will hold */
+#define MAX_EMPTY_RECORDS 32    /* OpenSSL's limits: empty records in a row, */
+#define MAX_WARN_ALERT_COUNT 5  /* and warning alerts (user_canceled) before data */
 
 typedef struct {
     unsigned char secret[2][48]; /* traffic secret 0: [0] client's, [1] server's */
@@ -506,6 +512,11 @@ struct RecordsState {
     size_t part_len;
     unsigned char *hs;   /* a handshake message received in part, or NULL */
     size_t hs_len, hs_cap;
+    unsigned empty_run;  /* empty records read in a row */
+    unsigned warn_run;   /* warning alerts read since the last data */
+    unsigned answered;   /* our last record out is a KeyUpdate: requests need no other */
+    SSL_SESSION *session; /* a server end's session and its cache, to drop it if the */
+    SSL_CTX *session_ctx; /* connection fails in TLS (see pump_close_impl) */
 };
 
 static int tracker_slot = -1;
@@ -713,7 +724,7 @@ static int open_record(Records *r, const unsigned char *rec, size_t body, unsign
         return -1;
     }
     if (clen - 1 > RECORD_PLAIN) {
-        *why = "RECORD_OVERFLOW";
+        *why = "DATA_LENGTH_TOO_LONG"; /* OpenSSL's words (a record_overflow alert) */
         return -1;
     }
     *type = out[clen - 1];
@@ -730,6 +741,12 @@ static void free_records(Records *r) {
     if (r->hs != NULL) {
         ossl.OPENSSL_cleanse(r->hs, r->hs_cap);
         free(r->hs);
+    }
+    if (r->session != NULL) {
+        ossl.SSL_SESSION_free(r->session);
+    }
+    if (r->session_ctx != NULL) {
+        ossl.SSL_CTX_free(r->session_ctx);
     }
     ossl.OPENSSL_cleanse(r, sizeof *r);
     free(r);
@@ -1025,7 +1042,15 @@ static void take_over(Pump *p, int i) {
     if (r == NULL) {
         return;
     }
-    /* freed without close_notify, OpenSSL would drop the session from the cache */
+    /* freed without close_notify, OpenSSL would drop the session from the cache; a server
+       end keeps a reference to drop it itself should the connection fail in TLS */
+    if (r->server) {
+        SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(e->ssl);
+        r->session = ossl.SSL_get1_session(e->ssl);
+        if (r->session != NULL && ctx != NULL && ossl.SSL_CTX_up_ref(ctx) == 1) {
+            r->session_ctx = ctx;
+        }
+    }
     ossl.SSL_set_shutdown(e->ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
     e->rec = r;
     e->ssl = NULL;
@@ -1033,16 +1058,33 @@ static void take_over(Pump *p, int i) {
     Py_CLEAR(e->sslobj);
 }
 
+/* An own-records end failed in TLS: as with OpenSSL's SSL_free after a failure, a server
+   end's session leaves the cache (pump_close_impl keeps it otherwise); then report. */
+static void records_failed(Pump *p, int i, const char *why) {
+    Records *r = p->e[i].rec;
+    p->e[i].tls_failed = 1;
+    if (r != NULL && r->session != NULL && r->session_ctx != NULL) {
+        ossl.SSL_CTX_remove_session(r->session_ctx, r->session);
+        ossl.ERR_clear_error();
+    }
+    if (*why != '\0') {
+        emit_str(p, "tls_error", i, why);
+    }
+}
+
 /* Encrypt data[0:len] towards j as records, sending as cipher_buf fills. 0 ok, -1 failed. */
 static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len) {
     Records *r = p->e[j].rec;
     size_t off = 0, filled = 0;
+    if (type != RT_HANDSHAKE) {
+        r->answered = 0; /* a KeyUpdate request after this needs an answer again */
+    }
     do {
         size_t n = len - off < RECORD_PLAIN ? len - off : RECORD_PLAIN;
         int w = seal_record(r, type, (const unsigned char *)data + off, n,
                             (unsigned char *)cipher_buf + filled);
         if (w < 0) {
-            emit_str(p, "tls_error", j, "internal error: record encryption failed");
+            records_failed(p, j, "internal error: record encryption failed");
             return -1;
         }
         off += n;
@@ -1077,7 +1119,10 @@ static const char *handshake_message(Pump *p, int i, const unsigned char *m, siz
     if (next_keys(r, &r->dir[0]) < 0) {
         return "internal error: key update failed";
     }
-    if (m[4] == 1 && !s->eof_out) { /* update_requested: ours goes before any more data */
+    /* update_requested: ours goes before any more data; one answers every request that
+       comes before we send anything else (RFC 8446 4.6.3), so a peer sending requests and
+       reading nothing does not fill our out buffer with answers */
+    if (m[4] == 1 && !s->eof_out && !r->answered) {
         static const unsigned char ours[5] = {HS_KEY_UPDATE, 0, 0, 1, 0};
         if (seal_and_send(p, i, RT_HANDSHAKE, (const char *)ours, sizeof ours) < 0) {
             return ""; /* reported */
@@ -1085,6 +1130,7 @@ static const char *handshake_message(Pump *p, int i, const unsigned char *m, siz
         if (next_keys(r, &r->dir[1]) < 0) {
             return "internal error: key update failed";
         }
+        r->answered = 1;
     }
     return NULL;
 }
@@ -1221,6 +1267,10 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
             why = "BAD_RECORD_TYPE"; /* plaintext records end with the handshake */
             break;
         }
+        if (rec[1] != 3 || rec[2] != 3) {
+            why = "WRONG_VERSION_NUMBER"; /* as OpenSSL checks legacy_record_version */
+            break;
+        }
         if (CHUNK - filled < body) {
             if (forward(p, i, plain_buf, filled) < 0 || p->closed) {
                 return;
@@ -1233,20 +1283,33 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
         if (n < 0) {
             break;
         }
-        if (type == RT_APPLICATION_DATA) {
+        if (type != RT_APPLICATION_DATA && type != RT_ALERT && type != RT_HANDSHAKE) {
+            why = "BAD_RECORD_TYPE";
+        } else if (n == 0 && type != RT_APPLICATION_DATA) {
+            why = "BAD_LENGTH"; /* only application data may be empty */
+        } else if (n == 0 && ++r->empty_run > MAX_EMPTY_RECORDS) {
+            why = "RECORD_TOO_SMALL";
+        } else if (n == 0) {
+            /* an empty record: nothing to do */
+        } else if (r->hs_len > 0 && type != RT_HANDSHAKE) {
+            why = "MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA"; /* RFC 8446 5.1 */
+        } else if (type == RT_APPLICATION_DATA) {
+            r->empty_run = r->warn_run = 0;
             filled += (size_t)n;
         } else if (type == RT_ALERT) {
+            r->empty_run = 0;
             if (n != 2) {
-                why = "BAD_ALERT";
+                why = "INVALID_ALERT";
             } else if (out[1] == 0) {
                 eof = 1; /* close_notify: whatever follows it is ignored */
             } else if (out[1] != 90) { /* user_canceled comes before a close_notify */
                 why = alert_reason(out[1]);
+            } else if (++r->warn_run >= MAX_WARN_ALERT_COUNT) {
+                why = "TOO_MANY_WARN_ALERTS";
             }
-        } else if (type == RT_HANDSHAKE && n > 0) {
-            why = handshake_content(p, i, out, (size_t)n);
         } else {
-            why = "BAD_RECORD_TYPE";
+            r->empty_run = 0;
+            why = handshake_content(p, i, out, (size_t)n);
         }
         if (why != NULL || p->closed) {
             break;
@@ -1256,8 +1319,8 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
         return;
     }
     if (why != NULL) {
-        if (*why != '\0' && !p->closed) {
-            emit_str(p, "tls_error", i, why);
+        if (!p->closed) {
+            records_failed(p, i, why);
         }
         return;
     }
@@ -2091,6 +2154,10 @@ static void bind_records(void *handle) {
     BIND_OPTIONAL(EVP_sha384);
     BIND_OPTIONAL(HMAC);
     BIND_OPTIONAL(OPENSSL_cleanse);
+    BIND_OPTIONAL(SSL_get1_session);
+    BIND_OPTIONAL(SSL_CTX_remove_session);
+    BIND_OPTIONAL(SSL_CTX_up_ref);
+    BIND_OPTIONAL(SSL_CTX_free);
     if (records_ready && tracker_slot < 0) {
         tracker_slot = ossl.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL,
                                                     free_tracker);
