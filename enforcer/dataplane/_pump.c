@@ -147,7 +147,10 @@ static struct {
     unsigned char *(*HMAC)(const void *, const void *, int, const unsigned char *, size_t,
                            unsigned char *, unsigned int *);
     void (*OPENSSL_cleanse)(void *, size_t);
-    SSL_SESSION *(*SSL_get1_session)(SSL *);
+    SSL_SESSION *(*SSL_get_session)(const SSL *);
+    SSL_SESSION *(*SSL_SESSION_new)(void);
+    int (*SSL_SESSION_set1_id)(SSL_SESSION *, const unsigned char *, unsigned int);
+    int (*SSL_SESSION_set_protocol_version)(SSL_SESSION *, int);
     int (*SSL_CTX_remove_session)(SSL_CTX *, SSL_SESSION *);
     int (*SSL_CTX_up_ref)(SSL_CTX *);
     void (*SSL_CTX_free)(SSL_CTX *);
@@ -515,8 +518,9 @@ struct RecordsState {
     unsigned empty_run;  /* empty records read in a row */
     unsigned warn_run;   /* warning alerts read since the last data */
     unsigned answered;   /* our last record out is a KeyUpdate: requests need no other */
-    SSL_SESSION *session; /* a server end's session and its cache, to drop it if the */
-    SSL_CTX *session_ctx; /* connection fails in TLS (see pump_close_impl) */
+    unsigned char session_id[32]; /* a server end's session id and its cache, to drop */
+    unsigned session_id_len;      /* the session if the connection fails in TLS (as */
+    SSL_CTX *session_ctx;         /* OpenSSL would): not the session, which may be big */
 };
 
 static int tracker_slot = -1;
@@ -741,9 +745,6 @@ static void free_records(Records *r) {
     if (r->hs != NULL) {
         ossl.OPENSSL_cleanse(r->hs, r->hs_cap);
         free(r->hs);
-    }
-    if (r->session != NULL) {
-        ossl.SSL_SESSION_free(r->session);
     }
     if (r->session_ctx != NULL) {
         ossl.SSL_CTX_free(r->session_ctx);
@@ -1043,11 +1044,16 @@ static void take_over(Pump *p, int i) {
         return;
     }
     /* freed without close_notify, OpenSSL would drop the session from the cache; a server
-       end keeps a reference to drop it itself should the connection fail in TLS */
+       end keeps the session's id to drop it itself should the connection fail in TLS */
     if (r->server) {
         SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(e->ssl);
-        r->session = ossl.SSL_get1_session(e->ssl);
-        if (r->session != NULL && ctx != NULL && ossl.SSL_CTX_up_ref(ctx) == 1) {
+        SSL_SESSION *session = ossl.SSL_get_session(e->ssl);
+        unsigned len = 0;
+        const unsigned char *id = session ? ossl.SSL_SESSION_get_id(session, &len) : NULL;
+        if (id != NULL && len > 0 && len <= sizeof r->session_id && ctx != NULL &&
+            ossl.SSL_CTX_up_ref(ctx) == 1) {
+            memcpy(r->session_id, id, len);
+            r->session_id_len = len;
             r->session_ctx = ctx;
         }
     }
@@ -1063,8 +1069,13 @@ static void take_over(Pump *p, int i) {
 static void records_failed(Pump *p, int i, const char *why) {
     Records *r = p->e[i].rec;
     p->e[i].tls_failed = 1;
-    if (r != NULL && r->session != NULL && r->session_ctx != NULL) {
-        ossl.SSL_CTX_remove_session(r->session_ctx, r->session);
+    SSL_SESSION *probe = r != NULL && r->session_ctx != NULL ? ossl.SSL_SESSION_new() : NULL;
+    if (probe != NULL) { /* the cache finds its session by id and version */
+        if (ossl.SSL_SESSION_set1_id(probe, r->session_id, r->session_id_len) == 1 &&
+            ossl.SSL_SESSION_set_protocol_version(probe, TLS13_VERSION) == 1) {
+            ossl.SSL_CTX_remove_session(r->session_ctx, probe);
+        }
+        ossl.SSL_SESSION_free(probe);
         ossl.ERR_clear_error();
     }
     if (*why != '\0') {
@@ -2154,7 +2165,10 @@ static void bind_records(void *handle) {
     BIND_OPTIONAL(EVP_sha384);
     BIND_OPTIONAL(HMAC);
     BIND_OPTIONAL(OPENSSL_cleanse);
-    BIND_OPTIONAL(SSL_get1_session);
+    BIND_OPTIONAL(SSL_get_session);
+    BIND_OPTIONAL(SSL_SESSION_new);
+    BIND_OPTIONAL(SSL_SESSION_set1_id);
+    BIND_OPTIONAL(SSL_SESSION_set_protocol_version);
     BIND_OPTIONAL(SSL_CTX_remove_session);
     BIND_OPTIONAL(SSL_CTX_up_ref);
     BIND_OPTIONAL(SSL_CTX_free);

@@ -1,10 +1,9 @@
-"""Review of the native pump's own TLS 1.3 record layer (``_pump.c``, "TLS 1.3 records").
-
-Each test here found a difference between the pump's own records and OpenSSL's (the
-``tls_records`` fixture runs it both ways, where both ways must agree), or pins down a
-behaviour with a real OpenSSL peer (s_server) that the other tests do not reach. Records
-no ordinary peer sends are forged as in ``test_tls_records.py`` (keylog secret, record
-count, AES-GCM from ``cryptography``).
+"""What the native pump's own TLS 1.3 record layer (``_pump.c``, "TLS 1.3 records")
+refuses, and the words it uses: the same as OpenSSL's (the ``tls_records`` fixture runs
+each test both ways, and both must agree), plus a real OpenSSL peer (s_server) changing
+keys towards the outbound. Records no ordinary peer sends are forged as in
+``test_tls_records.py`` (keylog secret, record count, AES-GCM from ``cryptography``).
+These came from an adversarial review of the layer; each failed against its first version.
 """
 
 from __future__ import annotations
@@ -37,9 +36,9 @@ async def _flow(enforcer: Enforcer, timeout: float = 2) -> dict[str, Any] | None
 @pytest.mark.parametrize("between", ["application_data", "close_notify"])
 async def test_a_record_of_another_type_inside_a_split_handshake_message_is_refused(
         pki: Any, tmp_path: Path, between: str) -> None:
-    """A KeyUpdate split over two records with another record between the halves: OpenSSL
-    fails the connection (MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA); the pump's own layer
-    relayed the smuggled data (or took the close_notify) and carried on."""
+    """A KeyUpdate split over two records with another record between the halves (RFC 8446
+    5.1 forbids it): the connection fails (MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA); the
+    smuggled data is not relayed and the close_notify is not taken as an end."""
     backend, enforcer = await _echo_server(pki)
     async with running(enforcer, backend):
         client = await _connected(pki, enforcer, tmp_path)
@@ -63,10 +62,9 @@ async def test_a_record_of_another_type_inside_a_split_handshake_message_is_refu
 @pytest.mark.usefixtures("tls_records")
 async def test_a_session_whose_connection_failed_in_tls_does_not_resume(
         pki: Any, tmp_path: Path) -> None:
-    """pump_close_impl keeps the listener's session in its cache unless the connection
-    failed in TLS ("as nginx does"). With OpenSSL keeping the end, a bad record removes the
-    session (SSL_free without a shutdown); once the pump has taken the end over, the session
-    was marked kept at take_over and resumes after the failure."""
+    """A listener's session stays in its cache when a connection ends without close_notify,
+    but not when it failed in TLS: with OpenSSL keeping the end, SSL_free drops it; with
+    the pump's own records, the pump drops it from the cache by its id."""
     backend, enforcer = await _echo_server(pki)
     async with running(enforcer, backend):
         (tmp_path / "a").mkdir()
@@ -141,9 +139,8 @@ def _legacy_version(c: Client) -> bytes:
         "empty_handshake_record", "empty_alert_record", "record_version_0301"])
 async def test_openssls_refusals_and_reasons_hold_for_own_records(
         pki: Any, tmp_path: Path, forge: Any, detail: str) -> None:
-    """The commit promises "OpenSSL's reason strings for the same failures on both paths";
-    these records are refused by OpenSSL and were accepted, or named otherwise, by the
-    pump's own layer."""
+    """OpenSSL's limits (empty records in a row, warning alerts) and checks hold for the
+    pump's own records too, with OpenSSL's reason strings."""
     backend, enforcer = await _echo_server(pki)
     async with running(enforcer, backend):
         client = await _connected(pki, enforcer, tmp_path)
@@ -173,11 +170,9 @@ class _CountingClient(Client):
 
 async def test_a_burst_of_update_requests_is_answered_with_one_key_update(
         pki: Any, tmp_path: Path) -> None:
-    """Every KeyUpdate(update_requested) was answered with a KeyUpdate of ours, one record
-    out per record in, while the pump keeps reading the peer whose replies pile up in its
-    out buffer: a peer that sends requests and reads nothing grows the buffer without bound
-    (flow control only stops reading the *other* side). RFC 8446 4.6.3 lets an endpoint that
-    sent nothing since its last KeyUpdate answer many requests with one."""
+    """KeyUpdate requests with nothing sent in between get one answer (RFC 8446 4.6.3
+    allows it): otherwise a peer that sends requests and reads nothing would grow the out
+    buffer towards it without bound (flow control only stops reading the other side)."""
     backend, enforcer = await _echo_server(pki)
     async with running(enforcer, backend):
         client = _CountingClient(pki, enforcer.port(), tmp_path / "keys.log")
@@ -215,7 +210,7 @@ async def test_openssl_s_server_key_updates_towards_the_outbound(
         pki: Any, tmp_path: Path, suite: str) -> None:
     """openssl s_server as the upstream: its K / k / K commands change keys mid-relay (the
     outbound, TLS client, answers each K), then bulk data both ways, sha256-checked; the
-    outbound's end is the pump's own throughout. (Passes: interop coverage.)"""
+    outbound's end is the pump's own throughout."""
     openssl = require_tool("openssl")
     port, msgs = _free_port(), tmp_path / "msg.txt"
     proc = await asyncio.create_subprocess_exec(
