@@ -34,6 +34,7 @@
 #include <Python.h>
 
 #include <dlfcn.h>
+#include <malloc.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,6 +148,13 @@ static struct {
     unsigned char *(*HMAC)(const void *, const void *, int, const unsigned char *, size_t,
                            unsigned char *, unsigned int *);
     void (*OPENSSL_cleanse)(void *, size_t);
+    /* faster paths of OpenSSL 3 (optional: HMAC() and the legacy cipher getters without) */
+    void *(*EVP_MAC_fetch)(void *, const char *, const char *);
+    void *(*EVP_MAC_CTX_new)(void *);
+    int (*EVP_MAC_init)(void *, const unsigned char *, size_t, const void *);
+    int (*EVP_MAC_update)(void *, const unsigned char *, size_t);
+    int (*EVP_MAC_final)(void *, unsigned char *, size_t *, size_t);
+    const void *(*EVP_CIPHER_fetch)(void *, const char *, const char *);
     SSL_SESSION *(*SSL_get_session)(const SSL *);
     SSL_SESSION *(*SSL_SESSION_new)(void);
     int (*SSL_SESSION_set1_id)(SSL_SESSION *, const unsigned char *, unsigned int);
@@ -524,6 +532,10 @@ struct RecordsState {
 };
 
 static int tracker_slot = -1;
+static void *hmac_ctx[2];          /* HMAC-SHA256 and -SHA384, digest set (OpenSSL 3) */
+static const void *fetched_cipher[3]; /* the three suites' AEADs, fetched once (OpenSSL 3) */
+static long secret_at[2] = {-1, -1}; /* offsets of the client / server application traffic
+                                        secrets in an SSL, learnt at bind (see below) */
 static int records_ready = 0; /* bound with every function it needs */
 static int records_on = 1;    /* own_records(False) leaves every end to OpenSSL */
 
@@ -603,9 +615,21 @@ static int expand_label(const Records *r, const unsigned char *secret, const cha
     n += ll;
     info[n++] = 0; /* no context */
     info[n++] = 1; /* HKDF-Expand's block counter */
-    if (ossl.HMAC(r->md, secret, r->hash_len, info, n, block, &block_len) == NULL ||
-        (int)block_len < len) {
+    void *mac = hmac_ctx[r->hash_len == 48];
+    size_t mac_len = 0;
+    if (mac != NULL) { /* a keyed copy of a ready context: no lookups by name */
+        if (ossl.EVP_MAC_init(mac, secret, (size_t)r->hash_len, NULL) != 1 ||
+            ossl.EVP_MAC_update(mac, info, n) != 1 ||
+            ossl.EVP_MAC_final(mac, block, &mac_len, sizeof block) != 1) {
+            ossl.ERR_clear_error();
+            return -1;
+        }
+        block_len = (unsigned)mac_len;
+    } else if (ossl.HMAC(r->md, secret, r->hash_len, info, n, block, &block_len) == NULL) {
         ossl.ERR_clear_error();
+        return -1;
+    }
+    if ((int)block_len < len) {
         return -1;
     }
     memcpy(out, block, (size_t)len);
@@ -783,15 +807,15 @@ static const void *suite_cipher(unsigned long id, int *key_len, const void **md)
     case 0x1301: /* TLS_AES_128_GCM_SHA256 */
         *key_len = 16;
         *md = ossl.EVP_sha256();
-        return ossl.EVP_aes_128_gcm();
+        return fetched_cipher[0] ? fetched_cipher[0] : ossl.EVP_aes_128_gcm();
     case 0x1302: /* TLS_AES_256_GCM_SHA384 */
         *key_len = 32;
         *md = ossl.EVP_sha384();
-        return ossl.EVP_aes_256_gcm();
+        return fetched_cipher[1] ? fetched_cipher[1] : ossl.EVP_aes_256_gcm();
     case 0x1303: /* TLS_CHACHA20_POLY1305_SHA256 */
         *key_len = 32;
         *md = ossl.EVP_sha256();
-        return ossl.EVP_chacha20_poly1305();
+        return fetched_cipher[2] ? fetched_cipher[2] : ossl.EVP_chacha20_poly1305();
     default:
         return NULL;
     }
@@ -815,6 +839,11 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
         cipher = suite ? suite_cipher(ossl.SSL_CIPHER_get_id(suite), &key_len, &md) : NULL;
     }
     int hash_len = md == ossl.EVP_sha384() ? 48 : 32;
+    if (secret_at[0] >= 0) { /* the SSL's own copies (learnt offsets, see learn_secrets) */
+        memcpy(t->secret[0], (const unsigned char *)ssl + secret_at[0], (size_t)hash_len);
+        memcpy(t->secret[1], (const unsigned char *)ssl + secret_at[1], (size_t)hash_len);
+        t->secret_len[0] = t->secret_len[1] = (unsigned)hash_len;
+    }
     if (cipher == NULL || md == NULL || t->secret_len[0] != (unsigned)hash_len ||
         t->secret_len[1] != (unsigned)hash_len) {
         t->refused = 1;
@@ -2129,6 +2158,8 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
         }                                                                                    \
     } while (0)
 
+static void bind_fast_paths(void *handle);
+
 #define BIND_OPTIONAL(name)                                                                  \
     do {                                                                                     \
         *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
@@ -2136,6 +2167,54 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
             records_ready = 0;                                                               \
         }                                                                                    \
     } while (0)
+
+typedef struct { /* OSSL_PARAM, public in <openssl/params.h> (OpenSSL 3) */
+    const char *key;
+    unsigned int data_type;
+    void *data;
+    size_t data_size;
+    size_t return_size;
+} OsslParam;
+#define OSSL_PARAM_UTF8_STRING 4
+#define OSSL_PARAM_UNMODIFIED ((size_t)-1)
+
+/* OpenSSL 3's HMAC() and legacy EVP_aes_*() look the algorithm up by name on every call
+   (~20,000 instructions per HMAC in callgrind); fetched once here, they cost nothing per
+   connection. Without these functions (OpenSSL 1.1.1) the slow paths are used. */
+static void bind_fast_paths(void *handle) {
+    *(void **)(&ossl.EVP_MAC_fetch) = dlsym(handle, "EVP_MAC_fetch");
+    *(void **)(&ossl.EVP_MAC_CTX_new) = dlsym(handle, "EVP_MAC_CTX_new");
+    *(void **)(&ossl.EVP_MAC_init) = dlsym(handle, "EVP_MAC_init");
+    *(void **)(&ossl.EVP_MAC_update) = dlsym(handle, "EVP_MAC_update");
+    *(void **)(&ossl.EVP_MAC_final) = dlsym(handle, "EVP_MAC_final");
+    *(void **)(&ossl.EVP_CIPHER_fetch) = dlsym(handle, "EVP_CIPHER_fetch");
+    if (ossl.EVP_CIPHER_fetch != NULL && fetched_cipher[0] == NULL) {
+        static const char *names[3] = {"AES-128-GCM", "AES-256-GCM", "ChaCha20-Poly1305"};
+        for (int k = 0; k < 3; k++) {
+            fetched_cipher[k] = ossl.EVP_CIPHER_fetch(NULL, names[k], NULL);
+        }
+    }
+    if (ossl.EVP_MAC_fetch == NULL || ossl.EVP_MAC_CTX_new == NULL || ossl.EVP_MAC_init == NULL ||
+        ossl.EVP_MAC_update == NULL || ossl.EVP_MAC_final == NULL || hmac_ctx[0] != NULL) {
+        ossl.ERR_clear_error();
+        return;
+    }
+    void *mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL);
+    static const char *digests[2] = {"SHA256", "SHA384"};
+    static const unsigned char dummy[48];
+    for (int k = 0; k < 2 && mac != NULL; k++) {
+        OsslParam params[2] = {
+            {"digest", OSSL_PARAM_UTF8_STRING, (void *)digests[k], strlen(digests[k]),
+             OSSL_PARAM_UNMODIFIED},
+            {NULL, 0, NULL, 0, 0},
+        };
+        void *ctx = ossl.EVP_MAC_CTX_new(mac);
+        if (ctx != NULL && ossl.EVP_MAC_init(ctx, dummy, sizeof dummy, params) == 1) {
+            hmac_ctx[k] = ctx; /* kept for the life of the process, like the fetches */
+        }
+    }
+    ossl.ERR_clear_error();
+}
 
 static void bind_records(void *handle) {
     records_ready = 1;
@@ -2165,6 +2244,9 @@ static void bind_records(void *handle) {
     BIND_OPTIONAL(EVP_sha384);
     BIND_OPTIONAL(HMAC);
     BIND_OPTIONAL(OPENSSL_cleanse);
+    if (records_ready) {
+        bind_fast_paths(handle);
+    }
     BIND_OPTIONAL(SSL_get_session);
     BIND_OPTIONAL(SSL_SESSION_new);
     BIND_OPTIONAL(SSL_SESSION_set1_id);
@@ -2530,8 +2612,8 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
     }
     SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(ssl);
     void (*logging)(const SSL *, const char *) = ossl.SSL_CTX_get_keylog_callback(ctx);
-    if (logging != NULL && logging != on_keylog) {
-        Py_RETURN_FALSE;
+    if (secret_at[0] < 0 && logging != NULL && logging != on_keylog) {
+        Py_RETURN_FALSE; /* needs the keylog for the secrets, and someone else has it */
     }
     if (ossl.SSL_get_ex_data(ssl, tracker_slot) != NULL) {
         Py_RETURN_TRUE;
@@ -2545,12 +2627,68 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
         free(t);
         Py_RETURN_FALSE;
     }
-    if (logging == NULL) {
+    if (logging == NULL && secret_at[0] < 0) {
         ossl.SSL_CTX_set_keylog_callback(ctx, on_keylog);
     }
     ossl.SSL_set_msg_callback(ssl, on_tls_message);
     ossl.SSL_ctrl(ssl, SSL_CTRL_SET_MSG_CALLBACK_ARG, 0, t);
     Py_RETURN_TRUE;
+}
+
+/* Where one secret's bytes sit in an SSL: the one offset they are found at, or -1. */
+static long find_secret(const SSL *ssl, const unsigned char *secret, unsigned len) {
+    size_t size = malloc_usable_size((void *)ssl);
+    long found = -1;
+    if (size > 64 * 1024 || len == 0) {
+        return -1;
+    }
+    for (size_t off = 0; off + len <= size; off++) {
+        if (memcmp((const unsigned char *)ssl + off, secret, len) == 0) {
+            if (found >= 0) {
+                return -1; /* twice: not a place to rely on */
+            }
+            found = (long)off;
+        }
+    }
+    return found;
+}
+
+/* learn_secrets([(SSLObject, MemoryBIO, MemoryBIO), ...]) -> bool: SSLs tracked before a
+   TLS 1.3 handshake that is now done, with the keylog (e.g. both ends of two handshakes
+   in memory, made at startup): find at which offsets each keeps its application traffic
+   secrets, the same in all of them. From then on the pump reads the secrets there when it
+   takes an end over, and no context needs the keylog callback, which costs OpenSSL ~250,000
+   instructions per handshake (it formats every secret as hex with sprintf). An empty
+   sequence forgets what was learnt (tests use it to run the keylog path). */
+static PyObject *mod_learn_secrets(PyObject *module, PyObject *samples) {
+    PyObject *seq = PySequence_Fast(samples, "learn_secrets needs a sequence of samples");
+    if (seq == NULL) {
+        return NULL;
+    }
+    long at[2] = {-1, -1};
+    int agreed = PySequence_Fast_GET_SIZE(seq) >= 2 && records_ready;
+    if (PySequence_Fast_GET_SIZE(seq) == 0) { /* forget: back to the keylog (tests) */
+        secret_at[0] = secret_at[1] = -1;
+    }
+    for (Py_ssize_t k = 0; agreed && k < PySequence_Fast_GET_SIZE(seq); k++) {
+        SSL *ssl = bound_ssl_of(PySequence_Fast_GET_ITEM(seq, k));
+        if (ssl == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        Tracker *t = ossl.SSL_get_ex_data(ssl, tracker_slot);
+        for (int w = 0; agreed && w < 2; w++) {
+            long off = t != NULL ? find_secret(ssl, t->secret[w], t->secret_len[w]) : -1;
+            agreed = off >= 0 && (k == 0 || off == at[w]);
+            at[w] = off;
+        }
+    }
+    Py_DECREF(seq);
+    if (agreed) {
+        secret_at[0] = at[0];
+        secret_at[1] = at[1];
+    }
+    return PyBool_FromLong(agreed);
 }
 
 /* own_records([on]) -> bool: whether pumps take TLS 1.3 records over from OpenSSL (set it,
@@ -2669,6 +2807,8 @@ static PyMethodDef module_methods[] = {
      "Whether idle pumps free OpenSSL's record buffers (CVE-2024-4741 fixed)."},
     {"track_records", mod_track_records, METH_O,
      "Follow an SSL's keys and record counts from before its handshake (see above)."},
+    {"learn_secrets", mod_learn_secrets, METH_O,
+     "Learn where SSLs keep their traffic secrets, from handshakes done (see above)."},
     {"own_records", mod_own_records, METH_VARARGS,
      "Whether pumps take TLS 1.3 records over from OpenSSL; set it with a bool."},
     {"busy_limits", mod_busy_limits, METH_VARARGS,
@@ -2683,7 +2823,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 6
+#define API_VERSION 7
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

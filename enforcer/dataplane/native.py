@@ -55,7 +55,7 @@ from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 6  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 7  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 
@@ -84,7 +84,68 @@ def _bind() -> tuple[Any, str | None]:
         return None, f"the native extension cannot use this Python's ssl module: {exc}"
     if os.environ.get("ENFORCER_TLS_RECORDS") == "openssl":
         _pump.own_records(False)  # troubleshooting: OpenSSL keeps every TLS end (README)
+    elif _pump.own_records():
+        global _secrets_learnt
+        _secrets_learnt = _learn_secrets(_pump)
     return _pump, None
+
+
+_secrets_learnt = False
+
+
+def secrets_learnt() -> bool:
+    """Whether the extension reads TLS secrets from the SSL (``_learn_secrets``) rather
+    than from OpenSSL's keylog callback."""
+    module()
+    return _secrets_learnt
+
+
+def _learn_secrets(ext: Any) -> bool:
+    """Two TLS 1.3 handshakes in memory, on throwaway contexts with a throwaway certificate,
+    so that the extension learns where an SSL keeps its traffic secrets (``learn_secrets``
+    in ``_pump.c``) and handshakes need no keylog callback. False if it cannot: the pump
+    then takes the secrets from the keylog, which makes each handshake slower."""
+    import tempfile
+    from pathlib import Path
+
+    from enforcer.tlsconf.certs import CertsError, init_ca, issue
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ca_cert, _ = init_ca(Path(tmp), days=1)
+            leaf = issue(Path(tmp), name="native-check", dns=["native.check"], days=1)
+            server.load_cert_chain(leaf.cert, leaf.key)
+            client.load_verify_locations(ca_cert)
+    except (OSError, ssl.SSLError, CertsError, ValueError):
+        return False
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    samples: list[Triple] = []
+    for _ in range(2):
+        pair = _sample(client), _sample(server, server_side=True)
+        if not all(ext.track_records(end) for end in pair) or not _handshake_in_memory(*pair):
+            return False
+        samples.extend(pair)
+    return bool(ext.learn_secrets(samples))
+
+
+def _handshake_in_memory(a: Triple, b: Triple) -> bool:
+    done = {0: False, 1: False}
+    for _ in range(8):
+        for k, ((obj, _incoming, outgoing), (_peer, peer_in, _peer_out)) in enumerate(
+                ((a, b), (b, a))):
+            try:
+                obj.do_handshake()
+                done[k] = True
+            except ssl.SSLWantReadError:
+                pass
+            if outgoing.pending:
+                peer_in.write(outgoing.read())
+        if all(done.values()):
+            return True
+    return False
 
 
 _bound: tuple[Any, str | None] | None = None  # bound on first use: relay: python never does

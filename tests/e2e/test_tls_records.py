@@ -321,3 +321,26 @@ async def test_the_pair_resumes_and_both_sidecars_own_their_records(
             await wait_until(lambda: not outbound.plane.pumped and not inbound.plane.pumped)
         flows = await outbound.wait_flows(2)
         assert [f["upstream"]["resumed"] for f in flows] == [False, True]
+
+
+async def test_secrets_come_from_the_ssl_and_from_the_keylog_when_not_learnt(
+        pki: Any, tmp_path: Path) -> None:
+    """At bind the extension learns where an SSL keeps its traffic secrets (two handshakes
+    in memory), so no context needs OpenSSL's keylog callback; without that knowledge the
+    keylog gives them, and records are taken over all the same."""
+    ext = native.module()
+    assert native.secrets_learnt()
+    try:
+        assert ext.learn_secrets(()) is False  # forget: back to the keylog
+        backend, enforcer = await _echo_server(pki)
+        async with running(enforcer, backend):
+            client = await _connected(pki, enforcer, tmp_path)
+            try:
+                assert _pumps(enforcer)[0].own_records == 1
+                data = random_bytes(100_000)
+                await client.send(data)
+                assert sha(await client.receive(len(data))) == sha(data)
+            finally:
+                client.close()
+    finally:
+        assert native._learn_secrets(ext)  # learnt again, for the tests after this one
