@@ -323,6 +323,22 @@ async def test_the_pair_resumes_and_both_sidecars_own_their_records(
         assert [f["upstream"]["resumed"] for f in flows] == [False, True]
 
 
+def test_secrets_are_learnt_without_a_writable_file_system(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sidecars run with a read-only root file system (deploy/sidecar.yaml): the startup
+    handshakes that teach the extension where the secrets are write no file."""
+    import tempfile
+
+    def no_files(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_files)
+    monkeypatch.setattr(tempfile, "mkstemp", no_files)
+    ext = native.module()
+    assert ext.learn_secrets(()) is False
+    assert native._learn_secrets(ext)
+
+
 async def test_secrets_come_from_the_ssl_and_from_the_keylog_when_not_learnt(
         pki: Any, tmp_path: Path) -> None:
     """At bind the extension learns where an SSL keeps its traffic secrets (two handshakes
