@@ -461,9 +461,11 @@ static void shrink_bio(BIO *bio) {
  * over from OpenSSL, and the SSL object is freed; the AEAD itself stays OpenSSL's (EVP).
  *
  * How it knows the state OpenSSL was in:
- * - Secrets: the context's keylog callback (public API; the same lines SSLKEYLOGFILE
- *   writes) hands us CLIENT_/SERVER_TRAFFIC_SECRET_0 of each tracked SSL (ex_data slot).
- *   A context that already logs keys for someone else is left alone: no take-over.
+ * - Secrets: read from the SSL itself, at the offsets learn_secrets() found at bind in
+ *   SSLs whose secrets the keylog callback had given (public API; the lines SSLKEYLOGFILE
+ *   writes). Should that fail, the keylog callback gives every tracked SSL's
+ *   CLIENT_/SERVER_TRAFFIC_SECRET_0 (ex_data slot); a context that already logs its keys
+ *   for someone else is then left alone: no take-over.
  * - Sequence numbers: the SSL's message callback reports every record header read and
  *   written and every handshake message. Encrypted records (outer type 23) are counted
  *   per direction, and the count starts again after the record holding the Finished of
@@ -839,13 +841,10 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
         cipher = suite ? suite_cipher(ossl.SSL_CIPHER_get_id(suite), &key_len, &md) : NULL;
     }
     int hash_len = md == ossl.EVP_sha384() ? 48 : 32;
-    if (secret_at[0] >= 0) { /* the SSL's own copies (learnt offsets, see learn_secrets) */
-        memcpy(t->secret[0], (const unsigned char *)ssl + secret_at[0], (size_t)hash_len);
-        memcpy(t->secret[1], (const unsigned char *)ssl + secret_at[1], (size_t)hash_len);
-        t->secret_len[0] = t->secret_len[1] = (unsigned)hash_len;
-    }
-    if (cipher == NULL || md == NULL || t->secret_len[0] != (unsigned)hash_len ||
-        t->secret_len[1] != (unsigned)hash_len) {
+    int from_ssl = secret_at[0] >= 0; /* else the keylog's (see learn_secrets) */
+    if (cipher == NULL || md == NULL ||
+        (!from_ssl && (t->secret_len[0] != (unsigned)hash_len ||
+                       t->secret_len[1] != (unsigned)hash_len))) {
         t->refused = 1;
         return NULL;
     }
@@ -863,8 +862,13 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
     r->key_len = key_len;
     r->hash_len = hash_len;
     r->server = server;
-    memcpy(r->dir[0].secret, t->secret[server ? 0 : 1], (size_t)hash_len);
-    memcpy(r->dir[1].secret, t->secret[server ? 1 : 0], (size_t)hash_len);
+    for (int w = 0; w < 2; w++) { /* [0] read: the peer's secret; [1] write: ours */
+        int client_secret = server ? w == 0 : w == 1;
+        const unsigned char *secret = from_ssl ? (const unsigned char *)ssl +
+                                                     secret_at[client_secret ? 0 : 1]
+                                               : t->secret[client_secret ? 0 : 1];
+        memcpy(r->dir[w].secret, secret, (size_t)hash_len);
+    }
     if (derive_keys(r, &r->dir[0]) < 0 || derive_keys(r, &r->dir[1]) < 0) {
         free_records(r);
         t->refused = 1;
@@ -2244,9 +2248,6 @@ static void bind_records(void *handle) {
     BIND_OPTIONAL(EVP_sha384);
     BIND_OPTIONAL(HMAC);
     BIND_OPTIONAL(OPENSSL_cleanse);
-    if (records_ready) {
-        bind_fast_paths(handle);
-    }
     BIND_OPTIONAL(SSL_get_session);
     BIND_OPTIONAL(SSL_SESSION_new);
     BIND_OPTIONAL(SSL_SESSION_set1_id);
@@ -2254,6 +2255,9 @@ static void bind_records(void *handle) {
     BIND_OPTIONAL(SSL_CTX_remove_session);
     BIND_OPTIONAL(SSL_CTX_up_ref);
     BIND_OPTIONAL(SSL_CTX_free);
+    if (records_ready) {
+        bind_fast_paths(handle);
+    }
     if (records_ready && tracker_slot < 0) {
         tracker_slot = ossl.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL,
                                                     free_tracker);

@@ -105,9 +105,12 @@ def _learn_secrets(ext: Any) -> bool:
     so that the extension learns where an SSL keeps its traffic secrets (``learn_secrets``
     in ``_pump.c``) and handshakes need no keylog callback. False if it cannot: the pump
     then takes the secrets from the keylog, which makes each handshake slower."""
-    cert_pem, key_pem = _throwaway_certificate("native.check")
+    from enforcer.tlsconf.certs import self_signed_pem
+
+    cert_pem, key_pem = self_signed_pem("native.check")
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False  # the certificate is pinned: trusted as itself
     try:
         # a memfd: no file system needed (sidecars run with a read-only root)
         fd = os.memfd_create("enforcer-native-check", os.MFD_CLOEXEC)
@@ -128,29 +131,6 @@ def _learn_secrets(ext: Any) -> bool:
             return False
         samples.extend(pair)
     return bool(ext.learn_secrets(samples))
-
-
-def _throwaway_certificate(name: str) -> tuple[bytes, bytes]:
-    """A self-signed P-256 certificate for ``name`` (valid an hour) and its key, as PEM."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def _handshake_in_memory(a: Triple, b: Triple) -> bool:

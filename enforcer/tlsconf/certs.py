@@ -164,13 +164,16 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise CertsError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
-def _write_key(path: Path, key: PrivateKey) -> None:
-    pem = key.private_bytes(
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, pem, 0o600)
+
+
+def _write_key(path: Path, key: PrivateKey) -> None:
+    _write_atomic(path, _key_pem(key), 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -337,6 +340,14 @@ def _eku(server: bool, client: bool) -> x509.ExtendedKeyUsage:
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def self_signed_pem(name: str, *, days: int = 1) -> tuple[bytes, bytes]:
+    """A self-signed EC certificate for ``name`` and its key, as PEM, written nowhere (a
+    throwaway: usable as a server's own certificate, trusted by pinning it)."""
+    key = _new_key("ec")
+    start, end = _validity(days, None, None)
+    return _build_ca(name, key, start, end).public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
 def init_ca(
