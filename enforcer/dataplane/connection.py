@@ -52,6 +52,8 @@ PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connec
 TLS_RECORD_TYPE_HANDSHAKE: Final = 0x16
 # close reasons after which a client's TLS session must not be resumed
 TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
+# timeouts that limits.timeout_close: rst ends with a reset (close reason "<reason>_rst")
+RESETTING_TIMEOUTS: Final = frozenset({"idle_timeout", "close_timeout", "max_lifetime"})
 
 
 class Stage(IntEnum):
@@ -784,7 +786,12 @@ class Connection:
             self.plane.metrics.upstream_errors_total.labels(
                 upstream=self.listener.upstream.name, reason="tls_timeout").inc()
         action = "allow" if self.stage == Stage.RELAY else "error"
-        self._finish(action, reason, detail=f"{reason.replace('_', ' ')} reached", abort=True)
+        detail = f"{reason.replace('_', ' ')} reached"
+        if reason in RESETTING_TIMEOUTS and self.listener.limits.timeout_close == "rst":
+            self._finish(action, f"{reason}_rst", detail=f"{detail}; both sockets reset "
+                         "(limits.timeout_close: rst)", abort=True, reset=True)
+            return
+        self._finish(action, reason, detail=detail, abort=True)
 
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
@@ -810,7 +817,7 @@ class Connection:
         self._finish(action, reason, detail=detail, abort=abort)
 
     def _finish(self, action: str, reason: str, *, detail: str | None = None,
-                abort: bool = False) -> None:
+                abort: bool = False, reset: bool = False) -> None:
         if self.stage == Stage.CLOSED:
             return
         stage_reached = self.stage
@@ -819,7 +826,7 @@ class Connection:
             self._keep_session()
         if self.pump is not None:
             self.flush_pump_counts()
-            self.pump.close()
+            self.pump.close(reset)
             self.plane.pump_stopped(self)
         for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
             if timer is not None:
@@ -835,7 +842,7 @@ class Connection:
         self.pending.clear()
         for side in (self.client, self.upstream):
             if side is not None:
-                side.close(abort=abort)
+                side.close(abort=abort, reset=reset)
         if self.client.tls is not None and self.plane.native_relay \
                 and not self.client.tls.detached \
                 and self.tls_info is not None and reason not in TLS_FAILURES:
