@@ -6,8 +6,8 @@ driven entirely by their callbacks; the only task it creates is the upstream con
 Bytes from the client are interpreted according to ``stage``:
 
 - PROXY: fed to the sans-IO ``HeaderParser`` until a header, an error or the timeout;
-- DETECT (``tls.mode: auto``): the first byte decides TLS (0x16, a handshake record) or
-  plaintext;
+- DETECT (``tls.mode: auto``): the first bytes decide TLS (a handshake record), a TLS
+  client we refuse (an SSLv2-format hello, another record type) or plaintext (detect.py);
 - HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
 - AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
   when it is full); no upstream connection exists before the policy said allow;
@@ -34,7 +34,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, native, pump, rawtransport
+from enforcer.dataplane import detect, flowrecord, native, pump, rawtransport
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.dataplane")
 
 PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connects
-TLS_RECORD_TYPE_HANDSHAKE: Final = 0x16
 # close reasons after which a client's TLS session must not be resumed
 TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
 # timeouts that limits.timeout_close: rst ends with a reset (close reason "<reason>_rst")
@@ -375,13 +374,32 @@ class Connection:
 
     # ===================================================================== TLS (server)
     def _detect(self, data: bytes) -> None:
-        if not data:
+        head = self.sniff_buf + data if self.sniff_buf else data
+        kind = detect.classify(head)
+        if kind is None:  # the start of a TLS header so far (at most 4 bytes are held)
+            self.sniff_buf = head
             return
-        if data[0] == TLS_RECORD_TYPE_HANDSHAKE:
-            self._start_server_tls(data)
-        else:
+        self.sniff_buf = b""
+        if kind == detect.TLS:
+            self._start_server_tls(head)
+        elif kind == detect.PLAIN:
             self._cancel_stage_timer()
-            self._authorize(data)
+            self._authorize(head)
+        else:
+            self._refuse_tls(kind)
+
+    def _refuse_tls(self, kind: str) -> None:
+        """A TLS client that is not starting a TLS handshake we accept (see detect.py):
+        a TLS error, with its own reason; the client gets a fatal alert, nothing is
+        relayed."""
+        self.plane.metrics.tls_handshake_errors_total.labels(
+            listener=self.listener.name, reason=kind).inc()
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(detect.ALERTS[kind])
+        what = ("a ClientHello in the SSLv2 format (not supported)" if kind == detect.SSLV2_HELLO
+                else "a TLS record that does not start a handshake")
+        self._fail(kind, f"{self._peer_text()} sent {what}")
 
     def _start_server_tls(self, data: bytes) -> None:
         ctx = self.listener.server_ctx
