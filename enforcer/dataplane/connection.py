@@ -53,6 +53,11 @@ PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connec
 TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
 # timeouts that limits.timeout_close: rst ends with a reset (close reason "<reason>_rst")
 RESETTING_TIMEOUTS: Final = frozenset({"idle_timeout", "close_timeout", "max_lifetime"})
+# an upstream socket that cannot be opened: an upstream error (errno as its reason),
+# logged as a warning at most every WARN_EVERY seconds (it comes in floods)
+OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+WARN_EVERY: Final = 1.0
+_warned = {"at": -WARN_EVERY, "since": 0}
 
 
 class Stage(IntEnum):
@@ -534,6 +539,8 @@ class Connection:
     def _connect_failed(self, exc: OSError) -> None:
         addr = self.listener.upstream.cfg.address
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
+        if exc.errno in OUT_OF_DESCRIPTORS:
+            _warn_out_of_descriptors(self.listener.name, str(addr), exc)
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
                    upstream_reason=code)
 
@@ -926,6 +933,18 @@ class Connection:
 
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
+
+
+def _warn_out_of_descriptors(listener: str, upstream: str, exc: OSError) -> None:
+    """A WARNING without traceback, at most one every WARN_EVERY seconds."""
+    now = time.monotonic()
+    _warned["since"] += 1
+    if now - _warned["at"] < WARN_EVERY:
+        return
+    log.warning("listener %s: cannot open a socket to upstream %s (%s): %d connection(s) "
+                "failed this way since the last warning (enforcer_upstream_errors_total)",
+                listener, upstream, exc.strerror or exc, _warned["since"])
+    _warned["at"], _warned["since"] = now, 0
 
 
 @functools.lru_cache(maxsize=4096)
