@@ -13,12 +13,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 from typing import Any
 
 import pytest
 
 from tests.e2e import harness
-from tests.e2e.harness import Backend, Enforcer, inbound_cfg, random_bytes, running, sha
+from tests.e2e.harness import (
+    Backend,
+    Enforcer,
+    client_ctx,
+    inbound_cfg,
+    random_bytes,
+    running,
+    sha,
+)
 
 pytestmark = pytest.mark.usefixtures("relay_mode")
 
@@ -152,3 +161,52 @@ async def test_close_timeout_closes_the_side_still_open_as_configured(
         assert rec["close"] == ("close_timeout_rst" if how == "rst" else "close_timeout")
         assert (rec["action"], rec["relay"]) == ("allow", _relay())
         assert rec["bytes"] == {"from_client": len(request), "to_client": len(response)}
+
+
+@pytest.mark.usefixtures("tls_records")
+async def test_an_idle_mtls_connection_is_reset_without_a_close_notify(pki: Any) -> None:
+    """A TLS client end (OpenSSL's, or the native pump's own TLS 1.3 records): the reset
+    comes instead of close_notify and FIN, on both sockets."""
+    watcher = Watcher()
+    backend = await watcher.start()
+    cfg = inbound_cfg(pki, backend.port, limits={"idle_timeout": "300ms",
+                                                 "timeout_close": "rst"})
+    enforcer = await Enforcer(cfg).start()
+    async with running(enforcer, backend):
+        payload = random_bytes(100_000)
+        ctx = client_ctx(pki.ca, pki.client.cert, pki.client.key)
+
+        def client() -> tuple[bytes, str]:
+            """TLS over memory BIOs (the ssl module's sockets report a reset as the end of
+            the stream): the TCP socket's own reads tell a FIN from a reset."""
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+            got = bytearray()
+            with _connect(enforcer.port()) as sock:
+                while True:
+                    try:
+                        tls.do_handshake()
+                        break
+                    except ssl.SSLWantReadError:
+                        sock.sendall(outgoing.read())
+                        incoming.write(sock.recv(65536))
+                tls.write(payload)
+                sock.sendall(outgoing.read())
+                while len(got) < len(payload):
+                    try:
+                        got += tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        data = sock.recv(65536)
+                        assert data, "end of stream before the echo"
+                        incoming.write(data)
+                sock.sendall(outgoing.read())  # e.g. the answer to a key update
+                return bytes(got), _recv_to_end(sock)[1]
+
+        echoed, client_saw = await asyncio.to_thread(client)
+        assert sha(echoed) == sha(payload)
+        assert client_saw == "rst"
+        assert await asyncio.wait_for(watcher.ended, 5) == "rst"
+        assert sha(bytes(watcher.received)) == sha(payload)
+        rec = (await enforcer.wait_flows(1))[0]
+        assert (rec["close"], rec["relay"]) == ("idle_timeout_rst", _relay())
+        assert rec["tls"]["peer"]["spiffe_id"] == "spiffe://enforcer.demo/ns/demo/sa/outbound"
