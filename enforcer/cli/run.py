@@ -61,10 +61,18 @@ def _passed_on(args: argparse.Namespace) -> list[str]:
 
 def _run_worker(cfg: Config, spec: str) -> int:
     """A worker process started by the supervisor (``workers`` > 1)."""
-    from enforcer.runtime.server import run
+    from enforcer.runtime.server import Server, run
     from enforcer.runtime.supervisor import worker_sockets, worker_ticket_secret
+    from enforcer.runtime.workerstatus import status_file
 
     secret = worker_ticket_secret(spec)
     _, sockets, ready_file = worker_sockets(spec)
+    status = status_file(spec)
+
+    def serving(server: Server) -> None:
+        if status is not None:
+            server.publish_status(status)  # there before the supervisor counts it ready
+        ready_file.touch()
+
     return run(cfg, sockets=sockets, admin=False, shared_flowlog=True, ticket_secret=secret,
-               on_ready=lambda _server: ready_file.touch())
+               on_ready=serving)

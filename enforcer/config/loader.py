@@ -30,6 +30,7 @@ from enforcer.config.model import (
     ProxyProtocolAcceptConfig,
     ProxyProtocolSendConfig,
     RelayMode,
+    TimeoutClose,
     TlsMaterialConfig,
     UpstreamConfig,
     UpstreamTlsConfig,
@@ -423,7 +424,7 @@ class _Parser:
         if node.is_null:
             return d
         node.keys(("max_connections", "handshake_timeout", "connect_timeout", "idle_timeout",
-                   "close_timeout", "max_lifetime", "drain_timeout"))
+                   "close_timeout", "max_lifetime", "drain_timeout", "timeout_close"))
         out = LimitsConfig(
             max_connections=node["max_connections"].int(d.max_connections, minimum=1),
             handshake_timeout=node["handshake_timeout"].duration(d.handshake_timeout),
@@ -432,6 +433,8 @@ class _Parser:
             close_timeout=node["close_timeout"].duration(d.close_timeout),
             max_lifetime=node["max_lifetime"].duration(d.max_lifetime),
             drain_timeout=node["drain_timeout"].duration(d.drain_timeout),
+            timeout_close=cast(TimeoutClose, node["timeout_close"].choice(("fin", "rst"),
+                                                                          d.timeout_close)),
         )
         for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "close_timeout"):
             if getattr(out, key) <= 0:

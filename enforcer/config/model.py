@@ -19,6 +19,7 @@ UpstreamTlsMode = Literal["off", "tls", "mtls"]
 ProxyAccept = Literal["off", "optional", "required"]
 ProxySend = Literal["off", "v1", "v2"]
 RelayMode = Literal["auto", "native", "python"]
+TimeoutClose = Literal["fin", "rst"]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
 
@@ -158,6 +159,9 @@ class LimitsConfig:
     close_timeout: float = 60.0
     max_lifetime: float = 0.0  # 0 = unlimited
     drain_timeout: float = 30.0
+    # how idle_timeout, close_timeout and max_lifetime end a connection: a plain close
+    # (FIN) or a reset (RST, SO_LINGER 0) of both sockets
+    timeout_close: TimeoutClose = "fin"
 
 
 @dataclass(frozen=True, slots=True)

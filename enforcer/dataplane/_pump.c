@@ -1612,8 +1612,21 @@ static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Pump_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
-    pump_close_impl((Pump *)self);
+/* close(reset=False): with reset, SO_LINGER 0 makes the kernel's close send RST, not FIN
+   (limits.timeout_close: rst). */
+static PyObject *Pump_close(PyObject *self, PyObject *args) {
+    Pump *p = (Pump *)self;
+    int reset = 0;
+    if (!PyArg_ParseTuple(args, "|p:close", &reset)) {
+        return NULL;
+    }
+    for (int i = 0; i < 2 && reset && !p->closed; i++) {
+        struct linger now = {1, 0};
+        if (p->e[i].fd >= 0) { /* a failure (the peer reset first) leaves a plain close */
+            (void)setsockopt(p->e[i].fd, SOL_SOCKET, SO_LINGER, &now, sizeof now);
+        }
+    }
+    pump_close_impl(p);
     Py_RETURN_NONE;
 }
 
@@ -1792,7 +1805,8 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 
 static PyMethodDef Pump_methods[] = {
     {"start", Pump_start, METH_NOARGS, "Register with the loop and relay what is buffered."},
-    {"close", Pump_close, METH_NOARGS, "Unregister and close both descriptors (idempotent)."},
+    {"close", Pump_close, METH_VARARGS,
+     "close(reset=False): unregister and close both descriptors (idempotent); reset: RST."},
     {"take_counts", Pump_take_counts, METH_NOARGS,
      "Plaintext bytes (from client, to client) relayed since the last call."},
     {"tick", Pump_tick, METH_NOARGS,
@@ -2827,7 +2841,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 7
+#define API_VERSION 8
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

@@ -6,8 +6,8 @@ driven entirely by their callbacks; the only task it creates is the upstream con
 Bytes from the client are interpreted according to ``stage``:
 
 - PROXY: fed to the sans-IO ``HeaderParser`` until a header, an error or the timeout;
-- DETECT (``tls.mode: auto``): the first byte decides TLS (0x16, a handshake record) or
-  plaintext;
+- DETECT (``tls.mode: auto``): the first bytes decide TLS (a handshake record), a TLS
+  client we refuse (an SSLv2-format hello, another record type) or plaintext (detect.py);
 - HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
 - AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
   when it is full); no upstream connection exists before the policy said allow;
@@ -34,7 +34,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, native, pump, rawtransport
+from enforcer.dataplane import detect, flowrecord, native, pump, rawtransport
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
@@ -49,9 +49,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.dataplane")
 
 PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connects
-TLS_RECORD_TYPE_HANDSHAKE: Final = 0x16
 # close reasons after which a client's TLS session must not be resumed
 TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
+# timeouts that limits.timeout_close: rst ends with a reset (close reason "<reason>_rst")
+RESETTING_TIMEOUTS: Final = frozenset({"idle_timeout", "close_timeout", "max_lifetime"})
+# an upstream socket that cannot be opened: an upstream error (errno as its reason),
+# logged as a warning at most every WARN_EVERY seconds (it comes in floods)
+OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+WARN_EVERY: Final = 1.0
+_warned = {"at": -WARN_EVERY, "since": 0}
 
 
 class Stage(IntEnum):
@@ -373,13 +379,32 @@ class Connection:
 
     # ===================================================================== TLS (server)
     def _detect(self, data: bytes) -> None:
-        if not data:
+        head = self.sniff_buf + data if self.sniff_buf else data
+        kind = detect.classify(head)
+        if kind is None:  # the start of a TLS header so far (at most 4 bytes are held)
+            self.sniff_buf = head
             return
-        if data[0] == TLS_RECORD_TYPE_HANDSHAKE:
-            self._start_server_tls(data)
-        else:
+        self.sniff_buf = b""
+        if kind == detect.TLS:
+            self._start_server_tls(head)
+        elif kind == detect.PLAIN:
             self._cancel_stage_timer()
-            self._authorize(data)
+            self._authorize(head)
+        else:
+            self._refuse_tls(kind)
+
+    def _refuse_tls(self, kind: str) -> None:
+        """A TLS client that is not starting a TLS handshake we accept (see detect.py):
+        a TLS error, with its own reason; the client gets a fatal alert, nothing is
+        relayed."""
+        self.plane.metrics.tls_handshake_errors_total.labels(
+            listener=self.listener.name, reason=kind).inc()
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(detect.ALERTS[kind])
+        what = ("a ClientHello in the SSLv2 format (not supported)" if kind == detect.SSLV2_HELLO
+                else "a TLS record that does not start a handshake")
+        self._fail(kind, f"{self._peer_text()} sent {what}")
 
     def _start_server_tls(self, data: bytes) -> None:
         ctx = self.listener.server_ctx
@@ -514,6 +539,8 @@ class Connection:
     def _connect_failed(self, exc: OSError) -> None:
         addr = self.listener.upstream.cfg.address
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
+        if exc.errno in OUT_OF_DESCRIPTORS:
+            _warn_out_of_descriptors(self.listener.name, str(addr), exc)
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
                    upstream_reason=code)
 
@@ -784,7 +811,12 @@ class Connection:
             self.plane.metrics.upstream_errors_total.labels(
                 upstream=self.listener.upstream.name, reason="tls_timeout").inc()
         action = "allow" if self.stage == Stage.RELAY else "error"
-        self._finish(action, reason, detail=f"{reason.replace('_', ' ')} reached", abort=True)
+        detail = f"{reason.replace('_', ' ')} reached"
+        if reason in RESETTING_TIMEOUTS and self.listener.limits.timeout_close == "rst":
+            self._finish(action, f"{reason}_rst", detail=f"{detail}; both sockets reset "
+                         "(limits.timeout_close: rst)", abort=True, reset=True)
+            return
+        self._finish(action, reason, detail=detail, abort=True)
 
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
@@ -810,7 +842,7 @@ class Connection:
         self._finish(action, reason, detail=detail, abort=abort)
 
     def _finish(self, action: str, reason: str, *, detail: str | None = None,
-                abort: bool = False) -> None:
+                abort: bool = False, reset: bool = False) -> None:
         if self.stage == Stage.CLOSED:
             return
         stage_reached = self.stage
@@ -819,7 +851,7 @@ class Connection:
             self._keep_session()
         if self.pump is not None:
             self.flush_pump_counts()
-            self.pump.close()
+            self.pump.close(reset)
             self.plane.pump_stopped(self)
         for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
             if timer is not None:
@@ -835,7 +867,7 @@ class Connection:
         self.pending.clear()
         for side in (self.client, self.upstream):
             if side is not None:
-                side.close(abort=abort)
+                side.close(abort=abort, reset=reset)
         if self.client.tls is not None and self.plane.native_relay \
                 and not self.client.tls.detached \
                 and self.tls_info is not None and reason not in TLS_FAILURES:
@@ -901,6 +933,18 @@ class Connection:
 
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
+
+
+def _warn_out_of_descriptors(listener: str, upstream: str, exc: OSError) -> None:
+    """A WARNING without traceback, at most one every WARN_EVERY seconds."""
+    now = time.monotonic()
+    _warned["since"] += 1
+    if now - _warned["at"] < WARN_EVERY:
+        return
+    log.warning("listener %s: cannot open a socket to upstream %s (%s): %d connection(s) "
+                "failed this way since the last warning (enforcer_upstream_errors_total)",
+                listener, upstream, exc.strerror or exc, _warned["since"])
+    _warned["at"], _warned["since"] = now, 0
 
 
 @functools.lru_cache(maxsize=4096)

@@ -110,7 +110,11 @@ def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
     calls ``done`` with the error before returning None; otherwise ``done`` is called when
     the socket is ready."""
     family, sockaddr = target
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    except OSError as exc:  # EMFILE/ENFILE (out of descriptors), ENOBUFS, ENOMEM
+        done(None, exc)
+        return None
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -12,6 +12,9 @@ side and the bounded pre-relay buffer never resume each other by mistake.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import TYPE_CHECKING, Final, cast
 
 from enforcer.dataplane.tlsengine import TlsEngine, scratch_taken
@@ -24,6 +27,7 @@ PAUSE_BUFFER: Final = 2  # pre-relay buffer full (upstream not connected yet)
 
 WRITE_HIGH_WATER: Final = 512 * 1024
 WRITE_LOW_WATER: Final = 128 * 1024
+LINGER_ZERO: Final = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
 
 
 class Side(asyncio.Protocol):
@@ -144,13 +148,26 @@ class Side(asyncio.Protocol):
         del self.conn
 
     # -- closing ---------------------------------------------------------------------------
-    def close(self, *, abort: bool = False) -> None:
+    def close(self, *, abort: bool = False, reset: bool = False) -> None:
+        """Close: gracefully (pending bytes first), aborted (at once, FIN), or reset (at
+        once, RST: ``SO_LINGER`` 0 makes the kernel's close send a reset)."""
         transport = self.transport
         if transport is None or self.lost:
             return
-        if abort:
+        if reset:
+            set_linger_zero(transport.get_extra_info("socket"))
+        if abort or reset:
             transport.abort()
         else:
             self.flush_tls()
             transport.close()
 
+
+
+def set_linger_zero(sock: socket.socket | None) -> None:
+    """Make the next close() of ``sock`` send a reset (RST) instead of a FIN."""
+    if sock is None:
+        return
+    # an error (the peer reset first) leaves a plain close: all that is left to do
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)

@@ -17,10 +17,10 @@ How. A reload builds the new state on the side (parse, validate, check the rules
 the running listeners, compile; load material, build SSL contexts) and swaps it in for new
 connections only when all of it succeeded. Otherwise the last good state stays, and the
 error (with its key path) is logged, counted in ``enforcer_reloads_total{kind,
-result="error"}`` and shown in ``/status`` under ``reloads``. Only real attempts are
-counted: a poll that finds nothing changed, or a TLS reload whose material bytes are the
-same, counts nothing. Changes to anything but rulesets in the config file need a restart;
-a reload says so in the log.
+result="error"}`` and shown in ``/status`` under ``reloads``. Every attempt is counted,
+also one that finds the same rules or material bytes (``result="ok"``: SIGHUP, or a file
+touched without a change); a poll that finds no file changed attempts nothing. Changes to
+anything but rulesets in the config file need a restart; a reload says so in the log.
 """
 
 from __future__ import annotations
@@ -185,11 +185,10 @@ class Reloader:
         except Exception as exc:  # a bug must not take the process down
             log.exception("TLS reload failed")
             return self._result("tls", False, f"{type(exc).__name__}: {exc}")
-        if not changed:
-            if self.last.get("tls", {}).get("result") == "error":  # the good files are back
-                return self._result("tls", True, None, note="the files hold the running "
-                                    "material again")
-            return True
+        if not changed:  # an attempt all the same (SIGHUP, a touched file), as for rulesets
+            again = self.last.get("tls", {}).get("result") == "error"  # the good files are back
+            return self._result("tls", True, None, note="the files hold the running material "
+                                "again" if again else "unchanged")
         return self._result("tls", True, None, note=", ".join(changed))
 
     # ------------------------------------------------------------------ reporting

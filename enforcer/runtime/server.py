@@ -23,6 +23,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -36,7 +37,7 @@ from enforcer.dataplane.tasks import spawn
 from enforcer.observe.admin import AdminServer
 from enforcer.observe.flowlog import FlowLog, utc_timestamp
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
-from enforcer.runtime import early_signals
+from enforcer.runtime import early_signals, workerstatus
 from enforcer.runtime.heaptrim import HeapTrimmer
 from enforcer.runtime.reload import Reloader
 from enforcer.tlsconf.identity import IdentityError, identity_from_der
@@ -81,6 +82,7 @@ class Server:
         self._heap_trim: asyncio.Task[None] | None = None
         self._forced = False
         self._signals = 0
+        self._status_writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -124,6 +126,20 @@ class Server:
         code = await self.shutdown()
         return code
 
+    def publish_status(self, path: Path) -> None:
+        """A worker: write status() to ``path`` now and then every second, for the
+        supervisor's /status (see workerstatus.py)."""
+        workerstatus.write(path, self.status())
+        self._status_writer = spawn(self._write_status(path), name="status-writer")
+
+    async def _write_status(self, path: Path) -> None:
+        while True:
+            await asyncio.sleep(workerstatus.INTERVAL)
+            try:
+                workerstatus.write(path, self.status())
+            except OSError as exc:  # e.g. a full disk: the next second tries again
+                log.debug("cannot write the status for the supervisor: %s", exc)
+
     def request_stop(self) -> None:
         self._signals += 1
         if self._signals == 1:
@@ -139,7 +155,7 @@ class Server:
 
     async def shutdown(self) -> int:
         self.reloader.stop()
-        for task in (self._orphan_watch, self._heap_trim):
+        for task in (self._orphan_watch, self._heap_trim, self._status_writer):
             if task is not None:
                 task.cancel()
         drain = self.cfg.limits.drain_timeout

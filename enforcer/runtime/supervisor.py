@@ -46,7 +46,8 @@ from enforcer import __version__
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.dataplane.sockets import reserve, worker_socket_for
-from enforcer.runtime import early_signals
+from enforcer.observe.flowlog import utc_timestamp
+from enforcer.runtime import early_signals, workerstatus
 from enforcer.tlsconf.tickets import SECRET_BYTES, new_secret
 
 log = logging.getLogger("enforcer.supervisor")
@@ -111,6 +112,8 @@ class Supervisor:
         self.run_args = run_args  # --log-level etc., passed on to the workers
         self.ready_dir = Path(metrics_dir) / "ready"
         self.ready_dir.mkdir()
+        self.status_dir = Path(metrics_dir) / "status"  # the workers' reports (workerstatus)
+        self.status_dir.mkdir()
         self.reserved = reserved
         self.workers = workers
         self.metrics_dir = metrics_dir
@@ -237,20 +240,31 @@ class Supervisor:
                 and children <= self._serving())
 
     def status(self) -> dict[str, Any]:
-        children = dict(self.children)
-        return {
+        """Every section of a single process's /status, combined over the workers' reports
+        (workerstatus.py), and each worker's own under ``workers``."""
+        children = sorted(dict(self.children).items(), key=lambda kv: kv[1])  # by index
+        reports = workerstatus.read(self.status_dir, [pid for pid, _ in children])
+        out = workerstatus.combine([(index, reports[pid][0]) for pid, index in children
+                                    if pid in reports])
+        listeners = {entry.get("name"): entry for entry in out.get("listeners") or ()}
+        out.update({
             "version": __version__, "node": self.cfg.node.name,
+            "started": utc_timestamp(self.started_at),
             "uptime_s": round(time.time() - self.started_at, 3),
-            "workers": [{"index": index, "pid": pid, "restarts": self.restarts.get(index, 0)}
-                        for pid, index in sorted(children.items(), key=lambda kv: kv[1])],
-            "listeners": [{"name": lst.name, "bound": _bound(lst.listen, self.reserved[lst.name])}
+            "ready": self.ready(), "draining": bool(self.stopping),
+            "listeners": [{**listeners.get(lst.name, {"name": lst.name}),
+                           "bound": _bound(lst.listen, self.reserved[lst.name])}
                           for lst in self.cfg.listeners],
-            "draining": bool(self.stopping),
-        }
+            "workers": [{"index": index, "pid": pid, "restarts": self.restarts.get(index, 0),
+                         **workerstatus.per_worker(*reports.get(pid, (None, None)))}
+                        for pid, index in children],
+        })
+        return out
 
     # ------------------------------------------------------------------ child
     def _spawn(self, index: int) -> None:
-        spec: dict[str, Any] = {"index": index, "sockets": {}, "ready_dir": str(self.ready_dir)}
+        spec: dict[str, Any] = {"index": index, "sockets": {}, "ready_dir": str(self.ready_dir),
+                                "status_dir": str(self.status_dir)}
         fds: list[int] = []
         for lst in self.cfg.listeners:
             sock = self.reserved[lst.name]

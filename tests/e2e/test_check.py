@@ -52,6 +52,8 @@ CASES = [
     ("bad enum", "listeners.0.tls.client_auth", "sometimes",
      "listeners[0].tls.client_auth: must be one of required, optional, none"),
     ("bad relay", "relay", "fast", "relay: must be one of auto, native, python; got 'fast'"),
+    ("bad timeout_close", "limits", {"timeout_close": "reset"},
+     "limits.timeout_close: must be one of fin, rst; got 'reset'"),
     ("missing version", "version", KeyError, "version: is required"),
     ("wrong version", "version", 2, "version: unsupported version 2"),
     ("missing file", "tls.mesh.cert", "/nonexistent/tls.crt",

@@ -134,3 +134,83 @@ async def test_a_client_resumes_whichever_worker_it_reaches(tmp_path: Path, pki:
     finally:
         proc.stop()
         echo.close()
+
+
+def _same_keys(single: Any, supervisor: Any, path: str = "status") -> None:
+    """Every mapping has the same keys in both, recursively (lists: their first items; a
+    null on either side, e.g. a worker's session_cache, is not compared further)."""
+    if single is None or supervisor is None:
+        return
+    if isinstance(single, dict):
+        assert isinstance(supervisor, dict), path
+        assert set(supervisor) == set(single), (path, set(supervisor) ^ set(single))
+        for key in single:
+            _same_keys(single[key], supervisor[key], f"{path}.{key}")
+    elif isinstance(single, list) and single:
+        assert isinstance(supervisor, list) and supervisor, path
+        _same_keys(single[0], supervisor[0], f"{path}[0]")
+
+
+def _status(port: int) -> dict[str, Any]:
+    code, body = _get(port, "/status")
+    assert code == 200, body
+    status: dict[str, Any] = json.loads(body)
+    return status
+
+
+def test_the_supervisors_status_has_every_section_of_a_single_process(
+        tmp_path: Path, pki: Any) -> None:
+    """The same config served by one process and by a supervisor with two workers: the
+    supervisor's /status has the same keys all the way down (plus ``workers``), its
+    ``reloads`` and ``flow_log`` are the workers' combined, and each worker lists its own."""
+    echo = EchoServer()
+    procs: dict[str, tuple[EnforcerProcess, int]] = {}
+    try:
+        for name, workers in (("single", 1), ("supervisor", 2)):
+            admin_port = _free_port()
+            cfg = inbound_cfg(pki, echo.port, default="allow", rules=[], mode="off")
+            cfg.update({"workers": workers, "admin": {"listen": f"127.0.0.1:{admin_port}"},
+                        "flow_log": {"sink": f"file:{tmp_path / name}.jsonl"}})
+            procs[name] = (EnforcerProcess(write_config(tmp_path / f"{name}.yaml", cfg)),
+                           admin_port)
+        payloads = [os.urandom(50_000 + i) for i in range(6)]
+        for proc, admin_port in procs.values():
+            port = proc.wait_bound()["inbound"]
+            _wait(lambda a=admin_port: _get(a, "/readyz")[0] == 200)
+            for payload in payloads:
+                assert _roundtrip(port, payload) == payload
+            proc.proc.send_signal(signal.SIGHUP)  # TLS files unchanged: still an attempt
+        single = procs["single"][1]
+        supervisor = procs["supervisor"][1]
+        for admin_port in (single, supervisor):
+            _wait(lambda a=admin_port: _status(a)["flow_log"]["written"] == len(payloads)
+                  and _status(a)["reloads"]["tls"]["last_attempt"] is not None)
+
+        one, many = _status(single), _status(supervisor)
+        assert set(many) == set(one) | {"workers"}
+        _same_keys(one, {k: v for k, v in many.items() if k != "workers"})
+        for key in ("reloads", "flow_log", "memory", "materials", "listeners", "upstreams"):
+            assert many[key], key
+        for kind in ("tls", "rulesets"):
+            assert many["reloads"][kind]["result"] == one["reloads"][kind]["result"]
+        assert many["reloads"]["tls"]["result"] == "ok"
+        assert many["reloads"]["tls"]["files"] == one["reloads"]["tls"]["files"]
+        assert many["flow_log"]["written"] == len(payloads) and many["flow_log"]["dropped"] == 0
+        assert many["open_connections"] == 0 and many["ready"] is True
+        assert many["materials"][0]["certificate"]["serial"] == \
+            one["materials"][0]["certificate"]["serial"]
+
+        assert [w["index"] for w in many["workers"]] == [0, 1]
+        for worker in many["workers"]:
+            assert {"reloads", "flow_log", "memory", "open_connections",
+                    "status_age_s"} <= set(worker)
+            _same_keys(one["reloads"], worker["reloads"], "worker.reloads")
+            _same_keys(one["flow_log"], worker["flow_log"], "worker.flow_log")
+            assert worker["reloads"]["tls"]["last_attempt"] is not None
+        assert sum(w["flow_log"]["written"] for w in many["workers"]) == len(payloads)
+        assert sum(w["memory"]["rss_bytes"] for w in many["workers"]) == \
+            many["memory"]["rss_bytes"]
+    finally:
+        for proc, _ in procs.values():
+            proc.stop()
+        echo.close()
