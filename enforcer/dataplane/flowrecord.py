@@ -1,4 +1,4 @@
-"""Build the flow record (DESIGN.md "Flow record") for a connection at close."""
+"""Build the flow record (docs/observability.md, "Flow records") for a connection at close."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ def generic(path: str) -> str:
     (``tls``, ``upstreams``, ``rulesets``) -> ``<name>``."""
     path = re.sub(r"\[\d+\]", "[]", path)
     parts = path.split(".") if path else []
-    for i, part in enumerate(parts):
+    for i, _part in enumerate(parts):
         if i > 0 and parts[i - 1] in ("tls", "upstreams", "rulesets") and (
                 i == 1 or parts[i - 1] in ("upstreams", "rulesets")):
             parts[i] = "<name>"
@@ -83,11 +83,8 @@ def _recording(calls: list[tuple[str, tuple[str, ...]]]) -> Iterator[None]:
 
 def traced() -> list[tuple[str, tuple[str, ...]]]:
     calls: list[tuple[str, tuple[str, ...]]] = []
-    with _recording(calls):
-        try:
-            loader.parse_config(MAXIMAL)
-        except ConfigError:
-            pass
+    with _recording(calls), suppress(ConfigError):
+        loader.parse_config(MAXIMAL)
     return calls
 
 
