@@ -122,7 +122,12 @@ def _workspace(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("page", RUN_PAGES, ids=_ids(RUN_PAGES))
 def test_runnable_shell_blocks(page: Path, tmp_path: Path) -> None:
     cwd = _workspace(tmp_path)
-    prelude = f'set -euo pipefail\nenforcer() {{ {shlex.quote(sys.executable)} -m enforcer "$@"; }}\n'
+    bin_dir = tmp_path / ".bin"  # `enforcer` as installed: a program on PATH ($! is its pid)
+    bin_dir.mkdir()
+    (bin_dir / "enforcer").write_text(
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m enforcer "$@"\n')
+    (bin_dir / "enforcer").chmod(0o755)
+    prelude = f'set -euo pipefail\nexport PATH={shlex.quote(str(bin_dir))}:"$PATH"\n'
     last_output: str | None = None
     for block in blocks(page):
         if block.marker.startswith("run"):
@@ -143,9 +148,22 @@ def test_runnable_shell_blocks(page: Path, tmp_path: Path) -> None:
 
 def _commands(text: str) -> list[list[str]]:
     """Shell lines, continuations joined, comments dropped, split into words."""
+    text = re.sub(r"<<-?'?(\w+)'?\n.*?^\1$", "", text, flags=re.S | re.M)  # here-documents
     out: list[list[str]] = []
     for line in text.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.commenters = "#"
+        lexer.whitespace_split = True
+        words: list[str] = []
+        for word in lexer:  # a command ends at an operator (|, &&, ;, &, >, 2>)
+            if set(word) <= set("|&;<>()"):
+                if word[0] in "<>" and words and words[-1].isdigit():
+                    words.pop()  # the 2 of 2>
+                if words:
+                    out.append(words)
+                words = []
+            else:
+                words.append(word)
         if words:
             out.append(words)
     return out
