@@ -29,7 +29,8 @@ LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.M)
 EXPLICIT_ID = re.compile(r"<a\s+id=\"([^\"]+)\"")
 CODE_FILES = [p for pattern in ("enforcer/**/*.py", "enforcer/**/*.c", "tests/**/*.py",
-                                "benchmarks/**/*.py", "config/*", "deploy/*", ".ci/*")
+                                "benchmarks/**/*.py", "tools/**/*.py", "config/*", "deploy/*",
+                                ".ci/*")
               for p in ROOT.glob(pattern)] + [ROOT / n for n in (
                   "Makefile", "setup.py", "pyproject.toml", "Dockerfile")]
 CITED_MD = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]+\.md|[A-Z][A-Z_]+\.md)\b")
