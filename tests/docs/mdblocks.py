@@ -13,7 +13,8 @@ allowed), invisible on GitHub and in mkdocs::
     <!-- doctest: other (why) -->   YAML that is not enforcer's (Prometheus, Kubernetes):
                                     parsed only
 
-A YAML block with a top-level ``version`` key is a whole config and needs no marker.
+A YAML block with a top-level ``version`` key is a whole config and needs no marker, and so
+do Kubernetes objects (``apiVersion`` and ``kind`` in every document of the block).
 """
 
 from __future__ import annotations

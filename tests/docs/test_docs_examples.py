@@ -2,7 +2,8 @@
 
 - YAML: a whole config (top-level ``version``) goes through ``enforcer check`` next to a
   ``pki/`` made by ``enforcer certs init``; a ``fragment`` is merged into a small valid
-  config first; a ``rulesets`` file is checked on its own; ``other`` YAML is parsed.
+  config first; a ``rulesets`` file is checked on its own; ``other`` YAML, and Kubernetes
+  objects (every document has ``apiVersion`` and ``kind``), are parsed.
 - Shell: blocks marked ``run`` are run with bash in a fresh copy of ``config/`` and
   ``deploy/``, in order, per page; an ``output`` block's lines must be in the output of the
   run before it. Every ``enforcer`` and ``make`` command of unmarked shell blocks must at
@@ -94,7 +95,11 @@ def _check(doc: Any, tmp_path: Path, pki: Path, block: Block) -> None:
 
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=_ids(YAML_BLOCKS))
 def test_yaml_example(block: Block, tmp_path: Path, pki: Path) -> None:
-    doc = yaml.safe_load(block.text)
+    docs = list(yaml.safe_load_all(block.text))
+    if docs and all(isinstance(d, dict) and {"apiVersion", "kind"} <= set(d) for d in docs):
+        return  # Kubernetes objects: parsed (deploy/ has the manifests the tests apply)
+    assert len(docs) == 1, f"{block.where}: several YAML documents that are not Kubernetes objects"
+    doc = docs[0]
     kind = block.marker.split()[0] if block.marker else ""
     if kind == "other":
         assert doc is not None and "(" in block.marker, \
@@ -175,7 +180,10 @@ SH_BLOCKS = [b for b in BLOCKS if b.lang in SH_LANGS]
 @pytest.mark.parametrize("block", SH_BLOCKS, ids=_ids(SH_BLOCKS))
 def test_shell_commands_exist(block: Block) -> None:
     targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
-    for words in _commands(block.text):
+    text = block.text
+    if block.lang == "console":  # commands are the lines after a "$ " prompt
+        text = "\n".join(ln[2:] for ln in text.splitlines() if ln.startswith("$ "))
+    for words in _commands(text):
         if words[0] == "enforcer":
             try:
                 build_parser().parse_args(words[1:])
