@@ -59,7 +59,7 @@ def enforcer(*args: str, cwd: Path, timeout: float = 60) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("pki")
     done = enforcer("certs", "init", "pki", cwd=base)
     assert done.returncode == 0, done.stderr
@@ -94,7 +94,7 @@ def _check(doc: Any, tmp_path: Path, pki: Path, block: Block) -> None:
 
 
 @pytest.mark.parametrize("block", YAML_BLOCKS, ids=_ids(YAML_BLOCKS))
-def test_yaml_example(block: Block, tmp_path: Path, pki: Path) -> None:
+def test_yaml_example(block: Block, tmp_path: Path, demo_pki_dir: Path) -> None:
     docs = list(yaml.safe_load_all(block.text))
     if docs and all(isinstance(d, dict) and {"apiVersion", "kind"} <= set(d) for d in docs):
         return  # Kubernetes objects: parsed (deploy/ has the manifests the tests apply)
@@ -107,15 +107,15 @@ def test_yaml_example(block: Block, tmp_path: Path, pki: Path) -> None:
         return
     if kind == "rulesets":
         assert list(doc) == ["rulesets"], f"{block.where}: a rulesets file has one key"
-        _check(block.text, tmp_path, pki, block)
+        _check(block.text, tmp_path, demo_pki_dir, block)
         return
     if kind == "fragment":
-        _check(_merge(copy.deepcopy(BASE), doc), tmp_path, pki, block)
+        _check(_merge(copy.deepcopy(BASE), doc), tmp_path, demo_pki_dir, block)
         return
     assert kind == "" and isinstance(doc, dict) and "version" in doc, (
         f"{block.where}: a YAML block is a whole enforcer config (version: 1) or is marked "
         "<!-- doctest: fragment | rulesets | other (whose) -->")
-    _check(block.text, tmp_path, pki, block)
+    _check(block.text, tmp_path, demo_pki_dir, block)
 
 
 def _workspace(tmp_path: Path) -> Path:
