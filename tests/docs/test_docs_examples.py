@@ -15,11 +15,14 @@ The markers are described in ``mdblocks``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +127,24 @@ def _workspace(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def run_script(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """bash in a process group of its own, which is killed once bash has exited: an
+    example that starts ``enforcer run &`` and fails half-way leaves nothing running.
+    Output goes to files, not pipes, which a leftover child would hold open."""
+    out_path, err_path = cwd / ".doctest.out", cwd / ".doctest.err"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, text=True, stdout=out,
+                                stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out_path.read_text(),
+                                       err_path.read_text())
+
+
 @pytest.mark.parametrize("page", RUN_PAGES, ids=_ids(RUN_PAGES))
 def test_runnable_shell_blocks(page: Path, tmp_path: Path) -> None:
     cwd = _workspace(tmp_path)
@@ -139,8 +160,7 @@ def test_runnable_shell_blocks(page: Path, tmp_path: Path) -> None:
             assert block.lang in SH_LANGS, f"{block.where}: only shell blocks run"
             m = re.search(r"exit=(\d+)", block.marker)
             want = int(m.group(1)) if m else 0
-            done = subprocess.run(["bash", "-c", prelude + block.text], cwd=cwd, text=True,
-                                  capture_output=True, timeout=120, check=False)
+            done = run_script(prelude + block.text, cwd)
             last_output = done.stdout + done.stderr
             assert done.returncode == want, (
                 f"{block.where}: exit {done.returncode}, expected {want}\n{last_output}")
