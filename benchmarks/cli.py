@@ -3,8 +3,9 @@
 Order of a run: certificates, the shared HTTP backend, then workload by workload, every
 contestant in turn on a freshly started pair (interleaving contestants within a workload
 keeps slow drifts of a shared machine from favouring whoever ran first), then the
-micro-benchmarks, then results.json / results.md / charts into a run directory and
-latest.json / latest.md next to it. Progress goes to stderr as it runs.
+micro-benchmarks, then results.json / results.md / charts into a run directory
+(``<out>/runs/<stamp>/``, ignored by git) and the summary, latest.json / latest.md /
+latest.png, into ``<out>`` (the only results the repository keeps). Progress goes to stderr as it runs.
 
 Cleanup: every child is in ``Processes``; the ``finally`` block stops them all and removes
 the temp dir, on success, on error and on Ctrl-C/SIGTERM (which also write the partial
@@ -37,7 +38,7 @@ from benchmarks.backends import BODY_SIZE, start_http
 from benchmarks.contestants import Contestant, Env, tool_version
 from benchmarks.load import MeasureError
 from benchmarks.micro import run_micro
-from benchmarks.options import CONTESTANTS, WORKLOADS, add_arguments
+from benchmarks.options import CONTESTANTS, RUNS_DIR, WORKLOADS, add_arguments
 from benchmarks.pki import make_pki
 from benchmarks.procs import (
     Ports,
@@ -128,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    doc = rmod.new_doc(settings, stamp)
+    run_dir = out / RUNS_DIR / stamp  # raw runs: an ignored folder (see .gitignore)
+    doc = rmod.new_doc(settings, f"{RUNS_DIR}/{stamp}")
     doc["settings"]["enforcer_extra"] = extra  # merged into every enforcer config
-    return Runner(doc, settings, chosen, works, extra, args).go(out, out / stamp)
+    return Runner(doc, settings, chosen, works, extra, args).go(out, run_dir)
 
 
 def _load_extra(path: Path | None, option: str = "--enforcer-extra") -> dict[str, Any]:

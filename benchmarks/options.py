@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUNS_DIR = "runs"  # under --out: one folder per run (raw results, charts); git ignores it
 CONTESTANTS = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
 WORKLOADS = ("bulk-1", "bulk-8", "keepalive", "newconn", "latency", "idle-small",
              "idle-large")
@@ -20,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", metavar="LIST",
                    help="workloads, comma-separated (" + ", ".join(WORKLOADS) + ")")
     p.add_argument("--out", metavar="DIR", type=Path, default=RESULTS_DIR,
-                   help="results directory (default benchmarks/results)")
+                   help="results directory (default benchmarks/results; runs go to its runs/)")
     p.add_argument("--duration", metavar="S", type=int,
                    help="seconds per throughput measurement (default 10; quick 1-2)")
     p.add_argument("--repeat", metavar="N", type=int, default=1,

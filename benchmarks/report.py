@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from benchmarks.options import RUNS_DIR
 from benchmarks.results import Doc
 
 ORDER = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
@@ -126,7 +127,10 @@ def _error_lines(doc: Doc) -> list[str]:
     return out
 
 
-def markdown(doc: Doc, chart_prefix: str = "") -> str:
+def markdown(doc: Doc, latest: str | None = None) -> str:
+    """The report; ``latest`` (``latest`` or ``latest-quick``) makes the summary kept next
+    to the runs folder: it embeds ``<latest>.png`` (the summary chart, copied there) and
+    names the per-workload charts, which stay in the run's folder, git-ignored."""
     mode = "quick run (indicative only)" if doc["mode"] == "quick" else "full run"
     h = doc["host"]
     lines = [f"# enforcer benchmark: {doc['started_at']} ({mode})", "",
@@ -157,12 +161,19 @@ def markdown(doc: Doc, chart_prefix: str = "") -> str:
     lines += ["", "## Settings", "", "```json", json.dumps(doc["settings"], indent=1), "```", ""]
     lines += _micro_lines(doc)
     charts = [name for name, w in doc["workloads"].items() if w.get("chart")]
-    if charts:
+    if charts or doc.get("summary_chart"):
         lines += ["## Charts", ""]
+    if latest is not None:
         if doc.get("summary_chart"):
-            lines += [f"![targets]({chart_prefix}{doc['summary_chart']})", ""]
-        for n in charts:
-            lines += [f"![{n}]({chart_prefix}{doc['workloads'][n]['chart']})", ""]
+            lines += [f"![targets]({latest}.png)", ""]
+        if charts:
+            lines += [f"One chart per workload ({', '.join(charts)}) is in the run's folder, "
+                      f"`{doc['run_dir']}/`, which git ignores.", ""]
+        return "\n".join(lines)
+    if doc.get("summary_chart"):
+        lines += [f"![targets]({doc['summary_chart']})", ""]
+    for n in charts:
+        lines += [f"![{n}]({doc['workloads'][n]['chart']})", ""]
     return "\n".join(lines)
 
 
@@ -290,10 +301,12 @@ def write_charts(doc: Doc, run_dir: Path) -> str | None:
 
 
 def write_all(doc: Doc, out: Path, run_dir: Path) -> list[Path]:
-    """results.json/.md and charts in run_dir; latest.json/.md (charts linked) in out.
+    """results.json/.md and charts in run_dir (``out/runs/<stamp>``, git-ignored); the
+    summary in out: latest.json, latest.md and latest.png (the summary chart), which are
+    all the repository keeps of benchmark runs.
 
-    A quick run writes latest-quick.json/.md instead, so that an indicative run never
-    replaces the latest full run's numbers.
+    A quick run writes latest-quick.* instead (also ignored), so that an indicative run
+    never replaces the latest full run's numbers.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     reason = write_charts(doc, run_dir)
@@ -304,14 +317,18 @@ def write_all(doc: Doc, out: Path, run_dir: Path) -> list[Path]:
     (run_dir / "results.md").write_text(markdown(doc))
     latest = latest_name(doc)
     shutil.copyfile(run_dir / "results.json", out / f"{latest}.json")
-    (out / f"{latest}.md").write_text(markdown(doc, chart_prefix=f"{run_dir.name}/"))
+    if doc.get("summary_chart"):
+        shutil.copyfile(run_dir / doc["summary_chart"], out / f"{latest}.png")
+    (out / f"{latest}.md").write_text(markdown(doc, latest=latest))
     return [run_dir / "results.md", run_dir / "results.json", out / f"{latest}.md"]
 
 
 def render(run_dir: Path) -> list[Path]:
-    """Redraw results.md, charts and latest.* from a run's results.json."""
+    """Redraw results.md, charts and latest.* from a run's results.json (latest.* go to
+    the folder that holds ``runs/``)."""
     doc = json.loads((run_dir / "results.json").read_text())
-    return write_all(doc, run_dir.parent, run_dir)
+    out = run_dir.parent.parent if run_dir.parent.name == RUNS_DIR else run_dir.parent
+    return write_all(doc, out, run_dir)
 
 
 def latest_name(doc: Doc) -> str:

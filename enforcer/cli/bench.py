@@ -33,8 +33,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench", help="benchmark enforcer against haproxy, stunnel and nginx",
         description="Run the sidecar-pair benchmark (load tool -> outbound -> mTLS -> "
-        "inbound -> backend) for enforcer and the peers installed here; write markdown, "
-        "JSON and charts to benchmarks/results/.")
+        "inbound -> backend) for enforcer and the peers installed here; each run's markdown, "
+        "JSON and charts go to benchmarks/results/runs/, the summary to "
+        "benchmarks/results/latest.*.")
     options = _harness("options")  # cheap: the harness itself is imported only to run
     if options is not None:
         options.add_arguments(p)

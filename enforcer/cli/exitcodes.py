@@ -1,4 +1,4 @@
-"""Process exit codes, documented in the README."""
+"""Process exit codes, documented in docs/operations.md."""
 
 OK = 0
 DENY = 1  # policy explain: the decision is deny

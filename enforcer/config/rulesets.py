@@ -29,7 +29,7 @@ dataclasses holding validated, normalised patterns; ``enforcer.policy`` compiles
               sni: ["*.shop.example"]
               destinations: ["db.shop:5432", "10.0.0.0/8", "[2001:db8::/32]:443", "*.svc:*"]
               server_identities: [spiffe://td/ns/db/**, "db.shop"]  # spiffe glob or DNS glob
-            ports: [15006]                     # shorthand for to.ports (DESIGN.md)
+            ports: [15006]                     # shorthand for to.ports (docs/configuration.md)
 
 A single scalar is accepted wherever a list is. An explicitly empty list is an error:
 it would silently match nothing (leave the key out to match anything); ``from: {}``

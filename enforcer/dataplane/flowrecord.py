@@ -1,4 +1,4 @@
-"""Build the flow record (DESIGN.md "Flow record") for a connection at close."""
+"""Build the flow record (the contract of docs/design.md; fields in docs/observability.md)."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def _bind() -> tuple[Any, str | None]:
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         return None, f"the native extension cannot use this Python's ssl module: {exc}"
     if os.environ.get("ENFORCER_TLS_RECORDS") == "openssl":
-        _pump.own_records(False)  # troubleshooting: OpenSSL keeps every TLS end (README)
+        _pump.own_records(False)  # troubleshooting: OpenSSL keeps every TLS end (docs/operations.md)
     elif _pump.own_records():
         global _secrets_learnt
         _secrets_learnt = _learn_secrets(_pump)

@@ -3,7 +3,7 @@
 Why not asyncio's SSL transport: it cannot half-close (``write_eof`` raises) and it tears
 the whole connection down when the peer sends close_notify, so a relay built on it loses
 the response whenever a client half-closes. ``ssl.SSLObject`` over ``MemoryBIO``s does
-half-close properly (see DESIGN.md), and because the engine only sees bytes we hand it, a
+half-close properly (see docs/design.md), and because the engine only sees bytes we hand it, a
 listener can read a PROXY header and peek at the first bytes before any handshake, all
 on one raw TCP transport.
 

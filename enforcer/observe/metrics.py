@@ -1,4 +1,5 @@
-"""Prometheus metrics: one object holding every metric of the DESIGN.md table.
+"""Prometheus metrics: one object holding every metric of the table in docs/observability.md
+(the contract of docs/design.md).
 
 ``Metrics`` owns a private ``CollectorRegistry`` (never prometheus-client's global one), so
 tests and several instances in one process never collide. The data plane gets the object
@@ -11,7 +12,7 @@ tests that do not look at metrics and in benchmarks that want the bare data path
 
 Counters are declared with their full exposed name (``enforcer_connections_total``);
 prometheus-client strips and re-adds the ``_total`` suffix, so the exposition shows exactly
-the DESIGN.md names. The library's ``<name>_created`` samples (one extra series per counter
+the documented names. The library's ``<name>_created`` samples (one extra series per counter
 and histogram child) are left out of the exposition, as HAProxy and Envoy users expect; this
 is done per registry at render time, not through the library's process-global switch.
 """
@@ -41,7 +42,7 @@ CONNECT_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0,
                            300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
-# name -> (kind, help, labels, buckets). The DESIGN.md contract: extend, never rename.
+# name -> (kind, help, labels, buckets). The docs/design.md contract: extend, never rename.
 SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
     "connections_total": (
         "counter", "Connections closed, by final action.", ("listener", "action"), ()),

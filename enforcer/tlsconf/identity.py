@@ -84,7 +84,7 @@ class PeerIdentity:
     spki_sha256: str
 
     def to_record(self) -> dict[str, object]:
-        """The flow record's ``tls.peer`` object (DESIGN.md), SAN lists capped. Built once
+        """The flow record's ``tls.peer`` object (docs/observability.md), SAN lists capped. Built once
         per identity (identities are cached per certificate); each call gets its own dict."""
         return dict(_record_of(self))
 

@@ -1,7 +1,7 @@
 """Helpers for the observability end-to-end tests: an in-process ``Server`` with its admin
 endpoint, an HTTP client for it, a Prometheus scrape parser, a client that reports its own
 address and TLS parameters, a PROXY v2 header builder independent of ``enforcer.proxyproto``,
-the flow-record shape check (DESIGN.md "Flow record"), and an ``enforcer run`` subprocess
+the flow-record shape check (docs/observability.md "Flow records"), and an ``enforcer run`` subprocess
 whose stdout the test controls.
 """
 
@@ -42,7 +42,7 @@ LISTENER_BOUND = re.compile(r"listener (\S+) bound on (\S+):(\d+)")
 ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
-# DESIGN.md "Flow record": every key, and the keys of the nested objects.
+# docs/observability.md "Flow records": every key, and the keys of the nested objects.
 RECORD_KEYS = {"ts", "event", "flow_id", "node", "listener", "action", "ruleset", "rule",
                "reason", "client", "peer", "local", "proxy_protocol", "tls", "upstream",
                "bytes", "duration_s", "close"}
@@ -258,7 +258,7 @@ def sans(cert: x509.Certificate) -> tuple[list[str], list[str]]:
 
 # ----------------------------------------------------------------------- flow records
 def assert_record_shape(rec: dict[str, Any]) -> None:
-    """Every DESIGN.md field is present with the right JSON type; exact values are the
+    """Every documented field is present with the right JSON type; exact values are the
     caller's business."""
     rec = json.loads(json.dumps(rec))  # only JSON types may be in a record
     assert rec.keys() >= RECORD_KEYS, sorted(RECORD_KEYS - rec.keys())

@@ -147,6 +147,7 @@ def test_quick_run_enforcer_and_direct(tmp_path: Path) -> None:
             if w["status"] == "ok" and m["absolute_max"] is None:
                 assert c["ratio"] is None and c["met"] is None
     run_dir = tmp_path / doc["run_dir"]
+    assert run_dir.parent == tmp_path / "runs"  # raw runs: the folder git ignores
     assert json.loads((run_dir / "results.json").read_text()) == doc
     assert not (tmp_path / "latest.json").exists()
     md = (tmp_path / "latest-quick.md").read_text()
@@ -156,7 +157,9 @@ def test_quick_run_enforcer_and_direct(tmp_path: Path) -> None:
             assert w["title"].split(" (")[0] in md
             if w.get("chart"):
                 assert (run_dir / w["chart"]).stat().st_size > 1000
-                assert f"({doc['run_dir']}/{name}.png)" in md
+                assert name in md.split("## Charts")[1]  # named; the chart stays in run_dir
+    if doc.get("summary_chart"):
+        assert "](latest-quick.png)" in md and (tmp_path / "latest-quick.png").exists()
     assert "[" in done.stderr and "enforcer" in done.stderr  # progress was shown
     assert harness_leftovers(str(tmp_path / "tmp")) == []
     assert list((tmp_path / "tmp").iterdir()) == []  # the temp dir was removed

@@ -119,19 +119,29 @@ def test_targets_and_markdown(tmp_path: Path) -> None:
 def test_write_all_writes_run_dir_latest_and_charts(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     doc = full_doc(tmp_path)
-    written = report.write_all(doc, tmp_path, tmp_path / "run-1")
-    assert (tmp_path / "run-1" / "keepalive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "run-1" / "summary.png").exists()
-    assert not (tmp_path / "run-1" / "bulk-1.png").exists()  # skipped: no chart
+    run1 = tmp_path / "runs" / "run-1"
+    doc["run_dir"] = "runs/run-1"
+    written = report.write_all(doc, tmp_path, run1)
+    assert (run1 / "keepalive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run1 / "summary.png").exists()
+    assert not (run1 / "bulk-1.png").exists()  # skipped: no chart
     assert json.loads((tmp_path / "latest.json").read_text())["workloads"]["keepalive"][
         "chart"] == "keepalive.png"
-    assert "](run-1/keepalive.png)" in (tmp_path / "latest.md").read_text()
-    assert "](keepalive.png)" in (tmp_path / "run-1" / "results.md").read_text()
+    # the summary kept in the repository links only what is kept beside it
+    latest_md = (tmp_path / "latest.md").read_text()
+    assert "](latest.png)" in latest_md and "](runs/" not in latest_md
+    assert "`runs/run-1/`" in latest_md
+    assert (tmp_path / "latest.png").read_bytes() == (run1 / "summary.png").read_bytes()
+    assert "](keepalive.png)" in (run1 / "results.md").read_text()
     assert tmp_path / "latest.md" in written
     doc["mode"] = "quick"  # an indicative run must not replace the full run's latest.*
-    report.write_all(doc, tmp_path, tmp_path / "run-2")
-    assert (tmp_path / "latest-quick.md").exists()
-    assert "](run-1/keepalive.png)" in (tmp_path / "latest.md").read_text()
+    doc["run_dir"] = "runs/run-2"
+    report.write_all(doc, tmp_path, tmp_path / "runs" / "run-2")
+    assert (tmp_path / "latest-quick.md").exists() and (tmp_path / "latest-quick.png").exists()
+    assert "`runs/run-1/`" in (tmp_path / "latest.md").read_text()
+    # --render of a run folder writes the summary next to runs/, not into it
+    report.render(run1)
+    assert not (tmp_path / "runs" / "latest.md").exists()
 
 
 @pytest.mark.parametrize(("values", "pct", "expected"), [

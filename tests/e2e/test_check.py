@@ -179,7 +179,7 @@ EXAMPLES = sorted(p for p in (REPO / "config").glob("*.yaml") if not p.name.ends
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_shipped_examples_pass_check(tmp_path: Path, example: Path) -> None:
-    # The examples name pki/ beside them: make it the way the README says.
+    # The examples name pki/ beside them: make it the way docs/getting-started.md says.
     shutil.copy(example, tmp_path / example.name)
     for extra in (REPO / "config").glob("*.rules.yaml"):
         shutil.copy(extra, tmp_path / extra.name)

@@ -5,7 +5,7 @@ and an echo backend. Six connections, one at a time: an allowed mTLS client, a c
 policy denies by rule, a client without a certificate, an allowed plaintext client behind
 a PROXY v2 header (with an AWS VPC endpoint TLV), garbage where a PROXY header must be, and
 a client whose upstream refuses the connection. Then /metrics is scraped over HTTP, parsed
-with prometheus-client's parser, and every series of every DESIGN.md metric is compared
+with prometheus-client's parser, and every series of every documented metric is compared
 with the exact expected value; and the file's six flow records are compared field by
 field.
 """
@@ -175,7 +175,7 @@ def check_metrics(s: Samples, pki: Pki, mtls_bytes: int, pp_bytes: int,
     names = {n.removesuffix(suffix) for n in s
              for suffix in ("_total", "_bucket", "_count", "_sum") if n.endswith(suffix)}
     names |= {n for n in s if not n.endswith(("_total", "_bucket", "_count", "_sum"))}
-    assert names == DESIGN_METRICS, "exactly the DESIGN.md metrics, no *_created series"
+    assert names == DESIGN_METRICS, "exactly the documented metrics, no *_created series"
     assert not any(n.endswith("_created") for n in s)
 
 

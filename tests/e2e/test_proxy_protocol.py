@@ -322,7 +322,7 @@ async def test_header_timeout(pki: Any) -> None:
 async def test_header_timeout_silent_client(pki: Any, accept: str, trusted: list[str],
                                             detail: str) -> None:
     """A client waiting for the server to speak first never gets past the PROXY stage:
-    the record says why (README: server-first protocols need accept: required or off)."""
+    the record says why (docs/configuration.md: server-first protocols need accept: required or off)."""
     app = await HeaderApp(expect_header=False).start()
     enf = await Enforcer(pp_cfg(pki, app.port, timeout="200ms", accept=accept,
                                 trusted=trusted)).start()

@@ -1,4 +1,4 @@
-"""Metrics: exposed names, types and label sets are exactly the DESIGN.md table."""
+"""Metrics: exposed names, types and label sets are exactly the docs/design.md contract."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from enforcer.observe import metrics as metrics_mod
 from enforcer.observe.metrics import Metrics, NullMetrics
 
-# Copied from DESIGN.md on purpose (not imported): this is the contract.
+# Written out on purpose (not imported): this is the contract of docs/design.md.
 DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_connections_total": ("counter", frozenset({"listener", "action"})),
     "enforcer_connections_active": ("gauge", frozenset({"listener"})),
