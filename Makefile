@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-faults soak lint bench clean
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
 # if a clean of the tree (git clean -x) removed it while .venv stayed, install again.
@@ -22,10 +22,15 @@ demo: $(STAMP)
 	$(VENV)/bin/enforcer demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not faults"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PY) -m pytest -q -x -m "not slow and not faults"
+
+# The fault battery (docs/faults.md): network namespaces, nftables, a userspace impairment
+# bridge, killed workers, a full tmpfs. Needs root; about 5-10 minutes on 2 cores.
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m faults tests/faults
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check enforcer tests benchmarks

@@ -34,7 +34,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, native, pump, rawtransport
+from enforcer.dataplane import flowrecord, native, pump, rawtransport, tcpopts
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
@@ -52,6 +52,8 @@ PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connec
 TLS_RECORD_TYPE_HANDSHAKE: Final = 0x16
 # close reasons after which a client's TLS session must not be resumed
 TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
+# close reason: the kernel timed a silent peer out (TCP keepalive / TCP_USER_TIMEOUT)
+PEER_TIMEOUT: Final = "peer_timeout"
 
 
 class Stage(IntEnum):
@@ -158,9 +160,19 @@ class Connection:
         who = "client" if side is self.client else "upstream"
         if side.eof_in and side.eof_out and exc is None:
             return
+        action = "allow" if self.stage == Stage.RELAY else "error"
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+            self._peer_timeout(who, action)
+            return
         reason = f"{who}_reset" if exc is not None else f"{who}_closed"
         self._fail(reason, str(exc) if exc else f"the {who} closed the connection",
-                   action="allow" if self.stage == Stage.RELAY else "error")
+                   action=action)
+
+    def _peer_timeout(self, who: str, action: str) -> None:
+        """The kernel gave up on a peer that stopped answering (keepalive probes or data
+        unacknowledged past tcp_user_timeout: see tcpopts.py)."""
+        self._fail(PEER_TIMEOUT, f"the {who} stopped answering (no ACK to keepalive probes "
+                   "or data within the TCP timeouts): connection timed out", action=action)
 
     def side_write_paused(self, side: Side, paused: bool) -> None:
         other = self.upstream if side is self.client else self.client
@@ -490,7 +502,8 @@ class Connection:
         self.upstream = Side(self, is_client=False)
         self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
         self.connecting = rawtransport.connect(
-            self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()))
+            self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()),
+            self.listener.upstream.sockopts)
 
     def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
                        exc: OSError | None) -> None:
@@ -550,6 +563,8 @@ class Connection:
         if self.stage == Stage.CLOSED:
             side.close(abort=True)
             return
+        if up.sockopts and side.transport is not None:
+            _dead_peer_detection(side.transport, up.sockopts)
         self._upstream_connected(side)
 
     def _upstream_connected(self, side: Side) -> None:
@@ -670,6 +685,9 @@ class Connection:
                 self._finish("allow", self.first_eof or "client_fin")
             elif kind == "reset":
                 code = detail if isinstance(detail, int) else 0
+                if code == errno.ETIMEDOUT:
+                    self._peer_timeout(who, "allow")
+                    return
                 self._fail(f"{who}_reset", str(OSError(code, os.strerror(code))),
                            action="allow")
             elif kind == "tls_error":
@@ -901,6 +919,19 @@ class Connection:
 
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
+
+
+def _dead_peer_detection(transport: Any, options: tuple[tuple[int, int, int], ...]) -> None:
+    """Keepalive and user timeout on an upstream socket the loop connected (a host name),
+    unless the name led to this host (see tcpopts.py)."""
+    sock = transport.get_extra_info("socket")
+    peer = transport.get_extra_info("peername")
+    if sock is None or not isinstance(peer, tuple) or tcpopts.is_local_host(str(peer[0])):
+        return
+    try:
+        tcpopts.apply(sock, options)
+    except OSError as exc:
+        log.warning("cannot set TCP keepalive/user timeout on an upstream socket: %s", exc)
 
 
 @functools.lru_cache(maxsize=4096)

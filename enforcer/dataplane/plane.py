@@ -27,7 +27,7 @@ from enforcer.config.model import (
     ListenerTlsConfig,
     UpstreamConfig,
 )
-from enforcer.dataplane import native
+from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
@@ -82,6 +82,7 @@ class DataPlane:
         self.materials: dict[str, LoadedMaterial] = {}
         self.active: set[Connection] = set()
         self.max_connections = cfg.limits.max_connections
+        self.sockopts = tcpopts.socket_options(cfg.limits)  # dead-peer detection
         self.open_events = cfg.flow_log.open_events
         self.draining = False
         self.native_relay = False  # decided in build() from cfg.relay
@@ -126,6 +127,13 @@ class DataPlane:
                     material.not_after.timestamp())
 
     def _build_upstream(self, ucfg: UpstreamConfig) -> UpstreamRuntime:
+        up = self._upstream_runtime(ucfg)
+        addr = ucfg.address
+        if not addr.is_unix and not tcpopts.is_local_host(addr.host):
+            up.sockopts = self.sockopts  # a host name resolving to loopback: see _connect
+        return up
+
+    def _upstream_runtime(self, ucfg: UpstreamConfig) -> UpstreamRuntime:
         tls = ucfg.tls
         connect = self.metrics.upstream_connect_seconds
         if tls.mode == "off":
@@ -256,6 +264,7 @@ class DataPlane:
                         factory, addr.host or None, addr.port, backlog=1024, reuse_address=True,
                         start_serving=serve)
                 lst.server = server  # closed by close_servers() if the next step fails
+                self._set_listener_options(lst, server)
                 if not serve:
                     lst.server = Acceptor(server, lst, self.poller, Connection)
             except OSError as exc:
@@ -267,6 +276,16 @@ class DataPlane:
             log.info("listener %s bound on %s (tls %s, upstream %s)", lst.name, lst.bound,
                      lst.cfg.tls.mode, lst.upstream.cfg.address)
         self.ready = True
+
+    def _set_listener_options(self, lst: ListenerRuntime, server: Any) -> None:
+        """Dead-peer detection for a listener's connections: they inherit the options from
+        the listening socket (see tcpopts.py). Not for local-only listeners."""
+        addr = lst.cfg.listen
+        if not self.sockopts or addr.is_unix or (addr.host and tcpopts.is_local_host(addr.host)):
+            return
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                tcpopts.apply(sock, self.sockopts)
 
     async def start(self) -> None:
         self.build()
