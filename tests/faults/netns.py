@@ -164,6 +164,27 @@ class Hosts:
             host.addrs.append(addr)
         return addr_a, addr_b
 
+    def bridged(self, a: Host, middle: Host, b: Host) -> tuple[str, str, str, str]:
+        """``a`` and ``b`` on one /24 through two veth pairs whose middle ends (no
+        address) sit in ``middle``, where ``impair.py`` moves the frames across. Returns
+        (address of a, address of b, middle device toward a, middle device toward b)."""
+        self._links += 1
+        n = self._links
+        addr_a, addr_b = f"10.23.{n}.1", f"10.23.{n}.2"
+        devs = []
+        for end, addr, side in ((a, addr_a, "a"), (b, addr_b, "b")):
+            outer, inner = f"v{self.tag}{n}{side}", f"m{self.tag}{n}{side}"
+            end.ip("link", "add", outer, "type", "veth", "peer", "name", inner,
+                   "netns", middle.name)
+            end.ip("link", "set", outer, "gso_max_segs", "1")  # MTU-sized frames only
+            end.ip("addr", "add", f"{addr}/24", "dev", outer)
+            end.ip("link", "set", outer, "up")
+            end.addrs.append(addr)
+            middle.ip("link", "set", inner, "gso_max_segs", "1")
+            middle.ip("link", "set", inner, "up")
+            devs.append(inner)
+        return addr_a, addr_b, devs[0], devs[1]
+
     def close(self) -> None:
         for host in self.hosts:
             host.delete()

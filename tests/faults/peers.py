@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -19,6 +20,7 @@ from tests.e2e.proc import BOUND, enforcer_cmd
 from tests.faults.netns import Host
 
 CHUNK = 64 * 1024
+ADMIN = re.compile(r"admin endpoint bound on \S+:(\d+)")
 
 
 def sha(data: bytes) -> str:
@@ -36,6 +38,7 @@ class NsEnforcer:
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self.ports: dict[str, int] = {}
+        self.admin_port = 0
         self._threads = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout_lines),
                              daemon=True),
@@ -50,6 +53,9 @@ class NsEnforcer:
             m = BOUND.search(line)
             if m:
                 self.ports[m.group(1)] = int(m.group(3))
+            m = ADMIN.search(line)
+            if m:
+                self.admin_port = int(m.group(1))
 
     def wait_bound(self, n: int = 1, timeout: float = 30) -> dict[str, int]:
         deadline = time.monotonic() + timeout
@@ -163,3 +169,42 @@ def echo_roundtrip(sock: socket.socket, addr: tuple[str, int], payload: bytes,
     if sender_error:
         raise sender_error[0]
     return bytes(got)
+
+
+def http_get(host: Host, port: int, path: str, timeout: float = 10) -> tuple[int, str]:
+    """GET http://127.0.0.1:port/path inside ``host`` (an admin endpoint)."""
+    sock = host.socket()
+    sock.settimeout(timeout)
+    with sock:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(CHUNK):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def histogram_quantile(text: str, name: str, labels: dict[str, str], q: float) -> float:
+    """Prometheus' histogram_quantile over one histogram of an exposition (linear
+    interpolation inside the bucket the quantile falls in)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: list[tuple[float, float]] = []
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name + "_bucket" and all(s.labels.get(k) == v
+                                                   for k, v in labels.items()):
+                buckets.append((float(s.labels["le"]), float(s.value)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
+        prev_le, prev_count = le, count
+    return prev_le

@@ -88,7 +88,8 @@ def _one_record(enf: NsEnforcer, timeout: float) -> tuple[dict[str, Any], float]
     return rec, time.monotonic() - started
 
 
-def test_vanished_upstream_detected_within_bound(relay: str, tmp_path: Path) -> None:
+def test_vanished_upstream_detected_within_bound(relay: str, tmp_path: Path,
+                                                 faults_summary: Any) -> None:
     """An idle relayed connection whose backend host vanishes: keepalive probes go
     unanswered, the flow closes as peer_timeout, the client gets an end of stream."""
     bound = _bound()
@@ -110,6 +111,8 @@ def test_vanished_upstream_detected_within_bound(relay: str, tmp_path: Path) -> 
             assert rec["action"] == "allow" and rec["relay"] == relay
             assert rec["bytes"] == {"from_client": len(payload), "to_client": len(payload)}
             assert took <= bound * 2 + 5, f"detected after {took:.1f}s (bound {bound:.0f}s)"
+            faults_summary(f"idle upstream gone: peer_timeout after {took:.1f} s "
+                           f"(keepalive bound {bound:.0f} s)")
             assert sock.recv(65536) == b""  # the client is told: end of stream
             sock.close()
             assert _wait_fds(world.enforcer, baseline) <= baseline
@@ -117,7 +120,8 @@ def test_vanished_upstream_detected_within_bound(relay: str, tmp_path: Path) -> 
             world.close()
 
 
-def test_vanished_client_with_data_in_flight(relay: str, tmp_path: Path) -> None:
+def test_vanished_client_with_data_in_flight(relay: str, tmp_path: Path,
+                                             faults_summary: Any) -> None:
     """The client host vanishes while the backend streams to it: the proxy's unacknowledged
     data hits tcp_user_timeout, the flow closes as peer_timeout, the backend is closed."""
     bound = _bound()
@@ -134,6 +138,8 @@ def test_vanished_client_with_data_in_flight(relay: str, tmp_path: Path) -> None
             assert rec["close"] == "peer_timeout", rec
             assert "client stopped answering" in rec["detail"]
             assert took <= bound * 2 + 5, f"detected after {took:.1f}s (bound {bound:.0f}s)"
+            faults_summary(f"client gone with data in flight: peer_timeout after {took:.1f} s "
+                           f"(tcp_user_timeout {LIMITS['tcp_user_timeout']})")
             deadline = time.monotonic() + 10
             while not world.backend.ended and time.monotonic() < deadline:
                 time.sleep(0.05)
