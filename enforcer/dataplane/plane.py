@@ -250,9 +250,10 @@ class DataPlane:
                     if addr.is_unix:
                         server = await loop.create_unix_server(
                             factory, sock=sockets[lst.name], start_serving=serve)
-                    else:
+                    else:  # bound, not listening yet (sockets.worker_socket_for)
                         server = await loop.create_server(
-                            factory, sock=sockets[lst.name], start_serving=serve)
+                            factory, sock=sockets[lst.name], backlog=1024,
+                            start_serving=serve)
                 elif addr.is_unix:
                     assert addr.path is not None
                     remove_stale_unix_socket(addr.path)
