@@ -34,7 +34,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, native, pump, rawtransport, tcpopts
+from enforcer.dataplane import dialer, flowrecord, native, pump, rawtransport, tcpopts
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
@@ -524,11 +524,11 @@ class Connection:
         except Exception as err:
             self.internal_error(err)
 
-    def _connect_failed(self, exc: OSError) -> None:
+    def _connect_failed(self, exc: OSError, *, counted: bool = False) -> None:
         addr = self.listener.upstream.cfg.address
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
-                   upstream_reason=code)
+                   upstream_reason=None if counted else code)
 
     async def _connect(self) -> None:
         try:
@@ -553,10 +553,19 @@ class Connection:
             if addr.is_unix:
                 assert addr.path is not None
                 await self.loop.create_unix_connection(lambda: side, addr.path)
-            else:
+            elif up.raw_target is not None:  # an IP address
                 await self.loop.create_connection(lambda: side, addr.host, addr.port)
+            else:
+                sock = await dialer.dial(self.loop, addr.host, addr.port, up.addresses,
+                                         self._attempt_failed)
+                await self.loop.create_connection(lambda: side, sock=sock)
+        except dialer.ResolveError as exc:
+            self._fail("upstream_resolve_failed", exc.strerror or str(exc),
+                       upstream_reason="resolve_failed")
+            return
         except OSError as exc:
-            self._connect_failed(exc)
+            # a host name's failed addresses were counted one by one (_attempt_failed)
+            self._connect_failed(exc, counted=up.raw_target is None and not addr.is_unix)
             return
         self._cancel_stage_timer()
         up.observe_connect(time.monotonic() - started)
@@ -566,6 +575,16 @@ class Connection:
         if up.sockopts and side.transport is not None:
             _dead_peer_detection(side.transport, up.sockopts)
         self._upstream_connected(side)
+
+    def _attempt_failed(self, addr: dialer.Addr, exc: OSError, fresh: bool) -> None:
+        """One address of a host-name upstream refused or failed (another may work)."""
+        up = self.listener.upstream
+        code = errno.errorcode.get(exc.errno or 0, "error").lower()
+        self.plane.metrics.upstream_errors_total.labels(upstream=up.name, reason=code).inc()
+        if fresh:
+            log.warning("upstream %s: connect to %s (%s) failed: %s; other addresses of the "
+                        "name are tried first while it keeps failing", up.name,
+                        _sockaddr_text(addr[1]), up.cfg.address, exc.strerror or exc)
 
     def _upstream_connected(self, side: Side) -> None:
         up = self.listener.upstream
@@ -919,6 +938,11 @@ class Connection:
 
     def _peer_text(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
+
+
+def _sockaddr_text(sockaddr: Any) -> str:
+    host, port = str(sockaddr[0]), int(sockaddr[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _dead_peer_detection(transport: Any, options: tuple[tuple[int, int, int], ...]) -> None:

@@ -30,9 +30,11 @@ def sha(data: bytes) -> str:
 class NsEnforcer:
     """``enforcer run -c FILE`` inside a host; stdout (flow records) and stderr collected."""
 
-    def __init__(self, host: Host, config: Path, *extra: str) -> None:
+    def __init__(self, host: Host, config: Path, *extra: str,
+                 wrap: list[str] | None = None) -> None:
+        """``wrap``: a command that runs the rest (e.g. in its own mount namespace)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = host.popen(enforcer_cmd("run", "-c", str(config), *extra),
+        self.proc = host.popen([*(wrap or []), *enforcer_cmd("run", "-c", str(config), *extra)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env)
         self.stdout_lines: list[str] = []
