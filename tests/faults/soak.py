@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import random
 import socket
@@ -159,6 +160,7 @@ class Pair:
     """The two sidecars and the app, in a temp dir."""
 
     def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
         pki = init_demo_pki(tmp / "pki")
         self.echo = EchoServer()
         rules = [{"name": "mesh", "action": "allow",
@@ -175,6 +177,20 @@ class Pair:
         self.outbound = EnforcerProcess(write_config(tmp / "out.yaml", ocfg))
         self.port = self.outbound.wait_bound()["outbound"]
         self.pids = {"outbound": self.outbound.proc.pid, "inbound": self.inbound.proc.pid}
+
+    def abnormal_closes(self) -> dict[str, list[str]]:
+        """Per sidecar, the flow records that did not end with a FIN from either side."""
+        out: dict[str, list[str]] = {}
+        for name in ("in", "out"):
+            bad = []
+            for path in sorted(self.tmp.glob(f"flows-{name}.log*")):
+                for line in path.read_text().splitlines():
+                    rec = json.loads(line)
+                    if rec.get("close") not in ("client_fin", "upstream_fin"):
+                        bad.append(f"{rec.get('close')} ({rec.get('detail')}; bytes "
+                                   f"{rec.get('bytes')}, {rec.get('duration_s')} s)")
+            out[f"{name}bound"] = bad
+        return out
 
     def sample(self, at: float) -> Sample:
         return Sample(at, {k: _rss_kib(p) for k, p in self.pids.items()},
@@ -258,6 +274,10 @@ async def _run(pair: Pair, seconds: float, warmup: float,
     if bad or counted_in != tally.sent or counted_out != tally.received:
         ok = False
         lines += [f"  {f}" for f in tally.failures[:5]]
+    for name, closes in pair.abnormal_closes().items():
+        if closes:
+            ok = False
+            lines.append(f"{name}: {len(closes)} flows not ended by a FIN: " + "; ".join(closes[:3]))
     for name in pair.pids:
         base = statistics.median(s.rss[name] for s in after_warmup[:3])
         end = statistics.median(s.rss[name] for s in samples[-3:])
