@@ -16,7 +16,8 @@ UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
 NATIVE_SOURCES := setup.py $(wildcard enforcer/dataplane/*.c enforcer/dataplane/*.h \
                   enforcer/dataplane/pump/*.c enforcer/dataplane/pump/*.h)
 
-.PHONY: demo test test-fast lint bench clean lock lock-check check-installed test-debian13
+.PHONY: demo test test-fast test-faults soak fuzz lint bench clean lock lock-check \
+        check-installed test-debian13
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
 # if a clean of the tree (git clean -x) removed it while .venv stayed, install again.
@@ -40,10 +41,26 @@ demo: $(STAMP)
 	$(VENV)/bin/enforcer demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not faults"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PY) -m pytest -q -x -m "not slow and not faults"
+
+# The fault battery (docs/faults.md): network namespaces, nftables, a userspace impairment
+# bridge, killed workers, a full tmpfs. Needs root; about 5-10 minutes on 2 cores.
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m faults tests/faults tests/fuzz
+
+# A sustained mixed workload through a sidecar pair (docs/faults.md): fails on a lost byte,
+# RSS growth over 10% after the warm-up or a descriptor leak. SOAK_SECONDS=3600 for an hour.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(PY) -m tests.faults.soak --seconds $(SOAK_SECONDS)
+
+# Longer fuzzing of the parsers than the battery's 15 s per target (docs/faults.md).
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m pytest -q -m faults tests/fuzz
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check enforcer tests benchmarks tools

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +79,27 @@ def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(harness, "RELAY", request.param)
     return str(request.param)
+
+
+# The fault battery's figures (handshake p99, soak numbers, ...) in pytest's summary: a
+# test records a line with ``faults_summary``; the line travels with its report (also
+# from pytest-xdist workers) and is printed at the end of the run under "fault battery",
+# whether or not output is captured.
+@pytest.fixture
+def faults_summary(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    def add(line: str) -> None:
+        record_property("faults_summary", line)
+    return add
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = []
+    for kind in ("passed", "failed"):
+        for report in terminalreporter.stats.get(kind, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "faults_summary":
+                    lines.append(f"{report.nodeid.split('::')[-1]}: {value}")
+    if lines:
+        terminalreporter.section("fault battery")
+        for line in lines:
+            terminalreporter.write_line(line)

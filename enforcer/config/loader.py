@@ -44,6 +44,9 @@ TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rul
             "flow_log", "admin", "limits", "workers", "relay")
 UNIX_PATH_MAX = 107  # bytes of a unix socket path (sun_path holds 108 with the NUL)
 PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
+TCP_KEEP_SECONDS_MAX = 32767  # TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE in Linux)
+TCP_KEEPCNT_MAX = 127  # MAX_TCP_KEEPCNT
+TCP_USER_TIMEOUT_MAX = 2_147_483.647  # seconds: TCP_USER_TIMEOUT is an int of milliseconds
 
 
 def load_config(path: str) -> Config:
@@ -426,7 +429,9 @@ class _Parser:
         if node.is_null:
             return d
         node.keys(("max_connections", "handshake_timeout", "connect_timeout", "idle_timeout",
-                   "close_timeout", "max_lifetime", "drain_timeout", "timeout_close"))
+                   "close_timeout", "max_lifetime", "drain_timeout", "timeout_close",
+                   "tcp_keepalive_idle", "tcp_keepalive_interval", "tcp_keepalive_count",
+                   "tcp_user_timeout"))
         out = LimitsConfig(
             max_connections=node["max_connections"].int(d.max_connections, minimum=1),
             handshake_timeout=node["handshake_timeout"].duration(d.handshake_timeout),
@@ -437,11 +442,39 @@ class _Parser:
             drain_timeout=node["drain_timeout"].duration(d.drain_timeout),
             timeout_close=cast(TimeoutClose, node["timeout_close"].choice(("fin", "rst"),
                                                                           d.timeout_close)),
+            tcp_keepalive_idle=node["tcp_keepalive_idle"].duration(d.tcp_keepalive_idle),
+            tcp_keepalive_interval=node["tcp_keepalive_interval"].duration(
+                d.tcp_keepalive_interval),
+            tcp_keepalive_count=node["tcp_keepalive_count"].int(
+                d.tcp_keepalive_count, minimum=1, maximum=TCP_KEEPCNT_MAX),
+            tcp_user_timeout=node["tcp_user_timeout"].duration(d.tcp_user_timeout),
         )
         for key in ("handshake_timeout", "connect_timeout", "idle_timeout", "close_timeout"):
             if getattr(out, key) <= 0:
                 node[key].error("must be more than 0s")
+        _check_keepalive(node, out)
         return out
+
+
+def _check_keepalive(node: Node, limits: LimitsConfig) -> None:
+    """The kernel takes keepalive times in whole seconds, 1 to 32767 (an idle time of 0
+    turns keepalive off here), and the user timeout in milliseconds (0 = its default)."""
+    idle, interval = limits.tcp_keepalive_idle, limits.tcp_keepalive_interval
+    span = f"whole seconds from 1s to {TCP_KEEP_SECONDS_MAX}s"
+    if idle != 0 and not _keepalive_seconds(idle):
+        node["tcp_keepalive_idle"].error(f"must be 0 (keepalive off) or {span}; "
+                                         f"got {node['tcp_keepalive_idle'].value!r}")
+    if not _keepalive_seconds(interval):
+        node["tcp_keepalive_interval"].error(
+            f"must be {span}; got {node['tcp_keepalive_interval'].value!r}")
+    if not 0 <= limits.tcp_user_timeout <= TCP_USER_TIMEOUT_MAX:
+        node["tcp_user_timeout"].error(
+            f"must be 0 (the kernel's default) to {TCP_USER_TIMEOUT_MAX:.0f}s; got "
+            f"{node['tcp_user_timeout'].value!r}")
+
+
+def _keepalive_seconds(value: float) -> bool:
+    return 1 <= value <= TCP_KEEP_SECONDS_MAX and value == int(value)
 
 
 def _alpn(node: Node) -> tuple[str, ...]:

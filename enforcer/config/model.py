@@ -163,6 +163,14 @@ class LimitsConfig:
     # how idle_timeout, close_timeout and max_lifetime end a connection: a plain close
     # (FIN) or a reset (RST, SO_LINGER 0) of both sockets
     timeout_close: TimeoutClose = "fin"
+    # Dead-peer detection on TCP sockets to and from other hosts (see dataplane/tcpopts.py
+    # and docs/faults.md): keepalive probes after this much silence (0 = off), every
+    # interval, count of them unanswered ends the connection; the user timeout bounds how
+    # long sent data may stay unacknowledged (0 = the kernel's default, ~15 min).
+    tcp_keepalive_idle: float = 30.0
+    tcp_keepalive_interval: float = 10.0
+    tcp_keepalive_count: int = 3
+    tcp_user_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import detect, flowrecord, native, pump, rawtransport
+from enforcer.dataplane import detect, dialer, flowrecord, native, pump, rawtransport, tcpopts
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
@@ -58,6 +58,8 @@ RESETTING_TIMEOUTS: Final = frozenset({"idle_timeout", "close_timeout", "max_lif
 OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 WARN_EVERY: Final = 1.0
 _warned = {"at": -WARN_EVERY, "since": 0}
+# close reason: the kernel timed a silent peer out (TCP keepalive / TCP_USER_TIMEOUT)
+PEER_TIMEOUT: Final = "peer_timeout"
 
 
 class Stage(IntEnum):
@@ -164,9 +166,19 @@ class Connection:
         who = "client" if side is self.client else "upstream"
         if side.eof_in and side.eof_out and exc is None:
             return
+        action = "allow" if self.stage == Stage.RELAY else "error"
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+            self._peer_timeout(who, action)
+            return
         reason = f"{who}_reset" if exc is not None else f"{who}_closed"
         self._fail(reason, str(exc) if exc else f"the {who} closed the connection",
-                   action="allow" if self.stage == Stage.RELAY else "error")
+                   action=action)
+
+    def _peer_timeout(self, who: str, action: str) -> None:
+        """The kernel gave up on a peer that stopped answering (keepalive probes or data
+        unacknowledged past tcp_user_timeout: see tcpopts.py)."""
+        self._fail(PEER_TIMEOUT, f"the {who} stopped answering (no ACK to keepalive probes "
+                   "or data within the TCP timeouts): connection timed out", action=action)
 
     def side_write_paused(self, side: Side, paused: bool) -> None:
         other = self.upstream if side is self.client else self.client
@@ -516,7 +528,8 @@ class Connection:
         self.upstream = Side(self, is_client=False)
         self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
         self.connecting = rawtransport.connect(
-            self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()))
+            self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()),
+            self.listener.upstream.sockopts)
 
     def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
                        exc: OSError | None) -> None:
@@ -537,13 +550,13 @@ class Connection:
         except Exception as err:
             self.internal_error(err)
 
-    def _connect_failed(self, exc: OSError) -> None:
+    def _connect_failed(self, exc: OSError, *, counted: bool = False) -> None:
         addr = self.listener.upstream.cfg.address
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         if exc.errno in OUT_OF_DESCRIPTORS:
             _warn_out_of_descriptors(self.listener.name, str(addr), exc)
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
-                   upstream_reason=code)
+                   upstream_reason=None if counted else code)
 
     async def _connect(self) -> None:
         try:
@@ -568,17 +581,38 @@ class Connection:
             if addr.is_unix:
                 assert addr.path is not None
                 await self.loop.create_unix_connection(lambda: side, addr.path)
-            else:
+            elif up.raw_target is not None:  # an IP address
                 await self.loop.create_connection(lambda: side, addr.host, addr.port)
+            else:
+                sock = await dialer.dial(self.loop, addr.host, addr.port, up.addresses,
+                                         self._attempt_failed)
+                await self.loop.create_connection(lambda: side, sock=sock)
+        except dialer.ResolveError as exc:
+            self._fail("upstream_resolve_failed", exc.strerror or str(exc),
+                       upstream_reason="resolve_failed")
+            return
         except OSError as exc:
-            self._connect_failed(exc)
+            # a host name's failed addresses were counted one by one (_attempt_failed)
+            self._connect_failed(exc, counted=up.raw_target is None and not addr.is_unix)
             return
         self._cancel_stage_timer()
         up.observe_connect(time.monotonic() - started)
         if self.stage == Stage.CLOSED:
             side.close(abort=True)
             return
+        if up.sockopts and side.transport is not None:
+            _dead_peer_detection(side.transport, up.sockopts)
         self._upstream_connected(side)
+
+    def _attempt_failed(self, addr: dialer.Addr, exc: OSError, fresh: bool) -> None:
+        """One address of a host-name upstream refused or failed (another may work)."""
+        up = self.listener.upstream
+        code = errno.errorcode.get(exc.errno or 0, "error").lower()
+        self.plane.metrics.upstream_errors_total.labels(upstream=up.name, reason=code).inc()
+        if fresh:
+            log.warning("upstream %s: connect to %s (%s) failed: %s; other addresses of the "
+                        "name are tried first while it keeps failing", up.name,
+                        _sockaddr_text(addr[1]), up.cfg.address, exc.strerror or exc)
 
     def _upstream_connected(self, side: Side) -> None:
         up = self.listener.upstream
@@ -699,6 +733,9 @@ class Connection:
                 self._finish("allow", self.first_eof or "client_fin")
             elif kind == "reset":
                 code = detail if isinstance(detail, int) else 0
+                if code == errno.ETIMEDOUT:
+                    self._peer_timeout(who, "allow")
+                    return
                 self._fail(f"{who}_reset", str(OSError(code, os.strerror(code))),
                            action="allow")
             elif kind == "tls_error":
@@ -947,6 +984,24 @@ def _warn_out_of_descriptors(listener: str, upstream: str, exc: OSError) -> None
                 "failed this way since the last warning (enforcer_upstream_errors_total)",
                 listener, upstream, exc.strerror or exc, _warned["since"])
     _warned["at"], _warned["since"] = now, 0
+
+
+def _sockaddr_text(sockaddr: Any) -> str:
+    host, port = str(sockaddr[0]), int(sockaddr[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _dead_peer_detection(transport: Any, options: tuple[tuple[int, int, int], ...]) -> None:
+    """Keepalive and user timeout on an upstream socket the loop connected (a host name),
+    unless the name led to this host (see tcpopts.py)."""
+    sock = transport.get_extra_info("socket")
+    peer = transport.get_extra_info("peername")
+    if sock is None or not isinstance(peer, tuple) or tcpopts.is_local_host(str(peer[0])):
+        return
+    try:
+        tcpopts.apply(sock, options)
+    except OSError as exc:
+        log.warning("cannot set TCP keepalive/user timeout on an upstream socket: %s", exc)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from enforcer.config.model import LimitsConfig, ListenerConfig, UpstreamConfig
+from enforcer.dataplane.dialer import AddressBook
 from enforcer.dataplane.rawtransport import Target, target_of
+from enforcer.dataplane.tcpopts import SockOpt
 
 if TYPE_CHECKING:
     from enforcer.dataplane.plane import DataPlane
@@ -24,6 +26,10 @@ class UpstreamRuntime:
     _connect_child: Any = None
     # where a bare-socket connect can go without name resolution (see rawtransport.py)
     raw_target: Target | None = field(init=False, default=None)
+    # setsockopt triples for dead-peer detection (tcpopts.py); none for a local upstream
+    sockopts: tuple[SockOpt, ...] = ()
+    # a host-name upstream's addresses that failed lately (dialer.py)
+    addresses: AddressBook = field(default_factory=AddressBook)
 
     def __post_init__(self) -> None:
         self.raw_target = target_of(self.cfg.address)

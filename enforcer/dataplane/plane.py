@@ -27,7 +27,7 @@ from enforcer.config.model import (
     ListenerTlsConfig,
     UpstreamConfig,
 )
-from enforcer.dataplane import native
+from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
@@ -83,6 +83,7 @@ class DataPlane:
         self.materials: dict[str, LoadedMaterial] = {}
         self.active: set[Connection] = set()
         self.max_connections = cfg.limits.max_connections
+        self.sockopts = tcpopts.socket_options(cfg.limits)  # dead-peer detection
         self.open_events = cfg.flow_log.open_events
         self.draining = False
         self.native_relay = False  # decided in build() from cfg.relay
@@ -127,6 +128,13 @@ class DataPlane:
                     material.not_after.timestamp())
 
     def _build_upstream(self, ucfg: UpstreamConfig) -> UpstreamRuntime:
+        up = self._upstream_runtime(ucfg)
+        addr = ucfg.address
+        if not addr.is_unix and not tcpopts.is_local_host(addr.host):
+            up.sockopts = self.sockopts  # a host name resolving to loopback: see _connect
+        return up
+
+    def _upstream_runtime(self, ucfg: UpstreamConfig) -> UpstreamRuntime:
         tls = ucfg.tls
         connect = self.metrics.upstream_connect_seconds
         if tls.mode == "off":
@@ -255,9 +263,10 @@ class DataPlane:
                     if addr.is_unix:
                         server = await loop.create_unix_server(
                             factory, sock=sockets[lst.name], start_serving=serve)
-                    else:
+                    else:  # bound, not listening yet (sockets.worker_socket_for)
                         server = await loop.create_server(
-                            factory, sock=sockets[lst.name], start_serving=serve)
+                            factory, sock=sockets[lst.name], backlog=1024,
+                            start_serving=serve)
                 elif addr.is_unix:
                     assert addr.path is not None
                     remove_stale_unix_socket(addr.path)
@@ -269,6 +278,7 @@ class DataPlane:
                         factory, addr.host or None, addr.port, backlog=1024, reuse_address=True,
                         start_serving=serve)
                 lst.server = server  # closed by close_servers() if the next step fails
+                self._set_listener_options(lst, server)
                 if not serve:
                     lst.server = Acceptor(server, lst, self.poller, Connection)
             except OSError as exc:
@@ -280,6 +290,16 @@ class DataPlane:
             log.info("listener %s bound on %s (tls %s, upstream %s)", lst.name, lst.bound,
                      lst.cfg.tls.mode, lst.upstream.cfg.address)
         self.ready = True
+
+    def _set_listener_options(self, lst: ListenerRuntime, server: Any) -> None:
+        """Dead-peer detection for a listener's connections: they inherit the options from
+        the listening socket (see tcpopts.py). Not for local-only listeners."""
+        addr = lst.cfg.listen
+        if not self.sockopts or addr.is_unix or (addr.host and tcpopts.is_local_host(addr.host)):
+            return
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                tcpopts.apply(sock, self.sockopts)
 
     async def start(self) -> None:
         self.build()

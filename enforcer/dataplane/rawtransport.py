@@ -105,10 +105,10 @@ class Connecting:
 
 
 def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
-            done: Done) -> Connecting | None:
+            done: Done, options: tuple[tuple[int, int, int], ...] = ()) -> Connecting | None:
     """Start connecting to ``target``, watched by ``poller``. A connect that fails at once
     calls ``done`` with the error before returning None; otherwise ``done`` is called when
-    the socket is ready."""
+    the socket is ready. ``options``: setsockopt triples for a TCP socket (tcpopts.py)."""
     family, sockaddr = target
     try:
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -118,6 +118,8 @@ def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for level, name, value in options:
+                sock.setsockopt(level, name, value)
         err = sock.connect_ex(sockaddr)
     except OSError as exc:
         sock.close()

@@ -5,8 +5,9 @@ bind error stops the start (exit 3) and port 0 resolves to one port for everyone
 
 - TCP: the supervisor binds a ``SO_REUSEPORT`` socket and does not listen on it (Linux
   only balances connections over *listening* sockets in a reuseport group, so it receives
-  none); each worker binds its own ``SO_REUSEPORT`` socket to the same address and listens,
-  and the kernel spreads new connections over the workers.
+  none); each worker binds its own ``SO_REUSEPORT`` socket to the same address and listens
+  on it once its data plane serves, and the kernel spreads new connections over the
+  workers.
 - UNIX: there is no reuseport, so the supervisor binds and listens, and the workers share
   the inherited socket (passed to them as a file descriptor).
 """
@@ -42,10 +43,12 @@ def reserve(addr: Address) -> socket.socket:
 
 
 def worker_socket_for(host: str, port: int) -> socket.socket:
-    """A worker's own reuseport listener on the address the supervisor reserved."""
+    """A worker's own reuseport socket on the address the supervisor reserved, bound but
+    not listening: the data plane listens on it once it serves (a listening socket joins
+    the kernel's balancing at once, and a worker that is still starting, e.g. one started
+    again after a crash, would leave its share of new connections waiting)."""
     sock = _tcp_socket(Address(host=host, port=port))
     sock.bind(_sockaddr(sock, host, port))
-    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 

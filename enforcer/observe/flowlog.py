@@ -21,7 +21,10 @@ serialises them (compact JSON), and hands the lines to a sink:
 
 A sink failing at run time (disk full, file removed, EPIPE) costs the records of the
 failed write, which are counted as dropped; the error is logged on ``enforcer.flowlog``
-at most once a minute, and the writer keeps going (the file is reopened on the next batch).
+at most once a minute, and the writer keeps going (the file is reopened on the next batch,
+and a WARNING says when writing works again). A full disk takes part of a write before
+ENOSPC: that part is cut off again (or, in a file shared by workers, ended with a
+newline), so every complete line in the file stays a whole record.
 
 ``close()`` flushes what is queued and stops the thread; if the sink stays blocked past the
 timeout, what is still queued is counted as dropped and ``close()`` returns anyway (the
@@ -181,6 +184,9 @@ class _FileSink:
         self._ident = (0, 0)
         self._next_watch = 0.0
         self._rotate_after = 0.0
+        self._partial = 0  # bytes of the chunk being written that reached the file
+        self._torn = False  # the file ends in a fragment of a line (see _untear)
+        self._failing = False  # the last write failed (log when writing works again)
 
     # -- file handling -------------------------------------------------------------------
     def _open(self) -> int:
@@ -245,6 +251,9 @@ class _FileSink:
             if self._fd is not None:
                 self._watch()
             fd = self._fd if self._fd is not None else self._open()
+            if self._torn:  # end the fragment a failed write left, on its own line
+                self._write_all(fd, b"\n")
+                self._torn = False
             for data in lines:
                 if self._needs_rotation(pending, len(data)):
                     self._write_all(fd, b"".join(chunk))
@@ -263,15 +272,44 @@ class _FileSink:
             written += len(chunk)
         except OSError as exc:
             self._report(f"writing {self._path} failed", exc)
+            self._failing = True
+            self._untear()
             self._close_fd()  # reopen on the next batch (the file may be gone or fixed)
+            return written
+        if self._failing:
+            self._failing = False
+            log.warning("flow log: writing %s again", self._path)
         return written
 
     def _write_all(self, fd: int, data: bytes) -> None:
+        """Write all of ``data``. A failure after part of it (a full disk takes what fits,
+        then says ENOSPC) leaves ``_partial`` bytes of it at the end of the file."""
         view = memoryview(data)
+        self._partial = 0
         while view:
             n = os.write(fd, view)
             view = view[n:]
             self._size += n
+            self._partial += n
+        self._partial = 0
+
+    def _untear(self) -> None:
+        """After a failed write, take back the part of it that did reach the file: the
+        lines of a half-written chunk are counted as lost, and a line cut in the middle
+        would make the next one unreadable. With one writer the file is cut back to where
+        the chunk started; a shared file (other processes append to it too) cannot be cut
+        safely, so the fragment is ended with a newline before the next line instead."""
+        partial, self._partial = self._partial, 0
+        if not partial:
+            return
+        if self._fd is not None and self._regular and not self._line_writes:
+            try:
+                os.ftruncate(self._fd, self._size - partial)
+                self._size -= partial
+                return
+            except OSError:
+                pass
+        self._torn = True
 
     def reopen(self) -> None:
         self._close_fd()

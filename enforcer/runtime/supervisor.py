@@ -38,9 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from enforcer import __version__
 from enforcer.config.model import Config
@@ -120,6 +123,7 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker index
         self.started: dict[int, float] = {}  # worker index -> start time
         self.restarts: dict[int, int] = dict.fromkeys(range(workers), 0)
+        self.last_exit: dict[int, str] = {}  # worker index -> how its last process ended
         self.stopping = 0
         self.exit_codes: list[int] = []
         self.admin: Any = None
@@ -200,7 +204,8 @@ class Supervisor:
             self.exit_codes.append(code)
             return
         self.restarts[index] += 1
-        log.error("worker %d (pid %d) exited with %d; starting it again", index, pid, code)
+        self.last_exit[index] = _how_it_ended(code)
+        log.error("worker %d (pid %d) %s; starting it again", index, pid, self.last_exit[index])
         if time.monotonic() - self.started.get(index, 0.0) < YOUNG:
             time.sleep(RESTART_BACKOFF)
         if not self.stopping:
@@ -224,8 +229,10 @@ class Supervisor:
         from enforcer.observe.admin import AdminServer
         from enforcer.observe.metrics import AggregatedMetrics
 
-        self.admin = AdminServer(self.cfg.admin.listen, AggregatedMetrics(self.metrics_dir),
-                                 status=self.status, ready=self.ready)
+        metrics = AggregatedMetrics(self.metrics_dir)
+        metrics.registry.register(_RestartCollector(self))
+        self.admin = AdminServer(self.cfg.admin.listen, metrics, status=self.status,
+                                 ready=self.ready)
         try:
             self.admin.start()
         except OSError as exc:
@@ -256,6 +263,7 @@ class Supervisor:
                            "bound": _bound(lst.listen, self.reserved[lst.name])}
                           for lst in self.cfg.listeners],
             "workers": [{"index": index, "pid": pid, "restarts": self.restarts.get(index, 0),
+                         "last_exit": self.last_exit.get(index),
                          **workerstatus.per_worker(*reports.get(pid, (None, None)))}
                         for pid, index in children],
         })
@@ -301,6 +309,32 @@ class Supervisor:
         finally:
             os.close(write_end)
         return read_end
+
+
+def _how_it_ended(code: int) -> str:
+    """``exited with 1`` or ``killed by SIGKILL`` (a negative code is the signal)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with {code}"
+
+
+class _RestartCollector:
+    """``enforcer_worker_restarts_total{worker}``: the supervisor's own counter, added to
+    the workers' summed metrics on its admin endpoint."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("enforcer_worker_restarts_total",
+                                     "Worker processes started again after they died.",
+                                     labels=["worker"])
+        for index, count in sorted(self._supervisor.restarts.items()):
+            family.add_metric([str(index)], count)
+        yield family
 
 
 def worker_ticket_secret(spec_text: str) -> bytes:

@@ -527,3 +527,50 @@ def test_check_fifo_without_reader_does_not_hang(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert check_sink_writable(file_cfg(fifo)) is None
+
+
+class _ShortThenFull:
+    """os.write stand-in: the first write into the log takes ``fits`` bytes, then ENOSPC
+    until ``room`` is set again (what a full file system does)."""
+
+    def __init__(self, fits: int) -> None:
+        self.fits = fits
+        self.room = False
+        self.real = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        if self.room:
+            return self.real(fd, data)
+        if self.fits:
+            n, self.fits = self.real(fd, bytes(data)[:self.fits]), 0
+            return n
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared: bool,
+        flowlog_errors: ListHandler) -> None:
+    """One writer: the cut chunk is taken back. Shared by workers: the fragment gets its
+    newline, so the records after it are whole lines."""
+    path = tmp_path / "flows.log"
+    fake = _ShortThenFull(fits=100)
+    m = Metrics()
+    fl = FlowLog(file_cfg(path), m, shared=shared)
+    monkeypatch.setattr("enforcer.observe.flowlog.os.write", fake)
+    fl.start()
+    for i in range(5):
+        fl.emit(record(i))
+    wait_for(lambda: fl.dropped == 5)
+    fake.room = True
+    for i in range(5, 8):
+        fl.emit(record(i))
+    fl.close()
+    lines = path.read_bytes().splitlines()
+    whole = [json.loads(line) for line in lines if line.startswith(b"{") and line.endswith(b"}")]
+    assert [r["flow_id"] for r in whole][-3:] == [record(i)["flow_id"] for i in range(5, 8)]
+    if shared:
+        assert len(lines) == 4 and len(lines[0]) == 100  # the fragment, on its own line
+    else:
+        assert len(lines) == 3
+    assert (fl.written, fl.dropped, dropped_metric(m)) == (3, 5, 5.0)
