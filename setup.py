@@ -12,7 +12,8 @@ setup(
         Extension(
             "enforcer.dataplane._pump",
             sources=["enforcer/dataplane/_pump.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=incompatible-pointer-types",
+                                "-Werror=implicit-function-declaration", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers"],
             libraries=["dl"],
             optional=True,

@@ -34,7 +34,6 @@
 #include <Python.h>
 
 #include <dlfcn.h>
-#include <malloc.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,115 +52,99 @@
  */
 
 /* ----------------------------------------------------------------- OpenSSL, by dlsym */
-typedef struct ssl_st SSL;
-typedef struct ssl_ctx_st SSL_CTX;
-typedef struct ssl_session_st SSL_SESSION;
-typedef struct bio_st BIO;
-typedef struct {          /* struct buf_mem_st, public in <openssl/buffer.h> */
-    size_t length;
-    char *data;
-    size_t max;
-    unsigned long flags;
-} BUF_MEM;
+/* Every OpenSSL declaration comes from OpenSSL's own headers (libssl-dev): the pointers
+ * below have the type of the real prototype (__typeof__), so the compiler checks every
+ * call. The symbols themselves are resolved with dlsym() in the libssl/libcrypto that
+ * Python's _ssl module loaded (bind()), so the extension and the ssl module share one
+ * library; bind() refuses a library of another major version than the headers (its ABI
+ * could differ). Only public, documented functions are used. */
+#define OPENSSL_SUPPRESS_DEPRECATED /* HMAC(): the fallback where EVP_MAC cannot be fetched */
+#include <openssl/bio.h>
+#include <openssl/buffer.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/params.h>
+#include <openssl/ssl.h>
+#include <openssl/tls1.h>
 
-#define SSL_ERROR_SSL 1
-#define SSL_ERROR_WANT_READ 2
-#define SSL_ERROR_SYSCALL 5
-#define SSL_ERROR_ZERO_RETURN 6
-#define BIO_CTRL_PENDING 10
-#define BIO_C_SET_BUF_MEM_EOF_RETURN 130
-#define SSL_SENT_SHUTDOWN 1
-#define SSL_RECEIVED_SHUTDOWN 2
-#define SSL_CTRL_SESS_NUMBER 20
-#define SSL_CTRL_SET_SESS_CACHE_SIZE 42
-#define SSL_CTRL_GET_SESS_CACHE_SIZE 43
-#define BIO_C_SET_BUF_MEM 114
-#define BIO_C_GET_BUF_MEM_PTR 115
-#define BIO_CLOSE 0x01
-#define SSL_CTRL_SET_SESS_CACHE_MODE 44
-#define SSL_CTRL_SET_TLSEXT_TICKET_KEYS 59
 #define TICKET_KEYS_LEN 80 /* key name 16, HMAC key 32, AES key 32 */
-#define SSL_CTRL_GET_SESS_CACHE_MODE 45
-#define SSL_SESS_CACHE_CLIENT 0x0001
-#define SSL_SESS_CACHE_NO_INTERNAL_STORE 0x0200
-#define CRYPTO_EX_INDEX_SSL 0
-#define CRYPTO_EX_INDEX_SSL_CTX 1
+#define OSSL_FN(name) __typeof__(name) *name
 
 static struct {
-    int (*SSL_read)(SSL *, void *, int);
-    int (*SSL_write)(SSL *, const void *, int);
-    int (*SSL_get_error)(const SSL *, int);
-    int (*SSL_shutdown)(SSL *);
-    BIO *(*SSL_get_rbio)(const SSL *);
-    BIO *(*SSL_get_wbio)(const SSL *);
-    int (*BIO_write)(BIO *, const void *, int);
-    int (*BIO_read)(BIO *, void *, int);
-    long (*BIO_ctrl)(BIO *, int, long, void *);
-    unsigned long (*ERR_peek_error)(void);
-    void (*ERR_clear_error)(void);
-    const char *(*ERR_reason_error_string)(unsigned long);
-    SSL_CTX *(*SSL_get_SSL_CTX)(const SSL *);
-    void (*SSL_set_shutdown)(SSL *, int);
-    int (*SSL_set_session)(SSL *, SSL_SESSION *);
-    SSL_SESSION *(*SSL_SESSION_dup)(const SSL_SESSION *);
-    void (*SSL_SESSION_free)(SSL_SESSION *);
-    const unsigned char *(*SSL_SESSION_get_id)(const SSL_SESSION *, unsigned int *);
-    long (*SSL_CTX_ctrl)(SSL_CTX *, int, long, void *);
-    int (*SSL_free_buffers)(SSL *);
-    unsigned long (*OpenSSL_version_num)(void);
-    BUF_MEM *(*BUF_MEM_new)(void);
-    void (*SSL_CTX_sess_set_new_cb)(SSL_CTX *, int (*)(SSL *, SSL_SESSION *));
-    int (*(*SSL_CTX_sess_get_new_cb)(SSL_CTX *))(SSL *, SSL_SESSION *);
-    void *(*SSL_CTX_get_ex_data)(const SSL_CTX *, int);
-    int (*SSL_CTX_set_ex_data)(SSL_CTX *, int, void *);
-    int (*CRYPTO_get_ex_new_index)(int, long, void *, void *, void *,
-                                   void (*)(void *, void *, void *, int, long, void *));
-    int (*SSL_SESSION_is_resumable)(const SSL_SESSION *);
-    int (*SSL_CTX_set_ciphersuites)(SSL_CTX *, const char *);
+    OSSL_FN(SSL_read);
+    OSSL_FN(SSL_write);
+    OSSL_FN(SSL_get_error);
+    OSSL_FN(SSL_shutdown);
+    OSSL_FN(SSL_get_rbio);
+    OSSL_FN(SSL_get_wbio);
+    OSSL_FN(BIO_write);
+    OSSL_FN(BIO_read);
+    OSSL_FN(BIO_ctrl);
+    OSSL_FN(ERR_peek_error);
+    OSSL_FN(ERR_peek_last_error);
+    OSSL_FN(ERR_get_error);
+    OSSL_FN(ERR_clear_error);
+    OSSL_FN(ERR_reason_error_string);
+    OSSL_FN(SSL_get_SSL_CTX);
+    OSSL_FN(SSL_set_shutdown);
+    OSSL_FN(SSL_set_session);
+    OSSL_FN(SSL_SESSION_dup);
+    OSSL_FN(SSL_SESSION_free);
+    OSSL_FN(SSL_SESSION_get_id);
+    OSSL_FN(SSL_CTX_ctrl);
+    OSSL_FN(SSL_free_buffers);
+    OSSL_FN(OpenSSL_version_num);
+    OSSL_FN(BUF_MEM_new);
+    OSSL_FN(SSL_CTX_sess_set_new_cb);
+    OSSL_FN(SSL_CTX_sess_get_new_cb);
+    OSSL_FN(SSL_CTX_get_ex_data);
+    OSSL_FN(SSL_CTX_set_ex_data);
+    OSSL_FN(CRYPTO_get_ex_new_index);
+    OSSL_FN(SSL_SESSION_is_resumable);
+    OSSL_FN(SSL_CTX_set_ciphersuites);
     /* the pump's own TLS 1.3 records (optional: without them OpenSSL keeps every end) */
-    void (*SSL_set_msg_callback)(SSL *, void (*)(int, int, int, const void *, size_t, SSL *,
-                                                 void *));
-    long (*SSL_ctrl)(SSL *, int, long, void *);
-    void (*SSL_CTX_set_keylog_callback)(SSL_CTX *, void (*)(const SSL *, const char *));
-    void (*(*SSL_CTX_get_keylog_callback)(const SSL_CTX *))(const SSL *, const char *);
-    void *(*SSL_get_ex_data)(const SSL *, int);
-    int (*SSL_set_ex_data)(SSL *, int, void *);
-    int (*SSL_version)(const SSL *);
-    const void *(*SSL_get_current_cipher)(const SSL *);
-    unsigned long (*SSL_CIPHER_get_id)(const void *);
-    int (*SSL_is_server)(const SSL *);
-    int (*SSL_pending)(const SSL *);
-    int (*SSL_has_pending)(const SSL *);
-    int (*SSL_get_shutdown)(const SSL *);
-    void *(*EVP_CIPHER_CTX_new)(void);
-    void (*EVP_CIPHER_CTX_free)(void *);
-    int (*EVP_CipherInit_ex)(void *, const void *, void *, const unsigned char *,
-                             const unsigned char *, int);
-    int (*EVP_CipherUpdate)(void *, unsigned char *, int *, const unsigned char *, int);
-    int (*EVP_CipherFinal_ex)(void *, unsigned char *, int *);
-    int (*EVP_CIPHER_CTX_ctrl)(void *, int, int, void *);
-    const void *(*EVP_aes_128_gcm)(void);
-    const void *(*EVP_aes_256_gcm)(void);
-    const void *(*EVP_chacha20_poly1305)(void);
-    const void *(*EVP_sha256)(void);
-    const void *(*EVP_sha384)(void);
-    unsigned char *(*HMAC)(const void *, const void *, int, const unsigned char *, size_t,
-                           unsigned char *, unsigned int *);
-    void (*OPENSSL_cleanse)(void *, size_t);
+    OSSL_FN(SSL_set_msg_callback);
+    OSSL_FN(SSL_ctrl);
+    OSSL_FN(SSL_CTX_set_keylog_callback);
+    OSSL_FN(SSL_CTX_get_keylog_callback);
+    OSSL_FN(SSL_get_ex_data);
+    OSSL_FN(SSL_set_ex_data);
+    OSSL_FN(SSL_version);
+    OSSL_FN(SSL_get_current_cipher);
+    OSSL_FN(SSL_CIPHER_get_id);
+    OSSL_FN(SSL_is_server);
+    OSSL_FN(SSL_pending);
+    OSSL_FN(SSL_has_pending);
+    OSSL_FN(SSL_get_shutdown);
+    OSSL_FN(EVP_CIPHER_CTX_new);
+    OSSL_FN(EVP_CIPHER_CTX_free);
+    OSSL_FN(EVP_CipherInit_ex);
+    OSSL_FN(EVP_CipherUpdate);
+    OSSL_FN(EVP_CipherFinal_ex);
+    OSSL_FN(EVP_CIPHER_CTX_ctrl);
+    OSSL_FN(EVP_aes_128_gcm);
+    OSSL_FN(EVP_aes_256_gcm);
+    OSSL_FN(EVP_chacha20_poly1305);
+    OSSL_FN(EVP_sha256);
+    OSSL_FN(EVP_sha384);
+    OSSL_FN(HMAC);
+    OSSL_FN(OPENSSL_cleanse);
+    OSSL_FN(SSL_get_session);
+    OSSL_FN(SSL_SESSION_new);
+    OSSL_FN(SSL_SESSION_set1_id);
+    OSSL_FN(SSL_SESSION_set_protocol_version);
+    OSSL_FN(SSL_CTX_remove_session);
+    OSSL_FN(SSL_CTX_up_ref);
+    OSSL_FN(SSL_CTX_free);
     /* faster paths of OpenSSL 3 (optional: HMAC() and the legacy cipher getters without) */
-    void *(*EVP_MAC_fetch)(void *, const char *, const char *);
-    void *(*EVP_MAC_CTX_new)(void *);
-    int (*EVP_MAC_init)(void *, const unsigned char *, size_t, const void *);
-    int (*EVP_MAC_update)(void *, const unsigned char *, size_t);
-    int (*EVP_MAC_final)(void *, unsigned char *, size_t *, size_t);
-    const void *(*EVP_CIPHER_fetch)(void *, const char *, const char *);
-    SSL_SESSION *(*SSL_get_session)(const SSL *);
-    SSL_SESSION *(*SSL_SESSION_new)(void);
-    int (*SSL_SESSION_set1_id)(SSL_SESSION *, const unsigned char *, unsigned int);
-    int (*SSL_SESSION_set_protocol_version)(SSL_SESSION *, int);
-    int (*SSL_CTX_remove_session)(SSL_CTX *, SSL_SESSION *);
-    int (*SSL_CTX_up_ref)(SSL_CTX *);
-    void (*SSL_CTX_free)(SSL_CTX *);
+    OSSL_FN(EVP_MAC_fetch);
+    OSSL_FN(EVP_MAC_CTX_new);
+    OSSL_FN(EVP_MAC_init);
+    OSSL_FN(EVP_MAC_update);
+    OSSL_FN(EVP_MAC_final);
+    OSSL_FN(EVP_CIPHER_fetch);
 } ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
@@ -461,11 +444,11 @@ static void shrink_bio(BIO *bio) {
  * over from OpenSSL, and the SSL object is freed; the AEAD itself stays OpenSSL's (EVP).
  *
  * How it knows the state OpenSSL was in:
- * - Secrets: read from the SSL itself, at the offsets learn_secrets() found at bind in
- *   SSLs whose secrets the keylog callback had given (public API; the lines SSLKEYLOGFILE
- *   writes). Should that fail, the keylog callback gives every tracked SSL's
- *   CLIENT_/SERVER_TRAFFIC_SECRET_0 (ex_data slot); a context that already logs its keys
- *   for someone else is then left alone: no take-over.
+ * - Secrets: the context's keylog callback (SSL_CTX_set_keylog_callback, public API; the
+ *   lines SSLKEYLOGFILE writes), set from C by track_records(), gives every tracked SSL's
+ *   CLIENT_/SERVER_TRAFFIC_SECRET_0, kept in the SSL's ex_data slot until take-over. A
+ *   context that already logs its keys for someone else (SSLKEYLOGFILE) is left alone:
+ *   OpenSSL keeps its records. Nothing is ever read from OpenSSL's opaque structures.
  * - Sequence numbers: the SSL's message callback reports every record header read and
  *   written and every handshake message. Encrypted records (outer type 23) are counted
  *   per direction, and the count starts again after the record holding the Finished of
@@ -482,17 +465,14 @@ static void shrink_bio(BIO *bio) {
  * Anything else (a record too long, a bad tag, a message TLS 1.3 does not allow here)
  * fails the connection with the reason OpenSSL would give.
  */
-#define TLS13_VERSION 0x0304
-#define RT_HEADER 256 /* SSL3_RT_HEADER, the message callback's record header */
+#define TLS13_VERSION TLS1_3_VERSION
+#define RT_HEADER SSL3_RT_HEADER /* the message callback's record header */
 #define RT_APPLICATION_DATA 23
 #define RT_ALERT 21
 #define RT_HANDSHAKE 22
 #define HS_NEW_SESSION_TICKET 4
 #define HS_FINISHED 20
 #define HS_KEY_UPDATE 24
-#define SSL_CTRL_SET_MSG_CALLBACK_ARG 16
-#define EVP_CTRL_AEAD_GET_TAG 0x10
-#define EVP_CTRL_AEAD_SET_TAG 0x11
 #define TAG_LEN 16
 #define RECORD_PLAIN (16 * 1024)                 /* the largest plaintext of a record */
 #define RECORD_BODY_MAX (RECORD_PLAIN + 256)     /* its largest ciphertext (RFC 8446 5.2) */
@@ -514,11 +494,12 @@ typedef struct {
 typedef struct {
     unsigned char secret[48], key[32], iv[12];
     uint64_t seq;
-    void *ctx; /* EVP_CIPHER_CTX keyed for this direction, or NULL until needed */
+    EVP_CIPHER_CTX *ctx; /* keyed for this direction, or NULL until needed */
 } Direction;
 
 struct RecordsState {
-    const void *cipher, *md;
+    const EVP_CIPHER *cipher;
+    const EVP_MD *md;
     int key_len, hash_len, server;
     Direction dir[2];   /* [0] records we read, [1] records we write */
     unsigned char *part; /* a record received in part (RECORD_MAX bytes), or NULL */
@@ -534,14 +515,13 @@ struct RecordsState {
 };
 
 static int tracker_slot = -1;
-static void *hmac_ctx[2];          /* HMAC-SHA256 and -SHA384, digest set (OpenSSL 3) */
-static const void *fetched_cipher[3]; /* the three suites' AEADs, fetched once (OpenSSL 3) */
-static long secret_at[2] = {-1, -1}; /* offsets of the client / server application traffic
-                                        secrets in an SSL, learnt at bind (see below) */
+static EVP_MAC_CTX *hmac_ctx[2];          /* HMAC-SHA256 and -SHA384, digest set (OpenSSL 3) */
+static EVP_CIPHER *fetched_cipher[3]; /* the three suites' AEADs, fetched once (OpenSSL 3) */
 static int records_ready = 0; /* bound with every function it needs */
 static int records_on = 1;    /* own_records(False) leaves every end to OpenSSL */
 
-static void free_tracker(void *parent, void *ptr, void *ad, int idx, long argl, void *argp) {
+static void free_tracker(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                         void *argp) {
     if (ptr != NULL) {
         ossl.OPENSSL_cleanse(ptr, sizeof(Tracker));
         free(ptr);
@@ -617,7 +597,7 @@ static int expand_label(const Records *r, const unsigned char *secret, const cha
     n += ll;
     info[n++] = 0; /* no context */
     info[n++] = 1; /* HKDF-Expand's block counter */
-    void *mac = hmac_ctx[r->hash_len == 48];
+    EVP_MAC_CTX *mac = hmac_ctx[r->hash_len == 48];
     size_t mac_len = 0;
     if (mac != NULL) { /* a keyed copy of a ready context: no lookups by name */
         if (ossl.EVP_MAC_init(mac, secret, (size_t)r->hash_len, NULL) != 1 ||
@@ -663,7 +643,7 @@ static int next_keys(Records *r, Direction *d) {
     return derive_keys(r, d);
 }
 
-static void *cipher_ctx(Records *r, int w) {
+static EVP_CIPHER_CTX *cipher_ctx(Records *r, int w) {
     Direction *d = &r->dir[w];
     if (d->ctx == NULL) {
         d->ctx = ossl.EVP_CIPHER_CTX_new();
@@ -691,7 +671,7 @@ static void nonce_of(const Direction *d, unsigned char nonce[12]) {
 static int seal_record(Records *r, int type, const unsigned char *data, size_t len,
                        unsigned char *out) {
     Direction *d = &r->dir[1];
-    void *ctx = cipher_ctx(r, 1);
+    EVP_CIPHER_CTX *ctx = cipher_ctx(r, 1);
     size_t body = len + 1 + TAG_LEN;
     unsigned char nonce[12], inner = (unsigned char)type;
     int n = 0, m = 0, f = 0;
@@ -722,7 +702,7 @@ static int seal_record(Records *r, int type, const unsigned char *data, size_t l
 static int open_record(Records *r, const unsigned char *rec, size_t body, unsigned char *out,
                        int *type, const char **why) {
     Direction *d = &r->dir[0];
-    void *ctx = cipher_ctx(r, 0);
+    EVP_CIPHER_CTX *ctx = cipher_ctx(r, 0);
     unsigned char nonce[12];
     int n = 0, f = 0;
     if (ctx == NULL || d->seq == UINT64_MAX) {
@@ -804,7 +784,7 @@ static size_t records_bytes(const Records *r) {
 }
 
 /* The cipher of a TLS 1.3 suite we protect records for, or NULL. */
-static const void *suite_cipher(unsigned long id, int *key_len, const void **md) {
+static const EVP_CIPHER *suite_cipher(unsigned long id, int *key_len, const EVP_MD **md) {
     switch (id & 0xffff) {
     case 0x1301: /* TLS_AES_128_GCM_SHA256 */
         *key_len = 16;
@@ -833,18 +813,16 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
     if (!server && !t->read_after) {
         return NULL; /* the server's tickets may still be on their way */
     }
-    const void *md = NULL;
+    const EVP_MD *md = NULL;
     int key_len = 0;
-    const void *cipher = NULL;
+    const EVP_CIPHER *cipher = NULL;
     if (ossl.SSL_version(ssl) == TLS13_VERSION) {
-        const void *suite = ossl.SSL_get_current_cipher(ssl);
+        const SSL_CIPHER *suite = ossl.SSL_get_current_cipher(ssl);
         cipher = suite ? suite_cipher(ossl.SSL_CIPHER_get_id(suite), &key_len, &md) : NULL;
     }
     int hash_len = md == ossl.EVP_sha384() ? 48 : 32;
-    int from_ssl = secret_at[0] >= 0; /* else the keylog's (see learn_secrets) */
-    if (cipher == NULL || md == NULL ||
-        (!from_ssl && (t->secret_len[0] != (unsigned)hash_len ||
-                       t->secret_len[1] != (unsigned)hash_len))) {
+    if (cipher == NULL || md == NULL || t->secret_len[0] != (unsigned)hash_len ||
+        t->secret_len[1] != (unsigned)hash_len) {
         t->refused = 1;
         return NULL;
     }
@@ -864,10 +842,7 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
     r->server = server;
     for (int w = 0; w < 2; w++) { /* [0] read: the peer's secret; [1] write: ours */
         int client_secret = server ? w == 0 : w == 1;
-        const unsigned char *secret = from_ssl ? (const unsigned char *)ssl +
-                                                     secret_at[client_secret ? 0 : 1]
-                                               : t->secret[client_secret ? 0 : 1];
-        memcpy(r->dir[w].secret, secret, (size_t)hash_len);
+        memcpy(r->dir[w].secret, t->secret[client_secret ? 0 : 1], (size_t)hash_len);
     }
     if (derive_keys(r, &r->dir[0]) < 0 || derive_keys(r, &r->dir[1]) < 0) {
         free_records(r);
@@ -2102,6 +2077,19 @@ static PyTypeObject PollerType = {
 };
 
 /* ---- binding to the _ssl module's OpenSSL -------------------------------------------- */
+/* Pointers taken from CPython's private _ssl layouts are used only once a public OpenSSL
+   call has confirmed them (the SSL's BIOs, its context, a session's id). When one does not
+   confirm, the native path is refused (RuntimeError: Python carries on with the public
+   path), and counted: verification_failures() (native.py logs it as a warning and /status
+   and the metrics show it). */
+static unsigned long long verification_failures = 0;
+
+static void *layout_refused(const char *why) {
+    verification_failures++;
+    PyErr_SetString(PyExc_RuntimeError, why);
+    return NULL;
+}
+
 static int check_type_name(PyObject *obj, const char *want) {
     const char *name = Py_TYPE(obj)->tp_name;
     if (strcmp(name, want) != 0) {
@@ -2140,12 +2128,13 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
         Py_DECREF(obj);
         return NULL;
     }
-    SSL *ssl = ((SslSocketHead *)obj)->ssl;
+    SSL *ssl = Py_TYPE(obj)->tp_basicsize >= (Py_ssize_t)sizeof(SslSocketHead)
+                   ? ((SslSocketHead *)obj)->ssl
+                   : NULL;
     if (ssl == NULL || ossl.SSL_get_rbio(ssl) != in || ossl.SSL_get_wbio(ssl) != out) {
         Py_DECREF(obj);
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the _ssl object layout is not the expected one (BIOs do not match)");
-        return NULL;
+        return layout_refused("the _ssl object layout is not the expected one (BIOs do not "
+                              "match)");
     }
     *rbio = in;
     *wbio = out;
@@ -2172,15 +2161,6 @@ static void bind_fast_paths(void *handle);
         }                                                                                    \
     } while (0)
 
-typedef struct { /* OSSL_PARAM, public in <openssl/params.h> (OpenSSL 3) */
-    const char *key;
-    unsigned int data_type;
-    void *data;
-    size_t data_size;
-    size_t return_size;
-} OsslParam;
-#define OSSL_PARAM_UTF8_STRING 4
-#define OSSL_PARAM_UNMODIFIED ((size_t)-1)
 
 /* OpenSSL 3's HMAC() and legacy EVP_aes_*() look the algorithm up by name on every call
    (~20,000 instructions per HMAC in callgrind); fetched once here, they cost nothing per
@@ -2203,16 +2183,16 @@ static void bind_fast_paths(void *handle) {
         ossl.ERR_clear_error();
         return;
     }
-    void *mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL);
+    EVP_MAC *mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL);
     static const char *digests[2] = {"SHA256", "SHA384"};
     static const unsigned char dummy[48];
     for (int k = 0; k < 2 && mac != NULL; k++) {
-        OsslParam params[2] = {
+        OSSL_PARAM params[2] = {
             {"digest", OSSL_PARAM_UTF8_STRING, (void *)digests[k], strlen(digests[k]),
              OSSL_PARAM_UNMODIFIED},
-            {NULL, 0, NULL, 0, 0},
+            OSSL_PARAM_END,
         };
-        void *ctx = ossl.EVP_MAC_CTX_new(mac);
+        EVP_MAC_CTX *ctx = ossl.EVP_MAC_CTX_new(mac);
         if (ctx != NULL && ossl.EVP_MAC_init(ctx, dummy, sizeof dummy, params) == 1) {
             hmac_ctx[k] = ctx; /* kept for the life of the process, like the fetches */
         }
@@ -2310,7 +2290,14 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(CRYPTO_get_ex_new_index);
     BIND(SSL_SESSION_is_resumable);
     BIND(SSL_CTX_set_ciphersuites);
-    free_buffers_safe = fixed_free_buffers(ossl.OpenSSL_version_num());
+    unsigned long runtime = ossl.OpenSSL_version_num();
+    if ((runtime >> 28) != OPENSSL_VERSION_MAJOR) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "Python's ssl module uses OpenSSL %lx, the extension was built with "
+                     "OpenSSL %d's headers", runtime, OPENSSL_VERSION_MAJOR);
+        return NULL;
+    }
+    free_buffers_safe = fixed_free_buffers(runtime);
     bind_records(handle);
     BIO *r, *w;
     PyObject *inner;
@@ -2347,9 +2334,8 @@ static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
     Py_DECREF(inner);
     SSL_CTX *ctx = ((SslContextHead *)context)->ctx;
     if (ctx == NULL || ossl.SSL_get_SSL_CTX(ssl) != ctx) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the _ssl context layout is not the expected one (contexts differ)");
-        return NULL;
+        return layout_refused("the _ssl context layout is not the expected one (contexts "
+                              "differ)");
     }
     return ctx;
 }
@@ -2495,9 +2481,8 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
                memcmp(id, PyBytes_AS_STRING(want), len) == 0;
     Py_DECREF(want);
     if (!same) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the _ssl session layout is not the expected one (ids do not match)");
-        return NULL;
+        return layout_refused("the _ssl session layout is not the expected one (ids do not "
+                              "match)");
     }
     SSL *ssl = bound_ssl_of(sample);
     if (ssl == NULL) {
@@ -2524,8 +2509,8 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
  * loop thread, sometimes with the GIL released: it touches no Python object. */
 static int latest_session_slot = -1;
 
-static void free_latest_session(void *parent, void *ptr, void *ad, int idx, long argl,
-                                void *argp) {
+static void free_latest_session(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx,
+                                long argl, void *argp) {
     if (ptr != NULL) {
         ossl.SSL_SESSION_free((SSL_SESSION *)ptr);
     }
@@ -2616,7 +2601,7 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
     }
     SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(ssl);
     void (*logging)(const SSL *, const char *) = ossl.SSL_CTX_get_keylog_callback(ctx);
-    if (secret_at[0] < 0 && logging != NULL && logging != on_keylog) {
+    if (logging != NULL && logging != on_keylog) {
         Py_RETURN_FALSE; /* needs the keylog for the secrets, and someone else has it */
     }
     if (ossl.SSL_get_ex_data(ssl, tracker_slot) != NULL) {
@@ -2631,7 +2616,7 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
         free(t);
         Py_RETURN_FALSE;
     }
-    if (logging == NULL && secret_at[0] < 0) {
+    if (logging == NULL) {
         ossl.SSL_CTX_set_keylog_callback(ctx, on_keylog);
     }
     ossl.SSL_set_msg_callback(ssl, on_tls_message);
@@ -2639,60 +2624,10 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
     Py_RETURN_TRUE;
 }
 
-/* Where one secret's bytes sit in an SSL: the one offset they are found at, or -1. */
-static long find_secret(const SSL *ssl, const unsigned char *secret, unsigned len) {
-    size_t size = malloc_usable_size((void *)ssl);
-    long found = -1;
-    if (size > 64 * 1024 || len == 0) {
-        return -1;
-    }
-    for (size_t off = 0; off + len <= size; off++) {
-        if (memcmp((const unsigned char *)ssl + off, secret, len) == 0) {
-            if (found >= 0) {
-                return -1; /* twice: not a place to rely on */
-            }
-            found = (long)off;
-        }
-    }
-    return found;
-}
-
-/* learn_secrets([(SSLObject, MemoryBIO, MemoryBIO), ...]) -> bool: SSLs tracked before a
-   TLS 1.3 handshake that is now done, with the keylog (e.g. both ends of two handshakes
-   in memory, made at startup): find at which offsets each keeps its application traffic
-   secrets, the same in all of them. From then on the pump reads the secrets there when it
-   takes an end over, and no context needs the keylog callback, which costs OpenSSL ~250,000
-   instructions per handshake (it formats every secret as hex with sprintf). An empty
-   sequence forgets what was learnt (tests use it to run the keylog path). */
-static PyObject *mod_learn_secrets(PyObject *module, PyObject *samples) {
-    PyObject *seq = PySequence_Fast(samples, "learn_secrets needs a sequence of samples");
-    if (seq == NULL) {
-        return NULL;
-    }
-    long at[2] = {-1, -1};
-    int agreed = PySequence_Fast_GET_SIZE(seq) >= 2 && records_ready;
-    if (PySequence_Fast_GET_SIZE(seq) == 0) { /* forget: back to the keylog (tests) */
-        secret_at[0] = secret_at[1] = -1;
-    }
-    for (Py_ssize_t k = 0; agreed && k < PySequence_Fast_GET_SIZE(seq); k++) {
-        SSL *ssl = bound_ssl_of(PySequence_Fast_GET_ITEM(seq, k));
-        if (ssl == NULL) {
-            Py_DECREF(seq);
-            return NULL;
-        }
-        Tracker *t = ossl.SSL_get_ex_data(ssl, tracker_slot);
-        for (int w = 0; agreed && w < 2; w++) {
-            long off = t != NULL ? find_secret(ssl, t->secret[w], t->secret_len[w]) : -1;
-            agreed = off >= 0 && (k == 0 || off == at[w]);
-            at[w] = off;
-        }
-    }
-    Py_DECREF(seq);
-    if (agreed) {
-        secret_at[0] = at[0];
-        secret_at[1] = at[1];
-    }
-    return PyBool_FromLong(agreed);
+/* verification_failures() -> int: pointers from CPython's private layouts that a public
+   OpenSSL call did not confirm (see layout_refused), since the process started. */
+static PyObject *mod_verification_failures(PyObject *module, PyObject *Py_UNUSED(args)) {
+    return PyLong_FromUnsignedLongLong(verification_failures);
 }
 
 /* own_records([on]) -> bool: whether pumps take TLS 1.3 records over from OpenSSL (set it,
@@ -2811,8 +2746,8 @@ static PyMethodDef module_methods[] = {
      "Whether idle pumps free OpenSSL's record buffers (CVE-2024-4741 fixed)."},
     {"track_records", mod_track_records, METH_O,
      "Follow an SSL's keys and record counts from before its handshake (see above)."},
-    {"learn_secrets", mod_learn_secrets, METH_O,
-     "Learn where SSLs keep their traffic secrets, from handshakes done (see above)."},
+    {"verification_failures", mod_verification_failures, METH_NOARGS,
+     "Private-layout pointers a public OpenSSL call did not confirm (fast path refused)."},
     {"own_records", mod_own_records, METH_VARARGS,
      "Whether pumps take TLS 1.3 records over from OpenSSL; set it with a bool."},
     {"busy_limits", mod_busy_limits, METH_VARARGS,
@@ -2827,7 +2762,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 7
+#define API_VERSION 8
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

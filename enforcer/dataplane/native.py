@@ -6,9 +6,12 @@ It also sets the TLS 1.3 cipher suites of every context (``set_ciphersuites``) a
 worker processes, the session-ticket keys they share (``set_ticket_keys``, see
 ``tlsconf.tickets``), which Python's ``ssl`` module cannot.
 
-The extension reaches the OpenSSL objects behind Python's ``ssl`` objects (their layout is
-checked on live objects, and every OpenSSL function is looked up in the library the
-``_ssl`` module itself uses). ``relay: auto`` (the default) uses it when it was built and
+The extension reaches the OpenSSL objects behind Python's ``ssl`` objects through CPython's
+private ``_ssl`` layout, and uses such a pointer only once a public OpenSSL call confirmed
+it (an SSL's two memory BIOs, a context's SSL, a session's id); every OpenSSL function is
+declared by OpenSSL's own headers and looked up in the library the ``_ssl`` module itself
+uses. A pointer that does not confirm refuses the native path (Python's public path carries
+on), logs a warning and is counted (``verification_failures``, in ``/status``). ``relay: auto`` (the default) uses it when it was built and
 passed that check; ``relay: python`` runs no native code at all; ``relay: native`` refuses
 to start without it.
 
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 import weakref
@@ -55,8 +59,10 @@ from typing import Any, Final
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 7  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 8  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
+
+log = logging.getLogger("enforcer.native")
 
 
 def _sample(ctx: ssl.SSLContext, *, server_side: bool = False) -> Triple:
@@ -84,70 +90,28 @@ def _bind() -> tuple[Any, str | None]:
         return None, f"the native extension cannot use this Python's ssl module: {exc}"
     if os.environ.get("ENFORCER_TLS_RECORDS") == "openssl":
         _pump.own_records(False)  # troubleshooting: OpenSSL keeps every TLS end (README)
-    elif _pump.own_records():
-        global _secrets_learnt
-        _secrets_learnt = _learn_secrets(_pump)
     return _pump, None
 
 
-_secrets_learnt = False
+_warned_failures = 0  # verification failures already logged
 
 
-def secrets_learnt() -> bool:
-    """Whether the extension reads TLS secrets from the SSL (``_learn_secrets``) rather
-    than from OpenSSL's keylog callback."""
-    module()
-    return _secrets_learnt
+def verification_failures() -> int:
+    """How many private-layout pointers a public OpenSSL call did not confirm (each
+    refused the native path for one object), since the process started."""
+    ext = module()
+    return 0 if ext is None else int(ext.verification_failures())
 
 
-def _learn_secrets(ext: Any) -> bool:
-    """Two TLS 1.3 handshakes in memory, on throwaway contexts with a throwaway certificate,
-    so that the extension learns where an SSL keeps its traffic secrets (``learn_secrets``
-    in ``_pump.c``) and handshakes need no keylog callback. False if it cannot: the pump
-    then takes the secrets from the keylog, which makes each handshake slower."""
-    from enforcer.tlsconf.certs import self_signed_pem
-
-    cert_pem, key_pem = self_signed_pem("native.check")
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False  # the certificate is pinned: trusted as itself
-    try:
-        # a memfd: no file system needed (sidecars run with a read-only root)
-        fd = os.memfd_create("enforcer-native-check", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, cert_pem + key_pem)
-            server.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        client.load_verify_locations(cadata=cert_pem.decode())
-    except (OSError, ssl.SSLError, ValueError, AttributeError):
-        return False
-    for ctx in (server, client):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    samples: list[Triple] = []
-    for _ in range(2):
-        pair = _sample(client), _sample(server, server_side=True)
-        if not all(ext.track_records(end) for end in pair) or not _handshake_in_memory(*pair):
-            return False
-        samples.extend(pair)
-    return bool(ext.learn_secrets(samples))
-
-
-def _handshake_in_memory(a: Triple, b: Triple) -> bool:
-    done = {0: False, 1: False}
-    for _ in range(8):
-        for k, ((obj, _incoming, outgoing), (_peer, peer_in, _peer_out)) in enumerate(
-                ((a, b), (b, a))):
-            try:
-                obj.do_handshake()
-                done[k] = True
-            except ssl.SSLWantReadError:
-                pass
-            if outgoing.pending:
-                peer_in.write(outgoing.read())
-        if all(done.values()):
-            return True
-    return False
+def note_refusal(exc: BaseException) -> None:
+    """A native call refused: log a warning if it was a verification failure (the first,
+    then every 100th, so a systematic mismatch cannot flood the log)."""
+    global _warned_failures
+    count = verification_failures()
+    if count > _warned_failures and (_warned_failures == 0 or count >= _warned_failures + 100):
+        log.warning("native fast path refused (%d so far): %s; the public path carries on",
+                    count, exc)
+        _warned_failures = count
 
 
 _bound: tuple[Any, str | None] | None = None  # bound on first use: relay: python never does
@@ -181,7 +145,8 @@ def use_session_cache(ctx: ssl.SSLContext, *, stateful: bool = True) -> bool:
         return False
     try:
         ext.session_cache(ctx, _sample(ctx, server_side=True), SESSION_CACHE_SIZE)
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
         return False
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if stateful:
@@ -202,7 +167,8 @@ def session_cache_stats(ctx: ssl.SSLContext) -> tuple[int, int] | None:
         return None
     try:
         stats: tuple[int, int] = ext.session_cache(ctx, _sample(ctx, server_side=True), -1)
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
         return None
     return stats
 
@@ -213,10 +179,10 @@ def keep_session(engine_state: Triple) -> None:
     down cleanly (reset, timeout, the client left early). A no-op without the extension."""
     ext = module()
     if ext is not None:
-        try:  # noqa: SIM105 (once per connection: cheaper than contextlib.suppress)
+        try:
             ext.keep_session(engine_state)
-        except (RuntimeError, TypeError, ValueError, AttributeError):
-            pass
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            note_refusal(exc)
 
 
 def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
@@ -227,7 +193,8 @@ def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
         return False
     try:
         ext.set_session(engine_state, session)
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
+        note_refusal(exc)
         return False
     return True
 
@@ -261,7 +228,8 @@ def track_sessions(ctx: ssl.SSLContext) -> bool:
         return False
     try:
         ext.track_sessions(ctx, _sample(ctx))
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
         return False
     _tracking.add(ctx)
     return True
@@ -280,7 +248,8 @@ def resume_latest(engine_state: Triple) -> bool:
         return False
     try:
         return bool(ext.resume_latest(engine_state))
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
+        note_refusal(exc)
         return False
 
 
@@ -293,7 +262,8 @@ def track_records(engine_state: Triple) -> bool:
         return False
     try:
         return bool(ext.track_records(engine_state))
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
+        note_refusal(exc)
         return False
 
 

@@ -79,7 +79,8 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
                 watches.append(None)
         pump: NativePump = ext.Pump(fds[0], tls_states[0], fds[1], tls_states[1], poller,
                                     on_event, watches[0], watches[1])
-    except (OSError, AttributeError, RuntimeError, TypeError, ValueError):
+    except (OSError, AttributeError, RuntimeError, TypeError, ValueError) as exc:
+        native.note_refusal(exc)
         for fd in duplicates:
             os.close(fd)
         return None
