@@ -83,7 +83,6 @@ static struct {
     OSSL_FN(BIO_read);
     OSSL_FN(BIO_ctrl);
     OSSL_FN(ERR_peek_error);
-    OSSL_FN(ERR_peek_last_error);
     OSSL_FN(ERR_get_error);
     OSSL_FN(ERR_clear_error);
     OSSL_FN(ERR_reason_error_string);
@@ -240,6 +239,7 @@ typedef struct {
     int active;           /* a TLS burst ended since the last tick */
     int keeping;          /* busy: keeps its TLS buffers until a quiet tick */
     int tls_failed;       /* a TLS error was reported for this end */
+    int lenient;          /* a FIN without close_notify ends its stream (not truncated) */
 } End;
 
 struct PumpObject {
@@ -304,11 +304,95 @@ static void clear_errors(void) {
     }
 }
 
-static void emit_tls_error(Pump *p, int side, unsigned long code) {
-    const char *reason = code ? ossl.ERR_reason_error_string(code) : NULL;
+/* ---- close reasons: enforcer's words, from OpenSSL's error codes ---------------------
+ * A TLS failure is reported with the name of its SSL_R_* reason code as OpenSSL 3.0's
+ * headers spell it (a table built from the constants, so compiled in and checked): never
+ * from ERR_reason_error_string(), whose words changed in OpenSSL 3.2-3.5 ("ssl/tls alert
+ * handshake failure"). An alert received is SSL_R_* 1000 + its description. OpenSSL >= 3.2
+ * reports a record layer failure as the record layer's own reason first, then
+ * RECORD_LAYER_FAILURE on top: the cause is the first reason that is not that wrapper. */
+#ifndef SSL_R_RECORD_LAYER_FAILURE
+#define SSL_R_RECORD_LAYER_FAILURE 313 /* OpenSSL >= 3.2 (sslerr.h) */
+#endif
+#define REASON(name) {SSL_R_##name, #name}
+static const struct {
+    int code;
+    const char *name;
+} ssl_reasons[] = {
+    REASON(DECRYPTION_FAILED_OR_BAD_RECORD_MAC), REASON(ENCRYPTED_LENGTH_TOO_LONG),
+    REASON(DATA_LENGTH_TOO_LONG), REASON(PACKET_LENGTH_TOO_LONG), REASON(RECORD_TOO_SMALL),
+    REASON(BAD_RECORD_TYPE), REASON(WRONG_VERSION_NUMBER), REASON(BAD_LENGTH),
+    REASON(INVALID_ALERT), REASON(TOO_MANY_WARN_ALERTS), REASON(UNEXPECTED_MESSAGE),
+    REASON(UNEXPECTED_RECORD), REASON(BAD_KEY_UPDATE), REASON(NOT_ON_RECORD_BOUNDARY),
+    REASON(EXCESSIVE_MESSAGE_SIZE), REASON(MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA),
+    REASON(UNEXPECTED_EOF_WHILE_READING), REASON(TOO_MANY_KEY_UPDATES),
+    REASON(APPLICATION_DATA_AFTER_CLOSE_NOTIFY), REASON(UNKNOWN_ALERT_TYPE),
+    REASON(LENGTH_MISMATCH), REASON(UNEXPECTED_CCS_MESSAGE), REASON(SSL_HANDSHAKE_FAILURE),
+    REASON(RECORD_LENGTH_MISMATCH), REASON(BAD_PACKET_LENGTH), REASON(CCS_RECEIVED_EARLY),
+    REASON(RENEGOTIATION_MISMATCH), REASON(NO_RENEGOTIATION), REASON(SHUTDOWN_WHILE_IN_INIT),
+    REASON(PROTOCOL_IS_SHUTDOWN), REASON(READ_BIO_NOT_SET), REASON(BAD_HANDSHAKE_STATE),
+    REASON(SSLV3_ALERT_UNEXPECTED_MESSAGE), REASON(SSLV3_ALERT_BAD_RECORD_MAC),
+    REASON(TLSV1_ALERT_DECRYPTION_FAILED), REASON(TLSV1_ALERT_RECORD_OVERFLOW),
+    REASON(SSLV3_ALERT_DECOMPRESSION_FAILURE), REASON(SSLV3_ALERT_HANDSHAKE_FAILURE),
+    REASON(SSLV3_ALERT_NO_CERTIFICATE), REASON(SSLV3_ALERT_BAD_CERTIFICATE),
+    REASON(SSLV3_ALERT_UNSUPPORTED_CERTIFICATE), REASON(SSLV3_ALERT_CERTIFICATE_REVOKED),
+    REASON(SSLV3_ALERT_CERTIFICATE_EXPIRED), REASON(SSLV3_ALERT_CERTIFICATE_UNKNOWN),
+    REASON(SSLV3_ALERT_ILLEGAL_PARAMETER), REASON(TLSV1_ALERT_UNKNOWN_CA),
+    REASON(TLSV1_ALERT_ACCESS_DENIED), REASON(TLSV1_ALERT_DECODE_ERROR),
+    REASON(TLSV1_ALERT_DECRYPT_ERROR), REASON(TLSV1_ALERT_EXPORT_RESTRICTION),
+    REASON(TLSV1_ALERT_PROTOCOL_VERSION), REASON(TLSV1_ALERT_INSUFFICIENT_SECURITY),
+    REASON(TLSV1_ALERT_INTERNAL_ERROR), REASON(TLSV1_ALERT_INAPPROPRIATE_FALLBACK),
+    REASON(TLSV1_ALERT_USER_CANCELLED), REASON(TLSV1_ALERT_NO_RENEGOTIATION),
+    REASON(TLSV13_ALERT_MISSING_EXTENSION), REASON(TLSV1_UNSUPPORTED_EXTENSION),
+    REASON(TLSV1_CERTIFICATE_UNOBTAINABLE), REASON(TLSV1_UNRECOGNIZED_NAME),
+    REASON(TLSV1_BAD_CERTIFICATE_STATUS_RESPONSE), REASON(TLSV1_BAD_CERTIFICATE_HASH_VALUE),
+    REASON(TLSV1_ALERT_UNKNOWN_PSK_IDENTITY), REASON(TLSV13_ALERT_CERTIFICATE_REQUIRED),
+    REASON(TLSV1_ALERT_NO_APPLICATION_PROTOCOL),
+};
+
+/* The name of an SSL_R_* reason code, or a numbered one ("SSL_REASON_313") if the table
+   does not know it; `buf` (32 bytes) holds the numbered one. */
+static const char *reason_name(int reason, char *buf, size_t room) {
+    for (size_t k = 0; k < sizeof ssl_reasons / sizeof ssl_reasons[0]; k++) {
+        if (ssl_reasons[k].code == reason) {
+            return ssl_reasons[k].name;
+        }
+    }
+    if (reason > 1000 && reason < 1256) {
+        snprintf(buf, room, "TLS_ALERT_%d", reason - 1000);
+    } else {
+        snprintf(buf, room, "SSL_REASON_%d", reason);
+    }
+    return buf;
+}
+
+/* The cause of a TLS failure in OpenSSL's error queue (emptied), as a reason name. */
+static const char *queued_reason(char *buf, size_t room) {
+    unsigned long e, cause = 0, first = 0;
+    while ((e = ossl.ERR_get_error()) != 0) {
+        first = first ? first : e;
+        if (!cause && ERR_GET_LIB(e) == ERR_LIB_SSL &&
+            ERR_GET_REASON(e) != SSL_R_RECORD_LAYER_FAILURE) {
+            cause = e;
+        }
+    }
+    cause = cause ? cause : first;
+    if (cause == 0) {
+        return "TLS_PROTOCOL_ERROR";
+    }
+    if (ERR_GET_LIB(cause) != ERR_LIB_SSL) {
+        snprintf(buf, room, "LIB_%d_REASON_%d", ERR_GET_LIB(cause), ERR_GET_REASON(cause));
+        return buf;
+    }
+    return reason_name(ERR_GET_REASON(cause), buf, room);
+}
+
+/* Report the TLS failure OpenSSL's error queue holds for `side` (the queue is emptied). */
+static void emit_tls_error(Pump *p, int side) {
+    char buf[40];
+    const char *reason = queued_reason(buf, sizeof buf);
     p->e[side].tls_failed = 1;
-    ossl.ERR_clear_error();
-    emit_str(p, "tls_error", side, reason ? reason : "TLS protocol error");
+    emit_str(p, "tls_error", side, reason);
 }
 
 /* Start or stop watching one socket for one direction in the poller's epoll set. */
@@ -943,7 +1027,7 @@ static int forward(Pump *p, int i, const char *data, size_t len) {
         clear_errors();
         int w = ossl.SSL_write(d->ssl, data + off, slice);
         if (w <= 0) {
-            emit_tls_error(p, j, ossl.ERR_peek_error());
+            emit_tls_error(p, j);
             return -1;
         }
         off += (size_t)w;
@@ -1260,13 +1344,51 @@ static const unsigned char *next_record(Records *r, const char *data, size_t len
 /* OpenSSL's words for an alert received (its reason codes are 1000 + the alert), so the
    flow record says the same whichever layer read it. */
 static const char *alert_reason(unsigned description) {
-    const char *text = ossl.ERR_reason_error_string((20UL << 23) | (1000UL + description));
-    if (text != NULL) {
-        return text;
-    }
     static char unknown[40];
-    snprintf(unknown, sizeof unknown, "TLS alert %u", description);
-    return unknown;
+    return reason_name(1000 + (int)description, unknown, sizeof unknown);
+}
+
+/* The alert OpenSSL sends for each failure of ours (RFC 8446 6.2); a failure not listed
+   here (an alert received, whose reason is the alert's name) gets none. */
+static const struct {
+    const char *why;
+    unsigned char alert;
+} failure_alerts[] = {
+    {"DECRYPTION_FAILED_OR_BAD_RECORD_MAC", SSL_AD_BAD_RECORD_MAC},
+    {"ENCRYPTED_LENGTH_TOO_LONG", SSL_AD_RECORD_OVERFLOW},
+    {"DATA_LENGTH_TOO_LONG", SSL_AD_RECORD_OVERFLOW},
+    {"BAD_RECORD_TYPE", SSL_AD_UNEXPECTED_MESSAGE},
+    {"WRONG_VERSION_NUMBER", SSL_AD_PROTOCOL_VERSION},
+    {"BAD_LENGTH", SSL_AD_UNEXPECTED_MESSAGE},
+    {"RECORD_TOO_SMALL", SSL_AD_UNEXPECTED_MESSAGE},
+    {"MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA", SSL_AD_UNEXPECTED_MESSAGE},
+    {"INVALID_ALERT", SSL_AD_DECODE_ERROR},
+    {"TOO_MANY_WARN_ALERTS", SSL_AD_UNEXPECTED_MESSAGE},
+    {"UNEXPECTED_MESSAGE", SSL_AD_UNEXPECTED_MESSAGE},
+    {"BAD_KEY_UPDATE", SSL_AD_ILLEGAL_PARAMETER},
+    {"NOT_ON_RECORD_BOUNDARY", SSL_AD_UNEXPECTED_MESSAGE},
+    {"EXCESSIVE_MESSAGE_SIZE", SSL_AD_ILLEGAL_PARAMETER},
+};
+
+static int alert_for(const char *why) {
+    for (size_t k = 0; k < sizeof failure_alerts / sizeof failure_alerts[0]; k++) {
+        if (strcmp(failure_alerts[k].why, why) == 0) {
+            return failure_alerts[k].alert;
+        }
+    }
+    return strncmp(why, "internal error", 14) == 0 ? SSL_AD_INTERNAL_ERROR : -1;
+}
+
+/* Before an own-records end fails: the fatal alert towards it, and nothing after. */
+static void send_alert(Pump *p, int i, const char *why) {
+    End *s = &p->e[i];
+    int alert = alert_for(why);
+    if (alert < 0 || s->eof_out || s->rec == NULL) {
+        return;
+    }
+    const char record[2] = {2 /* fatal */, (char)alert};
+    s->eof_out = 1;
+    seal_and_send(p, i, RT_ALERT, record, sizeof record);
 }
 
 /* Side i's records in `len` new bytes (and a record begun earlier), forwarding as we go:
@@ -1339,13 +1461,16 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
     }
     if (why != NULL) {
         if (!p->closed) {
+            send_alert(p, i, why);
+        }
+        if (!p->closed) {
             records_failed(p, i, why);
         }
         return;
     }
     burst_over(s);
-    if (eof || (s->fin_in && off == len)) {
-        got_eof(p, i); /* close_notify, or FIN (with or without one, as with OpenSSL) */
+    if (eof) {
+        got_eof(p, i); /* close_notify (a FIN is unclean_eof's) */
     }
 }
 
@@ -1362,10 +1487,6 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
             size_t k = len - off < room ? len - off : room;
             ossl.BIO_write(s->rbio, data + off, (int)k);
             off += k;
-        }
-        if (off == len && s->fin_in) {
-            /* after the last byte, an empty BIO means end of stream, not "try again" */
-            ossl.BIO_ctrl(s->rbio, BIO_C_SET_BUF_MEM_EOF_RETURN, 0, NULL);
         }
         clear_errors();
         int r = ossl.SSL_read(s->ssl, plain_buf + filled, (int)(CHUNK - filled));
@@ -1386,18 +1507,23 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
             }
             break;
         }
-        if (err == SSL_ERROR_ZERO_RETURN || (s->fin_in && (err == SSL_ERROR_SYSCALL ||
-                                                           err == SSL_ERROR_SSL))) {
+        if (err == SSL_ERROR_ZERO_RETURN) {
             ossl.ERR_clear_error();
-            eof = 1; /* close_notify, or FIN without one (a truncated stream) */
+            eof = 1; /* close_notify (a FIN never reaches OpenSSL: see unclean_eof) */
             break;
         }
-        unsigned long code = ossl.ERR_peek_error();
-        ossl.ERR_clear_error();
+        char buf[40];
+        const char *why = queued_reason(buf, sizeof buf);
         if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
             return;
         }
-        emit_tls_error(p, i, code);
+        /* the fatal alert OpenSSL wrote (bad_record_mac, record_overflow...) goes first */
+        if (!s->eof_out && flush_wbio(p, i) < 0) {
+            return;
+        }
+        s->eof_out = 1; /* nothing may follow a fatal alert */
+        s->tls_failed = 1;
+        emit_str(p, "tls_error", i, why);
         return;
     }
     if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
@@ -1417,6 +1543,36 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
     } else {
         take_over(p, i);
     }
+}
+
+/* A TCP FIN from a TLS end that sent no close_notify (that one would have ended reading:
+   got_eof). Mid-record (part of a record or of a handshake message held), the stream was
+   cut: "truncated". On a record boundary it is "eof_without_close_notify", which a
+   lenient end (the listener's or upstream's tls.allow_eof_without_close_notify) takes as
+   the end of its stream, as a FIN. Otherwise both sockets are set to reset on close
+   (SO_LINGER 0) and Python is told: it fails the connection, and the other side gets an
+   RST, never a clean end it could mistake for the whole stream. */
+static void unclean_eof(Pump *p, int i) {
+    End *s = &p->e[i];
+    int truncated = s->rec != NULL
+                        ? s->rec->part_len > 0 || s->rec->hs_len > 0
+                        : ossl.SSL_has_pending(s->ssl) ||
+                              ossl.BIO_ctrl(s->rbio, BIO_CTRL_PENDING, 0, NULL) > 0;
+    if (!truncated && s->lenient) {
+        got_eof(p, i);
+        return;
+    }
+    static const struct linger reset = {1, 0};
+    for (int k = 0; k < 2; k++) {
+        if (p->e[k].fd >= 0) {
+            setsockopt(p->e[k].fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        }
+    }
+    if (watch(p, i, 0, 0) < 0) {
+        fatal(p);
+        return;
+    }
+    emit_str(p, "unclean", i, truncated ? "truncated" : "eof_without_close_notify");
 }
 
 static void on_readable(Pump *p, int i) {
@@ -1440,19 +1596,15 @@ static void on_readable(Pump *p, int i) {
         s->fin_in = 1;
         if (!tls_end(s)) {
             got_eof(p, i);
-            return;
+        } else {
+            unclean_eof(p, i);
         }
+        return;
     }
     if (s->rec != NULL) {
         records_in(p, i, recv_buf, (size_t)n);
-        if (!p->closed && s->fin_in && !s->eof_in) {
-            got_eof(p, i);
-        }
     } else if (s->ssl != NULL) {
         tls_in(p, i, recv_buf, (size_t)n);
-        if (!p->closed && s->fin_in && !s->eof_in) {
-            got_eof(p, i);
-        }
     } else {
         forward(p, i, recv_buf, (size_t)n);
     }
@@ -1671,13 +1823,14 @@ static int require_bound(void) {
 
 static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "poller",
-                             "on_event", "client_watch", "upstream_watch", NULL};
+                             "on_event", "client_watch", "upstream_watch", "client_lenient",
+                             "upstream_lenient", NULL};
     Pump *p = (Pump *)self;
-    int fds[2];
+    int fds[2], lenient[2] = {0, 0};
     PyObject *tls[2], *poller, *on_event, *watches[2] = {Py_None, Py_None};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OO", kwlist, &fds[0], &tls[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OOpp", kwlist, &fds[0], &tls[0],
                                      &fds[1], &tls[1], &poller, &on_event, &watches[0],
-                                     &watches[1])) {
+                                     &watches[1], &lenient[0], &lenient[1])) {
         return -1;
     }
     for (int i = 0; i < 2; i++) {
@@ -1712,6 +1865,8 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     }
     p->e[0].fd = fds[0];
     p->e[1].fd = fds[1];
+    p->e[0].lenient = lenient[0];
+    p->e[1].lenient = lenient[1];
     for (int i = 0; i < 2; i++) {
         if (watches[i] != Py_None) {
             Py_INCREF(watches[i]);
@@ -2213,7 +2368,6 @@ static void bind_records(void *handle) {
     BIND_OPTIONAL(SSL_CIPHER_get_id);
     BIND_OPTIONAL(SSL_is_server);
     BIND_OPTIONAL(SSL_pending);
-    BIND_OPTIONAL(SSL_has_pending);
     BIND_OPTIONAL(SSL_get_shutdown);
     BIND_OPTIONAL(EVP_CIPHER_CTX_new);
     BIND_OPTIONAL(EVP_CIPHER_CTX_free);
@@ -2266,11 +2420,13 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
     BIND(SSL_get_error);
     BIND(SSL_shutdown);
     BIND(SSL_get_rbio);
+    BIND(SSL_has_pending);
     BIND(SSL_get_wbio);
     BIND(BIO_write);
     BIND(BIO_read);
     BIND(BIO_ctrl);
     BIND(ERR_peek_error);
+    BIND(ERR_get_error);
     BIND(ERR_clear_error);
     BIND(ERR_reason_error_string);
     BIND(SSL_get_SSL_CTX);
@@ -2782,6 +2938,12 @@ PyMODINIT_FUNC PyInit__pump(void) {
     Py_INCREF(&PollerType);
     if (PyModule_AddObject(m, "Poller", (PyObject *)&PollerType) < 0) {
         Py_DECREF(&PollerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&WatchType);
+    if (PyModule_AddObject(m, "Watch", (PyObject *)&WatchType) < 0) {
+        Py_DECREF(&WatchType);
         Py_DECREF(m);
         return NULL;
     }
