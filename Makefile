@@ -12,7 +12,7 @@ ifeq ($(wildcard enforcer/dataplane/_pump*.so),)
 .PHONY: $(STAMP)
 endif
 
-$(STAMP): pyproject.toml setup.py enforcer/dataplane/_pump.c
+$(STAMP): pyproject.toml setup.py enforcer/dataplane/_pump.c $(wildcard enforcer/dataplane/pump/*)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

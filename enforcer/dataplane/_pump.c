@@ -51,100 +51,11 @@
  * Python mid-relay, so a second thread relaying with pumps would not be).
  */
 
-/* ----------------------------------------------------------------- OpenSSL, by dlsym */
-/* Every OpenSSL declaration comes from OpenSSL's own headers (libssl-dev): the pointers
- * below have the type of the real prototype (__typeof__), so the compiler checks every
- * call. The symbols themselves are resolved with dlsym() in the libssl/libcrypto that
- * Python's _ssl module loaded (bind()), so the extension and the ssl module share one
- * library; bind() refuses a library of another major version than the headers (its ABI
- * could differ). Only public, documented functions are used. */
-#define OPENSSL_SUPPRESS_DEPRECATED /* HMAC(): the fallback where EVP_MAC cannot be fetched */
-#include <openssl/bio.h>
-#include <openssl/buffer.h>
-#include <openssl/crypto.h>
-#include <openssl/err.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/params.h>
-#include <openssl/ssl.h>
-#include <openssl/tls1.h>
+/* ----------------------------------------------------------------- OpenSSL */
+#include "pump/ossl.h"    /* every OpenSSL function, typed from OpenSSL's headers */
+#include "pump/records.h" /* the own TLS 1.3 record layer (pure) */
 
 #define TICKET_KEYS_LEN 80 /* key name 16, HMAC key 32, AES key 32 */
-#define OSSL_FN(name) __typeof__(name) *name
-
-static struct {
-    OSSL_FN(SSL_read);
-    OSSL_FN(SSL_write);
-    OSSL_FN(SSL_get_error);
-    OSSL_FN(SSL_shutdown);
-    OSSL_FN(SSL_get_rbio);
-    OSSL_FN(SSL_get_wbio);
-    OSSL_FN(BIO_write);
-    OSSL_FN(BIO_read);
-    OSSL_FN(BIO_ctrl);
-    OSSL_FN(ERR_peek_error);
-    OSSL_FN(ERR_get_error);
-    OSSL_FN(ERR_clear_error);
-    OSSL_FN(ERR_reason_error_string);
-    OSSL_FN(SSL_get_SSL_CTX);
-    OSSL_FN(SSL_set_shutdown);
-    OSSL_FN(SSL_set_session);
-    OSSL_FN(SSL_SESSION_dup);
-    OSSL_FN(SSL_SESSION_free);
-    OSSL_FN(SSL_SESSION_get_id);
-    OSSL_FN(SSL_CTX_ctrl);
-    OSSL_FN(SSL_free_buffers);
-    OSSL_FN(OpenSSL_version_num);
-    OSSL_FN(BUF_MEM_new);
-    OSSL_FN(SSL_CTX_sess_set_new_cb);
-    OSSL_FN(SSL_CTX_sess_get_new_cb);
-    OSSL_FN(SSL_CTX_get_ex_data);
-    OSSL_FN(SSL_CTX_set_ex_data);
-    OSSL_FN(CRYPTO_get_ex_new_index);
-    OSSL_FN(SSL_SESSION_is_resumable);
-    OSSL_FN(SSL_CTX_set_ciphersuites);
-    /* the pump's own TLS 1.3 records (optional: without them OpenSSL keeps every end) */
-    OSSL_FN(SSL_set_msg_callback);
-    OSSL_FN(SSL_ctrl);
-    OSSL_FN(SSL_CTX_set_keylog_callback);
-    OSSL_FN(SSL_CTX_get_keylog_callback);
-    OSSL_FN(SSL_get_ex_data);
-    OSSL_FN(SSL_set_ex_data);
-    OSSL_FN(SSL_version);
-    OSSL_FN(SSL_get_current_cipher);
-    OSSL_FN(SSL_CIPHER_get_id);
-    OSSL_FN(SSL_is_server);
-    OSSL_FN(SSL_pending);
-    OSSL_FN(SSL_has_pending);
-    OSSL_FN(SSL_get_shutdown);
-    OSSL_FN(EVP_CIPHER_CTX_new);
-    OSSL_FN(EVP_CIPHER_CTX_free);
-    OSSL_FN(EVP_CipherInit_ex);
-    OSSL_FN(EVP_CipherUpdate);
-    OSSL_FN(EVP_CipherFinal_ex);
-    OSSL_FN(EVP_CIPHER_CTX_ctrl);
-    OSSL_FN(EVP_aes_128_gcm);
-    OSSL_FN(EVP_aes_256_gcm);
-    OSSL_FN(EVP_chacha20_poly1305);
-    OSSL_FN(EVP_sha256);
-    OSSL_FN(EVP_sha384);
-    OSSL_FN(HMAC);
-    OSSL_FN(OPENSSL_cleanse);
-    OSSL_FN(SSL_get_session);
-    OSSL_FN(SSL_SESSION_new);
-    OSSL_FN(SSL_SESSION_set1_id);
-    OSSL_FN(SSL_SESSION_set_protocol_version);
-    OSSL_FN(SSL_CTX_remove_session);
-    OSSL_FN(SSL_CTX_up_ref);
-    OSSL_FN(SSL_CTX_free);
-    /* faster paths of OpenSSL 3 (optional: HMAC() and the legacy cipher getters without) */
-    OSSL_FN(EVP_MAC_fetch);
-    OSSL_FN(EVP_MAC_CTX_new);
-    OSSL_FN(EVP_MAC_init);
-    OSSL_FN(EVP_MAC_update);
-    OSSL_FN(EVP_MAC_final);
-    OSSL_FN(EVP_CIPHER_fetch);
-} ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
 
@@ -216,7 +127,6 @@ static PyTypeObject WatchType;
 
 /* ----------------------------------------------------------------- the pump object */
 typedef struct PumpObject Pump;
-typedef struct RecordsState Records; /* see "TLS 1.3 records" below */
 
 typedef struct {
     Pump *owner;
@@ -311,61 +221,6 @@ static void clear_errors(void) {
  * handshake failure"). An alert received is SSL_R_* 1000 + its description. OpenSSL >= 3.2
  * reports a record layer failure as the record layer's own reason first, then
  * RECORD_LAYER_FAILURE on top: the cause is the first reason that is not that wrapper. */
-#ifndef SSL_R_RECORD_LAYER_FAILURE
-#define SSL_R_RECORD_LAYER_FAILURE 313 /* OpenSSL >= 3.2 (sslerr.h) */
-#endif
-#define REASON(name) {SSL_R_##name, #name}
-static const struct {
-    int code;
-    const char *name;
-} ssl_reasons[] = {
-    REASON(DECRYPTION_FAILED_OR_BAD_RECORD_MAC), REASON(ENCRYPTED_LENGTH_TOO_LONG),
-    REASON(DATA_LENGTH_TOO_LONG), REASON(PACKET_LENGTH_TOO_LONG), REASON(RECORD_TOO_SMALL),
-    REASON(BAD_RECORD_TYPE), REASON(WRONG_VERSION_NUMBER), REASON(BAD_LENGTH),
-    REASON(INVALID_ALERT), REASON(TOO_MANY_WARN_ALERTS), REASON(UNEXPECTED_MESSAGE),
-    REASON(UNEXPECTED_RECORD), REASON(BAD_KEY_UPDATE), REASON(NOT_ON_RECORD_BOUNDARY),
-    REASON(EXCESSIVE_MESSAGE_SIZE), REASON(MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA),
-    REASON(UNEXPECTED_EOF_WHILE_READING), REASON(TOO_MANY_KEY_UPDATES),
-    REASON(APPLICATION_DATA_AFTER_CLOSE_NOTIFY), REASON(UNKNOWN_ALERT_TYPE),
-    REASON(LENGTH_MISMATCH), REASON(UNEXPECTED_CCS_MESSAGE), REASON(SSL_HANDSHAKE_FAILURE),
-    REASON(RECORD_LENGTH_MISMATCH), REASON(BAD_PACKET_LENGTH), REASON(CCS_RECEIVED_EARLY),
-    REASON(RENEGOTIATION_MISMATCH), REASON(NO_RENEGOTIATION), REASON(SHUTDOWN_WHILE_IN_INIT),
-    REASON(PROTOCOL_IS_SHUTDOWN), REASON(READ_BIO_NOT_SET), REASON(BAD_HANDSHAKE_STATE),
-    REASON(SSLV3_ALERT_UNEXPECTED_MESSAGE), REASON(SSLV3_ALERT_BAD_RECORD_MAC),
-    REASON(TLSV1_ALERT_DECRYPTION_FAILED), REASON(TLSV1_ALERT_RECORD_OVERFLOW),
-    REASON(SSLV3_ALERT_DECOMPRESSION_FAILURE), REASON(SSLV3_ALERT_HANDSHAKE_FAILURE),
-    REASON(SSLV3_ALERT_NO_CERTIFICATE), REASON(SSLV3_ALERT_BAD_CERTIFICATE),
-    REASON(SSLV3_ALERT_UNSUPPORTED_CERTIFICATE), REASON(SSLV3_ALERT_CERTIFICATE_REVOKED),
-    REASON(SSLV3_ALERT_CERTIFICATE_EXPIRED), REASON(SSLV3_ALERT_CERTIFICATE_UNKNOWN),
-    REASON(SSLV3_ALERT_ILLEGAL_PARAMETER), REASON(TLSV1_ALERT_UNKNOWN_CA),
-    REASON(TLSV1_ALERT_ACCESS_DENIED), REASON(TLSV1_ALERT_DECODE_ERROR),
-    REASON(TLSV1_ALERT_DECRYPT_ERROR), REASON(TLSV1_ALERT_EXPORT_RESTRICTION),
-    REASON(TLSV1_ALERT_PROTOCOL_VERSION), REASON(TLSV1_ALERT_INSUFFICIENT_SECURITY),
-    REASON(TLSV1_ALERT_INTERNAL_ERROR), REASON(TLSV1_ALERT_INAPPROPRIATE_FALLBACK),
-    REASON(TLSV1_ALERT_USER_CANCELLED), REASON(TLSV1_ALERT_NO_RENEGOTIATION),
-    REASON(TLSV13_ALERT_MISSING_EXTENSION), REASON(TLSV1_UNSUPPORTED_EXTENSION),
-    REASON(TLSV1_CERTIFICATE_UNOBTAINABLE), REASON(TLSV1_UNRECOGNIZED_NAME),
-    REASON(TLSV1_BAD_CERTIFICATE_STATUS_RESPONSE), REASON(TLSV1_BAD_CERTIFICATE_HASH_VALUE),
-    REASON(TLSV1_ALERT_UNKNOWN_PSK_IDENTITY), REASON(TLSV13_ALERT_CERTIFICATE_REQUIRED),
-    REASON(TLSV1_ALERT_NO_APPLICATION_PROTOCOL),
-};
-
-/* The name of an SSL_R_* reason code, or a numbered one ("SSL_REASON_313") if the table
-   does not know it; `buf` (32 bytes) holds the numbered one. */
-static const char *reason_name(int reason, char *buf, size_t room) {
-    for (size_t k = 0; k < sizeof ssl_reasons / sizeof ssl_reasons[0]; k++) {
-        if (ssl_reasons[k].code == reason) {
-            return ssl_reasons[k].name;
-        }
-    }
-    if (reason > 1000 && reason < 1256) {
-        snprintf(buf, room, "TLS_ALERT_%d", reason - 1000);
-    } else {
-        snprintf(buf, room, "SSL_REASON_%d", reason);
-    }
-    return buf;
-}
-
 /* The cause of a TLS failure in OpenSSL's error queue (emptied), as a reason name. */
 static const char *queued_reason(char *buf, size_t room) {
     unsigned long e, cause = 0, first = 0;
@@ -384,7 +239,7 @@ static const char *queued_reason(char *buf, size_t room) {
         snprintf(buf, room, "LIB_%d_REASON_%d", ERR_GET_LIB(cause), ERR_GET_REASON(cause));
         return buf;
     }
-    return reason_name(ERR_GET_REASON(cause), buf, room);
+    return tls_reason_name(ERR_GET_REASON(cause), buf, room);
 }
 
 /* Report the TLS failure OpenSSL's error queue holds for `side` (the queue is emptied). */
@@ -549,22 +404,6 @@ static void shrink_bio(BIO *bio) {
  * Anything else (a record too long, a bad tag, a message TLS 1.3 does not allow here)
  * fails the connection with the reason OpenSSL would give.
  */
-#define TLS13_VERSION TLS1_3_VERSION
-#define RT_HEADER SSL3_RT_HEADER /* the message callback's record header */
-#define RT_APPLICATION_DATA 23
-#define RT_ALERT 21
-#define RT_HANDSHAKE 22
-#define HS_NEW_SESSION_TICKET 4
-#define HS_FINISHED 20
-#define HS_KEY_UPDATE 24
-#define TAG_LEN 16
-#define RECORD_PLAIN (16 * 1024)                 /* the largest plaintext of a record */
-#define RECORD_BODY_MAX (RECORD_PLAIN + 256)     /* its largest ciphertext (RFC 8446 5.2) */
-#define RECORD_MAX (5 + RECORD_BODY_MAX)
-#define HANDSHAKE_MAX (64 * 1024)                /* a post-handshake message we will hold */
-#define MAX_EMPTY_RECORDS 32    /* OpenSSL's limits: empty records in a row, */
-#define MAX_WARN_ALERT_COUNT 5  /* and warning alerts (user_canceled) before data */
-
 typedef struct {
     unsigned char secret[2][48]; /* traffic secret 0: [0] client's, [1] server's */
     unsigned secret_len[2];
@@ -575,32 +414,7 @@ typedef struct {
     unsigned refused;            /* not TLS 1.3 or not an AEAD suite we know */
 } Tracker;
 
-typedef struct {
-    unsigned char secret[48], key[32], iv[12];
-    uint64_t seq;
-    EVP_CIPHER_CTX *ctx; /* keyed for this direction, or NULL until needed */
-} Direction;
-
-struct RecordsState {
-    const EVP_CIPHER *cipher;
-    const EVP_MD *md;
-    int key_len, hash_len, server;
-    Direction dir[2];   /* [0] records we read, [1] records we write */
-    unsigned char *part; /* a record received in part (RECORD_MAX bytes), or NULL */
-    size_t part_len;
-    unsigned char *hs;   /* a handshake message received in part, or NULL */
-    size_t hs_len, hs_cap;
-    unsigned empty_run;  /* empty records read in a row */
-    unsigned warn_run;   /* warning alerts read since the last data */
-    unsigned answered;   /* our last record out is a KeyUpdate: requests need no other */
-    unsigned char session_id[32]; /* a server end's session id and its cache, to drop */
-    unsigned session_id_len;      /* the session if the connection fails in TLS (as */
-    SSL_CTX *session_ctx;         /* OpenSSL would): not the session, which may be big */
-};
-
 static int tracker_slot = -1;
-static EVP_MAC_CTX *hmac_ctx[2];          /* HMAC-SHA256 and -SHA384, digest set (OpenSSL 3) */
-static EVP_CIPHER *fetched_cipher[3]; /* the three suites' AEADs, fetched once (OpenSSL 3) */
 static int records_ready = 0; /* bound with every function it needs */
 static int records_on = 1;    /* own_records(False) leaves every end to OpenSSL */
 
@@ -666,226 +480,16 @@ static void on_keylog(const SSL *ssl, const char *line) {
     t->secret_len[which] = n == 32 || n == 48 ? (unsigned)n : 0;
 }
 
-/* HKDF-Expand-Label(secret, label, "", len) for len <= the hash size: one HMAC block. */
-static int expand_label(const Records *r, const unsigned char *secret, const char *label,
-                        unsigned char *out, int len) {
-    unsigned char info[2 + 1 + 6 + 12 + 1 + 1], block[64];
-    size_t ll = strlen(label), n = 0;
-    unsigned block_len = 0;
-    info[n++] = (unsigned char)(len >> 8);
-    info[n++] = (unsigned char)len;
-    info[n++] = (unsigned char)(6 + ll);
-    memcpy(info + n, "tls13 ", 6);
-    n += 6;
-    memcpy(info + n, label, ll);
-    n += ll;
-    info[n++] = 0; /* no context */
-    info[n++] = 1; /* HKDF-Expand's block counter */
-    EVP_MAC_CTX *mac = hmac_ctx[r->hash_len == 48];
-    size_t mac_len = 0;
-    if (mac != NULL) { /* a keyed copy of a ready context: no lookups by name */
-        if (ossl.EVP_MAC_init(mac, secret, (size_t)r->hash_len, NULL) != 1 ||
-            ossl.EVP_MAC_update(mac, info, n) != 1 ||
-            ossl.EVP_MAC_final(mac, block, &mac_len, sizeof block) != 1) {
-            ossl.ERR_clear_error();
-            return -1;
-        }
-        block_len = (unsigned)mac_len;
-    } else if (ossl.HMAC(r->md, secret, r->hash_len, info, n, block, &block_len) == NULL) {
-        ossl.ERR_clear_error();
-        return -1;
-    }
-    if ((int)block_len < len) {
-        return -1;
-    }
-    memcpy(out, block, (size_t)len);
-    ossl.OPENSSL_cleanse(block, sizeof block);
-    return 0;
-}
 
-/* Key and IV of a direction from its secret; its cipher context is made again when used. */
-static int derive_keys(Records *r, Direction *d) {
-    if (d->ctx != NULL) {
-        ossl.EVP_CIPHER_CTX_free(d->ctx);
-        d->ctx = NULL;
-    }
-    d->seq = 0;
-    return expand_label(r, d->secret, "key", d->key, r->key_len) < 0 ||
-                   expand_label(r, d->secret, "iv", d->iv, 12) < 0
-               ? -1
-               : 0;
-}
 
-/* KeyUpdate: the next secret of a direction (RFC 8446 7.2), then its keys. */
-static int next_keys(Records *r, Direction *d) {
-    unsigned char next[48];
-    if (expand_label(r, d->secret, "traffic upd", next, r->hash_len) < 0) {
-        return -1;
-    }
-    memcpy(d->secret, next, (size_t)r->hash_len);
-    ossl.OPENSSL_cleanse(next, sizeof next);
-    return derive_keys(r, d);
-}
 
-static EVP_CIPHER_CTX *cipher_ctx(Records *r, int w) {
-    Direction *d = &r->dir[w];
-    if (d->ctx == NULL) {
-        d->ctx = ossl.EVP_CIPHER_CTX_new();
-        if (d->ctx != NULL &&
-            ossl.EVP_CipherInit_ex(d->ctx, r->cipher, NULL, d->key, NULL, w) != 1) {
-            ossl.EVP_CIPHER_CTX_free(d->ctx);
-            d->ctx = NULL;
-        }
-        if (d->ctx == NULL) {
-            ossl.ERR_clear_error();
-        }
-    }
-    return d->ctx;
-}
 
-static void nonce_of(const Direction *d, unsigned char nonce[12]) {
-    memcpy(nonce, d->iv, 12);
-    for (int k = 0; k < 8; k++) {
-        nonce[11 - k] ^= (unsigned char)(d->seq >> (8 * k));
-    }
-}
 
-/* One record of inner type `type` with `len` (<= RECORD_PLAIN) bytes of `data`, written at
-   `out` (room for len + 22). Returns its size, or -1. */
-static int seal_record(Records *r, int type, const unsigned char *data, size_t len,
-                       unsigned char *out) {
-    Direction *d = &r->dir[1];
-    EVP_CIPHER_CTX *ctx = cipher_ctx(r, 1);
-    size_t body = len + 1 + TAG_LEN;
-    unsigned char nonce[12], inner = (unsigned char)type;
-    int n = 0, m = 0, f = 0;
-    if (ctx == NULL || d->seq == UINT64_MAX) {
-        return -1;
-    }
-    out[0] = RT_APPLICATION_DATA;
-    out[1] = 3;
-    out[2] = 3;
-    out[3] = (unsigned char)(body >> 8);
-    out[4] = (unsigned char)body;
-    nonce_of(d, nonce);
-    if (ossl.EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1) != 1 ||
-        ossl.EVP_CipherUpdate(ctx, NULL, &n, out, 5) != 1 ||
-        (len > 0 && ossl.EVP_CipherUpdate(ctx, out + 5, &n, data, (int)len) != 1) ||
-        ossl.EVP_CipherUpdate(ctx, out + 5 + len, &m, &inner, 1) != 1 ||
-        ossl.EVP_CipherFinal_ex(ctx, out + 5 + len + 1, &f) != 1 ||
-        ossl.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + 5 + len + 1) != 1) {
-        ossl.ERR_clear_error();
-        return -1;
-    }
-    d->seq++;
-    return (int)(5 + body);
-}
 
-/* Opens the whole record at rec (header and `body` bytes) into out; returns the length of
-   its content and sets *type, or NULL-terminated reason in *why and -1. */
-static int open_record(Records *r, const unsigned char *rec, size_t body, unsigned char *out,
-                       int *type, const char **why) {
-    Direction *d = &r->dir[0];
-    EVP_CIPHER_CTX *ctx = cipher_ctx(r, 0);
-    unsigned char nonce[12];
-    int n = 0, f = 0;
-    if (ctx == NULL || d->seq == UINT64_MAX) {
-        *why = "internal error";
-        return -1;
-    }
-    if (body < TAG_LEN + 1) {
-        *why = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"; /* too short for a tag and a type */
-        return -1;
-    }
-    size_t clen = body - TAG_LEN;
-    nonce_of(d, nonce);
-    if (ossl.EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0) != 1 ||
-        ossl.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN,
-                                 (void *)(rec + 5 + clen)) != 1 ||
-        ossl.EVP_CipherUpdate(ctx, NULL, &n, rec, 5) != 1 ||
-        ossl.EVP_CipherUpdate(ctx, out, &n, rec + 5, (int)clen) != 1 ||
-        ossl.EVP_CipherFinal_ex(ctx, out + n, &f) != 1) {
-        ossl.ERR_clear_error();
-        *why = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC";
-        return -1;
-    }
-    d->seq++;
-    while (clen > 0 && out[clen - 1] == 0) {
-        clen--; /* padding */
-    }
-    if (clen == 0) {
-        *why = "BAD_RECORD_TYPE"; /* no content type */
-        return -1;
-    }
-    if (clen - 1 > RECORD_PLAIN) {
-        *why = "DATA_LENGTH_TOO_LONG"; /* OpenSSL's words (a record_overflow alert) */
-        return -1;
-    }
-    *type = out[clen - 1];
-    return (int)(clen - 1);
-}
 
-static void free_records(Records *r) {
-    for (int w = 0; w < 2; w++) {
-        if (r->dir[w].ctx != NULL) {
-            ossl.EVP_CIPHER_CTX_free(r->dir[w].ctx);
-        }
-    }
-    free(r->part);
-    if (r->hs != NULL) {
-        ossl.OPENSSL_cleanse(r->hs, r->hs_cap);
-        free(r->hs);
-    }
-    if (r->session_ctx != NULL) {
-        ossl.SSL_CTX_free(r->session_ctx);
-    }
-    ossl.OPENSSL_cleanse(r, sizeof *r);
-    free(r);
-}
 
-/* What a quiet end gives back: cipher contexts (made again on the next record) and
-   empty buffers. */
-static void release_records(Records *r) {
-    for (int w = 0; w < 2; w++) {
-        if (r->dir[w].ctx != NULL) {
-            ossl.EVP_CIPHER_CTX_free(r->dir[w].ctx);
-            r->dir[w].ctx = NULL;
-        }
-    }
-    if (r->part != NULL && r->part_len == 0) {
-        free(r->part);
-        r->part = NULL;
-    }
-    if (r->hs != NULL && r->hs_len == 0) {
-        free(r->hs);
-        r->hs = NULL;
-        r->hs_cap = 0;
-    }
-}
 
-static size_t records_bytes(const Records *r) {
-    return (r->part != NULL ? RECORD_MAX : 0) + r->hs_cap;
-}
 
-/* The cipher of a TLS 1.3 suite we protect records for, or NULL. */
-static const EVP_CIPHER *suite_cipher(unsigned long id, int *key_len, const EVP_MD **md) {
-    switch (id & 0xffff) {
-    case 0x1301: /* TLS_AES_128_GCM_SHA256 */
-        *key_len = 16;
-        *md = ossl.EVP_sha256();
-        return fetched_cipher[0] ? fetched_cipher[0] : ossl.EVP_aes_128_gcm();
-    case 0x1302: /* TLS_AES_256_GCM_SHA384 */
-        *key_len = 32;
-        *md = ossl.EVP_sha384();
-        return fetched_cipher[1] ? fetched_cipher[1] : ossl.EVP_aes_256_gcm();
-    case 0x1303: /* TLS_CHACHA20_POLY1305_SHA256 */
-        *key_len = 32;
-        *md = ossl.EVP_sha256();
-        return fetched_cipher[2] ? fetched_cipher[2] : ossl.EVP_chacha20_poly1305();
-    default:
-        return NULL;
-    }
-}
 
 /* The records of an SSL whose state allows it (see above), or NULL (OpenSSL keeps it). */
 static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
@@ -899,14 +503,13 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
     }
     const EVP_MD *md = NULL;
     int key_len = 0;
-    const EVP_CIPHER *cipher = NULL;
+    unsigned long suite = 0;
     if (ossl.SSL_version(ssl) == TLS13_VERSION) {
-        const SSL_CIPHER *suite = ossl.SSL_get_current_cipher(ssl);
-        cipher = suite ? suite_cipher(ossl.SSL_CIPHER_get_id(suite), &key_len, &md) : NULL;
+        const SSL_CIPHER *cipher = ossl.SSL_get_current_cipher(ssl);
+        suite = cipher ? ossl.SSL_CIPHER_get_id(cipher) : 0;
     }
-    int hash_len = md == ossl.EVP_sha384() ? 48 : 32;
-    if (cipher == NULL || md == NULL || t->secret_len[0] != (unsigned)hash_len ||
-        t->secret_len[1] != (unsigned)hash_len) {
+    if (records_suite(suite, &key_len, &md) == NULL || md == NULL ||
+        t->secret_len[0] != t->secret_len[1]) {
         t->refused = 1;
         return NULL;
     }
@@ -915,26 +518,11 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
         ossl.BIO_ctrl(wbio, BIO_CTRL_PENDING, 0, NULL) != 0) {
         return NULL;
     }
-    Records *r = calloc(1, sizeof *r);
+    Records *r = records_new(suite, server, t->secret[0], t->secret[1], t->secret_len[0],
+                             t->records[0], t->records[1]);
     if (r == NULL) {
-        return NULL;
+        t->refused = 1; /* a secret of the wrong length for the suite, or no memory */
     }
-    r->cipher = cipher;
-    r->md = md;
-    r->key_len = key_len;
-    r->hash_len = hash_len;
-    r->server = server;
-    for (int w = 0; w < 2; w++) { /* [0] read: the peer's secret; [1] write: ours */
-        int client_secret = server ? w == 0 : w == 1;
-        memcpy(r->dir[w].secret, t->secret[client_secret ? 0 : 1], (size_t)hash_len);
-    }
-    if (derive_keys(r, &r->dir[0]) < 0 || derive_keys(r, &r->dir[1]) < 0) {
-        free_records(r);
-        t->refused = 1;
-        return NULL;
-    }
-    r->dir[0].seq = t->records[0];
-    r->dir[1].seq = t->records[1];
     return r;
 }
 
@@ -944,7 +532,7 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
    haproxy release theirs too). The next burst allocates them again. */
 static void release_buffers(End *e) {
     if (e->rec != NULL) {
-        release_records(e->rec);
+        records_release(e->rec);
         return;
     }
     shrink_bio(e->rbio);
@@ -1184,7 +772,7 @@ static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len)
     }
     do {
         size_t n = len - off < RECORD_PLAIN ? len - off : RECORD_PLAIN;
-        int w = seal_record(r, type, (const unsigned char *)data + off, n,
+        int w = records_seal(r, type, (const unsigned char *)data + off, n,
                             (unsigned char *)cipher_buf + filled);
         if (w < 0) {
             records_failed(p, j, "internal error: record encryption failed");
@@ -1202,187 +790,14 @@ static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len)
     return 0;
 }
 
-/* A post-handshake message from side i (RFC 8446 4.6). NULL, or why it is refused. */
-static const char *handshake_message(Pump *p, int i, const unsigned char *m, size_t len,
-                                     int last_in_record) {
-    End *s = &p->e[i];
-    Records *r = s->rec;
-    if (m[0] == HS_NEW_SESSION_TICKET && !r->server) {
-        return NULL; /* a ticket for later connections: the handshake's ones are kept */
-    }
-    if (m[0] != HS_KEY_UPDATE) {
-        return "UNEXPECTED_MESSAGE";
-    }
-    if (len != 5 || m[4] > 1) {
-        return "BAD_KEY_UPDATE";
-    }
-    if (!last_in_record) {
-        return "NOT_ON_RECORD_BOUNDARY";
-    }
-    if (next_keys(r, &r->dir[0]) < 0) {
-        return "internal error: key update failed";
-    }
-    /* update_requested: ours goes before any more data; one answers every request that
-       comes before we send anything else (RFC 8446 4.6.3), so a peer sending requests and
-       reading nothing does not fill our out buffer with answers */
-    if (m[4] == 1 && !s->eof_out && !r->answered) {
-        static const unsigned char ours[5] = {HS_KEY_UPDATE, 0, 0, 1, 0};
-        if (seal_and_send(p, i, RT_HANDSHAKE, (const char *)ours, sizeof ours) < 0) {
-            return ""; /* reported */
-        }
-        if (next_keys(r, &r->dir[1]) < 0) {
-            return "internal error: key update failed";
-        }
-        r->answered = 1;
-    }
-    return NULL;
-}
 
-/* The handshake content of one record: whole messages, and a part kept for the next. */
-static const char *handshake_content(Pump *p, int i, const unsigned char *data, size_t len) {
-    Records *r = p->e[i].rec;
-    const unsigned char *b = data;
-    size_t have = len;
-    if (r->hs_len > 0) { /* a message began in an earlier record */
-        if (r->hs_len + len > r->hs_cap) {
-            size_t cap = r->hs_len + len;
-            unsigned char *grown = realloc(r->hs, cap);
-            if (grown == NULL) {
-                return "internal error: out of memory";
-            }
-            r->hs = grown;
-            r->hs_cap = cap;
-        }
-        memcpy(r->hs + r->hs_len, data, len);
-        r->hs_len += len;
-        b = r->hs;
-        have = r->hs_len;
-    }
-    size_t off = 0;
-    while (have - off >= 4) {
-        size_t mlen = ((size_t)b[off + 1] << 16) | ((size_t)b[off + 2] << 8) | b[off + 3];
-        if (mlen > HANDSHAKE_MAX) {
-            return "EXCESSIVE_MESSAGE_SIZE";
-        }
-        if (have - off < 4 + mlen) {
-            break;
-        }
-        const char *why = handshake_message(p, i, b + off, 4 + mlen, off + 4 + mlen == have);
-        if (why != NULL || p->closed) {
-            return why ? why : "";
-        }
-        off += 4 + mlen;
-    }
-    size_t rest = have - off;
-    if (rest > 0 && b != r->hs) { /* keep the start of a message for the next record */
-        if (rest > r->hs_cap) {
-            unsigned char *grown = realloc(r->hs, rest);
-            if (grown == NULL) {
-                return "internal error: out of memory";
-            }
-            r->hs = grown;
-            r->hs_cap = rest;
-        }
-        memcpy(r->hs, b + off, rest);
-    } else if (rest > 0 && off > 0) {
-        memmove(r->hs, r->hs + off, rest);
-    }
-    r->hs_len = rest;
-    return NULL;
-}
 
-/* The next whole record of side i: in data[*off:len], or completed in r->part from it.
-   Returns the record (header first) and its body length, or NULL when more bytes are
-   needed (what there is, is kept) or on error (*why set). */
-static const unsigned char *next_record(Records *r, const char *data, size_t len, size_t *off,
-                                        size_t *body, const char **why) {
-    if (r->part_len == 0 && len - *off >= 5) {
-        const unsigned char *h = (const unsigned char *)data + *off;
-        size_t n = ((size_t)h[3] << 8) | h[4];
-        if (n > RECORD_BODY_MAX) {
-            *why = "ENCRYPTED_LENGTH_TOO_LONG"; /* RFC 8446 5.2 */
-            return NULL;
-        }
-        if (len - *off >= 5 + n) {
-            *off += 5 + n;
-            *body = n;
-            return h;
-        }
-    }
-    if (len == *off) {
-        return NULL;
-    }
-    if (r->part == NULL && (r->part = malloc(RECORD_MAX)) == NULL) {
-        *why = "internal error: out of memory";
-        return NULL;
-    }
-    for (;;) {
-        size_t want = 5;
-        if (r->part_len >= 5) {
-            size_t n = ((size_t)r->part[3] << 8) | r->part[4];
-            if (n > RECORD_BODY_MAX) {
-                *why = "ENCRYPTED_LENGTH_TOO_LONG";
-                return NULL;
-            }
-            want = 5 + n;
-            if (r->part_len == want) {
-                r->part_len = 0; /* the caller uses it before anything else is kept */
-                *body = n;
-                return r->part;
-            }
-        }
-        if (*off == len) {
-            return NULL;
-        }
-        size_t take = want - r->part_len < len - *off ? want - r->part_len : len - *off;
-        memcpy(r->part + r->part_len, data + *off, take);
-        r->part_len += take;
-        *off += take;
-    }
-}
 
-/* OpenSSL's words for an alert received (its reason codes are 1000 + the alert), so the
-   flow record says the same whichever layer read it. */
-static const char *alert_reason(unsigned description) {
-    static char unknown[40];
-    return reason_name(1000 + (int)description, unknown, sizeof unknown);
-}
-
-/* The alert OpenSSL sends for each failure of ours (RFC 8446 6.2); a failure not listed
-   here (an alert received, whose reason is the alert's name) gets none. */
-static const struct {
-    const char *why;
-    unsigned char alert;
-} failure_alerts[] = {
-    {"DECRYPTION_FAILED_OR_BAD_RECORD_MAC", SSL_AD_BAD_RECORD_MAC},
-    {"ENCRYPTED_LENGTH_TOO_LONG", SSL_AD_RECORD_OVERFLOW},
-    {"DATA_LENGTH_TOO_LONG", SSL_AD_RECORD_OVERFLOW},
-    {"BAD_RECORD_TYPE", SSL_AD_UNEXPECTED_MESSAGE},
-    {"WRONG_VERSION_NUMBER", SSL_AD_PROTOCOL_VERSION},
-    {"BAD_LENGTH", SSL_AD_UNEXPECTED_MESSAGE},
-    {"RECORD_TOO_SMALL", SSL_AD_UNEXPECTED_MESSAGE},
-    {"MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA", SSL_AD_UNEXPECTED_MESSAGE},
-    {"INVALID_ALERT", SSL_AD_DECODE_ERROR},
-    {"TOO_MANY_WARN_ALERTS", SSL_AD_UNEXPECTED_MESSAGE},
-    {"UNEXPECTED_MESSAGE", SSL_AD_UNEXPECTED_MESSAGE},
-    {"BAD_KEY_UPDATE", SSL_AD_ILLEGAL_PARAMETER},
-    {"NOT_ON_RECORD_BOUNDARY", SSL_AD_UNEXPECTED_MESSAGE},
-    {"EXCESSIVE_MESSAGE_SIZE", SSL_AD_ILLEGAL_PARAMETER},
-};
-
-static int alert_for(const char *why) {
-    for (size_t k = 0; k < sizeof failure_alerts / sizeof failure_alerts[0]; k++) {
-        if (strcmp(failure_alerts[k].why, why) == 0) {
-            return failure_alerts[k].alert;
-        }
-    }
-    return strncmp(why, "internal error", 14) == 0 ? SSL_AD_INTERNAL_ERROR : -1;
-}
 
 /* Before an own-records end fails: the fatal alert towards it, and nothing after. */
 static void send_alert(Pump *p, int i, const char *why) {
     End *s = &p->e[i];
-    int alert = alert_for(why);
+    int alert = records_alert_for(why);
     if (alert < 0 || s->eof_out || s->rec == NULL) {
         return;
     }
@@ -1391,88 +806,52 @@ static void send_alert(Pump *p, int i, const char *why) {
     seal_and_send(p, i, RT_ALERT, record, sizeof record);
 }
 
+/* The record layer's callbacks (records.h) for side i: its application data goes to the
+   other side; our KeyUpdate answer goes to side i, unless our direction has ended. */
+static int relay_data(void *arg, const unsigned char *plain, size_t len) {
+    End *s = arg;
+    Pump *p = s->owner;
+    return forward(p, s->index, (const char *)plain, len) < 0 || p->closed ? -1 : 0;
+}
+
+static int relay_key_update(void *arg) {
+    static const unsigned char ours[5] = {HS_KEY_UPDATE, 0, 0, 1, 0}; /* not requested */
+    End *s = arg;
+    Pump *p = s->owner;
+    if (s->eof_out) {
+        return 1;
+    }
+    if (seal_and_send(p, s->index, RT_HANDSHAKE, (const char *)ours, sizeof ours) < 0 ||
+        p->closed) {
+        return -1;
+    }
+    return 0;
+}
+
 /* Side i's records in `len` new bytes (and a record begun earlier), forwarding as we go:
    the counterpart of tls_in() for an end whose records are ours. */
 static void records_in(Pump *p, int i, const char *data, size_t len) {
     End *s = &p->e[i];
-    Records *r = s->rec;
-    size_t off = 0, filled = 0, body = 0;
+    RecordSink sink = {s, relay_data, relay_key_update};
     const char *why = NULL;
-    int eof = 0;
-    while (!eof) {
-        const unsigned char *rec = next_record(r, data, len, &off, &body, &why);
-        if (rec == NULL) {
-            break;
-        }
-        if (rec[0] != RT_APPLICATION_DATA) {
-            why = "BAD_RECORD_TYPE"; /* plaintext records end with the handshake */
-            break;
-        }
-        if (rec[1] != 3 || rec[2] != 3) {
-            why = "WRONG_VERSION_NUMBER"; /* as OpenSSL checks legacy_record_version */
-            break;
-        }
-        if (CHUNK - filled < body) {
-            if (forward(p, i, plain_buf, filled) < 0 || p->closed) {
-                return;
-            }
-            filled = 0;
-        }
-        int type = 0;
-        unsigned char *out = (unsigned char *)plain_buf + filled;
-        int n = open_record(r, rec, body, out, &type, &why);
-        if (n < 0) {
-            break;
-        }
-        if (type != RT_APPLICATION_DATA && type != RT_ALERT && type != RT_HANDSHAKE) {
-            why = "BAD_RECORD_TYPE";
-        } else if (n == 0 && type != RT_APPLICATION_DATA) {
-            why = "BAD_LENGTH"; /* only application data may be empty */
-        } else if (n == 0 && ++r->empty_run > MAX_EMPTY_RECORDS) {
-            why = "RECORD_TOO_SMALL";
-        } else if (n == 0) {
-            /* an empty record: nothing to do */
-        } else if (r->hs_len > 0 && type != RT_HANDSHAKE) {
-            why = "MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA"; /* RFC 8446 5.1 */
-        } else if (type == RT_APPLICATION_DATA) {
-            r->empty_run = r->warn_run = 0;
-            filled += (size_t)n;
-        } else if (type == RT_ALERT) {
-            r->empty_run = 0;
-            if (n != 2) {
-                why = "INVALID_ALERT";
-            } else if (out[1] == 0) {
-                eof = 1; /* close_notify: whatever follows it is ignored */
-            } else if (out[1] != 90) { /* user_canceled comes before a close_notify */
-                why = alert_reason(out[1]);
-            } else if (++r->warn_run >= MAX_WARN_ALERT_COUNT) {
-                why = "TOO_MANY_WARN_ALERTS";
-            }
-        } else {
-            r->empty_run = 0;
-            why = handshake_content(p, i, out, (size_t)n);
-        }
-        if (why != NULL || p->closed) {
-            break;
-        }
-    }
-    if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
+    int status = records_input(s->rec, (const unsigned char *)data, len,
+                               (unsigned char *)plain_buf, CHUNK, &sink, &why);
+    if (status == RECORDS_STOPPED || p->closed) {
         return;
     }
-    if (why != NULL) {
-        if (!p->closed) {
-            send_alert(p, i, why);
-        }
+    if (status == RECORDS_FAILED) {
+        send_alert(p, i, why);
         if (!p->closed) {
             records_failed(p, i, why);
         }
         return;
     }
     burst_over(s);
-    if (eof) {
+    if (status == RECORDS_CLOSE_NOTIFY) {
         got_eof(p, i); /* close_notify (a FIN is unclean_eof's) */
     }
 }
+
 
 /* ---- receiving ----------------------------------------------------------------------- */
 /* Decrypt what side i's BIO holds plus `len` new bytes of ciphertext, forwarding as we go. */
@@ -1672,7 +1051,7 @@ static void pump_close_impl(Pump *p) {
         Py_CLEAR(e->adopt);
         e->ssl = NULL;
         if (e->rec != NULL) {
-            free_records(e->rec);
+            records_free(e->rec);
             e->rec = NULL;
         }
     }
@@ -2297,100 +1676,11 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
     return ssl;
 }
 
-#define BIND(name)                                                                           \
-    do {                                                                                     \
-        *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
-        if (ossl.name == NULL) {                                                             \
-            PyErr_Format(PyExc_RuntimeError, "%s not found beside the _ssl module", #name); \
-            return NULL;                                                                     \
-        }                                                                                    \
-    } while (0)
-
-static void bind_fast_paths(void *handle);
-
-#define BIND_OPTIONAL(name)                                                                  \
-    do {                                                                                     \
-        *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
-        if (ossl.name == NULL) {                                                             \
-            records_ready = 0;                                                               \
-        }                                                                                    \
-    } while (0)
-
-
-/* OpenSSL 3's HMAC() and legacy EVP_aes_*() look the algorithm up by name on every call
-   (~20,000 instructions per HMAC in callgrind); fetched once here, they cost nothing per
-   connection. Without these functions (OpenSSL 1.1.1) the slow paths are used. */
-static void bind_fast_paths(void *handle) {
-    *(void **)(&ossl.EVP_MAC_fetch) = dlsym(handle, "EVP_MAC_fetch");
-    *(void **)(&ossl.EVP_MAC_CTX_new) = dlsym(handle, "EVP_MAC_CTX_new");
-    *(void **)(&ossl.EVP_MAC_init) = dlsym(handle, "EVP_MAC_init");
-    *(void **)(&ossl.EVP_MAC_update) = dlsym(handle, "EVP_MAC_update");
-    *(void **)(&ossl.EVP_MAC_final) = dlsym(handle, "EVP_MAC_final");
-    *(void **)(&ossl.EVP_CIPHER_fetch) = dlsym(handle, "EVP_CIPHER_fetch");
-    if (ossl.EVP_CIPHER_fetch != NULL && fetched_cipher[0] == NULL) {
-        static const char *names[3] = {"AES-128-GCM", "AES-256-GCM", "ChaCha20-Poly1305"};
-        for (int k = 0; k < 3; k++) {
-            fetched_cipher[k] = ossl.EVP_CIPHER_fetch(NULL, names[k], NULL);
-        }
-    }
-    if (ossl.EVP_MAC_fetch == NULL || ossl.EVP_MAC_CTX_new == NULL || ossl.EVP_MAC_init == NULL ||
-        ossl.EVP_MAC_update == NULL || ossl.EVP_MAC_final == NULL || hmac_ctx[0] != NULL) {
-        ossl.ERR_clear_error();
-        return;
-    }
-    EVP_MAC *mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL);
-    static const char *digests[2] = {"SHA256", "SHA384"};
-    static const unsigned char dummy[48];
-    for (int k = 0; k < 2 && mac != NULL; k++) {
-        OSSL_PARAM params[2] = {
-            {"digest", OSSL_PARAM_UTF8_STRING, (void *)digests[k], strlen(digests[k]),
-             OSSL_PARAM_UNMODIFIED},
-            OSSL_PARAM_END,
-        };
-        EVP_MAC_CTX *ctx = ossl.EVP_MAC_CTX_new(mac);
-        if (ctx != NULL && ossl.EVP_MAC_init(ctx, dummy, sizeof dummy, params) == 1) {
-            hmac_ctx[k] = ctx; /* kept for the life of the process, like the fetches */
-        }
-    }
-    ossl.ERR_clear_error();
-}
-
-static void bind_records(void *handle) {
-    records_ready = 1;
-    BIND_OPTIONAL(SSL_set_msg_callback);
-    BIND_OPTIONAL(SSL_ctrl);
-    BIND_OPTIONAL(SSL_CTX_set_keylog_callback);
-    BIND_OPTIONAL(SSL_CTX_get_keylog_callback);
-    BIND_OPTIONAL(SSL_get_ex_data);
-    BIND_OPTIONAL(SSL_set_ex_data);
-    BIND_OPTIONAL(SSL_version);
-    BIND_OPTIONAL(SSL_get_current_cipher);
-    BIND_OPTIONAL(SSL_CIPHER_get_id);
-    BIND_OPTIONAL(SSL_is_server);
-    BIND_OPTIONAL(SSL_pending);
-    BIND_OPTIONAL(SSL_get_shutdown);
-    BIND_OPTIONAL(EVP_CIPHER_CTX_new);
-    BIND_OPTIONAL(EVP_CIPHER_CTX_free);
-    BIND_OPTIONAL(EVP_CipherInit_ex);
-    BIND_OPTIONAL(EVP_CipherUpdate);
-    BIND_OPTIONAL(EVP_CipherFinal_ex);
-    BIND_OPTIONAL(EVP_CIPHER_CTX_ctrl);
-    BIND_OPTIONAL(EVP_aes_128_gcm);
-    BIND_OPTIONAL(EVP_aes_256_gcm);
-    BIND_OPTIONAL(EVP_chacha20_poly1305);
-    BIND_OPTIONAL(EVP_sha256);
-    BIND_OPTIONAL(EVP_sha384);
-    BIND_OPTIONAL(HMAC);
-    BIND_OPTIONAL(OPENSSL_cleanse);
-    BIND_OPTIONAL(SSL_get_session);
-    BIND_OPTIONAL(SSL_SESSION_new);
-    BIND_OPTIONAL(SSL_SESSION_set1_id);
-    BIND_OPTIONAL(SSL_SESSION_set_protocol_version);
-    BIND_OPTIONAL(SSL_CTX_remove_session);
-    BIND_OPTIONAL(SSL_CTX_up_ref);
-    BIND_OPTIONAL(SSL_CTX_free);
+/* What the own records need besides the functions: the tracker's ex_data slot. */
+static void bind_records(int found) {
+    records_ready = found;
     if (records_ready) {
-        bind_fast_paths(handle);
+        records_init();
     }
     if (records_ready && tracker_slot < 0) {
         tracker_slot = ossl.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL,
@@ -2415,37 +1705,12 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
         PyErr_Format(PyExc_RuntimeError, "the _ssl module is not loaded from %s", path);
         return NULL;
     }
-    BIND(SSL_read);
-    BIND(SSL_write);
-    BIND(SSL_get_error);
-    BIND(SSL_shutdown);
-    BIND(SSL_get_rbio);
-    BIND(SSL_has_pending);
-    BIND(SSL_get_wbio);
-    BIND(BIO_write);
-    BIND(BIO_read);
-    BIND(BIO_ctrl);
-    BIND(ERR_peek_error);
-    BIND(ERR_get_error);
-    BIND(ERR_clear_error);
-    BIND(ERR_reason_error_string);
-    BIND(SSL_get_SSL_CTX);
-    BIND(SSL_set_shutdown);
-    BIND(SSL_set_session);
-    BIND(SSL_SESSION_dup);
-    BIND(SSL_SESSION_free);
-    BIND(SSL_SESSION_get_id);
-    BIND(SSL_CTX_ctrl);
-    BIND(SSL_free_buffers);
-    BIND(OpenSSL_version_num);
-    BIND(BUF_MEM_new);
-    BIND(SSL_CTX_sess_set_new_cb);
-    BIND(SSL_CTX_sess_get_new_cb);
-    BIND(SSL_CTX_get_ex_data);
-    BIND(SSL_CTX_set_ex_data);
-    BIND(CRYPTO_get_ex_new_index);
-    BIND(SSL_SESSION_is_resumable);
-    BIND(SSL_CTX_set_ciphersuites);
+    int records = 0;
+    const char *missing = ossl_bind(handle, &records);
+    if (missing != NULL) {
+        PyErr_Format(PyExc_RuntimeError, "%s not found beside the _ssl module", missing);
+        return NULL;
+    }
     unsigned long runtime = ossl.OpenSSL_version_num();
     if ((runtime >> 28) != OPENSSL_VERSION_MAJOR) {
         PyErr_Format(PyExc_RuntimeError,
@@ -2454,7 +1719,7 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
         return NULL;
     }
     free_buffers_safe = fixed_free_buffers(runtime);
-    bind_records(handle);
+    bind_records(records);
     BIO *r, *w;
     PyObject *inner;
     if (ssl_of(sample, &r, &w, &inner) == NULL) {
