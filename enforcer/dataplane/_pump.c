@@ -2051,6 +2051,105 @@ static PyObject *mod_verification_failures(PyObject *module, PyObject *Py_UNUSED
     return PyLong_FromUnsignedLongLong(verification_failures);
 }
 
+/* ---- known-answer hooks of the record layer (tests/e2e/test_tls_records_kat.py) ---------
+ * The record layer's own code, on given secrets and sequence numbers, with no connection:
+ * record_protect seals one record with a client's traffic secret; record_unprotect reads
+ * records sealed with one, as a server end does (KeyUpdates followed and answered). */
+static Records *kat_records(unsigned long suite, Py_buffer *secret, unsigned long long seq) {
+    if (!require_bound() || !records_ready) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "own records are not available");
+        }
+        return NULL;
+    }
+    Records *r = records_new(suite, 1, secret->buf, secret->buf, (size_t)secret->len, seq, seq);
+    if (r == NULL) {
+        PyErr_SetString(PyExc_ValueError, "unknown suite or a secret of the wrong length");
+    }
+    return r;
+}
+
+static PyObject *mod_record_protect(PyObject *module, PyObject *args) {
+    unsigned long suite;
+    unsigned long long seq;
+    int type;
+    Py_buffer secret, data;
+    if (!PyArg_ParseTuple(args, "ky*Kiy*", &suite, &secret, &seq, &type, &data)) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Records *r = data.len <= RECORD_PLAIN ? kat_records(suite, &secret, seq) : NULL;
+    if (r == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "more than one record of data");
+    }
+    if (r != NULL) {
+        r->server = 0; /* it writes with the client's secret: the one given */
+        unsigned char *buf = malloc((size_t)data.len + 22);
+        int n = buf ? records_seal(r, type, data.buf, (size_t)data.len, buf) : -1;
+        out = n < 0 ? PyErr_Format(PyExc_RuntimeError, "sealing failed")
+                    : PyBytes_FromStringAndSize((const char *)buf, n);
+        free(buf);
+        records_free(r);
+    }
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+typedef struct {
+    PyObject *data; /* bytearray */
+    int answers;
+} KatSink;
+
+static int kat_data(void *arg, const unsigned char *plain, size_t len) {
+    KatSink *k = arg;
+    PyObject *chunk = PyByteArray_FromStringAndSize((const char *)plain, (Py_ssize_t)len);
+    if (chunk == NULL) {
+        return -1;
+    }
+    PyObject *joined = PySequence_InPlaceConcat(k->data, chunk);
+    Py_DECREF(chunk);
+    Py_XDECREF(joined);
+    return joined == NULL ? -1 : 0;
+}
+
+static int kat_key_update(void *arg) {
+    ((KatSink *)arg)->answers++;
+    return 0;
+}
+
+static PyObject *mod_record_unprotect(PyObject *module, PyObject *args) {
+    unsigned long suite;
+    unsigned long long seq;
+    Py_buffer secret, wire;
+    if (!PyArg_ParseTuple(args, "ky*Ky*", &suite, &secret, &seq, &wire)) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Records *r = kat_records(suite, &secret, seq);
+    KatSink k = {PyByteArray_FromStringAndSize(NULL, 0), 0};
+    if (r != NULL && k.data != NULL) {
+        RecordSink sink = {&k, kat_data, kat_key_update};
+        const char *why = NULL;
+        int status = records_input(r, wire.buf, (size_t)wire.len, (unsigned char *)plain_buf,
+                                   CHUNK, &sink, &why);
+        const char *outcome = status == RECORDS_MORE            ? "more"
+                              : status == RECORDS_CLOSE_NOTIFY ? "close_notify"
+                              : status == RECORDS_FAILED       ? why
+                                                               : NULL;
+        if (outcome != NULL) {
+            out = Py_BuildValue("(Osi)", k.data, outcome, k.answers);
+        }
+    }
+    if (r != NULL) {
+        records_free(r);
+    }
+    Py_XDECREF(k.data);
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&wire);
+    return out;
+}
+
 /* own_records([on]) -> bool: whether pumps take TLS 1.3 records over from OpenSSL (set it,
    e.g. in tests, to compare); False also when the bound library lacks what it needs. */
 static PyObject *mod_own_records(PyObject *module, PyObject *args) {
@@ -2169,6 +2268,10 @@ static PyMethodDef module_methods[] = {
      "Follow an SSL's keys and record counts from before its handshake (see above)."},
     {"verification_failures", mod_verification_failures, METH_NOARGS,
      "Private-layout pointers a public OpenSSL call did not confirm (fast path refused)."},
+    {"record_protect", mod_record_protect, METH_VARARGS,
+     "record_protect(suite, client_secret, seq, inner_type, data) -> one TLS 1.3 record."},
+    {"record_unprotect", mod_record_unprotect, METH_VARARGS,
+     "record_unprotect(suite, client_secret, seq, wire) -> (data, outcome, key updates)."},
     {"own_records", mod_own_records, METH_VARARGS,
      "Whether pumps take TLS 1.3 records over from OpenSSL; set it with a bool."},
     {"busy_limits", mod_busy_limits, METH_VARARGS,
