@@ -319,7 +319,8 @@ class _Parser:
         if node.is_null:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
-        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn"))
+        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
+                   "allow_eof_without_close_notify"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
         if mode == "passthrough":
             node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
@@ -334,6 +335,7 @@ class _Parser:
             server_names=node["server_names"].str_list(),
             strict_sni=node["strict_sni"].bool(False),
             alpn=_alpn(node["alpn"]),
+            allow_eof_without_close_notify=node["allow_eof_without_close_notify"].bool(False),
         )
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
@@ -366,7 +368,7 @@ class _Parser:
     def upstream_tls(self, node: Node) -> UpstreamTlsConfig:
         if node.is_null:
             return UpstreamTlsConfig()
-        node.keys(("mode", "material", "server_name", "verify"))
+        node.keys(("mode", "material", "server_name", "verify", "allow_eof_without_close_notify"))
         mode = node["mode"].choice(("off", "tls", "mtls"), "off")
         material = node["material"].str(None)
         if mode == "mtls" and material is None:
@@ -378,7 +380,8 @@ class _Parser:
                                           v["cn"].str_list())
         if mode == "off" and (material or not verify.empty):
             node["mode"].error("material and verify need mode tls or mtls")
-        return UpstreamTlsConfig(cast(Any, mode), material, node["server_name"].str(None), verify)
+        return UpstreamTlsConfig(cast(Any, mode), material, node["server_name"].str(None), verify,
+                                 node["allow_eof_without_close_notify"].bool(False))
 
     def proxy_send(self, node: Node) -> ProxyProtocolSendConfig:
         if node.is_null:

@@ -91,6 +91,9 @@ class ListenerTlsConfig:
     server_names: tuple[str, ...] = ()
     strict_sni: bool = False
     alpn: tuple[str, ...] = ()  # protocols offered to clients, in preference order
+    # a client's FIN without close_notify (on a record boundary) ends its stream cleanly
+    # instead of failing the connection (docs/tls-data-plane.md)
+    allow_eof_without_close_notify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,7 @@ class UpstreamTlsConfig:
     material: str | None = None
     server_name: str | None = None
     verify: UpstreamVerifyConfig = field(default_factory=UpstreamVerifyConfig)
+    allow_eof_without_close_notify: bool = False  # as ListenerTlsConfig's, for the upstream
 
 
 @dataclass(frozen=True, slots=True)

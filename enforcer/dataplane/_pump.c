@@ -34,7 +34,6 @@
 #include <Python.h>
 
 #include <dlfcn.h>
-#include <malloc.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,117 +51,11 @@
  * Python mid-relay, so a second thread relaying with pumps would not be).
  */
 
-/* ----------------------------------------------------------------- OpenSSL, by dlsym */
-typedef struct ssl_st SSL;
-typedef struct ssl_ctx_st SSL_CTX;
-typedef struct ssl_session_st SSL_SESSION;
-typedef struct bio_st BIO;
-typedef struct {          /* struct buf_mem_st, public in <openssl/buffer.h> */
-    size_t length;
-    char *data;
-    size_t max;
-    unsigned long flags;
-} BUF_MEM;
+/* ----------------------------------------------------------------- OpenSSL */
+#include "pump/ossl.h"    /* every OpenSSL function, typed from OpenSSL's headers */
+#include "pump/records.h" /* the own TLS 1.3 record layer (pure) */
 
-#define SSL_ERROR_SSL 1
-#define SSL_ERROR_WANT_READ 2
-#define SSL_ERROR_SYSCALL 5
-#define SSL_ERROR_ZERO_RETURN 6
-#define BIO_CTRL_PENDING 10
-#define BIO_C_SET_BUF_MEM_EOF_RETURN 130
-#define SSL_SENT_SHUTDOWN 1
-#define SSL_RECEIVED_SHUTDOWN 2
-#define SSL_CTRL_SESS_NUMBER 20
-#define SSL_CTRL_SET_SESS_CACHE_SIZE 42
-#define SSL_CTRL_GET_SESS_CACHE_SIZE 43
-#define BIO_C_SET_BUF_MEM 114
-#define BIO_C_GET_BUF_MEM_PTR 115
-#define BIO_CLOSE 0x01
-#define SSL_CTRL_SET_SESS_CACHE_MODE 44
-#define SSL_CTRL_SET_TLSEXT_TICKET_KEYS 59
 #define TICKET_KEYS_LEN 80 /* key name 16, HMAC key 32, AES key 32 */
-#define SSL_CTRL_GET_SESS_CACHE_MODE 45
-#define SSL_SESS_CACHE_CLIENT 0x0001
-#define SSL_SESS_CACHE_NO_INTERNAL_STORE 0x0200
-#define CRYPTO_EX_INDEX_SSL 0
-#define CRYPTO_EX_INDEX_SSL_CTX 1
-
-static struct {
-    int (*SSL_read)(SSL *, void *, int);
-    int (*SSL_write)(SSL *, const void *, int);
-    int (*SSL_get_error)(const SSL *, int);
-    int (*SSL_shutdown)(SSL *);
-    BIO *(*SSL_get_rbio)(const SSL *);
-    BIO *(*SSL_get_wbio)(const SSL *);
-    int (*BIO_write)(BIO *, const void *, int);
-    int (*BIO_read)(BIO *, void *, int);
-    long (*BIO_ctrl)(BIO *, int, long, void *);
-    unsigned long (*ERR_peek_error)(void);
-    void (*ERR_clear_error)(void);
-    const char *(*ERR_reason_error_string)(unsigned long);
-    SSL_CTX *(*SSL_get_SSL_CTX)(const SSL *);
-    void (*SSL_set_shutdown)(SSL *, int);
-    int (*SSL_set_session)(SSL *, SSL_SESSION *);
-    SSL_SESSION *(*SSL_SESSION_dup)(const SSL_SESSION *);
-    void (*SSL_SESSION_free)(SSL_SESSION *);
-    const unsigned char *(*SSL_SESSION_get_id)(const SSL_SESSION *, unsigned int *);
-    long (*SSL_CTX_ctrl)(SSL_CTX *, int, long, void *);
-    int (*SSL_free_buffers)(SSL *);
-    unsigned long (*OpenSSL_version_num)(void);
-    BUF_MEM *(*BUF_MEM_new)(void);
-    void (*SSL_CTX_sess_set_new_cb)(SSL_CTX *, int (*)(SSL *, SSL_SESSION *));
-    int (*(*SSL_CTX_sess_get_new_cb)(SSL_CTX *))(SSL *, SSL_SESSION *);
-    void *(*SSL_CTX_get_ex_data)(const SSL_CTX *, int);
-    int (*SSL_CTX_set_ex_data)(SSL_CTX *, int, void *);
-    int (*CRYPTO_get_ex_new_index)(int, long, void *, void *, void *,
-                                   void (*)(void *, void *, void *, int, long, void *));
-    int (*SSL_SESSION_is_resumable)(const SSL_SESSION *);
-    int (*SSL_CTX_set_ciphersuites)(SSL_CTX *, const char *);
-    /* the pump's own TLS 1.3 records (optional: without them OpenSSL keeps every end) */
-    void (*SSL_set_msg_callback)(SSL *, void (*)(int, int, int, const void *, size_t, SSL *,
-                                                 void *));
-    long (*SSL_ctrl)(SSL *, int, long, void *);
-    void (*SSL_CTX_set_keylog_callback)(SSL_CTX *, void (*)(const SSL *, const char *));
-    void (*(*SSL_CTX_get_keylog_callback)(const SSL_CTX *))(const SSL *, const char *);
-    void *(*SSL_get_ex_data)(const SSL *, int);
-    int (*SSL_set_ex_data)(SSL *, int, void *);
-    int (*SSL_version)(const SSL *);
-    const void *(*SSL_get_current_cipher)(const SSL *);
-    unsigned long (*SSL_CIPHER_get_id)(const void *);
-    int (*SSL_is_server)(const SSL *);
-    int (*SSL_pending)(const SSL *);
-    int (*SSL_has_pending)(const SSL *);
-    int (*SSL_get_shutdown)(const SSL *);
-    void *(*EVP_CIPHER_CTX_new)(void);
-    void (*EVP_CIPHER_CTX_free)(void *);
-    int (*EVP_CipherInit_ex)(void *, const void *, void *, const unsigned char *,
-                             const unsigned char *, int);
-    int (*EVP_CipherUpdate)(void *, unsigned char *, int *, const unsigned char *, int);
-    int (*EVP_CipherFinal_ex)(void *, unsigned char *, int *);
-    int (*EVP_CIPHER_CTX_ctrl)(void *, int, int, void *);
-    const void *(*EVP_aes_128_gcm)(void);
-    const void *(*EVP_aes_256_gcm)(void);
-    const void *(*EVP_chacha20_poly1305)(void);
-    const void *(*EVP_sha256)(void);
-    const void *(*EVP_sha384)(void);
-    unsigned char *(*HMAC)(const void *, const void *, int, const unsigned char *, size_t,
-                           unsigned char *, unsigned int *);
-    void (*OPENSSL_cleanse)(void *, size_t);
-    /* faster paths of OpenSSL 3 (optional: HMAC() and the legacy cipher getters without) */
-    void *(*EVP_MAC_fetch)(void *, const char *, const char *);
-    void *(*EVP_MAC_CTX_new)(void *);
-    int (*EVP_MAC_init)(void *, const unsigned char *, size_t, const void *);
-    int (*EVP_MAC_update)(void *, const unsigned char *, size_t);
-    int (*EVP_MAC_final)(void *, unsigned char *, size_t *, size_t);
-    const void *(*EVP_CIPHER_fetch)(void *, const char *, const char *);
-    SSL_SESSION *(*SSL_get_session)(const SSL *);
-    SSL_SESSION *(*SSL_SESSION_new)(void);
-    int (*SSL_SESSION_set1_id)(SSL_SESSION *, const unsigned char *, unsigned int);
-    int (*SSL_SESSION_set_protocol_version)(SSL_SESSION *, int);
-    int (*SSL_CTX_remove_session)(SSL_CTX *, SSL_SESSION *);
-    int (*SSL_CTX_up_ref)(SSL_CTX *);
-    void (*SSL_CTX_free)(SSL_CTX *);
-} ossl;
 static int free_buffers_safe = 0; /* SSL_free_buffers without CVE-2024-4741 */
 static int ossl_bound = 0;
 
@@ -234,7 +127,6 @@ static PyTypeObject WatchType;
 
 /* ----------------------------------------------------------------- the pump object */
 typedef struct PumpObject Pump;
-typedef struct RecordsState Records; /* see "TLS 1.3 records" below */
 
 typedef struct {
     Pump *owner;
@@ -257,6 +149,7 @@ typedef struct {
     int active;           /* a TLS burst ended since the last tick */
     int keeping;          /* busy: keeps its TLS buffers until a quiet tick */
     int tls_failed;       /* a TLS error was reported for this end */
+    int lenient;          /* a FIN without close_notify ends its stream (not truncated) */
 } End;
 
 struct PumpObject {
@@ -321,11 +214,40 @@ static void clear_errors(void) {
     }
 }
 
-static void emit_tls_error(Pump *p, int side, unsigned long code) {
-    const char *reason = code ? ossl.ERR_reason_error_string(code) : NULL;
+/* ---- close reasons: enforcer's words, from OpenSSL's error codes ---------------------
+ * A TLS failure is reported with the name of its SSL_R_* reason code as OpenSSL 3.0's
+ * headers spell it (a table built from the constants, so compiled in and checked): never
+ * from ERR_reason_error_string(), whose words changed in OpenSSL 3.2-3.5 ("ssl/tls alert
+ * handshake failure"). An alert received is SSL_R_* 1000 + its description. OpenSSL >= 3.2
+ * reports a record layer failure as the record layer's own reason first, then
+ * RECORD_LAYER_FAILURE on top: the cause is the first reason that is not that wrapper. */
+/* The cause of a TLS failure in OpenSSL's error queue (emptied), as a reason name. */
+static const char *queued_reason(char *buf, size_t room) {
+    unsigned long e, cause = 0, first = 0;
+    while ((e = ossl.ERR_get_error()) != 0) {
+        first = first ? first : e;
+        if (!cause && ERR_GET_LIB(e) == ERR_LIB_SSL &&
+            ERR_GET_REASON(e) != SSL_R_RECORD_LAYER_FAILURE) {
+            cause = e;
+        }
+    }
+    cause = cause ? cause : first;
+    if (cause == 0) {
+        return "TLS_PROTOCOL_ERROR";
+    }
+    if (ERR_GET_LIB(cause) != ERR_LIB_SSL) {
+        snprintf(buf, room, "LIB_%d_REASON_%d", ERR_GET_LIB(cause), ERR_GET_REASON(cause));
+        return buf;
+    }
+    return tls_reason_name(ERR_GET_REASON(cause), buf, room);
+}
+
+/* Report the TLS failure OpenSSL's error queue holds for `side` (the queue is emptied). */
+static void emit_tls_error(Pump *p, int side) {
+    char buf[40];
+    const char *reason = queued_reason(buf, sizeof buf);
     p->e[side].tls_failed = 1;
-    ossl.ERR_clear_error();
-    emit_str(p, "tls_error", side, reason ? reason : "TLS protocol error");
+    emit_str(p, "tls_error", side, reason);
 }
 
 /* Start or stop watching one socket for one direction in the poller's epoll set. */
@@ -461,11 +383,11 @@ static void shrink_bio(BIO *bio) {
  * over from OpenSSL, and the SSL object is freed; the AEAD itself stays OpenSSL's (EVP).
  *
  * How it knows the state OpenSSL was in:
- * - Secrets: read from the SSL itself, at the offsets learn_secrets() found at bind in
- *   SSLs whose secrets the keylog callback had given (public API; the lines SSLKEYLOGFILE
- *   writes). Should that fail, the keylog callback gives every tracked SSL's
- *   CLIENT_/SERVER_TRAFFIC_SECRET_0 (ex_data slot); a context that already logs its keys
- *   for someone else is then left alone: no take-over.
+ * - Secrets: the context's keylog callback (SSL_CTX_set_keylog_callback, public API; the
+ *   lines SSLKEYLOGFILE writes), set from C by track_records(), gives every tracked SSL's
+ *   CLIENT_/SERVER_TRAFFIC_SECRET_0, kept in the SSL's ex_data slot until take-over. A
+ *   context that already logs its keys for someone else (SSLKEYLOGFILE) is left alone:
+ *   OpenSSL keeps its records. Nothing is ever read from OpenSSL's opaque structures.
  * - Sequence numbers: the SSL's message callback reports every record header read and
  *   written and every handshake message. Encrypted records (outer type 23) are counted
  *   per direction, and the count starts again after the record holding the Finished of
@@ -482,25 +404,6 @@ static void shrink_bio(BIO *bio) {
  * Anything else (a record too long, a bad tag, a message TLS 1.3 does not allow here)
  * fails the connection with the reason OpenSSL would give.
  */
-#define TLS13_VERSION 0x0304
-#define RT_HEADER 256 /* SSL3_RT_HEADER, the message callback's record header */
-#define RT_APPLICATION_DATA 23
-#define RT_ALERT 21
-#define RT_HANDSHAKE 22
-#define HS_NEW_SESSION_TICKET 4
-#define HS_FINISHED 20
-#define HS_KEY_UPDATE 24
-#define SSL_CTRL_SET_MSG_CALLBACK_ARG 16
-#define EVP_CTRL_AEAD_GET_TAG 0x10
-#define EVP_CTRL_AEAD_SET_TAG 0x11
-#define TAG_LEN 16
-#define RECORD_PLAIN (16 * 1024)                 /* the largest plaintext of a record */
-#define RECORD_BODY_MAX (RECORD_PLAIN + 256)     /* its largest ciphertext (RFC 8446 5.2) */
-#define RECORD_MAX (5 + RECORD_BODY_MAX)
-#define HANDSHAKE_MAX (64 * 1024)                /* a post-handshake message we will hold */
-#define MAX_EMPTY_RECORDS 32    /* OpenSSL's limits: empty records in a row, */
-#define MAX_WARN_ALERT_COUNT 5  /* and warning alerts (user_canceled) before data */
-
 typedef struct {
     unsigned char secret[2][48]; /* traffic secret 0: [0] client's, [1] server's */
     unsigned secret_len[2];
@@ -511,37 +414,12 @@ typedef struct {
     unsigned refused;            /* not TLS 1.3 or not an AEAD suite we know */
 } Tracker;
 
-typedef struct {
-    unsigned char secret[48], key[32], iv[12];
-    uint64_t seq;
-    void *ctx; /* EVP_CIPHER_CTX keyed for this direction, or NULL until needed */
-} Direction;
-
-struct RecordsState {
-    const void *cipher, *md;
-    int key_len, hash_len, server;
-    Direction dir[2];   /* [0] records we read, [1] records we write */
-    unsigned char *part; /* a record received in part (RECORD_MAX bytes), or NULL */
-    size_t part_len;
-    unsigned char *hs;   /* a handshake message received in part, or NULL */
-    size_t hs_len, hs_cap;
-    unsigned empty_run;  /* empty records read in a row */
-    unsigned warn_run;   /* warning alerts read since the last data */
-    unsigned answered;   /* our last record out is a KeyUpdate: requests need no other */
-    unsigned char session_id[32]; /* a server end's session id and its cache, to drop */
-    unsigned session_id_len;      /* the session if the connection fails in TLS (as */
-    SSL_CTX *session_ctx;         /* OpenSSL would): not the session, which may be big */
-};
-
 static int tracker_slot = -1;
-static void *hmac_ctx[2];          /* HMAC-SHA256 and -SHA384, digest set (OpenSSL 3) */
-static const void *fetched_cipher[3]; /* the three suites' AEADs, fetched once (OpenSSL 3) */
-static long secret_at[2] = {-1, -1}; /* offsets of the client / server application traffic
-                                        secrets in an SSL, learnt at bind (see below) */
 static int records_ready = 0; /* bound with every function it needs */
 static int records_on = 1;    /* own_records(False) leaves every end to OpenSSL */
 
-static void free_tracker(void *parent, void *ptr, void *ad, int idx, long argl, void *argp) {
+static void free_tracker(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
+                         void *argp) {
     if (ptr != NULL) {
         ossl.OPENSSL_cleanse(ptr, sizeof(Tracker));
         free(ptr);
@@ -602,226 +480,16 @@ static void on_keylog(const SSL *ssl, const char *line) {
     t->secret_len[which] = n == 32 || n == 48 ? (unsigned)n : 0;
 }
 
-/* HKDF-Expand-Label(secret, label, "", len) for len <= the hash size: one HMAC block. */
-static int expand_label(const Records *r, const unsigned char *secret, const char *label,
-                        unsigned char *out, int len) {
-    unsigned char info[2 + 1 + 6 + 12 + 1 + 1], block[64];
-    size_t ll = strlen(label), n = 0;
-    unsigned block_len = 0;
-    info[n++] = (unsigned char)(len >> 8);
-    info[n++] = (unsigned char)len;
-    info[n++] = (unsigned char)(6 + ll);
-    memcpy(info + n, "tls13 ", 6);
-    n += 6;
-    memcpy(info + n, label, ll);
-    n += ll;
-    info[n++] = 0; /* no context */
-    info[n++] = 1; /* HKDF-Expand's block counter */
-    void *mac = hmac_ctx[r->hash_len == 48];
-    size_t mac_len = 0;
-    if (mac != NULL) { /* a keyed copy of a ready context: no lookups by name */
-        if (ossl.EVP_MAC_init(mac, secret, (size_t)r->hash_len, NULL) != 1 ||
-            ossl.EVP_MAC_update(mac, info, n) != 1 ||
-            ossl.EVP_MAC_final(mac, block, &mac_len, sizeof block) != 1) {
-            ossl.ERR_clear_error();
-            return -1;
-        }
-        block_len = (unsigned)mac_len;
-    } else if (ossl.HMAC(r->md, secret, r->hash_len, info, n, block, &block_len) == NULL) {
-        ossl.ERR_clear_error();
-        return -1;
-    }
-    if ((int)block_len < len) {
-        return -1;
-    }
-    memcpy(out, block, (size_t)len);
-    ossl.OPENSSL_cleanse(block, sizeof block);
-    return 0;
-}
 
-/* Key and IV of a direction from its secret; its cipher context is made again when used. */
-static int derive_keys(Records *r, Direction *d) {
-    if (d->ctx != NULL) {
-        ossl.EVP_CIPHER_CTX_free(d->ctx);
-        d->ctx = NULL;
-    }
-    d->seq = 0;
-    return expand_label(r, d->secret, "key", d->key, r->key_len) < 0 ||
-                   expand_label(r, d->secret, "iv", d->iv, 12) < 0
-               ? -1
-               : 0;
-}
 
-/* KeyUpdate: the next secret of a direction (RFC 8446 7.2), then its keys. */
-static int next_keys(Records *r, Direction *d) {
-    unsigned char next[48];
-    if (expand_label(r, d->secret, "traffic upd", next, r->hash_len) < 0) {
-        return -1;
-    }
-    memcpy(d->secret, next, (size_t)r->hash_len);
-    ossl.OPENSSL_cleanse(next, sizeof next);
-    return derive_keys(r, d);
-}
 
-static void *cipher_ctx(Records *r, int w) {
-    Direction *d = &r->dir[w];
-    if (d->ctx == NULL) {
-        d->ctx = ossl.EVP_CIPHER_CTX_new();
-        if (d->ctx != NULL &&
-            ossl.EVP_CipherInit_ex(d->ctx, r->cipher, NULL, d->key, NULL, w) != 1) {
-            ossl.EVP_CIPHER_CTX_free(d->ctx);
-            d->ctx = NULL;
-        }
-        if (d->ctx == NULL) {
-            ossl.ERR_clear_error();
-        }
-    }
-    return d->ctx;
-}
 
-static void nonce_of(const Direction *d, unsigned char nonce[12]) {
-    memcpy(nonce, d->iv, 12);
-    for (int k = 0; k < 8; k++) {
-        nonce[11 - k] ^= (unsigned char)(d->seq >> (8 * k));
-    }
-}
 
-/* One record of inner type `type` with `len` (<= RECORD_PLAIN) bytes of `data`, written at
-   `out` (room for len + 22). Returns its size, or -1. */
-static int seal_record(Records *r, int type, const unsigned char *data, size_t len,
-                       unsigned char *out) {
-    Direction *d = &r->dir[1];
-    void *ctx = cipher_ctx(r, 1);
-    size_t body = len + 1 + TAG_LEN;
-    unsigned char nonce[12], inner = (unsigned char)type;
-    int n = 0, m = 0, f = 0;
-    if (ctx == NULL || d->seq == UINT64_MAX) {
-        return -1;
-    }
-    out[0] = RT_APPLICATION_DATA;
-    out[1] = 3;
-    out[2] = 3;
-    out[3] = (unsigned char)(body >> 8);
-    out[4] = (unsigned char)body;
-    nonce_of(d, nonce);
-    if (ossl.EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1) != 1 ||
-        ossl.EVP_CipherUpdate(ctx, NULL, &n, out, 5) != 1 ||
-        (len > 0 && ossl.EVP_CipherUpdate(ctx, out + 5, &n, data, (int)len) != 1) ||
-        ossl.EVP_CipherUpdate(ctx, out + 5 + len, &m, &inner, 1) != 1 ||
-        ossl.EVP_CipherFinal_ex(ctx, out + 5 + len + 1, &f) != 1 ||
-        ossl.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + 5 + len + 1) != 1) {
-        ossl.ERR_clear_error();
-        return -1;
-    }
-    d->seq++;
-    return (int)(5 + body);
-}
 
-/* Opens the whole record at rec (header and `body` bytes) into out; returns the length of
-   its content and sets *type, or NULL-terminated reason in *why and -1. */
-static int open_record(Records *r, const unsigned char *rec, size_t body, unsigned char *out,
-                       int *type, const char **why) {
-    Direction *d = &r->dir[0];
-    void *ctx = cipher_ctx(r, 0);
-    unsigned char nonce[12];
-    int n = 0, f = 0;
-    if (ctx == NULL || d->seq == UINT64_MAX) {
-        *why = "internal error";
-        return -1;
-    }
-    if (body < TAG_LEN + 1) {
-        *why = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"; /* too short for a tag and a type */
-        return -1;
-    }
-    size_t clen = body - TAG_LEN;
-    nonce_of(d, nonce);
-    if (ossl.EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0) != 1 ||
-        ossl.EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN,
-                                 (void *)(rec + 5 + clen)) != 1 ||
-        ossl.EVP_CipherUpdate(ctx, NULL, &n, rec, 5) != 1 ||
-        ossl.EVP_CipherUpdate(ctx, out, &n, rec + 5, (int)clen) != 1 ||
-        ossl.EVP_CipherFinal_ex(ctx, out + n, &f) != 1) {
-        ossl.ERR_clear_error();
-        *why = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC";
-        return -1;
-    }
-    d->seq++;
-    while (clen > 0 && out[clen - 1] == 0) {
-        clen--; /* padding */
-    }
-    if (clen == 0) {
-        *why = "BAD_RECORD_TYPE"; /* no content type */
-        return -1;
-    }
-    if (clen - 1 > RECORD_PLAIN) {
-        *why = "DATA_LENGTH_TOO_LONG"; /* OpenSSL's words (a record_overflow alert) */
-        return -1;
-    }
-    *type = out[clen - 1];
-    return (int)(clen - 1);
-}
 
-static void free_records(Records *r) {
-    for (int w = 0; w < 2; w++) {
-        if (r->dir[w].ctx != NULL) {
-            ossl.EVP_CIPHER_CTX_free(r->dir[w].ctx);
-        }
-    }
-    free(r->part);
-    if (r->hs != NULL) {
-        ossl.OPENSSL_cleanse(r->hs, r->hs_cap);
-        free(r->hs);
-    }
-    if (r->session_ctx != NULL) {
-        ossl.SSL_CTX_free(r->session_ctx);
-    }
-    ossl.OPENSSL_cleanse(r, sizeof *r);
-    free(r);
-}
 
-/* What a quiet end gives back: cipher contexts (made again on the next record) and
-   empty buffers. */
-static void release_records(Records *r) {
-    for (int w = 0; w < 2; w++) {
-        if (r->dir[w].ctx != NULL) {
-            ossl.EVP_CIPHER_CTX_free(r->dir[w].ctx);
-            r->dir[w].ctx = NULL;
-        }
-    }
-    if (r->part != NULL && r->part_len == 0) {
-        free(r->part);
-        r->part = NULL;
-    }
-    if (r->hs != NULL && r->hs_len == 0) {
-        free(r->hs);
-        r->hs = NULL;
-        r->hs_cap = 0;
-    }
-}
 
-static size_t records_bytes(const Records *r) {
-    return (r->part != NULL ? RECORD_MAX : 0) + r->hs_cap;
-}
 
-/* The cipher of a TLS 1.3 suite we protect records for, or NULL. */
-static const void *suite_cipher(unsigned long id, int *key_len, const void **md) {
-    switch (id & 0xffff) {
-    case 0x1301: /* TLS_AES_128_GCM_SHA256 */
-        *key_len = 16;
-        *md = ossl.EVP_sha256();
-        return fetched_cipher[0] ? fetched_cipher[0] : ossl.EVP_aes_128_gcm();
-    case 0x1302: /* TLS_AES_256_GCM_SHA384 */
-        *key_len = 32;
-        *md = ossl.EVP_sha384();
-        return fetched_cipher[1] ? fetched_cipher[1] : ossl.EVP_aes_256_gcm();
-    case 0x1303: /* TLS_CHACHA20_POLY1305_SHA256 */
-        *key_len = 32;
-        *md = ossl.EVP_sha256();
-        return fetched_cipher[2] ? fetched_cipher[2] : ossl.EVP_chacha20_poly1305();
-    default:
-        return NULL;
-    }
-}
 
 /* The records of an SSL whose state allows it (see above), or NULL (OpenSSL keeps it). */
 static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
@@ -833,18 +501,15 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
     if (!server && !t->read_after) {
         return NULL; /* the server's tickets may still be on their way */
     }
-    const void *md = NULL;
+    const EVP_MD *md = NULL;
     int key_len = 0;
-    const void *cipher = NULL;
+    unsigned long suite = 0;
     if (ossl.SSL_version(ssl) == TLS13_VERSION) {
-        const void *suite = ossl.SSL_get_current_cipher(ssl);
-        cipher = suite ? suite_cipher(ossl.SSL_CIPHER_get_id(suite), &key_len, &md) : NULL;
+        const SSL_CIPHER *cipher = ossl.SSL_get_current_cipher(ssl);
+        suite = cipher ? ossl.SSL_CIPHER_get_id(cipher) : 0;
     }
-    int hash_len = md == ossl.EVP_sha384() ? 48 : 32;
-    int from_ssl = secret_at[0] >= 0; /* else the keylog's (see learn_secrets) */
-    if (cipher == NULL || md == NULL ||
-        (!from_ssl && (t->secret_len[0] != (unsigned)hash_len ||
-                       t->secret_len[1] != (unsigned)hash_len))) {
+    if (records_suite(suite, &key_len, &md) == NULL || md == NULL ||
+        t->secret_len[0] != t->secret_len[1]) {
         t->refused = 1;
         return NULL;
     }
@@ -853,29 +518,11 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
         ossl.BIO_ctrl(wbio, BIO_CTRL_PENDING, 0, NULL) != 0) {
         return NULL;
     }
-    Records *r = calloc(1, sizeof *r);
+    Records *r = records_new(suite, server, t->secret[0], t->secret[1], t->secret_len[0],
+                             t->records[0], t->records[1]);
     if (r == NULL) {
-        return NULL;
+        t->refused = 1; /* a secret of the wrong length for the suite, or no memory */
     }
-    r->cipher = cipher;
-    r->md = md;
-    r->key_len = key_len;
-    r->hash_len = hash_len;
-    r->server = server;
-    for (int w = 0; w < 2; w++) { /* [0] read: the peer's secret; [1] write: ours */
-        int client_secret = server ? w == 0 : w == 1;
-        const unsigned char *secret = from_ssl ? (const unsigned char *)ssl +
-                                                     secret_at[client_secret ? 0 : 1]
-                                               : t->secret[client_secret ? 0 : 1];
-        memcpy(r->dir[w].secret, secret, (size_t)hash_len);
-    }
-    if (derive_keys(r, &r->dir[0]) < 0 || derive_keys(r, &r->dir[1]) < 0) {
-        free_records(r);
-        t->refused = 1;
-        return NULL;
-    }
-    r->dir[0].seq = t->records[0];
-    r->dir[1].seq = t->records[1];
     return r;
 }
 
@@ -885,7 +532,7 @@ static Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
    haproxy release theirs too). The next burst allocates them again. */
 static void release_buffers(End *e) {
     if (e->rec != NULL) {
-        release_records(e->rec);
+        records_release(e->rec);
         return;
     }
     shrink_bio(e->rbio);
@@ -968,7 +615,7 @@ static int forward(Pump *p, int i, const char *data, size_t len) {
         clear_errors();
         int w = ossl.SSL_write(d->ssl, data + off, slice);
         if (w <= 0) {
-            emit_tls_error(p, j, ossl.ERR_peek_error());
+            emit_tls_error(p, j);
             return -1;
         }
         off += (size_t)w;
@@ -1125,7 +772,7 @@ static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len)
     }
     do {
         size_t n = len - off < RECORD_PLAIN ? len - off : RECORD_PLAIN;
-        int w = seal_record(r, type, (const unsigned char *)data + off, n,
+        int w = records_seal(r, type, (const unsigned char *)data + off, n,
                             (unsigned char *)cipher_buf + filled);
         if (w < 0) {
             records_failed(p, j, "internal error: record encryption failed");
@@ -1143,236 +790,68 @@ static int seal_and_send(Pump *p, int j, int type, const char *data, size_t len)
     return 0;
 }
 
-/* A post-handshake message from side i (RFC 8446 4.6). NULL, or why it is refused. */
-static const char *handshake_message(Pump *p, int i, const unsigned char *m, size_t len,
-                                     int last_in_record) {
+
+
+
+
+/* Before an own-records end fails: the fatal alert towards it, and nothing after. */
+static void send_alert(Pump *p, int i, const char *why) {
     End *s = &p->e[i];
-    Records *r = s->rec;
-    if (m[0] == HS_NEW_SESSION_TICKET && !r->server) {
-        return NULL; /* a ticket for later connections: the handshake's ones are kept */
+    int alert = records_alert_for(why);
+    if (alert < 0 || s->eof_out || s->rec == NULL) {
+        return;
     }
-    if (m[0] != HS_KEY_UPDATE) {
-        return "UNEXPECTED_MESSAGE";
-    }
-    if (len != 5 || m[4] > 1) {
-        return "BAD_KEY_UPDATE";
-    }
-    if (!last_in_record) {
-        return "NOT_ON_RECORD_BOUNDARY";
-    }
-    if (next_keys(r, &r->dir[0]) < 0) {
-        return "internal error: key update failed";
-    }
-    /* update_requested: ours goes before any more data; one answers every request that
-       comes before we send anything else (RFC 8446 4.6.3), so a peer sending requests and
-       reading nothing does not fill our out buffer with answers */
-    if (m[4] == 1 && !s->eof_out && !r->answered) {
-        static const unsigned char ours[5] = {HS_KEY_UPDATE, 0, 0, 1, 0};
-        if (seal_and_send(p, i, RT_HANDSHAKE, (const char *)ours, sizeof ours) < 0) {
-            return ""; /* reported */
-        }
-        if (next_keys(r, &r->dir[1]) < 0) {
-            return "internal error: key update failed";
-        }
-        r->answered = 1;
-    }
-    return NULL;
+    const char record[2] = {2 /* fatal */, (char)alert};
+    s->eof_out = 1;
+    seal_and_send(p, i, RT_ALERT, record, sizeof record);
 }
 
-/* The handshake content of one record: whole messages, and a part kept for the next. */
-static const char *handshake_content(Pump *p, int i, const unsigned char *data, size_t len) {
-    Records *r = p->e[i].rec;
-    const unsigned char *b = data;
-    size_t have = len;
-    if (r->hs_len > 0) { /* a message began in an earlier record */
-        if (r->hs_len + len > r->hs_cap) {
-            size_t cap = r->hs_len + len;
-            unsigned char *grown = realloc(r->hs, cap);
-            if (grown == NULL) {
-                return "internal error: out of memory";
-            }
-            r->hs = grown;
-            r->hs_cap = cap;
-        }
-        memcpy(r->hs + r->hs_len, data, len);
-        r->hs_len += len;
-        b = r->hs;
-        have = r->hs_len;
-    }
-    size_t off = 0;
-    while (have - off >= 4) {
-        size_t mlen = ((size_t)b[off + 1] << 16) | ((size_t)b[off + 2] << 8) | b[off + 3];
-        if (mlen > HANDSHAKE_MAX) {
-            return "EXCESSIVE_MESSAGE_SIZE";
-        }
-        if (have - off < 4 + mlen) {
-            break;
-        }
-        const char *why = handshake_message(p, i, b + off, 4 + mlen, off + 4 + mlen == have);
-        if (why != NULL || p->closed) {
-            return why ? why : "";
-        }
-        off += 4 + mlen;
-    }
-    size_t rest = have - off;
-    if (rest > 0 && b != r->hs) { /* keep the start of a message for the next record */
-        if (rest > r->hs_cap) {
-            unsigned char *grown = realloc(r->hs, rest);
-            if (grown == NULL) {
-                return "internal error: out of memory";
-            }
-            r->hs = grown;
-            r->hs_cap = rest;
-        }
-        memcpy(r->hs, b + off, rest);
-    } else if (rest > 0 && off > 0) {
-        memmove(r->hs, r->hs + off, rest);
-    }
-    r->hs_len = rest;
-    return NULL;
+/* The record layer's callbacks (records.h) for side i: its application data goes to the
+   other side; our KeyUpdate answer goes to side i, unless our direction has ended. */
+static int relay_data(void *arg, const unsigned char *plain, size_t len) {
+    End *s = arg;
+    Pump *p = s->owner;
+    return forward(p, s->index, (const char *)plain, len) < 0 || p->closed ? -1 : 0;
 }
 
-/* The next whole record of side i: in data[*off:len], or completed in r->part from it.
-   Returns the record (header first) and its body length, or NULL when more bytes are
-   needed (what there is, is kept) or on error (*why set). */
-static const unsigned char *next_record(Records *r, const char *data, size_t len, size_t *off,
-                                        size_t *body, const char **why) {
-    if (r->part_len == 0 && len - *off >= 5) {
-        const unsigned char *h = (const unsigned char *)data + *off;
-        size_t n = ((size_t)h[3] << 8) | h[4];
-        if (n > RECORD_BODY_MAX) {
-            *why = "ENCRYPTED_LENGTH_TOO_LONG"; /* RFC 8446 5.2 */
-            return NULL;
-        }
-        if (len - *off >= 5 + n) {
-            *off += 5 + n;
-            *body = n;
-            return h;
-        }
+static int relay_key_update(void *arg) {
+    static const unsigned char ours[5] = {HS_KEY_UPDATE, 0, 0, 1, 0}; /* not requested */
+    End *s = arg;
+    Pump *p = s->owner;
+    if (s->eof_out) {
+        return 1;
     }
-    if (len == *off) {
-        return NULL;
+    if (seal_and_send(p, s->index, RT_HANDSHAKE, (const char *)ours, sizeof ours) < 0 ||
+        p->closed) {
+        return -1;
     }
-    if (r->part == NULL && (r->part = malloc(RECORD_MAX)) == NULL) {
-        *why = "internal error: out of memory";
-        return NULL;
-    }
-    for (;;) {
-        size_t want = 5;
-        if (r->part_len >= 5) {
-            size_t n = ((size_t)r->part[3] << 8) | r->part[4];
-            if (n > RECORD_BODY_MAX) {
-                *why = "ENCRYPTED_LENGTH_TOO_LONG";
-                return NULL;
-            }
-            want = 5 + n;
-            if (r->part_len == want) {
-                r->part_len = 0; /* the caller uses it before anything else is kept */
-                *body = n;
-                return r->part;
-            }
-        }
-        if (*off == len) {
-            return NULL;
-        }
-        size_t take = want - r->part_len < len - *off ? want - r->part_len : len - *off;
-        memcpy(r->part + r->part_len, data + *off, take);
-        r->part_len += take;
-        *off += take;
-    }
-}
-
-/* OpenSSL's words for an alert received (its reason codes are 1000 + the alert), so the
-   flow record says the same whichever layer read it. */
-static const char *alert_reason(unsigned description) {
-    const char *text = ossl.ERR_reason_error_string((20UL << 23) | (1000UL + description));
-    if (text != NULL) {
-        return text;
-    }
-    static char unknown[40];
-    snprintf(unknown, sizeof unknown, "TLS alert %u", description);
-    return unknown;
+    return 0;
 }
 
 /* Side i's records in `len` new bytes (and a record begun earlier), forwarding as we go:
    the counterpart of tls_in() for an end whose records are ours. */
 static void records_in(Pump *p, int i, const char *data, size_t len) {
     End *s = &p->e[i];
-    Records *r = s->rec;
-    size_t off = 0, filled = 0, body = 0;
+    RecordSink sink = {s, relay_data, relay_key_update};
     const char *why = NULL;
-    int eof = 0;
-    while (!eof) {
-        const unsigned char *rec = next_record(r, data, len, &off, &body, &why);
-        if (rec == NULL) {
-            break;
-        }
-        if (rec[0] != RT_APPLICATION_DATA) {
-            why = "BAD_RECORD_TYPE"; /* plaintext records end with the handshake */
-            break;
-        }
-        if (rec[1] != 3 || rec[2] != 3) {
-            why = "WRONG_VERSION_NUMBER"; /* as OpenSSL checks legacy_record_version */
-            break;
-        }
-        if (CHUNK - filled < body) {
-            if (forward(p, i, plain_buf, filled) < 0 || p->closed) {
-                return;
-            }
-            filled = 0;
-        }
-        int type = 0;
-        unsigned char *out = (unsigned char *)plain_buf + filled;
-        int n = open_record(r, rec, body, out, &type, &why);
-        if (n < 0) {
-            break;
-        }
-        if (type != RT_APPLICATION_DATA && type != RT_ALERT && type != RT_HANDSHAKE) {
-            why = "BAD_RECORD_TYPE";
-        } else if (n == 0 && type != RT_APPLICATION_DATA) {
-            why = "BAD_LENGTH"; /* only application data may be empty */
-        } else if (n == 0 && ++r->empty_run > MAX_EMPTY_RECORDS) {
-            why = "RECORD_TOO_SMALL";
-        } else if (n == 0) {
-            /* an empty record: nothing to do */
-        } else if (r->hs_len > 0 && type != RT_HANDSHAKE) {
-            why = "MIXED_HANDSHAKE_AND_NON_HANDSHAKE_DATA"; /* RFC 8446 5.1 */
-        } else if (type == RT_APPLICATION_DATA) {
-            r->empty_run = r->warn_run = 0;
-            filled += (size_t)n;
-        } else if (type == RT_ALERT) {
-            r->empty_run = 0;
-            if (n != 2) {
-                why = "INVALID_ALERT";
-            } else if (out[1] == 0) {
-                eof = 1; /* close_notify: whatever follows it is ignored */
-            } else if (out[1] != 90) { /* user_canceled comes before a close_notify */
-                why = alert_reason(out[1]);
-            } else if (++r->warn_run >= MAX_WARN_ALERT_COUNT) {
-                why = "TOO_MANY_WARN_ALERTS";
-            }
-        } else {
-            r->empty_run = 0;
-            why = handshake_content(p, i, out, (size_t)n);
-        }
-        if (why != NULL || p->closed) {
-            break;
-        }
-    }
-    if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
+    int status = records_input(s->rec, (const unsigned char *)data, len,
+                               (unsigned char *)plain_buf, CHUNK, &sink, &why);
+    if (status == RECORDS_STOPPED || p->closed) {
         return;
     }
-    if (why != NULL) {
+    if (status == RECORDS_FAILED) {
+        send_alert(p, i, why);
         if (!p->closed) {
             records_failed(p, i, why);
         }
         return;
     }
     burst_over(s);
-    if (eof || (s->fin_in && off == len)) {
-        got_eof(p, i); /* close_notify, or FIN (with or without one, as with OpenSSL) */
+    if (status == RECORDS_CLOSE_NOTIFY) {
+        got_eof(p, i); /* close_notify (a FIN is unclean_eof's) */
     }
 }
+
 
 /* ---- receiving ----------------------------------------------------------------------- */
 /* Decrypt what side i's BIO holds plus `len` new bytes of ciphertext, forwarding as we go. */
@@ -1387,10 +866,6 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
             size_t k = len - off < room ? len - off : room;
             ossl.BIO_write(s->rbio, data + off, (int)k);
             off += k;
-        }
-        if (off == len && s->fin_in) {
-            /* after the last byte, an empty BIO means end of stream, not "try again" */
-            ossl.BIO_ctrl(s->rbio, BIO_C_SET_BUF_MEM_EOF_RETURN, 0, NULL);
         }
         clear_errors();
         int r = ossl.SSL_read(s->ssl, plain_buf + filled, (int)(CHUNK - filled));
@@ -1411,18 +886,23 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
             }
             break;
         }
-        if (err == SSL_ERROR_ZERO_RETURN || (s->fin_in && (err == SSL_ERROR_SYSCALL ||
-                                                           err == SSL_ERROR_SSL))) {
+        if (err == SSL_ERROR_ZERO_RETURN) {
             ossl.ERR_clear_error();
-            eof = 1; /* close_notify, or FIN without one (a truncated stream) */
+            eof = 1; /* close_notify (a FIN never reaches OpenSSL: see unclean_eof) */
             break;
         }
-        unsigned long code = ossl.ERR_peek_error();
-        ossl.ERR_clear_error();
+        char buf[40];
+        const char *why = queued_reason(buf, sizeof buf);
         if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
             return;
         }
-        emit_tls_error(p, i, code);
+        /* the fatal alert OpenSSL wrote (bad_record_mac, record_overflow...) goes first */
+        if (!s->eof_out && flush_wbio(p, i) < 0) {
+            return;
+        }
+        s->eof_out = 1; /* nothing may follow a fatal alert */
+        s->tls_failed = 1;
+        emit_str(p, "tls_error", i, why);
         return;
     }
     if (filled && (forward(p, i, plain_buf, filled) < 0 || p->closed)) {
@@ -1442,6 +922,36 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
     } else {
         take_over(p, i);
     }
+}
+
+/* A TCP FIN from a TLS end that sent no close_notify (that one would have ended reading:
+   got_eof). Mid-record (part of a record or of a handshake message held), the stream was
+   cut: "truncated". On a record boundary it is "eof_without_close_notify", which a
+   lenient end (the listener's or upstream's tls.allow_eof_without_close_notify) takes as
+   the end of its stream, as a FIN. Otherwise both sockets are set to reset on close
+   (SO_LINGER 0) and Python is told: it fails the connection, and the other side gets an
+   RST, never a clean end it could mistake for the whole stream. */
+static void unclean_eof(Pump *p, int i) {
+    End *s = &p->e[i];
+    int truncated = s->rec != NULL
+                        ? s->rec->part_len > 0 || s->rec->hs_len > 0
+                        : ossl.SSL_has_pending(s->ssl) ||
+                              ossl.BIO_ctrl(s->rbio, BIO_CTRL_PENDING, 0, NULL) > 0;
+    if (!truncated && s->lenient) {
+        got_eof(p, i);
+        return;
+    }
+    static const struct linger reset = {1, 0};
+    for (int k = 0; k < 2; k++) {
+        if (p->e[k].fd >= 0) {
+            setsockopt(p->e[k].fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+        }
+    }
+    if (watch(p, i, 0, 0) < 0) {
+        fatal(p);
+        return;
+    }
+    emit_str(p, "unclean", i, truncated ? "truncated" : "eof_without_close_notify");
 }
 
 static void on_readable(Pump *p, int i) {
@@ -1465,19 +975,15 @@ static void on_readable(Pump *p, int i) {
         s->fin_in = 1;
         if (!tls_end(s)) {
             got_eof(p, i);
-            return;
+        } else {
+            unclean_eof(p, i);
         }
+        return;
     }
     if (s->rec != NULL) {
         records_in(p, i, recv_buf, (size_t)n);
-        if (!p->closed && s->fin_in && !s->eof_in) {
-            got_eof(p, i);
-        }
     } else if (s->ssl != NULL) {
         tls_in(p, i, recv_buf, (size_t)n);
-        if (!p->closed && s->fin_in && !s->eof_in) {
-            got_eof(p, i);
-        }
     } else {
         forward(p, i, recv_buf, (size_t)n);
     }
@@ -1545,7 +1051,7 @@ static void pump_close_impl(Pump *p) {
         Py_CLEAR(e->adopt);
         e->ssl = NULL;
         if (e->rec != NULL) {
-            free_records(e->rec);
+            records_free(e->rec);
             e->rec = NULL;
         }
     }
@@ -1709,13 +1215,14 @@ static int require_bound(void) {
 
 static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "poller",
-                             "on_event", "client_watch", "upstream_watch", NULL};
+                             "on_event", "client_watch", "upstream_watch", "client_lenient",
+                             "upstream_lenient", NULL};
     Pump *p = (Pump *)self;
-    int fds[2];
+    int fds[2], lenient[2] = {0, 0};
     PyObject *tls[2], *poller, *on_event, *watches[2] = {Py_None, Py_None};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OO", kwlist, &fds[0], &tls[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OOpp", kwlist, &fds[0], &tls[0],
                                      &fds[1], &tls[1], &poller, &on_event, &watches[0],
-                                     &watches[1])) {
+                                     &watches[1], &lenient[0], &lenient[1])) {
         return -1;
     }
     for (int i = 0; i < 2; i++) {
@@ -1750,6 +1257,8 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     }
     p->e[0].fd = fds[0];
     p->e[1].fd = fds[1];
+    p->e[0].lenient = lenient[0];
+    p->e[1].lenient = lenient[1];
     for (int i = 0; i < 2; i++) {
         if (watches[i] != Py_None) {
             Py_INCREF(watches[i]);
@@ -2116,6 +1625,19 @@ static PyTypeObject PollerType = {
 };
 
 /* ---- binding to the _ssl module's OpenSSL -------------------------------------------- */
+/* Pointers taken from CPython's private _ssl layouts are used only once a public OpenSSL
+   call has confirmed them (the SSL's BIOs, its context, a session's id). When one does not
+   confirm, the native path is refused (RuntimeError: Python carries on with the public
+   path), and counted: verification_failures() (native.py logs it as a warning and /status
+   and the metrics show it). */
+static unsigned long long verification_failures = 0;
+
+static void *layout_refused(const char *why) {
+    verification_failures++;
+    PyErr_SetString(PyExc_RuntimeError, why);
+    return NULL;
+}
+
 static int check_type_name(PyObject *obj, const char *want) {
     const char *name = Py_TYPE(obj)->tp_name;
     if (strcmp(name, want) != 0) {
@@ -2154,12 +1676,13 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
         Py_DECREF(obj);
         return NULL;
     }
-    SSL *ssl = ((SslSocketHead *)obj)->ssl;
+    SSL *ssl = Py_TYPE(obj)->tp_basicsize >= (Py_ssize_t)sizeof(SslSocketHead)
+                   ? ((SslSocketHead *)obj)->ssl
+                   : NULL;
     if (ssl == NULL || ossl.SSL_get_rbio(ssl) != in || ossl.SSL_get_wbio(ssl) != out) {
         Py_DECREF(obj);
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the _ssl object layout is not the expected one (BIOs do not match)");
-        return NULL;
+        return layout_refused("the _ssl object layout is not the expected one (BIOs do not "
+                              "match)");
     }
     *rbio = in;
     *wbio = out;
@@ -2167,110 +1690,11 @@ static SSL *ssl_of(PyObject *triple, BIO **rbio, BIO **wbio, PyObject **inner) {
     return ssl;
 }
 
-#define BIND(name)                                                                           \
-    do {                                                                                     \
-        *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
-        if (ossl.name == NULL) {                                                             \
-            PyErr_Format(PyExc_RuntimeError, "%s not found beside the _ssl module", #name); \
-            return NULL;                                                                     \
-        }                                                                                    \
-    } while (0)
-
-static void bind_fast_paths(void *handle);
-
-#define BIND_OPTIONAL(name)                                                                  \
-    do {                                                                                     \
-        *(void **)(&ossl.name) = dlsym(handle, #name);                                       \
-        if (ossl.name == NULL) {                                                             \
-            records_ready = 0;                                                               \
-        }                                                                                    \
-    } while (0)
-
-typedef struct { /* OSSL_PARAM, public in <openssl/params.h> (OpenSSL 3) */
-    const char *key;
-    unsigned int data_type;
-    void *data;
-    size_t data_size;
-    size_t return_size;
-} OsslParam;
-#define OSSL_PARAM_UTF8_STRING 4
-#define OSSL_PARAM_UNMODIFIED ((size_t)-1)
-
-/* OpenSSL 3's HMAC() and legacy EVP_aes_*() look the algorithm up by name on every call
-   (~20,000 instructions per HMAC in callgrind); fetched once here, they cost nothing per
-   connection. Without these functions (OpenSSL 1.1.1) the slow paths are used. */
-static void bind_fast_paths(void *handle) {
-    *(void **)(&ossl.EVP_MAC_fetch) = dlsym(handle, "EVP_MAC_fetch");
-    *(void **)(&ossl.EVP_MAC_CTX_new) = dlsym(handle, "EVP_MAC_CTX_new");
-    *(void **)(&ossl.EVP_MAC_init) = dlsym(handle, "EVP_MAC_init");
-    *(void **)(&ossl.EVP_MAC_update) = dlsym(handle, "EVP_MAC_update");
-    *(void **)(&ossl.EVP_MAC_final) = dlsym(handle, "EVP_MAC_final");
-    *(void **)(&ossl.EVP_CIPHER_fetch) = dlsym(handle, "EVP_CIPHER_fetch");
-    if (ossl.EVP_CIPHER_fetch != NULL && fetched_cipher[0] == NULL) {
-        static const char *names[3] = {"AES-128-GCM", "AES-256-GCM", "ChaCha20-Poly1305"};
-        for (int k = 0; k < 3; k++) {
-            fetched_cipher[k] = ossl.EVP_CIPHER_fetch(NULL, names[k], NULL);
-        }
-    }
-    if (ossl.EVP_MAC_fetch == NULL || ossl.EVP_MAC_CTX_new == NULL || ossl.EVP_MAC_init == NULL ||
-        ossl.EVP_MAC_update == NULL || ossl.EVP_MAC_final == NULL || hmac_ctx[0] != NULL) {
-        ossl.ERR_clear_error();
-        return;
-    }
-    void *mac = ossl.EVP_MAC_fetch(NULL, "HMAC", NULL);
-    static const char *digests[2] = {"SHA256", "SHA384"};
-    static const unsigned char dummy[48];
-    for (int k = 0; k < 2 && mac != NULL; k++) {
-        OsslParam params[2] = {
-            {"digest", OSSL_PARAM_UTF8_STRING, (void *)digests[k], strlen(digests[k]),
-             OSSL_PARAM_UNMODIFIED},
-            {NULL, 0, NULL, 0, 0},
-        };
-        void *ctx = ossl.EVP_MAC_CTX_new(mac);
-        if (ctx != NULL && ossl.EVP_MAC_init(ctx, dummy, sizeof dummy, params) == 1) {
-            hmac_ctx[k] = ctx; /* kept for the life of the process, like the fetches */
-        }
-    }
-    ossl.ERR_clear_error();
-}
-
-static void bind_records(void *handle) {
-    records_ready = 1;
-    BIND_OPTIONAL(SSL_set_msg_callback);
-    BIND_OPTIONAL(SSL_ctrl);
-    BIND_OPTIONAL(SSL_CTX_set_keylog_callback);
-    BIND_OPTIONAL(SSL_CTX_get_keylog_callback);
-    BIND_OPTIONAL(SSL_get_ex_data);
-    BIND_OPTIONAL(SSL_set_ex_data);
-    BIND_OPTIONAL(SSL_version);
-    BIND_OPTIONAL(SSL_get_current_cipher);
-    BIND_OPTIONAL(SSL_CIPHER_get_id);
-    BIND_OPTIONAL(SSL_is_server);
-    BIND_OPTIONAL(SSL_pending);
-    BIND_OPTIONAL(SSL_has_pending);
-    BIND_OPTIONAL(SSL_get_shutdown);
-    BIND_OPTIONAL(EVP_CIPHER_CTX_new);
-    BIND_OPTIONAL(EVP_CIPHER_CTX_free);
-    BIND_OPTIONAL(EVP_CipherInit_ex);
-    BIND_OPTIONAL(EVP_CipherUpdate);
-    BIND_OPTIONAL(EVP_CipherFinal_ex);
-    BIND_OPTIONAL(EVP_CIPHER_CTX_ctrl);
-    BIND_OPTIONAL(EVP_aes_128_gcm);
-    BIND_OPTIONAL(EVP_aes_256_gcm);
-    BIND_OPTIONAL(EVP_chacha20_poly1305);
-    BIND_OPTIONAL(EVP_sha256);
-    BIND_OPTIONAL(EVP_sha384);
-    BIND_OPTIONAL(HMAC);
-    BIND_OPTIONAL(OPENSSL_cleanse);
-    BIND_OPTIONAL(SSL_get_session);
-    BIND_OPTIONAL(SSL_SESSION_new);
-    BIND_OPTIONAL(SSL_SESSION_set1_id);
-    BIND_OPTIONAL(SSL_SESSION_set_protocol_version);
-    BIND_OPTIONAL(SSL_CTX_remove_session);
-    BIND_OPTIONAL(SSL_CTX_up_ref);
-    BIND_OPTIONAL(SSL_CTX_free);
+/* What the own records need besides the functions: the tracker's ex_data slot. */
+static void bind_records(int found) {
+    records_ready = found;
     if (records_ready) {
-        bind_fast_paths(handle);
+        records_init();
     }
     if (records_ready && tracker_slot < 0) {
         tracker_slot = ossl.CRYPTO_get_ex_new_index(CRYPTO_EX_INDEX_SSL, 0, NULL, NULL, NULL,
@@ -2295,37 +1719,21 @@ static PyObject *mod_bind(PyObject *module, PyObject *args) {
         PyErr_Format(PyExc_RuntimeError, "the _ssl module is not loaded from %s", path);
         return NULL;
     }
-    BIND(SSL_read);
-    BIND(SSL_write);
-    BIND(SSL_get_error);
-    BIND(SSL_shutdown);
-    BIND(SSL_get_rbio);
-    BIND(SSL_get_wbio);
-    BIND(BIO_write);
-    BIND(BIO_read);
-    BIND(BIO_ctrl);
-    BIND(ERR_peek_error);
-    BIND(ERR_clear_error);
-    BIND(ERR_reason_error_string);
-    BIND(SSL_get_SSL_CTX);
-    BIND(SSL_set_shutdown);
-    BIND(SSL_set_session);
-    BIND(SSL_SESSION_dup);
-    BIND(SSL_SESSION_free);
-    BIND(SSL_SESSION_get_id);
-    BIND(SSL_CTX_ctrl);
-    BIND(SSL_free_buffers);
-    BIND(OpenSSL_version_num);
-    BIND(BUF_MEM_new);
-    BIND(SSL_CTX_sess_set_new_cb);
-    BIND(SSL_CTX_sess_get_new_cb);
-    BIND(SSL_CTX_get_ex_data);
-    BIND(SSL_CTX_set_ex_data);
-    BIND(CRYPTO_get_ex_new_index);
-    BIND(SSL_SESSION_is_resumable);
-    BIND(SSL_CTX_set_ciphersuites);
-    free_buffers_safe = fixed_free_buffers(ossl.OpenSSL_version_num());
-    bind_records(handle);
+    int records = 0;
+    const char *missing = ossl_bind(handle, &records);
+    if (missing != NULL) {
+        PyErr_Format(PyExc_RuntimeError, "%s not found beside the _ssl module", missing);
+        return NULL;
+    }
+    unsigned long runtime = ossl.OpenSSL_version_num();
+    if ((runtime >> 28) != OPENSSL_VERSION_MAJOR) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "Python's ssl module uses OpenSSL %lx, the extension was built with "
+                     "OpenSSL %d's headers", runtime, OPENSSL_VERSION_MAJOR);
+        return NULL;
+    }
+    free_buffers_safe = fixed_free_buffers(runtime);
+    bind_records(records);
     BIO *r, *w;
     PyObject *inner;
     if (ssl_of(sample, &r, &w, &inner) == NULL) {
@@ -2361,9 +1769,8 @@ static SSL_CTX *ctx_of(PyObject *context, PyObject *sample) {
     Py_DECREF(inner);
     SSL_CTX *ctx = ((SslContextHead *)context)->ctx;
     if (ctx == NULL || ossl.SSL_get_SSL_CTX(ssl) != ctx) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the _ssl context layout is not the expected one (contexts differ)");
-        return NULL;
+        return layout_refused("the _ssl context layout is not the expected one (contexts "
+                              "differ)");
     }
     return ctx;
 }
@@ -2509,9 +1916,8 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
                memcmp(id, PyBytes_AS_STRING(want), len) == 0;
     Py_DECREF(want);
     if (!same) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "the _ssl session layout is not the expected one (ids do not match)");
-        return NULL;
+        return layout_refused("the _ssl session layout is not the expected one (ids do not "
+                              "match)");
     }
     SSL *ssl = bound_ssl_of(sample);
     if (ssl == NULL) {
@@ -2538,8 +1944,8 @@ static PyObject *mod_set_session(PyObject *module, PyObject *args) {
  * loop thread, sometimes with the GIL released: it touches no Python object. */
 static int latest_session_slot = -1;
 
-static void free_latest_session(void *parent, void *ptr, void *ad, int idx, long argl,
-                                void *argp) {
+static void free_latest_session(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx,
+                                long argl, void *argp) {
     if (ptr != NULL) {
         ossl.SSL_SESSION_free((SSL_SESSION *)ptr);
     }
@@ -2630,7 +2036,7 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
     }
     SSL_CTX *ctx = ossl.SSL_get_SSL_CTX(ssl);
     void (*logging)(const SSL *, const char *) = ossl.SSL_CTX_get_keylog_callback(ctx);
-    if (secret_at[0] < 0 && logging != NULL && logging != on_keylog) {
+    if (logging != NULL && logging != on_keylog) {
         Py_RETURN_FALSE; /* needs the keylog for the secrets, and someone else has it */
     }
     if (ossl.SSL_get_ex_data(ssl, tracker_slot) != NULL) {
@@ -2645,7 +2051,7 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
         free(t);
         Py_RETURN_FALSE;
     }
-    if (logging == NULL && secret_at[0] < 0) {
+    if (logging == NULL) {
         ossl.SSL_CTX_set_keylog_callback(ctx, on_keylog);
     }
     ossl.SSL_set_msg_callback(ssl, on_tls_message);
@@ -2653,60 +2059,109 @@ static PyObject *mod_track_records(PyObject *module, PyObject *sample) {
     Py_RETURN_TRUE;
 }
 
-/* Where one secret's bytes sit in an SSL: the one offset they are found at, or -1. */
-static long find_secret(const SSL *ssl, const unsigned char *secret, unsigned len) {
-    size_t size = malloc_usable_size((void *)ssl);
-    long found = -1;
-    if (size > 64 * 1024 || len == 0) {
-        return -1;
-    }
-    for (size_t off = 0; off + len <= size; off++) {
-        if (memcmp((const unsigned char *)ssl + off, secret, len) == 0) {
-            if (found >= 0) {
-                return -1; /* twice: not a place to rely on */
-            }
-            found = (long)off;
-        }
-    }
-    return found;
+/* verification_failures() -> int: pointers from CPython's private layouts that a public
+   OpenSSL call did not confirm (see layout_refused), since the process started. */
+static PyObject *mod_verification_failures(PyObject *module, PyObject *Py_UNUSED(args)) {
+    return PyLong_FromUnsignedLongLong(verification_failures);
 }
 
-/* learn_secrets([(SSLObject, MemoryBIO, MemoryBIO), ...]) -> bool: SSLs tracked before a
-   TLS 1.3 handshake that is now done, with the keylog (e.g. both ends of two handshakes
-   in memory, made at startup): find at which offsets each keeps its application traffic
-   secrets, the same in all of them. From then on the pump reads the secrets there when it
-   takes an end over, and no context needs the keylog callback, which costs OpenSSL ~250,000
-   instructions per handshake (it formats every secret as hex with sprintf). An empty
-   sequence forgets what was learnt (tests use it to run the keylog path). */
-static PyObject *mod_learn_secrets(PyObject *module, PyObject *samples) {
-    PyObject *seq = PySequence_Fast(samples, "learn_secrets needs a sequence of samples");
-    if (seq == NULL) {
+/* ---- known-answer hooks of the record layer (tests/e2e/test_tls_records_kat.py) ---------
+ * The record layer's own code, on given secrets and sequence numbers, with no connection:
+ * record_protect seals one record with a client's traffic secret; record_unprotect reads
+ * records sealed with one, as a server end does (KeyUpdates followed and answered). */
+static Records *kat_records(unsigned long suite, Py_buffer *secret, unsigned long long seq) {
+    if (!require_bound() || !records_ready) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "own records are not available");
+        }
         return NULL;
     }
-    long at[2] = {-1, -1};
-    int agreed = PySequence_Fast_GET_SIZE(seq) >= 2 && records_ready;
-    if (PySequence_Fast_GET_SIZE(seq) == 0) { /* forget: back to the keylog (tests) */
-        secret_at[0] = secret_at[1] = -1;
+    Records *r = records_new(suite, 1, secret->buf, secret->buf, (size_t)secret->len, seq, seq);
+    if (r == NULL) {
+        PyErr_SetString(PyExc_ValueError, "unknown suite or a secret of the wrong length");
     }
-    for (Py_ssize_t k = 0; agreed && k < PySequence_Fast_GET_SIZE(seq); k++) {
-        SSL *ssl = bound_ssl_of(PySequence_Fast_GET_ITEM(seq, k));
-        if (ssl == NULL) {
-            Py_DECREF(seq);
-            return NULL;
+    return r;
+}
+
+static PyObject *mod_record_protect(PyObject *module, PyObject *args) {
+    unsigned long suite;
+    unsigned long long seq;
+    int type;
+    Py_buffer secret, data;
+    if (!PyArg_ParseTuple(args, "ky*Kiy*", &suite, &secret, &seq, &type, &data)) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Records *r = data.len <= RECORD_PLAIN ? kat_records(suite, &secret, seq) : NULL;
+    if (r == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "more than one record of data");
+    }
+    if (r != NULL) {
+        r->server = 0; /* it writes with the client's secret: the one given */
+        unsigned char *buf = malloc((size_t)data.len + 22);
+        int n = buf ? records_seal(r, type, data.buf, (size_t)data.len, buf) : -1;
+        out = n < 0 ? PyErr_Format(PyExc_RuntimeError, "sealing failed")
+                    : PyBytes_FromStringAndSize((const char *)buf, n);
+        free(buf);
+        records_free(r);
+    }
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+typedef struct {
+    PyObject *data; /* bytearray */
+    int answers;
+} KatSink;
+
+static int kat_data(void *arg, const unsigned char *plain, size_t len) {
+    KatSink *k = arg;
+    PyObject *chunk = PyByteArray_FromStringAndSize((const char *)plain, (Py_ssize_t)len);
+    if (chunk == NULL) {
+        return -1;
+    }
+    PyObject *joined = PySequence_InPlaceConcat(k->data, chunk);
+    Py_DECREF(chunk);
+    Py_XDECREF(joined);
+    return joined == NULL ? -1 : 0;
+}
+
+static int kat_key_update(void *arg) {
+    ((KatSink *)arg)->answers++;
+    return 0;
+}
+
+static PyObject *mod_record_unprotect(PyObject *module, PyObject *args) {
+    unsigned long suite;
+    unsigned long long seq;
+    Py_buffer secret, wire;
+    if (!PyArg_ParseTuple(args, "ky*Ky*", &suite, &secret, &seq, &wire)) {
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Records *r = kat_records(suite, &secret, seq);
+    KatSink k = {PyByteArray_FromStringAndSize(NULL, 0), 0};
+    if (r != NULL && k.data != NULL) {
+        RecordSink sink = {&k, kat_data, kat_key_update};
+        const char *why = NULL;
+        int status = records_input(r, wire.buf, (size_t)wire.len, (unsigned char *)plain_buf,
+                                   CHUNK, &sink, &why);
+        const char *outcome = status == RECORDS_MORE            ? "more"
+                              : status == RECORDS_CLOSE_NOTIFY ? "close_notify"
+                              : status == RECORDS_FAILED       ? why
+                                                               : NULL;
+        if (outcome != NULL) {
+            out = Py_BuildValue("(Osi)", k.data, outcome, k.answers);
         }
-        Tracker *t = ossl.SSL_get_ex_data(ssl, tracker_slot);
-        for (int w = 0; agreed && w < 2; w++) {
-            long off = t != NULL ? find_secret(ssl, t->secret[w], t->secret_len[w]) : -1;
-            agreed = off >= 0 && (k == 0 || off == at[w]);
-            at[w] = off;
-        }
     }
-    Py_DECREF(seq);
-    if (agreed) {
-        secret_at[0] = at[0];
-        secret_at[1] = at[1];
+    if (r != NULL) {
+        records_free(r);
     }
-    return PyBool_FromLong(agreed);
+    Py_XDECREF(k.data);
+    PyBuffer_Release(&secret);
+    PyBuffer_Release(&wire);
+    return out;
 }
 
 /* own_records([on]) -> bool: whether pumps take TLS 1.3 records over from OpenSSL (set it,
@@ -2825,8 +2280,12 @@ static PyMethodDef module_methods[] = {
      "Whether idle pumps free OpenSSL's record buffers (CVE-2024-4741 fixed)."},
     {"track_records", mod_track_records, METH_O,
      "Follow an SSL's keys and record counts from before its handshake (see above)."},
-    {"learn_secrets", mod_learn_secrets, METH_O,
-     "Learn where SSLs keep their traffic secrets, from handshakes done (see above)."},
+    {"verification_failures", mod_verification_failures, METH_NOARGS,
+     "Private-layout pointers a public OpenSSL call did not confirm (fast path refused)."},
+    {"record_protect", mod_record_protect, METH_VARARGS,
+     "record_protect(suite, client_secret, seq, inner_type, data) -> one TLS 1.3 record."},
+    {"record_unprotect", mod_record_unprotect, METH_VARARGS,
+     "record_unprotect(suite, client_secret, seq, wire) -> (data, outcome, key updates)."},
     {"own_records", mod_own_records, METH_VARARGS,
      "Whether pumps take TLS 1.3 records over from OpenSSL; set it with a bool."},
     {"busy_limits", mod_busy_limits, METH_VARARGS,
@@ -2861,6 +2320,12 @@ PyMODINIT_FUNC PyInit__pump(void) {
     Py_INCREF(&PollerType);
     if (PyModule_AddObject(m, "Poller", (PyObject *)&PollerType) < 0) {
         Py_DECREF(&PollerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&WatchType);
+    if (PyModule_AddObject(m, "Watch", (PyObject *)&WatchType) < 0) {
+        Py_DECREF(&WatchType);
         Py_DECREF(m);
         return NULL;
     }

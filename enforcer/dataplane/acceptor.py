@@ -62,7 +62,7 @@ class Acceptor:
         self._poller = poller
         self._make_connection = make_connection  # ListenerRuntime -> Connection
         self._loop = asyncio.get_running_loop()
-        self._accept = native.module().accept
+        self._accept = native.accept_function()
         self._watches: list[Any] = []
         self._local: dict[int, Any] = {}  # listening fd -> its connections' local address
         self._retry: asyncio.TimerHandle | None = None

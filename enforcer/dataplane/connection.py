@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any, Final
 from enforcer.dataplane import detect, dialer, flowrecord, native, pump, rawtransport, tcpopts
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
-from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
+from enforcer.dataplane.tlsengine import (
+    READ_CHUNK,
+    SESSION_GETTER_LEAKS,
+    TlsEngine,
+    reset_on_close,
+    unclean_detail,
+)
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -154,11 +160,29 @@ class Connection:
                 self._fail("upstream_tls_failed", "the upstream closed during the TLS handshake",
                            upstream_reason="tls_handshake")
                 return
+            if not side.tls.peer_closed and self._unclean_eof(side):
+                return
             self._read_tls(side)
-            if not side.eof_in:  # FIN without close_notify: a truncated TLS stream
+            if not side.eof_in:  # FIN without close_notify, allowed by the listener
                 self._eof(side)
             return
         self._eof(side)
+
+    def _unclean_eof(self, side: Side) -> bool:
+        """A FIN without close_notify from a TLS peer: unless it fell on a record boundary
+        and its config allows it, the connection fails and both sockets reset (the other
+        side must not take a cut stream for a whole one). True if it failed."""
+        assert side.tls is not None
+        kind = "truncated" if side.tls.mid_record() else "eof_without_close_notify"
+        cfg = self.listener.cfg.tls if side is self.client else self.listener.upstream.cfg.tls
+        if kind == "eof_without_close_notify" and cfg.allow_eof_without_close_notify:
+            return False
+        for other in (self.client, self.upstream):
+            if other is not None and other.transport is not None:
+                reset_on_close(other.transport)
+        who = "client" if side is self.client else "upstream"
+        self._fail(f"{who}_{kind}", unclean_detail(who, kind), action="allow", abort=True)
+        return True
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         if self.stage == Stage.CLOSED:
@@ -312,6 +336,7 @@ class Connection:
                 data, eof = None, True  # TCP FIN without close_notify
             except ssl.SSLError as exc:
                 who = "client" if side is self.client else "upstream"
+                side.flush_tls()  # the fatal alert OpenSSL wrote goes before the close
                 self._fail(f"{who}_tls_error", f"TLS error from the {who}: {exc.reason or exc}")
                 return
             side.flush_tls()
@@ -718,7 +743,9 @@ class Connection:
         up = self.upstream
         if self.stage != Stage.RELAY or not self.plane.native_relay or up is None:
             return
-        self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event)
+        lenient = (self.listener.cfg.tls.allow_eof_without_close_notify,
+                   self.listener.upstream.cfg.tls.allow_eof_without_close_notify)
+        self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event, lenient)
         if self.pump is not None:
             self.relay = "native"
             self.plane.pump_started(self)
@@ -739,8 +766,10 @@ class Connection:
                 self._fail(f"{who}_reset", str(OSError(code, os.strerror(code))),
                            action="allow")
             elif kind == "tls_error":
-                reason = str(detail).upper().replace(" ", "_")
-                self._fail(f"{who}_tls_error", f"TLS error from the {who}: {reason}")
+                self._fail(f"{who}_tls_error", f"TLS error from the {who}: {detail}")
+            elif kind == "unclean":  # the pump set both sockets to reset on close
+                self._fail(f"{who}_{detail}", unclean_detail(who, str(detail)), action="allow",
+                           abort=True)
             else:
                 raise RuntimeError(f"native pump: {detail}")
         except Exception as exc:

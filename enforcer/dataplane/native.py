@@ -6,9 +6,12 @@ It also sets the TLS 1.3 cipher suites of every context (``set_ciphersuites``) a
 worker processes, the session-ticket keys they share (``set_ticket_keys``, see
 ``tlsconf.tickets``), which Python's ``ssl`` module cannot.
 
-The extension reaches the OpenSSL objects behind Python's ``ssl`` objects (their layout is
-checked on live objects, and every OpenSSL function is looked up in the library the
-``_ssl`` module itself uses). ``relay: auto`` (the default) uses it when it was built and
+The extension reaches the OpenSSL objects behind Python's ``ssl`` objects through CPython's
+private ``_ssl`` layout, and uses such a pointer only once a public OpenSSL call confirmed
+it (an SSL's two memory BIOs, a context's SSL, a session's id); every OpenSSL function is
+declared by OpenSSL's own headers and looked up in the library the ``_ssl`` module itself
+uses. A pointer that does not confirm refuses the native path (Python's public path carries
+on), logs a warning and is counted (``verification_failures``, in ``/status``). ``relay: auto`` (the default) uses it when it was built and
 passed that check; ``relay: python`` runs no native code at all; ``relay: native`` refuses
 to start without it.
 
@@ -48,15 +51,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import logging
 import os
 import ssl
 import weakref
-from typing import Any, Final
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # the types of the extension: _pump.pyi
+    from enforcer.dataplane import _pump
+    from enforcer.dataplane._pump import OnEvent, Poller, Pump, Watch
+else:
+    _pump = None  # the module once bound (see _bind)
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
 API_VERSION: Final = 8  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
+
+log = logging.getLogger("enforcer.native")
 
 
 def _sample(ctx: ssl.SSLContext, *, server_side: bool = False) -> Triple:
@@ -66,95 +81,55 @@ def _sample(ctx: ssl.SSLContext, *, server_side: bool = False) -> Triple:
                         server_hostname=hostname), incoming, outgoing
 
 
-def _bind() -> tuple[Any, str | None]:
-    """The bound extension module, or None and why not."""
+def _bind() -> tuple[ModuleType | None, str | None]:
+    """The bound extension module, or None and why not. Once bound, ``_pump`` is it."""
+    global _pump
     try:
-        from enforcer.dataplane import _pump  # type: ignore[attr-defined]
+        ext = importlib.import_module("enforcer.dataplane._pump")
     except ImportError as exc:
         return None, f"the native extension is not built ({exc})"
-    built = getattr(_pump, "API_VERSION", None)
+    built = getattr(ext, "API_VERSION", None)
     if built != API_VERSION:
         return None, (f"the native extension is out of date (built for API {built}, this "
                       f"enforcer needs {API_VERSION}): reinstall enforcer to rebuild it")
     import _ssl
 
     try:
-        _pump.bind(_ssl.__file__, _sample(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)))
+        ext.bind(_ssl.__file__, _sample(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)))
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         return None, f"the native extension cannot use this Python's ssl module: {exc}"
+    _pump = ext
     if os.environ.get("ENFORCER_TLS_RECORDS") == "openssl":
         _pump.own_records(False)  # troubleshooting: OpenSSL keeps every TLS end (docs/operations.md)
-    elif _pump.own_records():
-        global _secrets_learnt
-        _secrets_learnt = _learn_secrets(_pump)
-    return _pump, None
+    return ext, None
 
 
-_secrets_learnt = False
+_warned_failures = 0  # verification failures already logged
 
 
-def secrets_learnt() -> bool:
-    """Whether the extension reads TLS secrets from the SSL (``_learn_secrets``) rather
-    than from OpenSSL's keylog callback."""
-    module()
-    return _secrets_learnt
+def verification_failures() -> int:
+    """How many private-layout pointers a public OpenSSL call did not confirm (each
+    refused the native path for one object), since the process started."""
+    return _pump.verification_failures() if available() else 0
 
 
-def _learn_secrets(ext: Any) -> bool:
-    """Two TLS 1.3 handshakes in memory, on throwaway contexts with a throwaway certificate,
-    so that the extension learns where an SSL keeps its traffic secrets (``learn_secrets``
-    in ``_pump.c``) and handshakes need no keylog callback. False if it cannot: the pump
-    then takes the secrets from the keylog, which makes each handshake slower."""
-    from enforcer.tlsconf.certs import self_signed_pem
-
-    cert_pem, key_pem = self_signed_pem("native.check")
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False  # the certificate is pinned: trusted as itself
-    try:
-        # a memfd: no file system needed (sidecars run with a read-only root)
-        fd = os.memfd_create("enforcer-native-check", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, cert_pem + key_pem)
-            server.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        client.load_verify_locations(cadata=cert_pem.decode())
-    except (OSError, ssl.SSLError, ValueError, AttributeError):
-        return False
-    for ctx in (server, client):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    samples: list[Triple] = []
-    for _ in range(2):
-        pair = _sample(client), _sample(server, server_side=True)
-        if not all(ext.track_records(end) for end in pair) or not _handshake_in_memory(*pair):
-            return False
-        samples.extend(pair)
-    return bool(ext.learn_secrets(samples))
+def note_refusal(exc: BaseException) -> None:
+    """A native call refused: log a warning if it was a verification failure (the first,
+    then every 100th, so a systematic mismatch cannot flood the log)."""
+    global _warned_failures
+    count = verification_failures()
+    if count > _warned_failures and (_warned_failures == 0 or count >= _warned_failures + 100):
+        log.warning("native fast path refused (%d so far): %s; the public path carries on",
+                    count, exc)
+        _warned_failures = count
 
 
-def _handshake_in_memory(a: Triple, b: Triple) -> bool:
-    done = {0: False, 1: False}
-    for _ in range(8):
-        for k, ((obj, _incoming, outgoing), (_peer, peer_in, _peer_out)) in enumerate(
-                ((a, b), (b, a))):
-            try:
-                obj.do_handshake()
-                done[k] = True
-            except ssl.SSLWantReadError:
-                pass
-            if outgoing.pending:
-                peer_in.write(outgoing.read())
-        if all(done.values()):
-            return True
-    return False
+_bound: tuple[ModuleType | None, str | None] | None = None  # bound on first use (never with
+# relay: python)
 
 
-_bound: tuple[Any, str | None] | None = None  # bound on first use: relay: python never does
-
-
-def module() -> Any:
-    """The bound extension, or None."""
+def module() -> ModuleType | None:
+    """The bound extension, or None (untyped: this module's functions are the typed way)."""
     global _bound
     if _bound is None:
         _bound = _bind()
@@ -176,12 +151,12 @@ def use_session_cache(ctx: ssl.SSLContext, *, stateful: bool = True) -> bool:
     the module comment) unless ``stateful`` is False (worker processes sharing ticket keys:
     their tickets must carry the session). False, and the context unchanged, without the
     extension."""
-    ext = module()
-    if ext is None:
+    if not available():
         return False
     try:
-        ext.session_cache(ctx, _sample(ctx, server_side=True), SESSION_CACHE_SIZE)
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+        _pump.session_cache(ctx, _sample(ctx, server_side=True), SESSION_CACHE_SIZE)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
         return False
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if stateful:
@@ -197,12 +172,12 @@ def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
 
 def session_cache_stats(ctx: ssl.SSLContext) -> tuple[int, int] | None:
     """(bound, sessions held now) of a listener context's cache; None if not known."""
-    ext = module()
-    if ext is None or not ctx.options & ssl.OP_NO_TICKET:
+    if not available() or not ctx.options & ssl.OP_NO_TICKET:
         return None
     try:
-        stats: tuple[int, int] = ext.session_cache(ctx, _sample(ctx, server_side=True), -1)
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+        stats = _pump.session_cache(ctx, _sample(ctx, server_side=True), -1)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
         return None
     return stats
 
@@ -211,23 +186,22 @@ def keep_session(engine_state: Triple) -> None:
     """At the end of a server-side connection that completed its handshake and did not fail
     in TLS: keep its session in the listener's cache even if the connection was not shut
     down cleanly (reset, timeout, the client left early). A no-op without the extension."""
-    ext = module()
-    if ext is not None:
-        try:  # noqa: SIM105 (once per connection: cheaper than contextlib.suppress)
-            ext.keep_session(engine_state)
-        except (RuntimeError, TypeError, ValueError, AttributeError):
-            pass
+    if available():
+        try:
+            _pump.keep_session(engine_state)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            note_refusal(exc)
 
 
 def set_session(engine_state: Triple, session: ssl.SSLSession) -> bool:
     """Resume a copy of ``session`` (from the same client context) on a client SSLObject
     before its handshake. False if it cannot be done natively: use ``SSLObject.session``."""
-    ext = module()
-    if ext is None:
+    if not available():
         return False
     try:
-        ext.set_session(engine_state, session)
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+        _pump.set_session(engine_state, session)
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
+        note_refusal(exc)
         return False
     return True
 
@@ -240,12 +214,16 @@ def set_ciphersuites(ctx: ssl.SSLContext, suites: str) -> None:
 
 def _configure(ctx: ssl.SSLContext, function: str, value: bytes | str) -> None:
     """Call the extension's ``function(ctx, sample, value)``; RuntimeError if it cannot."""
-    ext = module()
-    if ext is None:
+    if not available():
         raise RuntimeError(unavailable_reason())
     sample = _sample(ctx, server_side=ctx.protocol == ssl.PROTOCOL_TLS_SERVER)
     try:
-        getattr(ext, function)(ctx, sample, value)
+        if function == "set_ticket_keys" and isinstance(value, bytes):
+            _pump.set_ticket_keys(ctx, sample, value)
+        elif function == "set_ciphersuites" and isinstance(value, str):
+            _pump.set_ciphersuites(ctx, sample, value)
+        else:
+            raise TypeError(f"{function}({type(value).__name__})")
     except (TypeError, ValueError, AttributeError) as exc:
         raise RuntimeError(str(exc)) from None
 
@@ -256,12 +234,12 @@ _tracking: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
 def track_sessions(ctx: ssl.SSLContext) -> bool:
     """Make a client context keep its newest session for ``resume_latest``. False, and the
     context unchanged, without the extension."""
-    ext = module()
-    if ext is None:
+    if not available():
         return False
     try:
-        ext.track_sessions(ctx, _sample(ctx))
-    except (RuntimeError, TypeError, ValueError, AttributeError):
+        _pump.track_sessions(ctx, _sample(ctx))
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
         return False
     _tracking.add(ctx)
     return True
@@ -275,12 +253,12 @@ def tracks_sessions(ctx: ssl.SSLContext) -> bool:
 def resume_latest(engine_state: Triple) -> bool:
     """Resume a copy of the newest session of a tracked client context on a client
     SSLObject before its handshake. False if there is none (or no extension)."""
-    ext = module()
-    if ext is None:
+    if not available():
         return False
     try:
-        return bool(ext.resume_latest(engine_state))
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+        return bool(_pump.resume_latest(engine_state))
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
+        note_refusal(exc)
         return False
 
 
@@ -288,41 +266,56 @@ def track_records(engine_state: Triple) -> bool:
     """Before a handshake: let a pump take this SSLObject's TLS 1.3 records over from
     OpenSSL once the handshake is done, freeing its SSL object (see "TLS 1.3 records" in
     ``_pump.c``). False if it cannot be (no extension, or a context logging its keys)."""
-    ext = module()
-    if ext is None:
+    if not available():
         return False
     try:
-        return bool(ext.track_records(engine_state))
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError):
+        return bool(_pump.track_records(engine_state))
+    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
+        note_refusal(exc)
         return False
 
 
 def own_records(on: bool | None = None) -> bool:
     """Whether pumps take TLS 1.3 records over (tests set it to compare both ways)."""
-    ext = module()
-    if ext is None:
+    if not available():
         return False
-    return bool(ext.own_records() if on is None else ext.own_records(on))
+    return bool(_pump.own_records() if on is None else _pump.own_records(on))
 
 
 def frees_tls_buffers() -> bool:
     """Whether idle pumps give OpenSSL's record buffers back: only with an OpenSSL release
     that has the CVE-2024-4741 fix (SSL_free_buffers could free a buffer in use before)."""
-    ext = module()
-    return ext is not None and bool(ext.frees_tls_buffers())
+    return available() and _pump.frees_tls_buffers()
 
 
-def new_poller(loop: asyncio.AbstractEventLoop) -> Any:
+def new_poller(loop: asyncio.AbstractEventLoop) -> Poller:
     """The epoll set the pumps of ``loop`` share, registered with the loop."""
-    ext = module()
-    if ext is None:
+    if not available():
         raise RuntimeError(unavailable_reason())
-    poller = ext.Poller()
+    poller = _pump.Poller()
     loop.add_reader(poller.fileno(), poller.run)
     return poller
 
 
-def close_poller(loop: asyncio.AbstractEventLoop, poller: Any) -> None:
+def close_poller(loop: asyncio.AbstractEventLoop, poller: Poller) -> None:
     with contextlib.suppress(OSError, ValueError):
         loop.remove_reader(poller.fileno())
     poller.close()
+
+
+def new_pump(fds: tuple[int, int], tls: tuple[Triple | None, Triple | None], poller: Poller,
+             on_event: OnEvent, watches: tuple[Watch | None, Watch | None],
+             lenient: tuple[bool, bool]) -> Pump:
+    """A pump for one connection's two sockets (see pump.py); RuntimeError, TypeError or
+    ValueError when the extension refuses them (e.g. a TLS state that does not verify)."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    return _pump.Pump(fds[0], tls[0], fds[1], tls[1], poller, on_event, watches[0], watches[1],
+                      lenient[0], lenient[1])
+
+
+def accept_function() -> Callable[[int], tuple[int, int, object] | None]:
+    """``accept(listen_fd)``: accept4 of one waiting connection, or None (see acceptor.py)."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    return _pump.accept

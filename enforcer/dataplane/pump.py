@@ -13,25 +13,16 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from enforcer.dataplane import native
 from enforcer.dataplane.rawtransport import RawTransport
 
 if TYPE_CHECKING:
+    from enforcer.dataplane._pump import OnEvent, Poller, Pump, Watch
     from enforcer.dataplane.side import Side
 
-
-class NativePump(Protocol):
-    last_active: float
-    buffered: int
-    bio_bytes: int
-    keeping: int
-
-    def start(self) -> None: ...
-    def close(self, reset: bool = False) -> None: ...
-    def take_counts(self) -> tuple[int, int]: ...
-    def tick(self) -> None: ...
+    NativePump = Pump
 
 
 class _Detached(asyncio.Protocol):
@@ -47,12 +38,14 @@ def _transport_ready(side: Side) -> bool:
             and not side.pause_flags and t.get_write_buffer_size() == 0)
 
 
-def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> NativePump | None:
+def hand_over(client: Side, upstream: Side, poller: Poller | None, on_event: OnEvent,
+              lenient: tuple[bool, bool] = (False, False)) -> Pump | None:
     """Move both sockets (and TLS states) of a connection in RELAY to a new pump, started.
-    None if it cannot be done now (the Python relay then carries on, nothing changed)."""
-    ext = native.module()
-    if ext is None or poller is None or not (_transport_ready(client)
-                                             and _transport_ready(upstream)):
+    None if it cannot be done now (the Python relay then carries on, nothing changed).
+    ``lenient``: whether a FIN without close_notify from the client / the upstream ends its
+    stream (``tls.allow_eof_without_close_notify``) instead of failing the connection."""
+    if not native.available() or poller is None or not (_transport_ready(client)
+                                                         and _transport_ready(upstream)):
         return None
     tls_states: list[tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO] | None] = []
     for side in (client, upstream):
@@ -64,7 +57,7 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
             return None
         tls_states.append(state)
     fds: list[int] = []
-    watches: list[Any] = []  # a bare socket's epoll entry, taken over by the pump
+    watches: list[Watch | None] = []  # a bare socket's epoll entry, taken over by the pump
     duplicates: list[int] = []  # a bare socket's descriptor is given away, not duplicated
     try:
         for side in (client, upstream):
@@ -77,9 +70,10 @@ def hand_over(client: Side, upstream: Side, poller: Any, on_event: Any) -> Nativ
                 fds.append(os.dup(transport.get_extra_info("socket").fileno()))
                 duplicates.append(fds[-1])
                 watches.append(None)
-        pump: NativePump = ext.Pump(fds[0], tls_states[0], fds[1], tls_states[1], poller,
-                                    on_event, watches[0], watches[1])
-    except (OSError, AttributeError, RuntimeError, TypeError, ValueError):
+        pump = native.new_pump((fds[0], fds[1]), (tls_states[0], tls_states[1]), poller,
+                               on_event, (watches[0], watches[1]), lenient)
+    except (OSError, AttributeError, RuntimeError, TypeError, ValueError) as exc:
+        native.note_refusal(exc)
         for fd in duplicates:
             os.close(fd)
         return None

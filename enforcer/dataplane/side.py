@@ -159,6 +159,8 @@ class Side(asyncio.Protocol):
         if abort or reset:
             transport.abort()
         else:
+            if self.tls is not None and not self.tls.detached:
+                self.tls.close_notify()  # a deliberate end is a clean one (no-op after an alert)
             self.flush_tls()
             transport.close()
 

@@ -28,7 +28,11 @@ per burst (the records are the same; the kernel still gets one ``writev``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
 import ssl
+import struct
 import sys
 from collections import deque
 from typing import Any, Final
@@ -60,6 +64,25 @@ def _scratch_buffer() -> memoryview:
     return memoryview(_scratch)
 
 
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(transport: asyncio.BaseTransport) -> None:
+    """Make closing the transport's socket send an RST (SO_LINGER 0): an abortive close,
+    for a TLS stream that ended uncleanly (see ``Connection._unclean_eof``)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+
+
+def unclean_detail(who: str, kind: str) -> str:
+    """The flow record's detail for a TLS stream that ended without close_notify."""
+    if kind == "truncated":
+        return f"the {who}'s TLS stream ended in the middle of a record (truncated)"
+    return f"the {who} closed without TLS close_notify"
+
+
 # Reading SSLObject.session leaks a copy of the session (with its certificate) every time
 # on CPython 3.10 to 3.12.7 and 3.13.0 (gh-116810, fixed in 3.12.8 and 3.13.1).
 SESSION_GETTER_LEAKS: Final = ((3, 10) <= sys.version_info < (3, 12, 8)
@@ -67,8 +90,8 @@ SESSION_GETTER_LEAKS: Final = ((3, 10) <= sys.version_info < (3, 12, 8)
 
 
 class TlsEngine:
-    __slots__ = ("_backlog", "_context", "_eof_queued", "_group", "_in", "_out", "_reused",
-                 "obj", "peer_closed", "we_closed")
+    __slots__ = ("_backlog", "_context", "_eof_queued", "_group", "_header", "_in", "_out",
+                 "_record_left", "_reused", "obj", "peer_closed", "we_closed")
 
     def __init__(
         self,
@@ -98,11 +121,14 @@ class TlsEngine:
         # ~600 bytes, on every idle connection)
         self._backlog: deque[memoryview] | None = None
         self._eof_queued = False
+        self._record_left = 0  # bytes of the current record's body not fed yet
+        self._header = b""  # a record header fed in part
         self.peer_closed = False
         self.we_closed = False
 
     # -- ciphertext in ---------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
+        self._follow_records(data)
         incoming = self._in
         if not self._backlog and len(data) <= BIO_SLICE - incoming.pending:
             incoming.write(data)  # the common case: a small read, straight in
@@ -111,6 +137,27 @@ class TlsEngine:
                 self._backlog = deque()
             self._backlog.append(memoryview(data))
             self._fill()
+
+    def _follow_records(self, data: bytes) -> None:
+        """Follow the TLS record boundaries (5-byte headers, plaintext) of what is fed, so
+        that a FIN in the middle of a record is known as a truncation (``mid_record``)."""
+        left, header, size, at = self._record_left, self._header, len(data), 0
+        while at < size:
+            if left:
+                step = min(left, size - at)
+                left -= step
+                at += step
+                continue
+            take = data[at : at + 5 - len(header)]
+            header += take
+            at += len(take)
+            if len(header) == 5:
+                left, header = (header[3] << 8) | header[4], b""
+        self._record_left, self._header = left, header
+
+    def mid_record(self) -> bool:
+        """Whether the ciphertext fed so far ends inside a record."""
+        return bool(self._record_left or self._header)
 
     def feed_eof(self) -> None:
         """The TCP stream ended (FIN). Without close_notify this is a truncated stream."""

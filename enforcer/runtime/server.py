@@ -201,6 +201,7 @@ class Server:
             "open_connections": len(plane.active),
             "relay": "native" if plane.native_relay else "python",
             "native_relayed": len(plane.pumped),
+            "native_verification_failures": native.verification_failures(),
             "listeners": [_listener_status(lst) for lst in listeners],
             "upstreams": [_upstream_status(u) for u in self.cfg.upstreams.values()],
             "materials": [_material_status(name, m) for name, m in sorted(materials.items())],

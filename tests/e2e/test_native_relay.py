@@ -314,10 +314,15 @@ async def test_idle_timeout_closes_a_pumped_connection_and_activity_defers_it(pk
             assert await asyncio.wait_for(reader.readexactly(len(chunk)), 5) == chunk
             await asyncio.sleep(0.15)
         assert inbound.plane.pumped and not inbound.flows.records
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # then idle: closed
+        # then idle: the inbound aborts (no close_notify), which the outbound passes on to
+        # its client as a reset, not as a clean end
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
         writer.close()
         rec = (await inbound.wait_flows(1))[0]
         assert (rec["relay"], rec["close"]) == ("native", "idle_timeout")
+        out = (await outbound.wait_flows(1))[0]
+        assert out["close"] == "upstream_eof_without_close_notify"
         assert rec["bytes"] == {"from_client": len(sent), "to_client": len(sent)}
         assert sha(backend.received[0]) == sha(bytes(sent))
 

@@ -16,6 +16,7 @@ import gc
 import socket
 import ssl
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -323,40 +324,42 @@ async def test_the_pair_resumes_and_both_sidecars_own_their_records(
         assert [f["upstream"]["resumed"] for f in flows] == [False, True]
 
 
-def test_secrets_are_learnt_without_a_writable_file_system(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sidecars run with a read-only root file system (deploy/sidecar.yaml): the startup
-    handshakes that teach the extension where the secrets are write no file."""
-    import tempfile
-
-    def no_files(*args: Any, **kwargs: Any) -> Any:
-        raise OSError(30, "Read-only file system")
-
-    monkeypatch.setattr(tempfile, "mkdtemp", no_files)
-    monkeypatch.setattr(tempfile, "mkstemp", no_files)
+def test_secrets_come_only_from_the_keylog_callback() -> None:
+    """The traffic secrets come from OpenSSL's keylog callback, set from C on a context the
+    first time one of its SSLs is tracked; nothing is read from OpenSSL's opaque structures
+    (no memory scan). A context that logs its keys elsewhere (SSLKEYLOGFILE, here
+    keylog_filename) is left to OpenSSL: its ends are not tracked."""
     ext = native.module()
-    assert ext.learn_secrets(()) is False
-    assert native._learn_secrets(ext)
+    assert not hasattr(ext, "learn_secrets")
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    assert native.track_records(native._sample(plain))
+    logging_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with tempfile.TemporaryDirectory() as tmp:
+        logging_ctx.keylog_filename = str(Path(tmp) / "keys.log")
+        assert not native.track_records(native._sample(logging_ctx))
 
 
-async def test_secrets_come_from_the_ssl_and_from_the_keylog_when_not_learnt(
-        pki: Any, tmp_path: Path) -> None:
-    """At bind the extension learns where an SSL keeps its traffic secrets (two handshakes
-    in memory), so no context needs OpenSSL's keylog callback; without that knowledge the
-    keylog gives them, and records are taken over all the same."""
+def test_a_pointer_that_does_not_verify_refuses_the_fast_path_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The SSL* read from CPython's private layout is used only if SSL_get_rbio and
+    SSL_get_wbio return the two memory BIOs given with it: otherwise the call is refused
+    (the public path carries on), counted, and logged as a warning."""
     ext = native.module()
-    assert native.secrets_learnt()
+    obj, _incoming, _outgoing = native._sample(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    strangers = (obj, ssl.MemoryBIO(), ssl.MemoryBIO())  # not this SSL's BIOs
+    before = native.verification_failures()
+    with pytest.raises(RuntimeError, match="BIOs do not match"):
+        ext.track_records(strangers)
+    assert native.verification_failures() == before + 1
+    native._warned_failures = 0
+    with caplog.at_level("WARNING", logger="enforcer.native"):
+        assert native.track_records(strangers) is False
+    assert native.verification_failures() == before + 2
+    assert "native fast path refused" in caplog.text and "BIOs do not match" in caplog.text
+    poller = ext.Poller()
     try:
-        assert ext.learn_secrets(()) is False  # forget: back to the keylog
-        backend, enforcer = await _echo_server(pki)
-        async with running(enforcer, backend):
-            client = await _connected(pki, enforcer, tmp_path)
-            try:
-                assert _pumps(enforcer)[0].own_records == 1
-                data = random_bytes(100_000)
-                await client.send(data)
-                assert sha(await client.receive(len(data))) == sha(data)
-            finally:
-                client.close()
+        with pytest.raises(RuntimeError, match="BIOs do not match"):
+            ext.Pump(-1, strangers, -1, None, poller, lambda *a: None)
     finally:
-        assert native._learn_secrets(ext)  # learnt again, for the tests after this one
+        poller.close()
+    assert native.verification_failures() == before + 3
