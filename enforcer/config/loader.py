@@ -19,6 +19,7 @@ import yaml
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
     CIPHER_SUITES,
+    ORIGINAL_DESTINATION,
     Address,
     AdminConfig,
     Config,
@@ -216,6 +217,8 @@ class _Parser:
         text = node.str(None, required=True)
         if text is None:
             return None
+        if text.strip() == ORIGINAL_DESTINATION and not listen:
+            return Address(original=True)
         try:
             addr = parse_address(text, allow_port_zero=listen)
         except ValueError as exc:
@@ -293,7 +296,8 @@ class _Parser:
         if node.missing:
             node.error("is required (at least one listener)")
         for item in items:
-            if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream")):
+            if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream",
+                              "transparent")):
                 continue
             name = item["name"].required_str()
             if name in names:
@@ -306,7 +310,12 @@ class _Parser:
             upstream = item["upstream"].required_str()
             tls = self.listener_tls(item["tls"])
             pp = self.proxy_accept(item["proxy_protocol"])
-            out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream))
+            transparent = item["transparent"].bool(False)
+            if transparent and listen is not None and listen.is_unix:
+                item["transparent"].error("needs a TCP listen address (interception "
+                                          "redirects TCP), not a unix socket")
+            out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream,
+                                      transparent))
         return out
 
     def listener_tls(self, node: Node) -> ListenerTlsConfig:
@@ -525,8 +534,14 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
         if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
-        if lst.tls.mode == "off" and lst.tls.client_auth != "required" and lst.tls.material:
-            pass
+        up_cfg = cfg.upstreams.get(lst.upstream)
+        if up_cfg is not None and up_cfg.address.original != lst.transparent:
+            ln["upstream"].error(
+                f"upstream {lst.upstream!r} has address {ORIGINAL_DESTINATION}: only a "
+                "listener with transparent: true knows it" if up_cfg.address.original else
+                f"a transparent listener routes to the original destination: its upstream "
+                f"needs address: {ORIGINAL_DESTINATION} (upstream {lst.upstream!r} has "
+                f"{up_cfg.address})")
     for name, up in cfg.upstreams.items():
         mat = up.tls.material
         if mat is not None and mat not in materials:

@@ -21,6 +21,7 @@ ProxySend = Literal["off", "v1", "v2"]
 RelayMode = Literal["auto", "native", "python"]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
+ORIGINAL_DESTINATION = "original_destination"  # an upstream address: see Address.original
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +31,16 @@ class Address:
     host: str = ""
     port: int = 0
     path: str | None = None
+    original: bool = False  # ``original_destination``: where a transparent listener's
+    # connection was going before interception redirected it (per connection)
 
     @property
     def is_unix(self) -> bool:
         return self.path is not None
 
     def __str__(self) -> str:
+        if self.original:
+            return ORIGINAL_DESTINATION
         if self.path is not None:
             return f"unix:{self.path}"
         if ":" in self.host:
@@ -99,6 +104,8 @@ class ListenerConfig:
     proxy_protocol: ProxyProtocolAcceptConfig
     ruleset: str
     upstream: str
+    transparent: bool = False  # redirected connections only; the original destination is
+    # read from the socket (SO_ORIGINAL_DST) and the upstream is original_destination
 
 
 @dataclass(frozen=True, slots=True)

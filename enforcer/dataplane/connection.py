@@ -34,7 +34,8 @@ import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import flowrecord, native, pump, rawtransport
+from enforcer.config.model import Address
+from enforcer.dataplane import flowrecord, native, origdst, pump, rawtransport
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
@@ -73,7 +74,7 @@ class Connection:
                  "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
                  "early_upstream", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
-                 "listener", "local", "loop", "peer", "pending", "pending_bytes", "plane",
+                 "listener", "local", "loop", "original_dst", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
                  "started", "started_mono", "tls_info", "upstream", "upstream_eof_pending",
                  "upstream_identity")
@@ -93,6 +94,7 @@ class Connection:
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.client_addr: tuple[str, int] | None = None  # real client (PROXY source)
+        self.original_dst: tuple[str, int] | None = None  # transparent: where it was going
         self.proxy_header: ProxyHeader | None = None
         self.proxy_parser: HeaderParser | None = None
         self.sniff_buf = b""
@@ -184,6 +186,8 @@ class Connection:
         if plane.over_limit():
             self._fail("max_connections", "max_connections reached", abort=True)
             return
+        if lst.cfg.transparent and not self._learn_original_dst(transport):
+            return
         limits = lst.limits
         if limits.max_lifetime > 0:
             self.life_timer = self.loop.call_later(limits.max_lifetime, self._timeout,
@@ -202,6 +206,18 @@ class Connection:
             self._set_stage_timer(pp.timeout, "proxy_protocol_timeout")
             return
         self._after_proxy(b"")
+
+    def _learn_original_dst(self, transport: Any) -> bool:
+        """A transparent listener's connection: where it was going, or refused (no loops)."""
+        sock = transport.get_extra_info("socket")
+        self.original_dst = origdst.read(sock) if sock is not None else None
+        refused = origdst.classify(self.original_dst, self.local, self.plane.is_own_endpoint)
+        if refused is None:
+            return True
+        if refused[0] == "not_redirected":
+            self.original_dst = None  # the socket's own address, not a destination
+        self._finish("deny", refused[0], detail=refused[1], abort=True)
+        return False
 
     def _after_proxy(self, data: bytes) -> None:
         mode = self.listener.cfg.tls.mode
@@ -466,15 +482,19 @@ class Connection:
         ip = _client_ip(self.client_addr[0]) if self.client_addr is not None else None
         tlvs = self.proxy_header.tlvs_for_policy() if self.proxy_header is not None else {}
         up = self.listener.upstream.cfg.address
+        dest = self.original_dst
+        if dest is None and not up.is_unix and not up.original:
+            dest = (up.host, up.port)
+        port = self.local[1] if self.local else self.listener.local_port
         return FlowFacts(
             listener=self.listener.name,
-            port=self.local[1] if self.local else self.listener.local_port,
+            port=self.original_dst[1] if self.original_dst is not None else port,
             client_ip=ip,
             identity=self.identity,
             tls=self.client.tls is not None,
             sni=self.sni,
             tlvs=tlvs,
-            destination=None if up.is_unix else (up.host, up.port),
+            destination=dest,
             server_identity=self.upstream_identity,
         )
 
@@ -484,6 +504,8 @@ class Connection:
         needs resolving (see rawtransport.py), else with the loop's create_connection."""
         poller = self.plane.poller if self.plane.native_relay else None
         target = self.listener.upstream.raw_target if poller is not None else None
+        if poller is not None and self.original_dst is not None:
+            target = rawtransport.target_of(Address(*self.original_dst))
         if target is None:
             self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
             return
@@ -511,8 +533,15 @@ class Connection:
         except Exception as err:
             self.internal_error(err)
 
+    def upstream_address(self) -> Address:
+        """Where the upstream connection goes: the original destination (transparent
+        listeners) or the upstream's address."""
+        if self.original_dst is not None:
+            return Address(*self.original_dst)
+        return self.listener.upstream.cfg.address
+
     def _connect_failed(self, exc: OSError) -> None:
-        addr = self.listener.upstream.cfg.address
+        addr = self.upstream_address()
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
                    upstream_reason=code)
@@ -529,7 +558,7 @@ class Connection:
 
     async def _connect_upstream(self) -> None:
         up = self.listener.upstream
-        addr = up.cfg.address
+        addr = self.upstream_address()
         side = Side(self, is_client=False)
         self.upstream = side
         started = time.monotonic()
@@ -774,7 +803,7 @@ class Connection:
                               else "no complete PROXY header in time")
             return
         if reason == "upstream_connect_timeout":
-            self._fail(reason, f"connect to {self.listener.upstream.cfg.address} timed out",
+            self._fail(reason, f"connect to {self.upstream_address()} timed out",
                        upstream_reason="connect_timeout")
             return
         if reason == "handshake_timeout":

@@ -132,14 +132,16 @@ class DataPlane:
             return UpstreamRuntime(ucfg, None, None, connect_histogram=connect)
         material = self.materials.get(tls.material) if tls.material else None
         by_identity = not tls.verify.empty and tls.server_name is None
-        hostname = tls.server_name or (None if ucfg.address.is_unix else ucfg.address.host)
+        hostname = tls.server_name or (None if ucfg.address.is_unix or ucfg.address.original
+                                       else ucfg.address.host)
         if by_identity:
             # The server is checked against verify.{uri,dns,cn} after the handshake; SNI
             # still carries a name when the address is one.
             hostname = None if _is_ip(ucfg.address.host) else hostname
         if hostname is None and not by_identity:
             raise StartupError("config", f"upstreams.{ucfg.name}.tls: give server_name or "
-                               "verify (a unix socket has no host name to check)")
+                               "verify (a unix socket or original_destination has no host "
+                               "name to check)")
         try:
             ctx = self.client_context(material, mutual=tls.mode == "mtls",
                                       check_hostname=not by_identity)
@@ -366,12 +368,26 @@ class DataPlane:
             return f"upstream {up.cfg.address} CN {ident.cn!r} is not one of verify.cn"
         return None
 
+    def is_own_endpoint(self, ip: str, port: int) -> bool:
+        """Whether ``ip:port`` is one of this process's TCP listeners (a transparent
+        listener must not connect there: it would loop)."""
+        for lst in self.listeners:
+            listen = lst.cfg.listen
+            if listen.is_unix or lst.local_port != port:
+                continue
+            if listen.host not in ("", "0.0.0.0", "::"):
+                if _same_ip(listen.host, ip):
+                    return True
+            elif _is_local_ip(ip):
+                return True
+        return False
+
     def proxy_header_for(self, conn: Connection) -> bytes | None:
         pp = conn.listener.upstream.cfg.proxy_protocol
         if pp.send == "off":
             return None
         src = _ip_endpoint(conn.client_addr)
-        dst = _ip_endpoint(conn.local)
+        dst = _ip_endpoint(conn.original_dst or conn.local)
         received = conn.proxy_header
         if received is not None and received.command == "PROXY" and received.destination:
             dst = _ip_endpoint(received.destination) or dst
@@ -496,6 +512,30 @@ def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        return False
+    return True
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.split("%", 1)[0]) == ipaddress.ip_address(b.split("%", 1)[0])
+    except ValueError:
+        return False
+
+
+def _is_local_ip(ip: str) -> bool:
+    """Whether this host has ``ip`` (binding a throwaway socket to it succeeds)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if addr.is_loopback or addr.is_unspecified:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(addr), 0))
+    except OSError:
         return False
     return True
 
