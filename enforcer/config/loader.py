@@ -19,6 +19,7 @@ import yaml
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
     CIPHER_SUITES,
+    DETECT_TIMEOUT,
     ORIGINAL_DESTINATION,
     Address,
     AdminConfig,
@@ -322,13 +323,20 @@ class _Parser:
         if node.is_null:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
-        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn"))
+        node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
+                   "detect_timeout"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
         if mode == "passthrough":
             node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
         material = node["material"].str(None)
         if mode in ("terminate", "auto") and material is None:
             node["material"].error(f"is required with mode {mode}")
+        detect = node["detect_timeout"].duration(DETECT_TIMEOUT)
+        if detect < 0:
+            node["detect_timeout"].error("must be 0s (off) or more")
+        if not node["detect_timeout"].is_null and mode != "auto":
+            node["detect_timeout"].error("goes with mode auto (it bounds the wait for the "
+                                         "client's first byte)")
         return ListenerTlsConfig(
             mode=cast(Any, mode),
             material=material,
@@ -337,6 +345,7 @@ class _Parser:
             server_names=node["server_names"].str_list(),
             strict_sni=node["strict_sni"].bool(False),
             alpn=_alpn(node["alpn"]),
+            detect_timeout=max(detect, 0.0),
         )
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:

@@ -21,7 +21,9 @@ ProxySend = Literal["off", "v1", "v2"]
 RelayMode = Literal["auto", "native", "python"]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
-ORIGINAL_DESTINATION = "original_destination"  # an upstream address: see Address.original
+ORIGINAL_DESTINATION = "original_destination"
+DETECT_TIMEOUT = 0.2  # tls.detect_timeout default (Linkerd waits 10s; Istio's sniffing once
+# defaulted to 100ms): long enough for a client's first flight, short for a banner  # an upstream address: see Address.original
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ class ListenerTlsConfig:
     server_names: tuple[str, ...] = ()
     strict_sni: bool = False
     alpn: tuple[str, ...] = ()  # protocols offered to clients, in preference order
+    detect_timeout: float = DETECT_TIMEOUT  # mode auto: a client silent this long is plaintext
+    # (server-first protocols); 0 = wait up to handshake_timeout
 
 
 @dataclass(frozen=True, slots=True)

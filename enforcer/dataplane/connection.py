@@ -7,7 +7,8 @@ Bytes from the client are interpreted according to ``stage``:
 
 - PROXY: fed to the sans-IO ``HeaderParser`` until a header, an error or the timeout;
 - DETECT (``tls.mode: auto``): the first byte decides TLS (0x16, a handshake record) or
-  plaintext;
+  plaintext; a client silent for ``tls.detect_timeout`` is plaintext (server-first
+  protocols: SMTP, MySQL, SSH wait for the server's banner);
 - HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
 - AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
   when it is full); no upstream connection exists before the policy said allow;
@@ -29,6 +30,7 @@ import functools
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import time
 from enum import IntEnum
@@ -225,7 +227,11 @@ class Connection:
             self._cancel_stage_timer()
             self._authorize(data)
             return
-        self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
+        detect = self.listener.cfg.tls.detect_timeout if mode == "auto" else 0.0
+        if detect > 0:  # a silent client is plaintext after this (server-first protocols)
+            self._set_stage_timer(detect, "detect_timeout")
+        else:
+            self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
         if mode == "auto":
             self.stage = Stage.DETECT
             if data:
@@ -400,6 +406,8 @@ class Connection:
     def _start_server_tls(self, data: bytes) -> None:
         ctx = self.listener.server_ctx
         assert ctx is not None
+        if self.stage == Stage.DETECT and self.listener.cfg.tls.detect_timeout > 0:
+            self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
         self.stage = Stage.HANDSHAKE
         self.hs_started = time.monotonic()
         self.client.tls = TlsEngine(ctx, server_side=True,
@@ -802,6 +810,13 @@ class Connection:
                               "client must send first)" if optional and silent
                               else "no complete PROXY header in time")
             return
+        if reason == "detect_timeout" and self.stage == Stage.DETECT:
+            self.stage_timer = None
+            if _has_unread(self.client.transport):  # a late loop turn, not a silent client
+                self._set_stage_timer(self.listener.limits.handshake_timeout, reason)
+                return
+            self._authorize(b"")  # the client said nothing: plaintext, the server speaks
+            return
         if reason == "upstream_connect_timeout":
             self._fail(reason, f"connect to {self.upstream_address()} timed out",
                        upstream_reason="connect_timeout")
@@ -939,6 +954,22 @@ def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+
+
+def _has_unread(transport: Any) -> bool:
+    """Whether the client's bytes (or FIN) wait in the socket unread: a busy loop can run
+    the detect timer before the read callback of data that came in time."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # an error is pending: let the read path report it
+    return True
 
 
 def _addr(value: object) -> tuple[str, int] | None:
