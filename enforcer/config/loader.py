@@ -38,7 +38,12 @@ from enforcer.config.model import (
     UpstreamVerifyConfig,
 )
 from enforcer.config.reader import Node
-from enforcer.config.rulesets import RulesetConfig, parse_rulesets, reference_problems
+from enforcer.config.rulesets import (
+    RulesetConfig,
+    identity_glob_problem,
+    parse_rulesets,
+    reference_problems,
+)
 
 TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
             "flow_log", "admin", "limits", "workers", "relay")
@@ -311,6 +316,10 @@ class _Parser:
             upstream = item["upstream"].required_str()
             tls = self.listener_tls(item["tls"])
             pp = self.proxy_accept(item["proxy_protocol"])
+            if pp.trusted_identities and (tls.mode == "off" or tls.client_auth == "none"):
+                item["proxy_protocol"]["trusted_identities"].error(
+                    "needs tls mode terminate or auto with client_auth required or optional "
+                    "(the identity comes from the client certificate)")
             transparent = item["transparent"].bool(False)
             if transparent and listen is not None and listen.is_unix:
                 item["transparent"].error("needs a TCP listen address (interception "
@@ -351,7 +360,7 @@ class _Parser:
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
         if node.is_null:
             return ProxyProtocolAcceptConfig()
-        node.keys(("accept", "trusted_sources", "timeout"))
+        node.keys(("accept", "trusted_sources", "timeout", "trusted_identities"))
         accept = node["accept"].choice(("off", "optional", "required"), "off")
         trusted = node["trusted_sources"].cidr_list()
         if accept != "off" and not trusted:
@@ -360,7 +369,16 @@ class _Parser:
         timeout = node["timeout"].duration(3.0)
         if timeout <= 0:
             node["timeout"].error("must be more than 0s")
-        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout)
+        identities = node["trusted_identities"].str_list()
+        for i, pattern in enumerate(identities):
+            problem = identity_glob_problem(pattern)
+            if problem is not None:
+                where = node["trusted_identities"]
+                (where[i] if isinstance(where.value, list) else where).error(
+                    f"bad identity glob {pattern!r}: {problem}")
+        if identities and accept == "off":
+            node["trusted_identities"].error("goes with accept: optional or required")
+        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout, identities)
 
     # -- upstreams -----------------------------------------------------------------------
     def upstreams(self, node: Node) -> dict[str, UpstreamConfig]:

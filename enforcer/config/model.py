@@ -86,6 +86,9 @@ class ProxyProtocolAcceptConfig:
     accept: ProxyAccept = "off"
     trusted_sources: tuple[IPNetwork, ...] = ()
     timeout: float = 3.0
+    # SPIFFE IDs (globs as in from.identities): a PROXY header is believed only when the TLS
+    # handshake after it shows one of them; empty = believed on trusted_sources alone
+    trusted_identities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

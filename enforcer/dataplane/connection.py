@@ -388,6 +388,23 @@ class Connection:
             return
         self._fail("client_closed", "the client closed during the PROXY stage")
 
+    def _proxy_sender_trusted(self) -> bool:
+        """``proxy_protocol.trusted_identities``: the PROXY header is believed only when
+        the TLS handshake after it showed one of these identities; otherwise the connection
+        is refused here, before any upstream connect, with the real peer as its client."""
+        allowed = self.listener.proxy_identities
+        assert allowed is not None
+        ident = self.identity
+        if ident is not None and ident.spiffe_id is not None and allowed.match(ident.spiffe_id):
+            return True
+        who = (f"identity {ident.spiffe_id}" if ident is not None and ident.spiffe_id
+               else "a certificate with no SPIFFE ID" if ident is not None
+               else "no TLS client certificate")
+        self.client_addr = self.peer  # the header's address is not believed
+        self._proxy_error("untrusted_identity", f"PROXY header from {self._peer_text()} with "
+                          f"{who}, not one of proxy_protocol.trusted_identities")
+        return False
+
     def _proxy_error(self, reason: str, detail: str) -> None:
         self.plane.metrics.proxy_protocol_errors_total.labels(
             listener=self.listener.name, reason=reason).inc()
@@ -467,6 +484,9 @@ class Connection:
     # ===================================================================== authorize
     def _authorize(self, data: bytes) -> None:
         self.stage = Stage.AUTHORIZE
+        if self.proxy_header is not None and self.listener.proxy_identities is not None \
+                and not self._proxy_sender_trusted():
+            return
         decision = self.plane.decide_before_upstream(self.listener, self._facts())
         if decision is not None and not self._decided(decision):
             return

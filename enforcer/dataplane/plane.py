@@ -35,6 +35,7 @@ from enforcer.dataplane.sockets import remove_stale_unix_socket
 from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
 from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
+from enforcer.policy.globs import identity_set
 from enforcer.proxyproto import (
     alpn_tlv,
     authority_tlv,
@@ -152,6 +153,8 @@ class DataPlane:
     def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
                               trusted=lcfg.proxy_protocol.trusted_sources)
+        if lcfg.proxy_protocol.trusted_identities:
+            lst.proxy_identities = identity_set(lcfg.proxy_protocol.trusted_identities)
         _bind_metrics(lst, self.metrics)
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
