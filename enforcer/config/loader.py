@@ -28,6 +28,8 @@ from enforcer.config.model import (
     LimitsConfig,
     ListenerConfig,
     ListenerTlsConfig,
+    MeshConfig,
+    MeshNetwork,
     NodeConfig,
     ProxyProtocolAcceptConfig,
     ProxyProtocolSendConfig,
@@ -42,11 +44,12 @@ from enforcer.config.rulesets import (
     RulesetConfig,
     identity_glob_problem,
     parse_rulesets,
+    port_ranges,
     reference_problems,
 )
 
 TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
-            "flow_log", "admin", "limits", "workers", "relay")
+            "flow_log", "admin", "limits", "workers", "relay", "mesh")
 UNIX_PATH_MAX = 107  # bytes of a unix socket path (sun_path holds 108 with the NUL)
 PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
 
@@ -115,6 +118,7 @@ def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") ->
         workers=_workers(root["workers"]),
         relay=_relay(root["relay"]),
         source=source,
+        mesh=_mesh(root["mesh"]),
     )
     _check_references(cfg, root, issues, rulesets_read=rulesets_read)
     if issues:
@@ -303,7 +307,7 @@ class _Parser:
             node.error("is required (at least one listener)")
         for item in items:
             if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream",
-                              "transparent")):
+                              "transparent", "mesh")):
                 continue
             name = item["name"].required_str()
             if name in names:
@@ -320,12 +324,19 @@ class _Parser:
                 item["proxy_protocol"]["trusted_identities"].error(
                     "needs tls mode terminate or auto with client_auth required or optional "
                     "(the identity comes from the client certificate)")
+            mesh = item["mesh"].choice(("outbound", "inbound", "off"), "off")
             transparent = item["transparent"].bool(False)
+            if mesh == "outbound" and not transparent:
+                item["mesh"].error("mesh: outbound needs transparent: true (the original "
+                                   "destination decides mesh or external)")
+            if mesh == "inbound" and tls.mode != "auto":
+                item["mesh"].error("mesh: inbound needs tls mode auto (mTLS from peers, "
+                                   "plaintext refused or accepted by mesh.inbound)")
             if transparent and listen is not None and listen.is_unix:
                 item["transparent"].error("needs a TCP listen address (interception "
                                           "redirects TCP), not a unix socket")
             out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream,
-                                      transparent))
+                                      transparent, None if mesh == "off" else cast(Any, mesh)))
         return out
 
     def listener_tls(self, node: Node) -> ListenerTlsConfig:
@@ -501,6 +512,42 @@ def _cipher_suites(node: Node) -> tuple[str, ...]:
     return suites
 
 
+def _mesh(node: Node) -> MeshConfig:
+    """``mesh: {material, networks: [{cidrs, ports}], inbound, external: {default,
+    plaintext: [{cidrs, ports}]}}``."""
+    if node.is_null or not node.keys(("material", "networks", "inbound", "external")):
+        return MeshConfig()
+    networks = _mesh_networks(node["networks"])
+    if not networks:
+        node["networks"].error("is required: the CIDRs (and ports) where peers run enforcer")
+    material = node["material"].str(None)
+    if material is None:
+        node["material"].error("is required: the TLS material for mTLS between enforcers")
+    ext = node["external"]
+    default: str = "deny"
+    plaintext: tuple[MeshNetwork, ...] = ()
+    if not ext.is_null and ext.keys(("default", "plaintext")):
+        default = ext["default"].choice(("deny", "plaintext"), "deny")
+        plaintext = _mesh_networks(ext["plaintext"])
+    return MeshConfig(networks=networks, material=material,
+                      inbound=cast(Any, node["inbound"].choice(("strict", "permissive"),
+                                                                "strict")),
+                      external_default=cast(Any, default), external_plaintext=plaintext)
+
+
+def _mesh_networks(node: Node) -> tuple[MeshNetwork, ...]:
+    out: list[MeshNetwork] = []
+    for item in node.list():
+        if not item.keys(("cidrs", "ports")):
+            continue
+        cidrs = item["cidrs"].cidr_list()
+        if not cidrs:
+            item["cidrs"].error("is required (10.0.0.0/8, fd00::/8 ...)")
+        out.append(MeshNetwork(cidrs, port_ranges(item["ports"]) if not item["ports"].is_null
+                               else ()))
+    return tuple(out)
+
+
 def _workers(node: Node) -> int:
     """``workers: N`` (1-256) or ``auto`` (one per CPU, stored as 0)."""
     if node.is_null:
@@ -569,6 +616,13 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
                 f"a transparent listener routes to the original destination: its upstream "
                 f"needs address: {ORIGINAL_DESTINATION} (upstream {lst.upstream!r} has "
                 f"{up_cfg.address})")
+    if cfg.mesh.material is not None and cfg.mesh.material not in materials:
+        root["mesh"]["material"].error(f"unknown material {cfg.mesh.material!r} "
+                                       f"(known: {known_m})")
+    for lst, ln in zip(cfg.listeners, lnodes, strict=False):
+        if lst.mesh is not None and not cfg.mesh.enabled and root["mesh"].is_null:
+            ln["mesh"].error(f"mesh: {lst.mesh} needs a top-level mesh section "
+                             "(networks, material)")
     for name, up in cfg.upstreams.items():
         mat = up.tls.material
         if mat is not None and mat not in materials:

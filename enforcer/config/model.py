@@ -19,6 +19,10 @@ UpstreamTlsMode = Literal["off", "tls", "mtls"]
 ProxyAccept = Literal["off", "optional", "required"]
 ProxySend = Literal["off", "v1", "v2"]
 RelayMode = Literal["auto", "native", "python"]
+MeshRole = Literal["outbound", "inbound"]
+MeshInbound = Literal["strict", "permissive"]
+MeshExternal = Literal["deny", "plaintext"]
+PortRange = tuple[int, int]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
 ORIGINAL_DESTINATION = "original_destination"
@@ -113,6 +117,7 @@ class ListenerConfig:
     upstream: str
     transparent: bool = False  # redirected connections only; the original destination is
     # read from the socket (SO_ORIGINAL_DST) and the upstream is original_destination
+    mesh: MeshRole | None = None  # outbound: mTLS to mesh peers; inbound: strict/permissive
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,35 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MeshNetwork:
+    """Where peers run enforcer: these addresses (and ports; empty = every port)."""
+
+    cidrs: tuple[IPNetwork, ...]
+    ports: tuple[PortRange, ...] = ()
+
+    def contains(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        if self.ports and not any(low <= port <= high for low, high in self.ports):
+            return False
+        return any(ip.version == net.version and ip in net for net in self.cidrs)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """``mesh:``: outbound to ``networks`` is mTLS with ``material``; other destinations
+    follow ``external_default`` unless listed in ``external_plaintext``."""
+
+    networks: tuple[MeshNetwork, ...] = ()
+    material: str | None = None
+    inbound: MeshInbound = "strict"
+    external_default: MeshExternal = "deny"
+    external_plaintext: tuple[MeshNetwork, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.networks)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAPPING)
@@ -194,4 +228,5 @@ class Config:
     rulesets_file: str | None = None
     workers: int = 1  # processes sharing the listeners; 0 = one per CPU ("auto")
     relay: RelayMode = "auto"  # who moves bytes once in RELAY
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     source: str | None = None  # the file this was loaded from

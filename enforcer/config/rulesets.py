@@ -380,6 +380,11 @@ def _patterns(node: Node, problem_of: _Check, what: str, *,
     return tuple(out)
 
 
+def port_ranges(node: Node) -> tuple[tuple[int, int], ...]:
+    """A ports list (``[8080, "9000-9100"]``) as (low, high) pairs; problems on ``node``."""
+    return tuple((pr.low, pr.high) for pr in _ports(node))
+
+
 def _ports(node: Node) -> tuple[PortRange, ...]:
     out: list[PortRange] = []
     for item in _items(node):
@@ -526,7 +531,9 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
         out.append(f"to.sni: listener(s) {names} have tls mode off (no SNI)")
     out.extend(_impossible_ports(t.ports, runs_on))
     if t.server_identities and all(
-        (up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off" for lst in runs_on
+        ((up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off")
+        and lst.mesh != "outbound"  # mesh peers are reached with mTLS
+        for lst in runs_on
     ):
         out.append(f"to.server_identities: the upstreams of listener(s) {names} do not use TLS")
     return out

@@ -46,7 +46,7 @@ from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, s
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
 
 if TYPE_CHECKING:
-    from enforcer.dataplane.context import ListenerRuntime
+    from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
     from enforcer.dataplane.pump import NativePump
 
 log = logging.getLogger("enforcer.dataplane")
@@ -76,9 +76,9 @@ class Connection:
                  "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
                  "early_upstream", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
-                 "listener", "local", "loop", "original_dst", "peer", "pending", "pending_bytes", "plane",
+                 "listener", "local", "loop", "mesh", "original_dst", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
-                 "started", "started_mono", "tls_info", "upstream", "upstream_eof_pending",
+                 "started", "started_mono", "tls_info", "up_rt", "upstream", "upstream_eof_pending",
                  "upstream_identity")
 
     def __init__(self, listener: ListenerRuntime) -> None:
@@ -97,6 +97,8 @@ class Connection:
         self.local: tuple[str, int] | None = None
         self.client_addr: tuple[str, int] | None = None  # real client (PROXY source)
         self.original_dst: tuple[str, int] | None = None  # transparent: where it was going
+        self.up_rt: UpstreamRuntime = listener.upstream  # or the plane's mesh upstream
+        self.mesh: str | None = None  # mesh listeners: mtls | tls | plaintext | external
         self.proxy_header: ProxyHeader | None = None
         self.proxy_parser: HeaderParser | None = None
         self.sniff_buf = b""
@@ -215,10 +217,37 @@ class Connection:
         self.original_dst = origdst.read(sock) if sock is not None else None
         refused = origdst.classify(self.original_dst, self.local, self.plane.is_own_endpoint)
         if refused is None:
-            return True
+            return self._mesh_outbound() if self.listener.cfg.mesh == "outbound" else True
         if refused[0] == "not_redirected":
             self.original_dst = None  # the socket's own address, not a destination
         self._finish("deny", refused[0], detail=refused[1], abort=True)
+        return False
+
+    def _mesh_outbound(self) -> bool:
+        """A mesh peer's address: mTLS to it (the plane's mesh upstream); elsewhere the
+        mesh.external policy: plaintext, or refused."""
+        assert self.original_dst is not None
+        self.mesh = self.plane.mesh_route(self.original_dst)
+        if self.mesh == "mtls":
+            assert self.plane.mesh_upstream is not None
+            self.up_rt = self.plane.mesh_upstream
+            return True
+        if self.mesh == "external":
+            return True
+        self._finish("deny", "mesh_external_denied", abort=True,
+                     detail=f"{self.upstream_address()} is outside the mesh and mesh.external "
+                     "does not allow plaintext to it")
+        return False
+
+    def _mesh_inbound(self) -> bool:
+        """``mesh: inbound``: say how the peer came (mTLS or not); in strict mode plaintext
+        is refused before any upstream connect."""
+        tls = self.client.tls is not None
+        self.mesh = ("mtls" if self.identity is not None else "tls") if tls else "plaintext"
+        if tls or self.plane.cfg.mesh.inbound == "permissive":
+            return True
+        self._finish("deny", "mesh_plaintext_refused", abort=True,
+                     detail=f"plaintext from {self._peer_text()} refused: mesh.inbound is strict")
         return False
 
     def _after_proxy(self, data: bytes) -> None:
@@ -294,8 +323,8 @@ class Connection:
             return
         up = self.upstream
         assert up is not None
-        if self.listener.upstream.client_ctx is not None:
-            self._fail("upstream_tls_failed", f"upstream {self.listener.upstream.cfg.address} "
+        if self.up_rt.client_ctx is not None:
+            self._fail("upstream_tls_failed", f"upstream {self.upstream_address()} "
                        "sent data before the TLS handshake", upstream_reason="tls_handshake")
             return
         early = self.early_upstream
@@ -487,6 +516,8 @@ class Connection:
         if self.proxy_header is not None and self.listener.proxy_identities is not None \
                 and not self._proxy_sender_trusted():
             return
+        if self.listener.cfg.mesh == "inbound" and not self._mesh_inbound():
+            return
         decision = self.plane.decide_before_upstream(self.listener, self._facts())
         if decision is not None and not self._decided(decision):
             return
@@ -509,7 +540,7 @@ class Connection:
     def _facts(self) -> FlowFacts:
         ip = _client_ip(self.client_addr[0]) if self.client_addr is not None else None
         tlvs = self.proxy_header.tlvs_for_policy() if self.proxy_header is not None else {}
-        up = self.listener.upstream.cfg.address
+        up = self.up_rt.cfg.address
         dest = self.original_dst
         if dest is None and not up.is_unix and not up.original:
             dest = (up.host, up.port)
@@ -531,7 +562,7 @@ class Connection:
         """Connect upstream: on a bare socket when the native pump will relay and no name
         needs resolving (see rawtransport.py), else with the loop's create_connection."""
         poller = self.plane.poller if self.plane.native_relay else None
-        target = self.listener.upstream.raw_target if poller is not None else None
+        target = self.up_rt.raw_target if poller is not None else None
         if poller is not None and self.original_dst is not None:
             target = rawtransport.target_of(Address(*self.original_dst))
         if target is None:
@@ -554,7 +585,7 @@ class Connection:
                 self._connect_failed(exc)
                 return
             self._cancel_stage_timer()
-            self.listener.upstream.observe_connect(time.monotonic() - started)
+            self.up_rt.observe_connect(time.monotonic() - started)
             transport.start(side)
             self._upstream_connected(side)
             transport.start_reading()  # a no-op once the pump has the socket
@@ -566,7 +597,7 @@ class Connection:
         listeners) or the upstream's address."""
         if self.original_dst is not None:
             return Address(*self.original_dst)
-        return self.listener.upstream.cfg.address
+        return self.up_rt.cfg.address
 
     def _connect_failed(self, exc: OSError) -> None:
         addr = self.upstream_address()
@@ -585,7 +616,7 @@ class Connection:
             self.connect_task = None  # a finished task is not kept for the connection's life
 
     async def _connect_upstream(self) -> None:
-        up = self.listener.upstream
+        up = self.up_rt
         addr = self.upstream_address()
         side = Side(self, is_client=False)
         self.upstream = side
@@ -610,7 +641,7 @@ class Connection:
         self._upstream_connected(side)
 
     def _upstream_connected(self, side: Side) -> None:
-        up = self.listener.upstream
+        up = self.up_rt
         header = self.plane.proxy_header_for(self)
         if header and side.transport is not None:
             side.transport.write(header)
@@ -636,7 +667,7 @@ class Connection:
             self.plane.metrics.tls_handshake_errors_total.labels(
                 listener=self.listener.name, reason=_tls_reason(exc)).inc()
             self._fail("upstream_tls_failed",
-                       f"TLS handshake with upstream {self.listener.upstream.cfg.address} "
+                       f"TLS handshake with upstream {self.upstream_address()} "
                        f"failed: {_tls_detail(exc)}", upstream_reason="tls_handshake")
             return
         if not done:
@@ -660,7 +691,7 @@ class Connection:
             self.upstream_identity = identity_from_der(der) if der else None
         except IdentityError as exc:
             return f"cannot read the upstream certificate: {exc}"
-        problem = self.plane.check_upstream_identity(self.listener.upstream,
+        problem = self.plane.check_upstream_identity(self.up_rt,
                                                      self.upstream_identity)
         if problem is None and tls.session_reused and _expired(self.upstream_identity):
             problem = "the upstream's certificate in the resumed TLS session has expired"
@@ -846,7 +877,7 @@ class Connection:
                 listener=self.listener.name, reason="timeout").inc()
         if reason == "upstream_tls_timeout":
             self.plane.metrics.upstream_errors_total.labels(
-                upstream=self.listener.upstream.name, reason="tls_timeout").inc()
+                upstream=self.up_rt.name, reason="tls_timeout").inc()
         action = "allow" if self.stage == Stage.RELAY else "error"
         self._finish(action, reason, detail=f"{reason.replace('_', ' ')} reached", abort=True)
 
@@ -870,7 +901,7 @@ class Connection:
             return
         if upstream_reason is not None:
             self.plane.metrics.upstream_errors_total.labels(
-                upstream=self.listener.upstream.name, reason=upstream_reason).inc()
+                upstream=self.up_rt.name, reason=upstream_reason).inc()
         self._finish(action, reason, detail=detail, abort=abort)
 
     def _finish(self, action: str, reason: str, *, detail: str | None = None,
@@ -918,7 +949,7 @@ class Connection:
         up = self.upstream
         if up is None or up.tls is None:
             return
-        runtime = self.listener.upstream
+        runtime = self.up_rt
         if up.tls.context is not runtime.client_ctx or up.tls.detached:
             return  # a TLS reload replaced the context (its sessions do not fit the new
             # one), or a pump had the TLS state (it resumes with native.py's sessions)

@@ -25,7 +25,9 @@ from enforcer.config.model import (
     Config,
     ListenerConfig,
     ListenerTlsConfig,
+    ProxyProtocolSendConfig,
     UpstreamConfig,
+    UpstreamTlsConfig,
 )
 from enforcer.dataplane import native
 from enforcer.dataplane.acceptor import Acceptor
@@ -95,6 +97,7 @@ class DataPlane:
         self._pump_every = PUMP_TICK
         self.warned_no_resumption = False
         self.owns_unix_paths: list[str] = []
+        self.mesh_upstream: UpstreamRuntime | None = None  # mTLS to mesh peers (mesh:)
         self.ready = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -119,6 +122,8 @@ class DataPlane:
             raise StartupError("tls", "\n".join(errors))
         self.rulesets = compile_rulesets(self.cfg.rulesets)
         upstreams = {name: self._build_upstream(u) for name, u in self.cfg.upstreams.items()}
+        if self.cfg.mesh.enabled:
+            self.mesh_upstream = self._build_mesh_upstream()
         for lcfg in self.cfg.listeners:
             self.listeners.append(self._build_listener(lcfg, upstreams[lcfg.upstream]))
         for name, material in self.materials.items():
@@ -149,6 +154,38 @@ class DataPlane:
         except MaterialError as exc:
             raise StartupError("tls", str(exc)) from None
         return UpstreamRuntime(ucfg, ctx, hostname, connect_histogram=connect)
+
+    def _build_mesh_upstream(self) -> UpstreamRuntime:
+        """Outbound to mesh peers: mTLS with the mesh material to the original destination;
+        the chain is verified against its CA, the peer's identity by the rules
+        (``to.server_identities``), after the handshake."""
+        mesh = self.cfg.mesh
+        assert mesh.material is not None
+        ucfg = UpstreamConfig("mesh", Address(original=True),
+                              UpstreamTlsConfig("mtls", mesh.material), ProxyProtocolSendConfig())
+        try:
+            ctx = self.client_context(self.materials[mesh.material], mutual=True,
+                                      check_hostname=False)
+        except MaterialError as exc:
+            raise StartupError("tls", f"mesh: {exc}") from None
+        return UpstreamRuntime(ucfg, ctx, None, connect_histogram=self.metrics.upstream_connect_seconds)
+
+    def mesh_route(self, dest: tuple[str, int]) -> str | None:
+        """How an outbound connection to ``dest`` goes: ``mtls`` (a mesh peer),
+        ``external`` (plaintext, allowed by mesh.external) or None (refused)."""
+        mesh = self.cfg.mesh
+        try:
+            ip = ipaddress.ip_address(dest[0].split("%", 1)[0])
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(net.contains(ip, dest[1]) for net in mesh.networks):
+            return "mtls"
+        if mesh.external_default == "plaintext" or any(
+                net.contains(ip, dest[1]) for net in mesh.external_plaintext):
+            return "external"
+        return None
 
     def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
@@ -386,7 +423,7 @@ class DataPlane:
         return False
 
     def proxy_header_for(self, conn: Connection) -> bytes | None:
-        pp = conn.listener.upstream.cfg.proxy_protocol
+        pp = conn.up_rt.cfg.proxy_protocol
         if pp.send == "off":
             return None
         src = _ip_endpoint(conn.client_addr)

@@ -4,6 +4,7 @@ not redirected or would loop, the config rules tying them to original_destinatio
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from typing import Any
@@ -107,3 +108,42 @@ rs:
     why = rs.explain(FlowFacts(listener="out", port=7000, client_ip=None, identity=None,
                                tls=False, destination=("192.0.2.1", 7000))).rules[0].why_not
     assert any("192.0.2.1:7000" in w for w in why)
+
+
+def _mesh_cfg(listener: dict[str, Any], mesh: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = _cfg({"transparent": True, **listener}, "original_destination")
+    cfg["tls"] = {"m": {"ca": "/nonexistent/ca.pem"}}
+    if mesh is not None:
+        cfg["mesh"] = mesh
+    return cfg
+
+
+MESH = {"material": "m", "networks": [{"cidrs": ["10.9.0.0/16"], "ports": [8080, "9000-9001"]}],
+        "external": {"plaintext": [{"cidrs": ["192.0.2.0/24"]}]}}
+
+
+def test_mesh_section_loads() -> None:
+    cfg = parse_config(_mesh_cfg({"mesh": "outbound"}, MESH))
+    assert cfg.listeners[0].mesh == "outbound"
+    net = cfg.mesh.networks[0]
+    assert net.contains(ipaddress.ip_address("10.9.1.1"), 9001)
+    assert not net.contains(ipaddress.ip_address("10.9.1.1"), 22)
+    assert not net.contains(ipaddress.ip_address("10.10.0.1"), 8080)
+    assert cfg.mesh.inbound == "strict" and cfg.mesh.external_default == "deny"
+    assert cfg.mesh.external_plaintext[0].contains(ipaddress.ip_address("192.0.2.9"), 1)
+
+
+@pytest.mark.parametrize(("listener", "mesh", "message"), [
+    ({"mesh": "outbound", "transparent": False}, MESH, "needs transparent: true"),
+    ({"mesh": "inbound"}, MESH, "needs tls mode auto"),
+    ({"mesh": "outbound"}, None, "needs a top-level mesh section"),
+    ({}, {"material": "m"}, "networks: is required"),
+    ({}, {"networks": [{"cidrs": ["10.0.0.0/8"]}]}, "material: is required"),
+    ({}, {**MESH, "material": "nope"}, "unknown material 'nope'"),
+    ({}, {**MESH, "inbound": "lax"}, "inbound"),
+])
+def test_mesh_config_mistakes(listener: dict[str, Any], mesh: dict[str, Any] | None,
+                              message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_mesh_cfg(listener, mesh))
+    assert message in str(err.value)
