@@ -371,7 +371,8 @@ class _Parser:
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
         if node.is_null:
             return ProxyProtocolAcceptConfig()
-        node.keys(("accept", "trusted_sources", "timeout", "trusted_identities"))
+        node.keys(("accept", "trusted_sources", "timeout", "trusted_identities",
+                   "flow_id_from_header"))
         accept = node["accept"].choice(("off", "optional", "required"), "off")
         trusted = node["trusted_sources"].cidr_list()
         if accept != "off" and not trusted:
@@ -389,7 +390,10 @@ class _Parser:
                     f"bad identity glob {pattern!r}: {problem}")
         if identities and accept == "off":
             node["trusted_identities"].error("goes with accept: optional or required")
-        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout, identities)
+        adopt = node["flow_id_from_header"].bool(False)
+        if adopt and accept == "off":
+            node["flow_id_from_header"].error("goes with accept: optional or required")
+        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout, identities, adopt)
 
     # -- upstreams -----------------------------------------------------------------------
     def upstreams(self, node: Node) -> dict[str, UpstreamConfig]:

@@ -93,6 +93,8 @@ class ProxyProtocolAcceptConfig:
     # SPIFFE IDs (globs as in from.identities): a PROXY header is believed only when the TLS
     # handshake after it shows one of them; empty = believed on trusted_sources alone
     trusted_identities: tuple[str, ...] = ()
+    flow_id_from_header: bool = False  # this hop's flow_id is the header's unique_id TLV
+    # (when it is 1-128 printable ASCII characters), so every hop's record shares one id
 
 
 @dataclass(frozen=True, slots=True)

@@ -518,6 +518,9 @@ class Connection:
             return
         if self.listener.cfg.mesh == "inbound" and not self._mesh_inbound():
             return
+        pp = self.listener.cfg.proxy_protocol
+        if self.proxy_header is not None and pp.flow_id_from_header:  # one id on every hop
+            self.flow_id = _header_flow_id(self.proxy_header.unique_id) or self.flow_id
         decision = self.plane.decide_before_upstream(self.listener, self._facts())
         if decision is not None and not self._decided(decision):
             return
@@ -1005,6 +1008,13 @@ def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+
+
+def _header_flow_id(unique_id: bytes | None) -> str | None:
+    """A PROXY unique_id TLV usable as a flow id (1-128 printable ASCII), else None."""
+    if not unique_id or len(unique_id) > 128 or not all(0x21 <= b < 0x7F for b in unique_id):
+        return None
+    return unique_id.decode("ascii")
 
 
 def _has_unread(transport: Any) -> bool:

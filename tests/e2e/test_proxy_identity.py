@@ -14,7 +14,7 @@ import pytest
 
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import parse_config
-from enforcer.proxyproto import build_v2
+from enforcer.proxyproto import build_v2, unique_id_tlv
 from enforcer.tlsconf.certs import DEMO_CLIENT_ID
 from tests.e2e.harness import (
     Backend,
@@ -36,7 +36,8 @@ def sidecar_cfg(pki: Any, backend_port: int, mode: str = "terminate") -> dict[st
                        client_auth="optional",
                        listener_extra={"proxy_protocol": {
                            "accept": "required", "trusted_sources": ["127.0.0.1/32"],
-                           "trusted_identities": [DEMO_CLIENT_ID]}})
+                           "trusted_identities": [DEMO_CLIENT_ID],
+                           "flow_id_from_header": True}})
 
 
 async def proxied(port: int, payload: bytes, ctx: ssl.SSLContext | None) -> bytes:
@@ -44,7 +45,7 @@ async def proxied(port: int, payload: bytes, ctx: ssl.SSLContext | None) -> byte
     ``payload``; returns what came back (b"" when refused)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(build_v2(FORGED, ("127.0.0.1", port)))
+        writer.write(build_v2(FORGED, ("127.0.0.1", port), tlvs=[unique_id_tlv("FORGED-ID")]))
         await writer.drain()
         if ctx is not None:
             await writer.start_tls(ctx, server_hostname="localhost")
@@ -74,6 +75,7 @@ async def test_the_gateway_identity_is_believed(pki: Any) -> None:
         rec = (await sidecar.wait_flows(1))[0]
     assert rec["action"] == "allow"
     assert rec["client"] == {"ip": FORGED[0], "port": FORGED[1]}
+    assert rec["flow_id"] == "FORGED-ID"  # believed: flow_id_from_header takes its id
     assert rec["tls"]["peer"]["spiffe_id"] == DEMO_CLIENT_ID
 
 
@@ -90,6 +92,7 @@ async def test_a_forged_header_without_the_identity_is_refused(pki: Any, who: st
     assert got == b""
     assert backend.connections == 0  # refused before any upstream connect
     assert rec["close"] == "proxy_protocol_untrusted_identity"
+    assert rec["flow_id"] != "FORGED-ID"  # the header's unique_id is not adopted either
     assert rec["client"]["ip"] == "127.0.0.1"  # the header was not believed
     assert rec["upstream"] is None
     if who == "other":
@@ -107,7 +110,7 @@ async def test_an_enforcer_gateway_sends_header_then_mtls(pki: Any) -> None:
     backend = await Backend().start()
     sidecar = await Enforcer(sidecar_cfg(pki, backend.port)).start()
     gw_cfg = outbound_cfg(pki, sidecar.port())
-    gw_cfg["upstreams"]["peer"]["proxy_protocol"] = {"send": "v2"}
+    gw_cfg["upstreams"]["peer"]["proxy_protocol"] = {"send": "v2", "tlvs": ["unique_id"]}
     gateway = await Enforcer(gw_cfg).start()
     payload = random_bytes(200_000)
     async with running(gateway, sidecar, backend):
@@ -120,6 +123,7 @@ async def test_an_enforcer_gateway_sends_header_then_mtls(pki: Any) -> None:
         gw = (await gateway.wait_flows(1))[0]
     assert sha(got) == sha(payload)
     assert side["action"] == "allow" and side["client"] == gw["client"]
+    assert side["flow_id"] == gw["flow_id"]  # flow_id_from_header: one id on both hops
     assert side["tls"]["peer"]["spiffe_id"] == DEMO_CLIENT_ID
 
 
