@@ -8,15 +8,21 @@ swapped for the manifests rendered from ``deploy/`` without touching the test co
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import shutil
 import string
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.e2e.netns import Netns
@@ -83,3 +89,43 @@ class Host:
         for proc in self.procs:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def capture(ns: Netns, ifname: str, bpf: str, pcap: Path) -> Iterator[None]:
+    """tcpdump on ``ifname`` in ``ns`` (a bridge port: one host's traffic) while the block
+    runs; the packets are in ``pcap`` after it."""
+    tcpdump = shutil.which("tcpdump") or pytest.skip("tcpdump is not installed")
+    cap = subprocess.Popen(ns.cmd(tcpdump, "-i", ifname, "-U", "-w", str(pcap), bpf),
+                           stderr=subprocess.PIPE)
+    try:
+        assert cap.stderr is not None
+        cap.stderr.readline()  # "listening on ...": packets are captured from here on
+        yield
+        time.sleep(0.5)  # the last packets reach the file (-U writes each one)
+    finally:
+        cap.terminate()
+        cap.wait(10)
+
+
+def assert_tls_only(pcap: Path, port: int, size: int, seed: int) -> None:
+    """No 64-byte piece of the seeded payload is in the capture, and tshark (when there)
+    sees TLS handshake and application data records on ``port``."""
+    wire = pcap.read_bytes()
+    payload = random.Random(seed).randbytes(size)
+    for i in range(0, len(payload) - 64, max(1, size // 6)):
+        assert payload[i:i + 64] not in wire, "payload in clear on the wire"
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        return
+    fields = subprocess.run([tshark, "-r", str(pcap), "-d", f"tcp.port=={port},tls", "-T",
+                             "fields", "-e", "tls.record.content_type", "-e",
+                             "tls.record.opaque_type"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    seen = {t for field in fields.split() for t in field.split(",") if t}
+    assert {"22", "23"} <= seen, seen  # handshake and (TLS 1.3: opaque) application data
+
+
+def expected(size: int, seed: int, prefix: bytes = b"") -> str:
+    """sha256 of what an echo app sends back: its PROXY line (if any), then the payload."""
+    return hashlib.sha256(prefix + random.Random(seed).randbytes(size)).hexdigest()

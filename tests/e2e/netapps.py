@@ -6,6 +6,10 @@
 - ``client HOST PORT SIZE [SEED]``: sends SIZE seeded random bytes, half-closes, reads to
   EOF; prints one JSON line {sent, received, bytes, error}: sha256 of both directions.
 - ``banner HOST PORT``: a server-first app: says ``220 ready``, then echoes.
+- ``slowclient HOST PORT SIZE SEED GATE``: as ``client``, but prints ``{"port": N}`` once
+  half the payload is sent, and sends the rest only once the file GATE exists.
+- ``forge HOST PORT SRC CERT KEY CA``: a PROXY v2 header claiming client SRC, then TLS
+  with that certificate (CERT ``-``: plaintext), then a line; prints {bytes, error}.
 Exit status 0 always: the test reads the JSON.
 """
 
@@ -13,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import socket
+import ssl
 import sys
 import threading
+import time
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -103,6 +110,53 @@ def client(host: str, port: int, size: int, seed: int) -> dict[str, object]:
     return out
 
 
+def slow_client(host: str, port: int, size: int, seed: int, gate: str) -> dict[str, object]:
+    payload = random.Random(seed).randbytes(size)
+    out: dict[str, object] = {"sent": hashlib.sha256(payload).hexdigest(), "received": None,
+                              "bytes": 0, "error": None}
+    got = bytearray()
+    try:
+        with socket.create_connection((host, port), timeout=60) as s:
+            half = size // 2
+            s.sendall(payload[:half])
+            print(json.dumps({"port": s.getsockname()[1]}), flush=True)
+            while not os.path.exists(gate):
+                time.sleep(0.02)
+            s.sendall(payload[half:])
+            s.shutdown(socket.SHUT_WR)
+            while data := s.recv(65536):
+                got += data
+    except OSError as exc:
+        out["error"] = type(exc).__name__
+    out["received"] = hashlib.sha256(bytes(got)).hexdigest()
+    out["bytes"] = len(got)
+    out["head"] = bytes(got[:80]).decode("latin-1")
+    return out
+
+
+def forge(host: str, port: int, src: str, cert: str, key: str, ca: str) -> dict[str, object]:
+    header = V2_SIG + bytes([0x21, 0x11]) + (12).to_bytes(2, "big") + socket.inet_aton(src) \
+        + socket.inet_aton(host) + (40000).to_bytes(2, "big") + port.to_bytes(2, "big")
+    out: dict[str, object] = {"bytes": 0, "error": None}
+    try:
+        with socket.create_connection((host, port), timeout=20) as raw:
+            raw.sendall(header)
+            conn: socket.socket = raw
+            if cert != "-":
+                ctx = ssl.create_default_context(cafile=ca)
+                ctx.check_hostname = False
+                ctx.load_cert_chain(cert, key)
+                conn = ctx.wrap_socket(raw, server_hostname="localhost")
+            conn.sendall(b"hello from a forger\n")
+            got = b""
+            while data := conn.recv(65536):
+                got += data
+            out["bytes"] = len(got)
+    except (OSError, ssl.SSLError) as exc:
+        out["error"] = type(exc).__name__
+    return out
+
+
 def main(argv: list[str]) -> None:
     mode = argv[0]
     if mode == "echo":
@@ -112,6 +166,11 @@ def main(argv: list[str]) -> None:
     elif mode == "client":
         seed = int(argv[4]) if len(argv) > 4 else 1
         print(json.dumps(client(argv[1], int(argv[2]), int(argv[3]), seed)), flush=True)
+    elif mode == "slowclient":
+        print(json.dumps(slow_client(argv[1], int(argv[2]), int(argv[3]), int(argv[4]),
+                                     argv[5])), flush=True)
+    elif mode == "forge":
+        print(json.dumps(forge(argv[1], int(argv[2]), *argv[3:7])), flush=True)
     else:
         raise SystemExit(f"unknown mode {mode}")
 
