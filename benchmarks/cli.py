@@ -33,6 +33,7 @@ import yaml
 
 from benchmarks import contestants as cmod
 from benchmarks import results as rmod
+from benchmarks import transparent
 from benchmarks import workloads as wmod
 from benchmarks.backends import BODY_SIZE, start_http
 from benchmarks.contestants import Contestant, Env, tool_version
@@ -116,9 +117,13 @@ def run(args: argparse.Namespace) -> int:
         for path in render(args.render):
             _progress(f"wrote {path}")
         return 0
+    if getattr(args, "netns", False) and not transparent.in_private_netns():
+        transparent.reexec_in_netns(transparent.harness_argv(sys.argv[1:]))
     try:
         chosen = [cmod.BY_NAME[n] for n in _pick(args.only, CONTESTANTS, "contestant")]
         chosen += _variants(getattr(args, "variant", None) or [])
+        if getattr(args, "netns", False):
+            chosen.append(transparent.TransparentEnforcer())
         works = [wmod.BY_NAME[n] for n in _pick(args.workloads, WORKLOADS, "workload")]
         extra = _load_extra(args.enforcer_extra)
     except UsageError as exc:

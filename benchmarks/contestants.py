@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class Pair:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     roles: dict[str, int] = field(default_factory=dict)  # "outbound"/"inbound" -> sid
     inbound_port: int | None = None  # the mTLS listener, for the TLS probe
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # run by stop_pair
 
     @property
     def sids(self) -> list[int]:
@@ -138,6 +140,8 @@ class Contestant:
 def stop_pair(env: Env, pair: Pair) -> None:
     for proc in reversed(pair.procs):
         env.procs.stop(proc)
+    for undo in pair.cleanup:
+        undo()
 
 
 # --------------------------------------------------------------------------- direct

@@ -36,5 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the temp dir (generated configs and process logs)")
     p.add_argument("--render", metavar="RUN_DIR", type=Path,
                    help="only redraw results.md, charts and latest.* from RUN_DIR/results.json")
+    p.add_argument("--netns", action="store_true",
+                   help="run in a private network namespace (root) and add the column "
+                   "enforcer-transparent: the enforcer pair behind nftables redirects")
     p.add_argument("--list", action="store_true",
                    help="list contestants and workloads with what is installed, then exit")

@@ -1,4 +1,5 @@
-"""``enforcer`` command line: run | check | demo | certs | policy explain | bench.
+"""``enforcer`` command line: run | check | demo | certs | policy explain | bench |
+intercept.
 
 Each subcommand lives in its own module exposing ``register(subparsers)``, which adds a
 parser whose ``func(args) -> int`` returns the process exit code (see ``exitcodes``).
@@ -21,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "enforcer.cli.certs",
     "enforcer.cli.policy",
     "enforcer.cli.bench",
+    "enforcer.cli.intercept",
 )
 
 

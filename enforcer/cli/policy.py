@@ -98,9 +98,15 @@ def _listener(cfg: Config, name: str) -> ListenerConfig:
 def build_facts(args: argparse.Namespace, listener: ListenerConfig,
                 cfg: Config | None = None) -> FlowFacts:
     """The ``FlowFacts`` the data plane would build for the flow the options describe. The
-    destination is the listener's upstream address unless --destination says otherwise."""
+    destination is the listener's upstream address unless --destination says otherwise; on
+    a transparent listener it is --destination (the original destination), whose port is
+    then the flow's port unless --port is given."""
     identity = _peer(args.identity, args.cert)
+    dest = (_destination(args.destination) if args.destination is not None
+            else _upstream_destination(cfg, listener))
     port = listener.listen.port if args.port is None else args.port
+    if listener.transparent and args.port is None and dest is not None:
+        port = dest[1]
     if not 0 <= port <= 65535:
         raise BadInput(f"--port {port}: out of range 0-65535")
     return FlowFacts(
@@ -111,8 +117,7 @@ def build_facts(args: argparse.Namespace, listener: ListenerConfig,
         tls=_is_tls(listener, identity is not None, args.sni is not None),
         sni=args.sni,
         tlvs=_tlvs(args.tlv),
-        destination=(_destination(args.destination) if args.destination is not None
-                     else _upstream_destination(cfg, listener)),
+        destination=dest,
         server_identity=(None if args.server_identity is None
                          else _spiffe("--server-identity", args.server_identity)),
     )
@@ -176,7 +181,7 @@ def _tlvs(pairs: list[str]) -> dict[str, str]:
 
 def _upstream_destination(cfg: Config | None, listener: ListenerConfig) -> tuple[str, int] | None:
     upstream = cfg.upstreams.get(listener.upstream) if cfg is not None else None
-    if upstream is None or upstream.address.is_unix:
+    if upstream is None or upstream.address.is_unix or upstream.address.original:
         return None
     return upstream.address.host, upstream.address.port
 

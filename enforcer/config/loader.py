@@ -20,6 +20,8 @@ import yaml
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
     CIPHER_SUITES,
+    DETECT_TIMEOUT,
+    ORIGINAL_DESTINATION,
     Address,
     AdminConfig,
     Config,
@@ -27,6 +29,8 @@ from enforcer.config.model import (
     LimitsConfig,
     ListenerConfig,
     ListenerTlsConfig,
+    MeshConfig,
+    MeshNetwork,
     NodeConfig,
     ProxyProtocolAcceptConfig,
     ProxyProtocolSendConfig,
@@ -38,10 +42,16 @@ from enforcer.config.model import (
     UpstreamVerifyConfig,
 )
 from enforcer.config.reader import Node
-from enforcer.config.rulesets import RulesetConfig, parse_rulesets, reference_problems
+from enforcer.config.rulesets import (
+    RulesetConfig,
+    identity_glob_problem,
+    parse_rulesets,
+    port_ranges,
+    reference_problems,
+)
 
 TOP_KEYS = ("version", "node", "tls", "listeners", "upstreams", "rulesets", "rulesets_file",
-            "flow_log", "admin", "limits", "workers", "relay")
+            "flow_log", "admin", "limits", "workers", "relay", "mesh")
 UNIX_PATH_MAX = 107  # bytes of a unix socket path (sun_path holds 108 with the NUL)
 PROXY_SEND_TLVS = ("alpn", "authority", "ssl", "unique_id", "identity")
 TCP_KEEP_SECONDS_MAX = 32767  # TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE in Linux)
@@ -113,6 +123,7 @@ def parse_config(raw: Any, *, source: str | None = None, base_dir: str = ".") ->
         workers=_workers(root["workers"]),
         relay=_relay(root["relay"]),
         source=source,
+        mesh=_mesh(root["mesh"]),
     )
     _check_references(cfg, root, issues, rulesets_read=rulesets_read)
     if issues:
@@ -221,6 +232,8 @@ class _Parser:
         text = node.str(None, required=True)
         if text is None:
             return None
+        if text.strip() == ORIGINAL_DESTINATION and not listen:
+            return Address(original=True)
         try:
             addr = parse_address(text, allow_port_zero=listen)
         except ValueError as exc:
@@ -299,7 +312,8 @@ class _Parser:
         if node.missing:
             node.error("is required (at least one listener)")
         for item in items:
-            if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream")):
+            if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream",
+                              "transparent", "mesh")):
                 continue
             name = item["name"].required_str()
             if name in names:
@@ -312,7 +326,23 @@ class _Parser:
             upstream = item["upstream"].required_str()
             tls = self.listener_tls(item["tls"])
             pp = self.proxy_accept(item["proxy_protocol"])
-            out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream))
+            if pp.trusted_identities and (tls.mode == "off" or tls.client_auth == "none"):
+                item["proxy_protocol"]["trusted_identities"].error(
+                    "needs tls mode terminate or auto with client_auth required or optional "
+                    "(the identity comes from the client certificate)")
+            mesh = item["mesh"].choice(("outbound", "inbound", "off"), "off")
+            transparent = item["transparent"].bool(False)
+            if mesh == "outbound" and not transparent:
+                item["mesh"].error("mesh: outbound needs transparent: true (the original "
+                                   "destination decides mesh or external)")
+            if mesh == "inbound" and tls.mode != "auto":
+                item["mesh"].error("mesh: inbound needs tls mode auto (mTLS from peers, "
+                                   "plaintext refused or accepted by mesh.inbound)")
+            if transparent and listen is not None and listen.is_unix:
+                item["transparent"].error("needs a TCP listen address (interception "
+                                          "redirects TCP), not a unix socket")
+            out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream,
+                                      transparent, None if mesh == "off" else cast(Any, mesh)))
         return out
 
     def listener_tls(self, node: Node) -> ListenerTlsConfig:
@@ -320,13 +350,19 @@ class _Parser:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
         node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
-                   "allow_eof_without_close_notify"))
+                   "allow_eof_without_close_notify", "detect_timeout"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
         if mode == "passthrough":
             node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
         material = node["material"].str(None)
         if mode in ("terminate", "auto") and material is None:
             node["material"].error(f"is required with mode {mode}")
+        detect = node["detect_timeout"].duration(DETECT_TIMEOUT)
+        if detect < 0:
+            node["detect_timeout"].error("must be 0s (off) or more")
+        if not node["detect_timeout"].is_null and mode != "auto":
+            node["detect_timeout"].error("goes with mode auto (it bounds the wait for the "
+                                         "client's first byte)")
         return ListenerTlsConfig(
             mode=cast(Any, mode),
             material=material,
@@ -336,12 +372,14 @@ class _Parser:
             strict_sni=node["strict_sni"].bool(False),
             alpn=_alpn(node["alpn"]),
             allow_eof_without_close_notify=node["allow_eof_without_close_notify"].bool(False),
+            detect_timeout=max(detect, 0.0),
         )
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
         if node.is_null:
             return ProxyProtocolAcceptConfig()
-        node.keys(("accept", "trusted_sources", "timeout"))
+        node.keys(("accept", "trusted_sources", "timeout", "trusted_identities",
+                   "flow_id_from_header"))
         accept = node["accept"].choice(("off", "optional", "required"), "off")
         trusted = node["trusted_sources"].cidr_list()
         if accept != "off" and not trusted:
@@ -350,7 +388,19 @@ class _Parser:
         timeout = node["timeout"].duration(3.0)
         if timeout <= 0:
             node["timeout"].error("must be more than 0s")
-        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout)
+        identities = node["trusted_identities"].str_list()
+        for i, pattern in enumerate(identities):
+            problem = identity_glob_problem(pattern)
+            if problem is not None:
+                where = node["trusted_identities"]
+                (where[i] if isinstance(where.value, list) else where).error(
+                    f"bad identity glob {pattern!r}: {problem}")
+        if identities and accept == "off":
+            node["trusted_identities"].error("goes with accept: optional or required")
+        adopt = node["flow_id_from_header"].bool(False)
+        if adopt and accept == "off":
+            node["flow_id_from_header"].error("goes with accept: optional or required")
+        return ProxyProtocolAcceptConfig(cast(Any, accept), trusted, timeout, identities, adopt)
 
     # -- upstreams -----------------------------------------------------------------------
     def upstreams(self, node: Node) -> dict[str, UpstreamConfig]:
@@ -534,6 +584,42 @@ def _groups(node: Node) -> tuple[str, ...] | None:
     return groups
 
 
+def _mesh(node: Node) -> MeshConfig:
+    """``mesh: {material, networks: [{cidrs, ports}], inbound, external: {default,
+    plaintext: [{cidrs, ports}]}}``."""
+    if node.is_null or not node.keys(("material", "networks", "inbound", "external")):
+        return MeshConfig()
+    networks = _mesh_networks(node["networks"])
+    if not networks:
+        node["networks"].error("is required: the CIDRs (and ports) where peers run enforcer")
+    material = node["material"].str(None)
+    if material is None:
+        node["material"].error("is required: the TLS material for mTLS between enforcers")
+    ext = node["external"]
+    default: str = "deny"
+    plaintext: tuple[MeshNetwork, ...] = ()
+    if not ext.is_null and ext.keys(("default", "plaintext")):
+        default = ext["default"].choice(("deny", "plaintext"), "deny")
+        plaintext = _mesh_networks(ext["plaintext"])
+    return MeshConfig(networks=networks, material=material,
+                      inbound=cast(Any, node["inbound"].choice(("strict", "permissive"),
+                                                                "strict")),
+                      external_default=cast(Any, default), external_plaintext=plaintext)
+
+
+def _mesh_networks(node: Node) -> tuple[MeshNetwork, ...]:
+    out: list[MeshNetwork] = []
+    for item in node.list():
+        if not item.keys(("cidrs", "ports")):
+            continue
+        cidrs = item["cidrs"].cidr_list()
+        if not cidrs:
+            item["cidrs"].error("is required (10.0.0.0/8, fd00::/8 ...)")
+        out.append(MeshNetwork(cidrs, port_ranges(item["ports"]) if not item["ports"].is_null
+                               else ()))
+    return tuple(out)
+
+
 def _workers(node: Node) -> int:
     """``workers: N`` (1-256) or ``auto`` (one per CPU, stored as 0)."""
     if node.is_null:
@@ -594,8 +680,21 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
         if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
-        if lst.tls.mode == "off" and lst.tls.client_auth != "required" and lst.tls.material:
-            pass
+        up_cfg = cfg.upstreams.get(lst.upstream)
+        if up_cfg is not None and up_cfg.address.original != lst.transparent:
+            ln["upstream"].error(
+                f"upstream {lst.upstream!r} has address {ORIGINAL_DESTINATION}: only a "
+                "listener with transparent: true knows it" if up_cfg.address.original else
+                f"a transparent listener routes to the original destination: its upstream "
+                f"needs address: {ORIGINAL_DESTINATION} (upstream {lst.upstream!r} has "
+                f"{up_cfg.address})")
+    if cfg.mesh.material is not None and cfg.mesh.material not in materials:
+        root["mesh"]["material"].error(f"unknown material {cfg.mesh.material!r} "
+                                       f"(known: {known_m})")
+    for lst, ln in zip(cfg.listeners, lnodes, strict=False):
+        if lst.mesh is not None and not cfg.mesh.enabled and root["mesh"].is_null:
+            ln["mesh"].error(f"mesh: {lst.mesh} needs a top-level mesh section "
+                             "(networks, material)")
     for name, up in cfg.upstreams.items():
         mat = up.tls.material
         if mat is not None and mat not in materials:

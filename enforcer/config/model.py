@@ -20,8 +20,15 @@ ProxyAccept = Literal["off", "optional", "required"]
 ProxySend = Literal["off", "v1", "v2"]
 RelayMode = Literal["auto", "native", "python"]
 TimeoutClose = Literal["fin", "rst"]
+MeshRole = Literal["outbound", "inbound"]
+MeshInbound = Literal["strict", "permissive"]
+MeshExternal = Literal["deny", "plaintext"]
+PortRange = tuple[int, int]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
+ORIGINAL_DESTINATION = "original_destination"  # an upstream address: see Address.original
+DETECT_TIMEOUT = 0.2  # tls.detect_timeout default (Linkerd waits 10s; Istio's sniffing once
+# defaulted to 100ms): long enough for a client's first flight, short for a banner
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +38,16 @@ class Address:
     host: str = ""
     port: int = 0
     path: str | None = None
+    original: bool = False  # ``original_destination``: where a transparent listener's
+    # connection was going before interception redirected it (per connection)
 
     @property
     def is_unix(self) -> bool:
         return self.path is not None
 
     def __str__(self) -> str:
+        if self.original:
+            return ORIGINAL_DESTINATION
         if self.path is not None:
             return f"unix:{self.path}"
         if ":" in self.host:
@@ -81,6 +92,11 @@ class ProxyProtocolAcceptConfig:
     accept: ProxyAccept = "off"
     trusted_sources: tuple[IPNetwork, ...] = ()
     timeout: float = 3.0
+    # SPIFFE IDs (globs as in from.identities): a PROXY header is believed only when the TLS
+    # handshake after it shows one of them; empty = believed on trusted_sources alone
+    trusted_identities: tuple[str, ...] = ()
+    flow_id_from_header: bool = False  # this hop's flow_id is the header's unique_id TLV
+    # (when it is 1-128 printable ASCII characters), so every hop's record shares one id
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,8 @@ class ListenerTlsConfig:
     # a client's FIN without close_notify (on a record boundary) ends its stream cleanly
     # instead of failing the connection (docs/tls-data-plane.md)
     allow_eof_without_close_notify: bool = False
+    detect_timeout: float = DETECT_TIMEOUT  # mode auto: a client silent this long is plaintext
+    # (server-first protocols); 0 = wait up to handshake_timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +122,9 @@ class ListenerConfig:
     proxy_protocol: ProxyProtocolAcceptConfig
     ruleset: str
     upstream: str
+    transparent: bool = False  # redirected connections only; the original destination is
+    # read from the socket (SO_ORIGINAL_DST) and the upstream is original_destination
+    mesh: MeshRole | None = None  # outbound: mTLS to mesh peers; inbound: strict/permissive
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +199,35 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MeshNetwork:
+    """Where peers run enforcer: these addresses (and ports; empty = every port)."""
+
+    cidrs: tuple[IPNetwork, ...]
+    ports: tuple[PortRange, ...] = ()
+
+    def contains(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        if self.ports and not any(low <= port <= high for low, high in self.ports):
+            return False
+        return any(ip.version == net.version and ip in net for net in self.cidrs)
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """``mesh:``: outbound to ``networks`` is mTLS with ``material``; other destinations
+    follow ``external_default`` unless listed in ``external_plaintext``."""
+
+    networks: tuple[MeshNetwork, ...] = ()
+    material: str | None = None
+    inbound: MeshInbound = "strict"
+    external_default: MeshExternal = "deny"
+    external_plaintext: tuple[MeshNetwork, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.networks)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     name: str
     labels: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAPPING)
@@ -197,4 +247,5 @@ class Config:
     rulesets_file: str | None = None
     workers: int = 1  # processes sharing the listeners; 0 = one per CPU ("auto")
     relay: RelayMode = "auto"  # who moves bytes once in RELAY
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     source: str | None = None  # the file this was loaded from

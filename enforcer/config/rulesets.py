@@ -29,6 +29,7 @@ dataclasses holding validated, normalised patterns; ``enforcer.policy`` compiles
               sni: ["*.shop.example"]
               destinations: ["db.shop:5432", "10.0.0.0/8", "[2001:db8::/32]:443", "*.svc:*"]
               server_identities: [spiffe://td/ns/db/**, "db.shop"]  # spiffe glob or DNS glob
+              cidrs: [10.0.0.0/8]              # destination address (transparent listeners)
             ports: [15006]                     # shorthand for to.ports (docs/configuration.md)
 
 A single scalar is accepted wherever a list is. An explicitly empty list is an error:
@@ -61,7 +62,7 @@ RULESET_KEYS = ("default", "rules", "reevaluate_on_reload")
 RULE_KEYS = ("name", "description", "action", "from", "to", "ports")
 FROM_KEYS = ("identities", "trust_domains", "dns", "cn", "ou", "spki_sha256", "cidrs", "tlvs",
              "tls")
-TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities")
+TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities", "cidrs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,7 @@ class ToConfig:
     sni: tuple[str, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     server_identities: tuple[str, ...] = ()  # spiffe:// globs or DNS globs
+    cidrs: tuple[IPNetwork, ...] = ()  # the destination's address (transparent listeners)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +315,7 @@ def _rule(item: Node) -> RuleConfig | None:
             item["ports"].error("give ports here or under to.ports, not both")
         else:
             to = ToConfig(to.listeners, _ports(item["ports"]), to.sni, to.destinations,
-                          to.server_identities)
+                          to.server_identities, to.cidrs)
     return RuleConfig(name, action, from_, to, item["description"].str(None))
 
 
@@ -346,6 +348,7 @@ def _to(node: Node) -> ToConfig:
         destinations=_destinations(node["destinations"]),
         server_identities=_patterns(node["server_identities"], _server_identity_problem,
                                     "server identity", normalize=_normalize_server_identity),
+        cidrs=_cidrs(node["cidrs"]),
     )
 
 
@@ -375,6 +378,11 @@ def _patterns(node: Node, problem_of: _Check, what: str, *,
         else:
             out.append(value)
     return tuple(out)
+
+
+def port_ranges(node: Node) -> tuple[tuple[int, int], ...]:
+    """A ports list (``[8080, "9000-9100"]``) as (low, high) pairs; problems on ``node``."""
+    return tuple((pr.low, pr.high) for pr in _ports(node))
 
 
 def _ports(node: Node) -> tuple[PortRange, ...]:
@@ -523,7 +531,9 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
         out.append(f"to.sni: listener(s) {names} have tls mode off (no SNI)")
     out.extend(_impossible_ports(t.ports, runs_on))
     if t.server_identities and all(
-        (up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off" for lst in runs_on
+        ((up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off")
+        and lst.mesh != "outbound"  # mesh peers are reached with mTLS
+        for lst in runs_on
     ):
         out.append(f"to.server_identities: the upstreams of listener(s) {names} do not use TLS")
     return out
@@ -531,8 +541,10 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
 
 def _impossible_ports(ports: tuple[PortRange, ...], runs_on: list[ListenerConfig]) -> list[str]:
     listening = [(lst.name, lst.listen.port) for lst in runs_on]
-    if not ports or any(lst.listen.is_unix or not lst.listen.port for lst in runs_on):
-        return []  # unix sockets and port 0 (chosen at bind) are not known here
+    if not ports or any(lst.listen.is_unix or not lst.listen.port or lst.transparent
+                        for lst in runs_on):
+        return []  # unix sockets and port 0 (chosen at bind) are not known here, and on a
+        # transparent listener to.ports is the port the client dialed
     if any(pr.low <= port <= pr.high for _, port in listening for pr in ports):
         return []
     where = ", ".join(f"{n} on {p}" for n, p in listening)

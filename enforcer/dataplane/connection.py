@@ -8,6 +8,8 @@ Bytes from the client are interpreted according to ``stage``:
 - PROXY: fed to the sans-IO ``HeaderParser`` until a header, an error or the timeout;
 - DETECT (``tls.mode: auto``): the first bytes decide TLS (a handshake record), a TLS
   client we refuse (an SSLv2-format hello, another record type) or plaintext (detect.py);
+  a client silent for ``tls.detect_timeout`` is plaintext (server-first protocols: SMTP,
+  MySQL, SSH wait for the server's banner);
 - HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
 - AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
   when it is full); no upstream connection exists before the policy said allow;
@@ -29,12 +31,23 @@ import functools
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import time
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
-from enforcer.dataplane import detect, dialer, flowrecord, native, pump, rawtransport, tcpopts
+from enforcer.config.model import Address
+from enforcer.dataplane import (
+    detect,
+    dialer,
+    flowrecord,
+    native,
+    origdst,
+    pump,
+    rawtransport,
+    tcpopts,
+)
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import (
@@ -49,7 +62,7 @@ from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, s
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
 
 if TYPE_CHECKING:
-    from enforcer.dataplane.context import ListenerRuntime
+    from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
     from enforcer.dataplane.pump import NativePump
 
 log = logging.getLogger("enforcer.dataplane")
@@ -87,9 +100,9 @@ class Connection:
                  "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
                  "early_upstream", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
-                 "listener", "local", "loop", "peer", "pending", "pending_bytes", "plane",
+                 "listener", "local", "loop", "mesh", "original_dst", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
-                 "started", "started_mono", "tls_info", "upstream", "upstream_eof_pending",
+                 "started", "started_mono", "tls_info", "up_rt", "upstream", "upstream_eof_pending",
                  "upstream_identity")
 
     def __init__(self, listener: ListenerRuntime) -> None:
@@ -107,6 +120,9 @@ class Connection:
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.client_addr: tuple[str, int] | None = None  # real client (PROXY source)
+        self.original_dst: tuple[str, int] | None = None  # transparent: where it was going
+        self.up_rt: UpstreamRuntime = listener.upstream  # or the plane's mesh upstream
+        self.mesh: str | None = None  # mesh listeners: mtls | tls | plaintext | external
         self.proxy_header: ProxyHeader | None = None
         self.proxy_parser: HeaderParser | None = None
         self.sniff_buf = b""
@@ -174,7 +190,7 @@ class Connection:
         side must not take a cut stream for a whole one). True if it failed."""
         assert side.tls is not None
         kind = "truncated" if side.tls.mid_record() else "eof_without_close_notify"
-        cfg = self.listener.cfg.tls if side is self.client else self.listener.upstream.cfg.tls
+        cfg = self.listener.cfg.tls if side is self.client else self.up_rt.cfg.tls
         if kind == "eof_without_close_notify" and cfg.allow_eof_without_close_notify:
             return False
         for other in (self.client, self.upstream):
@@ -226,6 +242,8 @@ class Connection:
         if plane.over_limit():
             self._fail("max_connections", "max_connections reached", abort=True)
             return
+        if lst.cfg.transparent and not self._learn_original_dst(transport):
+            return
         limits = lst.limits
         if limits.max_lifetime > 0:
             self.life_timer = self.loop.call_later(limits.max_lifetime, self._timeout,
@@ -245,13 +263,56 @@ class Connection:
             return
         self._after_proxy(b"")
 
+    def _learn_original_dst(self, transport: Any) -> bool:
+        """A transparent listener's connection: where it was going, or refused (no loops)."""
+        sock = transport.get_extra_info("socket")
+        self.original_dst = origdst.read(sock) if sock is not None else None
+        refused = origdst.classify(self.original_dst, self.local, self.plane.is_own_endpoint)
+        if refused is None:
+            return self._mesh_outbound() if self.listener.cfg.mesh == "outbound" else True
+        if refused[0] == "not_redirected":
+            self.original_dst = None  # the socket's own address, not a destination
+        self._finish("deny", refused[0], detail=refused[1], abort=True)
+        return False
+
+    def _mesh_outbound(self) -> bool:
+        """A mesh peer's address: mTLS to it (the plane's mesh upstream); elsewhere the
+        mesh.external policy: plaintext, or refused."""
+        assert self.original_dst is not None
+        self.mesh = self.plane.mesh_route(self.original_dst)
+        if self.mesh == "mtls":
+            assert self.plane.mesh_upstream is not None
+            self.up_rt = self.plane.mesh_upstream
+            return True
+        if self.mesh == "external":
+            return True
+        self._finish("deny", "mesh_external_denied", abort=True,
+                     detail=f"{self.upstream_address()} is outside the mesh and mesh.external "
+                     "does not allow plaintext to it")
+        return False
+
+    def _mesh_inbound(self) -> bool:
+        """``mesh: inbound``: say how the peer came (mTLS or not); in strict mode plaintext
+        is refused before any upstream connect."""
+        tls = self.client.tls is not None
+        self.mesh = ("mtls" if self.identity is not None else "tls") if tls else "plaintext"
+        if tls or self.plane.cfg.mesh.inbound == "permissive":
+            return True
+        self._finish("deny", "mesh_plaintext_refused", abort=True,
+                     detail=f"plaintext from {self._peer_text()} refused: mesh.inbound is strict")
+        return False
+
     def _after_proxy(self, data: bytes) -> None:
         mode = self.listener.cfg.tls.mode
         if mode == "off":
             self._cancel_stage_timer()
             self._authorize(data)
             return
-        self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
+        detect = self.listener.cfg.tls.detect_timeout if mode == "auto" else 0.0
+        if detect > 0:  # a silent client is plaintext after this (server-first protocols)
+            self._set_stage_timer(detect, "detect_timeout")
+        else:
+            self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
         if mode == "auto":
             self.stage = Stage.DETECT
             if data:
@@ -314,8 +375,8 @@ class Connection:
             return
         up = self.upstream
         assert up is not None
-        if self.listener.upstream.client_ctx is not None:
-            self._fail("upstream_tls_failed", f"upstream {self.listener.upstream.cfg.address} "
+        if self.up_rt.client_ctx is not None:
+            self._fail("upstream_tls_failed", f"upstream {self.upstream_address()} "
                        "sent data before the TLS handshake", upstream_reason="tls_handshake")
             return
         early = self.early_upstream
@@ -409,6 +470,23 @@ class Connection:
             return
         self._fail("client_closed", "the client closed during the PROXY stage")
 
+    def _proxy_sender_trusted(self) -> bool:
+        """``proxy_protocol.trusted_identities``: the PROXY header is believed only when
+        the TLS handshake after it showed one of these identities; otherwise the connection
+        is refused here, before any upstream connect, with the real peer as its client."""
+        allowed = self.listener.proxy_identities
+        assert allowed is not None
+        ident = self.identity
+        if ident is not None and ident.spiffe_id is not None and allowed.match(ident.spiffe_id):
+            return True
+        who = (f"identity {ident.spiffe_id}" if ident is not None and ident.spiffe_id
+               else "a certificate with no SPIFFE ID" if ident is not None
+               else "no TLS client certificate")
+        self.client_addr = self.peer  # the header's address is not believed
+        self._proxy_error("untrusted_identity", f"PROXY header from {self._peer_text()} with "
+                          f"{who}, not one of proxy_protocol.trusted_identities")
+        return False
+
     def _proxy_error(self, reason: str, detail: str) -> None:
         self.plane.metrics.proxy_protocol_errors_total.labels(
             listener=self.listener.name, reason=reason).inc()
@@ -446,6 +524,8 @@ class Connection:
     def _start_server_tls(self, data: bytes) -> None:
         ctx = self.listener.server_ctx
         assert ctx is not None
+        if self.stage == Stage.DETECT and self.listener.cfg.tls.detect_timeout > 0:
+            self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
         self.stage = Stage.HANDSHAKE
         self.hs_started = time.monotonic()
         self.client.tls = TlsEngine(ctx, server_side=True,
@@ -506,6 +586,14 @@ class Connection:
     # ===================================================================== authorize
     def _authorize(self, data: bytes) -> None:
         self.stage = Stage.AUTHORIZE
+        if self.proxy_header is not None and self.listener.proxy_identities is not None \
+                and not self._proxy_sender_trusted():
+            return
+        if self.listener.cfg.mesh == "inbound" and not self._mesh_inbound():
+            return
+        pp = self.listener.cfg.proxy_protocol
+        if self.proxy_header is not None and pp.flow_id_from_header:  # one id on every hop
+            self.flow_id = _header_flow_id(self.proxy_header.unique_id) or self.flow_id
         decision = self.plane.decide_before_upstream(self.listener, self._facts())
         if decision is not None and not self._decided(decision):
             return
@@ -528,16 +616,20 @@ class Connection:
     def _facts(self) -> FlowFacts:
         ip = _client_ip(self.client_addr[0]) if self.client_addr is not None else None
         tlvs = self.proxy_header.tlvs_for_policy() if self.proxy_header is not None else {}
-        up = self.listener.upstream.cfg.address
+        up = self.up_rt.cfg.address
+        dest = self.original_dst
+        if dest is None and not up.is_unix and not up.original:
+            dest = (up.host, up.port)
+        port = self.local[1] if self.local else self.listener.local_port
         return FlowFacts(
             listener=self.listener.name,
-            port=self.local[1] if self.local else self.listener.local_port,
+            port=self.original_dst[1] if self.original_dst is not None else port,
             client_ip=ip,
             identity=self.identity,
             tls=self.client.tls is not None,
             sni=self.sni,
             tlvs=tlvs,
-            destination=None if up.is_unix else (up.host, up.port),
+            destination=dest,
             server_identity=self.upstream_identity,
         )
 
@@ -546,7 +638,9 @@ class Connection:
         """Connect upstream: on a bare socket when the native pump will relay and no name
         needs resolving (see rawtransport.py), else with the loop's create_connection."""
         poller = self.plane.poller if self.plane.native_relay else None
-        target = self.listener.upstream.raw_target if poller is not None else None
+        target = self.up_rt.raw_target if poller is not None else None
+        if poller is not None and self.original_dst is not None:
+            target = rawtransport.target_of(Address(*self.original_dst))
         if target is None:
             self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
             return
@@ -554,7 +648,7 @@ class Connection:
         self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
         self.connecting = rawtransport.connect(
             self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()),
-            self.listener.upstream.sockopts)
+            self.up_rt.sockopts)
 
     def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
                        exc: OSError | None) -> None:
@@ -568,15 +662,22 @@ class Connection:
                 self._connect_failed(exc)
                 return
             self._cancel_stage_timer()
-            self.listener.upstream.observe_connect(time.monotonic() - started)
+            self.up_rt.observe_connect(time.monotonic() - started)
             transport.start(side)
             self._upstream_connected(side)
             transport.start_reading()  # a no-op once the pump has the socket
         except Exception as err:
             self.internal_error(err)
 
+    def upstream_address(self) -> Address:
+        """Where the upstream connection goes: the original destination (transparent
+        listeners) or the upstream's address."""
+        if self.original_dst is not None:
+            return Address(*self.original_dst)
+        return self.up_rt.cfg.address
+
     def _connect_failed(self, exc: OSError, *, counted: bool = False) -> None:
-        addr = self.listener.upstream.cfg.address
+        addr = self.upstream_address()
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         if exc.errno in OUT_OF_DESCRIPTORS:
             _warn_out_of_descriptors(self.listener.name, str(addr), exc)
@@ -594,8 +695,8 @@ class Connection:
             self.connect_task = None  # a finished task is not kept for the connection's life
 
     async def _connect_upstream(self) -> None:
-        up = self.listener.upstream
-        addr = up.cfg.address
+        up = self.up_rt
+        addr = self.upstream_address()
         side = Side(self, is_client=False)
         self.upstream = side
         started = time.monotonic()
@@ -631,7 +732,7 @@ class Connection:
 
     def _attempt_failed(self, addr: dialer.Addr, exc: OSError, fresh: bool) -> None:
         """One address of a host-name upstream refused or failed (another may work)."""
-        up = self.listener.upstream
+        up = self.up_rt
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         self.plane.metrics.upstream_errors_total.labels(upstream=up.name, reason=code).inc()
         if fresh:
@@ -640,7 +741,7 @@ class Connection:
                         _sockaddr_text(addr[1]), up.cfg.address, exc.strerror or exc)
 
     def _upstream_connected(self, side: Side) -> None:
-        up = self.listener.upstream
+        up = self.up_rt
         header = self.plane.proxy_header_for(self)
         if header and side.transport is not None:
             side.transport.write(header)
@@ -666,7 +767,7 @@ class Connection:
             self.plane.metrics.tls_handshake_errors_total.labels(
                 listener=self.listener.name, reason=_tls_reason(exc)).inc()
             self._fail("upstream_tls_failed",
-                       f"TLS handshake with upstream {self.listener.upstream.cfg.address} "
+                       f"TLS handshake with upstream {self.upstream_address()} "
                        f"failed: {_tls_detail(exc)}", upstream_reason="tls_handshake")
             return
         if not done:
@@ -691,7 +792,7 @@ class Connection:
             self.upstream_identity = identity_from_der(der) if der else None
         except IdentityError as exc:
             return f"cannot read the upstream certificate: {exc}"
-        problem = self.plane.check_upstream_identity(self.listener.upstream,
+        problem = self.plane.check_upstream_identity(self.up_rt,
                                                      self.upstream_identity)
         if problem is None and tls.session_reused and _expired(self.upstream_identity):
             problem = "the upstream's certificate in the resumed TLS session has expired"
@@ -744,7 +845,7 @@ class Connection:
         if self.stage != Stage.RELAY or not self.plane.native_relay or up is None:
             return
         lenient = (self.listener.cfg.tls.allow_eof_without_close_notify,
-                   self.listener.upstream.cfg.tls.allow_eof_without_close_notify)
+                   self.up_rt.cfg.tls.allow_eof_without_close_notify)
         self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event, lenient)
         if self.pump is not None:
             self.relay = "native"
@@ -868,8 +969,15 @@ class Connection:
                               "client must send first)" if optional and silent
                               else "no complete PROXY header in time")
             return
+        if reason == "detect_timeout" and self.stage == Stage.DETECT:
+            self.stage_timer = None
+            if _has_unread(self.client.transport):  # a late loop turn, not a silent client
+                self._set_stage_timer(self.listener.limits.handshake_timeout, reason)
+                return
+            self._authorize(b"")  # the client said nothing: plaintext, the server speaks
+            return
         if reason == "upstream_connect_timeout":
-            self._fail(reason, f"connect to {self.listener.upstream.cfg.address} timed out",
+            self._fail(reason, f"connect to {self.upstream_address()} timed out",
                        upstream_reason="connect_timeout")
             return
         if reason == "handshake_timeout":
@@ -877,7 +985,7 @@ class Connection:
                 listener=self.listener.name, reason="timeout").inc()
         if reason == "upstream_tls_timeout":
             self.plane.metrics.upstream_errors_total.labels(
-                upstream=self.listener.upstream.name, reason="tls_timeout").inc()
+                upstream=self.up_rt.name, reason="tls_timeout").inc()
         action = "allow" if self.stage == Stage.RELAY else "error"
         detail = f"{reason.replace('_', ' ')} reached"
         if reason in RESETTING_TIMEOUTS and self.listener.limits.timeout_close == "rst":
@@ -906,7 +1014,7 @@ class Connection:
             return
         if upstream_reason is not None:
             self.plane.metrics.upstream_errors_total.labels(
-                upstream=self.listener.upstream.name, reason=upstream_reason).inc()
+                upstream=self.up_rt.name, reason=upstream_reason).inc()
         self._finish(action, reason, detail=detail, abort=abort)
 
     def _finish(self, action: str, reason: str, *, detail: str | None = None,
@@ -954,7 +1062,7 @@ class Connection:
         up = self.upstream
         if up is None or up.tls is None:
             return
-        runtime = self.listener.upstream
+        runtime = self.up_rt
         if up.tls.context is not runtime.client_ctx or up.tls.detached:
             return  # a TLS reload replaced the context (its sessions do not fit the new
             # one), or a pump had the TLS state (it resumes with native.py's sessions)
@@ -1040,6 +1148,29 @@ def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+
+
+def _header_flow_id(unique_id: bytes | None) -> str | None:
+    """A PROXY unique_id TLV usable as a flow id (1-128 printable ASCII), else None."""
+    if not unique_id or len(unique_id) > 128 or not all(0x21 <= b < 0x7F for b in unique_id):
+        return None
+    return unique_id.decode("ascii")
+
+
+def _has_unread(transport: Any) -> bool:
+    """Whether the client's bytes (or FIN) wait in the socket unread: a busy loop can run
+    the detect timer before the read callback of data that came in time."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # an error is pending: let the read path report it
+    return True
 
 
 def _addr(value: object) -> tuple[str, int] | None:

@@ -11,6 +11,7 @@ from enforcer.config.model import LimitsConfig, ListenerConfig, UpstreamConfig
 from enforcer.dataplane.dialer import AddressBook
 from enforcer.dataplane.rawtransport import Target, target_of
 from enforcer.dataplane.tcpopts import SockOpt
+from enforcer.policy.globs import StringSet
 
 if TYPE_CHECKING:
     from enforcer.dataplane.plane import DataPlane
@@ -54,6 +55,7 @@ class ListenerRuntime:
     server_ctx: ssl.SSLContext | None = None
     local_port: int = 0
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    proxy_identities: StringSet | None = None  # proxy_protocol.trusted_identities
     server: Any = None  # asyncio.Server once bound
     bound: str = ""
     active: int = 0

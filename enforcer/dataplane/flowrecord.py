@@ -45,6 +45,10 @@ def build(conn: Connection, action: str, close: str, detail: str | None,
         "duration_s": round(now - conn.started_mono, 6),
         "close": close or None,
     }
+    if conn.original_dst is not None:  # transparent listeners: where the client was going
+        record["original_dst"] = _endpoint(conn.original_dst)
+    if conn.mesh is not None:  # mesh listeners: mtls | tls | plaintext | external
+        record["mesh"] = conn.mesh
     if detail:
         record["detail"] = detail
     return record
@@ -79,8 +83,8 @@ def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
 
     if stage < Stage.CONNECT:
         return None
-    up = conn.listener.upstream
-    out: dict[str, Any] = {"name": up.name, "address": str(up.cfg.address),
+    up = conn.up_rt
+    out: dict[str, Any] = {"name": up.name, "address": str(conn.upstream_address()),
                            "tls": up.cfg.tls.mode}
     if conn.upstream_identity is not None:
         out["peer"] = conn.upstream_identity.to_record()

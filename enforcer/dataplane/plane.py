@@ -25,7 +25,9 @@ from enforcer.config.model import (
     Config,
     ListenerConfig,
     ListenerTlsConfig,
+    ProxyProtocolSendConfig,
     UpstreamConfig,
+    UpstreamTlsConfig,
 )
 from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
@@ -35,6 +37,7 @@ from enforcer.dataplane.sockets import remove_stale_unix_socket
 from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
 from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
+from enforcer.policy.globs import identity_set
 from enforcer.proxyproto import (
     alpn_tlv,
     authority_tlv,
@@ -96,6 +99,7 @@ class DataPlane:
         self._pump_every = PUMP_TICK
         self.warned_no_resumption = False
         self.owns_unix_paths: list[str] = []
+        self.mesh_upstream: UpstreamRuntime | None = None  # mTLS to mesh peers (mesh:)
         self.ready = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -120,6 +124,8 @@ class DataPlane:
             raise StartupError("tls", "\n".join(errors))
         self.rulesets = compile_rulesets(self.cfg.rulesets)
         upstreams = {name: self._build_upstream(u) for name, u in self.cfg.upstreams.items()}
+        if self.cfg.mesh.enabled:
+            self.mesh_upstream = self._build_mesh_upstream()
         for lcfg in self.cfg.listeners:
             self.listeners.append(self._build_listener(lcfg, upstreams[lcfg.upstream]))
         for name, material in self.materials.items():
@@ -141,14 +147,16 @@ class DataPlane:
             return UpstreamRuntime(ucfg, None, None, connect_histogram=connect)
         material = self.materials.get(tls.material) if tls.material else None
         by_identity = not tls.verify.empty and tls.server_name is None
-        hostname = tls.server_name or (None if ucfg.address.is_unix else ucfg.address.host)
+        hostname = tls.server_name or (None if ucfg.address.is_unix or ucfg.address.original
+                                       else ucfg.address.host)
         if by_identity:
             # The server is checked against verify.{uri,dns,cn} after the handshake; SNI
             # still carries a name when the address is one.
             hostname = None if _is_ip(ucfg.address.host) else hostname
         if hostname is None and not by_identity:
             raise StartupError("config", f"upstreams.{ucfg.name}.tls: give server_name or "
-                               "verify (a unix socket has no host name to check)")
+                               "verify (a unix socket or original_destination has no host "
+                               "name to check)")
         try:
             ctx = self.client_context(material, mutual=tls.mode == "mtls",
                                       check_hostname=not by_identity)
@@ -156,9 +164,43 @@ class DataPlane:
             raise StartupError("tls", str(exc)) from None
         return UpstreamRuntime(ucfg, ctx, hostname, connect_histogram=connect)
 
+    def _build_mesh_upstream(self) -> UpstreamRuntime:
+        """Outbound to mesh peers: mTLS with the mesh material to the original destination;
+        the chain is verified against its CA, the peer's identity by the rules
+        (``to.server_identities``), after the handshake."""
+        mesh = self.cfg.mesh
+        assert mesh.material is not None
+        ucfg = UpstreamConfig("mesh", Address(original=True),
+                              UpstreamTlsConfig("mtls", mesh.material), ProxyProtocolSendConfig())
+        try:
+            ctx = self.client_context(self.materials[mesh.material], mutual=True,
+                                      check_hostname=False)
+        except MaterialError as exc:
+            raise StartupError("tls", f"mesh: {exc}") from None
+        return UpstreamRuntime(ucfg, ctx, None, connect_histogram=self.metrics.upstream_connect_seconds)
+
+    def mesh_route(self, dest: tuple[str, int]) -> str | None:
+        """How an outbound connection to ``dest`` goes: ``mtls`` (a mesh peer),
+        ``external`` (plaintext, allowed by mesh.external) or None (refused)."""
+        mesh = self.cfg.mesh
+        try:
+            ip = ipaddress.ip_address(dest[0].split("%", 1)[0])
+        except ValueError:
+            return None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(net.contains(ip, dest[1]) for net in mesh.networks):
+            return "mtls"
+        if mesh.external_default == "plaintext" or any(
+                net.contains(ip, dest[1]) for net in mesh.external_plaintext):
+            return "external"
+        return None
+
     def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
                               trusted=lcfg.proxy_protocol.trusted_sources)
+        if lcfg.proxy_protocol.trusted_identities:
+            lst.proxy_identities = identity_set(lcfg.proxy_protocol.trusted_identities)
         _bind_metrics(lst, self.metrics)
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
@@ -399,12 +441,26 @@ class DataPlane:
             return f"upstream {up.cfg.address} CN {ident.cn!r} is not one of verify.cn"
         return None
 
+    def is_own_endpoint(self, ip: str, port: int) -> bool:
+        """Whether ``ip:port`` is one of this process's TCP listeners (a transparent
+        listener must not connect there: it would loop)."""
+        for lst in self.listeners:
+            listen = lst.cfg.listen
+            if listen.is_unix or lst.local_port != port:
+                continue
+            if listen.host not in ("", "0.0.0.0", "::"):
+                if _same_ip(listen.host, ip):
+                    return True
+            elif _is_local_ip(ip):
+                return True
+        return False
+
     def proxy_header_for(self, conn: Connection) -> bytes | None:
-        pp = conn.listener.upstream.cfg.proxy_protocol
+        pp = conn.up_rt.cfg.proxy_protocol
         if pp.send == "off":
             return None
         src = _ip_endpoint(conn.client_addr)
-        dst = _ip_endpoint(conn.local)
+        dst = _ip_endpoint(conn.original_dst or conn.local)
         received = conn.proxy_header
         if received is not None and received.command == "PROXY" and received.destination:
             dst = _ip_endpoint(received.destination) or dst
@@ -529,6 +585,30 @@ def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        return False
+    return True
+
+
+def _same_ip(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.split("%", 1)[0]) == ipaddress.ip_address(b.split("%", 1)[0])
+    except ValueError:
+        return False
+
+
+def _is_local_ip(ip: str) -> bool:
+    """Whether this host has ``ip`` (binding a throwaway socket to it succeeds)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if addr.is_loopback or addr.is_unspecified:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(addr), 0))
+    except OSError:
         return False
     return True
 

@@ -229,6 +229,17 @@ class DestinationMatcher(Matcher):
         return f"destination {shown} matches none of {_listing(d.text for d in self.dests)}"
 
 
+class DestinationCidrMatcher(DestinationMatcher):
+    """``to.cidrs``: the destination's address (a transparent listener's original
+    destination, or an upstream given by IP address)."""
+
+    __slots__ = ()
+
+    def __init__(self, cidrs: Iterable[IPNetwork]) -> None:
+        super().__init__(DestinationConfig(text=str(net), network=net) for net in cidrs)
+        self.key = "to.cidrs"
+
+
 def _parse_ip(host: str) -> IPAddress | None:
     try:
         return normalize_ip(ipaddress.ip_address(host.strip("[]")))
@@ -528,6 +539,8 @@ def _to_matchers(t: ToConfig) -> list[Matcher]:
         out.append(SniMatcher(t.sni))
     if t.destinations:
         out.append(DestinationMatcher(t.destinations))
+    if t.cidrs:
+        out.append(DestinationCidrMatcher(t.cidrs))
     if t.server_identities:
         out.append(ServerIdentityMatcher(t.server_identities))
     return out

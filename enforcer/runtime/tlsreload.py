@@ -87,8 +87,8 @@ def _contexts_for(server: Server, name: str, material: LoadedMaterial) -> list[S
         if lst.cfg.tls.material == name and lst.server_ctx is not None:
             swaps.append((lst, server.plane.listener_context(material, lst.cfg.tls, lst.name)))
     seen: set[int] = set()
-    for lst in server.plane.listeners:
-        up = lst.upstream
+    mesh = [server.plane.mesh_upstream] if server.plane.mesh_upstream is not None else []
+    for up in [lst.upstream for lst in server.plane.listeners] + mesh:
         if id(up) in seen or up.cfg.tls.material != name or up.client_ctx is None:
             continue
         seen.add(id(up))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ def enforcer_cmd(*args: str) -> list[str]:
 class EnforcerProcess:
     """``enforcer run -c FILE`` with stderr collected; ``ports`` maps listener -> port."""
 
-    def __init__(self, config: Path, *extra: str) -> None:
+    def __init__(self, config: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: run under it (``ip netns exec NAME``)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            enforcer_cmd("run", "-c", str(config), *extra), stdout=subprocess.PIPE,
+            [*prefix, *enforcer_cmd("run", "-c", str(config), *extra)], stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env=env)
         self.stderr_lines: list[str] = []
         self.stdout_lines: list[str] = []

@@ -1,0 +1,179 @@
+"""Small apps run inside test network namespaces (``python netapps.py MODE ...``).
+
+- ``echo HOST PORT [TAG]``: echoes every connection; with PROXY protocol on the wire it
+  first answers with one line ``TAG proxy=<the header line or v2 source>`` (servers behind
+  enforcer see the real client this way), then echoes the rest.
+- ``client HOST PORT SIZE [SEED]``: sends SIZE seeded random bytes, half-closes, reads to
+  EOF; prints one JSON line {sent, received, bytes, error}: sha256 of both directions.
+- ``banner HOST PORT``: a server-first app: says ``220 ready``, then echoes.
+- ``slowclient HOST PORT SIZE SEED GATE``: as ``client``, but prints ``{"port": N}`` once
+  half the payload is sent, and sends the rest only once the file GATE exists.
+- ``forge HOST PORT SRC CERT KEY CA``: a PROXY v2 header claiming client SRC, then TLS
+  with that certificate (CERT ``-``: plaintext), then a line; prints {bytes, error}.
+Exit status 0 always: the test reads the JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import ssl
+import sys
+import threading
+import time
+
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def _proxy_prefix(conn: socket.socket) -> tuple[str | None, bytes]:
+    """A PROXY v1/v2 header at the start of the stream, described in one word, and the
+    bytes after it."""
+    buf = b""
+    while len(buf) < 16:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None, buf
+        buf += chunk
+        if not (V2_SIG.startswith(buf[:12]) or b"PROXY ".startswith(buf[:6])):
+            return None, buf
+    if buf.startswith(b"PROXY "):
+        while b"\r\n" not in buf:
+            buf += conn.recv(65536)
+        line, _, rest = buf.partition(b"\r\n")
+        return line.decode().split(" ")[2], rest
+    if buf.startswith(V2_SIG):
+        length = int.from_bytes(buf[14:16], "big")
+        while len(buf) < 16 + length:
+            buf += conn.recv(65536)
+        fam = buf[13] >> 4
+        src = socket.inet_ntop(socket.AF_INET, buf[16:20]) if fam == 1 else \
+            socket.inet_ntop(socket.AF_INET6, buf[16:32]) if fam == 2 else "local"
+        return src, buf[16 + length:]
+    return None, buf
+
+
+def _echo(conn: socket.socket, tag: str, banner: bytes) -> None:
+    with conn:
+        try:
+            if banner:
+                conn.sendall(banner)
+            src, rest = _proxy_prefix(conn) if not banner else (None, b"")
+            if src is not None:
+                conn.sendall(f"{tag} proxy={src}\n".encode())
+            if rest:
+                conn.sendall(rest)
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def serve(host: str, port: int, tag: str, banner: bytes = b"") -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(128)
+    print("ready", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_echo, args=(conn, tag, banner), daemon=True).start()
+
+
+def client(host: str, port: int, size: int, seed: int) -> dict[str, object]:
+    payload = random.Random(seed).randbytes(size)
+    out: dict[str, object] = {"sent": hashlib.sha256(payload).hexdigest(), "received": None,
+                              "bytes": 0, "error": None}
+    got = bytearray()
+    try:
+        with socket.create_connection((host, port), timeout=20) as s:
+            def send() -> None:
+                try:
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            t = threading.Thread(target=send, daemon=True)
+            t.start()
+            while data := s.recv(65536):
+                got += data
+            t.join(20)
+    except OSError as exc:
+        out["error"] = type(exc).__name__
+    out["received"] = hashlib.sha256(bytes(got)).hexdigest()
+    out["bytes"] = len(got)
+    out["head"] = bytes(got[:80]).decode("latin-1")
+    return out
+
+
+def slow_client(host: str, port: int, size: int, seed: int, gate: str) -> dict[str, object]:
+    payload = random.Random(seed).randbytes(size)
+    out: dict[str, object] = {"sent": hashlib.sha256(payload).hexdigest(), "received": None,
+                              "bytes": 0, "error": None}
+    got = bytearray()
+    try:
+        with socket.create_connection((host, port), timeout=60) as s:
+            half = size // 2
+            s.sendall(payload[:half])
+            print(json.dumps({"port": s.getsockname()[1]}), flush=True)
+            while not os.path.exists(gate):
+                time.sleep(0.02)
+            s.sendall(payload[half:])
+            s.shutdown(socket.SHUT_WR)
+            while data := s.recv(65536):
+                got += data
+    except OSError as exc:
+        out["error"] = type(exc).__name__
+    out["received"] = hashlib.sha256(bytes(got)).hexdigest()
+    out["bytes"] = len(got)
+    out["head"] = bytes(got[:80]).decode("latin-1")
+    return out
+
+
+def forge(host: str, port: int, src: str, cert: str, key: str, ca: str) -> dict[str, object]:
+    header = V2_SIG + bytes([0x21, 0x11]) + (12).to_bytes(2, "big") + socket.inet_aton(src) \
+        + socket.inet_aton(host) + (40000).to_bytes(2, "big") + port.to_bytes(2, "big")
+    out: dict[str, object] = {"bytes": 0, "error": None}
+    try:
+        with socket.create_connection((host, port), timeout=20) as raw:
+            raw.sendall(header)
+            conn: socket.socket = raw
+            if cert != "-":
+                ctx = ssl.create_default_context(cafile=ca)
+                ctx.check_hostname = False
+                ctx.load_cert_chain(cert, key)
+                conn = ctx.wrap_socket(raw, server_hostname="localhost")
+            conn.sendall(b"hello from a forger\n")
+            got = b""
+            while data := conn.recv(65536):
+                got += data
+            out["bytes"] = len(got)
+    except (OSError, ssl.SSLError) as exc:
+        out["error"] = type(exc).__name__
+    return out
+
+
+def main(argv: list[str]) -> None:
+    mode = argv[0]
+    if mode == "echo":
+        serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 else "app")
+    elif mode == "banner":
+        serve(argv[1], int(argv[2]), "app", banner=b"220 ready\r\n")
+    elif mode == "client":
+        seed = int(argv[4]) if len(argv) > 4 else 1
+        print(json.dumps(client(argv[1], int(argv[2]), int(argv[3]), seed)), flush=True)
+    elif mode == "slowclient":
+        print(json.dumps(slow_client(argv[1], int(argv[2]), int(argv[3]), int(argv[4]),
+                                     argv[5])), flush=True)
+    elif mode == "forge":
+        print(json.dumps(forge(argv[1], int(argv[2]), *argv[3:7])), flush=True)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,104 @@
+"""``tls.mode: auto`` and server-first protocols: a client that says nothing for
+``tls.detect_timeout`` is plaintext, so the upstream's banner (SMTP, MySQL, SSH) reaches it
+instead of the connection stalling until handshake_timeout; TLS clients on the same
+listener still get TLS. With ``detect_timeout: 0`` the old wait is back."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enforcer.config.errors import ConfigError
+from enforcer.config.loader import parse_config
+from tests.e2e.harness import inbound_cfg, random_bytes, sha
+from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
+
+BANNER = b"220 mail.example ESMTP ready\r\n"
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n and (data := sock.recv(n - len(got))):
+        got += data
+    return got
+
+
+def _records(proc: EnforcerProcess, n: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        records = [json.loads(line) for line in list(proc.stdout_lines) if line.startswith("{")]
+        if len(records) >= n:
+            return records
+        time.sleep(0.05)
+    raise TimeoutError(f"{n} flow records expected:\n" + "\n".join(proc.stderr_lines))
+
+
+def _auto(pki: Any, port: int, tmp_path: Path, relay: str, detect: str | None,
+          handshake: str) -> EnforcerProcess:
+    tls: dict[str, Any] = {"mode": "auto", "material": "mesh", "client_auth": "required"}
+    if detect is not None:
+        tls["detect_timeout"] = detect
+    cfg = inbound_cfg(pki, port, default="allow", rules=[], listener_extra={"tls": tls},
+                      limits={"handshake_timeout": handshake})
+    return EnforcerProcess(write_config(tmp_path / "e.yaml", {"relay": relay, **cfg}))
+
+
+@pytest.mark.parametrize("relay", ["python", "native"])
+def test_a_silent_client_is_plaintext_and_gets_the_banner(tmp_path: Path, pki: Any,
+                                                          relay: str) -> None:
+    backend = EchoServer(banner=BANNER)
+    # handshake_timeout far beyond the socket timeout: only the detect timeout can answer
+    proc = _auto(pki, backend.port, tmp_path, relay, None, "60s")
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+    payload = random_bytes(300_000)
+    try:
+        port = proc.wait_bound()["inbound"]
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            assert _read_exactly(sock, len(BANNER)) == BANNER
+            sock.sendall(payload)
+            assert sha(_read_exactly(sock, len(payload))) == sha(payload)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=15)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:  # TLS still detected
+            assert _read_exactly(tls, len(BANNER)) == BANNER
+            tls.sendall(payload)
+            assert sha(_read_exactly(tls, len(payload))) == sha(payload)
+        records = _records(proc, 2)
+    finally:
+        proc.stop()
+        backend.close()
+    plain, secure = sorted(records, key=lambda r: r["tls"] is not None)
+    assert plain["tls"] is None and plain["action"] == "allow"
+    assert plain["bytes"] == {"from_client": len(payload), "to_client": len(payload) + len(BANNER)}
+    assert secure["tls"]["peer"] is not None and secure["action"] == "allow"
+
+
+def test_detect_timeout_0_waits_for_the_handshake_timeout(tmp_path: Path, pki: Any) -> None:
+    backend = EchoServer(banner=BANNER)
+    proc = _auto(pki, backend.port, tmp_path, "native", "0s", "1s")
+    try:
+        port = proc.wait_bound()["inbound"]
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            assert sock.recv(100) == b""  # closed at handshake_timeout, no banner
+        record = _records(proc, 1)[0]
+    finally:
+        proc.stop()
+        backend.close()
+    assert (record["action"], record["close"]) == ("error", "handshake_timeout")
+    assert record["upstream"] is None
+
+
+@pytest.mark.parametrize(("tls", "message"), [
+    ({"mode": "terminate", "material": "mesh", "detect_timeout": "100ms"}, "goes with mode auto"),
+    ({"mode": "auto", "material": "mesh", "detect_timeout": "-1s"}, "detect_timeout"),
+])
+def test_detect_timeout_config_mistakes(pki: Any, tls: dict[str, Any], message: str) -> None:
+    cfg = inbound_cfg(pki, 1, listener_extra={"tls": tls})
+    with pytest.raises(ConfigError, match=message):
+        parse_config(cfg)
