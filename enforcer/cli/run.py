@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     early_signals.hold()  # (already, when started as python -m enforcer)
     setup_logging(args.log_level, json=args.log_json)
-    cfg = load_config_or_report(args.config)
+    cfg = load_config_or_report(args.config, name_file=True)
     if cfg is None:
         return exitcodes.BAD_CONFIG
     from enforcer.config.loader import resolve_workers
@@ -66,5 +66,6 @@ def _run_worker(cfg: Config, spec: str) -> int:
 
     secret = worker_ticket_secret(spec)
     _, sockets, ready_file = worker_sockets(spec)
+    # the ready file is also where this worker's heartbeat goes (the supervisor's /healthz)
     return run(cfg, sockets=sockets, admin=False, shared_flowlog=True, ticket_secret=secret,
-               on_ready=lambda _server: ready_file.touch())
+               on_ready=lambda server: server.heartbeat.publish_to(ready_file))
