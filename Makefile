@@ -17,7 +17,7 @@ NATIVE_SOURCES := setup.py $(wildcard enforcer/dataplane/*.c enforcer/dataplane/
                   enforcer/dataplane/pump/*.c enforcer/dataplane/pump/*.h)
 
 .PHONY: demo test test-fast test-faults soak fuzz lint bench clean lock lock-check \
-        check-installed test-debian13
+        check-installed test-debian13 image image-test deploy-check
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
 # if a clean of the tree (git clean -x) removed it while .venv stayed, install again.
@@ -100,5 +100,29 @@ lock: $(VENV)/.locked
 	.tools/$*/bin/python -m pip install --quiet --require-hashes --no-build-isolation -r $<
 	@touch $@
 
+# The container image, built with podman from a locally made Debian base (.ci/image; no
+# Docker daemon or registry needed), and its smoke test (tests/image).
+IMAGE ?= localhost/enforcer:dev
+
+image:
+	IMAGE=$(IMAGE) .ci/image build
+
+image-test: $(STAMP) image
+	ENFORCER_TEST_IMAGE=$(IMAGE) $(PY) -m pytest -q tests/image
+
+# The manifest checkers live in their own virtualenv (their dependencies would move ours).
+TOOLS := .venv-tools
+$(TOOLS)/.installed: requirements/deploy-tools.txt
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet -r requirements/deploy-tools.txt
+	@touch $@
+
+# Every overlay of deploy/ renders, validates (Kubernetes 1.29 .. newest) and passes checkov;
+# every enforcer config in it passes `enforcer check` (tests/e2e/test_deploy.py).
+deploy-check: $(STAMP) $(TOOLS)/.installed
+	$(TOOLS)/bin/python .ci/deploy-check
+	$(PY) -m pytest -q tests/e2e/test_deploy.py
+
+
 clean:
-	rm -rf $(VENV) .tools build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools $(TOOLS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

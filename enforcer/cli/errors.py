@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from enforcer.config.errors import ConfigError
@@ -14,11 +15,18 @@ def fail(message: str) -> None:
         print(f"enforcer: error: {line}", file=sys.stderr)
 
 
-def load_config_or_report(path: str) -> Config | None:
-    """The config at ``path``, or None after printing each problem on its own line."""
+def load_config_or_report(path: str, *, name_file: bool = False) -> Config | None:
+    """The config at ``path``, or None after printing each problem on its own line.
+    ``name_file``: every line starts with the file (``enforcer run``: a container's log
+    line says which mounted file is wrong), and a missing file says what to mount where."""
     try:
         return load_config(path)
     except ConfigError as exc:
         for issue in exc.issues:
-            fail(str(issue))
+            keyed = name_file and issue.path and not issue.path.startswith(path)
+            fail(f"{path}: {issue}" if keyed else str(issue))
+        if name_file and not os.path.exists(path):
+            fail(f"nothing at {path}: mount the directory holding {os.path.basename(path)} "
+                 f"at {os.path.dirname(path) or '.'} (in Kubernetes: the config ConfigMap as a "
+                 f"volume there, not with subPath; see docs/kubernetes.md)")
         return None

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     early_signals.hold()  # (already, when started as python -m enforcer)
     setup_logging(args.log_level, json=args.log_json)
-    cfg = load_config_or_report(args.config)
+    cfg = load_config_or_report(args.config, name_file=True)
     if cfg is None:
         return exitcodes.BAD_CONFIG
     from enforcer.config.loader import resolve_workers
@@ -72,7 +72,9 @@ def _run_worker(cfg: Config, spec: str) -> int:
     def serving(server: Server) -> None:
         if status is not None:
             server.publish_status(status)  # there before the supervisor counts it ready
+        # the ready file is also where this worker's heartbeat goes (the supervisor's /healthz)
         ready_file.touch()
+        server.heartbeat.publish_to(ready_file)
 
     return run(cfg, sockets=sockets, admin=False, shared_flowlog=True, ticket_secret=secret,
                on_ready=serving)

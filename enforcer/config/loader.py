@@ -472,10 +472,13 @@ class _Parser:
     def admin(self, node: Node) -> AdminConfig:
         if node.is_null:
             return AdminConfig()
-        node.keys(("listen",))
+        node.keys(("listen", "stall_timeout"))
+        stall = node["stall_timeout"].duration(AdminConfig().stall_timeout)
+        if stall < 1.0:
+            node["stall_timeout"].error("must be at least 1s")
         if node["listen"].is_null:
-            return AdminConfig()
-        return AdminConfig(self.address(node["listen"], listen=True))
+            return AdminConfig(stall_timeout=stall)
+        return AdminConfig(self.address(node["listen"], listen=True), stall_timeout=stall)
 
     def limits(self, node: Node) -> LimitsConfig:
         d = LimitsConfig()

@@ -174,6 +174,7 @@ class FlowLogConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Address | None = None
+    stall_timeout: float = 10.0  # /healthz: 503 once the event loop has not turned this long
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,14 +11,16 @@ or times out is not an error worth a traceback. ``start()`` binds synchronously,
 server; a stale socket file left by a dead process is removed first, but a socket someone
 still answers on, or a path that is not a socket, is an error.
 
-The ``status`` and ``ready`` callables run on admin threads: they must only read state
-(the data plane should keep what they read consistent without the event loop's help).
+The ``status``, ``ready`` and ``health`` callables run on admin threads: they must only
+read state (the data plane should keep what they read consistent without the event loop's help).
 
 Endpoints (GET and HEAD; other methods get 405, unknown paths 404):
 
 - ``/metrics``  Prometheus text 0.0.4, or OpenMetrics when ``Accept`` asks for
   ``application/openmetrics-text``; gzip when ``Accept-Encoding`` allows it.
-- ``/healthz``  200 ``ok`` while the process runs.
+- ``/healthz``  200 ``ok`` while ``health()`` says the data plane's event loop (every
+  worker's, under a supervisor) keeps turning, else 503 with what stalled
+  (``observe.heartbeat``); 200 ``ok`` without a ``health`` callable.
 - ``/readyz``   200 ``ready`` when ``ready()`` is true, else 503 ``not ready``.
 - ``/status``   200 with ``status()`` as JSON; 500 with ``{"error": ...}`` if it raises.
 """
@@ -58,6 +60,7 @@ class _Server(ThreadingHTTPServer):
     metrics: Metrics | NullMetrics | AggregatedMetrics
     status_fn: Callable[[], dict[str, Any]]
     ready_fn: Callable[[], bool]
+    health_fn: Callable[[], tuple[bool, str]]
 
     def server_activate(self) -> None:
         super().server_activate()
@@ -166,7 +169,15 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, body, ctype, extra
 
     def _healthz(self) -> _Response:
-        return 200, b"ok\n", TEXT, {}
+        try:
+            healthy, text = self.admin.health_fn()
+        except Exception as exc:
+            log.exception("admin: the health check raised")
+            healthy, text = False, f"health check failed: {type(exc).__name__}: {exc}"
+        if healthy:
+            return 200, text.encode("utf-8") + b"\n", TEXT, {}
+        log.error("admin: /healthz answers 503: %s", text)
+        return 503, text.encode("utf-8") + b"\n", TEXT, {}
 
     def _readyz(self) -> _Response:
         try:
@@ -222,8 +233,10 @@ class AdminServer:
     """The admin HTTP listener. ``start()`` binds (raising ``OSError``) and serves."""
 
     def __init__(self, address: Address, metrics: Metrics | NullMetrics | AggregatedMetrics, *,
-                 status: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
+                 status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
+                 health: Callable[[], tuple[bool, str]] | None = None) -> None:
         self._address = address
+        self._health = health or _always_healthy
         self._metrics = metrics
         self._status = status
         self._ready = ready
@@ -236,6 +249,7 @@ class AdminServer:
         server.metrics = self._metrics
         server.status_fn = self._status
         server.ready_fn = self._ready
+        server.health_fn = self._health
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, args=(POLL_INTERVAL,),
                                         name="enforcer-admin", daemon=True)
@@ -274,6 +288,10 @@ class AdminServer:
         path = self._address.path
         if path is not None and self._unix_ident is not None:
             _unlink_if_same(path, self._unix_ident)
+
+
+def _always_healthy() -> tuple[bool, str]:
+    return True, "ok"
 
 
 def remove_stale_socket(path: str) -> None:

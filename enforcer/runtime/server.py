@@ -36,6 +36,7 @@ from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.dataplane.tasks import spawn
 from enforcer.observe.admin import AdminServer
 from enforcer.observe.flowlog import FlowLog, utc_timestamp
+from enforcer.observe.heartbeat import Heartbeat
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
 from enforcer.runtime import early_signals, workerstatus
 from enforcer.runtime.heaptrim import HeapTrimmer
@@ -80,17 +81,20 @@ class Server:
         self._orphan_watch: asyncio.Task[None] | None = None
         self.heap_trimmer = HeapTrimmer()
         self._heap_trim: asyncio.Task[None] | None = None
+        self.heartbeat = Heartbeat(cfg.admin.stall_timeout)  # /healthz (observe.heartbeat)
+        self._heartbeat: asyncio.Task[None] | None = None
         self._forced = False
         self._signals = 0
         self._status_writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._heartbeat = spawn(self.heartbeat.run(), name="heartbeat")
         self.plane.build()
         await self.plane.bind(self.sockets)
         if self.cfg.admin.listen is not None and self.admin_enabled:
             self.admin = AdminServer(self.cfg.admin.listen, self.metrics, status=self.status,
-                                     ready=self.is_ready)
+                                     ready=self.is_ready, health=self.heartbeat.check)
             try:
                 self.admin.start()
             except OSError as exc:
@@ -164,6 +168,9 @@ class Server:
             log.warning("drain deadline reached: closed %d open connection(s)", closed)
         if self.admin is not None:
             self.admin.close()
+        if self._heartbeat is not None:  # beats through the drain: a wedged drain is unhealthy
+            self._heartbeat.cancel()
+        self.heartbeat.close()
         await asyncio.sleep(0)  # let transports finish closing
         return EXIT_FORCED if self._forced else 0
 

@@ -15,7 +15,9 @@ second one forces them; SIGHUP (reload) and SIGUSR1 (reopen the flow log) are pa
 A worker that dies while not stopping is started again (with a back-off if it keeps
 dying). The supervisor serves the admin endpoint: metrics come from prometheus-client's
 multiprocess mode (every worker writes its samples to files in a private directory that
-the supervisor sums on each scrape), /readyz is 200 while every worker runs.
+the supervisor sums on each scrape), /readyz is 200 while every worker runs, /healthz is
+200 while every worker's event loop keeps stamping its heartbeat into its ready file
+(``observe.heartbeat``; a worker still starting counts for up to STARTUP_TIMEOUT).
 
 Flow records: every worker writes its own, one write per line (see ``FlowLog(shared=)``).
 
@@ -50,6 +52,7 @@ from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
 from enforcer.dataplane.sockets import reserve, worker_socket_for
 from enforcer.observe.flowlog import utc_timestamp
+from enforcer.observe.heartbeat import read_stamp, verdict
 from enforcer.runtime import early_signals, workerstatus
 from enforcer.tlsconf.tickets import SECRET_BYTES, new_secret
 
@@ -232,7 +235,7 @@ class Supervisor:
         metrics = AggregatedMetrics(self.metrics_dir)
         metrics.registry.register(_RestartCollector(self))
         self.admin = AdminServer(self.cfg.admin.listen, metrics, status=self.status,
-                                 ready=self.ready)
+                                 ready=self.ready, health=self.health)
         try:
             self.admin.start()
         except OSError as exc:
@@ -245,6 +248,17 @@ class Supervisor:
         children = set(self.children)
         return (not self.stopping and len(children) == self.workers
                 and children <= self._serving())
+
+    def health(self) -> tuple[bool, str]:
+        """/healthz: every worker's loop turned within ``admin.stall_timeout``."""
+        now = time.monotonic()
+        stamps: dict[str, float | None] = {}
+        for pid, index in sorted(dict(self.children).items(), key=lambda kv: kv[1]):
+            stamp = read_stamp(self.ready_dir / str(pid))
+            if stamp is None and now - self.started.get(index, now) < STARTUP_TIMEOUT:
+                continue  # still starting: _await_ready / the restart path watch that
+            stamps[f"worker {index} (pid {pid})"] = stamp
+        return verdict(stamps, now, self.cfg.admin.stall_timeout)
 
     def status(self) -> dict[str, Any]:
         """Every section of a single process's /status, combined over the workers' reports

@@ -1,8 +1,18 @@
-"""The Kubernetes manifests in deploy/ carry configs that pass `enforcer check`."""
+"""The Kubernetes objects of deploy/ (kustomize overlays sidecar and gateway), rendered with
+`kubectl kustomize` as `kubectl apply -k` would: every enforcer config in a ConfigMap
+passes `enforcer check` with the files its pod mounts (ConfigMaps and TLS Secrets laid out
+in directories at their mount paths, the certificates generated), the pods mount their
+config as directories, give the drain the time it needs, and the gateway -> sidecar chain
+agrees on ports, PROXY v2 and identities.
+
+Schema validation and checkov run in `make deploy-check` (.ci/deploy-check).
+"""
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,50 +20,185 @@ import pytest
 import yaml
 
 from enforcer.cli.main import main
-from enforcer.tlsconf.certs import init_pki
+from enforcer.config.reader import parse_duration
+from enforcer.tlsconf.certs import init_pki, issue
 
 REPO = Path(__file__).resolve().parents[2]
+OVERLAYS = ("sidecar", "gateway")
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
+                                reason="kubectl is not installed (kubectl kustomize)")
 
 
-def _config_maps(path: Path) -> dict[str, dict[str, str]]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for doc in docs:
-        assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path.name}: incomplete object"
-    return {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+def render(overlay: str) -> list[dict[str, Any]]:
+    done = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy" / overlay)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def _secret_dir(tmp: Path) -> Path:
-    """A directory laid out like a mounted kubernetes.io/tls Secret."""
-    pki = init_pki(tmp / "pki")
-    secret = tmp / "tls"
-    secret.mkdir()
-    shutil.copy(pki.server.cert, secret / "tls.crt")
-    shutil.copy(pki.server.key, secret / "tls.key")
-    shutil.copy(pki.ca, secret / "ca.crt")
-    return secret
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
 
 
-@pytest.mark.parametrize("manifest", sorted((REPO / "deploy").glob("*.yaml")),
-                         ids=lambda p: p.name)
-def test_manifest_configs_pass_check(tmp_path: Path, manifest: Path,
+def enforcer_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    spec = deployment["spec"]["template"]["spec"]
+    found = [c for c in spec.get("initContainers", []) + spec["containers"]
+             if c["name"] == "enforcer"]
+    assert len(found) == 1
+    return found[0]
+
+
+def the_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployments = by_kind(docs, "Deployment")
+    assert len(deployments) == 1
+    return deployments[0]
+
+
+def spiffe_ids(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Certificate name -> its SPIFFE URI."""
+    return {c["metadata"]["name"]: uri for c in by_kind(docs, "Certificate")
+            for uri in c["spec"].get("uris", [])}
+
+
+def lay_out_pod(docs: list[dict[str, Any]], root: Path) -> dict[str, Path]:
+    """Write every volume the enforcer container mounts under ``root``: ConfigMaps with
+    their data, TLS Secrets with a certificate from a fresh CA. Returns mount path ->
+    directory."""
+    pki = init_pki(root / "pki")
+    leaf = issue(pki.dir, root / "pki", name="mounted", spiffe_id="spiffe://cluster.local/ns/x/sa/y",
+                 dns=["gateway.example.com"])
+    maps = {d["metadata"]["name"]: d["data"] for d in by_kind(docs, "ConfigMap")}
+    deployment = the_deployment(docs)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts: dict[str, Path] = {}
+    for mount in enforcer_container(deployment)["volumeMounts"]:
+        assert "subPath" not in mount, "a subPath mount never sees ConfigMap updates"
+        volume = volumes[mount["name"]]
+        where = root / mount["name"]
+        where.mkdir()
+        if "configMap" in volume:
+            for key, text in maps[volume["configMap"]["name"]].items():
+                (where / key).write_text(text)
+        elif "secret" in volume:
+            shutil.copy(leaf.cert, where / "tls.crt")
+            shutil.copy(leaf.key, where / "tls.key")
+            shutil.copy(pki.ca, where / "ca.crt")
+        else:
+            assert "emptyDir" in volume, volume
+            continue
+        mounts[mount["mountPath"]] = where
+    return mounts
+
+
+def relocate(text: str, mounts: dict[str, Path]) -> str:
+    """The config with every mount path replaced by the directory standing in for it."""
+    longest_first = sorted(mounts, key=len, reverse=True)
+    pattern = "|".join(re.escape(m) + r"(?=[/\s]|$)" for m in longest_first)
+    return re.sub(pattern, lambda m: str(mounts[m[0]]), text)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_configs_pass_check(overlay: str, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    maps = _config_maps(manifest)
-    configs = [(name, data["config.yaml"]) for name, data in maps.items() if "config.yaml" in data]
-    assert configs, f"{manifest.name} has no enforcer config"
-    secret = _secret_dir(tmp_path)
-    rules_dir = tmp_path / "rules"
-    rules_dir.mkdir()
-    for data in maps.values():
-        for key, text in data.items():
-            if key != "config.yaml":
-                (rules_dir / key).write_text(text)
-    for name, text in configs:
-        cfg: dict[str, Any] = yaml.safe_load(text)
-        for material in cfg.get("tls", {}).values():
-            if "dir" in material:
-                material["dir"] = str(secret)
-        if "rulesets_file" in cfg:
-            cfg["rulesets_file"] = str(rules_dir / Path(cfg["rulesets_file"]).name)
-        file = tmp_path / f"{name}.yaml"
-        file.write_text(yaml.safe_dump(cfg))
-        assert main(["check", "-c", str(file)]) == 0, capsys.readouterr().err
+    docs = render(overlay)
+    mounts = lay_out_pod(docs, tmp_path)
+    container = enforcer_container(the_deployment(docs))
+    config_arg = container["args"][container["args"].index("-c") + 1]
+    config = Path(relocate(config_arg, mounts))
+    assert config.is_file(), f"{config_arg} is not in a mounted volume"
+    checked = tmp_path / "checked.yaml"
+    checked.write_text(relocate(config.read_text(), mounts))
+    assert main(["check", "-c", str(checked)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmaps_hold_the_plain_files_of_deploy(overlay: str) -> None:
+    """deploy/<overlay>/enforcer/*.yaml are the configs as they run (other tests and tools
+    read them directly)."""
+    maps = {d["metadata"]["name"]: d["data"] for d in by_kind(render(overlay), "ConfigMap")}
+    files = {p.name: p.read_text() for p in (REPO / "deploy" / overlay / "enforcer").glob("*.yaml")}
+    rendered = {key: text for data in maps.values() for key, text in data.items()}
+    assert rendered == files
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_confined_and_drain_in_time(overlay: str) -> None:
+    docs = render(overlay)
+    deployment = the_deployment(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    accounts = by_kind(docs, "ServiceAccount")
+    assert [a["metadata"]["name"] for a in accounts] == [pod["serviceAccountName"]]
+    assert accounts[0]["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = enforcer_container(deployment)
+    sc = container["securityContext"]
+    assert (sc["readOnlyRootFilesystem"], sc["allowPrivilegeEscalation"], sc["runAsNonRoot"],
+            sc["capabilities"]) == (True, False, True, {"drop": ["ALL"]})
+    assert "@sha256:" in container["image"]
+    raw = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["config.yaml"])
+    drain = parse_duration(raw["limits"]["drain_timeout"])
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    sleep = float(re.search(r"sleep\((\d+)\)", pre_stop[-1])[1])  # type: ignore[index]
+    assert pod["terminationGracePeriodSeconds"] > sleep + drain
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert by_kind(docs, "Namespace") and by_kind(docs, "NetworkPolicy")
+    assert by_kind(docs, "PodDisruptionBudget")
+
+
+def test_the_sidecar_is_native_and_the_app_is_not_reachable_on_the_pod_ip() -> None:
+    docs = render("sidecar")
+    pod = the_deployment(docs)["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["enforcer"]
+    assert pod["initContainers"][0]["restartPolicy"] == "Always"
+    app = next(c for c in pod["containers"] if c["name"] == "app")
+    assert "ports" not in app
+    policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+    admitted = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert admitted == {15006, 15007, 9901}
+    admin_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 9901)
+    assert admin_rule["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_the_gateway_chain_agrees_on_ports_proxy_and_identities() -> None:
+    side, gate = render("sidecar"), render("gateway")
+    side_cfg = yaml.safe_load(by_kind(side, "ConfigMap")[0]["data"]["config.yaml"])
+    gate_cfg = yaml.safe_load(by_kind(gate, "ConfigMap")[0]["data"]["config.yaml"])
+    side_rules = yaml.safe_load((REPO / "deploy/sidecar/enforcer/rules.yaml").read_text())
+    gw_listener = gate_cfg["listeners"][0]
+    upstream = gate_cfg["upstreams"][gw_listener["upstream"]]
+    host, port = upstream["address"].rsplit(":", 1)
+    service, namespace = host.split(".")[:2]
+    assert namespace == side[0]["metadata"]["name"] == "shop"
+    svc = next(s for s in by_kind(side, "Service") if s["metadata"]["name"] == service)
+    assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+    inbound = next(lst for lst in side_cfg["listeners"]
+                   if lst["listen"].endswith(f":{port}"))
+    # the gateway sends PROXY v2 over mTLS; the sidecar's listener requires that header
+    assert upstream["proxy_protocol"]["send"] == "v2" and upstream["tls"]["mode"] == "mtls"
+    assert inbound["proxy_protocol"]["accept"] == "required"
+    assert inbound["tls"]["client_auth"] == "required"
+    # the identities each side checks are the ones the other's Certificate carries
+    assert upstream["tls"]["verify"]["uri"] == [spiffe_ids(side)["enforcer-mesh-tls"]]
+    allowed = [i for rule in side_rules["rulesets"][inbound["ruleset"]]["rules"]
+               if rule["action"] == "allow" for i in rule["from"].get("identities", [])]
+    assert allowed == [spiffe_ids(gate)["enforcer-mesh-tls"]]
+    # the NLB side: PROXY required, believed only from the balancer subnets the policy admits
+    assert gw_listener["proxy_protocol"]["accept"] == "required"
+    policy = by_kind(gate, "NetworkPolicy")[0]["spec"]
+    blocks = [f["ipBlock"]["cidr"] for rule in policy["ingress"] for f in rule["from"]
+              if "ipBlock" in f]
+    assert blocks == gw_listener["proxy_protocol"]["trusted_sources"]
+    lb = next(s for s in by_kind(gate, "Service") if s["spec"]["type"] == "LoadBalancer")
+    notes = lb["metadata"]["annotations"]
+    prefix = "service.beta.kubernetes.io/aws-load-balancer-"
+    assert notes[prefix + "proxy-protocol"] == "*"
+    assert notes[prefix + "nlb-target-type"] == "ip"
+    assert notes[prefix + "healthcheck-path"] == "/readyz"
+    assert notes[prefix + "healthcheck-port"] == gate_cfg["admin"]["listen"].rsplit(":", 1)[1]
+    gateway = the_deployment(gate)
+    assert gateway["spec"]["replicas"] >= 2
+    assert "podAntiAffinity" in gateway["spec"]["template"]["spec"]["affinity"]
