@@ -256,7 +256,7 @@ async def test_a_busy_tls_end_keeps_its_buffers_until_a_quiet_tick(pki: Any) -> 
     """Requests back to back do not free and allocate the TLS buffers each time: the busy
     ends keep them while traffic flows and give them back once a tick finds them quiet."""
     backend = await Backend(mode="echo").start()
-    inbound, outbound = await _pair(pki, backend.port, limits={"idle_timeout": "2s"})
+    inbound, outbound = await _pair(pki, backend.port, limits={"idle_timeout": "20s"})
     async with running(outbound, inbound, backend):
         reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
         sent = bytearray()
