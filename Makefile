@@ -91,13 +91,16 @@ lock: $(VENV)/.locked
 	$(MAKE) test
 
 # Tools with dependency trees of their own (sslyze pins an older cryptography) get a
-# virtualenv each, from their own lock: .tools/NAME/bin/NAME. Some ship only sources: they
-# are built without build isolation, with the locked build backend (build.lock).
+# virtualenv each, from their own lock: .tools/NAME/bin/NAME. A tool whose .in says
+# "# sdists: yes" ships some packages only as sources: they are built without build
+# isolation, with the locked build backend (build.lock); the others install wheels only.
 .tools/%/.installed: requirements/tools/%.lock requirements/build.lock
 	rm -rf .tools/$*
 	$(PYTHON) -m venv .tools/$*
-	.tools/$*/bin/python $(PIP_LOCKED) -r requirements/build.lock
-	.tools/$*/bin/python -m pip install --quiet --require-hashes --no-build-isolation -r $<
+	if grep -q '^# sdists: yes' requirements/tools/$*.in; then \
+	  .tools/$*/bin/python $(PIP_LOCKED) -r requirements/build.lock && \
+	  .tools/$*/bin/python -m pip install --quiet --require-hashes --no-build-isolation -r $<; \
+	else .tools/$*/bin/python $(PIP_LOCKED) -r $<; fi
 	@touch $@
 
 # The container image, built with podman from a locally made Debian base (.ci/image; no
@@ -110,19 +113,14 @@ image:
 image-test: $(STAMP) image
 	ENFORCER_TEST_IMAGE=$(IMAGE) $(PY) -m pytest -q tests/image
 
-# The manifest checkers live in their own virtualenv (their dependencies would move ours).
-TOOLS := .venv-tools
-$(TOOLS)/.installed: requirements/deploy-tools.txt
-	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
-	$(TOOLS)/bin/pip install --quiet -r requirements/deploy-tools.txt
-	@touch $@
-
+# The manifest checkers live in their own virtualenv (their dependencies would move ours),
+# from requirements/tools/deploy.lock.
+TOOLS := .tools/deploy
 # Every overlay of deploy/ renders, validates (Kubernetes 1.29 .. newest) and passes checkov;
 # every enforcer config in it passes `enforcer check` (tests/e2e/test_deploy.py).
 deploy-check: $(STAMP) $(TOOLS)/.installed
 	$(TOOLS)/bin/python .ci/deploy-check
 	$(PY) -m pytest -q tests/e2e/test_deploy.py
 
-
 clean:
-	rm -rf $(VENV) .tools $(TOOLS) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
