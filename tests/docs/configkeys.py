@@ -48,6 +48,10 @@ MAXIMAL: dict[str, Any] = {
     "flow_log": {"sink": "stdout", "max_bytes": 1, "backups": 1, "open_events": False,
                  "queue_size": 1},
     "admin": {"listen": "127.0.0.1:3"},
+    "mesh": {"material": "m", "networks": [{"cidrs": ["10.0.0.0/8"], "ports": [1]}],
+             "inbound": "strict",
+             "external": {"default": "deny",
+                          "plaintext": [{"cidrs": ["10.0.0.0/8"], "ports": [1]}]}},
     "limits": {k: "1s" for k in ("handshake_timeout", "connect_timeout", "idle_timeout",
                                  "close_timeout", "max_lifetime", "drain_timeout")}
     | {"max_connections": 1},

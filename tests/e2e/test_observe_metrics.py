@@ -49,7 +49,7 @@ DESIGN_METRICS = {
     "enforcer_upstream_connect_seconds", "enforcer_upstream_errors",
     "enforcer_connection_duration_seconds", "enforcer_certificate_expiry_timestamp_seconds",
     "enforcer_reloads", "enforcer_flowlog_dropped",
-    "enforcer_tls_groups"}  # added after DESIGN.md (issue 26)
+    "enforcer_tls_groups"}  # the contract: docs/design.md
 
 
 def closed_port() -> int:

@@ -26,7 +26,7 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_certificate_expiry_timestamp_seconds": ("gauge", frozenset({"material"})),
     "enforcer_reloads_total": ("counter", frozenset({"kind", "result"})),
     "enforcer_flowlog_dropped_total": ("counter", frozenset()),
-    # added after DESIGN.md (issue 26): handshakes by negotiated key-exchange group
+    # handshakes by negotiated key-exchange group (docs/design.md, the contract)
     "enforcer_tls_groups_total": ("counter", frozenset({"listener", "side", "group"})),
 }
 
