@@ -47,7 +47,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow and not faults"
 
 # The fault battery (docs/faults.md): network namespaces, nftables, a userspace impairment
-# bridge, killed workers, a full tmpfs. Needs root; about 5-10 minutes on 2 cores.
+# bridge, killed workers, a full tmpfs, fuzzing. Needs root; about 2 minutes on 2 cores.
 test-faults: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m faults tests/faults tests/fuzz
 

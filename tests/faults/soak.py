@@ -16,7 +16,9 @@ RSS growth over ``--rss-limit`` % (default 10) between the end of the warm-up (t
 stopped than before it started, or when the outbound sidecar's byte counters disagree
 with what the clients sent and received. Prints a one-screen summary; exit 0 = passed.
 
-Usage: ``make soak [SOAK_SECONDS=600]`` or ``python -m tests.faults.soak --seconds N``.
+Usage: ``make soak [SOAK_SECONDS=600]`` or ``python -m tests.faults.soak --seconds N
+[--requests 8 --bulk 2 --long-lived 16]``. The sidecars inherit the environment
+(``ENFORCER_TLS_RECORDS=openssl`` makes OpenSSL keep every TLS end, for comparison).
 """
 
 from __future__ import annotations
@@ -212,11 +214,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def soak(seconds: float, warmup: float, rss_limit: float) -> tuple[bool, list[str]]:
+@dataclass
+class Mix:
+    """How many clients of each kind run at once."""
+
+    requests: int = 8
+    bulk: int = 2
+    long_lived: int = 16
+
+
+async def soak(seconds: float, warmup: float, rss_limit: float,
+               mix: Mix | None = None) -> tuple[bool, list[str]]:
     with tempfile.TemporaryDirectory(prefix="enforcer-soak-") as tmp:
         pair = Pair(Path(tmp))
         try:
-            return await _run(pair, seconds, warmup, rss_limit)
+            return await _run(pair, seconds, warmup, rss_limit, mix or Mix())
         finally:
             pair.close()
 
@@ -230,8 +242,8 @@ async def _wait_quiet(pair: Pair, target: dict[str, int], timeout: float = 15) -
         await asyncio.sleep(0.2)
 
 
-async def _run(pair: Pair, seconds: float, warmup: float,
-               rss_limit: float) -> tuple[bool, list[str]]:
+async def _run(pair: Pair, seconds: float, warmup: float, rss_limit: float,
+               mix: Mix) -> tuple[bool, list[str]]:
     tally = Tally()
     stop = asyncio.Event()
     rng = random.Random(23)
@@ -242,12 +254,12 @@ async def _run(pair: Pair, seconds: float, warmup: float,
     idle = pair.sample(0)
     started = time.monotonic()
     tasks = [asyncio.ensure_future(_requests(pair.port, tally, stop, random.Random(rng.random())))
-             for _ in range(8)]
+             for _ in range(mix.requests)]
     tasks += [asyncio.ensure_future(_bulk(pair.port, tally, stop, random.Random(rng.random())))
-              for _ in range(2)]
+              for _ in range(mix.bulk)]
     tasks += [asyncio.ensure_future(_long_lived(pair.port, tally, stop,
                                                 random.Random(rng.random())))
-              for _ in range(16)]
+              for _ in range(mix.long_lived)]
     samples: list[Sample] = []
     while (elapsed := time.monotonic() - started) < seconds:
         await asyncio.sleep(min(SAMPLE, seconds - elapsed))
@@ -301,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the run before the RSS baseline (default 0.2)")
     p.add_argument("--rss-limit", type=float, default=10.0,
                    help="allowed RSS growth after the warm-up, %% (default 10)")
+    p.add_argument("--requests", type=int, default=8, help="request clients (default 8)")
+    p.add_argument("--bulk", type=int, default=2, help="4 MiB stream clients (default 2)")
+    p.add_argument("--long-lived", type=int, default=16,
+                   help="long-lived connections (default 16)")
     args = p.parse_args(argv)
-    ok, lines = uvloop.run(soak(args.seconds, args.warmup, args.rss_limit))
+    mix = Mix(args.requests, args.bulk, args.long_lived)
+    ok, lines = uvloop.run(soak(args.seconds, args.warmup, args.rss_limit, mix))
     print("\n".join(lines))
     return 0 if ok else 1
 
