@@ -4,7 +4,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 # gcc builds the native relay pump (enforcer/dataplane/_pump.c); the runtime stage has none
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml setup.py README.md ./
 COPY enforcer ./enforcer

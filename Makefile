@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean fuzz sanitize
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
 # if a clean of the tree (git clean -x) removed it while .venv stayed, install again.
@@ -30,6 +30,23 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check enforcer tests benchmarks
 	$(VENV)/bin/mypy
+
+# libFuzzer on every C function that parses network bytes (the own TLS 1.3 record layer,
+# fuzz/fuzz_records.c), from the committed corpus, for FUZZ_SECONDS; a crash, an ASan or
+# UBSan report or a timeout fails. New inputs go to build/fuzz/new, not to the corpus.
+FUZZ_SECONDS ?= 60
+FUZZ_CFLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	-Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers
+fuzz:
+	@mkdir -p build/fuzz/new
+	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_records fuzz/fuzz_records.c fuzz/ossl_linked.c \
+		enforcer/dataplane/pump/records.c -lssl -lcrypto
+	build/fuzz/fuzz_records -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+		-print_final_stats=1 build/fuzz/new fuzz/corpus/records
+
+# The native pump's tests once with the extension built with ASan + UBSan (fuzz/sanitize.sh).
+sanitize: $(STAMP)
+	PY=$(PY) fuzz/sanitize.sh
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
