@@ -26,9 +26,17 @@ gcc -shared -fPIC -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 cd "$OUT"
+export LD_PRELOAD="$asan:$ubsan"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=1
+export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1
+export PYTHONPATH="$PWD" PYTHONMALLOC=malloc
+# the sanitized build must be the one that runs (a skip would prove nothing)
+"$OLDPWD/$PY" -c 'from enforcer.dataplane import _pump, native
+assert native.available(), native.unavailable_reason()
+assert _pump.__file__.startswith(__import__("os").getcwd()), _pump.__file__'
+# One process (no xdist): the runtime is preloaded into Python only; the peers the tests
+# start (openssl, gnutls-cli) run without it.
 # shellcheck disable=SC2086  # TESTS is a list of paths
-LD_PRELOAD="$asan:$ubsan" \
-ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=1 \
-UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1 \
-PYTHONPATH="$PWD" PYTHONMALLOC=malloc \
-  "$OLDPWD/$PY" -m pytest -q -p no:cacheprovider -n 2 --dist loadfile $TESTS
+"$OLDPWD/$PY" -c 'import os, sys, pytest
+os.environ.pop("LD_PRELOAD")
+sys.exit(pytest.main(sys.argv[1:]))' -q -p no:cacheprovider $TESTS
