@@ -6,11 +6,16 @@ WORKDIR /src
 # gcc builds the native relay pump (enforcer/dataplane/_pump.c); the runtime stage has none
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
+# every dependency, and the build backend, from the locks (hashes checked)
+COPY requirements/ ./requirements/
+RUN pip install --no-cache-dir --require-hashes --only-binary :all: -r requirements/build.lock \
+    && pip install --no-cache-dir --require-hashes --only-binary :all: --prefix=/install \
+      -r requirements/runtime.lock
 COPY pyproject.toml setup.py README.md ./
 COPY enforcer ./enforcer
-RUN pip install --no-cache-dir --prefix=/install . \
-    && python -c "import sys; sys.path.insert(0, '/install/lib/python3.11/site-packages'); \
-from enforcer.dataplane import pump; assert pump.available(), pump.UNAVAILABLE"
+RUN pip install --no-cache-dir --no-deps --no-build-isolation --prefix=/install . \
+    && PYTHONPATH=/install/lib/python3.11/site-packages python -c \
+      "from enforcer.dataplane import native; assert native.available(), native.unavailable_reason()"
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
