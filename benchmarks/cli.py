@@ -198,8 +198,11 @@ class Runner:
         self.started = time.monotonic()
         self.ready = [c for c in chosen if not c.missing()]
         self.repeat = settings.repeat
+        self.suite: str = getattr(args, "suite", None) or cmod.HEADLINE_SUITE
+        self.defaults = not getattr(args, "no_defaults", False) and (
+            not settings.quick or getattr(args, "defaults", False))
         self.done = 0
-        self.total = len(self.ready) * len(works) * self.repeat
+        self.total = len(self.ready) * len(works) * self.repeat * (2 if self.defaults else 1)
 
     def go(self, out: Path, run_dir: Path) -> int:
         install_signal_handlers()
@@ -256,12 +259,25 @@ class Runner:
             self.doc["contestants"][c.name] = entry
 
     def _measure_all(self, env: Env) -> None:
+        """The headline table (every pair on one TLS 1.3 suite), then, unless skipped, the
+        same workloads with every tool's own TLS defaults (a second table)."""
         http = self._start_http(env)
+        self.doc["settings"]["suite"] = env.suite = self.suite
         ctx = wmod.Ctx(env, self.settings, http)
         for w in self.works:
-            self._workload(ctx, w)
+            self._workload(ctx, w, self.doc["workloads"])
         for name, seen in ctx.tls_seen.items():
             self.doc["contestants"][name]["tls"] = seen
+        if not self.defaults:
+            return
+        env.suite = None
+        self.doc["defaults"] = {"workloads": {}}
+        ctx = wmod.Ctx(env, self.settings, http)
+        _progress("defaults vs defaults: every tool's own TLS choices")
+        for w in self.works:
+            self._workload(ctx, w, self.doc["defaults"]["workloads"])
+        for name, seen in ctx.tls_seen.items():
+            self.doc["contestants"][name]["tls_defaults"] = seen
 
     def _start_http(self, env: Env) -> Any:
         if not any(w.backend == "http" for w in self.works):
@@ -278,9 +294,9 @@ class Runner:
             "keep-alive without a request cap")
         return http
 
-    def _workload(self, ctx: wmod.Ctx, w: wmod.Workload) -> None:
+    def _workload(self, ctx: wmod.Ctx, w: wmod.Workload, table: dict[str, Any]) -> None:
         doc = rmod.workload_doc(w, self.settings)
-        self.doc["workloads"][w.name] = doc
+        table[w.name] = doc
         reason = w.missing_tool()
         if reason is None and w.backend == "http" and ctx.http is None:
             reason = getattr(self, "http_error", "HTTP backend not running")

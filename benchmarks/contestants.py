@@ -9,7 +9,12 @@ out) into its own temp dir and runs two processes there in the foreground, throu
 gets the same certificates and the same work; none is tuned: threads, workers, buffers
 and TLS choices are each tool's own defaults, except that every pair speaks TLS 1.3
 (nginx 1.22 needs ``ssl_protocols`` for that, see ``NGINX_PROTOCOLS``; the results
-record what each inbound negotiates). The only settings raised are capacity
+record what each inbound negotiates) and, for the headline table, every pair is pinned to
+the same TLS 1.3 cipher suite (``Env.suite``, ``HEADLINE_SUITE`` unless ``--suite`` says
+otherwise), each in its own words: enforcer's ``cipher_suites``, haproxy's
+``ciphersuites``, stunnel's ``ciphersuites``, nginx's ``ssl_conf_command Ciphersuites``.
+Left to their defaults, enforcer prefers AES-128-GCM and OpenSSL-based peers AES-256-GCM:
+the second table ("defaults vs defaults", ``Env.suite = None``) shows them that way. The only settings raised are capacity
 limits whose defaults cannot hold the idle-connection workload (nginx's
 ``worker_connections 512``); they are raised to the same number for every tool that
 has one (see ``CAPACITY``), and they only admit connections, they do not change speed.
@@ -35,6 +40,8 @@ import yaml
 from benchmarks.pki import SERVER_NAME, BenchPki
 from benchmarks.procs import Ports, Processes, wait_listening
 
+HEADLINE_SUITE = "TLS_AES_256_GCM_SHA384"  # OpenSSL's own first choice (the peers' default)
+SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
 CAPACITY = 20000  # connections one proxy process may hold (nginx worker_connections)
 # nginx 1.22's built-in default is "TLSv1 TLSv1.1 TLSv1.2" (no TLS 1.3; nginx >= 1.23.4
 # defaults to exactly the line below). Every other contestant negotiates TLS 1.3 by
@@ -68,6 +75,7 @@ class Env:
     procs: Processes
     ports: Ports
     enforcer_extra: dict[str, Any] = field(default_factory=dict)
+    suite: str | None = HEADLINE_SUITE  # every pair's one TLS 1.3 suite; None: defaults
     _starts: int = 0
 
     def workdir(self, name: str) -> Path:
@@ -198,7 +206,10 @@ class Enforcer(Contestant):
         return path
 
     def _material(self, cert: Path, key: Path, env: Env) -> dict[str, Any]:
-        return {"mesh": {"cert": str(cert), "key": str(key), "ca": str(env.pki.ca)}}
+        mesh: dict[str, Any] = {"cert": str(cert), "key": str(key), "ca": str(env.pki.ca)}
+        if env.suite:
+            mesh["cipher_suites"] = [env.suite]
+        return {"mesh": mesh}
 
     def outbound_config(self, env: Env, d: Path, port: int, in_port: int) -> Path:
         return self._write(env, d / "outbound.yaml", {
@@ -262,14 +273,15 @@ class Haproxy(Contestant):
             + f"frontend outbound\n    bind 127.0.0.1:{port}\n    default_backend inbound\n"
             f"backend inbound\n    server inbound 127.0.0.1:{in_port} ssl "
             f"crt {env.pki.client_pem} ca-file {env.pki.ca} verify required "
-            f"verifyhost {SERVER_NAME}\n")
+            f"verifyhost {SERVER_NAME}{_haproxy_suite(env)}\n")
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
         return _written(
             d / "inbound.cfg",
             self._DEFAULTS
             + f"frontend inbound\n    bind 127.0.0.1:{port} ssl crt {env.pki.server_pem} "
-            f"ca-file {env.pki.ca} verify required\n    default_backend app\n"
+            f"ca-file {env.pki.ca} verify required{_haproxy_suite(env)}\n"
+            "    default_backend app\n"
             f"backend app\n    server app 127.0.0.1:{backend_port}\n")
 
     def command(self, config: Path, d: Path, role: str) -> list[str]:
@@ -304,7 +316,8 @@ class Stunnel(Contestant):
             "foreground = yes\npid =\n[outbound]\nclient = yes\n"
             f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{in_port}\n"
             f"cert = {env.pki.client_cert}\nkey = {env.pki.client_key}\n"
-            f"CAfile = {env.pki.ca}\nverifyChain = yes\ncheckHost = {SERVER_NAME}\n")
+            f"CAfile = {env.pki.ca}\nverifyChain = yes\ncheckHost = {SERVER_NAME}\n"
+            + _stunnel_suite(env))
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
         return _written(
@@ -312,7 +325,7 @@ class Stunnel(Contestant):
             "foreground = yes\npid =\n[inbound]\n"
             f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend_port}\n"
             f"cert = {env.pki.server_cert}\nkey = {env.pki.server_key}\n"
-            f"CAfile = {env.pki.ca}\nverifyChain = yes\n")
+            f"CAfile = {env.pki.ca}\nverifyChain = yes\n" + _stunnel_suite(env))
 
     def command(self, config: Path, d: Path, role: str) -> list[str]:
         return [self._exe(), str(config)]
@@ -370,7 +383,8 @@ class Nginx(Contestant):
             f"    proxy_ssl_certificate_key {env.pki.client_key};\n"
             f"    proxy_ssl_trusted_certificate {env.pki.ca};\n"
             f"    proxy_ssl_verify on;\n    proxy_ssl_name {SERVER_NAME};\n"
-            f"    proxy_ssl_protocols {NGINX_PROTOCOLS};\n  }}\n}}\n")
+            f"    proxy_ssl_protocols {NGINX_PROTOCOLS};\n"
+            + _nginx_suite(env, "proxy_ssl_conf_command") + "  }\n}\n")
 
     def inbound_config(self, env: Env, d: Path, port: int, backend_port: int) -> Path:
         return _written(
@@ -380,8 +394,8 @@ class Nginx(Contestant):
             f"    ssl_certificate {env.pki.server_cert};\n"
             f"    ssl_certificate_key {env.pki.server_key};\n"
             f"    ssl_client_certificate {env.pki.ca};\n    ssl_verify_client on;\n"
-            f"    ssl_protocols {NGINX_PROTOCOLS};\n"
-            f"    proxy_pass 127.0.0.1:{backend_port};\n  }}\n}}\n")
+            f"    ssl_protocols {NGINX_PROTOCOLS};\n" + _nginx_suite(env, "ssl_conf_command")
+            + f"    proxy_pass 127.0.0.1:{backend_port};\n  }}\n}}\n")
 
     def command(self, config: Path, d: Path, role: str) -> list[str]:
         return ["nginx", "-p", f"{d}/", "-e", str(d / f"{role}.log"), "-c", str(config)]
@@ -389,6 +403,22 @@ class Nginx(Contestant):
 
 ALL: tuple[Contestant, ...] = (Direct(), Enforcer(), Haproxy(), Stunnel(), Nginx())
 BY_NAME = {c.name: c for c in ALL}
+
+
+def _haproxy_suite(env: Env) -> str:
+    """The bind / server option that pins the TLS 1.3 suite (haproxy >= 1.9)."""
+    return f" ciphersuites {env.suite}" if env.suite else ""
+
+
+def _stunnel_suite(env: Env) -> str:
+    """The service option that pins the TLS 1.3 suite (stunnel >= 5.50)."""
+    return f"ciphersuites = {env.suite}\n" if env.suite else ""
+
+
+def _nginx_suite(env: Env, directive: str) -> str:
+    """``ssl_conf_command`` / ``proxy_ssl_conf_command`` pinning the suite (nginx >= 1.19.4;
+    nginx has no directive of its own for TLS 1.3 suites)."""
+    return f"    {directive} Ciphersuites {env.suite};\n" if env.suite else ""
 
 
 def _written(path: Path, text: str) -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUNS_DIR = "runs"  # under --out: one folder per run (raw results, charts); git ignores it
 CONTESTANTS = ("direct", "enforcer", "haproxy", "stunnel", "nginx")
+SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
+HEADLINE_SUITE = "TLS_AES_256_GCM_SHA384"
 WORKLOADS = ("bulk-1", "bulk-8", "keepalive", "newconn", "latency", "idle-small",
              "idle-large")
 
@@ -27,6 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", metavar="N", type=int, default=1,
                    help="measure everything N times in interleaved rounds; report medians")
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--suite", choices=SUITES, default=HEADLINE_SUITE,
+                   help="the TLS 1.3 suite every pair is pinned to in the headline table "
+                   f"(default {HEADLINE_SUITE})")
+    p.add_argument("--no-defaults", action="store_true",
+                   help="skip the second table (every tool's own TLS defaults); quick runs "
+                   "skip it unless --defaults")
+    p.add_argument("--defaults", action="store_true",
+                   help="measure the defaults-vs-defaults table in a quick run too")
     p.add_argument("--enforcer-extra", metavar="YAML", type=Path,
                    help="YAML mapping merged into both enforcer configs (to try a setting)")
     p.add_argument("--variant", metavar="NAME=YAML", action="append", default=[],

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results as rmod
 from benchmarks.options import RUNS_DIR
 from benchmarks.results import Doc
 
@@ -119,7 +120,7 @@ def _contestant_lines(doc: Doc) -> list[str]:
 
 def _error_lines(doc: Doc) -> list[str]:
     out = []
-    for wname, w in doc["workloads"].items():
+    for wname, w in ((n, w) for table in rmod.tables(doc) for n, w in table.items()):
         for cname, r in w["results"].items():
             if r.get("status") == "error":
                 first = str(r.get("error", "")).splitlines()[:3]
@@ -145,8 +146,9 @@ def markdown(doc: Doc, latest: str | None = None) -> str:
              f"contestants under the same conditions). Duration: {fmt(doc['duration_s'])} s."
              + (" **Interrupted: partial results.**" if doc["interrupted"] else ""), "",
              "## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
-             "enforcer ÷ the best of haproxy, stunnel and nginx in this run.", "",
-             *results_table(doc), ""]
+             "enforcer ÷ the best of haproxy, stunnel and nginx in this run. "
+             + _suite_sentence(doc), "",
+             *results_table(doc), "", *_defaults_lines(doc)]
     errors = _error_lines(doc)
     if errors:
         lines += ["## Errors", "", *errors, ""]
@@ -175,6 +177,32 @@ def markdown(doc: Doc, latest: str | None = None) -> str:
     for n in charts:
         lines += [f"![{n}]({doc['workloads'][n]['chart']})", ""]
     return "\n".join(lines)
+
+
+def _suite_sentence(doc: Doc) -> str:
+    suite = doc["settings"].get("suite")
+    if not suite:
+        return "Every tool used its own TLS defaults."
+    return (f"Every pair is pinned to the same TLS 1.3 suite, {suite} (enforcer "
+            "`cipher_suites`, haproxy and stunnel `ciphersuites`, nginx `ssl_conf_command "
+            "Ciphersuites`); the second table leaves each tool's defaults.")
+
+
+def _defaults_lines(doc: Doc) -> list[str]:
+    """The second table: the same workloads, every tool with its own TLS defaults (enforcer
+    prefers TLS_AES_128_GCM_SHA256, OpenSSL-based peers TLS_AES_256_GCM_SHA384)."""
+    defaults = doc.get("defaults")
+    if not defaults or not defaults.get("workloads"):
+        return []
+    seen = []
+    for name in contestant_names(doc):
+        tls = doc["contestants"][name].get("tls_defaults") or {}
+        if tls.get("cipher"):
+            seen.append(f"{name} {tls['cipher']}")
+    negotiated = f" Negotiated: {', '.join(seen)}." if seen else ""
+    return ["## Defaults vs defaults", "",
+            "The same workloads with every tool's own TLS choices, no suite pinned."
+            + negotiated, "", *results_table({**doc, "workloads": defaults["workloads"]}), ""]
 
 
 def _micro_lines(doc: Doc) -> list[str]:

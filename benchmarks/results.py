@@ -79,7 +79,7 @@ def new_doc(settings: Settings, run_dir: str) -> Doc:
             "interrupted": False, "started_at": utcnow(), "finished_at": None,
             "duration_s": None, "run_dir": run_dir, "host": host_facts(),
             "settings": asdict(settings), "backends": {"http": None, "bulk": None},
-            "tools": {}, "contestants": {}, "workloads": {}, "targets": [],
+            "tools": {}, "contestants": {}, "workloads": {}, "defaults": None, "targets": [],
             "micro": {"status": "skipped", "reason": "not run", "benchmarks": {}}}
 
 
@@ -144,6 +144,12 @@ def collect_targets(doc: Doc) -> list[Doc]:
     return out
 
 
+def tables(doc: Doc) -> list[dict[str, Doc]]:
+    """The workload tables of a run: the headline one, and defaults vs defaults if run."""
+    defaults = doc.get("defaults")
+    return [doc["workloads"], *([defaults["workloads"]] if defaults else [])]
+
+
 def had_errors(doc: Doc) -> bool:
-    return any(r.get("status") == "error" for w in doc["workloads"].values()
+    return any(r.get("status") == "error" for table in tables(doc) for w in table.values()
                for r in w["results"].values())

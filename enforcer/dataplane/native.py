@@ -68,7 +68,7 @@ else:
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 8  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 9  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 log = logging.getLogger("enforcer.native")

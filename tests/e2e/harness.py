@@ -211,6 +211,15 @@ async def running(*enforcers_or_backends: Any) -> AsyncIterator[None]:
                 await item.close()
 
 
+def relay_reason(reason: str) -> str:
+    """The reason the flow record names for a record layer failure: the cause, except in the
+    Python relay with OpenSSL >= 3.2, where CPython's SSLError keeps only OpenSSL's last
+    error, the RECORD_LAYER_FAILURE wrapper (docs/tls-data-plane.md, "Reasons")."""
+    if RELAY == "python" and ssl.OPENSSL_VERSION_INFO >= (3, 2):
+        return "RECORD_LAYER_FAILURE"
+    return reason
+
+
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 

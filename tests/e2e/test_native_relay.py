@@ -388,7 +388,8 @@ async def test_a_corrupt_tls_record_mid_relay_is_a_client_tls_error(pki: Any) ->
             sock.close()
         assert rec["relay"] == harness.RELAY
         assert rec["close"] == "client_tls_error"
-        assert rec["detail"] == "TLS error from the client: DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+        assert rec["detail"] == "TLS error from the client: " + harness.relay_reason(
+            "DECRYPTION_FAILED_OR_BAD_RECORD_MAC")
         await asyncio.wait_for(backend.done.wait(), 5)
         assert backend.received == [b"a real request"]
 

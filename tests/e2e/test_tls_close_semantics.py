@@ -128,8 +128,8 @@ async def test_a_record_error_sends_the_alert_before_closing(
         finally:
             client.close()
     assert received.reason == alert, received
-    assert (rec["close"], rec["detail"]) == ("client_tls_error", f"TLS error from the client: "
-                                                                 f"{reason}")
+    assert (rec["close"], rec["detail"]) == (
+        "client_tls_error", f"TLS error from the client: {harness.relay_reason(reason)}")
     assert len(upstream.received) == 100  # nothing of the forged record went through
 
 
