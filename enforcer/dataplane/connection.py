@@ -228,6 +228,8 @@ class Connection:
         mesh.external policy: plaintext, or refused."""
         assert self.original_dst is not None
         self.mesh = self.plane.mesh_route(self.original_dst)
+        self.plane.metrics.mesh_connections_total.labels(
+            listener=self.listener.name, mode=self.mesh or "external_denied").inc()
         if self.mesh == "mtls":
             assert self.plane.mesh_upstream is not None
             self.up_rt = self.plane.mesh_upstream
@@ -244,6 +246,8 @@ class Connection:
         is refused before any upstream connect."""
         tls = self.client.tls is not None
         self.mesh = ("mtls" if self.identity is not None else "tls") if tls else "plaintext"
+        self.plane.metrics.mesh_connections_total.labels(listener=self.listener.name,
+                                                         mode=self.mesh).inc()
         if tls or self.plane.cfg.mesh.inbound == "permissive":
             return True
         self._finish("deny", "mesh_plaintext_refused", abort=True,

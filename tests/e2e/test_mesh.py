@@ -116,6 +116,9 @@ def test_outside_the_mesh_the_external_policy_decides(mesh: Mesh) -> None:
     assert recs[7000]["mesh"] == "external" and recs[7000]["action"] == "allow"
     assert recs[7000]["upstream"]["tls"] == "off"
     assert recs[7001]["close"] == "mesh_external_denied" and recs[7001]["action"] == "deny"
+    for mode in ("external", "external_denied"):
+        assert mesh.a.metric("enforcer_mesh_connections_total", listener="outbound",
+                             mode=mode) == 1
 
 
 @pytest.mark.parametrize("mesh", ["strict", "permissive"], indirect=True)
@@ -126,6 +129,8 @@ def test_a_direct_dial_to_the_app_port_meets_the_sidecar(
     rec = mesh.b.records(1)[0]
     assert rec["listener"] == "inbound" and rec["mesh"] == "plaintext"
     assert rec["action"] == "deny" and rec["client"]["ip"] == OUT
+    assert mesh.b.metric("enforcer_mesh_connections_total", listener="inbound",
+                         mode="plaintext") == 1
     if request.node.callspec.params["mesh"] == "strict":
         assert rec["close"] == "mesh_plaintext_refused"
     else:  # accepted as plaintext, then denied by the rules (they want an identity)

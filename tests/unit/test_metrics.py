@@ -26,6 +26,8 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_certificate_expiry_timestamp_seconds": ("gauge", frozenset({"material"})),
     "enforcer_reloads_total": ("counter", frozenset({"kind", "result"})),
     "enforcer_flowlog_dropped_total": ("counter", frozenset()),
+    # extensions after DESIGN.md (new names only, as the contract allows)
+    "enforcer_mesh_connections_total": ("counter", frozenset({"listener", "mode"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -46,6 +48,7 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.certificate_expiry_timestamp_seconds.labels(material="mesh").set(1.8e9)
     m.reloads_total.labels(kind="tls", result="ok").inc()
     m.flowlog_dropped_total.inc()
+    m.mesh_connections_total.labels(listener="in", mode="mtls").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:
