@@ -19,6 +19,10 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation --prefix=/install 
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
+# nftables: `enforcer intercept apply` in the pod's init container (run as root with
+# NET_ADMIN); the sidecar itself runs as uid 10001, the uid the rules skip by default.
+RUN apt-get update && apt-get install -y --no-install-recommends nftables \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --no-create-home enforcer
 USER 10001
 # Config and TLS material are mounted (ConfigMap / Secret); see deploy/.

@@ -21,7 +21,7 @@ from enforcer.intercept.ruleset import (
 def test_default_spec_redirects_both_ways_and_skips_the_enforcer() -> None:
     text = table_text(InterceptSpec())
     assert "type nat hook output priority -100" in text
-    assert "meta skuid 1337 return" in text
+    assert "meta skuid 10001 return" in text  # the image's enforcer user
     assert "meta mark & 0x539 == 0x539 return" in text
     assert "meta l4proto tcp redirect to :15001" in text
     assert "meta l4proto tcp redirect to :15006" in text
