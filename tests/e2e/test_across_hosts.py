@@ -62,7 +62,8 @@ class World:
 
 def sidecar(pki: Any, host: Host, ident: Any, peer_id: str, client_id: str) -> dict[str, Any]:
     return render("sidecar.yaml", CERT=ident.cert, KEY=ident.key, CA=pki.ca, FLOWS=host.flows,
-                  NODE=host.ns.name, MESH_CIDR="10.9.0.0/30", EXTERNAL_CIDR=f"{CLIENT}/32",
+                  NODE=host.ns.name, MESH_CIDR="10.9.0.0/30", MESH_CIDR6="fd09::/126",
+                  EXTERNAL_CIDR=f"{CLIENT}/32",
                   INBOUND_MODE="permissive", PEER_ID=peer_id, CLIENT_ID=client_id,
                   GATEWAY_ID=GATEWAY_ID, TRUSTED_SOURCES="10.9.0.0/28", APP_PROXY="v1")
 
@@ -82,11 +83,11 @@ def world(pki: Any, tmp_path: Path) -> Iterator[World]:
             hosts[short] = Host(ns, ip, flows=tmp_path / f"{short}.jsonl")
         try:
             b = hosts["podb"]
-            b.sidecar(sidecar(pki, b, pki.server, DEMO_CLIENT_ID, DEMO_CLIENT_ID), tmp_path, 2,
+            b.sidecar(sidecar(pki, b, pki.server, DEMO_CLIENT_ID, DEMO_CLIENT_ID), tmp_path, 4,
                       ["--inbound-ports", "8080,8081"])
             b.app("echo", POD_B, "8080", "podB")
             a = hosts["poda"]
-            a.sidecar(sidecar(pki, a, pki.client, DEMO_SERVER_ID, DEMO_SERVER_ID), tmp_path, 2,
+            a.sidecar(sidecar(pki, a, pki.client, DEMO_SERVER_ID, DEMO_SERVER_ID), tmp_path, 4,
                       ["--inbound-ports", "8080"])
             for name in ("gw1", "gw2"):
                 gw = hosts[name]
