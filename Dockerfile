@@ -1,4 +1,3 @@
-<<<<<<< HEAD
 # enforcer container image: Debian's Python 3.11, enforcer in a virtualenv, non-root.
 #
 #   podman build -t enforcer .            (or docker build)
@@ -14,26 +13,6 @@
 # (debootstrap --variant=minbase + podman import, see .ci/image) with
 # --build-arg BASE=... --pull=never, because no container registry is reachable there.
 ARG BASE=debian:bookworm-slim@sha256:3783cc01769c7b2b1b83a5c5ad96c815348e28ed7da68e2e3687004faa906251
-=======
-# enforcer container image: a non-root Python runtime with uvloop.
-#   docker build -t enforcer .
-#   docker run --rm enforcer --version
-FROM python:3.11-slim AS build
-WORKDIR /src
-# gcc builds the native relay pump (enforcer/dataplane/_pump.c); the runtime stage has none
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
-    && rm -rf /var/lib/apt/lists/*
-# every dependency, and the build backend, from the locks (hashes checked)
-COPY requirements/ ./requirements/
-RUN pip install --no-cache-dir --require-hashes --only-binary :all: -r requirements/build.lock \
-    && pip install --no-cache-dir --require-hashes --only-binary :all: --prefix=/install \
-      -r requirements/runtime.lock
-COPY pyproject.toml setup.py README.md ./
-COPY enforcer ./enforcer
-RUN pip install --no-cache-dir --no-deps --no-build-isolation --prefix=/install . \
-    && PYTHONPATH=/install/lib/python3.11/site-packages python -c \
-      "from enforcer.dataplane import native; assert native.available(), native.unavailable_reason()"
->>>>>>> i28
 
 # --- build: a virtualenv with enforcer and its native relay pump --------------------------
 FROM ${BASE} AS build
@@ -70,8 +49,10 @@ LABEL org.opencontainers.image.title="enforcer" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE}"
+# nftables: `enforcer intercept apply` in the pod's init container (root with NET_ADMIN);
+# the sidecar itself runs as uid 10001, the uid the interception rules skip
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && apt-get install -y --no-install-recommends python3 ca-certificates nftables \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && echo "enforcer:x:10001:10001:enforcer:/nonexistent:/usr/sbin/nologin" >> /etc/passwd \
     && echo "enforcer:x:10001:" >> /etc/group

@@ -1,8 +1,9 @@
 """``enforcer intercept apply | remove | show [--dry-run]``: the nftables rules that send the
 network namespace's TCP through enforcer's transparent listeners (see enforcer.intercept).
 
-Exit codes: 0 done; 1 nft refused the rules (its message is shown), or ``show`` found no
-rules installed; 2 bad arguments; 5 no ``nft`` tool; 6 no CAP_NET_ADMIN.
+Exit codes: 0 done; 1 nft (or iptables) refused the rules (its message is shown), or
+``show`` found no rules installed; 2 bad arguments; 5 no ``nft`` tool (nor iptables, with
+``--backend auto``); 6 no CAP_NET_ADMIN.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from enforcer.cli import exitcodes
 from enforcer.cli.errors import fail
-from enforcer.intercept import ruleset
+from enforcer.intercept import ruleset, xtables
 from enforcer.intercept.nft import InterceptError, preflight
 from enforcer.intercept.ruleset import InterceptSpec, SpecError
 
@@ -43,6 +44,8 @@ def register(subparsers: Any) -> None:
 
 def _spec_arguments(cmd: argparse.ArgumentParser) -> None:
     d = InterceptSpec()
+    cmd.add_argument("--backend", choices=("auto", "nft", "iptables"), default="auto",
+                     help="auto (default): nft, else iptables/ip6tables (nat table chains)")
     cmd.add_argument("--table", default=d.table, help=f"nft table name (default {d.table})")
     cmd.add_argument("--outbound-port", type=int, default=d.outbound_port, metavar="PORT",
                      help=f"the outbound transparent listener (default {d.outbound_port})")
@@ -87,18 +90,19 @@ def _run(args: argparse.Namespace) -> int:
         fail(str(exc))
         return exitcodes.USAGE
     if args.dry_run:
-        sys.stdout.write(_dry_run_text(args.action, spec))
+        sys.stdout.write(_dry_run_text(args.action, spec, args.backend))
         return exitcodes.OK
     try:
-        nft = preflight()
+        installer = preflight(args.backend)
         if args.action == "apply":
-            nft.run(ruleset.apply_script(spec))
+            installer.apply(spec)
         elif args.action == "remove":
-            nft.run(ruleset.remove_script(spec.table))
+            installer.remove(spec.table)
         else:
-            text = nft.list_table(spec.table)
+            text = installer.list_rules(spec.table)
             if text is None:
-                fail(f"no interception rules installed (table inet {spec.table} is absent)")
+                fail(f"no interception rules installed ({installer.where(spec.table)} "
+                     "absent)")
                 return exitcodes.FAILURE
             sys.stdout.write(text)
     except InterceptError as exc:
@@ -107,7 +111,14 @@ def _run(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _dry_run_text(action: str, spec: InterceptSpec) -> str:
+def _dry_run_text(action: str, spec: InterceptSpec, backend: str) -> str:
+    if backend == "iptables":
+        if action == "remove":
+            return "".join(f"# {'iptables' if family == 4 else 'ip6tables'}: delete the jumps "
+                           f"to {', '.join(xtables.chains(spec.table))}, then the chains\n"
+                           for family in (4, 6))
+        return "".join(f"# {'iptables' if family == 4 else 'ip6tables'}-restore --noflush\n"
+                       f"{xtables.restore_input(spec, family)}" for family in (4, 6))
     if action == "apply":
         return ruleset.apply_script(spec)
     if action == "remove":

@@ -280,6 +280,8 @@ class Connection:
         mesh.external policy: plaintext, or refused."""
         assert self.original_dst is not None
         self.mesh = self.plane.mesh_route(self.original_dst)
+        self.plane.metrics.mesh_connections_total.labels(
+            listener=self.listener.name, mode=self.mesh or "external_denied").inc()
         if self.mesh == "mtls":
             assert self.plane.mesh_upstream is not None
             self.up_rt = self.plane.mesh_upstream
@@ -296,6 +298,8 @@ class Connection:
         is refused before any upstream connect."""
         tls = self.client.tls is not None
         self.mesh = ("mtls" if self.identity is not None else "tls") if tls else "plaintext"
+        self.plane.metrics.mesh_connections_total.labels(listener=self.listener.name,
+                                                         mode=self.mesh).inc()
         if tls or self.plane.cfg.mesh.inbound == "permissive":
             return True
         self._finish("deny", "mesh_plaintext_refused", abort=True,
@@ -586,14 +590,17 @@ class Connection:
     # ===================================================================== authorize
     def _authorize(self, data: bytes) -> None:
         self.stage = Stage.AUTHORIZE
-        if self.proxy_header is not None and self.listener.proxy_identities is not None \
+        header = self.proxy_header
+        # a LOCAL header (health checks) claims no address: no identity needed, none taken
+        claims = header is not None and header.command == "PROXY"
+        if claims and self.listener.proxy_identities is not None \
                 and not self._proxy_sender_trusted():
             return
         if self.listener.cfg.mesh == "inbound" and not self._mesh_inbound():
             return
-        pp = self.listener.cfg.proxy_protocol
-        if self.proxy_header is not None and pp.flow_id_from_header:  # one id on every hop
-            self.flow_id = _header_flow_id(self.proxy_header.unique_id) or self.flow_id
+        if claims and self.listener.cfg.proxy_protocol.flow_id_from_header:
+            assert header is not None
+            self.flow_id = _header_flow_id(header.unique_id) or self.flow_id  # one id per hop
         decision = self.plane.decide_before_upstream(self.listener, self._facts())
         if decision is not None and not self._decided(decision):
             return

@@ -1,7 +1,8 @@
-"""Apply, remove and list the interception table with the ``nft`` tool (the I/O side).
+"""Apply, remove and list the interception table with the ``nft`` tool (the I/O side;
+``iptables`` is the fallback when nft is missing).
 
 Before touching anything, ``preflight`` says which of the two things needed is missing:
-the ``nft`` binary on PATH, or the CAP_NET_ADMIN capability (read from the effective
+the ``nft`` binary (or iptables) on PATH, or the CAP_NET_ADMIN capability (read from the effective
 set in /proc/self/status, so the answer does not depend on parsing nft's error text).
 Every call feeds its script on stdin to ``nft -f -``, one transaction each.
 """
@@ -11,6 +12,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Protocol
+
+from enforcer.intercept import ruleset
+from enforcer.intercept.ruleset import InterceptSpec
 
 CAP_NET_ADMIN = 12
 NFT_TIMEOUT = 30.0
@@ -25,9 +30,33 @@ class InterceptError(Exception):
         self.kind = kind
 
 
+class Backend(Protocol):
+    """What the CLI needs of a rule installer (nft here, iptables in ``iptables``)."""
+
+    def apply(self, spec: InterceptSpec) -> None: ...
+
+    def remove(self, table: str) -> None: ...
+
+    def list_rules(self, table: str) -> str | None: ...
+
+    def where(self, table: str) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Nft:
     binary: str
+
+    def apply(self, spec: InterceptSpec) -> None:
+        self.run(ruleset.apply_script(spec))
+
+    def remove(self, table: str) -> None:
+        self.run(ruleset.remove_script(table))
+
+    def list_rules(self, table: str) -> str | None:
+        return self.list_table(table)
+
+    def where(self, table: str) -> str:
+        return f"table inet {table}"
 
     def run(self, script: str) -> None:
         self._call(["-f", "-"], script)
@@ -71,14 +100,23 @@ def has_net_admin(status_path: str = "/proc/self/status") -> bool:
     return False
 
 
-def preflight(*, status_path: str = "/proc/self/status") -> Nft:
-    """The nft tool to use; InterceptError naming what is missing (nft first)."""
-    binary = shutil.which("nft")
-    if binary is None:
-        raise InterceptError("no_nft", "the nft tool is not installed or not on PATH "
-                             "(install nftables)")
+def preflight(backend: str = "auto", *, status_path: str = "/proc/self/status") -> Backend:
+    """The installer to use (``auto``: nft, else iptables); InterceptError naming what is
+    missing: the tool first, then CAP_NET_ADMIN."""
+    from enforcer.intercept.iptables import Iptables
+
+    binary = shutil.which("nft") if backend in ("auto", "nft") else None
+    chosen: Backend | None = Nft(binary) if binary is not None else None
+    if chosen is None and backend in ("auto", "iptables"):
+        chosen = Iptables.find()
+    if chosen is None:
+        raise InterceptError("no_nft", {
+            "nft": "the nft tool is not installed or not on PATH (install nftables)",
+            "iptables": "iptables and iptables-restore are not installed or not on PATH",
+        }.get(backend, "neither the nft tool nor iptables is installed or on PATH "
+                       "(install nftables)"))
     if not has_net_admin(status_path):
         raise InterceptError("no_net_admin", "CAP_NET_ADMIN is missing: run with NET_ADMIN "
                              "(an init container with securityContext.capabilities.add: "
                              "[NET_ADMIN], or as root)")
-    return Nft(binary)
+    return chosen

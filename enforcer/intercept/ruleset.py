@@ -30,7 +30,7 @@ PortRange = tuple[int, int]
 DEFAULT_TABLE = "enforcer"
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
-DEFAULT_UID = 1337
+DEFAULT_UID = 10001  # the enforcer user of the container image (Dockerfile)
 DEFAULT_MARK = 0x539  # 1337, as Istio's
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 

@@ -79,6 +79,10 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
         "counter", "Reloads, by kind and result.", ("kind", "result"), ()),
     "flowlog_dropped_total": (
         "counter", "Flow records dropped (queue full or sink failing).", (), ()),
+    "mesh_connections_total": (
+        "counter", "Connections on mesh listeners, by how they came or went: mtls, tls, "
+        "plaintext (inbound), external, external_denied (outbound).", ("listener", "mode"),
+        ()),
 }
 
 PREFIX: Final = "enforcer_"
@@ -114,6 +118,7 @@ class Metrics:
     certificate_expiry_timestamp_seconds: Gauge
     reloads_total: Counter
     flowlog_dropped_total: Counter
+    mesh_connections_total: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -250,6 +255,7 @@ class NullMetrics:
     certificate_expiry_timestamp_seconds: NullMetric
     reloads_total: NullMetric
     flowlog_dropped_total: NullMetric
+    mesh_connections_total: NullMetric
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # stays empty: renders a valid empty exposition

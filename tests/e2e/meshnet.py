@@ -83,6 +83,19 @@ class Host:
                 return [json.loads(line) for line in lines]
             time.sleep(0.05)
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """A sample from the sidecar's admin endpoint (127.0.0.1:15000 in its namespace)."""
+        script = ("import urllib.request; print(urllib.request.urlopen("
+                  "'http://127.0.0.1:15000/metrics', timeout=10).read().decode())")
+        text = self.ns.run(sys.executable, "-c", script).stdout
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key.split("{")[0] == name and ",".join(sorted(
+                    key.partition("{")[2].rstrip("}").split(","))) == want:
+                return float(value)
+        return None
+
     def stop(self) -> None:
         if self.enforcer is not None:
             self.enforcer.stop()

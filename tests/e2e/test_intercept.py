@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_apply_is_idempotent_and_remove_is_exact(pod: tuple[Topology, Netns]) ->
     assert dry.count("redirect") == listed.count("redirect") == 2
     assert intercept(ns, "remove").returncode == 0
     gone = intercept(ns, "show")
-    assert gone.returncode == 1 and "table inet enforcer is absent" in gone.stderr
+    assert gone.returncode == 1 and "table inet enforcer absent" in gone.stderr
     assert "table inet other" in ns.run("nft", "list", "tables").stdout  # not ours: kept
     assert intercept(ns, "remove").returncode == 0  # nothing left to remove: still fine
 
@@ -108,11 +109,70 @@ def test_outbound_is_redirected_except_for_the_enforcer_uid(
 def test_no_nft_tool_is_one_line_and_exit_5(pod: tuple[Topology, Netns]) -> None:
     _, ns = pod
     env = {**os.environ, "PATH": "/nonexistent"}
-    done = subprocess.run(ns.cmd(*ENFORCER, "intercept", "apply"), env=env,
-                          capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode == 5
-    assert done.stderr.strip().splitlines() == [
-        "enforcer: error: the nft tool is not installed or not on PATH (install nftables)"]
+    for backend, message in (
+            ("auto", "neither the nft tool nor iptables is installed or on PATH "
+                     "(install nftables)"),
+            ("nft", "the nft tool is not installed or not on PATH (install nftables)"),
+            ("iptables", "iptables and iptables-restore are not installed or not on PATH")):
+        done = subprocess.run(ns.cmd(*ENFORCER, "intercept", "apply", "--backend", backend),
+                              env=env, capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert done.returncode == 5
+        assert done.stderr.strip().splitlines() == [f"enforcer: error: {message}"]
+
+
+def _iptables_only_path(tmp_path: Path) -> dict[str, str]:
+    """PATH with iptables and ip6tables (and their -restore) but no nft."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("iptables", "ip6tables", "iptables-restore", "ip6tables-restore"):
+        tool = shutil.which(name) or pytest.skip(f"{name} is not installed")
+        (bin_dir / name).symlink_to(tool)
+    return {**os.environ, "PATH": str(bin_dir)}
+
+
+def test_iptables_fallback(pod: tuple[Topology, Netns], tmp_path: Path) -> None:
+    """Without nft, auto uses iptables/ip6tables: same redirects, idempotent, exact."""
+    _, ns = pod
+    env = _iptables_only_path(tmp_path)
+    ns.run("iptables", "-t", "nat", "-N", "SOMEONE_ELSE")
+
+    def intercept_env(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(ns.cmd(*ENFORCER, "intercept", *args), env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    args = ["--uid", "0", "--inbound-ports", "8080"]
+    assert intercept_env("apply", *args).returncode == 0
+    first = ns.run("iptables-save", "-t", "nat").stdout
+    assert intercept_env("apply", *args).returncode == 0  # again: nothing changes
+    rules = ns.run("iptables", "-t", "nat", "-S").stdout
+    assert rules.count("-A OUTPUT -p tcp -j ENFORCER_OUTPUT") == 1
+    assert rules.count("-A PREROUTING -p tcp -j ENFORCER_PREROUTING") == 1
+    assert rules.count("REDIRECT --to-ports 15001") == 1
+    assert "ENFORCER_OUTPUT -d ::1/128" in ns.run("ip6tables", "-t", "nat", "-S").stdout
+    assert _without_counters(first) == _without_counters(ns.run("iptables-save", "-t",
+                                                                "nat").stdout)
+    shown = intercept_env("show")
+    assert shown.returncode == 0 and "REDIRECT --to-ports 15006" in shown.stdout
+    server = ns.popen([sys.executable, "-c", ORIGDST, "15001"], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        app = ns.run(*NOBODY, sys.executable, "-c", DIAL, "192.0.2.10", "9999").stdout
+        assert app.strip() == "192.0.2.10:9999"
+    finally:
+        server.kill()
+        server.wait()
+    assert intercept_env("remove").returncode == 0
+    left = ns.run("iptables", "-t", "nat", "-S").stdout
+    assert "ENFORCER" not in left and "-N SOMEONE_ELSE" in left
+    assert "ENFORCER" not in ns.run("ip6tables", "-t", "nat", "-S").stdout
+    assert intercept_env("show").returncode == 1
+    assert intercept_env("remove").returncode == 0
+
+
+def _without_counters(save: str) -> list[str]:
+    return [line for line in save.splitlines() if not line.startswith("#")
+            and not line.startswith(":")]
 
 
 def test_no_net_admin_is_one_line_and_exit_6(pod: tuple[Topology, Netns]) -> None:

@@ -141,3 +141,22 @@ def test_config_mistakes(pki: Any, pp: dict[str, Any], tls: dict[str, Any] | Non
         extra["tls"] = tls
     with pytest.raises(ConfigError, match=message):
         parse_config(inbound_cfg(pki, 1, listener_extra=extra))
+
+
+async def test_a_local_header_claims_nothing_and_needs_no_identity(pki: Any) -> None:
+    """PROXY v2 LOCAL (haproxy's health checks): no address claimed, so no identity is
+    asked for; the connection is the peer's own, and no flow id is taken from it."""
+    backend = await Backend().start()
+    sidecar = await Enforcer(sidecar_cfg(pki, backend.port, mode="auto")).start()
+    payload = random_bytes(50_000)
+    async with running(sidecar, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port())
+        writer.write(build_v2(None, None, command="LOCAL", tlvs=[unique_id_tlv("LOCAL-ID")])
+                     + payload)
+        writer.write_eof()
+        got = await reader.read(-1)
+        writer.close()
+        rec = (await sidecar.wait_flows(1))[0]
+    assert sha(got) == sha(payload)
+    assert rec["action"] == "allow" and rec["client"]["ip"] == "127.0.0.1"
+    assert rec["flow_id"] != "LOCAL-ID"

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from enforcer.intercept import xtables
 from enforcer.intercept.ruleset import (
     InterceptSpec,
     SpecError,
@@ -20,7 +21,7 @@ from enforcer.intercept.ruleset import (
 def test_default_spec_redirects_both_ways_and_skips_the_enforcer() -> None:
     text = table_text(InterceptSpec())
     assert "type nat hook output priority -100" in text
-    assert "meta skuid 1337 return" in text
+    assert "meta skuid 10001 return" in text  # the image's enforcer user
     assert "meta mark & 0x539 == 0x539 return" in text
     assert "meta l4proto tcp redirect to :15001" in text
     assert "meta l4proto tcp redirect to :15006" in text
@@ -79,3 +80,39 @@ def test_parse_cidrs_names_the_bad_one() -> None:
 def test_bad_spec_is_refused_with_its_name(kw: dict[str, object], message: str) -> None:
     with pytest.raises(SpecError, match=message):
         InterceptSpec(**kw)  # type: ignore[arg-type]
+
+
+def test_iptables_input_per_family() -> None:
+    spec = InterceptSpec(
+        inbound_all=False, inbound_ports=((8080, 8080),), exclude_outbound_ports=((53, 53),),
+        exclude_cidrs=(ipaddress.ip_network("10.96.0.1/32"), ipaddress.ip_network("fd00::/64")),
+        uids=(0, 1337))
+    v4, v6 = xtables.restore_input(spec, 4), xtables.restore_input(spec, 6)
+    assert v4.startswith("*nat\n:ENFORCER_OUTPUT - [0:0]\n:ENFORCER_PREROUTING - [0:0]\n"
+                         "-F ENFORCER_OUTPUT\n-F ENFORCER_PREROUTING\n")
+    assert v4.endswith("COMMIT\n")
+    assert "-A ENFORCER_OUTPUT -m owner --uid-owner 1337 -j RETURN" in v4
+    assert "-A ENFORCER_OUTPUT -d 10.96.0.1/32 -j RETURN" in v4 and "fd00::" not in v4
+    assert "-A ENFORCER_OUTPUT -d fd00::/64 -j RETURN" in v6 and "10.96.0.1" not in v6
+    assert "-d ::1/128 -j RETURN" in v6 and "-d 127.0.0.0/8 -j RETURN" in v4
+    assert ("-A ENFORCER_PREROUTING -p tcp -m multiport --dports 8080 -j REDIRECT "
+            "--to-ports 15006") in v4
+    assert v4.index("--uid-owner 0 ") < v4.index("REDIRECT --to-ports 15001")
+
+
+def test_iptables_multiport_lists_are_split_at_15() -> None:
+    ports = (*((p, p) for p in range(1000, 1020)), (2000, 2010))
+    text = xtables.restore_input(InterceptSpec(exclude_outbound_ports=ports), 4)
+    groups = [line.split("--dports ")[1].split(" ")[0] for line in text.splitlines()
+              if "--dports" in line]
+    assert len(groups) == 2
+    assert sum(2 if ":" in p else 1 for p in groups[0].split(",")) == 15
+    assert groups[1].endswith("2000:2010")
+
+
+def test_iptables_chains_and_jumps() -> None:
+    assert xtables.chains("enforcer") == ("ENFORCER_OUTPUT", "ENFORCER_PREROUTING")
+    assert xtables.chains("pod-2") == ("ENFORCER_POD_2_OUTPUT", "ENFORCER_POD_2_PREROUTING")
+    assert xtables.jumps(InterceptSpec(outbound=False, inbound_all=False)) == []
+    assert xtables.jumps(InterceptSpec()) == [("PREROUTING", "ENFORCER_PREROUTING"),
+                                              ("OUTPUT", "ENFORCER_OUTPUT")]

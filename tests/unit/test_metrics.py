@@ -28,6 +28,8 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_flowlog_dropped_total": ("counter", frozenset()),
     # handshakes by negotiated key-exchange group (docs/design.md, the contract)
     "enforcer_tls_groups_total": ("counter", frozenset({"listener", "side", "group"})),
+    # mesh listeners' connections by how they came (docs/design.md, the contract)
+    "enforcer_mesh_connections_total": ("counter", frozenset({"listener", "mode"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -49,6 +51,7 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.reloads_total.labels(kind="tls", result="ok").inc()
     m.flowlog_dropped_total.inc()
     m.tls_groups_total.labels(listener="in", side="server", group="x25519").inc()
+    m.mesh_connections_total.labels(listener="in", mode="mtls").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:

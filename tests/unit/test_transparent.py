@@ -147,3 +147,32 @@ def test_mesh_config_mistakes(listener: dict[str, Any], mesh: dict[str, Any] | N
     with pytest.raises(ConfigError) as err:
         parse_config(_mesh_cfg(listener, mesh))
     assert message in str(err.value)
+
+
+def test_header_flow_id_takes_printable_ids_only() -> None:
+    from enforcer.dataplane.connection import _header_flow_id
+
+    assert _header_flow_id(b"9bfa7e5f-4921-4316-8925-2b7935781e4c") == \
+        "9bfa7e5f-4921-4316-8925-2b7935781e4c"
+    for bad in (None, b"", b"a b", b"\x00id", b"x" * 129, "é".encode()):
+        assert _header_flow_id(bad) is None
+
+
+def test_has_unread_peeks_without_consuming() -> None:
+    from enforcer.dataplane.connection import _has_unread
+
+    class Transport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str) -> Any:
+            return self.sock if name == "socket" else None
+
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        assert not _has_unread(Transport(a))
+        b.sendall(b"\x16\x03\x01")
+        assert _has_unread(Transport(a))
+        assert a.recv(10) == b"\x16\x03\x01"  # still there: peeked, not read
+    assert not _has_unread(None)
