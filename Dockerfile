@@ -35,16 +35,7 @@ assert native.available(), native.unavailable_reason()" \
 
 # --- runtime: Python and the virtualenv, nothing to compile with ------------------------
 FROM ${BASE}
-ARG BASE
 ARG DEBIAN_FRONTEND=noninteractive
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="enforcer" \
-      org.opencontainers.image.description="mTLS-terminating TCP/TLS proxy: sidecar and gateway" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE}"
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
@@ -59,3 +50,13 @@ USER 10001:10001
 EXPOSE 15006 15001 8443 9901
 ENTRYPOINT ["enforcer"]
 CMD ["run", "-c", "/etc/enforcer/config/config.yaml", "--log-json"]
+# last: a new revision changes no layer above (they stay cached)
+ARG BASE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="enforcer" \
+      org.opencontainers.image.description="mTLS-terminating TCP/TLS proxy: sidecar and gateway" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE}"
