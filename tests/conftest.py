@@ -37,8 +37,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
+TOOL_VENVS = Path(__file__).resolve().parent.parent / ".tools"
+
+
 def require_tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    """An external program's path: from the tool virtualenv that `make
+    .tools/NAME/.installed` builds from requirements/tools/NAME.lock, else on PATH or in
+    /usr/sbin; the test is skipped when there is none."""
+    path = (shutil.which(name, path=str(TOOL_VENVS / name / "bin")) or shutil.which(name)
+            or shutil.which(name, path="/usr/sbin:/sbin"))
     if path is None:
         pytest.skip(f"{name} is not installed (.ci/run installs it)")
     return path

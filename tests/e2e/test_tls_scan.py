@@ -1,8 +1,9 @@
 """A real TLS scanner and openssl probes against listeners: only TLS 1.2/1.3, only
 forward-secret AEAD suites, no compression, no insecure renegotiation, tickets work.
 
-sslyze (PyPI) pins ``cryptography<47``, so it lives in its own virtualenv and is found on
-PATH as ``sslyze`` (see .ci/run); the openssl probes run wherever openssl is installed.
+sslyze (PyPI) pins ``cryptography<47``, so it lives in its own virtualenv, built from
+requirements/tools/sslyze.lock into .tools/sslyze (see .ci/run); the openssl probes run
+wherever openssl is installed.
 """
 
 from __future__ import annotations

@@ -454,6 +454,19 @@ def test_describe_without_sans_and_of_ca(tmp_path: Path) -> None:
     assert facts["spki_sha256"] == independent_spki_pin(key)
 
 
+def test_no_names_means_no_san_extension(tmp_path: Path) -> None:
+    """A leaf issued with no SPIFFE ID, DNS name or IP carries no SubjectAlternativeName at
+    all (cryptography >= 51 refuses an empty one, and real issuers never write one), and
+    neither does the start-up check's throwaway self-signed certificate."""
+    certs.init_ca(tmp_path)
+    leaf = load_cert(certs.issue(tmp_path, name="plain").cert)
+    cert_pem, _ = certs.self_signed_pem("throwaway")
+    for cert in (leaf, x509.load_pem_x509_certificate(cert_pem)):
+        with pytest.raises(x509.ExtensionNotFound):
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "plain"
+
+
 def test_describe_reads_first_certificate_of_a_chain(tmp_path: Path, demo: DemoPki) -> None:
     chain = tmp_path / "chain.pem"
     chain.write_bytes(demo.server.cert.read_bytes() + demo.ca.read_bytes())
