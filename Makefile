@@ -86,7 +86,8 @@ lock: $(VENV)/.locked
 
 # The container image, built with podman from a locally made Debian base (.ci/image; no
 # Docker daemon or registry needed), and its smoke test (tests/image).
-IMAGE ?= localhost/enforcer:dev
+# One tag per checkout: checkouts on one machine share podman's storage (and its cache).
+IMAGE ?= localhost/enforcer:dev-$(shell pwd | cksum | cut -d' ' -f1)
 
 image:
 	IMAGE=$(IMAGE) .ci/image build
