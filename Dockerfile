@@ -19,36 +19,30 @@ FROM ${BASE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-       python3 python3-venv python3-dev gcc libc6-dev libssl-dev ca-certificates \
+       python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY . .
-# Every package, the build backend included, from the hash-checked locks (requirements/).
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# Every package, the build backend included, from the hash-checked locks (requirements/),
+# in a layer of its own: a change to enforcer's code does not download them again.
 # pip_ca (optional build secret): a CA bundle for pip when the build's way out goes through
 # a TLS-inspecting proxy (CI passes its machine's bundle); nothing of it stays in the image.
+COPY requirements/build.lock requirements/runtime.lock requirements/
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && python3 -m venv /opt/enforcer \
-    && PIP="/opt/enforcer/bin/pip install --no-cache-dir --disable-pip-version-check" \
-    && $PIP --require-hashes --only-binary :all: -r requirements/build.lock \
-    && $PIP --require-hashes --only-binary :all: -r requirements/runtime.lock \
-    && $PIP --no-deps --no-build-isolation . \
+    && /opt/enforcer/bin/pip install --require-hashes --only-binary :all: -r requirements/build.lock \
+    && /opt/enforcer/bin/pip install --require-hashes --only-binary :all: -r requirements/runtime.lock
+COPY pyproject.toml setup.py README.md ./
+COPY enforcer ./enforcer
+RUN /opt/enforcer/bin/pip install --no-deps --no-build-isolation . \
     && cd / && /opt/enforcer/bin/python -c "from enforcer.dataplane import native; \
 assert native.available(), native.unavailable_reason()" \
-    && /opt/enforcer/bin/pip uninstall -y --disable-pip-version-check pip setuptools wheel
+    && /opt/enforcer/bin/pip uninstall -y pip setuptools wheel
 
 # --- runtime: Python and the virtualenv, nothing to compile with ------------------------
 FROM ${BASE}
-ARG BASE
 ARG DEBIAN_FRONTEND=noninteractive
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="enforcer" \
-      org.opencontainers.image.description="mTLS-terminating TCP/TLS proxy: sidecar and gateway" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE}"
 # nftables: `enforcer intercept apply` in the pod's init container (root with NET_ADMIN);
 # the sidecar itself runs as uid 10001, the uid the interception rules skip
 RUN apt-get update \
@@ -65,3 +59,13 @@ USER 10001:10001
 EXPOSE 15006 15001 8443 9901
 ENTRYPOINT ["enforcer"]
 CMD ["run", "-c", "/etc/enforcer/config/config.yaml", "--log-json"]
+# last: a new revision changes no layer above (they stay cached)
+ARG BASE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="enforcer" \
+      org.opencontainers.image.description="mTLS-terminating TCP/TLS proxy: sidecar and gateway" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE}"

@@ -122,7 +122,8 @@ lock: $(VENV)/.locked
 
 # The container image, built with podman from a locally made Debian base (.ci/image; no
 # Docker daemon or registry needed), and its smoke test (tests/image).
-IMAGE ?= localhost/enforcer:dev
+# One tag per checkout: checkouts on one machine share podman's storage (and its cache).
+IMAGE ?= localhost/enforcer:dev-$(shell pwd | cksum | cut -d' ' -f1)
 
 image:
 	IMAGE=$(IMAGE) .ci/image build
@@ -130,13 +131,11 @@ image:
 image-test: $(STAMP) image
 	ENFORCER_TEST_IMAGE=$(IMAGE) $(PY) -m pytest -q tests/image
 
-# The manifest checkers live in their own virtualenv (their dependencies would move ours),
-# from requirements/tools/deploy.lock.
-TOOLS := .tools/deploy
-# Every overlay of deploy/ renders, validates (Kubernetes 1.29 .. newest) and passes checkov;
-# every enforcer config in it passes `enforcer check` (tests/e2e/test_deploy.py).
-deploy-check: $(STAMP) $(TOOLS)/.installed
-	$(TOOLS)/bin/python .ci/deploy-check
+# Every overlay of deploy/ renders, validates (Kubernetes 1.29 .. newest) and passes checkov
+# (the checkers from their own lock, in .tools/deploy-check); every enforcer config in it
+# passes `enforcer check` (tests/e2e/test_deploy.py).
+deploy-check: $(STAMP) .tools/deploy-check/.installed
+	.tools/deploy-check/bin/python .ci/deploy-check
 	$(PY) -m pytest -q tests/e2e/test_deploy.py
 
 clean:

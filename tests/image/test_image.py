@@ -234,6 +234,10 @@ def test_the_image_is_labelled_and_runs_as_its_uid() -> None:
     for key in ("title", "version", "revision", "licenses", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.title"] == "enforcer"
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    if head:
+        assert labels["org.opencontainers.image.revision"] == head
 
 
 def test_the_pair_runs_confined(pair: tuple[Sidecar, Sidecar, Echo]) -> None:
