@@ -4,6 +4,7 @@ Builds the same ``FlowFacts`` the data plane builds, asks the compiled ruleset t
 ``explain`` them, and prints the decision, the deciding rule, then one line per other
 rule saying why it did not match (or that it matched but did not decide). Exit 0 for
 allow, 1 for deny, 2 for bad input (config errors, unknown listener, bad address ...).
+``enforcer policy replay`` lives in ``enforcer.cli.replay``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import ipaddress
 from typing import Any
 
-from enforcer.cli import exitcodes
+from enforcer.cli import exitcodes, replay
 from enforcer.cli.errors import fail, load_config_or_report
 from enforcer.config.model import Config, ListenerConfig
 from enforcer.config.rulesets import TLV_KEYS
@@ -61,6 +62,7 @@ def register(subparsers: Any) -> None:
     explain.add_argument("--server-identity", metavar="URI",
                          help="outbound: the upstream's verified SPIFFE ID")
     explain.set_defaults(func=run_explain)
+    replay.register(sub)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
