@@ -9,6 +9,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Collection, Mapping, Sequence
 from types import MappingProxyType
@@ -251,7 +252,7 @@ class _Parser:
 
     def material(self, name: str, m: Node) -> TlsMaterialConfig | None:
         if not m.keys(("cert", "key", "ca", "crl", "dir", "inline", "pkcs12", "password_env",
-                       "min_version", "cipher_suites")):
+                       "min_version", "cipher_suites", "groups")):
             if m.is_null:
                 m.error("expected a mapping with cert/key/ca, dir, inline or pkcs12")
             return None
@@ -283,7 +284,8 @@ class _Parser:
         if kw["pkcs12_password_env"] and not kw["pkcs12"]:
             m["password_env"].error("goes with pkcs12")
         return TlsMaterialConfig(name=name, path=m.path, min_version=cast(Any, min_version),
-                                 cipher_suites=_cipher_suites(m["cipher_suites"]), **kw)
+                                 cipher_suites=_cipher_suites(m["cipher_suites"]),
+                                 groups=_groups(m["groups"]), **kw)
 
     # -- listeners -----------------------------------------------------------------------
     def listeners(self, node: Node) -> list[ListenerConfig]:
@@ -463,6 +465,34 @@ def _cipher_suites(node: Node) -> tuple[str, ...]:
         elif suite in suites[:i]:
             where.error(f"{suite} is listed twice")
     return suites
+
+
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _groups(node: Node) -> tuple[str, ...] | None:
+    """``groups``: TLS key-exchange group names in preference order (None: the default of
+    ``tlsconf.groups``). Only the spelling is checked here; whether the OpenSSL in use
+    offers them is checked when contexts are built (``enforcer check`` does that too)."""
+    if node.is_null:
+        return None
+    groups = node.str_list()
+    if not groups:
+        if node.value == []:
+            node.error("needs at least one group (e.g. X25519, P-256), or leave it out")
+        return None
+    seen: set[str] = set()
+    for i, name in enumerate(groups):
+        where = node[i] if isinstance(node.value, list) else node
+        if ":" in name:
+            where.error(f"{name!r}: write the groups as a YAML list, one name per item")
+        elif not _GROUP_NAME.fullmatch(name):
+            where.error(f"not a group name: {name!r} (letters, digits, - and _; e.g. "
+                        "X25519MLKEM768, X25519, P-256)")
+        elif name.lower() in seen:
+            where.error(f"{name} is listed twice")
+        seen.add(name.lower())
+    return groups
 
 
 def _workers(node: Node) -> int:

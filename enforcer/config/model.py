@@ -72,6 +72,7 @@ class TlsMaterialConfig:
     pkcs12_password_env: str | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
     cipher_suites: tuple[str, ...] = CIPHER_SUITES  # preference order; see CIPHER_SUITES
+    groups: tuple[str, ...] | None = None  # key-exchange groups; None: tlsconf.groups default
 
 
 @dataclass(frozen=True, slots=True)

@@ -421,7 +421,7 @@ class Connection:
 
     def _server_handshake_done(self, tls: TlsEngine) -> None:
         self._cancel_stage_timer()
-        self.listener.observe_handshake("server", time.monotonic() - self.hs_started)
+        self.listener.observe_handshake("server", time.monotonic() - self.hs_started, tls.group())
         self.sni = getattr(tls.obj, "enforcer_sni", None)
         der = tls.peer_cert_der()
         if der is not None:
@@ -431,7 +431,8 @@ class Connection:
                 self._fail("bad_peer_certificate", f"cannot read the client certificate: {exc}")
                 return
         self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni,
-                         "alpn": tls.alpn(), "resumed": tls.session_reused}
+                         "alpn": tls.alpn(), "resumed": tls.session_reused,
+                         "group": tls.group()}
         if tls.session_reused and _expired(self.identity):
             self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
                        "client certificate has expired")
@@ -587,7 +588,8 @@ class Connection:
             return
         # Our last flight (TLS 1.3: the Finished) stays in the BIO until _enter_relay has
         # encrypted the client's first bytes behind it: one segment, one wake-up upstream.
-        self.listener.observe_handshake("client", time.monotonic() - self.hs_started)
+        self.listener.observe_handshake("client", time.monotonic() - self.hs_started,
+                                        up.tls.group())
         problem = self._upstream_identity_problem(up.tls)
         if problem is not None:
             up.flush_tls()

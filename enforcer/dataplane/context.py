@@ -57,6 +57,7 @@ class ListenerRuntime:
     active_gauge: Any = None  # enforcer_connections_active
     duration: Any = None  # enforcer_connection_duration_seconds
     handshakes: dict[str, Any] = field(default_factory=dict)  # tls_handshake_seconds by side
+    groups: dict[tuple[str, str], Any] = field(default_factory=dict)  # tls_groups_total
     totals: dict[str, Any] = field(default_factory=dict)  # connections_total by action
     decisions: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # by (ruleset,
     # rule, action): enforcer_policy_decisions_total
@@ -65,13 +66,20 @@ class ListenerRuntime:
     def name(self) -> str:
         return self.cfg.name
 
-    def observe_handshake(self, side: str, seconds: float) -> None:
-        """enforcer_tls_handshake_seconds; the series appears with the first handshake."""
+    def observe_handshake(self, side: str, seconds: float, group: str | None = None) -> None:
+        """enforcer_tls_handshake_seconds; the series appears with the first handshake.
+        With the negotiated key-exchange group, enforcer_tls_groups_total too."""
         child = self.handshakes.get(side)
         if child is None:
             child = self.handshakes[side] = self.plane.metrics.tls_handshake_seconds.labels(
                 listener=self.name, side=side)
         child.observe(seconds)
+        if group is not None:
+            counter = self.groups.get((side, group))
+            if counter is None:
+                counter = self.groups[(side, group)] = self.plane.metrics.tls_groups_total.labels(
+                    listener=self.name, side=side, group=group)
+            counter.inc()
 
     def count_decision(self, ruleset: str, rule: str, action: str) -> None:
         """enforcer_policy_decisions_total; one child per rule that decided, made once."""

@@ -70,7 +70,8 @@ def _tls(conn: Connection) -> dict[str, Any] | None:
     # from the ClientHello; version and cipher are null unless the failure came late
     # (OpenSSL reports them only for a finished handshake).
     return {"version": engine.version(), "cipher": engine.cipher(),
-            "sni": getattr(engine.obj, "enforcer_sni", None), "resumed": None, "peer": None}
+            "sni": getattr(engine.obj, "enforcer_sni", None), "resumed": None, "peer": None,
+            "group": engine.group()}
 
 
 def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
@@ -86,6 +87,8 @@ def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
     up_side = conn.upstream
     if up_side is not None and up_side.tls is not None and conn.upstream_identity is not None:
         out["resumed"] = up_side.tls.session_reused
+    if up_side is not None and up_side.tls is not None:
+        out["group"] = up_side.tls.group()  # the upstream handshake's key exchange
     return out
 
 

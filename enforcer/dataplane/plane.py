@@ -45,6 +45,7 @@ from enforcer.proxyproto import (
     unique_id_tlv,
 )
 from enforcer.tlsconf.context import build_client_context, build_listener_context, tls13_suites
+from enforcer.tlsconf.groups import GroupsError, apply_groups
 from enforcer.tlsconf.identity import PeerIdentity
 from enforcer.tlsconf.material import LoadedMaterial, MaterialError, load_material
 from enforcer.tlsconf.sni import name_matches
@@ -165,6 +166,7 @@ class DataPlane:
         """A listener's server context: at startup, and on every reload and key rotation."""
         ctx = build_listener_context(material, tls, name)
         self._set_tls13_suites(ctx, material)
+        self._set_groups(ctx, material)
         if self.native_relay:
             native.use_session_cache(ctx, stateful=not self.shares_tickets)
         if self.shares_tickets:
@@ -201,6 +203,7 @@ class DataPlane:
         """An upstream's client context: at startup and on every reload and key rotation."""
         ctx = build_client_context(material, mutual=mutual, check_hostname=check_hostname)
         self._set_tls13_suites(ctx, material)
+        self._set_groups(ctx, material)
         if self.native_relay:
             native.track_sessions(ctx)
         elif SESSION_GETTER_LEAKS and not self.warned_no_resumption:
@@ -225,6 +228,16 @@ class DataPlane:
                    else native.unavailable_reason())
             raise MaterialError(f"{where}: leaving out TLS 1.3 suites needs the native "
                                 f"extension ({why})")
+
+    def _set_groups(self, ctx: ssl.SSLContext, material: LoadedMaterial | None) -> None:
+        """Key-exchange groups: the material's ``groups``, or the default (see
+        ``tlsconf.groups``); raises MaterialError naming the key when they cannot be set."""
+        cfg = self.cfg.tls.get(material.name) if material is not None else None
+        key = f"tls.{material.name}.groups" if material is not None else "groups"
+        try:
+            apply_groups(ctx, cfg.groups if cfg is not None else None, key)
+        except GroupsError as exc:
+            raise MaterialError(str(exc)) from None
 
     async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Listen on every listener; ``sockets`` are ready-made ones (worker processes)."""

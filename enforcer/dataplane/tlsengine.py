@@ -34,6 +34,7 @@ from collections import deque
 from typing import Any, Final
 
 from enforcer.dataplane import native
+from enforcer.tlsconf import groups
 
 READ_CHUNK: Final = 256 * 1024
 BIO_SLICE: Final = 17 * 1024  # > the largest TLS record (16 KiB + 256 + 5 header)
@@ -66,8 +67,8 @@ SESSION_GETTER_LEAKS: Final = ((3, 10) <= sys.version_info < (3, 12, 8)
 
 
 class TlsEngine:
-    __slots__ = ("_backlog", "_context", "_eof_queued", "_in", "_out", "_reused", "obj",
-                 "peer_closed", "we_closed")
+    __slots__ = ("_backlog", "_context", "_eof_queued", "_group", "_in", "_out", "_reused",
+                 "obj", "peer_closed", "we_closed")
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class TlsEngine:
             self._in, self._out, server_side=server_side, server_hostname=server_hostname)
         self._context = context
         self._reused: bool | None = None  # set once detached (see detach)
+        self._group: str | None = ""  # the negotiated group once read ("": not yet)
         if track_records:
             native.track_records(self.state)  # a pump may take the records over later
         if native_session and native.resume_latest(self.state):
@@ -229,6 +231,7 @@ class TlsEngine:
         and its BIOs, so that the SSL object is freed as soon as the pump lets go of it too
         (it does once it protects the records itself). What is asked of the engine
         afterwards (``session_reused``, ``context``) was kept; anything else is an error."""
+        self.group()  # kept for the flow record: the SSL may be gone by then
         self._reused = self.obj.session_reused
         del self.obj, self._in, self._out
 
@@ -253,6 +256,17 @@ class TlsEngine:
 
     def alpn(self) -> str | None:
         return self.obj.selected_alpn_protocol()
+
+    def group(self) -> str | None:
+        """The key-exchange group the handshake negotiated (``x25519``, ``secp256r1``,
+        ``X25519MLKEM768`` ...), read once the handshake is done and then kept; None before
+        that, or when it cannot be read (see ``tlsconf.groups``)."""
+        found = self._group
+        if found == "":  # not read yet
+            if self.detached or self.obj.version() is None:  # no finished handshake
+                return None
+            found = self._group = groups.negotiated(self.state)
+        return found
 
     @property
     def session(self) -> ssl.SSLSession | None:

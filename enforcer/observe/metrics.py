@@ -52,6 +52,10 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
     "tls_handshake_seconds": (
         "histogram", "TLS handshake duration; side=server for accepted connections, "
         "client for upstream ones.", ("listener", "side"), HANDSHAKE_BUCKETS),
+    "tls_groups_total": (
+        "counter", "Completed TLS handshakes by negotiated key-exchange group (x25519, "
+        "secp256r1, X25519MLKEM768 ...); side as for tls_handshake_seconds.",
+        ("listener", "side", "group"), ()),
     "tls_handshake_errors_total": (
         "counter", "Failed TLS handshakes, by reason.", ("listener", "reason"), ()),
     "policy_decisions_total": (
@@ -99,6 +103,7 @@ class Metrics:
     connections_active: Gauge
     bytes_total: Counter
     tls_handshake_seconds: Histogram
+    tls_groups_total: Counter
     tls_handshake_errors_total: Counter
     policy_decisions_total: Counter
     proxy_protocol_errors_total: Counter
@@ -234,6 +239,7 @@ class NullMetrics:
     connections_active: NullMetric
     bytes_total: NullMetric
     tls_handshake_seconds: NullMetric
+    tls_groups_total: NullMetric
     tls_handshake_errors_total: NullMetric
     policy_decisions_total: NullMetric
     proxy_protocol_errors_total: NullMetric

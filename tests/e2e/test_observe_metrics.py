@@ -48,7 +48,8 @@ DESIGN_METRICS = {
     "enforcer_policy_decisions", "enforcer_proxy_protocol_errors",
     "enforcer_upstream_connect_seconds", "enforcer_upstream_errors",
     "enforcer_connection_duration_seconds", "enforcer_certificate_expiry_timestamp_seconds",
-    "enforcer_reloads", "enforcer_flowlog_dropped"}
+    "enforcer_reloads", "enforcer_flowlog_dropped",
+    "enforcer_tls_groups"}  # added after DESIGN.md (issue 26)
 
 
 def closed_port() -> int:
@@ -241,7 +242,8 @@ def check_records(records: list[dict[str, Any]], pki: Pki, ports: dict[str, int]
         "upstream": None, "bytes": {"from_client": 0, "to_client": 0},
         "close": "handshake_failed"})
     assert no_cert["tls"] == {"version": None, "cipher": no_cert["tls"]["cipher"],
-                              "sni": "localhost", "resumed": None, "peer": None}
+                              "sni": "localhost", "resumed": None, "peer": None,
+                              "group": None}
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in no_cert["detail"]
 
     assert subset(proxied, {

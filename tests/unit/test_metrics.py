@@ -26,6 +26,8 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_certificate_expiry_timestamp_seconds": ("gauge", frozenset({"material"})),
     "enforcer_reloads_total": ("counter", frozenset({"kind", "result"})),
     "enforcer_flowlog_dropped_total": ("counter", frozenset()),
+    # added after DESIGN.md (issue 26): handshakes by negotiated key-exchange group
+    "enforcer_tls_groups_total": ("counter", frozenset({"listener", "side", "group"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -46,6 +48,7 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.certificate_expiry_timestamp_seconds.labels(material="mesh").set(1.8e9)
     m.reloads_total.labels(kind="tls", result="ok").inc()
     m.flowlog_dropped_total.inc()
+    m.tls_groups_total.labels(listener="in", side="server", group="x25519").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:
