@@ -63,6 +63,8 @@ class Pki:
             .not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(_usage(ca=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
+                           critical=False)
             .sign(self.key, hashes.SHA256()))
 
     def svid(self, spiffe_id: str, *, hours: float = 1,
@@ -83,6 +85,10 @@ class Pki:
             .add_extension(x509.SubjectAlternativeName([
                 x509.UniformResourceIdentifier(spiffe_id), x509.DNSName("localhost")]),
                 critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256()))
         return cert, key
 
