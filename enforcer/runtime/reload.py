@@ -2,12 +2,12 @@
 
 What is watched. Each kind of state has its own files: rulesets come from the config file
 (``cfg.source``, for inline ``rulesets:``) and the ``rulesets_file``; TLS material from
-the files each material was read from, and the SPIFFE Workload API's updates
-(``tlsconf.spiffe``: a counter polled like a file signature). Watching is a cheap poll (once a second) of
-``stat()`` signatures (mtime, ctime, size, inode, device). ``stat`` follows symlinks, so
-the Kubernetes ConfigMap/Secret update (files written to a new ``..2026_11_23_...``
-directory, then the ``..data`` symlink renamed over atomically, with ``rules.yaml ->
-..data/rules.yaml`` unchanged) shows up as a new inode of the watched path.
+the files each material was read from, and from the SPIFFE Workload API's updates
+(``tlsconf.spiffe``: a counter polled like a file signature). Watching is a cheap poll
+(once a second) of ``stat()`` signatures (mtime, ctime, size, inode, device). ``stat``
+follows symlinks, so the Kubernetes ConfigMap/Secret update (files written to a new
+``..2026_11_23_...`` directory, then the ``..data`` symlink renamed over atomically, with
+``rules.yaml -> ..data/rules.yaml`` unchanged) shows up as a new inode of the watched path.
 
 When. A poll reloads only the kinds whose files changed; SIGHUP reloads both. The
 signatures are taken *before* the files are read, so a file that changes again while (or
