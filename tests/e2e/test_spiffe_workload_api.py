@@ -351,3 +351,19 @@ async def test_agent_restart_keeps_the_svid_then_takes_the_new_one(
             restarted.cond.notify_all()
         spiffe.close_all()
         again.stop(0).wait(5)
+
+
+def test_check_with_the_agent_passes(agent: tuple[WorkloadApi, Path], tmp_path: Path,
+                                     pki: Any) -> None:
+    api, sock = agent
+    td = Pki("enforcer.demo CA")
+    cert, key = td.svid(SERVER_ID)
+    api.publish(cert, key, [td.cert])
+    cfg = inbound_cfg(pki, 9)
+    cfg["tls"]["mesh"] = {"spiffe": {"socket": f"unix://{sock}"}}  # the URI form works too
+    path = tmp_path / "enforcer.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run(enforcer_cmd("check", "-c", str(path)), capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "ok (1 listener(s)" in res.stdout
