@@ -15,8 +15,11 @@ import asyncio
 import datetime as dt
 import functools
 import os
+import socket
+import ssl
 import subprocess
 import threading
+import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
@@ -38,7 +41,7 @@ from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
 from enforcer.tlsconf import spiffe
 from tests.e2e.harness import Backend, inbound_cfg, wait_until
-from tests.e2e.proc import enforcer_cmd, write_config
+from tests.e2e.proc import EchoServer, EnforcerProcess, enforcer_cmd, write_config
 from tests.e2e.tls_util import echo_once, mtls_client, sha
 
 with warnings.catch_warnings():  # the package imports cryptography's deprecated DSA
@@ -367,3 +370,55 @@ def test_check_with_the_agent_passes(agent: tuple[WorkloadApi, Path], tmp_path: 
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "ok (1 listener(s)" in res.stdout
+
+
+def _echo_serial(port: int, ctx: ssl.SSLContext, payload: bytes) -> tuple[bytes, int]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        serial = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+        tls.sendall(payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            data = tls.recv(65536)
+            if not data:
+                break
+            got += data
+        return bytes(got), serial
+
+
+def test_workers_each_follow_the_agent(agent: tuple[WorkloadApi, Path], tmp_path: Path,
+                                       pki: Any) -> None:
+    """``enforcer run`` with two workers (real processes): each takes the SVID from the
+    agent, and each swaps in the next one."""
+    api, sock = agent
+    td = Pki("enforcer.demo CA")
+    first, first_key = td.svid(SERVER_ID)
+    api.publish(first, first_key, [td.cert])
+    crt, key, ca = client_files(tmp_path, td, [td])
+    ctx = mtls_client(ca, crt, key)
+    echo = EchoServer()
+    cfg = inbound_cfg(pki, echo.port, rules=[
+        {"name": "outbound", "action": "allow", "from": {"identities": [CLIENT_ID]}}])
+    cfg["tls"]["mesh"] = {"spiffe": {"socket": f"unix:{sock}"}}
+    cfg["workers"] = 2
+    proc = EnforcerProcess(write_config(tmp_path / "w.yaml", cfg))
+    try:
+        port = proc.wait_bound()["inbound"]
+        for _ in range(6):
+            payload = os.urandom(64_000)
+            got, serial = _echo_serial(port, ctx, payload)
+            assert sha(got) == sha(payload) and serial == first.serial_number
+        second, second_key = td.svid(SERVER_ID, hours=2)
+        api.publish(second, second_key, [td.cert])
+        deadline = time.monotonic() + 20
+        streak = 0
+        while streak < 10:  # ten in a row: both workers have the new SVID
+            assert time.monotonic() < deadline, "\n".join(proc.stderr_lines)
+            payload = os.urandom(16_000)
+            got, serial = _echo_serial(port, ctx, payload)
+            assert sha(got) == sha(payload)
+            streak = streak + 1 if serial == second.serial_number else 0
+            time.sleep(0.05)
+    finally:
+        proc.stop()
+        echo.close()
