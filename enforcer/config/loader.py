@@ -269,7 +269,7 @@ class _Parser:
 
     def material(self, name: str, m: Node) -> TlsMaterialConfig | None:
         if not m.keys(("cert", "key", "ca", "crl", "dir", "inline", "pkcs12", "password_env",
-                       "min_version", "cipher_suites", "groups")):
+                       "min_version", "cipher_suites", "groups", "spiffe")):
             if m.is_null:
                 m.error("expected a mapping with cert/key/ca, dir, inline or pkcs12")
             return None
@@ -286,8 +286,9 @@ class _Parser:
         if not inline.is_null and inline.keys(("cert", "key", "ca")):
             for part in ("cert", "key", "ca"):
                 kw[f"inline_{part}"] = _decode_inline(inline[part])
-        sources = [s for s in ("cert", "dir", "inline", "pkcs12")
-                   if (kw.get(s) if s != "inline" else not inline.is_null)]
+        kw.update(self.spiffe(m["spiffe"]))
+        sources = [s for s in ("cert", "dir", "inline", "pkcs12", "spiffe")
+                   if (kw.get(s) if s not in ("inline", "spiffe") else not m[s].is_null)]
         if len(sources) > 1:
             m.error(f"give one source of certificate and key, not {' and '.join(sources)}")
         if kw["cert"] and not kw["key"]:
@@ -295,7 +296,13 @@ class _Parser:
         if kw["key"] and not kw["cert"]:
             m["cert"].error("is required with key")
         if not sources and not kw["ca"]:
-            m.error("needs cert and key, dir, inline or pkcs12 (or at least ca, for trust only)")
+            m.error("needs cert and key, dir, inline, pkcs12 or spiffe (or at least ca, for "
+                    "trust only)")
+        if not m["spiffe"].is_null:
+            for part in ("ca", "crl"):
+                if kw[part]:
+                    m[part].error("goes with files: with spiffe the trust bundles come from "
+                                  "the Workload API")
         if kw["pkcs12"] and not kw["pkcs12_password_env"]:
             pass  # an unencrypted PKCS#12 bundle is allowed
         if kw["pkcs12_password_env"] and not kw["pkcs12"]:
@@ -303,6 +310,32 @@ class _Parser:
         return TlsMaterialConfig(name=name, path=m.path, min_version=cast(Any, min_version),
                                  cipher_suites=_cipher_suites(m["cipher_suites"]),
                                  groups=_groups(m["groups"]), **kw)
+
+    def spiffe(self, node: Node) -> dict[str, Any]:
+        """``spiffe: {socket: unix:/path, timeout: seconds}``: the SPIFFE Workload API."""
+        if node.is_null or not node.keys(("socket", "timeout")):
+            if not node.is_null and not isinstance(node.value, dict):
+                node.error("expected a mapping: {socket: unix:/run/spire/agent.sock}")
+            return {}
+        sock = node["socket"]
+        text = sock.str(None, required=True)
+        timeout = node["timeout"].duration(10.0)
+        if not 0 < timeout <= 600:
+            node["timeout"].error("must be more than 0s and at most 600s")
+        out: dict[str, Any] = {"spiffe_timeout": timeout}
+        if text is None:
+            return out
+        if not text.startswith("unix:") or len(text) <= len("unix:"):
+            sock.error(f"the Workload API socket is unix:/path (got {text!r})")
+            return out
+        path = self._resolve("/" + text[len("unix:"):].lstrip("/")
+                             if text.startswith("unix:/") else text[len("unix:"):])
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            sock.error(f"unix socket path {path} is {len(os.fsencode(path))} bytes; at most "
+                       f"{UNIX_PATH_MAX} fit in a socket address")
+            return out
+        out["spiffe_socket"] = path
+        return out
 
     # -- listeners -----------------------------------------------------------------------
     def listeners(self, node: Node) -> list[ListenerConfig]:

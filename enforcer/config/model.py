@@ -85,6 +85,8 @@ class TlsMaterialConfig:
     min_version: Literal["1.2", "1.3"] = "1.2"
     cipher_suites: tuple[str, ...] = CIPHER_SUITES  # preference order; see CIPHER_SUITES
     groups: tuple[str, ...] | None = None  # key-exchange groups; None: tlsconf.groups default
+    spiffe_socket: str | None = None  # SPIFFE Workload API unix socket path (tlsconf.spiffe)
+    spiffe_timeout: float = 10.0  # seconds to wait for the first SVID at startup
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,12 @@
 
 What is watched. Each kind of state has its own files: rulesets come from the config file
 (``cfg.source``, for inline ``rulesets:``) and the ``rulesets_file``; TLS material from
-the files each material was read from. Watching is a cheap poll (once a second) of
-``stat()`` signatures (mtime, ctime, size, inode, device). ``stat`` follows symlinks, so
-the Kubernetes ConfigMap/Secret update (files written to a new ``..2026_11_23_...``
-directory, then the ``..data`` symlink renamed over atomically, with ``rules.yaml ->
-..data/rules.yaml`` unchanged) shows up as a new inode of the watched path.
+the files each material was read from, and from the SPIFFE Workload API's updates
+(``tlsconf.spiffe``: a counter polled like a file signature). Watching is a cheap poll
+(once a second) of ``stat()`` signatures (mtime, ctime, size, inode, device). ``stat``
+follows symlinks, so the Kubernetes ConfigMap/Secret update (files written to a new
+``..2026_11_23_...`` directory, then the ``..data`` symlink renamed over atomically, with
+``rules.yaml -> ..data/rules.yaml`` unchanged) shows up as a new inode of the watched path.
 
 When. A poll reloads only the kinds whose files changed; SIGHUP reloads both. The
 signatures are taken *before* the files are read, so a file that changes again while (or
@@ -40,6 +41,7 @@ from enforcer.config.rulesets import RulesetConfig
 from enforcer.dataplane.tasks import spawn
 from enforcer.policy import compile_rulesets
 from enforcer.runtime.tlsreload import reload_tls_material, rotate_ticket_keys
+from enforcer.tlsconf import spiffe
 from enforcer.tlsconf.material import MaterialError
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class Reloader:
         self._inline = self._inline_rulesets(server.cfg)
         self._task: asyncio.Task[None] | None = None
         self._sigs: dict[str, Signature] = {}
+        self._spiffe_seen = spiffe.generation()  # SVID updates count as changed TLS files
 
     # ------------------------------------------------------------------ watching
     def start(self) -> None:
@@ -107,6 +110,10 @@ class Reloader:
             if changed:
                 log.info("%s files changed: %s", kind, ", ".join(changed))
                 kinds.append(kind)
+        seen, self._spiffe_seen = self._spiffe_seen, spiffe.generation()
+        if seen != self._spiffe_seen and "tls" not in kinds:
+            log.info("tls: a new X.509 SVID or trust bundle from the SPIFFE Workload API")
+            kinds.append("tls")
         self._reload(kinds)
         return kinds
 

@@ -102,6 +102,9 @@ def _validate(cfg: Config) -> None:
     from enforcer.observe.metrics import NullMetrics
 
     DataPlane(cfg, metrics=NullMetrics(), flowlog=None).build()
+    from enforcer.tlsconf import spiffe
+
+    spiffe.close_all()  # the workers keep their own Workload API streams; not this process
 
 
 def _bound(addr: Any, sock: socket.socket) -> str:

@@ -159,7 +159,8 @@ def load_material(cfg: TlsMaterialConfig, *, now: dt.datetime | None = None) -> 
         sources=tuple(sources),
         fingerprint=digest.hexdigest(),
         cert_file=(raw.cert.file or "inline") if raw.cert else "none")
-    warning = expiry_warning(material, now)
+    # an SVID lives about an hour and the agent renews it: no warning for its short life
+    warning = None if cfg.spiffe_socket else expiry_warning(material, now)
     if warning:
         log.warning("%s", warning)
     return material
@@ -233,6 +234,8 @@ def _read_parts(cfg: TlsMaterialConfig) -> _Raw:
         raw.key = Blob(f"{cfg.path}.inline.key", None, cfg.inline_key)
     elif cfg.pkcs12:
         raw.cert, raw.key, raw.ca = _read_pkcs12(cfg, cfg.pkcs12)
+    elif cfg.spiffe_socket:
+        raw.cert, raw.key, raw.ca = _read_spiffe(cfg, cfg.spiffe_socket)
     if cfg.ca:
         raw.ca = _read(f"{cfg.path}.ca", cfg.ca)
     elif cfg.inline_ca:
@@ -240,6 +243,20 @@ def _read_parts(cfg: TlsMaterialConfig) -> _Raw:
     if cfg.crl:
         raw.crl = _read(f"{cfg.path}.crl", cfg.crl)
     return raw
+
+
+def _read_spiffe(cfg: TlsMaterialConfig, socket_path: str) -> tuple[Blob, Blob, Blob]:
+    """The latest X.509 SVID and bundles from the Workload API (``tlsconf.spiffe``)."""
+    from enforcer.tlsconf import spiffe
+
+    where = f"{cfg.path}.spiffe"
+    try:
+        snap = spiffe.watch(socket_path).snapshot(cfg.spiffe_timeout)
+    except spiffe.SpiffeError as exc:
+        raise MaterialError(f"{where}: {exc}") from None
+    source = f"spiffe:unix:{socket_path} (SVID {snap.spiffe_id})"
+    return (Blob(where, source, snap.cert_pem), Blob(where, source, snap.key_pem),
+            Blob(f"{where} (trust bundles)", source, snap.bundle_pem))
 
 
 def _read_secret_dir(where: str, directory: str) -> tuple[Blob, Blob, Blob | None]:

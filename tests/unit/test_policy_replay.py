@@ -372,3 +372,23 @@ def test_split_lines_bounds_long_lines(parts: list[bytes], limit: int) -> None:
     got = list(split_lines(io.BytesIO(data), limit))
     assert [line for _, line in got] == expected
     assert [n for n, _ in got] == list(range(1, len(got) + 1))
+
+
+def test_rulesets_file_cannot_guess_a_destination(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A rulesets-only candidate with to.destinations rules: a flow that reached the upstream
+    carries its address and is re-decided; a denied one does not, and is reported."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rulesets:\n  inbound:\n    default: deny\n    rules:\n"
+                     "      - name: to-app\n        action: allow\n"
+                     "        to: {destinations: ['127.0.0.1:8080']}\n")
+    reached = record(upstream={"name": "app", "address": "127.0.0.1:8080", "tls": "off"})
+    log = tmp_path / "f.jsonl"
+    log.write_bytes(lines(reached, record("deny", None, flow_id="X")))
+    code, out, _ = run(capsys, "-c", str(rules), "--flows", str(log), "--format", "json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["unchanged"] == 1 and doc["changed"] == 0
+    (group,) = doc["undecidable"]
+    assert group["why"].startswith("a rule looks at to.destinations") and group["count"] == 1
+    assert group["examples"][0]["flow_id"] == "X"
