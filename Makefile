@@ -16,7 +16,7 @@ UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
 NATIVE_SOURCES := setup.py $(wildcard enforcer/dataplane/*.c enforcer/dataplane/*.h \
                   enforcer/dataplane/pump/*.c enforcer/dataplane/pump/*.h)
 
-.PHONY: demo test test-fast lint bench clean lock lock-check check-installed
+.PHONY: demo test test-fast lint bench clean lock lock-check check-installed test-debian13
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
 # if a clean of the tree (git clean -x) removed it while .venv stayed, install again.
@@ -48,6 +48,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check enforcer tests benchmarks tools
 	$(VENV)/bin/mypy
+
+# The suite on Debian 13 (Python 3.13, OpenSSL 3.5) in a cached debootstrap chroot.
+test-debian13:
+	bash .ci/debian13
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
