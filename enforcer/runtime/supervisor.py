@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
@@ -53,10 +53,13 @@ from enforcer.dataplane.plane import StartupError
 from enforcer.dataplane.sockets import reserve, worker_socket_for
 from enforcer.observe.flowlog import utc_timestamp
 from enforcer.observe.heartbeat import read_stamp, verdict
+from enforcer.observe.metrics import PREFIX
 from enforcer.runtime import early_signals, workerstatus
 from enforcer.tlsconf.tickets import SECRET_BYTES, new_secret
 
 log = logging.getLogger("enforcer.supervisor")
+# the supervisor's own metrics, beside the workers' summed ones (observe/metrics.py SPEC)
+SUPERVISOR_METRICS: Final = {"worker_restarts_total": "counter"}
 
 RESTART_BACKOFF = 1.0  # seconds before restarting a worker that died young
 YOUNG = 5.0  # a worker that dies within this many seconds of starting is "young"
@@ -346,7 +349,7 @@ class _RestartCollector:
         self._supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily("enforcer_worker_restarts_total",
+        family = CounterMetricFamily(PREFIX + "worker_restarts_total",
                                      "Worker processes started again after they died.",
                                      labels=["worker"])
         for index, count in sorted(self._supervisor.restarts.items()):

@@ -14,17 +14,6 @@ import pytest
 
 from tests.docs.mdblocks import DOCS, ROOT
 
-# Pages written in other branches, linked from here before they are merged. Once they
-# are all merged this list must be emptied (and the lead removes it): a link to a page
-# that does not exist is then a broken link again.
-ARRIVING_FROM_OTHER_BRANCHES = {
-    "docs/kubernetes.md",      # issue 21
-    "docs/gateway-nlb.md",     # issue 21
-    "docs/interception.md",    # issue 22
-    "docs/faults.md",          # issue 23
-    "docs/tls-data-plane.md",  # issue 28
-}
-
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.M)
 EXPLICIT_ID = re.compile(r"<a\s+id=\"([^\"]+)\"")
@@ -68,8 +57,6 @@ def test_links_resolve(page: Path) -> None:
         file_part, _, fragment = target.partition("#")
         dest = (page.parent / file_part).resolve() if file_part else page
         rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
-        if rel in ARRIVING_FROM_OTHER_BRANCHES and not dest.exists():
-            continue
         assert dest.exists(), f"{page.relative_to(ROOT)}: broken link {target}"
         if fragment and dest.suffix == ".md":
             assert fragment in anchors(dest), f"{page.relative_to(ROOT)}: no #{fragment} in {rel}"
@@ -80,8 +67,6 @@ def test_code_cites_only_files_in_the_repository() -> None:
         if not path.is_file() or "__pycache__" in path.parts:
             continue
         for cited in CITED_MD.findall(path.read_text(errors="replace")):
-            if cited in ARRIVING_FROM_OTHER_BRANCHES:
-                continue
             assert (ROOT / cited).is_file(), f"{path.relative_to(ROOT)} cites {cited}, not in the repository"
 
 
@@ -93,8 +78,3 @@ def test_readme_is_short_and_leads_to_the_guides() -> None:
         assert must in readme
 
 
-def test_arriving_pages_are_not_here_yet() -> None:
-    """A page listed as arriving that is now in the tree must leave the list, so that its
-    links are checked like every other's."""
-    here = sorted(p for p in ARRIVING_FROM_OTHER_BRANCHES if (ROOT / p).exists())
-    assert not here, f"remove {here} from ARRIVING_FROM_OTHER_BRANCHES"

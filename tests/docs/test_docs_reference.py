@@ -7,6 +7,7 @@ import ast
 import re
 
 from enforcer.observe.metrics import PREFIX, SPEC
+from enforcer.runtime.supervisor import SUPERVISOR_METRICS
 from tests.docs.configkeys import literal_key_sets, traced, traced_keys
 from tests.docs.mdblocks import DOCS, ROOT
 
@@ -38,7 +39,9 @@ def test_every_config_key_is_documented_and_every_documented_key_exists() -> Non
 
 
 def code_metrics() -> dict[str, str]:
-    return {PREFIX + name: spec[0] for name, spec in SPEC.items()}
+    """Every process's metrics (SPEC) and the supervisor's own (with ``workers``)."""
+    every = {name: spec[0] for name, spec in SPEC.items()} | SUPERVISOR_METRICS
+    return {PREFIX + name: kind for name, kind in every.items()}
 
 
 def test_metric_table_is_the_code() -> None:

@@ -43,11 +43,15 @@ def _roundtrip(port: int, payload: bytes) -> bytes:
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
+    """(status, body); status 0 when nothing answers yet (the admin endpoint binds after
+    the listeners, so a wait for /readyz may start before it exists)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
+    except (urllib.error.URLError, ConnectionError) as e:
+        return 0, str(e)
 
 
 def _counter(text: str, name: str, labels: dict[str, str]) -> float:
