@@ -162,10 +162,10 @@ def test_stdout_never_read_then_sigterm_flushes_the_queue(tmp_path: Path,
         flow_log = http_get_sync(admin, "/status").json()["flow_log"]
         dropped = scrape_sync(admin)["enforcer_flowlog_dropped_total"][NO_LABELS]
         assert flow_log["dropped"] == dropped
-        assert flow_log["queued"] > 0, "records are waiting for the blocked sink"
         if queue_size == 65536:
+            assert flow_log["queued"] > 0, "records are waiting for the blocked sink"
             assert dropped == 0
-        else:
+        else:  # the writer may hold the whole tiny queue in the batch it is blocked on
             assert flow_log["queued"] <= queue_size and dropped > 0
 
         proc.proc.send_signal(signal.SIGTERM)
