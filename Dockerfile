@@ -19,7 +19,7 @@ FROM ${BASE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-       python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+       python3 python3-venv python3-dev gcc libc6-dev libssl-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
