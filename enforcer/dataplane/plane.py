@@ -172,6 +172,11 @@ class DataPlane:
         assert mesh.material is not None
         ucfg = UpstreamConfig("mesh", Address(original=True),
                               UpstreamTlsConfig("mtls", mesh.material), ProxyProtocolSendConfig())
+        # No host-name check: the destination is a pod address and a mesh peer's certificate
+        # names a SPIFFE ID, not that address. Verification stays fail closed: the chain must
+        # verify against the mesh CA only (CERT_REQUIRED), the verified identity goes into
+        # the flow record, and rules pin it (to.server_identities) before any client byte
+        # is forwarded (docs/interception.md).
         try:
             ctx = self.client_context(self.materials[mesh.material], mutual=True,
                                       check_hostname=False)
