@@ -3,6 +3,7 @@ socket) and hand-built ones, cut into TLS records of any size."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 import struct
@@ -20,10 +21,8 @@ def real_hello(sni: str | None, *, alpn: list[str] | None = None,
         ctx.maximum_version = max_version
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
