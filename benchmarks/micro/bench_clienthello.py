@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from enforcer.config.model import SniRouteConfig
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane.clienthello import HelloParser
-from enforcer.dataplane.passthrough import SniRouter
 
 
 def openssl_hello(sni: str) -> bytes:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     hello = openssl_hello("shop.apps.example.com")
     router = SniRouter((SniRouteConfig(("api.example.com",), "api"),
                         SniRouteConfig(("*.apps.example.com",), "apps")),
-                       {"api": "api", "apps": "apps"}, "fallback")  # type: ignore[dict-item,arg-type]
+                       {"api": "api", "apps": "apps"}, "fallback")
     cases: list[tuple[str, Callable[[], object]]] = [
         (f"parse ClientHello, 1 read ({len(hello)} B)", parse([hello])),
         ("parse ClientHello, 2 reads", parse([hello[:100], hello[100:]])),

@@ -16,17 +16,21 @@
 not fit passthrough (material, client_auth ...), the default-route / ``strict_sni`` pairing
 and ``transparent``; ``route_reference_problems(...)`` the routes' upstreams (known, with
 ``tls.mode: off``: the client's TLS goes to them untouched). Every problem names its key
-path, like the rest of the loader.
+path, like the rest of the loader. ``SniRouter`` is the routing itself (pure), used by the
+data plane and by policy replay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Final, Generic, TypeVar
 
 from enforcer.config.model import ListenerTlsConfig, SniRouteConfig, UpstreamConfig
 from enforcer.config.reader import Node
 from enforcer.config.rulesets import dns_glob_problem, normalize_dns
 
+T = TypeVar("T")
+DEFAULT_ROUTE: Final = "default"  # the route label of the listener's upstream
 ROUTE_KEYS = ("server_names", "upstream")
 # listener tls keys that belong to terminating modes (passthrough never sees inside TLS)
 TERMINATING_KEYS = ("material", "client_auth", "server_names", "alpn",
@@ -130,3 +134,39 @@ def _passthrough_upstream(where: Node, up: UpstreamConfig) -> None:
     if up.address.original:
         where.error(f"upstream {up.name!r} has address original_destination: a "
                     "passthrough listener routes by SNI")
+
+
+class SniRouter(Generic[T]):
+    """Server name -> (route label, upstream). Exact names win over ``*.`` names; ``T`` is
+    what an upstream is to the caller (the data plane's runtime, replay's config)."""
+
+    __slots__ = ("default", "exact", "wildcard")
+
+    def __init__(self, routes: tuple[SniRouteConfig, ...],
+                 upstreams: Mapping[str, T],
+                 default: T | None) -> None:
+        self.exact: dict[str, tuple[str, T]] = {}
+        self.wildcard: dict[str, tuple[str, T]] = {}  # by the part after *.
+        self.default = default
+        for route in routes:
+            up = upstreams[route.upstream]
+            for name in route.server_names:
+                if name.startswith("*."):
+                    self.wildcard[name[2:]] = (name, up)
+                else:
+                    self.exact[name] = (name, up)
+
+    def route(self, sni: str | None) -> tuple[str, T] | None:
+        """``sni`` is lower case without a trailing dot (as ``clienthello`` gives it)."""
+        if sni is not None:
+            hit = self.exact.get(sni)
+            if hit is not None:
+                return hit
+            head, _, rest = sni.partition(".")
+            if head and rest:
+                hit = self.wildcard.get(rest)
+                if hit is not None:
+                    return hit
+        if self.default is None:
+            return None
+        return DEFAULT_ROUTE, self.default

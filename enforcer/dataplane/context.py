@@ -14,7 +14,7 @@ from enforcer.dataplane.tcpopts import SockOpt
 from enforcer.policy.globs import StringSet
 
 if TYPE_CHECKING:
-    from enforcer.dataplane.passthrough import SniRouter
+    from enforcer.config.passthrough import SniRouter
     from enforcer.dataplane.plane import DataPlane
 
 
@@ -70,7 +70,7 @@ class ListenerRuntime:
     totals: dict[str, Any] = field(default_factory=dict)  # connections_total by action
     decisions: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # by (ruleset,
     # rule, action): enforcer_policy_decisions_total
-    sni_router: SniRouter | None = None  # tls.mode passthrough: SNI -> upstream
+    sni_router: SniRouter[UpstreamRuntime] | None = None  # tls.mode passthrough
     routed: dict[str, Any] = field(default_factory=dict)  # enforcer_passthrough_routed_total
 
     @property

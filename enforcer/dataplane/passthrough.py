@@ -6,7 +6,7 @@ with a ``HelloParser`` (``clienthello.py``, pure) as ``conn.peek``; ``feed`` giv
 client's bytes as they come, bounded by ``limits.handshake_timeout`` (the stage timer
 set before) and the parser's size cap. Once the ClientHello is whole:
 
-- ``SniRouter.route`` picks the upstream: an exact name first, then a ``*.`` name one
+- ``SniRouter.route`` (``config/passthrough.py``) picks the upstream: an exact name first, then a ``*.`` name one
   label deep, else the default route (the listener's ``upstream``); with ``strict_sni``
   there is none, and an unknown name or a hello without SNI is refused with a fatal
   ``unrecognized_name`` alert (close ``sni_refused``);
@@ -25,10 +25,9 @@ and the ``sni``, ``up_rt``, ``tls_info`` and ``peek`` attributes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from enforcer.config.model import SniRouteConfig
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane.clienthello import (
     HANDSHAKE_FAILURE,
     UNRECOGNIZED_NAME,
@@ -40,44 +39,8 @@ from enforcer.dataplane.clienthello import (
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
-    from enforcer.dataplane.context import UpstreamRuntime
 
-DEFAULT_ROUTE: Final = "default"
-
-
-class SniRouter:
-    """Server name -> (route label, upstream). Exact names win over ``*.`` names."""
-
-    __slots__ = ("default", "exact", "wildcard")
-
-    def __init__(self, routes: tuple[SniRouteConfig, ...],
-                 upstreams: Mapping[str, UpstreamRuntime],
-                 default: UpstreamRuntime | None) -> None:
-        self.exact: dict[str, tuple[str, UpstreamRuntime]] = {}
-        self.wildcard: dict[str, tuple[str, UpstreamRuntime]] = {}  # by the part after *.
-        self.default = default
-        for route in routes:
-            up = upstreams[route.upstream]
-            for name in route.server_names:
-                if name.startswith("*."):
-                    self.wildcard[name[2:]] = (name, up)
-                else:
-                    self.exact[name] = (name, up)
-
-    def route(self, sni: str | None) -> tuple[str, UpstreamRuntime] | None:
-        """``sni`` is lower case without a trailing dot (as ``clienthello`` gives it)."""
-        if sni is not None:
-            hit = self.exact.get(sni)
-            if hit is not None:
-                return hit
-            head, _, rest = sni.partition(".")
-            if head and rest:
-                hit = self.wildcard.get(rest)
-                if hit is not None:
-                    return hit
-        if self.default is None:
-            return None
-        return DEFAULT_ROUTE, self.default
+__all__ = ["SniRouter", "begin", "denied", "feed"]
 
 
 def begin(conn: Connection, data: bytes) -> None:

@@ -29,11 +29,11 @@ from enforcer.config.model import (
     UpstreamConfig,
     UpstreamTlsConfig,
 )
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
-from enforcer.dataplane.passthrough import SniRouter
 from enforcer.dataplane.sockets import remove_stale_unix_socket
 from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id

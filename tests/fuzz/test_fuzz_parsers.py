@@ -40,8 +40,8 @@ from hypothesis import strategies as st
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import load_config, load_rulesets_file
 from enforcer.config.model import SniRouteConfig
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane.clienthello import HelloError, HelloParser
-from enforcer.dataplane.passthrough import SniRouter
 from enforcer.policy import compile_rulesets
 from enforcer.proxyproto import HeaderParser, ProxyProtocolError
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from enforcer.config.model import SniRouteConfig
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane import clienthello
 from enforcer.dataplane.clienthello import Hello, HelloError, HelloParser, alert, is_grease
-from enforcer.dataplane.passthrough import SniRouter
 from tests.hellos import (
     ext,
     handshake,

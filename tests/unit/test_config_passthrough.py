@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from enforcer.cli.main import main
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import parse_config
 from enforcer.config.model import SniRouteConfig
+from enforcer.policy.replay import Candidate, Skipped, parse_line
 from tests.e2e.proc import write_config
 
 
@@ -138,3 +140,31 @@ def test_check_reports_them_all(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "listeners[0].upstream: is required: the default route" in err
     assert "listeners[0].tls.routes[0].upstream: unknown upstream 'missing'" in err
     assert main(["check", "-c", str(write_config(tmp_path / "ok.yaml", cfg()))]) == 0
+
+
+# ----------------------------------------------------------------------------- policy replay
+def _flow(sni: str | None, action: str = "allow", reason: str = "rule") -> bytes:
+    return json.dumps({
+        "event": "flow", "listener": "edge", "action": action, "ruleset": "edge",
+        "rule": None, "reason": reason, "client": {"ip": "10.1.2.3", "port": 1},
+        "local": {"ip": "127.0.0.1", "port": 8443},
+        "tls": {"mode": "passthrough", "sni": sni, "route": None, "version": None,
+                "peer": None}, "close": "client_fin"}).encode()
+
+
+def test_replay_routes_passthrough_flows_by_their_sni() -> None:
+    raw = cfg(rules=[{"name": "to-apps", "action": "allow",
+                      "to": {"destinations": ["127.0.0.1:9001"]}}])
+    config = parse_config(raw)
+    candidate = Candidate(config.rulesets, {lst.name: lst for lst in config.listeners},
+                          config.upstreams)
+    decide = {sni: candidate.decide(parse_line(_flow(sni)))  # type: ignore[arg-type]
+              for sni in ("x.apps.example.com", "api.example.com", None)}
+    assert decide["x.apps.example.com"].action == "allow"  # type: ignore[union-attr]
+    assert decide["api.example.com"].action == "deny"  # type: ignore[union-attr]
+    assert decide[None].action == "deny"  # type: ignore[union-attr]
+
+
+def test_replay_skips_refusals_the_policy_never_saw() -> None:
+    assert isinstance(parse_line(_flow("a.test", "deny", "sni_refused")), Skipped)
+    assert not isinstance(parse_line(_flow("a.test", "deny", "rule")), Skipped)
