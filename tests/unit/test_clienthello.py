@@ -109,7 +109,7 @@ def test_grease_and_unknown_extensions_are_ignored() -> None:
     (records(handshake(hello_body([b"\x00\x0a\xff\xff"]))), "client_hello_invalid", 50),
     (records(handshake(hello_body([sni_ext(b"a.test")])) + handshake(b"")),
      "client_hello_invalid", 10),
-])
+], ids=lambda v: "hello" if isinstance(v, bytes) else str(v))
 def test_refusals(data: bytes, reason: str, alert_desc: int | None) -> None:
     for step in (None, 1):
         exc = refused(data, step)
