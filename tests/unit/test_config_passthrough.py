@@ -168,3 +168,17 @@ def test_replay_routes_passthrough_flows_by_their_sni() -> None:
 def test_replay_skips_refusals_the_policy_never_saw() -> None:
     assert isinstance(parse_line(_flow("a.test", "deny", "sni_refused")), Skipped)
     assert not isinstance(parse_line(_flow("a.test", "deny", "rule")), Skipped)
+
+
+def test_explain_routes_by_sni(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = cfg(rules=[{"name": "apps-only", "action": "allow",
+                      "to": {"destinations": ["127.0.0.1:9001"]}}])
+    path = str(write_config(tmp_path / "c.yaml", raw))
+    explain = ["policy", "explain", "-c", path, "--listener", "edge"]
+    assert main([*explain, "--sni", "Shop.Apps.example.com"]) == 0
+    out = capsys.readouterr().out
+    assert "tls=yes" in out and "destination=127.0.0.1:9001" in out
+    assert main([*explain, "--sni", "api.example.com"]) == 1
+    assert "destination=127.0.0.1:9000" in capsys.readouterr().out
+    assert main([*explain, "--identity", "spiffe://td/a"]) == 2
+    assert "tls mode passthrough" in capsys.readouterr().err
