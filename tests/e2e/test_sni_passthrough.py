@@ -143,7 +143,7 @@ async def tls_echo(port: int, ctx: ssl.SSLContext, sni: str | None, payload: byt
 
 # ---------------------------------------------------------------------- routing by SNI
 async def test_each_name_reaches_its_backend_with_its_own_certificate(
-        pki: Any, certs: dict[str, Any]) -> None:
+        pki: Any, certs: dict[str, Any], relay_mode: str) -> None:
     async with backends(certs) as bk:
         enf = await Enforcer(pt_cfg(bk)).start()
         async with running(enf):
@@ -163,6 +163,7 @@ async def test_each_name_reaches_its_backend_with_its_own_certificate(
         assert rec["tls"]["mode"] == "passthrough"
         assert rec["tls"]["route"] == "*.apps.example.test"
         assert rec["upstream"]["tls"] == "off"
+        assert all(r["relay"] == relay_mode for r in records), "the native pump relays it too"
         assert rec["bytes"]["from_client"] > 300_000  # the TLS bytes, records and all
         assert by_sni[API]["tls"]["route"] == API
         assert by_sni["fallback.example.test"]["tls"]["route"] == "default"
