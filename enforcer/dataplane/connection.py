@@ -9,7 +9,8 @@ Bytes from the client are interpreted according to ``stage``:
 - DETECT (``tls.mode: auto``): the first bytes decide TLS (a handshake record), a TLS
   client we refuse (an SSLv2-format hello, another record type) or plaintext (detect.py);
   a client silent for ``tls.detect_timeout`` is plaintext (server-first protocols: SMTP,
-  MySQL, SSH wait for the server's banner);
+  MySQL, SSH wait for the server's banner); on ``tls.mode: passthrough`` the ClientHello
+  is read instead, without terminating TLS, and routes the connection (passthrough.py);
 - HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
 - AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
   when it is full); no upstream connection exists before the policy said allow;
