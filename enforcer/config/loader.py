@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import yaml
 
+from enforcer.config import passthrough
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
     CIPHER_SUITES,
@@ -356,8 +357,12 @@ class _Parser:
             ruleset = item["ruleset"].str("", required=True)
             if item["ruleset"].missing:
                 pass  # message already says "is required"
-            upstream = item["upstream"].required_str()
             tls = self.listener_tls(item["tls"])
+            if tls.mode == "passthrough":  # upstream: the default route, if any
+                upstream = item["upstream"].str("") or ""
+                passthrough.listener_problems(item, tls)
+            else:
+                upstream = item["upstream"].required_str()
             pp = self.proxy_accept(item["proxy_protocol"])
             if pp.trusted_identities and (tls.mode == "off" or tls.client_auth == "none"):
                 item["proxy_protocol"]["trusted_identities"].error(
@@ -383,10 +388,8 @@ class _Parser:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
         node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
-                   "allow_eof_without_close_notify", "detect_timeout"))
+                   "allow_eof_without_close_notify", "detect_timeout", "routes"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
-        if mode == "passthrough":
-            node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
         material = node["material"].str(None)
         if mode in ("terminate", "auto") and material is None:
             node["material"].error(f"is required with mode {mode}")
@@ -396,16 +399,18 @@ class _Parser:
         if not node["detect_timeout"].is_null and mode != "auto":
             node["detect_timeout"].error("goes with mode auto (it bounds the wait for the "
                                          "client's first byte)")
+        client_auth = node["client_auth"].choice(("required", "optional", "none"), "required")
         return ListenerTlsConfig(
             mode=cast(Any, mode),
             material=material,
-            client_auth=cast(Any, node["client_auth"].choice(("required", "optional", "none"),
-                                                             "required")),
+            # passthrough sees no client certificate (rules needing one cannot match)
+            client_auth=cast(Any, "none" if mode == "passthrough" else client_auth),
             server_names=node["server_names"].str_list(),
             strict_sni=node["strict_sni"].bool(False),
             alpn=_alpn(node["alpn"]),
             allow_eof_without_close_notify=node["allow_eof_without_close_notify"].bool(False),
             detect_timeout=max(detect, 0.0),
+            routes=passthrough.routes(node["routes"], mode),
         )
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
@@ -716,6 +721,9 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
         if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
+        if lst.tls.mode == "passthrough":
+            passthrough.route_reference_problems(ln, lst.tls, cfg.upstreams, sorted(upstreams))
+            continue
         up_cfg = cfg.upstreams.get(lst.upstream)
         if up_cfg is not None and up_cfg.address.original != lst.transparent:
             ln["upstream"].error(

@@ -102,6 +102,15 @@ class ProxyProtocolAcceptConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SniRouteConfig:
+    """``tls.routes[]`` of a passthrough listener: ClientHellos naming one of
+    ``server_names`` (exact, or ``*.`` one label deep) go to ``upstream``."""
+
+    server_names: tuple[str, ...]
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerTlsConfig:
     mode: ListenerTlsMode = "terminate"
     material: str | None = None
@@ -114,6 +123,8 @@ class ListenerTlsConfig:
     allow_eof_without_close_notify: bool = False
     detect_timeout: float = DETECT_TIMEOUT  # mode auto: a client silent this long is plaintext
     # (server-first protocols); 0 = wait up to handshake_timeout
+    routes: tuple[SniRouteConfig, ...] = ()  # mode passthrough: SNI -> upstream (the
+    # listener's upstream is the default route)
 
 
 @dataclass(frozen=True, slots=True)

@@ -525,6 +525,9 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
                    "(tls mode off or client_auth none)")
     if f.tls == "none" and all(lst.tls.mode == "terminate" for lst in runs_on):
         out.append(f"from.tls: none: listener(s) {names} always terminate TLS")
+    elif f.tls == "none" and all(lst.tls.mode in ("terminate", "passthrough")
+                                 for lst in runs_on):
+        out.append(f"from.tls: none: listener(s) {names} only take TLS")
     if f.tlvs and all(lst.proxy_protocol.accept == "off" for lst in runs_on):
         out.append(f"from.tlvs: listener(s) {names} do not accept PROXY protocol")
     if t.sni and all(lst.tls.mode == "off" for lst in runs_on):

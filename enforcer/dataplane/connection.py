@@ -9,7 +9,8 @@ Bytes from the client are interpreted according to ``stage``:
 - DETECT (``tls.mode: auto``): the first bytes decide TLS (a handshake record), a TLS
   client we refuse (an SSLv2-format hello, another record type) or plaintext (detect.py);
   a client silent for ``tls.detect_timeout`` is plaintext (server-first protocols: SMTP,
-  MySQL, SSH wait for the server's banner);
+  MySQL, SSH wait for the server's banner); on ``tls.mode: passthrough`` the ClientHello
+  is read instead, without terminating TLS, and routes the connection (passthrough.py);
 - HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
 - AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
   when it is full); no upstream connection exists before the policy said allow;
@@ -44,10 +45,12 @@ from enforcer.dataplane import (
     flowrecord,
     native,
     origdst,
+    passthrough,
     pump,
     rawtransport,
     tcpopts,
 )
+from enforcer.dataplane.clienthello import HelloParser
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import (
@@ -100,7 +103,7 @@ class Connection:
                  "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
                  "early_upstream", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
-                 "listener", "local", "loop", "mesh", "original_dst", "peer", "pending", "pending_bytes", "plane",
+                 "listener", "local", "loop", "mesh", "original_dst", "peek", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
                  "started", "started_mono", "tls_info", "up_rt", "upstream", "upstream_eof_pending",
                  "upstream_identity")
@@ -128,6 +131,7 @@ class Connection:
         self.sniff_buf = b""
         self.tls_info: dict[str, Any] | None = None
         self.sni: str | None = None
+        self.peek: HelloParser | None = None  # tls.mode passthrough (passthrough.py)
         self.identity: PeerIdentity | None = None
         self.upstream_identity: PeerIdentity | None = None
         self.decision: Any = None
@@ -322,6 +326,9 @@ class Connection:
             if data:
                 self._detect(data)
             return
+        if mode == "passthrough":
+            passthrough.begin(self, data)
+            return
         self._start_server_tls(data)
 
     # ===================================================================== client bytes
@@ -338,7 +345,10 @@ class Connection:
         elif stage == Stage.PROXY:
             self._proxy_data(data)
         elif stage == Stage.DETECT:
-            self._detect(data)
+            if self.peek is not None:
+                passthrough.feed(self, data)
+            else:
+                self._detect(data)
 
     def _from_client(self, data: bytes | memoryview) -> None:
         self.bytes_from_client += len(data)
@@ -616,6 +626,7 @@ class Connection:
         self.decision = decision
         self.listener.count_decision(decision.ruleset, decision.rule or "", decision.action)
         if decision.action != "allow":
+            passthrough.denied(self)
             self._finish("deny", "denied", detail=flowrecord.deny_detail(decision))
             return False
         return True
@@ -633,7 +644,7 @@ class Connection:
             port=self.original_dst[1] if self.original_dst is not None else port,
             client_ip=ip,
             identity=self.identity,
-            tls=self.client.tls is not None,
+            tls=self.client.tls is not None or self.peek is not None,
             sni=self.sni,
             tlvs=tlvs,
             destination=dest,

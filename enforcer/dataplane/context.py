@@ -14,6 +14,7 @@ from enforcer.dataplane.tcpopts import SockOpt
 from enforcer.policy.globs import StringSet
 
 if TYPE_CHECKING:
+    from enforcer.config.passthrough import SniRouter
     from enforcer.dataplane.plane import DataPlane
 
 
@@ -69,6 +70,8 @@ class ListenerRuntime:
     totals: dict[str, Any] = field(default_factory=dict)  # connections_total by action
     decisions: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # by (ruleset,
     # rule, action): enforcer_policy_decisions_total
+    sni_router: SniRouter[UpstreamRuntime] | None = None  # tls.mode passthrough
+    routed: dict[str, Any] = field(default_factory=dict)  # enforcer_passthrough_routed_total
 
     @property
     def name(self) -> str:
@@ -96,6 +99,14 @@ class ListenerRuntime:
         if child is None:
             child = self.decisions[key] = self.plane.metrics.policy_decisions_total.labels(
                 listener=self.name, ruleset=ruleset, rule=rule, action=action)
+        child.inc()
+
+    def count_route(self, upstream: str) -> None:
+        """enforcer_passthrough_routed_total; one child per upstream, made once."""
+        child = self.routed.get(upstream)
+        if child is None:
+            child = self.routed[upstream] = self.plane.metrics.passthrough_routed_total.labels(
+                listener=self.name, upstream=upstream)
         child.inc()
 
     def is_trusted(self, ip: str | None) -> bool:

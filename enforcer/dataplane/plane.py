@@ -29,6 +29,7 @@ from enforcer.config.model import (
     UpstreamConfig,
     UpstreamTlsConfig,
 )
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
 from enforcer.dataplane.connection import Connection
@@ -127,7 +128,7 @@ class DataPlane:
         if self.cfg.mesh.enabled:
             self.mesh_upstream = self._build_mesh_upstream()
         for lcfg in self.cfg.listeners:
-            self.listeners.append(self._build_listener(lcfg, upstreams[lcfg.upstream]))
+            self.listeners.append(self._build_listener(lcfg, upstreams))
         for name, material in self.materials.items():
             if material.not_after is not None:
                 self.metrics.certificate_expiry_timestamp_seconds.labels(material=name).set(
@@ -201,9 +202,14 @@ class DataPlane:
             return "external"
         return None
 
-    def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
+    def _build_listener(self, lcfg: ListenerConfig,
+                        upstreams: Mapping[str, UpstreamRuntime]) -> ListenerRuntime:
+        default = upstreams.get(lcfg.upstream)  # none: a strict_sni passthrough listener
+        upstream = default if default is not None else upstreams[lcfg.tls.routes[0].upstream]
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
                               trusted=lcfg.proxy_protocol.trusted_sources)
+        if lcfg.tls.mode == "passthrough":
+            lst.sni_router = SniRouter(lcfg.tls.routes, upstreams, default)
         if lcfg.proxy_protocol.trusted_identities:
             lst.proxy_identities = identity_set(lcfg.proxy_protocol.trusted_identities)
         _bind_metrics(lst, self.metrics)

@@ -83,6 +83,9 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
         "counter", "Connections on mesh listeners, by how they came or went: mtls, tls, "
         "plaintext (inbound), external, external_denied (outbound).", ("listener", "mode"),
         ()),
+    "passthrough_routed_total": (
+        "counter", "Connections a tls.mode passthrough listener routed by SNI, by the "
+        "upstream chosen.", ("listener", "upstream"), ()),
 }
 
 PREFIX: Final = "enforcer_"
@@ -119,6 +122,7 @@ class Metrics:
     reloads_total: Counter
     flowlog_dropped_total: Counter
     mesh_connections_total: Counter
+    passthrough_routed_total: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -256,6 +260,7 @@ class NullMetrics:
     reloads_total: NullMetric
     flowlog_dropped_total: NullMetric
     mesh_connections_total: NullMetric
+    passthrough_routed_total: NullMetric
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # stays empty: renders a valid empty exposition

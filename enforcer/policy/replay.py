@@ -40,6 +40,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from enforcer.config.model import ListenerConfig, UpstreamConfig
+from enforcer.config.passthrough import SniRouter
 from enforcer.config.rulesets import TLV_KEYS, RulesetConfig
 from enforcer.policy.engine import CompiledRuleset, compile_ruleset
 from enforcer.policy.facts import Decision, FlowFacts
@@ -56,6 +57,11 @@ Action = Literal["allow", "deny"]
 
 class ReplayInputError(ValueError):
     """A line that is not a usable flow record; the message names the key path."""
+
+
+# a deny record's reason when the policy decided; other reasons (sni_refused,
+# mesh_external_denied, not_redirected ...) are refusals the ruleset never saw
+POLICY_REASONS = frozenset({"rule", "default", "error"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +236,9 @@ def parse_line(line: bytes, identities: IdentityCache | None = None) -> Recorded
         return Skipped("action error")
     if action not in ("allow", "deny"):
         raise ReplayInputError(f"action: expected allow, deny or error, got {_shown(action)}")
+    reason = rec.value("reason", False)
+    if action == "deny" and isinstance(reason, str) and reason not in POLICY_REASONS:
+        return Skipped(f"refused before the policy ({reason})")
     return _flow(rec, "allow" if action == "allow" else "deny", identities or IdentityCache())
 
 
@@ -348,9 +357,25 @@ class Candidate:
             return Undecidable(f"listener {flow.listener!r} is not in the candidate config")
         port = flow.local_port if flow.local_port is not None else lst.listen.port
         up = self.upstreams.get(lst.upstream)
+        if lst.tls.mode == "passthrough":  # the upstream the recorded SNI routes to
+            routed = self._route(lst, flow.sni)
+            if routed is None:
+                return Undecidable(f"the candidate listener {lst.name!r} has no route for "
+                                   f"SNI {flow.sni!r} (strict_sni)")
+            up = routed
         destination = (None if up is None or up.address.is_unix
                        else (up.address.host, up.address.port))
         return lst.ruleset, port, destination, up is not None and up.tls.mode == "off"
+
+
+    def _route(self, lst: ListenerConfig, sni: str | None) -> UpstreamConfig | None:
+        """A passthrough listener's upstream for ``sni`` (routes, else the default)."""
+        known = {r.upstream: self.upstreams[r.upstream] for r in lst.tls.routes
+                 if r.upstream in self.upstreams}
+        if len(known) < len({r.upstream for r in lst.tls.routes}):
+            return None
+        hit = SniRouter(lst.tls.routes, known, self.upstreams.get(lst.upstream)).route(sni)
+        return hit[1] if hit is not None else None
 
 
 # ---------------------------------------------------------------------------- report

@@ -23,7 +23,8 @@ from enforcer.config import loader, reader, rulesets
 from enforcer.config.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [ROOT / "enforcer/config/loader.py", ROOT / "enforcer/config/rulesets.py"]
+SOURCES = [ROOT / "enforcer/config/loader.py", ROOT / "enforcer/config/rulesets.py",
+           ROOT / "enforcer/config/passthrough.py"]
 
 _RULE = {"name": "r", "description": "d", "action": "allow", "ports": [1],
          "from": {"identities": ["spiffe://td/a"], "trust_domains": ["td"], "dns": ["a.b"],
@@ -40,7 +41,10 @@ MAXIMAL: dict[str, Any] = {
     "listeners": [{"name": "l", "listen": "127.0.0.1:1", "ruleset": "rs", "upstream": "u",
                    "proxy_protocol": {"accept": "off", "trusted_sources": [], "timeout": "1s"},
                    "tls": {"mode": "off", "material": "m", "client_auth": "none",
-                           "server_names": [], "strict_sni": False, "alpn": []}}],
+                           "server_names": [], "strict_sni": False, "alpn": []}},
+                  {"name": "p", "listen": "127.0.0.1:4", "ruleset": "rs", "upstream": "u",
+                   "tls": {"mode": "passthrough",
+                           "routes": [{"server_names": ["a.b"], "upstream": "u"}]}}],
     "upstreams": {"u": {"address": "127.0.0.1:2", "proxy_protocol": {"send": "v2", "tlvs": []},
                         "tls": {"mode": "tls", "material": "m", "server_name": "s",
                                 "verify": {"uri": [], "dns": [], "cn": []}}}},

@@ -4,7 +4,9 @@ Targets, and the one exception each may raise (anything else is a crash):
 - PROXY protocol v1/v2 (``HeaderParser``, fed in random pieces, then the TLV decoding the
   data plane and the flow record do): ``ProxyProtocolError``;
 - the config file (``load_config``: YAML text, then validation): ``ConfigError``;
-- a rules file (``load_rulesets_file``, then compiling the rulesets): ``ConfigError``.
+- a rules file (``load_rulesets_file``, then compiling the rulesets): ``ConfigError``;
+- the ClientHello of passthrough listeners (``HelloParser``, fed in random pieces, then
+  the SNI router): ``HelloError``; the bytes it keeps must be exactly the bytes fed.
 (There is no flow-log replay input in enforcer to fuzz.)
 
 Inputs are hypothesis-generated: mutations (flips, inserts, deletes, splices, cuts) of the
@@ -37,6 +39,9 @@ from hypothesis import strategies as st
 
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import load_config, load_rulesets_file
+from enforcer.config.model import SniRouteConfig
+from enforcer.config.passthrough import SniRouter
+from enforcer.dataplane.clienthello import HelloError, HelloParser
 from enforcer.policy import compile_rulesets
 from enforcer.proxyproto import HeaderParser, ProxyProtocolError
 
@@ -139,6 +144,40 @@ def test_fuzz_proxy_protocol(faults_summary: Any) -> None:
     cuts = st.lists(st.integers(1, 64), max_size=12)
     n = fuzz(st.tuples(data, cuts), _proxy_body)
     faults_summary(f"{n} PROXY inputs, no crash or hang ({BUDGET:.0f} s)")
+
+
+# -- ClientHello (tls.mode: passthrough) ----------------------------------------------------
+_ROUTER = SniRouter((SniRouteConfig(("api.example.test",), "a"),
+                     SniRouteConfig(("*.example.test",), "b")),
+                    {"a": "a", "b": "b"}, None)  # type: ignore[dict-item]
+
+
+def _hello_body(case: tuple[bytes, list[int]]) -> None:
+    data, cuts = case
+    parser = HelloParser()
+    fed = bytearray()
+    hello = None
+    try:
+        at = 0
+        for n in [*cuts, len(data)]:
+            if at >= len(data) or hello is not None:
+                break
+            fed += data[at:at + n]
+            hello = parser.feed(data[at:at + n])
+            at += n
+    except HelloError as exc:
+        assert exc.reason and str(exc)
+        return
+    assert bytes(parser.raw) == bytes(fed), "the peeked bytes are relayed unchanged"
+    if hello is not None:
+        _ROUTER.route(hello.sni)
+
+
+def test_fuzz_client_hello(faults_summary: Any) -> None:
+    data = st.one_of(mutated(_seeds("clienthello")), st.binary(max_size=600))
+    cuts = st.lists(st.integers(1, 300), max_size=12)
+    n = fuzz(st.tuples(data, cuts), _hello_body)
+    faults_summary(f"{n} ClientHello inputs, no crash or hang ({BUDGET:.0f} s)")
 
 
 # -- config and rules files ------------------------------------------------------------------
