@@ -383,7 +383,8 @@ class _Parser:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
         node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
-                   "allow_eof_without_close_notify", "detect_timeout"))
+                   "allow_eof_without_close_notify", "detect_timeout", "close_on_revocation",
+                   "close_on_expiry"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
         if mode == "passthrough":
             node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
@@ -406,7 +407,18 @@ class _Parser:
             alpn=_alpn(node["alpn"]),
             allow_eof_without_close_notify=node["allow_eof_without_close_notify"].bool(False),
             detect_timeout=max(detect, 0.0),
+            close_on_revocation=self._close_on(node, "close_on_revocation", mode),
+            close_on_expiry=self._close_on(node, "close_on_expiry", mode),
         )
+
+    @staticmethod
+    def _close_on(node: Node, key: str, mode: str) -> bool:
+        value = node[key].bool(False)
+        client_auth = node["client_auth"].value
+        if value and (mode == "off" or client_auth == "none"):
+            node[key].error("needs client certificates (mode terminate or auto, client_auth "
+                            "required or optional)")
+        return value
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
         if node.is_null:

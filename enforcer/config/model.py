@@ -114,6 +114,10 @@ class ListenerTlsConfig:
     allow_eof_without_close_notify: bool = False
     detect_timeout: float = DETECT_TIMEOUT  # mode auto: a client silent this long is plaintext
     # (server-first protocols); 0 = wait up to handshake_timeout
+    # close open connections whose client certificate a reloaded CRL revokes / that expires
+    # (dataplane.certwatch, docs/limits-and-revocation.md)
+    close_on_revocation: bool = False
+    close_on_expiry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

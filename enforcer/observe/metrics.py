@@ -83,6 +83,13 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
         "counter", "Connections on mesh listeners, by how they came or went: mtls, tls, "
         "plaintext (inbound), external, external_denied (outbound).", ("listener", "mode"),
         ()),
+    "limited_total": (
+        "counter", "Connections refused by a rule's limits before any upstream connect: "
+        "rate_limited or concurrency_limited.", ("listener", "reason"), ()),
+    "certificate_closes_total": (
+        "counter", "Open connections closed because their client certificate was revoked "
+        "by a reloaded CRL (revoked) or expired (peer_certificate_expired).",
+        ("listener", "reason"), ()),
 }
 
 PREFIX: Final = "enforcer_"
@@ -119,6 +126,8 @@ class Metrics:
     reloads_total: Counter
     flowlog_dropped_total: Counter
     mesh_connections_total: Counter
+    limited_total: Counter
+    certificate_closes_total: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -256,6 +265,8 @@ class NullMetrics:
     reloads_total: NullMetric
     flowlog_dropped_total: NullMetric
     mesh_connections_total: NullMetric
+    limited_total: NullMetric
+    certificate_closes_total: NullMetric
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # stays empty: renders a valid empty exposition

@@ -30,6 +30,8 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_tls_groups_total": ("counter", frozenset({"listener", "side", "group"})),
     # mesh listeners' connections by how they came (docs/design.md, the contract)
     "enforcer_mesh_connections_total": ("counter", frozenset({"listener", "mode"})),
+    "enforcer_limited_total": ("counter", frozenset({"listener", "reason"})),
+    "enforcer_certificate_closes_total": ("counter", frozenset({"listener", "reason"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -52,6 +54,8 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.flowlog_dropped_total.inc()
     m.tls_groups_total.labels(listener="in", side="server", group="x25519").inc()
     m.mesh_connections_total.labels(listener="in", mode="mtls").inc()
+    m.limited_total.labels(listener="in", reason="rate_limited").inc()
+    m.certificate_closes_total.labels(listener="in", reason="revoked").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:
