@@ -1,0 +1,27 @@
+"""tlsconf.revocation: a CRL revokes a certificate by issuer and serial, not by serial
+alone; several PEM CRLs in one file all count."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from enforcer.tlsconf.identity import identity_from_der
+from enforcer.tlsconf.revocation import is_revoked, revoked_set
+from tests.e2e.tls_util import make_cert, make_crl
+
+
+def test_revoked_by_issuer_and_serial() -> None:
+    ca_a, ca_b = make_cert("CA A", ca=True), make_cert("CA B", ca=True)
+    leaf = make_cert("leaf", issuer=ca_a)
+    other = make_cert("other", issuer=ca_a)
+    ident = identity_from_der(leaf.cert.public_bytes(Encoding.DER))
+    assert ident.issuer_der == ca_a.cert.subject.public_bytes()
+    serial = leaf.cert.serial_number
+    assert is_revoked(ident, revoked_set(make_crl(ca_a, (serial,))))
+    # the same serial on another CA's CRL revokes another certificate, not this one
+    assert not is_revoked(ident, revoked_set(make_crl(ca_b, (serial,))))
+    assert not is_revoked(ident, revoked_set(make_crl(ca_a, (other.cert.serial_number,))))
+    both = make_crl(ca_b) + make_crl(ca_a, (serial,))
+    assert is_revoked(ident, revoked_set(both))
+    assert revoked_set(None) == frozenset() and revoked_set(b"") == frozenset()
+    assert revoked_set(b"not a CRL") == frozenset()
