@@ -207,3 +207,16 @@ def test_limits_on_a_deny_rule_are_refused() -> None:
            "      - {name: r, action: deny, limits: {per: client, max_connections: 1}}\n")
     with pytest.raises(ConfigError, match=r"rules\[0\]\.limits: goes on allow rules"):
         parse_rulesets_document(doc)
+
+
+def test_replay_reads_limited_and_revoked_records_as_policy_allows() -> None:
+    from enforcer.policy.replay import RecordedFlow, parse_line
+
+    for close in ("rate_limited", "concurrency_limited", "revoked", "peer_certificate_expired"):
+        line = (b'{"event": "flow", "listener": "in", "action": "deny", "ruleset": "rs", '
+                b'"rule": "limited", "reason": "rule", "close": "' + close.encode() + b'"}')
+        flow = parse_line(line)
+        assert isinstance(flow, RecordedFlow) and flow.action == "allow", close
+    denied = parse_line(b'{"event": "flow", "listener": "in", "action": "deny", '
+                        b'"rule": "r", "reason": "rule", "close": "denied"}')
+    assert isinstance(denied, RecordedFlow) and denied.action == "deny"

@@ -25,3 +25,31 @@ def test_revoked_by_issuer_and_serial() -> None:
     assert is_revoked(ident, revoked_set(both))
     assert revoked_set(None) == frozenset() and revoked_set(b"") == frozenset()
     assert revoked_set(b"not a CRL") == frozenset()
+
+
+def test_close_keys_need_client_certificates() -> None:
+    import pytest
+
+    from enforcer.config.errors import ConfigError
+    from enforcer.config.loader import parse_config
+
+    def cfg(tls: dict[str, object]) -> dict[str, object]:
+        return {"version": 1, "tls": {"m": {"cert": "c", "key": "k", "ca": "a"}},
+                "listeners": [{"name": "in", "listen": "127.0.0.1:0", "tls": tls,
+                               "ruleset": "rs", "upstream": "u"}],
+                "upstreams": {"u": {"address": "127.0.0.1:1"}},
+                "rulesets": {"rs": {"default": "allow"}}}
+
+    for tls, key in (({"mode": "off", "close_on_revocation": True}, "close_on_revocation"),
+                     ({"mode": "terminate", "material": "m", "client_auth": "none",
+                       "close_on_expiry": True}, "close_on_expiry")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(cfg(tls))
+        assert any(i.path == f"listeners[0].tls.{key}" and "needs client certificates"
+                   in i.message for i in err.value.issues), err.value.issues
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg({"mode": "terminate", "material": "m", "close_on_expiry": "yes"}))
+    assert any(i.path == "listeners[0].tls.close_on_expiry" for i in err.value.issues)
+    ok = parse_config(cfg({"mode": "terminate", "material": "m", "close_on_revocation": True,
+                           "close_on_expiry": True}))
+    assert ok.listeners[0].tls.close_on_revocation and ok.listeners[0].tls.close_on_expiry
