@@ -16,6 +16,7 @@ Counters live in this process: with ``workers: N`` each worker counts its own co
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,8 @@ class LimitGate:
         limits = decision.limits
         if limits is None or decision.rule is None:
             return True
-        ip = _ip(conn.client_addr) if limits.per == "client" else None
+        addr = conn.client_addr
+        ip = _ip(addr[0]) if limits.per == "client" and addr is not None else None
         key = limit_key(limits, conn.listener.name, ip, conn.identity)
         got = self.limiter.admit(decision.ruleset, decision.rule, limits, key,
                                  time.monotonic())
@@ -62,10 +64,9 @@ class LimitGate:
                         Decision("deny", decision.ruleset, decision.rule, refused.reason))
 
 
-def _ip(addr: tuple[str, int] | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if addr is None:
-        return None
+@functools.lru_cache(maxsize=4096)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(addr[0].partition("%")[0])
+        return ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return None

@@ -28,6 +28,7 @@ plus the keys whose buckets are still refilling.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Literal
@@ -59,13 +60,16 @@ def limit_key(limits: LimitsConfig, listener: str, client_ip: IPAddress | None,
     return listener
 
 
+@functools.lru_cache(maxsize=4096)
 def client_network(ip: IPAddress | None, v4: int, v6: int) -> str:
+    """``203.0.113.0/24``: the client's network as text, cached per distinct address."""
     if ip is None:
         return NO_KEY
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     bits = v4 if ip.version == 4 else v6
-    return str(ipaddress.ip_network((ip, bits), strict=False))
+    drop = ip.max_prefixlen - bits
+    return f"{type(ip)(int(ip) >> drop << drop)}/{bits}"
 
 
 class _Entry:
