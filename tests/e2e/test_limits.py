@@ -7,6 +7,12 @@ counters survive a ruleset swap; no lease leaks on any way a connection ends."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +22,8 @@ from enforcer.policy import compile_rulesets
 from enforcer.proxyproto import build_v2
 from tests.e2e.harness import Backend, Enforcer, inbound_cfg, running, wait_until
 from tests.e2e.live_util import LiveStream
+from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
+from tests.e2e.test_workers import _get, _wait
 from tests.e2e.tls_util import mtls_client
 
 CLIENT_ID = "spiffe://enforcer.demo/ns/demo/sa/outbound"  # pki.client; pki.other differs
@@ -193,3 +201,53 @@ async def test_no_lease_leaks_on_any_ending(pki: Any, relay_mode: str, ending: s
     assert closes <= expected | {"client_closed", "upstream_closed", "upstream_reset"}, closes
     assert closes & expected or ending == "upstream_closes", closes
     assert limited_total(enf, "concurrency_limited") == 0
+
+
+def test_workers_count_per_worker(tmp_path: Path, pki: Any) -> None:
+    """``workers: 2`` with ``max_connections: 1`` per listener: each worker admits one, so
+    of six connections held open at least one and at most two are relayed (bytes checked),
+    the rest are refused as concurrency_limited (docs/limits-and-revocation.md)."""
+    echo = EchoServer()
+    cfg = inbound_cfg(pki, echo.port, mode="off", rules=[
+        {"name": "one-each", "action": "allow",
+         "limits": {"per": "listener", "max_connections": 1}}])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        admin = int(s.getsockname()[1])
+    cfg.update({"workers": 2, "admin": {"listen": f"127.0.0.1:{admin}"}})
+    proc = EnforcerProcess(write_config(tmp_path / "w.yaml", cfg))
+    held: list[socket.socket] = []
+    try:
+        port = proc.wait_bound()["inbound"]
+        _wait(lambda: _get(admin, "/readyz")[0] == 200)  # both workers serve
+        admitted = refused = 0
+        for _ in range(6):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(c)
+            payload = os.urandom(20_000)
+            try:
+                c.sendall(payload)
+                got = b""
+                while len(got) < len(payload) and (data := c.recv(65536)):
+                    got += data
+            except ConnectionError:
+                got = b""
+            if got:
+                assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+                admitted += 1
+            else:
+                refused += 1
+        assert 1 <= admitted <= 2 and refused == 6 - admitted
+        for c in held:
+            c.close()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "\n".join(proc.stderr_lines)
+        records = [json.loads(line) for line in proc.stdout_lines if line.startswith("{")]
+        limited = [r for r in records if r["close"] == "concurrency_limited"]
+        assert len(limited) == refused and len(records) == 6
+        assert all(r["rule"] == "one-each" and r["upstream"] is None for r in limited)
+    finally:
+        for c in held:
+            c.close()
+        proc.stop()
+        echo.close()
