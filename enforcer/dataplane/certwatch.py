@@ -4,7 +4,9 @@ Opt-in per listener: ``tls.close_on_revocation`` and ``tls.close_on_expiry``. On
 connections on such listeners are tracked: ``authenticated`` (called by ``Connection``
 right after the TLS handshake gave a verified peer certificate) files the connection under
 its ``PeerIdentity`` (one object per distinct certificate, ``tlsconf.identity``), and
-``closed`` (from ``DataPlane.connection_closed``) takes it out again.
+``closed`` (from ``DataPlane.connection_closed``) takes it out again. A handshake that
+began under the previous CRL and ended after a reload is checked against the CRL in use
+when it is filed, so no connection slips between a reload and the walk over open ones.
 
 Revocation: after the TLS reloader swapped in a material whose bytes changed,
 ``material_swapped`` reads the revoked (issuer, serial) pairs of its CRL
@@ -26,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from enforcer.tlsconf.identity import PeerIdentity
 from enforcer.tlsconf.material import LoadedMaterial
-from enforcer.tlsconf.revocation import is_revoked, revoked_set
+from enforcer.tlsconf.revocation import Revoked, is_revoked, revoked_set
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
@@ -41,22 +44,43 @@ MAX_SLEEP = 3600.0  # seconds; the expiry timer wakes at least this often while 
 
 
 class CertWatch:
-    __slots__ = ("by_identity", "metrics", "timer", "timer_at")
+    __slots__ = ("_revoked", "by_identity", "materials", "metrics", "timer", "timer_at")
 
-    def __init__(self, metrics: Any) -> None:
+    def __init__(self, metrics: Any, materials: Mapping[str, LoadedMaterial]) -> None:
         self.metrics = metrics
+        self.materials = materials  # the plane's, updated in place by the TLS reloader
+        self._revoked: dict[str, tuple[str, Revoked]] = {}  # name -> (fingerprint, set)
         self.by_identity: dict[PeerIdentity, set[Connection]] = {}
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at: float | None = None  # wall-clock time the timer is set for
 
-    def authenticated(self, conn: Connection) -> None:
+    def authenticated(self, conn: Connection) -> bool:
+        """Track ``conn``; False when it is closed already: its certificate is on the CRL
+        now in use (a handshake that began under the previous CRL and ended after the
+        reload)."""
         ident = conn.identity
         tls = conn.listener.cfg.tls
         if ident is None or not (tls.close_on_revocation or tls.close_on_expiry):
-            return
+            return True
+        if tls.close_on_revocation and tls.material is not None \
+                and is_revoked(ident, self.revoked(tls.material)):
+            self._close(conn, "revoked", f"the client certificate (serial {ident.serial}) "
+                        f"is on the CRL of tls.{tls.material}")
+            return False
         self.by_identity.setdefault(ident, set()).add(conn)
         if tls.close_on_expiry:
             self._arm(ident.not_after.timestamp())
+        return True
+
+    def revoked(self, name: str) -> Revoked:
+        """The revoked set of material ``name`` as loaded now, read once per CRL."""
+        material = self.materials.get(name)
+        if material is None:
+            return frozenset()
+        cached = self._revoked.get(name)
+        if cached is None or cached[0] != material.fingerprint:
+            cached = self._revoked[name] = (material.fingerprint, revoked_set(material.crl_pem))
+        return cached[1]
 
     def closed(self, conn: Connection) -> None:
         ident = conn.identity
@@ -73,10 +97,11 @@ class CertWatch:
 
     def material_swapped(self, name: str, material: LoadedMaterial) -> int:
         """Close the tracked connections on listeners using ``name`` whose certificate the
-        material's CRL revokes; returns how many."""
+        material's CRL revokes; returns how many. ``material`` is already in
+        ``materials``."""
         if not self.by_identity:
             return 0
-        revoked = revoked_set(material.crl_pem)
+        revoked = self.revoked(name)
         if not revoked:
             return 0
         closed = 0

@@ -583,7 +583,8 @@ class Connection:
             self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
                        "client certificate has expired")
             return
-        self.plane.cert_watch.authenticated(self)  # revocation and expiry (certwatch.py)
+        if not self.plane.cert_watch.authenticated(self):  # revocation, expiry: certwatch.py
+            return
         self._authorize(b"")
         if self.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished

@@ -85,10 +85,10 @@ class DataPlane:
         self.node_name = cfg.node.name
         self.listeners: list[ListenerRuntime] = []
         self.rulesets: Mapping[str, CompiledRuleset] = {}
-        self.materials: dict[str, LoadedMaterial] = {}
         self.active: set[Connection] = set()
         self.limit_gate = LimitGate(metrics)  # rules' limits (policy.limits)
-        self.cert_watch = CertWatch(metrics)  # tls.close_on_revocation / close_on_expiry
+        self.materials: dict[str, LoadedMaterial] = {}
+        self.cert_watch = CertWatch(metrics, self.materials)  # tls.close_on_revocation ...
         self.max_connections = cfg.limits.max_connections
         self.sockopts = tcpopts.socket_options(cfg.limits)  # dead-peer detection
         self.open_events = cfg.flow_log.open_events

@@ -53,3 +53,51 @@ def test_close_keys_need_client_certificates() -> None:
     ok = parse_config(cfg({"mode": "terminate", "material": "m", "close_on_revocation": True,
                            "close_on_expiry": True}))
     assert ok.listeners[0].tls.close_on_revocation and ok.listeners[0].tls.close_on_expiry
+
+
+class _Conn:
+    """What CertWatch reads of a connection (the race below cannot be produced on purpose
+    with real sockets: a handshake that began before a CRL reload and ends after it)."""
+
+    def __init__(self, identity: object, tls: object) -> None:
+        self.identity = identity
+        self.flow_id = "f"
+        self.listener = type("L", (), {"name": "in", "cfg": type("C", (), {"tls": tls})()})()
+        self.closed: list[str] = []
+
+    def close_with(self, action: str, reason: str, detail: str, decision: object = None, *,
+                   abort: bool = False) -> None:
+        self.closed.append(reason)
+
+
+async def test_certwatch_checks_the_crl_in_use_and_sweeps_expiry() -> None:
+    import dataclasses
+
+    from enforcer.config.model import ListenerTlsConfig
+    from enforcer.dataplane.certwatch import CertWatch
+    from enforcer.observe.metrics import Metrics
+
+    ca = make_cert("CA A", ca=True)
+    leaf, good = make_cert("leaf", issuer=ca), make_cert("good", issuer=ca)
+    ident = identity_from_der(leaf.cert.public_bytes(Encoding.DER))
+    good_ident = identity_from_der(good.cert.public_bytes(Encoding.DER))
+    material = type("M", (), {"fingerprint": "1",
+                              "crl_pem": make_crl(ca, (leaf.cert.serial_number,))})()
+    metrics = Metrics()
+    watch = CertWatch(metrics, {"mesh": material})  # type: ignore[dict-item]
+    tls = ListenerTlsConfig(material="mesh", close_on_revocation=True, close_on_expiry=True)
+    late = _Conn(ident, tls)
+    assert not watch.authenticated(late)  # type: ignore[arg-type]
+    assert late.closed == ["revoked"] and watch.by_identity == {}
+    kept = _Conn(good_ident, tls)
+    assert watch.authenticated(kept)  # type: ignore[arg-type]
+    assert watch.timer is not None and watch.timer_at == good_ident.not_after.timestamp()
+    assert watch.expire(now=good_ident.not_after.timestamp() - 1) == 0
+    assert watch.expire(now=good_ident.not_after.timestamp()) == 1
+    assert kept.closed == ["peer_certificate_expired"]
+    off = _Conn(ident, dataclasses.replace(tls, close_on_revocation=False,
+                                           close_on_expiry=False))
+    assert watch.authenticated(off) and off.closed == []  # type: ignore[arg-type]
+    assert metrics.registry.get_sample_value("enforcer_certificate_closes_total",
+                                             {"listener": "in", "reason": "revoked"}) == 1
+    watch.stop()
