@@ -728,6 +728,11 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
         if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
+        m_cfg = cfg.tls.get(mat) if mat is not None else None
+        if lst.tls.close_on_revocation and m_cfg is not None and m_cfg.crl is None:
+            ln["tls"]["close_on_revocation"].error(
+                f"material {mat!r} has no crl, so no certificate is ever revoked (give "
+                f"tls.{mat}.crl)")
         up_cfg = cfg.upstreams.get(lst.upstream)
         if up_cfg is not None and up_cfg.address.original != lst.transparent:
             ln["upstream"].error(

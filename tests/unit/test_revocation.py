@@ -50,8 +50,14 @@ def test_close_keys_need_client_certificates() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(cfg({"mode": "terminate", "material": "m", "close_on_expiry": "yes"}))
     assert any(i.path == "listeners[0].tls.close_on_expiry" for i in err.value.issues)
-    ok = parse_config(cfg({"mode": "terminate", "material": "m", "close_on_revocation": True,
-                           "close_on_expiry": True}))
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg({"mode": "terminate", "material": "m", "close_on_revocation": True}))
+    assert any(i.path == "listeners[0].tls.close_on_revocation" and "has no crl" in i.message
+               for i in err.value.issues), err.value.issues
+    with_crl = cfg({"mode": "terminate", "material": "m", "close_on_revocation": True,
+                    "close_on_expiry": True})
+    with_crl["tls"] = {"m": {"cert": "c", "key": "k", "ca": "a", "crl": "r"}}
+    ok = parse_config(with_crl)
     assert ok.listeners[0].tls.close_on_revocation and ok.listeners[0].tls.close_on_expiry
 
 
