@@ -388,7 +388,8 @@ class _Parser:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
         node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
-                   "allow_eof_without_close_notify", "detect_timeout", "routes"))
+                   "allow_eof_without_close_notify", "detect_timeout", "routes",
+                   "close_on_revocation", "close_on_expiry"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
         material = node["material"].str(None)
         if mode in ("terminate", "auto") and material is None:
@@ -411,7 +412,18 @@ class _Parser:
             allow_eof_without_close_notify=node["allow_eof_without_close_notify"].bool(False),
             detect_timeout=max(detect, 0.0),
             routes=passthrough.routes(node["routes"], mode),
+            close_on_revocation=self._close_on(node, "close_on_revocation", mode),
+            close_on_expiry=self._close_on(node, "close_on_expiry", mode),
         )
+
+    @staticmethod
+    def _close_on(node: Node, key: str, mode: str) -> bool:
+        value = node[key].bool(False)
+        client_auth = node["client_auth"].value
+        if value and (mode in ("off", "passthrough") or client_auth == "none"):
+            node[key].error("needs client certificates (mode terminate or auto, client_auth "
+                            "required or optional)")
+        return value
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
         if node.is_null:
@@ -721,6 +733,11 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
         if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
+        m_cfg = cfg.tls.get(mat) if mat is not None else None
+        if lst.tls.close_on_revocation and m_cfg is not None and m_cfg.crl is None:
+            ln["tls"]["close_on_revocation"].error(
+                f"material {mat!r} has no crl, so no certificate is ever revoked (give "
+                f"tls.{mat}.crl)")
         if lst.tls.mode == "passthrough":
             passthrough.route_reference_problems(ln, lst.tls, cfg.upstreams, sorted(upstreams))
             continue

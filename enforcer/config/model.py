@@ -125,6 +125,10 @@ class ListenerTlsConfig:
     # (server-first protocols); 0 = wait up to handshake_timeout
     routes: tuple[SniRouteConfig, ...] = ()  # mode passthrough: SNI -> upstream (the
     # listener's upstream is the default route)
+    # close open connections whose client certificate a reloaded CRL revokes / that expires
+    # (dataplane.certwatch, docs/limits-and-revocation.md)
+    close_on_revocation: bool = False
+    close_on_expiry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

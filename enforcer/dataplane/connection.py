@@ -593,6 +593,8 @@ class Connection:
             self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
                        "client certificate has expired")
             return
+        if not self.plane.cert_watch.authenticated(self):  # revocation, expiry: certwatch.py
+            return
         self._authorize(b"")
         if self.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
@@ -629,7 +631,7 @@ class Connection:
             passthrough.denied(self)
             self._finish("deny", "denied", detail=flowrecord.deny_detail(decision))
             return False
-        return True
+        return self.plane.limit_gate.admit(self, decision)  # the rule's limits (limitgate.py)
 
     def _facts(self) -> FlowFacts:
         ip = _client_ip(self.client_addr[0]) if self.client_addr is not None else None
@@ -1024,6 +1026,14 @@ class Connection:
             self.decision = decision
             self._finish("deny", "policy_reload", detail="denied after a ruleset reload",
                          abort=True)
+
+    def close_with(self, action: str, reason: str, detail: str, decision: Any = None, *,
+                   abort: bool = False) -> None:
+        """Closed by a rule's limits (limitgate.py) or its certificate (certwatch.py)."""
+        if self.stage != Stage.CLOSED:
+            if decision is not None:
+                self.decision = decision
+            self._finish(action, reason, detail=detail, abort=abort)
 
     # ===================================================================== ending
     def _fail(self, reason: str, detail: str, *, action: str = "error", abort: bool = False,

@@ -32,8 +32,10 @@ from enforcer.config.model import (
 from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
+from enforcer.dataplane.certwatch import CertWatch
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
+from enforcer.dataplane.limitgate import LimitGate
 from enforcer.dataplane.sockets import remove_stale_unix_socket
 from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
@@ -84,8 +86,10 @@ class DataPlane:
         self.node_name = cfg.node.name
         self.listeners: list[ListenerRuntime] = []
         self.rulesets: Mapping[str, CompiledRuleset] = {}
-        self.materials: dict[str, LoadedMaterial] = {}
         self.active: set[Connection] = set()
+        self.limit_gate = LimitGate(metrics)  # rules' limits (policy.limits)
+        self.materials: dict[str, LoadedMaterial] = {}
+        self.cert_watch = CertWatch(metrics, self.materials)  # tls.close_on_revocation ...
         self.max_connections = cfg.limits.max_connections
         self.sockopts = tcpopts.socket_options(cfg.limits)  # dead-peer detection
         self.open_events = cfg.flow_log.open_events
@@ -394,6 +398,8 @@ class DataPlane:
         return len(self.active) > self.max_connections
 
     def connection_closed(self, conn: Connection, record: dict[str, Any]) -> None:
+        self.limit_gate.release(conn)
+        self.cert_watch.closed(conn)
         if conn in self.active:
             self.active.discard(conn)
             conn.listener.active -= 1
@@ -542,6 +548,7 @@ class DataPlane:
         for conn in left:
             conn.drain_close()
         await self.close_servers()
+        self.cert_watch.stop()
         if self.poller is not None:  # every pump has closed with its connection
             native.close_poller(asyncio.get_running_loop(), self.poller)
             self.poller = None

@@ -86,6 +86,13 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
     "passthrough_routed_total": (
         "counter", "Connections a tls.mode passthrough listener routed by SNI, by the "
         "upstream chosen.", ("listener", "upstream"), ()),
+    "limited_total": (
+        "counter", "Connections refused by a rule's limits before any upstream connect: "
+        "rate_limited or concurrency_limited.", ("listener", "reason"), ()),
+    "certificate_closes_total": (
+        "counter", "Open connections closed because their client certificate was revoked "
+        "by a reloaded CRL (revoked) or expired (peer_certificate_expired).",
+        ("listener", "reason"), ()),
 }
 
 PREFIX: Final = "enforcer_"
@@ -123,6 +130,8 @@ class Metrics:
     flowlog_dropped_total: Counter
     mesh_connections_total: Counter
     passthrough_routed_total: Counter
+    limited_total: Counter
+    certificate_closes_total: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -261,6 +270,8 @@ class NullMetrics:
     flowlog_dropped_total: NullMetric
     mesh_connections_total: NullMetric
     passthrough_routed_total: NullMetric
+    limited_total: NullMetric
+    certificate_closes_total: NullMetric
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # stays empty: renders a valid empty exposition

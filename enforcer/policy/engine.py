@@ -300,7 +300,8 @@ def _compile_rule(ruleset: str, index: int, name: str, action: str, rule: RuleCo
         matchers = compile_rule(rule)
     except ValueError as exc:
         raise ValueError(f"ruleset {ruleset!r} rule {name!r}: {exc}") from None
-    decision = Decision("allow" if action == "allow" else "deny", ruleset, name, "rule")
+    decision = Decision("allow" if action == "allow" else "deny", ruleset, name, "rule",
+                        rule.limits)
     return _Rule(index, name, action, matchers, decision)
 
 

@@ -236,10 +236,18 @@ def parse_line(line: bytes, identities: IdentityCache | None = None) -> Recorded
         return Skipped("action error")
     if action not in ("allow", "deny"):
         raise ReplayInputError(f"action: expected allow, deny or error, got {_shown(action)}")
+    if rec.text("close") in ALLOWED_THEN_CLOSED:
+        action = "allow"  # the policy allowed it; a limit or its certificate ended it
     reason = rec.value("reason", False)
     if action == "deny" and isinstance(reason, str) and reason not in POLICY_REASONS:
         return Skipped(f"refused before the policy ({reason})")
     return _flow(rec, "allow" if action == "allow" else "deny", identities or IdentityCache())
+
+
+# ``action: deny`` records whose policy decision was allow: refused by the allowing rule's
+# limits, or closed later for a revoked or expired client certificate
+ALLOWED_THEN_CLOSED = frozenset({"rate_limited", "concurrency_limited", "revoked",
+                                 "peer_certificate_expired"})
 
 
 def _flow(rec: _Where, action: Action, identities: IdentityCache) -> RecordedFlow:

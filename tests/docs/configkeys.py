@@ -31,7 +31,9 @@ _RULE = {"name": "r", "description": "d", "action": "allow", "ports": [1],
                   "cn": ["c"], "ou": ["o"], "spki_sha256": ["x"], "cidrs": ["10.0.0.0/8"],
                   "tlvs": {k: ["v"] for k in rulesets.TLV_KEYS}, "tls": "required"},
          "to": {"listeners": ["l"], "ports": [1], "sni": ["a.b"], "destinations": ["a:1"],
-                "server_identities": ["a.b"]}}
+                "server_identities": ["a.b"]},
+         "limits": {"per": "client", "max_connections": 1, "rate": "1/s", "burst": 1,
+                    "ipv4_prefix": 24, "ipv6_prefix": 64}}
 MAXIMAL: dict[str, Any] = {
     "version": 1, "node": {"name": "n", "labels": {"a": "b"}},
     "tls": {"m": {"cert": "c", "key": "k", "ca": "a", "crl": "r", "dir": "d",
@@ -41,7 +43,8 @@ MAXIMAL: dict[str, Any] = {
     "listeners": [{"name": "l", "listen": "127.0.0.1:1", "ruleset": "rs", "upstream": "u",
                    "proxy_protocol": {"accept": "off", "trusted_sources": [], "timeout": "1s"},
                    "tls": {"mode": "off", "material": "m", "client_auth": "none",
-                           "server_names": [], "strict_sni": False, "alpn": []}},
+                           "server_names": [], "strict_sni": False, "alpn": [],
+                           "close_on_revocation": False, "close_on_expiry": False}},
                   {"name": "p", "listen": "127.0.0.1:4", "ruleset": "rs", "upstream": "u",
                    "tls": {"mode": "passthrough",
                            "routes": [{"server_names": ["a.b"], "upstream": "u"}]}}],
