@@ -1,8 +1,9 @@
 """Helpers for the egress proxy tests (SOCKS5, HTTP CONNECT).
 
 - ``FakeResolver``: replaces the dialer's resolver in-process: names under ``.egress.test``
-  resolve to 127.0.0.1 and nothing else does; every name asked is recorded, so a test can
-  show a denied name was never looked up.
+  resolve to 127.0.0.1 and nothing else does (addresses are returned as they are, as
+  getaddrinfo does); every name asked is recorded, so a test can show a denied name was
+  never looked up.
 - ``egress_cfg``: a one-listener egress config (upstream ``original_destination``).
 - ``credentials_file``: a credentials file with scrypt hashes (cheap parameters).
 - ``raw_session``: a plain TCP client sending byte chunks and reading what comes back
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,10 @@ class FakeResolver:
 
     async def resolve(self, loop: asyncio.AbstractEventLoop, host: str,
                       port: int) -> list[dialer.Addr]:
+        with contextlib.suppress(ValueError):  # an address: getaddrinfo looks nothing up
+            ip = ipaddress.ip_address(host)
+            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            return [(family, (host, port) if ip.version == 4 else (host, port, 0, 0))]
         self.asked.append(host)
         if host.endswith(SUFFIX):
             return [(socket.AF_INET, ("127.0.0.1", port))]
