@@ -12,6 +12,8 @@ import pytest
 
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import parse_config
+from enforcer.config.reader import Node
+from enforcer.config.rulesets import parse_rulesets
 from enforcer.egress import httpconnect, socks5
 from enforcer.egress.credentials import (
     Credentials,
@@ -21,8 +23,6 @@ from enforcer.egress.credentials import (
     parse_hash,
 )
 from enforcer.egress.hosts import BadHost, normalize_host
-from enforcer.config.reader import Node
-from enforcer.config.rulesets import parse_rulesets
 from enforcer.policy import FlowFacts, compile_ruleset
 
 
