@@ -2,8 +2,8 @@
 
 The file (``egress.credentials``) holds one ``name:$scrypt$ln=L,r=R,p=P$SALT$HASH`` line per
 user (SALT and HASH in base64 without padding; ``#`` starts a comment line). No password
-is ever stored in clear: ``python -m enforcer.egress.credentials NAME`` reads a password
-on stdin and prints such a line. scrypt is in Python's hashlib (OpenSSL), no extra
+is ever stored in clear: ``enforcer egress-user NAME`` reads a password on stdin and
+prints such a line. scrypt is in Python's hashlib (OpenSSL), no extra
 package needed.
 
 Checking a password costs a scrypt run (about 50 ms at the default ln=15), far too long
@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import secrets
-import sys
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -43,7 +42,7 @@ MAX_FILE: Final = 4 * 1024 * 1024
 CACHE_LIMIT: Final = 4096
 RECHECK_EVERY: Final = 1.0
 _HASH: Final = re.compile(r"\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
-_USER: Final = re.compile(r"[^\s:]{1,255}")
+USER_NAME: Final = re.compile(r"[^\s:]{1,255}")
 
 
 class CredentialsError(ValueError):
@@ -98,7 +97,7 @@ def parse_credentials(text: str, source: str = "credentials") -> dict[str, Scryp
             continue
         user, colon, hashed = line.partition(":")
         where = f"{source} line {number}"
-        if not colon or not _USER.fullmatch(user):
+        if not colon or not USER_NAME.fullmatch(user):
             raise CredentialsError(f"{where}: expected user:hash (a user name of 1-255 "
                                    "characters without spaces or ':')")
         if user in users:
@@ -202,21 +201,3 @@ class Credentials:
             self._cache.add(self._tag(user, password))
         return ok
 
-
-def main(argv: list[str]) -> int:
-    """``python -m enforcer.egress.credentials NAME``: a credentials line for NAME, the
-    password read from stdin (one line)."""
-    if len(argv) != 1 or not _USER.fullmatch(argv[0]):
-        print("usage: python -m enforcer.egress.credentials USER  (password on stdin)",
-              file=sys.stderr)
-        return 2
-    password = sys.stdin.buffer.readline().rstrip(b"\r\n")
-    if not password:
-        print("no password on stdin", file=sys.stderr)
-        return 2
-    print(f"{argv[0]}:{hash_password(password)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
