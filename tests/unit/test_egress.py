@@ -297,3 +297,29 @@ def test_egress_config_errors(listener: dict[str, Any], upstream: dict[str, Any]
                               rules: list[dict[str, Any]] | None, needle: str) -> None:
     errors = _errors(_cfg(listener, upstream, rules))
     assert any(needle in e for e in errors), errors
+
+
+# ------------------------------------------------------------------------------ replay
+def test_replay_decides_egress_records_on_the_request() -> None:
+    from enforcer.policy.replay import Candidate, RecordedFlow, parse_line
+
+    issues: list[Any] = []
+    rulesets = parse_rulesets(Node({"e": {"default": "deny", "rules": [
+        {"name": "web", "action": "allow", "to": {"hosts": ["*.example.com"], "ports": [443]}},
+    ]}}, "rulesets", issues))
+    candidate = Candidate(rulesets)
+
+    def record(host: str, port: int) -> RecordedFlow:
+        line = (b'{"event":"flow","listener":"socks","action":"deny","ruleset":"e",'
+                b'"rule":null,"reason":"default","local":{"ip":"127.0.0.1","port":1080},'
+                b'"tls":null,"upstream":null,"egress":{"protocol":"socks5","host":"'
+                + host.encode() + b'","port":' + str(port).encode() + b',"user":"alice"}}')
+        flow = parse_line(line)
+        assert isinstance(flow, RecordedFlow) and flow.egress == (host, port)
+        return flow
+
+    allowed = candidate.decide(record("www.example.com", 443))
+    assert getattr(allowed, "action", None) == "allow"
+    assert getattr(allowed, "rule", None) == "web"
+    assert getattr(candidate.decide(record("www.example.com", 80)), "action", None) == "deny"
+    assert getattr(candidate.decide(record("evil.org", 443)), "action", None) == "deny"
