@@ -323,3 +323,20 @@ def test_replay_decides_egress_records_on_the_request() -> None:
     assert getattr(allowed, "rule", None) == "web"
     assert getattr(candidate.decide(record("www.example.com", 80)), "action", None) == "deny"
     assert getattr(candidate.decide(record("evil.org", 443)), "action", None) == "deny"
+
+
+def test_check_reports_a_bad_credentials_file(tmp_path: Path) -> None:
+    from enforcer.cli.check import check_runtime
+
+    users = tmp_path / "users"
+    users.write_text("alice:not-a-hash\n")
+    cfg = _cfg({"protocol": "socks5", "egress": {"credentials": str(users)}})
+    problems = check_runtime(parse_config(cfg))
+    assert problems == [f"listeners.egress.egress.credentials: {users} line 1: user 'alice': "
+                        "not a $scrypt$ln=L,r=R,p=P$SALT$HASH hash"], problems
+    cfg = _cfg({"protocol": "socks5", "egress": {"credentials": str(tmp_path / "none")}})
+    problems = check_runtime(parse_config(cfg))
+    assert len(problems) == 1 and "cannot read: No such file or directory" in problems[0]
+    users.write_text(f"alice:{hash_password(b'x', ln=2)}\n")
+    cfg = _cfg({"protocol": "socks5", "egress": {"credentials": str(users)}})
+    assert check_runtime(parse_config(cfg)) == []
