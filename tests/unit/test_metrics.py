@@ -30,6 +30,8 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_tls_groups_total": ("counter", frozenset({"listener", "side", "group"})),
     # mesh listeners' connections by how they came (docs/design.md, the contract)
     "enforcer_mesh_connections_total": ("counter", frozenset({"listener", "mode"})),
+    "enforcer_egress_handshake_errors_total": ("counter",
+                                               frozenset({"listener", "protocol", "reason"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -52,6 +54,8 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.flowlog_dropped_total.inc()
     m.tls_groups_total.labels(listener="in", side="server", group="x25519").inc()
     m.mesh_connections_total.labels(listener="in", mode="mtls").inc()
+    m.egress_handshake_errors_total.labels(listener="in", protocol="socks5",
+                                           reason="timeout").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:
