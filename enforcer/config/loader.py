@@ -26,6 +26,7 @@ from enforcer.config.model import (
     Address,
     AdminConfig,
     Config,
+    EgressConfig,
     FlowLogConfig,
     LimitsConfig,
     ListenerConfig,
@@ -347,7 +348,7 @@ class _Parser:
             node.error("is required (at least one listener)")
         for item in items:
             if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream",
-                              "transparent", "mesh")):
+                              "transparent", "mesh", "protocol", "egress")):
                 continue
             name = item["name"].required_str()
             if name in names:
@@ -379,9 +380,39 @@ class _Parser:
             if transparent and listen is not None and listen.is_unix:
                 item["transparent"].error("needs a TCP listen address (interception "
                                           "redirects TCP), not a unix socket")
+            protocol = item["protocol"].choice(("tcp", "socks5", "http_connect"), "tcp")
+            egress = self.egress(item, protocol, transparent=transparent, mesh=mesh)
             out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream,
-                                      transparent, None if mesh == "off" else cast(Any, mesh)))
+                                      transparent, None if mesh == "off" else cast(Any, mesh),
+                                      cast(Any, protocol), egress))
         return out
+
+    def egress(self, item: Node, protocol: str, *, transparent: bool,
+               mesh: str) -> EgressConfig | None:
+        """``protocol: socks5 | http_connect`` and its ``egress:`` settings."""
+        node = item["egress"]
+        if protocol == "tcp":
+            if not node.is_null:
+                node.error("goes with protocol: socks5 or http_connect")
+            return None
+        if transparent or mesh != "off":
+            item["protocol"].error(f"protocol: {protocol} cannot be combined with "
+                                   f"{'transparent' if transparent else 'mesh'} (the client "
+                                   "names its destination)")
+        if node.is_null:
+            return EgressConfig()
+        if not node.keys(("credentials", "request_timeout", "max_request_bytes")):
+            return EgressConfig()
+        timeout = node["request_timeout"].duration(10.0)
+        if not 0 < timeout <= 300:
+            node["request_timeout"].error("must be more than 0s and at most 300s")
+        size = node["max_request_bytes"].int(8192, minimum=256, maximum=65536)
+        if not node["max_request_bytes"].is_null and protocol != "http_connect":
+            node["max_request_bytes"].error("goes with protocol: http_connect (a SOCKS5 "
+                                            "request is bounded by its format)")
+        creds = self.path(node["credentials"])  # read (and checked) by the data plane
+        return EgressConfig(credentials=creds, request_timeout=max(timeout, 0.001),
+                            max_request_bytes=size)
 
     def listener_tls(self, node: Node) -> ListenerTlsConfig:
         if node.is_null:
@@ -742,7 +773,9 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             passthrough.route_reference_problems(ln, lst.tls, cfg.upstreams, sorted(upstreams))
             continue
         up_cfg = cfg.upstreams.get(lst.upstream)
-        if up_cfg is not None and up_cfg.address.original != lst.transparent:
+        if up_cfg is not None and lst.egress is not None:
+            _check_egress_upstream(ln, lst.upstream, up_cfg)
+        elif up_cfg is not None and up_cfg.address.original != lst.transparent:
             ln["upstream"].error(
                 f"upstream {lst.upstream!r} has address {ORIGINAL_DESTINATION}: only a "
                 "listener with transparent: true knows it" if up_cfg.address.original else
@@ -771,6 +804,18 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
     inline = root["rulesets"].value if isinstance(root["rulesets"].value, dict) else {}
     issues.extend(rule_reference_issues(cfg.rulesets, cfg.listeners, cfg.upstreams,
                                         inline=inline.keys(), rulesets_file=cfg.rulesets_file))
+
+
+def _check_egress_upstream(ln: Node, name: str, up: UpstreamConfig) -> None:
+    """An egress listener connects where its client asks: its upstream's address is
+    original_destination, plain TCP (the client speaks TLS itself, inside the tunnel)."""
+    if not up.address.original:
+        ln["upstream"].error(f"an egress listener (socks5, http_connect) connects to the "
+                             f"destination its client asks for: its upstream needs address: "
+                             f"{ORIGINAL_DESTINATION} (upstream {name!r} has {up.address})")
+    elif up.tls.mode != "off":
+        ln["upstream"].error(f"upstream {name!r} of an egress listener must have tls mode off "
+                             "(clients run their own TLS through the tunnel)")
 
 
 def _names(section: Node) -> set[str]:

@@ -24,6 +24,7 @@ MeshRole = Literal["outbound", "inbound"]
 MeshInbound = Literal["strict", "permissive"]
 MeshExternal = Literal["deny", "plaintext"]
 PortRange = tuple[int, int]
+ListenerProtocol = Literal["tcp", "socks5", "http_connect"]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
 ORIGINAL_DESTINATION = "original_destination"  # an upstream address: see Address.original
@@ -132,6 +133,15 @@ class ListenerTlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """``egress:`` of a ``protocol: socks5`` or ``http_connect`` listener (enforcer.egress)."""
+
+    credentials: str | None = None  # user:scrypt-hash file; None = no login asked
+    request_timeout: float = 10.0  # accept to a complete request (greeting, login, CONNECT)
+    max_request_bytes: int = 8192  # http_connect: the request header's size limit
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     listen: Address
@@ -142,6 +152,9 @@ class ListenerConfig:
     transparent: bool = False  # redirected connections only; the original destination is
     # read from the socket (SO_ORIGINAL_DST) and the upstream is original_destination
     mesh: MeshRole | None = None  # outbound: mTLS to mesh peers; inbound: strict/permissive
+    protocol: ListenerProtocol = "tcp"  # socks5 / http_connect: an egress proxy (the client
+    # names its destination; the upstream's address is original_destination)
+    egress: EgressConfig | None = None  # set for socks5 and http_connect listeners
 
 
 @dataclass(frozen=True, slots=True)

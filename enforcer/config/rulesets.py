@@ -72,7 +72,7 @@ LIMITS_KEYS = ("per", "max_connections", "rate", "burst", "ipv4_prefix", "ipv6_p
 LimitPer = Literal["identity", "client", "listener"]
 FROM_KEYS = ("identities", "trust_domains", "dns", "cn", "ou", "spki_sha256", "cidrs", "tlvs",
              "tls")
-TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities", "cidrs")
+TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities", "cidrs", "hosts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +118,7 @@ class ToConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     server_identities: tuple[str, ...] = ()  # spiffe:// globs or DNS globs
     cidrs: tuple[IPNetwork, ...] = ()  # the destination's address (transparent listeners)
+    hosts: tuple[str, ...] = ()  # egress listeners: the requested host (DNS globs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +428,7 @@ def _to(node: Node) -> ToConfig:
         server_identities=_patterns(node["server_identities"], _server_identity_problem,
                                     "server identity", normalize=_normalize_server_identity),
         cidrs=_cidrs(node["cidrs"]),
+        hosts=_patterns(node["hosts"], dns_glob_problem, "host pattern", normalize=normalize_dns),
     )
 
 
@@ -610,6 +612,9 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
         out.append(f"from.tlvs: listener(s) {names} do not accept PROXY protocol")
     if t.sni and all(lst.tls.mode == "off" for lst in runs_on):
         out.append(f"to.sni: listener(s) {names} have tls mode off (no SNI)")
+    if t.hosts and all(lst.protocol == "tcp" for lst in runs_on):
+        out.append(f"to.hosts: listener(s) {names} are not egress proxies (protocol socks5 "
+                   "or http_connect): no client names a host")
     out.extend(_impossible_ports(t.ports, runs_on))
     if t.server_identities and all(
         ((up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off")
@@ -623,9 +628,10 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
 def _impossible_ports(ports: tuple[PortRange, ...], runs_on: list[ListenerConfig]) -> list[str]:
     listening = [(lst.name, lst.listen.port) for lst in runs_on]
     if not ports or any(lst.listen.is_unix or not lst.listen.port or lst.transparent
-                        for lst in runs_on):
+                        or lst.protocol != "tcp" for lst in runs_on):
         return []  # unix sockets and port 0 (chosen at bind) are not known here, and on a
-        # transparent listener to.ports is the port the client dialed
+        # transparent listener to.ports is the port the client dialed, on an egress
+        # listener the port it asked for
     if any(pr.low <= port <= pr.high for _, port in listening for pr in ports):
         return []
     where = ", ".join(f"{n} on {p}" for n, p in listening)

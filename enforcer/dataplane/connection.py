@@ -60,6 +60,7 @@ from enforcer.dataplane.tlsengine import (
     reset_on_close,
     unclean_detail,
 )
+from enforcer.egress import session as egress
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -67,6 +68,7 @@ from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from
 if TYPE_CHECKING:
     from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
     from enforcer.dataplane.pump import NativePump
+    from enforcer.egress.session import EgressSession
 
 log = logging.getLogger("enforcer.dataplane")
 
@@ -101,7 +103,7 @@ class Connection:
 
     __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
                  "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
-                 "early_upstream", "first_eof",
+                 "early_upstream", "egress", "first_eof",
                  "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
                  "listener", "local", "loop", "mesh", "original_dst", "peek", "peer", "pending", "pending_bytes", "plane",
                  "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
@@ -152,6 +154,7 @@ class Connection:
         self.close_timer: asyncio.TimerHandle | None = None
         self.life_timer: asyncio.TimerHandle | None = None
         self.hs_started = 0.0
+        self.egress: EgressSession | None = None  # egress listeners (enforcer.egress.session)
 
     # ===================================================================== side callbacks
     def side_connected(self, side: Side) -> None:
@@ -351,6 +354,11 @@ class Connection:
                 self._detect(data)
 
     def _from_client(self, data: bytes | memoryview) -> None:
+        if self.egress is not None and not self.egress.done:  # hook: the egress request
+            rest = self.egress.feed(data)
+            if rest is not None:
+                self._authorize(rest)
+            return
         self.bytes_from_client += len(data)
         self.listener.bytes_in.inc(len(data))
         if self.stage == Stage.RELAY and self.upstream is not None:
@@ -602,6 +610,11 @@ class Connection:
     # ===================================================================== authorize
     def _authorize(self, data: bytes) -> None:
         self.stage = Stage.AUTHORIZE
+        if self.listener.egress is not None:  # hook: SOCKS5 / CONNECT request first
+            pending = egress.negotiate(self, data, self._authorize)
+            if pending is None:
+                return
+            data = pending
         header = self.proxy_header
         # a LOCAL header (health checks) claims no address: no identity needed, none taken
         claims = header is not None and header.command == "PROXY"
@@ -651,6 +664,7 @@ class Connection:
             tlvs=tlvs,
             destination=dest,
             server_identity=self.upstream_identity,
+            host=self.egress.host if self.egress is not None else None,
         )
 
     # ===================================================================== upstream
@@ -701,6 +715,8 @@ class Connection:
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         if exc.errno in OUT_OF_DESCRIPTORS:
             _warn_out_of_descriptors(self.listener.name, str(addr), exc)
+        if self.egress is not None:  # hook: the egress client's reply says why
+            self.egress.errno = exc.errno
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
                    upstream_reason=None if counted else code)
 
@@ -841,6 +857,8 @@ class Connection:
         if self.decision is None and not self._decided(
                 self.plane.decide(self.listener, self._facts())):
             return
+        if self.egress is not None:  # hook: the egress client's success reply
+            self.egress.established()
         self.stage = Stage.RELAY
         self.relay = "python"
         up = self.upstream
@@ -1051,6 +1069,8 @@ class Connection:
             return
         stage_reached = self.stage
         self.stage = Stage.CLOSED
+        if self.egress is not None:  # hook: the egress client's refusal, if no reply yet
+            self.egress.closing(action, reason)
         if stage_reached == Stage.RELAY:
             self._keep_session()
         if self.pump is not None:

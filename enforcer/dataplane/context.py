@@ -16,6 +16,7 @@ from enforcer.policy.globs import StringSet
 if TYPE_CHECKING:
     from enforcer.config.passthrough import SniRouter
     from enforcer.dataplane.plane import DataPlane
+    from enforcer.egress.session import EgressRuntime
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +58,7 @@ class ListenerRuntime:
     local_port: int = 0
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_identities: StringSet | None = None  # proxy_protocol.trusted_identities
+    egress: EgressRuntime | None = None  # protocol socks5 / http_connect (enforcer.egress)
     server: Any = None  # asyncio.Server once bound
     bound: str = ""
     active: int = 0

@@ -217,6 +217,8 @@ class DataPlane:
         if lcfg.proxy_protocol.trusted_identities:
             lst.proxy_identities = identity_set(lcfg.proxy_protocol.trusted_identities)
         _bind_metrics(lst, self.metrics)
+        if lcfg.egress is not None:
+            lst.egress = _egress_runtime(lcfg, self.metrics)
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
             try:
@@ -581,6 +583,19 @@ def _bind_metrics(lst: ListenerRuntime, metrics: Any) -> None:
     lst.duration = metrics.connection_duration_seconds.labels(listener=name)
     lst.totals = {action: metrics.connections_total.labels(listener=name, action=action)
                   for action in ("allow", "deny", "error")}
+
+
+def _egress_runtime(lcfg: ListenerConfig, metrics: Any) -> Any:
+    """An egress listener's settings and users (enforcer.egress.session)."""
+    from enforcer.egress.credentials import CredentialsError
+    from enforcer.egress.session import make_runtime
+
+    assert lcfg.egress is not None
+    try:
+        return make_runtime(lcfg.name, lcfg.protocol, lcfg.egress, metrics)
+    except CredentialsError as exc:
+        raise StartupError("config", f"listeners.{lcfg.name}.egress.credentials: {exc}") \
+            from None
 
 
 def _factory(lst: ListenerRuntime) -> Any:

@@ -65,6 +65,9 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
     "proxy_protocol_errors_total": (
         "counter", "Connections dropped for a bad or untrusted PROXY header.",
         ("listener", "reason"), ()),
+    "egress_handshake_errors_total": (
+        "counter", "Egress requests (SOCKS5, HTTP CONNECT) refused before policy, by reason.",
+        ("listener", "protocol", "reason"), ()),
     "upstream_connect_seconds": (
         "histogram", "Time to connect to an upstream (TCP).", ("upstream",), CONNECT_BUCKETS),
     "upstream_errors_total": (
@@ -122,6 +125,7 @@ class Metrics:
     tls_handshake_errors_total: Counter
     policy_decisions_total: Counter
     proxy_protocol_errors_total: Counter
+    egress_handshake_errors_total: Counter
     upstream_connect_seconds: Histogram
     upstream_errors_total: Counter
     connection_duration_seconds: Histogram
@@ -262,6 +266,7 @@ class NullMetrics:
     tls_handshake_errors_total: NullMetric
     policy_decisions_total: NullMetric
     proxy_protocol_errors_total: NullMetric
+    egress_handshake_errors_total: NullMetric
     upstream_connect_seconds: NullMetric
     upstream_errors_total: NullMetric
     connection_duration_seconds: NullMetric

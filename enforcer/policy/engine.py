@@ -48,7 +48,8 @@ from enforcer.policy.matchers import (
 )
 
 CACHE_LIMIT = 4096
-_DIM_ORDER = ("listener", "port", "tls", "peer", "client", "sni", "destination", "server")
+_DIM_ORDER = ("listener", "port", "tls", "peer", "client", "sni", "host", "destination",
+              "server")
 
 Extract = Callable[[FlowFacts], Any]
 Constrained = list[tuple[int, tuple[Matcher, ...]]]

@@ -33,6 +33,7 @@ class FlowFacts:
     tlvs: Mapping[str, str] = field(default_factory=lambda: EMPTY_TLVS)  # tlvs_for_policy()
     destination: tuple[str, int] | None = None  # outbound: upstream host, port
     server_identity: PeerIdentity | None = None  # outbound: upstream's verified identity
+    host: str | None = None  # egress listeners: the host the client asked for (normalised)
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,7 @@ class RecordedFlow:
     upstream_tls: str | None
     server_identity: PeerIdentity | None
     truncated: bool  # a SAN list of tls.peer was capped in the record
+    egress: tuple[str, int] | None = None  # egress listeners: the requested host and port
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +271,16 @@ def _flow(rec: _Where, action: Action, identities: IdentityCache) -> RecordedFlo
         upstream_tls=upstream.text("tls") if upstream is not None else None,
         server_identity=identities.get(server) if server is not None else None,
         truncated=peer is not None and bool(peer.value("truncated", False)),
+        egress=_egress(rec.child("egress")),
     )
+
+
+def _egress(egress: _Where | None) -> tuple[str, int] | None:
+    """An egress listener's requested ``(host, port)``; None before a complete request."""
+    if egress is None:
+        return None
+    host, port = egress.text("host"), egress.port("port")
+    return (host, port) if host is not None and port is not None else None
 
 
 def _client_ip(client: _Where | None) -> IPAddress | None:
@@ -340,9 +350,12 @@ class Candidate:
         if destination is None and self._uses_destination[name] and self.listeners is None:
             return Undecidable("a rule looks at to.destinations and the record has no upstream "
                                "address (replay with the full config)")
+        if flow.egress is not None:  # an egress listener: rules see the request
+            port, destination = flow.egress[1], flow.egress
         facts = FlowFacts(listener=flow.listener, port=port, client_ip=flow.client_ip,
                           identity=flow.identity, tls=flow.tls, sni=flow.sni, tlvs=flow.tlvs,
-                          destination=destination, server_identity=flow.server_identity)
+                          destination=destination, server_identity=flow.server_identity,
+                          host=flow.egress[0] if flow.egress is not None else None)
         if ruleset.uses_server_identity and flow.server_identity is None and not plain_upstream:
             decision = ruleset.decide_before_upstream(facts)
             if decision is None:

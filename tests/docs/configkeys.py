@@ -31,7 +31,7 @@ _RULE = {"name": "r", "description": "d", "action": "allow", "ports": [1],
                   "cn": ["c"], "ou": ["o"], "spki_sha256": ["x"], "cidrs": ["10.0.0.0/8"],
                   "tlvs": {k: ["v"] for k in rulesets.TLV_KEYS}, "tls": "required"},
          "to": {"listeners": ["l"], "ports": [1], "sni": ["a.b"], "destinations": ["a:1"],
-                "server_identities": ["a.b"]},
+                "server_identities": ["a.b"], "hosts": ["*.a.b"]},
          "limits": {"per": "client", "max_connections": 1, "rate": "1/s", "burst": 1,
                     "ipv4_prefix": 24, "ipv6_prefix": 64}}
 MAXIMAL: dict[str, Any] = {
@@ -41,6 +41,9 @@ MAXIMAL: dict[str, Any] = {
                   "password_env": "E", "min_version": "1.2", "cipher_suites": ["x"],
                   "spiffe": {"socket": "unix:/s", "timeout": "1s"}}},
     "listeners": [{"name": "l", "listen": "127.0.0.1:1", "ruleset": "rs", "upstream": "u",
+                   "protocol": "http_connect",
+                   "egress": {"credentials": "users", "request_timeout": "1s",
+                              "max_request_bytes": 1024},
                    "proxy_protocol": {"accept": "off", "trusted_sources": [], "timeout": "1s"},
                    "tls": {"mode": "off", "material": "m", "client_auth": "none",
                            "server_names": [], "strict_sni": False, "alpn": [],

@@ -34,6 +34,8 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_passthrough_routed_total": ("counter", frozenset({"listener", "upstream"})),
     "enforcer_limited_total": ("counter", frozenset({"listener", "reason"})),
     "enforcer_certificate_closes_total": ("counter", frozenset({"listener", "reason"})),
+    "enforcer_egress_handshake_errors_total": ("counter",
+                                               frozenset({"listener", "protocol", "reason"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -59,6 +61,8 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.passthrough_routed_total.labels(listener="in", upstream="app").inc()
     m.limited_total.labels(listener="in", reason="rate_limited").inc()
     m.certificate_closes_total.labels(listener="in", reason="revoked").inc()
+    m.egress_handshake_errors_total.labels(listener="in", protocol="socks5",
+                                           reason="timeout").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:
