@@ -4,8 +4,10 @@ Targets, and the one exception each may raise (anything else is a crash):
 - PROXY protocol v1/v2 (``HeaderParser``, fed in random pieces, then the TLV decoding the
   data plane and the flow record do): ``ProxyProtocolError``;
 - the config file (``load_config``: YAML text, then validation): ``ConfigError``;
-- a rules file (``load_rulesets_file``, then compiling the rulesets): ``ConfigError``.
-(There is no flow-log replay input in enforcer to fuzz.)
+- a rules file (``load_rulesets_file``, then compiling the rulesets): ``ConfigError``;
+- flow-log replay input (``enforcer policy replay``: ``split_lines``, ``parse_line``, then
+  deciding with a rulesets-only and a full-config candidate and tallying the report):
+  ``ReplayInputError``.
 
 Inputs are hypothesis-generated: mutations (flips, inserts, deletes, splices, cuts) of the
 committed seed corpus in ``corpus/`` (``make_corpus.py`` regenerates the PROXY seeds),
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import json
 import os
 import signal
 import tempfile
@@ -38,6 +42,15 @@ from hypothesis import strategies as st
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import load_config, load_rulesets_file
 from enforcer.policy import compile_rulesets
+from enforcer.policy.replay import (
+    Candidate,
+    IdentityCache,
+    RecordedFlow,
+    ReplayInputError,
+    ReplayReport,
+    parse_line,
+    split_lines,
+)
 from enforcer.proxyproto import HeaderParser, ProxyProtocolError
 
 pytestmark = [pytest.mark.faults]
@@ -217,3 +230,54 @@ def test_fuzz_rules_file(faults_summary: Any) -> None:
         n = fuzz(_text_inputs("rules"), _file_body(Path(tmp) / "rules.yaml",
                                                    _load_and_compile))
     faults_summary(f"{n} rules files, no crash or hang ({BUDGET:.0f} s)")
+
+
+# -- flow-log replay input ---------------------------------------------------------------------
+def structural_lines(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
+    """A seed flow log with a value anywhere in one of its records replaced."""
+    logs = [[json.loads(line) for line in s.splitlines()] for s in seeds]
+
+    @st.composite
+    def build(draw: Any) -> bytes:
+        records = draw(st.sampled_from(logs))
+        at = draw(st.integers(0, len(records) - 1))
+        path = draw(st.sampled_from(list(_paths(records[at]))))
+        records = [*records[:at], _replace(records[at], path, draw(_yaml_values)),
+                   *records[at + 1:]]
+        return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+    return build()
+
+
+def _replay_body(candidates: list[Candidate]) -> Callable[[bytes], None]:
+    def body(data: bytes) -> None:
+        identities = IdentityCache(limit=8)
+        reports = [ReplayReport() for _ in candidates]
+        for _, line in split_lines(io.BytesIO(data), limit=4096):
+            if line is None:
+                continue  # overlong: the CLI reports it
+            try:
+                flow = parse_line(line, identities)
+            except ReplayInputError as exc:
+                assert str(exc)  # names what was wrong
+                continue
+            if isinstance(flow, RecordedFlow):
+                for candidate, report in zip(candidates, reports, strict=True):
+                    report.add(flow, candidate.decide(flow))
+    return body
+
+
+def test_fuzz_flow_log_replay_input(faults_summary: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for rules in (CORPUS / "rules").iterdir():
+            (Path(tmp) / rules.name).write_bytes(rules.read_bytes())
+        (Path(tmp) / "enforcer.yaml").write_bytes(
+            (CORPUS / "config" / "sidecar-inbound.yaml").read_bytes())
+        cfg = load_config(str(Path(tmp) / "enforcer.yaml"))
+        candidates = [
+            Candidate(load_rulesets_file(str(CORPUS / "rules" / "sidecar-inbound.rules.yaml"))),
+            Candidate(cfg.rulesets, {lst.name: lst for lst in cfg.listeners}, cfg.upstreams)]
+    seeds = _seeds("flows")
+    inputs = st.one_of(mutated(seeds), structural_lines(seeds), st.binary(max_size=300))
+    n = fuzz(inputs, _replay_body(candidates))
+    faults_summary(f"{n} flow-log replay inputs, no crash or hang ({BUDGET:.0f} s)")
