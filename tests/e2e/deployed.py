@@ -11,6 +11,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,3 +101,12 @@ def intercept_spec(docs: list[Doc]) -> InterceptSpec:
     intercept.register(parser.add_subparsers())
     return intercept.spec_from_args(parser.parse_args(["intercept", "apply",
                                                        *intercept_args(docs)]))
+
+
+def ruleset_words(text: str) -> str:
+    """An nftables table as comparable words: ``nft list`` prints a single address
+    without its /32 or /128, marks zero-padded and, in some versions, tcp as 6."""
+    text = re.sub(r"/(32|128)\b", "", text)
+    text = re.sub(r"0x0*([0-9a-f])", r"0x\1", text)
+    text = re.sub(r"\bl4proto (!= )?6\b", r"l4proto \1tcp", text)
+    return " ".join(text.split())
