@@ -266,7 +266,12 @@ class Connection:
             self.stage = Stage.PROXY
             if trusted:
                 self.proxy_parser = HeaderParser()
-            self._set_stage_timer(pp.timeout, "proxy_protocol_timeout")
+            silence = detect.proxy_silence(lst.cfg.tls.mode, pp.accept,
+                                           lst.cfg.tls.detect_timeout, pp.timeout)
+            if silence:  # a server-first client says nothing: no header, plaintext
+                self._set_stage_timer(silence, "proxy_silence")
+            else:
+                self._set_stage_timer(pp.timeout, "proxy_protocol_timeout")
             return
         self._after_proxy(b"")
 
@@ -508,6 +513,20 @@ class Connection:
         self._proxy_error("untrusted_identity", f"PROXY header from {self._peer_text()} with "
                           f"{who}, not one of proxy_protocol.trusted_identities")
         return False
+
+    def _proxy_silence(self) -> None:
+        """``accept: optional`` on a ``tls.mode: auto`` listener and the client said nothing
+        for ``tls.detect_timeout``: no PROXY header and plaintext (a server-first protocol),
+        the upstream is connected. A client that has started to send (bytes held, or
+        waiting unread in the socket) gets the full PROXY timeout instead."""
+        self.stage_timer = None
+        parser = self.proxy_parser
+        if self.sniff_buf or (parser is not None and parser.buffered) \
+                or _has_unread(self.client.transport):
+            self._set_stage_timer(self.listener.cfg.proxy_protocol.timeout,
+                                  "proxy_protocol_timeout")
+            return
+        self._authorize(b"")
 
     def _proxy_error(self, reason: str, detail: str) -> None:
         self.plane.metrics.proxy_protocol_errors_total.labels(
@@ -1006,6 +1025,9 @@ class Connection:
             self._proxy_error("timeout", "nothing received in time (with accept: optional the "
                               "client must send first)" if optional and silent
                               else "no complete PROXY header in time")
+            return
+        if reason == "proxy_silence" and self.stage == Stage.PROXY:
+            self._proxy_silence()
             return
         if reason == "detect_timeout" and self.stage == Stage.DETECT:
             self.stage_timer = None
