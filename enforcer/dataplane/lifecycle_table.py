@@ -1,0 +1,118 @@
+"""The connection lifecycle's transition table: what each event does in each stage.
+
+Read a column for a stage, a row for an event; the cell names an outcome (its meaning is
+in ``OUTCOMES`` and in docs/design.md, whose copy of this table a test checks). ``.`` is an
+impossible event: ``Lifecycle.handle`` raises ``LifecycleError``; ``-`` is an event that is
+expected and does nothing (a socket's last callbacks after enforcer closed it).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+STAGES: Final = ("ACCEPTED", "PROXY", "DETECT", "HANDSHAKE", "AUTHORIZE", "CONNECT",
+                 "UPSTREAM_TLS", "RELAY", "HALF_CLOSED", "CLOSED")
+
+GRID: Final = """
+event              ACCEPTED PROXY    DETECT   HANDSHAKE AUTHORIZE CONNECT  UPSTREAM_TLS RELAY    HALF_CLOSED CLOSED
+accept             begin    .        .        .        .        .        .        .        .        .
+proxy_done         .        after    .        .        .        .        .        .        .        .
+tls_detected       .        .        tls      .        .        .        .        .        .        .
+plain_detected     .        .        plain    .        .        .        .        .        .        .
+handshake_done     .        .        .        authz    .        .        .        .        .        .
+decision           .        .        .        .        decided  decided  decided  .        .        .
+upstream_connected .        .        .        .        .        upready  .        .        .        .
+upstream_tls_done  .        .        .        .        .        .        relay    .        .        .
+relay_started      .        .        .        .        .        .        .        started  .        .
+client_data        .        parse    detect   shake    .        hold     hold     fwd      fwd      .
+upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      .
+client_eof         .        proxyeof closed   closed   .        defer    defer    half     fin      .
+upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      .
+done               .        .        .        .        .        .        .        .        done     .
+client_error       .        lost     lost     lost     .        lost     lost     lost     lost     -
+upstream_error     .        .        .        .        .        lost     lost     lost     lost     -
+fail               fail     fail     fail     fail     fail     fail     fail     .        .        .
+proxy_timeout      .        timeout  .        .        .        .        .        .        .        .
+detect_timeout     .        .        silent   .        .        .        .        .        .        .
+handshake_timeout  .        .        timeout  timeout  .        .        .        .        .        .
+connect_timeout    .        .        .        .        .        timeout  .        .        .        .
+upstream_tls_timeout .      .        .        .        .        .        timeout  .        .        .
+idle_timeout       .        .        .        .        .        .        .        idle     idle     .
+close_timeout      .        .        .        .        .        .        .        .        timeout  .
+max_lifetime       .        timeout  timeout  timeout  .        timeout  timeout  timeout  timeout  .
+drain              drain    drain    drain    drain    .        drain    drain    drain    drain    .
+revoke             .        .        .        .        .        revoke   revoke   revoke   revoke   .
+internal_error     internal internal internal internal internal internal internal internal internal -
+"""
+
+# What each outcome does (the I/O layer executes the commands; see lifecycle.py).
+OUTCOMES: Final = {
+    "begin": "arm max_lifetime; then PROXY (arm proxy_protocol.timeout) when a PROXY header "
+             "is read, else as `after`",
+    "after": "tls.mode off: AUTHORIZE; on: HANDSHAKE (arm handshake_timeout); auto: DETECT "
+             "(arm tls.detect_timeout, or handshake_timeout when it is 0)",
+    "tls": "HANDSHAKE (re-arm handshake_timeout if a detect_timeout ran)",
+    "plain": "AUTHORIZE",
+    "authz": "AUTHORIZE (ask the policy)",
+    "decided": "deny: CLOSED `denied`; allow or undecided (AUTHORIZE): CONNECT (arm "
+               "connect_timeout, connect); allow when asked after the upstream: RELAY",
+    "upready": "upstream TLS: UPSTREAM_TLS (arm handshake_timeout); else `relay`",
+    "relay": "if undecided (rules on the upstream's identity): ask the policy and wait; "
+             "else RELAY: held bytes go both ways",
+    "started": "a held client EOF, then a held upstream EOF, are replayed (`half`/`fin`); "
+               "Python relay: arm idle_timeout; `open` record when flow_log.open_events",
+    "parse": "bytes go to the PROXY parser",
+    "detect": "bytes go to TLS/plaintext detection",
+    "shake": "bytes go to the server TLS handshake",
+    "upshake": "bytes go to the upstream TLS handshake",
+    "hold": "bytes are held (reading pauses at 256 KiB) until the relay starts",
+    "early": "plaintext upstream: held like `hold`; TLS upstream: CLOSED `upstream_tls_failed`",
+    "fwd": "bytes are forwarded to the other side (last activity noted for idle_timeout)",
+    "proxyeof": "the PROXY parser says why (a `fail` follows)",
+    "closed": "CLOSED `client_closed`",
+    "defer": "the EOF is held and replayed when the relay starts",
+    "updefer": "after early upstream bytes: held like `defer`; else CLOSED `upstream_closed`",
+    "uptls": "CLOSED `upstream_tls_failed`",
+    "half": "HALF_CLOSED (that side finished): pass the EOF on (shut write), arm "
+            "close_timeout",
+    "fin": "from the side still open: pass it on; Python relay: CLOSED `client_fin` or "
+           "`upstream_fin` (who finished first); native pump: wait for `done`",
+    "done": "the pump sent both ends' last bytes: CLOSED `client_fin`/`upstream_fin`",
+    "lost": "CLOSED `<side>_reset`/`_closed`/`_tls_error`/`_truncated`/"
+            "`_eof_without_close_notify`, or `peer_timeout`",
+    "fail": "CLOSED with the reason the I/O layer found (a refusal or failure; its action "
+            "and abort come from the core's REASONS)",
+    "timeout": "CLOSED `<timer>`; idle/close/max_lifetime end as `<timer>_rst` with "
+               "limits.timeout_close: rst",
+    "silent": "bytes wait unread: re-arm (handshake_timeout); else the client is plaintext: "
+              "AUTHORIZE",
+    "idle": "idle for idle_timeout: CLOSED `idle_timeout`; else re-arm for the rest",
+    "drain": "CLOSED `drain` (the drain deadline passed)",
+    "revoke": "only once allowed: CLOSED `policy_reload` (action deny)",
+    "internal": "CLOSED `internal_error`",
+    "-": "nothing (the socket's last callbacks after enforcer closed it)",
+    ".": "impossible: LifecycleError",
+}
+
+
+def parse(grid: str = GRID) -> dict[tuple[str, str], str]:
+    """The grid as ``{(stage, event): outcome}``, impossible cells left out."""
+    lines = [line.split() for line in grid.strip().splitlines()]
+    header, rows = lines[0][1:], lines[1:]
+    if tuple(header) != STAGES:
+        raise ValueError(f"lifecycle table: columns {header} are not {STAGES}")
+    table: dict[tuple[str, str], str] = {}
+    for row in rows:
+        event, cells = row[0], row[1:]
+        if len(cells) != len(STAGES):
+            raise ValueError(f"lifecycle table: row {event} has {len(cells)} cells")
+        for stage, cell in zip(STAGES, cells, strict=True):
+            if cell not in OUTCOMES:
+                raise ValueError(f"lifecycle table: unknown outcome {cell!r} ({event})")
+            if cell != ".":
+                table[(stage, event)] = cell
+    return table
+
+
+def events(grid: str = GRID) -> tuple[str, ...]:
+    return tuple(line.split()[0] for line in grid.strip().splitlines()[1:])
