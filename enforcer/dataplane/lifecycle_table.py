@@ -116,3 +116,16 @@ def parse(grid: str = GRID) -> dict[tuple[str, str], str]:
 
 def events(grid: str = GRID) -> tuple[str, ...]:
     return tuple(line.split()[0] for line in grid.strip().splitlines()[1:])
+
+
+def markdown(grid: str = GRID) -> str:
+    """The table as docs/design.md shows it (tests/docs checks that they agree)."""
+    lines = [line.split() for line in grid.strip().splitlines()]
+    header, rows = lines[0], lines[1:]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join([f"`{row[0]}`", *(c if c != "." else "" for c in row[1:])])
+            + " |" for row in rows]
+    out.append("")
+    out += [f"- {'(empty)' if name == '.' else f'`{name}`'}: {text}"
+            for name, text in OUTCOMES.items()]
+    return "\n".join(out) + "\n"
