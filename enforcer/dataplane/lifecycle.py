@@ -373,8 +373,8 @@ class Lifecycle:
 
     def _fwd(self, ev: Event) -> list[Command]:
         side = "client" if ev.kind == "client_data" else "upstream"
-        if side == self.first_eof:
-            raise LifecycleError(f"data from the {side} after its EOF")
+        if side == self.first_eof or self.ended:
+            return []  # a TLS peer's bytes after its close_notify: OpenSSL drops them too
         self.last_active = ev.now
         return _FORWARD[side]
 

@@ -23,7 +23,7 @@ handshake_done     .        .        .        authz    .        .        .      
 decision           .        .        .        .        decided  decided  decided  .        .        .
 upstream_connected .        .        .        .        .        upready  .        .        .        .
 upstream_tls_done  .        .        .        .        .        .        relay    .        .        .
-relay_started      .        .        .        .        .        .        .        started  .        .
+relay_started      .        .        .        .        .        .        .        started  started  .
 client_data        .        parse    detect   shake    .        hold     hold     fwd      fwd      .
 upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      .
 client_eof         .        proxyeof closed   closed   .        defer    defer    half     fin      .
@@ -67,7 +67,9 @@ OUTCOMES: Final = {
     "upshake": "bytes go to the upstream TLS handshake",
     "hold": "bytes are held (reading pauses at 256 KiB) until the relay starts",
     "early": "plaintext upstream: held like `hold`; TLS upstream: CLOSED `upstream_tls_failed`",
-    "fwd": "bytes are forwarded to the other side (last activity noted for idle_timeout)",
+    "fwd": "bytes are forwarded to the other side (last activity noted for idle_timeout); "
+           "from a side that has finished (a TLS peer's bytes after its close_notify) "
+           "they are dropped",
     "proxyeof": "the PROXY parser says why (a `fail` follows)",
     "closed": "CLOSED `client_closed`",
     "defer": "the EOF is held and replayed when the relay starts",

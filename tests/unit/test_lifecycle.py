@@ -142,6 +142,8 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                                     ("error", "upstream_identity_mismatch"))],
     (Stage.UPSTREAM_TLS, "upstream_tls_timeout"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                                     ("error", "upstream_tls_timeout"))],
+    (Stage.HALF_CLOSED, "relay_started"): [({}, {}, [*TO_RELAY[:-1], E("upstream_eof")],
+                                            Stage.HALF_CLOSED, ["start_timer"], None)],
     (Stage.RELAY, "relay_started"): [({}, {}, TO_RELAY[:-1], Stage.RELAY, ["start_timer"],
                                       None),
                                      ({"flag": True}, {}, TO_RELAY[:-1], Stage.RELAY, [], None)],
@@ -365,9 +367,8 @@ def test_unknown_reasons_are_refused() -> None:
         drive(TO_RELAY).handle(E("client_error", reason="oops"))
 
 
-def test_data_after_its_eof_is_impossible() -> None:
-    with pytest.raises(LifecycleError, match="after its EOF"):
-        drive(TO_HALF).handle(E("client_data"))
+def test_data_after_its_eof_is_dropped_and_a_second_eof_impossible() -> None:
+    assert drive(TO_HALF).handle(E("client_data")) == []  # dropped (TLS: after close_notify)
     with pytest.raises(LifecycleError, match="second EOF"):
         drive([*TO_CONNECT, E("client_eof")]).handle(E("client_eof"))
 
