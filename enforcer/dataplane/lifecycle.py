@@ -52,7 +52,7 @@ class Plan:
 
     proxy: bool = False  # a PROXY header is read (proxy_protocol.accept is not off)
     proxy_timeout: float = 5.0
-    tls: str = "off"  # tls.mode: off | on | auto
+    tls: str = "off"  # tls.mode: off | auto | terminate
     detect_timeout: float = 0.0
     handshake_timeout: float = 10.0
     connect_timeout: float = 5.0
@@ -235,16 +235,16 @@ class Lifecycle:
         if plan.tls == "off":
             self._disarm("stage")
             self._authorize()
-        elif plan.tls == "on":
-            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = Stage.HANDSHAKE
-            self._cmd("start_tls")
-        else:
+        elif plan.tls == "auto":
             if plan.detect_timeout > 0:  # a silent client is plaintext after this
                 self._arm("stage", "detect_timeout", plan.detect_timeout)
             else:
                 self._arm("stage", "handshake_timeout", plan.handshake_timeout)
             self.stage = Stage.DETECT
+        else:  # terminate
+            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
+            self.stage = Stage.HANDSHAKE
+            self._cmd("start_tls")
 
     def _enter_relay(self) -> None:
         if self.decision is None:  # rules on the upstream's identity: decide now

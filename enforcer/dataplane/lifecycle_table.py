@@ -24,10 +24,10 @@ decision           .        .        .        .        decided  decided  decided
 upstream_connected .        .        .        .        .        upready  .        .        .        .
 upstream_tls_done  .        .        .        .        .        .        relay    .        .        .
 relay_started      .        .        .        .        .        .        .        started  started  .
-client_data        .        parse    detect   shake    .        hold     hold     fwd      fwd      .
-upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      .
-client_eof         .        proxyeof closed   closed   .        defer    defer    half     fin      .
-upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      .
+client_data        .        parse    detect   shake    .        hold     hold     fwd      fwd      -
+upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      -
+client_eof         .        proxyeof closed   closed   .        defer    defer    half     fin      -
+upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      -
 done               .        .        .        .        .        .        .        .        done     .
 client_error       .        lost     lost     lost     .        lost     lost     lost     lost     -
 upstream_error     .        .        .        .        .        lost     lost     lost     lost     -
@@ -49,7 +49,7 @@ internal_error     internal internal internal internal internal internal interna
 OUTCOMES: Final = {
     "begin": "arm max_lifetime; then PROXY (arm proxy_protocol.timeout) when a PROXY header "
              "is read, else as `after`",
-    "after": "tls.mode off: AUTHORIZE; on: HANDSHAKE (arm handshake_timeout); auto: DETECT "
+    "after": "tls.mode off: AUTHORIZE; terminate: HANDSHAKE (arm handshake_timeout); auto: DETECT "
              "(arm tls.detect_timeout, or handshake_timeout when it is 0)",
     "tls": "HANDSHAKE (re-arm handshake_timeout if a detect_timeout ran)",
     "plain": "AUTHORIZE",
@@ -92,7 +92,7 @@ OUTCOMES: Final = {
     "drain": "CLOSED `drain` (the drain deadline passed)",
     "revoke": "only once allowed: CLOSED `policy_reload` (action deny)",
     "internal": "CLOSED `internal_error`",
-    "-": "nothing (the socket's last callbacks after enforcer closed it)",
+    "-": "nothing (a socket's last callbacks after enforcer closed it)",
     ".": "impossible: LifecycleError",
 }
 

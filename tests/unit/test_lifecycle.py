@@ -62,7 +62,7 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
     (Stage.ACCEPTED, "accept"): [({}, {}, None, Stage.PROXY, ["start_timer"] * 2, None),
                                  ({}, {"proxy": False, "tls": "off"}, None, Stage.AUTHORIZE,
                                   ["start_timer", "decide"], None),
-                                 ({}, {"proxy": False, "tls": "on", "max_lifetime": 0}, None,
+                                 ({}, {"proxy": False, "tls": "terminate", "max_lifetime": 0}, None,
                                   Stage.HANDSHAKE, ["start_timer", "start_tls"], None)],
     (Stage.ACCEPTED, "fail"): [({"reason": "max_connections"}, {}, None, Stage.CLOSED, CLOSE,
                                 ("error", "max_connections")),
@@ -176,6 +176,10 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
     (Stage.CLOSED, "upstream_error"): [({"reason": "closed"}, {}, None, Stage.CLOSED, [],
                                         None)],
     (Stage.CLOSED, "internal_error"): [({}, {}, None, Stage.CLOSED, [], None)],
+    (Stage.CLOSED, "client_data"): [({}, {}, None, Stage.CLOSED, [], None)],
+    (Stage.CLOSED, "upstream_data"): [({}, {}, None, Stage.CLOSED, [], None)],
+    (Stage.CLOSED, "client_eof"): [({}, {}, None, Stage.CLOSED, [], None)],
+    (Stage.CLOSED, "upstream_eof"): [({}, {}, None, Stage.CLOSED, [], None)],
 }
 # events that close every open stage where the table allows them, the same way
 RELAYING = (Stage.RELAY, Stage.HALF_CLOSED)
@@ -381,7 +385,7 @@ SAMPLES = [E(name) for name in events()] + [
     E("fail", reason="proxy_protocol_timeout"), E("idle_timeout", now=1e6, last_active=0.0),
     E("client_data", now=5.0), E("upstream_data", now=7.0),
 ]
-PLANS = st.builds(Plan, proxy=st.booleans(), tls=st.sampled_from(["off", "on", "auto"]),
+PLANS = st.builds(Plan, proxy=st.booleans(), tls=st.sampled_from(["off", "terminate", "auto"]),
                   detect_timeout=st.sampled_from([0.0, 1.0]),
                   max_lifetime=st.sampled_from([0.0, 60.0]), timeout_rst=st.booleans(),
                   upstream_tls=st.booleans(), open_events=st.booleans())
