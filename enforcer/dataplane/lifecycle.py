@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 from enforcer.dataplane.lifecycle_table import parse
 
@@ -64,8 +64,7 @@ class Plan:
     open_events: bool = False  # flow_log.open_events
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):  # a NamedTuple: cheap to make (one per chunk on the Python relay)
     kind: str  # a row of the table
     now: float = 0.0  # the caller's monotonic clock
     reason: str = ""  # fail: the close reason; *_error: reset | closed | peer_timeout | ...
@@ -75,8 +74,7 @@ class Event:
     last_active: float | None = None  # idle_timeout from the native pump's tick
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(NamedTuple):
     kind: str  # see COMMANDS
     side: str | None = None  # client | upstream
     timer: str | None = None  # slot: stage | idle | close | life
@@ -96,6 +94,9 @@ COMMANDS: Final = ("start_timer", "cancel_timer", "start_tls", "decide", "connec
                    "record")
 
 TABLE: Final = {(Stage[stage], event): outcome for (stage, event), outcome in parse().items()}
+# the same, as one row per stage indexed by its number (no enum hashing per event)
+_ROWS: Final = [{event: outcome for (s, event), outcome in TABLE.items() if s == stage}
+                for stage in Stage]
 
 # timer events: the slot they use and the close reason when they end the connection
 TIMERS: Final = {
@@ -172,7 +173,7 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, ev: Event) -> list[Command]:
-        outcome = TABLE.get((self.stage, ev.kind))
+        outcome = _ROWS[self.stage].get(ev.kind)
         if outcome is None:
             raise LifecycleError(f"event {ev.kind} cannot happen in stage {self.stage.name}")
         if outcome == "-":
