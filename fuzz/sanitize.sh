@@ -10,7 +10,7 @@ OUT=${OUT:-build/sanitize}
 TESTS=${SANITIZE_TESTS:-tests/e2e/test_native_relay.py tests/e2e/test_tls_records.py
   tests/e2e/test_tls_records_refusals.py tests/e2e/test_tls_records_kat.py
   tests/e2e/test_tls_close_semantics.py tests/e2e/test_tls_interop_gnutls.py
-  tests/e2e/test_acceptor.py}
+  tests/e2e/test_acceptor.py tests/e2e/test_native_group.py}
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 git ls-files -z enforcer tests pyproject.toml | xargs -0 cp --parents -t "$OUT"

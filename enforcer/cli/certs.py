@@ -1,4 +1,4 @@
-"""``enforcer certs init | issue | show``: throwaway PKI and certificate inspection.
+"""``enforcer certs init | issue | show | crl``: throwaway PKI and certificate inspection.
 
 A thin layer over ``enforcer.tlsconf.certs``: it parses arguments, turns ``CertsError``
 into one line on stderr with exit code 2, and prints what was written or found. ``show``
@@ -55,6 +55,7 @@ def register(sub: Any) -> None:
     _register_init(actions)
     _register_issue(actions)
     _register_show(actions)
+    _register_crl(actions)
 
 
 def _usage(parser: argparse.ArgumentParser) -> Handler:
@@ -108,6 +109,22 @@ def _register_show(actions: Any) -> None:
     p.set_defaults(func=_guarded(cmd_show))
 
 
+def _register_crl(actions: Any) -> None:
+    p = actions.add_parser(
+        "crl",
+        help="write a CRL signed by DIR's CA, revoking the given certificates",
+        description="Write a PEM CRL signed by DIR/ca.crt + DIR/ca.key that revokes the "
+        "certificates named with --revoke (none: an empty CRL). Written atomically, so an "
+        "enforcer watching the file reloads it once, whole.",
+    )
+    p.add_argument("dir", metavar="DIR", type=Path, help="directory holding ca.crt and ca.key")
+    p.add_argument("--out", metavar="FILE", type=Path, required=True, help="the CRL file")
+    p.add_argument("--revoke", metavar="CERT", type=Path, action="append", default=[],
+                   help="a certificate file to revoke (repeatable)")
+    p.add_argument("--days", type=int, default=7, help="until the next update (default 7)")
+    p.set_defaults(func=_guarded(cmd_crl))
+
+
 def _guarded(handler: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -153,6 +170,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(facts, indent=2))
     else:
         print(format_facts(facts))
+    return exitcodes.OK
+
+
+def cmd_crl(args: argparse.Namespace) -> int:
+    serials = [int(str(certs.describe(path)["serial"]), 16) for path in args.revoke]
+    out = certs.write_crl(args.dir, args.out, serials, days=args.days)
+    print(f"CRL:     {out} ({len(serials)} revoked, next update in {args.days} days)")
+    for path, serial in zip(args.revoke, serials, strict=True):
+        print(f"revoked: {path} (serial {serial:x})")
     return exitcodes.OK
 
 

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "enforcer.cli.policy",
     "enforcer.cli.bench",
     "enforcer.cli.intercept",
+    "enforcer.cli.egress",
 )
 
 

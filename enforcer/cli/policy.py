@@ -16,7 +16,8 @@ from typing import Any
 from enforcer.cli import exitcodes, replay
 from enforcer.cli.errors import fail, load_config_or_report
 from enforcer.config.model import Config, ListenerConfig
-from enforcer.config.rulesets import TLV_KEYS
+from enforcer.config.passthrough import SniRouter
+from enforcer.config.rulesets import TLV_KEYS, normalize_dns
 from enforcer.policy import Explanation, FlowFacts, compile_ruleset
 from enforcer.tlsconf.identity import (
     IdentityError,
@@ -103,7 +104,7 @@ def build_facts(args: argparse.Namespace, listener: ListenerConfig,
     then the flow's port unless --port is given."""
     identity = _peer(args.identity, args.cert)
     dest = (_destination(args.destination) if args.destination is not None
-            else _upstream_destination(cfg, listener))
+            else _upstream_destination(cfg, listener, args.sni))
     port = listener.listen.port if args.port is None else args.port
     if listener.transparent and args.port is None and dest is not None:
         port = dest[1]
@@ -127,13 +128,17 @@ def _is_tls(listener: ListenerConfig, has_identity: bool, has_sni: bool) -> bool
     """What the listener's TLS mode allows: terminate is always TLS, off never, auto is TLS
     when the flow described has a certificate or SNI."""
     mode, client_auth = listener.tls.mode, listener.tls.client_auth
+    if mode == "passthrough" and has_identity:
+        raise BadInput(f"listener {listener.name!r} has tls mode passthrough: it does not "
+                       "terminate TLS and never sees a client certificate (drop "
+                       "--identity/--cert)")
     if mode == "off" and (has_identity or has_sni):
         raise BadInput(f"listener {listener.name!r} has tls mode off: its connections never "
                        "carry a certificate or SNI (drop --identity/--cert/--sni)")
     if has_identity and client_auth == "none":
         raise BadInput(f"listener {listener.name!r} has client_auth none: it never asks for "
                        "a client certificate (drop --identity/--cert)")
-    return mode == "terminate" or (mode == "auto" and (has_identity or has_sni))
+    return mode in ("terminate", "passthrough") or (mode == "auto" and (has_identity or has_sni))
 
 
 def _peer(uri: str | None, cert: str | None) -> PeerIdentity | None:
@@ -179,8 +184,18 @@ def _tlvs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _upstream_destination(cfg: Config | None, listener: ListenerConfig) -> tuple[str, int] | None:
+def _upstream_destination(cfg: Config | None, listener: ListenerConfig,
+                          sni: str | None = None) -> tuple[str, int] | None:
+    """The listener's upstream address; on a passthrough listener, the one ``sni`` routes
+    to (None when no route takes it: strict_sni refuses it before the policy)."""
     upstream = cfg.upstreams.get(listener.upstream) if cfg is not None else None
+    if cfg is not None and listener.tls.mode == "passthrough":
+        routes = listener.tls.routes
+        if any(r.upstream not in cfg.upstreams for r in routes):
+            return None
+        hit = SniRouter(routes, cfg.upstreams, upstream).route(
+            normalize_dns(sni) if sni else None)
+        upstream = hit[1] if hit is not None else None
     if upstream is None or upstream.address.is_unix or upstream.address.original:
         return None
     return upstream.address.host, upstream.address.port

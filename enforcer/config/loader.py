@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import yaml
 
+from enforcer.config import passthrough
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
     CIPHER_SUITES,
@@ -25,6 +26,7 @@ from enforcer.config.model import (
     Address,
     AdminConfig,
     Config,
+    EgressConfig,
     FlowLogConfig,
     LimitsConfig,
     ListenerConfig,
@@ -346,7 +348,7 @@ class _Parser:
             node.error("is required (at least one listener)")
         for item in items:
             if not item.keys(("name", "listen", "proxy_protocol", "tls", "ruleset", "upstream",
-                              "transparent", "mesh")):
+                              "transparent", "mesh", "protocol", "egress")):
                 continue
             name = item["name"].required_str()
             if name in names:
@@ -356,8 +358,12 @@ class _Parser:
             ruleset = item["ruleset"].str("", required=True)
             if item["ruleset"].missing:
                 pass  # message already says "is required"
-            upstream = item["upstream"].required_str()
             tls = self.listener_tls(item["tls"])
+            if tls.mode == "passthrough":  # upstream: the default route, if any
+                upstream = item["upstream"].str("") or ""
+                passthrough.listener_problems(item, tls)
+            else:
+                upstream = item["upstream"].required_str()
             pp = self.proxy_accept(item["proxy_protocol"])
             if pp.trusted_identities and (tls.mode == "off" or tls.client_auth == "none"):
                 item["proxy_protocol"]["trusted_identities"].error(
@@ -374,19 +380,48 @@ class _Parser:
             if transparent and listen is not None and listen.is_unix:
                 item["transparent"].error("needs a TCP listen address (interception "
                                           "redirects TCP), not a unix socket")
+            protocol = item["protocol"].choice(("tcp", "socks5", "http_connect"), "tcp")
+            egress = self.egress(item, protocol, transparent=transparent, mesh=mesh)
             out.append(ListenerConfig(name, listen or Address(), tls, pp, ruleset, upstream,
-                                      transparent, None if mesh == "off" else cast(Any, mesh)))
+                                      transparent, None if mesh == "off" else cast(Any, mesh),
+                                      cast(Any, protocol), egress))
         return out
+
+    def egress(self, item: Node, protocol: str, *, transparent: bool,
+               mesh: str) -> EgressConfig | None:
+        """``protocol: socks5 | http_connect`` and its ``egress:`` settings."""
+        node = item["egress"]
+        if protocol == "tcp":
+            if not node.is_null:
+                node.error("goes with protocol: socks5 or http_connect")
+            return None
+        if transparent or mesh != "off":
+            item["protocol"].error(f"protocol: {protocol} cannot be combined with "
+                                   f"{'transparent' if transparent else 'mesh'} (the client "
+                                   "names its destination)")
+        if node.is_null:
+            return EgressConfig()
+        if not node.keys(("credentials", "request_timeout", "max_request_bytes")):
+            return EgressConfig()
+        timeout = node["request_timeout"].duration(10.0)
+        if not 0 < timeout <= 300:
+            node["request_timeout"].error("must be more than 0s and at most 300s")
+        size = node["max_request_bytes"].int(8192, minimum=256, maximum=65536)
+        if not node["max_request_bytes"].is_null and protocol != "http_connect":
+            node["max_request_bytes"].error("goes with protocol: http_connect (a SOCKS5 "
+                                            "request is bounded by its format)")
+        creds = self.path(node["credentials"])  # read (and checked) by the data plane
+        return EgressConfig(credentials=creds, request_timeout=max(timeout, 0.001),
+                            max_request_bytes=size)
 
     def listener_tls(self, node: Node) -> ListenerTlsConfig:
         if node.is_null:
             node.error("is required (tls: {mode: terminate, material: NAME} or tls: {mode: off})")
             return ListenerTlsConfig(mode="off")
         node.keys(("mode", "material", "client_auth", "server_names", "strict_sni", "alpn",
-                   "allow_eof_without_close_notify", "detect_timeout"))
+                   "allow_eof_without_close_notify", "detect_timeout", "routes",
+                   "close_on_revocation", "close_on_expiry"))
         mode = node["mode"].choice(("terminate", "off", "auto", "passthrough"), "terminate")
-        if mode == "passthrough":
-            node["mode"].error("passthrough is not supported yet (use terminate, auto or off)")
         material = node["material"].str(None)
         if mode in ("terminate", "auto") and material is None:
             node["material"].error(f"is required with mode {mode}")
@@ -396,17 +431,30 @@ class _Parser:
         if not node["detect_timeout"].is_null and mode != "auto":
             node["detect_timeout"].error("goes with mode auto (it bounds the wait for the "
                                          "client's first byte)")
+        client_auth = node["client_auth"].choice(("required", "optional", "none"), "required")
         return ListenerTlsConfig(
             mode=cast(Any, mode),
             material=material,
-            client_auth=cast(Any, node["client_auth"].choice(("required", "optional", "none"),
-                                                             "required")),
+            # passthrough sees no client certificate (rules needing one cannot match)
+            client_auth=cast(Any, "none" if mode == "passthrough" else client_auth),
             server_names=node["server_names"].str_list(),
             strict_sni=node["strict_sni"].bool(False),
             alpn=_alpn(node["alpn"]),
             allow_eof_without_close_notify=node["allow_eof_without_close_notify"].bool(False),
             detect_timeout=max(detect, 0.0),
+            routes=passthrough.routes(node["routes"], mode),
+            close_on_revocation=self._close_on(node, "close_on_revocation", mode),
+            close_on_expiry=self._close_on(node, "close_on_expiry", mode),
         )
+
+    @staticmethod
+    def _close_on(node: Node, key: str, mode: str) -> bool:
+        value = node[key].bool(False)
+        client_auth = node["client_auth"].value
+        if value and (mode in ("off", "passthrough") or client_auth == "none"):
+            node[key].error("needs client certificates (mode terminate or auto, client_auth "
+                            "required or optional)")
+        return value
 
     def proxy_accept(self, node: Node) -> ProxyProtocolAcceptConfig:
         if node.is_null:
@@ -716,8 +764,18 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
             ln["upstream"].error(f"unknown upstream {lst.upstream!r} (known: {known_u})")
         if lst.ruleset and lst.ruleset not in rulesets and rulesets_read:
             ln["ruleset"].error(f"unknown ruleset {lst.ruleset!r} (known: {known_r})")
+        m_cfg = cfg.tls.get(mat) if mat is not None else None
+        if lst.tls.close_on_revocation and m_cfg is not None and m_cfg.crl is None:
+            ln["tls"]["close_on_revocation"].error(
+                f"material {mat!r} has no crl, so no certificate is ever revoked (give "
+                f"tls.{mat}.crl)")
+        if lst.tls.mode == "passthrough":
+            passthrough.route_reference_problems(ln, lst.tls, cfg.upstreams, sorted(upstreams))
+            continue
         up_cfg = cfg.upstreams.get(lst.upstream)
-        if up_cfg is not None and up_cfg.address.original != lst.transparent:
+        if up_cfg is not None and lst.egress is not None:
+            _check_egress_upstream(ln, lst.upstream, up_cfg)
+        elif up_cfg is not None and up_cfg.address.original != lst.transparent:
             ln["upstream"].error(
                 f"upstream {lst.upstream!r} has address {ORIGINAL_DESTINATION}: only a "
                 "listener with transparent: true knows it" if up_cfg.address.original else
@@ -746,6 +804,18 @@ def _check_references(cfg: Config, root: Node, issues: list[ConfigIssue], *,
     inline = root["rulesets"].value if isinstance(root["rulesets"].value, dict) else {}
     issues.extend(rule_reference_issues(cfg.rulesets, cfg.listeners, cfg.upstreams,
                                         inline=inline.keys(), rulesets_file=cfg.rulesets_file))
+
+
+def _check_egress_upstream(ln: Node, name: str, up: UpstreamConfig) -> None:
+    """An egress listener connects where its client asks: its upstream's address is
+    original_destination, plain TCP (the client speaks TLS itself, inside the tunnel)."""
+    if not up.address.original:
+        ln["upstream"].error(f"an egress listener (socks5, http_connect) connects to the "
+                             f"destination its client asks for: its upstream needs address: "
+                             f"{ORIGINAL_DESTINATION} (upstream {name!r} has {up.address})")
+    elif up.tls.mode != "off":
+        ln["upstream"].error(f"upstream {name!r} of an egress listener must have tls mode off "
+                             "(clients run their own TLS through the tunnel)")
 
 
 def _names(section: Node) -> set[str]:

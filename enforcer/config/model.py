@@ -24,6 +24,7 @@ MeshRole = Literal["outbound", "inbound"]
 MeshInbound = Literal["strict", "permissive"]
 MeshExternal = Literal["deny", "plaintext"]
 PortRange = tuple[int, int]
+ListenerProtocol = Literal["tcp", "socks5", "http_connect"]
 
 EMPTY_MAPPING: Mapping[str, str] = MappingProxyType({})
 ORIGINAL_DESTINATION = "original_destination"  # an upstream address: see Address.original
@@ -102,6 +103,15 @@ class ProxyProtocolAcceptConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SniRouteConfig:
+    """``tls.routes[]`` of a passthrough listener: ClientHellos naming one of
+    ``server_names`` (exact, or ``*.`` one label deep) go to ``upstream``."""
+
+    server_names: tuple[str, ...]
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerTlsConfig:
     mode: ListenerTlsMode = "terminate"
     material: str | None = None
@@ -114,6 +124,21 @@ class ListenerTlsConfig:
     allow_eof_without_close_notify: bool = False
     detect_timeout: float = DETECT_TIMEOUT  # mode auto: a client silent this long is plaintext
     # (server-first protocols); 0 = wait up to handshake_timeout
+    routes: tuple[SniRouteConfig, ...] = ()  # mode passthrough: SNI -> upstream (the
+    # listener's upstream is the default route)
+    # close open connections whose client certificate a reloaded CRL revokes / that expires
+    # (dataplane.certwatch, docs/limits-and-revocation.md)
+    close_on_revocation: bool = False
+    close_on_expiry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """``egress:`` of a ``protocol: socks5`` or ``http_connect`` listener (enforcer.egress)."""
+
+    credentials: str | None = None  # user:scrypt-hash file; None = no login asked
+    request_timeout: float = 10.0  # accept to a complete request (greeting, login, CONNECT)
+    max_request_bytes: int = 8192  # http_connect: the request header's size limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +152,9 @@ class ListenerConfig:
     transparent: bool = False  # redirected connections only; the original destination is
     # read from the socket (SO_ORIGINAL_DST) and the upstream is original_destination
     mesh: MeshRole | None = None  # outbound: mTLS to mesh peers; inbound: strict/permissive
+    protocol: ListenerProtocol = "tcp"  # socks5 / http_connect: an egress proxy (the client
+    # names its destination; the upstream's address is original_destination)
+    egress: EgressConfig | None = None  # set for socks5 and http_connect listeners
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,13 @@ dataclasses holding validated, normalised patterns; ``enforcer.policy`` compiles
               server_identities: [spiffe://td/ns/db/**, "db.shop"]  # spiffe glob or DNS glob
               cidrs: [10.0.0.0/8]              # destination address (transparent listeners)
             ports: [15006]                     # shorthand for to.ports (docs/configuration.md)
+            limits:                            # allow rules only (docs/limits-and-revocation.md)
+              per: identity | client | listener        # required: what one counter counts
+              max_connections: 100             # open at once, per key
+              rate: 10/s                       # new connections per key: N/s, N/m or N/h
+              burst: 20                        # bucket size (default: rate per second, >= 1)
+              ipv4_prefix: 32                  # per client: aggregate addresses per /N
+              ipv6_prefix: 64
 
 A single scalar is accepted wherever a list is. An explicitly empty list is an error:
 it would silently match nothing (leave the key out to match anything); ``from: {}``
@@ -42,6 +49,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,10 +67,12 @@ _Normalize = Callable[[str], str]
 
 TLV_KEYS = ("aws_vpce_id", "azure_link_id", "gcp_psc_id", "authority", "alpn", "identity")
 RULESET_KEYS = ("default", "rules", "reevaluate_on_reload")
-RULE_KEYS = ("name", "description", "action", "from", "to", "ports")
+RULE_KEYS = ("name", "description", "action", "from", "to", "ports", "limits")
+LIMITS_KEYS = ("per", "max_connections", "rate", "burst", "ipv4_prefix", "ipv6_prefix")
+LimitPer = Literal["identity", "client", "listener"]
 FROM_KEYS = ("identities", "trust_domains", "dns", "cn", "ou", "spki_sha256", "cidrs", "tlvs",
              "tls")
-TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities", "cidrs")
+TO_KEYS = ("listeners", "ports", "sni", "destinations", "server_identities", "cidrs", "hosts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +118,19 @@ class ToConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     server_identities: tuple[str, ...] = ()  # spiffe:// globs or DNS globs
     cidrs: tuple[IPNetwork, ...] = ()  # the destination's address (transparent listeners)
+    hosts: tuple[str, ...] = ()  # egress listeners: the requested host (DNS globs)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """A rule's ``limits``: counted per key (``policy.limits``)."""
+
+    per: LimitPer
+    max_connections: int | None = None  # None: no concurrency limit
+    rate: float | None = None  # new connections per second; None: no rate limit
+    burst: int = 0  # token bucket size (with a rate)
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +140,7 @@ class RuleConfig:
     from_: FromConfig = field(default_factory=FromConfig)  # ``from:`` in YAML
     to: ToConfig = field(default_factory=ToConfig)
     description: str | None = None
+    limits: LimitsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +340,62 @@ def _rule(item: Node) -> RuleConfig | None:
         else:
             to = ToConfig(to.listeners, _ports(item["ports"]), to.sni, to.destinations,
                           to.server_identities, to.cidrs)
-    return RuleConfig(name, action, from_, to, item["description"].str(None))
+    limits = _limits(item["limits"])
+    if limits is not None and action != "allow":
+        item["limits"].error("goes on allow rules (a denied connection is never counted)")
+    return RuleConfig(name, action, from_, to, item["description"].str(None), limits)
+
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*")
+_PER_SECOND = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(text: str) -> float | None:
+    """``"10/s"``, ``"600/m"``, ``"2.5/s"`` -> connections per second; None if invalid."""
+    m = _RATE.fullmatch(text)
+    if m is None:
+        return None
+    value = float(m.group(1)) / _PER_SECOND[m.group(2)]
+    return value if value > 0 else None
+
+
+def _limits(node: Node) -> LimitsConfig | None:
+    if node.is_null or not node.keys(LIMITS_KEYS):
+        return None
+    per = node["per"]
+    if per.is_null:
+        per.error("is required (identity, client or listener: what one counter counts)")
+    kind = cast(LimitPer, per.choice(("identity", "client", "listener"), "listener"))
+    max_conn = node["max_connections"]
+    max_connections = None if max_conn.is_null else max_conn.int(1, minimum=1)
+    rate = _rate(node["rate"])
+    burst_node = node["burst"]
+    burst = burst_node.int(1, minimum=1)
+    if node["rate"].is_null and not burst_node.is_null:
+        burst_node.error("goes with rate (the token bucket's size)")
+    if rate is not None and burst_node.is_null:
+        burst = max(1, math.ceil(rate))
+    if max_conn.is_null and node["rate"].is_null:
+        node.error("needs max_connections, rate, or both")
+    prefixes = []
+    for key, top in (("ipv4_prefix", 32), ("ipv6_prefix", 128)):
+        child = node[key]
+        prefixes.append(child.int(top if key == "ipv4_prefix" else 64, minimum=0, maximum=top))
+        if not child.is_null and kind != "client":
+            child.error("goes with per: client (how client addresses are grouped)")
+    return LimitsConfig(kind, max_connections, rate, burst, prefixes[0], prefixes[1])
+
+
+def _rate(node: Node) -> float | None:
+    if node.is_null:
+        return None
+    text = node.str(None)
+    if text is None:
+        return None
+    rate = parse_rate(text)
+    if rate is None:
+        node.error(f"bad rate {text!r} (N/s, N/m or N/h with N > 0, e.g. 100/s or 600/m)")
+    return rate
 
 
 def _from(node: Node) -> FromConfig:
@@ -349,6 +428,7 @@ def _to(node: Node) -> ToConfig:
         server_identities=_patterns(node["server_identities"], _server_identity_problem,
                                     "server identity", normalize=_normalize_server_identity),
         cidrs=_cidrs(node["cidrs"]),
+        hosts=_patterns(node["hosts"], dns_glob_problem, "host pattern", normalize=normalize_dns),
     )
 
 
@@ -525,10 +605,16 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
                    "(tls mode off or client_auth none)")
     if f.tls == "none" and all(lst.tls.mode == "terminate" for lst in runs_on):
         out.append(f"from.tls: none: listener(s) {names} always terminate TLS")
+    elif f.tls == "none" and all(lst.tls.mode in ("terminate", "passthrough")
+                                 for lst in runs_on):
+        out.append(f"from.tls: none: listener(s) {names} only take TLS")
     if f.tlvs and all(lst.proxy_protocol.accept == "off" for lst in runs_on):
         out.append(f"from.tlvs: listener(s) {names} do not accept PROXY protocol")
     if t.sni and all(lst.tls.mode == "off" for lst in runs_on):
         out.append(f"to.sni: listener(s) {names} have tls mode off (no SNI)")
+    if t.hosts and all(lst.protocol == "tcp" for lst in runs_on):
+        out.append(f"to.hosts: listener(s) {names} are not egress proxies (protocol socks5 "
+                   "or http_connect): no client names a host")
     out.extend(_impossible_ports(t.ports, runs_on))
     if t.server_identities and all(
         ((up := upstreams.get(lst.upstream)) is None or up.tls.mode == "off")
@@ -542,9 +628,10 @@ def _impossible(rule: RuleConfig, runs_on: list[ListenerConfig],
 def _impossible_ports(ports: tuple[PortRange, ...], runs_on: list[ListenerConfig]) -> list[str]:
     listening = [(lst.name, lst.listen.port) for lst in runs_on]
     if not ports or any(lst.listen.is_unix or not lst.listen.port or lst.transparent
-                        for lst in runs_on):
+                        or lst.protocol != "tcp" for lst in runs_on):
         return []  # unix sockets and port 0 (chosen at bind) are not known here, and on a
-        # transparent listener to.ports is the port the client dialed
+        # transparent listener to.ports is the port the client dialed, on an egress
+        # listener the port it asked for
     if any(pr.low <= port <= pr.high for _, port in listening for pr in ports):
         return []
     where = ", ".join(f"{n} on {p}" for n, p in listening)

@@ -70,6 +70,8 @@ static PyMethodDef module_methods[] = {
      "Whether idle pumps free OpenSSL's record buffers (CVE-2024-4741 fixed)."},
     {"track_records", mod_track_records, METH_O,
      "Follow an SSL's keys and record counts from before its handshake (see above)."},
+    {"negotiated_group", mod_negotiated_group, METH_O,
+     "The key-exchange group of a finished handshake, as OpenSSL names it, or None."},
     {"verification_failures", mod_verification_failures, METH_NOARGS,
      "Private-layout pointers a public OpenSSL call did not confirm (fast path refused)."},
     {"record_protect", mod_record_protect, METH_VARARGS,
@@ -90,7 +92,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 9
+#define API_VERSION 10
 
 PyMODINIT_FUNC PyInit__pump(void) {
     if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||

@@ -16,6 +16,14 @@ its timers, the policy's answers, the native pump's reports, drain and revocatio
   reports EOFs, its end (``done``), resets, TLS errors and unclean ends as events;
 - ``close`` and ``record``: both sockets closed, one flow record.
 
+Features act through the same core: ``tls.mode: passthrough`` reads the ClientHello in
+DETECT (``start_peek``/``peek``: passthrough.py, which reports ``hello_done`` through
+``routed`` or refuses through ``refuse``); an egress listener reads the client's SOCKS5 or
+CONNECT request in AUTHORIZE (``start_request``/``request``: egress/session.py, then
+``request_done``) before the policy; a rule's limits refuse in ``_decided``
+(limitgate.py), and certwatch.py closes a connection whose client certificate is revoked
+or expired with a ``cert_revoked`` event (``certificate_closed``).
+
 A command list is executed in order; if an event raised while executing it closed the
 connection, the rest of that (older) list is dropped.
 """
@@ -39,12 +47,15 @@ from enforcer.dataplane import (
     flowrecord,
     native,
     origdst,
+    passthrough,
     pump,
     rawtransport,
 )
+from enforcer.dataplane.clienthello import HelloParser
 from enforcer.dataplane.connutil import has_unread as _has_unread
 from enforcer.dataplane.connutil import header_flow_id as _header_flow_id
 from enforcer.dataplane.lifecycle import TIMERS, Command, Event, Lifecycle, Plan, Stage
+from enforcer.dataplane.limitgate import denial
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import (
@@ -54,6 +65,7 @@ from enforcer.dataplane.tlsengine import (
     reset_on_close,
     unclean_detail,
 )
+from enforcer.egress.session import EgressSession
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -85,9 +97,9 @@ class Connection:
     """One proxied client connection. Created by the listener's protocol factory."""
 
     __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
-                 "connect_task", "connecting", "core", "decision", "early_upstream",
+                 "connect_task", "connecting", "core", "decision", "early_upstream", "egress",
                  "flow_id", "hs_started", "identity", "listener", "local", "loop", "mesh",
-                 "original_dst", "peer", "pending", "pending_bytes", "plane", "proxy_header",
+                 "original_dst", "peek", "peer", "pending", "pending_bytes", "plane", "proxy_header",
                  "proxy_parser", "pump", "relay", "sni", "sniff_buf", "started",
                  "started_mono", "timers", "tls_info", "up_rt", "upstream",
                  "upstream_identity")
@@ -115,6 +127,8 @@ class Connection:
         self.sniff_buf = b""
         self.tls_info: dict[str, Any] | None = None
         self.sni: str | None = None
+        self.peek: HelloParser | None = None  # tls.mode passthrough (passthrough.py)
+        self.egress: EgressSession | None = None  # egress listeners (egress/session.py)
         self.identity: PeerIdentity | None = None
         self.upstream_identity: PeerIdentity | None = None
         self.decision: Any = None
@@ -168,6 +182,10 @@ class Connection:
     def _fail(self, reason: str, detail: str) -> None:
         if self.core.stage != Stage.CLOSED:
             self._feed(Event("fail", reason=reason, detail=detail))
+
+    def refuse(self, reason: str, detail: str) -> None:
+        """A feature module refuses the connection (the reason is in lifecycle.REASONS)."""
+        self._fail(reason, detail)
 
     # ===================================================================== side callbacks
     def side_connected(self, side: Side) -> None:
@@ -279,7 +297,9 @@ class Connection:
                     close_timeout=limits.close_timeout, max_lifetime=limits.max_lifetime,
                     timeout_rst=limits.timeout_close == "rst",
                     upstream_tls=self.up_rt.client_ctx is not None,
-                    open_events=self.plane.open_events)
+                    open_events=self.plane.open_events,
+                    egress_timeout=self.listener.egress.cfg.request_timeout
+                    if self.listener.egress is not None else 0.0)
 
     def _proxy_source_allowed(self) -> bool:
         """PROXY headers are read from trusted sources; ``accept: required`` refuses the
@@ -356,6 +376,9 @@ class Connection:
             self._to_client(data)
 
     def _from_client(self, data: bytes | memoryview) -> None:
+        if self.core.stage == Stage.AUTHORIZE:  # an egress client's request (plaintext)
+            self._request_data(data)
+            return
         self.bytes_from_client += len(data)
         self.listener.bytes_in.inc(len(data))
         if self.core.relaying and self.upstream is not None:
@@ -409,6 +432,41 @@ class Connection:
                 self._eof(side)
             if data is None or len(data) < READ_CHUNK or self.core.stage == Stage.CLOSED:
                 return
+
+    # ===================================================================== features
+    def _start_peek(self, cmd: Command) -> None:
+        passthrough.begin(self)
+
+    def _peek(self, side: Side, data: bytes) -> None:
+        passthrough.feed(self, data)
+
+    def routed(self, raw: bytes) -> None:
+        """passthrough.py: the ClientHello chose the route; its bytes go to the upstream."""
+        self._feed(Event("hello_done"))
+        self._again(raw)
+
+    def _start_request(self, cmd: Command) -> None:
+        rt = self.listener.egress
+        assert rt is not None
+        self.egress = EgressSession(self, rt, self._requested)
+
+    def _request_data(self, data: bytes | memoryview) -> None:
+        assert self.egress is not None
+        rest = self.egress.feed(data)
+        if rest is not None:
+            self._requested(rest)
+
+    def _requested(self, rest: bytes) -> None:
+        """The egress request is complete (now, or after a login check): the policy
+        decides; bytes sent behind the request are held for the upstream."""
+        self._feed(Event("request_done"))
+        if rest and self.core.stage != Stage.CLOSED:
+            self._from_client(rest)
+
+    def certificate_closed(self, reason: str, detail: str) -> None:
+        """certwatch.py: the client certificate was revoked or expired."""
+        if self.core.stage != Stage.CLOSED:
+            self._feed(Event("cert_revoked", reason=reason, detail=detail))
 
     # ===================================================================== PROXY protocol
     def _proxy_data(self, side: Side, data: bytes) -> None:
@@ -581,6 +639,10 @@ class Connection:
             self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
                        "client certificate has expired")
             return
+        refused = self.plane.cert_watch.authenticated(self)  # revoked: certwatch.py
+        if refused is not None:
+            self._fail(*refused)
+            return
         self._feed(Event("handshake_done"))
         if self.core.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
@@ -614,6 +676,13 @@ class Connection:
         self.decision = decision
         self.listener.count_decision(decision.ruleset, decision.rule or "", decision.action)
         allow = decision.action == "allow"
+        if not allow and self.peek is not None:
+            passthrough.denied(self)  # a handshake_failure alert
+        refused = self.plane.limit_gate.admit(self, decision) if allow else None
+        if refused is not None:  # the rule's limits (limitgate.py)
+            self.decision = denial(decision, refused)
+            self._fail(refused.reason, refused.detail)
+            return
         self._feed(Event("decision", allow=allow,
                          detail=None if allow else flowrecord.deny_detail(decision)))
 
@@ -630,11 +699,12 @@ class Connection:
             port=self.original_dst[1] if self.original_dst is not None else port,
             client_ip=ip,
             identity=self.identity,
-            tls=self.client.tls is not None,
+            tls=self.client.tls is not None or self.peek is not None,
             sni=self.sni,
             tlvs=tlvs,
             destination=dest,
             server_identity=self.upstream_identity,
+            host=self.egress.host if self.egress is not None else None,
         )
 
     # ===================================================================== upstream
@@ -684,6 +754,8 @@ class Connection:
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         if exc.errno in OUT_OF_DESCRIPTORS:
             connutil.warn_out_of_descriptors(self.listener.name, str(addr), exc)
+        if self.egress is not None:  # the egress client's reply says why
+            self.egress.errno = exc.errno
         if not counted:
             self.plane.metrics.upstream_errors_total.labels(upstream=self.up_rt.name,
                                                             reason=code).inc()
@@ -804,6 +876,8 @@ class Connection:
     def _start_relay(self, cmd: Command) -> None:
         """Held bytes go both ways; then (a clean start) the native pump takes over, else
         the core replays the EOFs it held (relay_started)."""
+        if self.egress is not None:
+            self.egress.established()  # the success reply, before any relayed byte
         self.relay = "python"
         up = self.upstream
         assert up is not None
@@ -914,6 +988,10 @@ class Connection:
                          else "no complete PROXY header in time")
         if name == "detect_timeout":  # unread bytes: a late loop turn, not a silent client
             return Event(name, flag=_has_unread(self.client.transport))
+        if name == "request_timeout" and self.listener.egress is not None:
+            rt = self.listener.egress
+            return Event(name, detail=f"{rt.protocol}: no complete request within "
+                         f"{rt.cfg.request_timeout:g} s")
         if name == "connect_timeout":
             return Event(name, detail=f"connect to {self.upstream_address()} timed out")
         return Event(name, now=self.loop.time())
@@ -932,6 +1010,9 @@ class Connection:
     # ===================================================================== ending
     def _close(self, cmd: Command) -> None:
         """The core closed the connection: sockets, pump, connect, sessions, counters."""
+        if self.egress is not None:  # the egress client's refusal, if it has no reply yet
+            self.egress.closing(cmd.action, cmd.reason)
+        self.plane.limit_gate.release(self)  # once per connection: the core closes once
         if cmd.stage >= Stage.RELAY:
             self._keep_session()
         if self.pump is not None:
@@ -1037,13 +1118,15 @@ class Connection:
 # what the I/O layer does for a command (commands that act on bytes are in _BYTES)
 _RUN: Final = {
     "start_tls": Connection._start_server_tls, "decide": Connection._decide,
+    "start_peek": Connection._start_peek, "start_request": Connection._start_request,
     "connect": Connection._start_connect, "start_upstream_tls": Connection._start_upstream_tls,
     "start_relay": Connection._start_relay, "proxy_eof": Connection._proxy_eof,
     "close": Connection._close, "record": Connection._record,
 }
 _BYTES: Final = {
     "parse_proxy": Connection._proxy_data, "detect": Connection._detect,
-    "handshake": Connection._handshake_data,
+    "handshake": Connection._handshake_data, "peek": Connection._peek,
+    "request": Connection._deliver,
     "upstream_handshake": Connection._upstream_handshake_data,
     "hold": Connection._deliver, "forward": Connection._deliver,
 }

@@ -14,7 +14,9 @@ from enforcer.dataplane.tcpopts import SockOpt
 from enforcer.policy.globs import StringSet
 
 if TYPE_CHECKING:
+    from enforcer.config.passthrough import SniRouter
     from enforcer.dataplane.plane import DataPlane
+    from enforcer.egress.session import EgressRuntime
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +58,7 @@ class ListenerRuntime:
     local_port: int = 0
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_identities: StringSet | None = None  # proxy_protocol.trusted_identities
+    egress: EgressRuntime | None = None  # protocol socks5 / http_connect (enforcer.egress)
     server: Any = None  # asyncio.Server once bound
     bound: str = ""
     active: int = 0
@@ -69,6 +72,8 @@ class ListenerRuntime:
     totals: dict[str, Any] = field(default_factory=dict)  # connections_total by action
     decisions: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # by (ruleset,
     # rule, action): enforcer_policy_decisions_total
+    sni_router: SniRouter[UpstreamRuntime] | None = None  # tls.mode passthrough
+    routed: dict[str, Any] = field(default_factory=dict)  # enforcer_passthrough_routed_total
 
     @property
     def name(self) -> str:
@@ -96,6 +101,14 @@ class ListenerRuntime:
         if child is None:
             child = self.decisions[key] = self.plane.metrics.policy_decisions_total.labels(
                 listener=self.name, ruleset=ruleset, rule=rule, action=action)
+        child.inc()
+
+    def count_route(self, upstream: str) -> None:
+        """enforcer_passthrough_routed_total; one child per upstream, made once."""
+        child = self.routed.get(upstream)
+        if child is None:
+            child = self.routed[upstream] = self.plane.metrics.passthrough_routed_total.labels(
+                listener=self.name, upstream=upstream)
         child.inc()
 
     def is_trusted(self, ip: str | None) -> bool:

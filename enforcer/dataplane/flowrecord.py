@@ -46,7 +46,9 @@ def build(conn: Connection, action: str, close: str, detail: str | None,
         "duration_s": round(now - conn.started_mono, 6),
         "close": close or None,
     }
-    if conn.original_dst is not None:  # transparent listeners: where the client was going
+    if conn.egress is not None:  # egress listeners: what the client asked for, and who
+        record["egress"] = conn.egress.record()
+    elif conn.original_dst is not None:  # transparent listeners: where the client was going
         record["original_dst"] = _endpoint(conn.original_dst)
     if conn.mesh is not None:  # mesh listeners: mtls | tls | plaintext | external
         record["mesh"] = conn.mesh

@@ -52,7 +52,7 @@ class Plan:
 
     proxy: bool = False  # a PROXY header is read (proxy_protocol.accept is not off)
     proxy_timeout: float = 5.0
-    tls: str = "off"  # tls.mode: off | auto | terminate
+    tls: str = "off"  # tls.mode: off | auto | terminate | passthrough
     detect_timeout: float = 0.0
     handshake_timeout: float = 10.0
     connect_timeout: float = 5.0
@@ -62,12 +62,13 @@ class Plan:
     timeout_rst: bool = False  # limits.timeout_close: rst
     upstream_tls: bool = False
     open_events: bool = False  # flow_log.open_events
+    egress_timeout: float = 0.0  # egress listeners: egress.request_timeout (0: not one)
 
 
 class Event(NamedTuple):  # a NamedTuple: cheap to make (one per chunk on the Python relay)
     kind: str  # a row of the table
     now: float = 0.0  # the caller's monotonic clock
-    reason: str = ""  # fail: the close reason; *_error: reset | closed | peer_timeout | ...
+    reason: str = ""  # fail, cert_revoked: the close reason; *_error: reset | closed | ...
     detail: str | None = None
     allow: bool | None = None  # decision: True allow, False deny, None not decidable yet
     flag: bool = False  # detect_timeout: bytes wait unread; relay_started: native pump
@@ -80,7 +81,7 @@ class Command(NamedTuple):
     timer: str | None = None  # slot: stage | idle | close | life
     delay: float = 0.0
     reason: str = ""  # start_timer: the event it fires; close/record: the close reason
-    action: str = ""  # record: allow | deny | error
+    action: str = ""  # close, record: allow | deny | error
     detail: str | None = None
     abort: bool = False  # close: drop unsent bytes
     reset: bool = False  # close: RST (SO_LINGER 0)
@@ -88,10 +89,10 @@ class Command(NamedTuple):
     event: str = "flow"  # record: flow | open
 
 
-COMMANDS: Final = ("start_timer", "cancel_timer", "start_tls", "decide", "connect",
-                   "start_upstream_tls", "start_relay", "parse_proxy", "proxy_eof", "detect",
-                   "handshake", "upstream_handshake", "hold", "forward", "shut_write", "close",
-                   "record")
+COMMANDS: Final = ("start_timer", "cancel_timer", "start_tls", "start_peek", "start_request",
+                   "decide", "connect", "start_upstream_tls", "start_relay", "parse_proxy",
+                   "proxy_eof", "detect", "peek", "request", "handshake", "upstream_handshake",
+                   "hold", "forward", "shut_write", "close", "record")
 
 TABLE: Final = {(Stage[stage], event): outcome for (stage, event), outcome in parse().items()}
 # the same, as one row per stage indexed by its number (no enum hashing per event)
@@ -105,12 +106,14 @@ TIMERS: Final = {
     "handshake_timeout": ("stage", "handshake_timeout"),
     "connect_timeout": ("stage", "upstream_connect_timeout"),
     "upstream_tls_timeout": ("stage", "upstream_tls_timeout"),
+    "request_timeout": ("stage", "egress_timeout"),
     "idle_timeout": ("idle", "idle_timeout"),
     "close_timeout": ("close", "close_timeout"),
     "max_lifetime": ("life", "max_lifetime"),
 }
 RESETTING: Final = frozenset({"idle_timeout", "close_timeout", "max_lifetime"})
-KEEP_SOCKETS: Final = frozenset({"upstream_connect_timeout"})  # a graceful close
+# a graceful close (egress_timeout: the HTTP client gets its 408 first)
+KEEP_SOCKETS: Final = frozenset({"upstream_connect_timeout", "egress_timeout"})
 
 # close reasons the I/O layer reports with a ``fail`` event: (action, abort)
 REASONS: Final = {
@@ -128,7 +131,24 @@ REASONS: Final = {
     "upstream_resolve_failed": ("error", False),
     "upstream_tls_failed": ("error", False),
     "upstream_identity_mismatch": ("error", False),
+    # tls.mode passthrough (passthrough.py): the ClientHello routes the connection
+    "sni_refused": ("deny", False),
+    "not_tls": ("error", False),
+    "client_hello_invalid": ("error", False),
+    "client_hello_too_large": ("error", False),
+    # rule limits (limitgate.py): refused before any upstream connect
+    "rate_limited": ("deny", False),
+    "concurrency_limited": ("deny", False),
+    # the client certificate (certwatch.py): at the handshake, or a ``cert_revoked`` event
+    "revoked": ("deny", True),
+    "peer_certificate_expired": ("deny", True),
 }
+# egress listeners (egress/session.py): a refused SOCKS5 or CONNECT request, after its reply
+REASONS.update({f"egress_{why}": ("error", False) for why in (
+    "auth_required", "bad_address", "bad_address_type", "bad_credentials", "bad_login",
+    "bad_method", "bad_request", "bad_version", "command_not_supported",
+    "no_acceptable_method", "no_methods", "too_long")})
+CERT_CLOSES: Final = frozenset({"revoked", "peer_certificate_expired"})
 PROXY_PREFIX: Final = "proxy_protocol_"  # proxy_protocol_<reason>: ("error", True)
 # what a side's socket reports (*_error events): (close reason, action, abort); "{who}"
 # is client or upstream, action None means allow in the relay, error before it
@@ -148,8 +168,8 @@ class Lifecycle:
     """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
 
     __slots__ = ("asked", "decision", "early", "ended", "first_eof", "held_eof",
-                 "last_active", "native", "native_ok", "out", "plan", "record", "stage",
-                 "timers")
+                 "last_active", "native", "native_ok", "out", "plan", "record", "requested",
+                 "stage", "timers")
 
     def __init__(self, plan: Plan, now: float) -> None:
         self.plan = plan
@@ -157,6 +177,7 @@ class Lifecycle:
         self.decision: bool | None = None  # True once allowed
         self.asked = False  # the policy was asked after the upstream (rules on its identity)
         self.early = False  # a plaintext upstream spoke before the relay started
+        self.requested = False  # egress: the client's SOCKS5/CONNECT request is complete
         self.held_eof: set[str] = set()  # EOFs held until the relay starts
         self.first_eof: str | None = None  # client | upstream: who finished first
         self.ended = False  # both directions ended; the native pump still sends
@@ -215,7 +236,8 @@ class Lifecycle:
             self._disarm(slot)
         self.stage = Stage.CLOSED
         self.record = (action, reason, detail, reached)
-        self._cmd("close", reason=reason, abort=abort, reset=reset, stage=reached)
+        self._cmd("close", reason=reason, action=action, abort=abort, reset=reset,
+                  stage=reached)
         self._cmd("record", action=action, reason=reason, detail=detail, stage=reached)
 
     def _fail(self, reason: str, detail: str | None) -> None:
@@ -227,8 +249,16 @@ class Lifecycle:
             raise LifecycleError(f"unknown close reason {reason!r}")
         self._close(action, reason, detail, abort=abort)
 
+    @property
+    def egress(self) -> bool:
+        return self.plan.egress_timeout > 0
+
     def _authorize(self) -> None:
         self.stage = Stage.AUTHORIZE
+        if self.egress and not self.requested:  # the client's request names the destination
+            self._arm("stage", "request_timeout", self.plan.egress_timeout)
+            self._cmd("start_request")
+            return
         self._cmd("decide")
 
     def _after_proxy(self) -> None:
@@ -242,6 +272,10 @@ class Lifecycle:
             else:
                 self._arm("stage", "handshake_timeout", plan.handshake_timeout)
             self.stage = Stage.DETECT
+        elif plan.tls == "passthrough":  # the ClientHello is read, not answered
+            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
+            self.stage = Stage.DETECT
+            self._cmd("start_peek")
         else:  # terminate
             self._arm("stage", "handshake_timeout", plan.handshake_timeout)
             self.stage = Stage.HANDSHAKE
@@ -304,7 +338,8 @@ class Lifecycle:
         self._authorize()
 
     def _decided(self, ev: Event) -> None:
-        if self.stage != Stage.AUTHORIZE and (not self.asked or ev.allow is None):
+        if (self.stage != Stage.AUTHORIZE and (not self.asked or ev.allow is None)) \
+                or (self.egress and not self.requested):
             raise LifecycleError(f"a decision in {self.stage.name} that was not asked for")
         self.asked = False
         if ev.allow is False:
@@ -354,7 +389,24 @@ class Lifecycle:
         self._data("parse_proxy", ev)
 
     def _detect(self, ev: Event) -> None:
-        self._data("detect", ev)
+        self._data("peek" if self.plan.tls == "passthrough" else "detect", ev)
+
+    def _routed(self, ev: Event) -> None:
+        if self.plan.tls != "passthrough":
+            raise LifecycleError("a ClientHello routed on a listener without passthrough")
+        self._plain(ev)
+
+    def _request(self, ev: Event) -> None:
+        if not self.egress or self.requested:
+            raise LifecycleError("client bytes in AUTHORIZE without a request to read")
+        self._data("request", ev)
+
+    def _requested(self, ev: Event) -> None:
+        if not self.egress or self.requested:
+            raise LifecycleError("an egress request that was not being read")
+        self.requested = True
+        self._disarm("stage")
+        self._cmd("decide")
 
     def _shake(self, ev: Event) -> None:
         self._data("handshake", ev)
@@ -450,6 +502,11 @@ class Lifecycle:
             raise LifecycleError("a revocation of a connection that was not allowed")
         self._close("deny", "policy_reload", "denied after a ruleset reload", abort=True)
 
+    def _cert(self, ev: Event) -> None:
+        if ev.reason not in CERT_CLOSES:
+            raise LifecycleError(f"unknown certificate close reason {ev.reason!r}")
+        self._fail(ev.reason, ev.detail)
+
     def _internal(self, ev: Event) -> None:
         self._close("error", "internal_error", ev.detail, abort=True)
 
@@ -465,5 +522,6 @@ OUTCOMES: Final = {
     "fin": Lifecycle._half, "done": Lifecycle._done, "lost": Lifecycle._lost,
     "fail": Lifecycle._failed, "timeout": Lifecycle._timeout, "silent": Lifecycle._silent,
     "idle": Lifecycle._idle, "drain": Lifecycle._drain, "revoke": Lifecycle._revoke,
-    "internal": Lifecycle._internal,
+    "internal": Lifecycle._internal, "routed": Lifecycle._routed,
+    "request": Lifecycle._request, "ask": Lifecycle._requested, "cert": Lifecycle._cert,
 }

@@ -20,16 +20,18 @@ proxy_done         .        after    .        .        .        .        .      
 tls_detected       .        .        tls      .        .        .        .        .        .        .
 plain_detected     .        .        plain    .        .        .        .        .        .        .
 handshake_done     .        .        .        authz    .        .        .        .        .        .
+hello_done         .        .        routed   .        .        .        .        .        .        .
+request_done       .        .        .        .        ask      .        .        .        .        .
 decision           .        .        .        .        decided  decided  decided  .        .        .
 upstream_connected .        .        .        .        .        upready  .        .        .        .
 upstream_tls_done  .        .        .        .        .        .        relay    .        .        .
 relay_started      .        .        .        .        .        .        .        started  started  .
-client_data        .        parse    detect   shake    .        hold     hold     fwd      fwd      -
+client_data        .        parse    detect   shake    request  hold     hold     fwd      fwd      -
 upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      -
-client_eof         .        proxyeof closed   closed   .        defer    defer    half     fin      -
+client_eof         .        proxyeof closed   closed   closed   defer    defer    half     fin      -
 upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      -
 done               .        .        .        .        .        .        .        .        done     .
-client_error       .        lost     lost     lost     .        lost     lost     lost     lost     -
+client_error       .        lost     lost     lost     lost     lost     lost     lost     lost     -
 upstream_error     .        .        .        .        .        lost     lost     lost     lost     -
 fail               fail     fail     fail     fail     fail     fail     fail     .        .        .
 proxy_timeout      .        timeout  .        .        .        .        .        .        .        .
@@ -37,11 +39,13 @@ detect_timeout     .        .        silent   .        .        .        .      
 handshake_timeout  .        .        timeout  timeout  .        .        .        .        .        .
 connect_timeout    .        .        .        .        .        timeout  .        .        .        .
 upstream_tls_timeout .      .        .        .        .        .        timeout  .        .        .
+request_timeout    .        .        .        .        timeout  .        .        .        .        .
 idle_timeout       .        .        .        .        .        .        .        idle     idle     .
 close_timeout      .        .        .        .        .        .        .        .        timeout  .
-max_lifetime       .        timeout  timeout  timeout  .        timeout  timeout  timeout  timeout  .
-drain              drain    drain    drain    drain    .        drain    drain    drain    drain    .
+max_lifetime       .        timeout  timeout  timeout  timeout  timeout  timeout  timeout  timeout  .
+drain              drain    drain    drain    drain    drain    drain    drain    drain    drain    .
 revoke             .        .        .        .        .        revoke   revoke   revoke   revoke   .
+cert_revoked       .        .        .        .        cert     cert     cert     cert     cert     -
 internal_error     internal internal internal internal internal internal internal internal internal -
 """
 
@@ -50,9 +54,11 @@ OUTCOMES: Final = {
     "begin": "arm max_lifetime; then PROXY (arm proxy_protocol.timeout) when a PROXY header "
              "is read, else as `after`",
     "after": "tls.mode off: AUTHORIZE; terminate: HANDSHAKE (arm handshake_timeout); auto: DETECT "
-             "(arm tls.detect_timeout, or handshake_timeout when it is 0)",
+             "(arm tls.detect_timeout, or handshake_timeout when it is 0); passthrough: "
+             "DETECT, the ClientHello is read (arm handshake_timeout)",
     "tls": "HANDSHAKE (re-arm handshake_timeout if a detect_timeout ran)",
-    "plain": "AUTHORIZE",
+    "plain": "AUTHORIZE (egress listeners: first read the client's request, arm "
+             "egress.request_timeout)",
     "authz": "AUTHORIZE (ask the policy)",
     "decided": "deny: CLOSED `denied`; allow or undecided (AUTHORIZE): CONNECT (arm "
                "connect_timeout, connect); allow when asked after the upstream: RELAY",
@@ -62,7 +68,10 @@ OUTCOMES: Final = {
     "started": "a held client EOF, then a held upstream EOF, are replayed (`half`/`fin`); "
                "Python relay: arm idle_timeout; `open` record when flow_log.open_events",
     "parse": "bytes go to the PROXY parser",
-    "detect": "bytes go to TLS/plaintext detection",
+    "detect": "bytes go to TLS/plaintext detection (passthrough: to the ClientHello parser)",
+    "routed": "passthrough: the ClientHello named the route: AUTHORIZE",
+    "request": "egress listeners: bytes go to the SOCKS5/CONNECT request parser",
+    "ask": "egress: the request is complete (destination known): ask the policy",
     "shake": "bytes go to the server TLS handshake",
     "upshake": "bytes go to the upstream TLS handshake",
     "hold": "bytes are held (reading pauses at 256 KiB) until the relay starts",
@@ -91,6 +100,8 @@ OUTCOMES: Final = {
     "idle": "idle for idle_timeout: CLOSED `idle_timeout`; else re-arm for the rest",
     "drain": "CLOSED `drain` (the drain deadline passed)",
     "revoke": "only once allowed: CLOSED `policy_reload` (action deny)",
+    "cert": "the client certificate was revoked by a reloaded CRL or expired: CLOSED "
+            "`revoked`/`peer_certificate_expired` (action deny)",
     "internal": "CLOSED `internal_error`",
     "-": "nothing (a socket's last callbacks after enforcer closed it)",
     ".": "impossible: LifecycleError",

@@ -68,7 +68,7 @@ else:
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 9  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 10  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 log = logging.getLogger("enforcer.native")
@@ -138,6 +138,11 @@ def module() -> ModuleType | None:
 
 def available() -> bool:
     return module() is not None
+
+
+def bound() -> bool:
+    """Whether the extension is bound already (never binds it, unlike ``available``)."""
+    return _bound is not None and _bound[0] is not None
 
 
 def unavailable_reason() -> str:
@@ -273,6 +278,19 @@ def track_records(engine_state: Triple) -> bool:
     except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
         note_refusal(exc)
         return False
+
+
+def negotiated_group(engine_state: Triple) -> str | None:
+    """The key-exchange group a finished handshake used (see ``tlsconf.groups``), read by
+    the extension; RuntimeError when it cannot (no extension, or a state that does not
+    verify: counted and logged as any refusal), so the caller can take the ctypes path."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    try:
+        return _pump.negotiated_group(engine_state)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        note_refusal(exc)
+        raise RuntimeError(str(exc)) from None
 
 
 def own_records(on: bool | None = None) -> bool:

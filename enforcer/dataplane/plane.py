@@ -29,10 +29,13 @@ from enforcer.config.model import (
     UpstreamConfig,
     UpstreamTlsConfig,
 )
+from enforcer.config.passthrough import SniRouter
 from enforcer.dataplane import native, tcpopts
 from enforcer.dataplane.acceptor import Acceptor
+from enforcer.dataplane.certwatch import CertWatch
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
+from enforcer.dataplane.limitgate import LimitGate
 from enforcer.dataplane.sockets import remove_stale_unix_socket
 from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
@@ -83,8 +86,10 @@ class DataPlane:
         self.node_name = cfg.node.name
         self.listeners: list[ListenerRuntime] = []
         self.rulesets: Mapping[str, CompiledRuleset] = {}
-        self.materials: dict[str, LoadedMaterial] = {}
         self.active: set[Connection] = set()
+        self.limit_gate = LimitGate(metrics)  # rules' limits (policy.limits)
+        self.materials: dict[str, LoadedMaterial] = {}
+        self.cert_watch = CertWatch(metrics, self.materials)  # tls.close_on_revocation ...
         self.max_connections = cfg.limits.max_connections
         self.sockopts = tcpopts.socket_options(cfg.limits)  # dead-peer detection
         self.open_events = cfg.flow_log.open_events
@@ -127,7 +132,7 @@ class DataPlane:
         if self.cfg.mesh.enabled:
             self.mesh_upstream = self._build_mesh_upstream()
         for lcfg in self.cfg.listeners:
-            self.listeners.append(self._build_listener(lcfg, upstreams[lcfg.upstream]))
+            self.listeners.append(self._build_listener(lcfg, upstreams))
         for name, material in self.materials.items():
             if material.not_after is not None:
                 self.metrics.certificate_expiry_timestamp_seconds.labels(material=name).set(
@@ -201,12 +206,19 @@ class DataPlane:
             return "external"
         return None
 
-    def _build_listener(self, lcfg: ListenerConfig, upstream: UpstreamRuntime) -> ListenerRuntime:
+    def _build_listener(self, lcfg: ListenerConfig,
+                        upstreams: Mapping[str, UpstreamRuntime]) -> ListenerRuntime:
+        default = upstreams.get(lcfg.upstream)  # none: a strict_sni passthrough listener
+        upstream = default if default is not None else upstreams[lcfg.tls.routes[0].upstream]
         lst = ListenerRuntime(cfg=lcfg, plane=self, upstream=upstream, limits=self.cfg.limits,
                               trusted=lcfg.proxy_protocol.trusted_sources)
+        if lcfg.tls.mode == "passthrough":
+            lst.sni_router = SniRouter(lcfg.tls.routes, upstreams, default)
         if lcfg.proxy_protocol.trusted_identities:
             lst.proxy_identities = identity_set(lcfg.proxy_protocol.trusted_identities)
         _bind_metrics(lst, self.metrics)
+        if lcfg.egress is not None:
+            lst.egress = _egress_runtime(lcfg, self.metrics)
         if lcfg.tls.mode in ("terminate", "auto"):
             assert lcfg.tls.material is not None
             try:
@@ -388,6 +400,7 @@ class DataPlane:
         return len(self.active) > self.max_connections
 
     def connection_closed(self, conn: Connection, record: dict[str, Any]) -> None:
+        self.cert_watch.closed(conn)
         if conn in self.active:
             self.active.discard(conn)
             conn.listener.active -= 1
@@ -536,6 +549,7 @@ class DataPlane:
         for conn in left:
             conn.drain_close()
         await self.close_servers()
+        self.cert_watch.stop()
         if self.poller is not None:  # every pump has closed with its connection
             native.close_poller(asyncio.get_running_loop(), self.poller)
             self.poller = None
@@ -568,6 +582,19 @@ def _bind_metrics(lst: ListenerRuntime, metrics: Any) -> None:
     lst.duration = metrics.connection_duration_seconds.labels(listener=name)
     lst.totals = {action: metrics.connections_total.labels(listener=name, action=action)
                   for action in ("allow", "deny", "error")}
+
+
+def _egress_runtime(lcfg: ListenerConfig, metrics: Any) -> Any:
+    """An egress listener's settings and users (enforcer.egress.session)."""
+    from enforcer.egress.credentials import CredentialsError
+    from enforcer.egress.session import make_runtime
+
+    assert lcfg.egress is not None
+    try:
+        return make_runtime(lcfg.name, lcfg.protocol, lcfg.egress, metrics)
+    except CredentialsError as exc:
+        raise StartupError("config", f"listeners.{lcfg.name}.egress.credentials: {exc}") \
+            from None
 
 
 def _factory(lst: ListenerRuntime) -> Any:

@@ -312,7 +312,7 @@ class TlsEngine:
         if found == "":  # not read yet
             if self.detached or self.obj.version() is None:  # no finished handshake
                 return None
-            found = self._group = groups.negotiated(self.state)
+            found = self._group = _negotiated_group(self.state)
         return found
 
     @property
@@ -324,3 +324,14 @@ class TlsEngine:
         if self._reused is not None:
             return self._reused
         return self.obj.session_reused
+
+
+def _negotiated_group(state: native.Triple) -> str | None:
+    """The extension's reading when it is bound (a C call), else ``tlsconf.groups``' (the
+    same public OpenSSL calls through ctypes, about 15,000 instructions more)."""
+    if native.bound():
+        try:
+            return native.negotiated_group(state)
+        except RuntimeError:
+            pass  # refused (counted and logged by native): the ctypes path decides
+    return groups.negotiated(state)

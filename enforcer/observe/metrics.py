@@ -65,6 +65,9 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
     "proxy_protocol_errors_total": (
         "counter", "Connections dropped for a bad or untrusted PROXY header.",
         ("listener", "reason"), ()),
+    "egress_handshake_errors_total": (
+        "counter", "Egress requests (SOCKS5, HTTP CONNECT) refused before policy, by reason.",
+        ("listener", "protocol", "reason"), ()),
     "upstream_connect_seconds": (
         "histogram", "Time to connect to an upstream (TCP).", ("upstream",), CONNECT_BUCKETS),
     "upstream_errors_total": (
@@ -83,6 +86,16 @@ SPEC: Final[dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]]] = {
         "counter", "Connections on mesh listeners, by how they came or went: mtls, tls, "
         "plaintext (inbound), external, external_denied (outbound).", ("listener", "mode"),
         ()),
+    "passthrough_routed_total": (
+        "counter", "Connections a tls.mode passthrough listener routed by SNI, by the "
+        "upstream chosen.", ("listener", "upstream"), ()),
+    "limited_total": (
+        "counter", "Connections refused by a rule's limits before any upstream connect: "
+        "rate_limited or concurrency_limited.", ("listener", "reason"), ()),
+    "certificate_closes_total": (
+        "counter", "Open connections closed because their client certificate was revoked "
+        "by a reloaded CRL (revoked) or expired (peer_certificate_expired).",
+        ("listener", "reason"), ()),
 }
 
 PREFIX: Final = "enforcer_"
@@ -112,6 +125,7 @@ class Metrics:
     tls_handshake_errors_total: Counter
     policy_decisions_total: Counter
     proxy_protocol_errors_total: Counter
+    egress_handshake_errors_total: Counter
     upstream_connect_seconds: Histogram
     upstream_errors_total: Counter
     connection_duration_seconds: Histogram
@@ -119,6 +133,9 @@ class Metrics:
     reloads_total: Counter
     flowlog_dropped_total: Counter
     mesh_connections_total: Counter
+    passthrough_routed_total: Counter
+    limited_total: Counter
+    certificate_closes_total: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -249,6 +266,7 @@ class NullMetrics:
     tls_handshake_errors_total: NullMetric
     policy_decisions_total: NullMetric
     proxy_protocol_errors_total: NullMetric
+    egress_handshake_errors_total: NullMetric
     upstream_connect_seconds: NullMetric
     upstream_errors_total: NullMetric
     connection_duration_seconds: NullMetric
@@ -256,6 +274,9 @@ class NullMetrics:
     reloads_total: NullMetric
     flowlog_dropped_total: NullMetric
     mesh_connections_total: NullMetric
+    passthrough_routed_total: NullMetric
+    limited_total: NullMetric
+    certificate_closes_total: NullMetric
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()  # stays empty: renders a valid empty exposition

@@ -48,7 +48,8 @@ from enforcer.policy.matchers import (
 )
 
 CACHE_LIMIT = 4096
-_DIM_ORDER = ("listener", "port", "tls", "peer", "client", "sni", "destination", "server")
+_DIM_ORDER = ("listener", "port", "tls", "peer", "client", "sni", "host", "destination",
+              "server")
 
 Extract = Callable[[FlowFacts], Any]
 Constrained = list[tuple[int, tuple[Matcher, ...]]]
@@ -300,7 +301,8 @@ def _compile_rule(ruleset: str, index: int, name: str, action: str, rule: RuleCo
         matchers = compile_rule(rule)
     except ValueError as exc:
         raise ValueError(f"ruleset {ruleset!r} rule {name!r}: {exc}") from None
-    decision = Decision("allow" if action == "allow" else "deny", ruleset, name, "rule")
+    decision = Decision("allow" if action == "allow" else "deny", ruleset, name, "rule",
+                        rule.limits)
     return _Rule(index, name, action, matchers, decision)
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
+from enforcer.config.rulesets import LimitsConfig
 from enforcer.tlsconf.identity import PeerIdentity
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DecisionAction = Literal["allow", "deny"]
-DecisionReason = Literal["rule", "default", "error"]
+DecisionReason = Literal["rule", "default", "error", "rate_limited", "concurrency_limited"]
 EMPTY_TLVS: Mapping[str, str] = MappingProxyType({})
 
 
@@ -32,6 +33,7 @@ class FlowFacts:
     tlvs: Mapping[str, str] = field(default_factory=lambda: EMPTY_TLVS)  # tlvs_for_policy()
     destination: tuple[str, int] | None = None  # outbound: upstream host, port
     server_identity: PeerIdentity | None = None  # outbound: upstream's verified identity
+    host: str | None = None  # egress listeners: the host the client asked for (normalised)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +41,8 @@ class Decision:
     action: DecisionAction
     ruleset: str
     rule: str | None
-    reason: DecisionReason  # "rule" | "default" | "error"
+    reason: DecisionReason  # "rule" | "default" | "error"; a limit's refusal (policy.limits)
+    limits: LimitsConfig | None = field(default=None, compare=False)  # the rule's ``limits``
 
     @property
     def allowed(self) -> bool:

@@ -122,6 +122,7 @@ DIMENSIONS: dict[str, Callable[[FlowFacts], Any]] = {
     "client": lambda f: f.client_ip,
     "sni": lambda f: f.sni,
     "destination": lambda f: f.destination,
+    "host": lambda f: f.host,
     "server": lambda f: f.server_identity,
 }
 OBJECT_DIMENSIONS = frozenset({"peer", "server"})  # values are PeerIdentity -> PeerView
@@ -193,6 +194,25 @@ class SniMatcher(Matcher):
         if value is None:
             return "the client sent no SNI"
         return f"SNI {value!r} matches none of {_listing(self.names.patterns)}"
+
+
+class HostMatcher(Matcher):
+    """``to.hosts``: the host an egress client asked for (a name, or an address as text)."""
+
+    __slots__ = ("names",)
+    dim = "host"
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        super().__init__("to.hosts")
+        self.names = DnsSet(patterns)
+
+    def test(self, value: str | None) -> bool:
+        return value is not None and self.names.match(value)
+
+    def why_not(self, value: str | None) -> str:
+        if value is None:
+            return "no requested host (not an egress listener)"
+        return f"host {value!r} matches none of {_listing(self.names.patterns)}"
 
 
 class DestinationMatcher(Matcher):
@@ -537,6 +557,9 @@ def _to_matchers(t: ToConfig) -> list[Matcher]:
     if t.sni:
         _check(t.sni, dns_glob_problem, "to.sni")
         out.append(SniMatcher(t.sni))
+    if t.hosts:
+        _check(t.hosts, dns_glob_problem, "to.hosts")
+        out.append(HostMatcher(t.hosts))
     if t.destinations:
         out.append(DestinationMatcher(t.destinations))
     if t.cidrs:

@@ -40,6 +40,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from enforcer.config.model import ListenerConfig, UpstreamConfig
+from enforcer.config.passthrough import SniRouter
 from enforcer.config.rulesets import TLV_KEYS, RulesetConfig
 from enforcer.policy.engine import CompiledRuleset, compile_ruleset
 from enforcer.policy.facts import Decision, FlowFacts
@@ -56,6 +57,11 @@ Action = Literal["allow", "deny"]
 
 class ReplayInputError(ValueError):
     """A line that is not a usable flow record; the message names the key path."""
+
+
+# a deny record's reason when the policy decided; other reasons (sni_refused,
+# mesh_external_denied, not_redirected ...) are refusals the ruleset never saw
+POLICY_REASONS = frozenset({"rule", "default", "error"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,7 @@ class RecordedFlow:
     upstream_tls: str | None
     server_identity: PeerIdentity | None
     truncated: bool  # a SAN list of tls.peer was capped in the record
+    egress: tuple[str, int] | None = None  # egress listeners: the requested host and port
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +237,18 @@ def parse_line(line: bytes, identities: IdentityCache | None = None) -> Recorded
         return Skipped("action error")
     if action not in ("allow", "deny"):
         raise ReplayInputError(f"action: expected allow, deny or error, got {_shown(action)}")
+    if rec.text("close") in ALLOWED_THEN_CLOSED:
+        action = "allow"  # the policy allowed it; a limit or its certificate ended it
+    reason = rec.value("reason", False)
+    if action == "deny" and isinstance(reason, str) and reason not in POLICY_REASONS:
+        return Skipped(f"refused before the policy ({reason})")
     return _flow(rec, "allow" if action == "allow" else "deny", identities or IdentityCache())
+
+
+# ``action: deny`` records whose policy decision was allow: refused by the allowing rule's
+# limits, or closed later for a revoked or expired client certificate
+ALLOWED_THEN_CLOSED = frozenset({"rate_limited", "concurrency_limited", "revoked",
+                                 "peer_certificate_expired"})
 
 
 def _flow(rec: _Where, action: Action, identities: IdentityCache) -> RecordedFlow:
@@ -253,7 +271,16 @@ def _flow(rec: _Where, action: Action, identities: IdentityCache) -> RecordedFlo
         upstream_tls=upstream.text("tls") if upstream is not None else None,
         server_identity=identities.get(server) if server is not None else None,
         truncated=peer is not None and bool(peer.value("truncated", False)),
+        egress=_egress(rec.child("egress")),
     )
+
+
+def _egress(egress: _Where | None) -> tuple[str, int] | None:
+    """An egress listener's requested ``(host, port)``; None before a complete request."""
+    if egress is None:
+        return None
+    host, port = egress.text("host"), egress.port("port")
+    return (host, port) if host is not None and port is not None else None
 
 
 def _client_ip(client: _Where | None) -> IPAddress | None:
@@ -323,9 +350,12 @@ class Candidate:
         if destination is None and self._uses_destination[name] and self.listeners is None:
             return Undecidable("a rule looks at to.destinations and the record has no upstream "
                                "address (replay with the full config)")
+        if flow.egress is not None:  # an egress listener: rules see the request
+            port, destination = flow.egress[1], flow.egress
         facts = FlowFacts(listener=flow.listener, port=port, client_ip=flow.client_ip,
                           identity=flow.identity, tls=flow.tls, sni=flow.sni, tlvs=flow.tlvs,
-                          destination=destination, server_identity=flow.server_identity)
+                          destination=destination, server_identity=flow.server_identity,
+                          host=flow.egress[0] if flow.egress is not None else None)
         if ruleset.uses_server_identity and flow.server_identity is None and not plain_upstream:
             decision = ruleset.decide_before_upstream(facts)
             if decision is None:
@@ -348,9 +378,25 @@ class Candidate:
             return Undecidable(f"listener {flow.listener!r} is not in the candidate config")
         port = flow.local_port if flow.local_port is not None else lst.listen.port
         up = self.upstreams.get(lst.upstream)
+        if lst.tls.mode == "passthrough":  # the upstream the recorded SNI routes to
+            routed = self._route(lst, flow.sni)
+            if routed is None:
+                return Undecidable(f"the candidate listener {lst.name!r} has no route for "
+                                   f"SNI {flow.sni!r} (strict_sni)")
+            up = routed
         destination = (None if up is None or up.address.is_unix
                        else (up.address.host, up.address.port))
         return lst.ruleset, port, destination, up is not None and up.tls.mode == "off"
+
+
+    def _route(self, lst: ListenerConfig, sni: str | None) -> UpstreamConfig | None:
+        """A passthrough listener's upstream for ``sni`` (routes, else the default)."""
+        known = {r.upstream: self.upstreams[r.upstream] for r in lst.tls.routes
+                 if r.upstream in self.upstreams}
+        if len(known) < len({r.upstream for r in lst.tls.routes}):
+            return None
+        hit = SniRouter(lst.tls.routes, known, self.upstreams.get(lst.upstream)).route(sni)
+        return hit[1] if hit is not None else None
 
 
 # ---------------------------------------------------------------------------- report

@@ -57,6 +57,7 @@ def reload_tls_material(server: Server) -> list[str]:
         _apply(swaps)
         plane.materials[name] = loaded
         _set_expiry(server, name, loaded)
+        plane.cert_watch.material_swapped(name, loaded)  # tls.close_on_revocation
         swapped.append(name)
         log.info("tls material %s swapped in (certificate %s, serial %s, not after %s)",
                  name, loaded.cert_file,

@@ -8,7 +8,9 @@ OpenSSL's API for both is public and documented: ``SSL_CTX_set1_groups_list`` an
 ``SSL_group_to_name`` names a group (3.0+). ``OpenSSLGroups`` calls them with ctypes, in the
 very libssl the ``_ssl`` module loaded (``dlopen`` of ``_ssl``'s own file with
 ``RTLD_NOLOAD``: its symbols resolve through ``_ssl``'s dependencies), so Python's ssl and
-these calls always share one library.
+these calls always share one library. Once the native extension is bound, a connection's
+group is read by it instead (``_pump.negotiated_group``: the same public calls on an SSL
+verified the same way, without five ctypes round trips; ``tlsengine`` falls back here).
 
 The ``SSL_CTX``/``SSL`` pointers are the leading fields of CPython's ``_ssl`` objects (the
 layout ``_pump.c`` relies on too, unchanged since 3.7). They are never used before a

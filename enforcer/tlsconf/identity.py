@@ -82,6 +82,7 @@ class PeerIdentity:
     serial: str
     not_after: datetime
     spki_sha256: str
+    issuer_der: bytes = b""  # the issuer Name as encoded in the certificate (CRL lookups)
 
     def to_record(self) -> dict[str, object]:
         """The flow record's ``tls.peer`` object (docs/observability.md), SAN lists capped. Built once
@@ -215,7 +216,7 @@ def parse_der(der: bytes) -> PeerIdentity:
     spiffe_id, td, path = _spiffe_fields(uri)
     spki = base64.b64encode(hashlib.sha256(raw.spki).digest()).decode("ascii")
     return PeerIdentity(spiffe_id, td, path, uri, dns, ip, cn, o, ou, issuer_cn, serial,
-                        not_after, spki)
+                        not_after, spki, raw.issuer_der)
 
 
 def _sans(cert: x509.Certificate, raw: _RawTbs) -> tuple[tuple[str, ...], ...]:
@@ -316,7 +317,7 @@ def _decode(tag: int, value: bytes) -> str:
 
 
 class _RawTbs:
-    __slots__ = ("data", "extensions", "issuer", "spki", "subject")
+    __slots__ = ("data", "extensions", "issuer", "issuer_der", "spki", "subject")
 
     def __init__(self, tbs: bytes) -> None:
         self.data = tbs
@@ -326,6 +327,7 @@ class _RawTbs:
             fields = fields[1:]
         # serial, signature, issuer, validity, subject, subjectPublicKeyInfo, [1], [2], [3]
         self.issuer = fields[2][2:]
+        self.issuer_der = tbs[fields[2][1]:fields[2][3]]
         self.subject = fields[4][2:]
         _, spki_start, _, spki_end = fields[5]
         self.spki = tbs[spki_start:spki_end]

@@ -23,14 +23,17 @@ from enforcer.config import loader, reader, rulesets
 from enforcer.config.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [ROOT / "enforcer/config/loader.py", ROOT / "enforcer/config/rulesets.py"]
+SOURCES = [ROOT / "enforcer/config/loader.py", ROOT / "enforcer/config/rulesets.py",
+           ROOT / "enforcer/config/passthrough.py"]
 
 _RULE = {"name": "r", "description": "d", "action": "allow", "ports": [1],
          "from": {"identities": ["spiffe://td/a"], "trust_domains": ["td"], "dns": ["a.b"],
                   "cn": ["c"], "ou": ["o"], "spki_sha256": ["x"], "cidrs": ["10.0.0.0/8"],
                   "tlvs": {k: ["v"] for k in rulesets.TLV_KEYS}, "tls": "required"},
          "to": {"listeners": ["l"], "ports": [1], "sni": ["a.b"], "destinations": ["a:1"],
-                "server_identities": ["a.b"]}}
+                "server_identities": ["a.b"], "hosts": ["*.a.b"]},
+         "limits": {"per": "client", "max_connections": 1, "rate": "1/s", "burst": 1,
+                    "ipv4_prefix": 24, "ipv6_prefix": 64}}
 MAXIMAL: dict[str, Any] = {
     "version": 1, "node": {"name": "n", "labels": {"a": "b"}},
     "tls": {"m": {"cert": "c", "key": "k", "ca": "a", "crl": "r", "dir": "d",
@@ -38,9 +41,16 @@ MAXIMAL: dict[str, Any] = {
                   "password_env": "E", "min_version": "1.2", "cipher_suites": ["x"],
                   "spiffe": {"socket": "unix:/s", "timeout": "1s"}}},
     "listeners": [{"name": "l", "listen": "127.0.0.1:1", "ruleset": "rs", "upstream": "u",
+                   "protocol": "http_connect",
+                   "egress": {"credentials": "users", "request_timeout": "1s",
+                              "max_request_bytes": 1024},
                    "proxy_protocol": {"accept": "off", "trusted_sources": [], "timeout": "1s"},
                    "tls": {"mode": "off", "material": "m", "client_auth": "none",
-                           "server_names": [], "strict_sni": False, "alpn": []}}],
+                           "server_names": [], "strict_sni": False, "alpn": [],
+                           "close_on_revocation": False, "close_on_expiry": False}},
+                  {"name": "p", "listen": "127.0.0.1:4", "ruleset": "rs", "upstream": "u",
+                   "tls": {"mode": "passthrough",
+                           "routes": [{"server_names": ["a.b"], "upstream": "u"}]}}],
     "upstreams": {"u": {"address": "127.0.0.1:2", "proxy_protocol": {"send": "v2", "tlvs": []},
                         "tls": {"mode": "tls", "material": "m", "server_name": "s",
                                 "verify": {"uri": [], "dns": [], "cn": []}}}},

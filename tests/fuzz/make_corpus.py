@@ -1,4 +1,5 @@
-"""Regenerate the PROXY header seeds of the fuzz corpus (``python -m tests.fuzz.make_corpus``).
+"""Regenerate the PROXY header and ClientHello seeds of the fuzz corpus
+(``python -m tests.fuzz.make_corpus``).
 
 The config and rules seeds are copies of the example configs plus hand-written edge
 cases; an input that once crashed a parser is added here (or as a file) so it is tried
@@ -6,6 +7,7 @@ on every run from then on."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from enforcer.proxyproto.build import (
@@ -22,8 +24,19 @@ from enforcer.proxyproto.build import (
     ssl_tlv,
     unique_id_tlv,
 )
+from tests.hellos import (
+    ext,
+    handshake,
+    hello,
+    hello_body,
+    hello_message,
+    real_hello,
+    records,
+    sni_ext,
+)
 
 HERE = Path(__file__).parent / "corpus" / "proxy"
+HELLOS = Path(__file__).parent / "corpus" / "clienthello"
 
 
 def seeds() -> dict[str, bytes]:
@@ -50,10 +63,32 @@ def seeds() -> dict[str, bytes]:
     }
 
 
+def hello_seeds() -> dict[str, bytes]:
+    """Real OpenSSL hellos, and hand-built ones: fragmented, GREASE, odd server names."""
+    openssl = real_hello("api.example.test", alpn=["h2", "http/1.1"])
+    message = hello_message(openssl)
+    grease = [ext(0x0A0A, b""), ext(0x3A3A, b"\x00"), ext(0xFE0D, b"\x00" * 32)]
+    return {
+        "openssl-tls13.bin": openssl,
+        "openssl-tls12.bin": real_hello("shop.example.test", max_version=ssl.TLSVersion.TLSv1_2),
+        "openssl-no-sni.bin": real_hello(None),
+        "two-records.bin": records(message, [60]),
+        "tiny-records.bin": records(message, [1] * 40 + [7] * 10),
+        "grease.bin": hello(extra=grease),
+        "no-extensions.bin": records(handshake(hello_body(None))),
+        "two-names.bin": hello(None, extra=[sni_ext(b"a.test", b"b.test")]),
+        "then-data.bin": hello() + bytes.fromhex("140303000101") + b"\x17\x03\x03\x00\x01x",
+        "sslv2.bin": bytes.fromhex("802e0103010015000000100000390000380000350000"),
+    }
+
+
 def main() -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     for name, data in seeds().items():
         (HERE / name).write_bytes(data)
+    HELLOS.mkdir(parents=True, exist_ok=True)
+    for name, data in hello_seeds().items():
+        (HELLOS / name).write_bytes(data)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,12 @@ Targets, and the one exception each may raise (anything else is a crash):
 - PROXY protocol v1/v2 (``HeaderParser``, fed in random pieces, then the TLV decoding the
   data plane and the flow record do): ``ProxyProtocolError``;
 - the config file (``load_config``: YAML text, then validation): ``ConfigError``;
-- a rules file (``load_rulesets_file``, then compiling the rulesets): ``ConfigError``.
+- a rules file (``load_rulesets_file``, then compiling the rulesets): ``ConfigError``;
+- the ClientHello of passthrough listeners (``HelloParser``, fed in random pieces, then
+  the SNI router): ``HelloError``; the bytes it keeps must be exactly the bytes fed.
+- the egress handshakes: SOCKS5 (``Socks5Parser``, logins answered yes or no):
+  ``Socks5Error``; HTTP CONNECT (``ConnectParser``, then the Basic credentials):
+  ``HttpError``; an egress credentials file (``parse_credentials``): ``CredentialsError``.
 (There is no flow-log replay input in enforcer to fuzz.)
 
 Inputs are hypothesis-generated: mutations (flips, inserts, deletes, splices, cuts) of the
@@ -37,6 +42,12 @@ from hypothesis import strategies as st
 
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import load_config, load_rulesets_file
+from enforcer.config.model import SniRouteConfig
+from enforcer.config.passthrough import SniRouter
+from enforcer.dataplane.clienthello import HelloError, HelloParser
+from enforcer.egress.credentials import CredentialsError, parse_credentials
+from enforcer.egress.httpconnect import ConnectParser, HttpError, basic_credentials
+from enforcer.egress.socks5 import Done, Login, Send, Socks5Error, Socks5Parser
 from enforcer.policy import compile_rulesets
 from enforcer.proxyproto import HeaderParser, ProxyProtocolError
 
@@ -141,6 +152,40 @@ def test_fuzz_proxy_protocol(faults_summary: Any) -> None:
     faults_summary(f"{n} PROXY inputs, no crash or hang ({BUDGET:.0f} s)")
 
 
+# -- ClientHello (tls.mode: passthrough) ----------------------------------------------------
+_ROUTER = SniRouter((SniRouteConfig(("api.example.test",), "a"),
+                     SniRouteConfig(("*.example.test",), "b")),
+                    {"a": "a", "b": "b"}, None)  # type: ignore[dict-item]
+
+
+def _hello_body(case: tuple[bytes, list[int]]) -> None:
+    data, cuts = case
+    parser = HelloParser()
+    fed = bytearray()
+    hello = None
+    try:
+        at = 0
+        for n in [*cuts, len(data)]:
+            if at >= len(data) or hello is not None:
+                break
+            fed += data[at:at + n]
+            hello = parser.feed(data[at:at + n])
+            at += n
+    except HelloError as exc:
+        assert exc.reason and str(exc)
+        return
+    assert bytes(parser.raw) == bytes(fed), "the peeked bytes are relayed unchanged"
+    if hello is not None:
+        _ROUTER.route(hello.sni)
+
+
+def test_fuzz_client_hello(faults_summary: Any) -> None:
+    data = st.one_of(mutated(_seeds("clienthello")), st.binary(max_size=600))
+    cuts = st.lists(st.integers(1, 300), max_size=12)
+    n = fuzz(st.tuples(data, cuts), _hello_body)
+    faults_summary(f"{n} ClientHello inputs, no crash or hang ({BUDGET:.0f} s)")
+
+
 # -- config and rules files ------------------------------------------------------------------
 _yaml_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(1 << 40), 1 << 40), st.floats(),
@@ -217,3 +262,74 @@ def test_fuzz_rules_file(faults_summary: Any) -> None:
         n = fuzz(_text_inputs("rules"), _file_body(Path(tmp) / "rules.yaml",
                                                    _load_and_compile))
     faults_summary(f"{n} rules files, no crash or hang ({BUDGET:.0f} s)")
+
+
+# -- egress handshakes ----------------------------------------------------------------------
+def _pieces(data: bytes, cuts: list[int]) -> Iterator[bytes]:
+    at = 0
+    for n in [*cuts, len(data)]:
+        if at >= len(data):
+            return
+        yield data[at:at + n]
+        at += n
+
+
+def _socks_body(case: tuple[bytes, list[int], bool, bool]) -> None:
+    data, cuts, login, accept = case
+    parser = Socks5Parser(login=login)
+    try:
+        for piece in _pieces(data, cuts):
+            parser.feed(piece)
+            while (event := parser.step()) is not None:
+                if isinstance(event, Login):
+                    assert len(event.user) < 256 and len(event.password) < 256
+                    parser.login_result(accept)
+                elif isinstance(event, Done):
+                    assert 0 < event.request.port < 65536 and event.request.host
+                    return
+                else:
+                    assert isinstance(event, Send)
+            assert len(parser.buf) <= 4096
+    except Socks5Error as exc:
+        assert exc.reason and (exc.reply is None or len(exc.reply) <= 22)
+
+
+def test_fuzz_socks5(faults_summary: Any) -> None:
+    data = st.one_of(mutated(_seeds("socks5")), st.binary(max_size=600))
+    cuts = st.lists(st.integers(1, 64), max_size=12)
+    n = fuzz(st.tuples(data, cuts, st.booleans(), st.booleans()), _socks_body)
+    faults_summary(f"{n} SOCKS5 handshakes, no crash or hang ({BUDGET:.0f} s)")
+
+
+def _connect_body(case: tuple[bytes, list[int]]) -> None:
+    data, cuts = case
+    parser = ConnectParser(1024)
+    try:
+        for piece in _pieces(data, cuts):
+            request = parser.feed(piece)
+            if request is not None:
+                assert 0 < request.port < 65536 and request.host
+                if request.authorization is not None:
+                    basic_credentials(request.authorization)
+                return
+            assert len(parser.buf) <= 1024 + 64
+    except HttpError as exc:
+        assert exc.status in (400, 405, 431)
+
+
+def test_fuzz_http_connect(faults_summary: Any) -> None:
+    data = st.one_of(mutated(_seeds("connect")), st.binary(max_size=1200))
+    cuts = st.lists(st.integers(1, 64), max_size=12)
+    n = fuzz(st.tuples(data, cuts), _connect_body)
+    faults_summary(f"{n} CONNECT requests, no crash or hang ({BUDGET:.0f} s)")
+
+
+def _credentials_body(data: bytes) -> None:
+    with contextlib.suppress(CredentialsError, UnicodeDecodeError):
+        parse_credentials(data.decode("utf-8"))
+
+
+def test_fuzz_egress_credentials(faults_summary: Any) -> None:
+    data = st.one_of(mutated(_seeds("credentials")), st.binary(max_size=300))
+    n = fuzz(data, _credentials_body)
+    faults_summary(f"{n} credentials files, no crash or hang ({BUDGET:.0f} s)")

@@ -229,3 +229,21 @@ def test_show_pin_matches_openssl(pki: Path, capsys: Capture) -> None:
     expected = base64.b64encode(hashlib.sha256(der).digest()).decode()
     assert run("certs", "show", pki / "server.crt", "--json") == 0
     assert json.loads(capsys.readouterr().out)["spki_sha256"] == expected
+
+
+def test_crl_revokes_the_named_certificates(tmp_path: Path, capsys: Capture) -> None:
+    from cryptography import x509
+
+    pki = tmp_path / "pki"
+    assert run("certs", "init", pki) == 0
+    out = tmp_path / "crl.pem"
+    assert run("certs", "crl", pki, "--out", out) == 0
+    assert len(list(x509.load_pem_x509_crl(out.read_bytes()))) == 0
+    assert run("certs", "crl", pki, "--out", out, "--revoke", pki / "client.crt") == 0
+    crl = x509.load_pem_x509_crl(out.read_bytes())
+    client = x509.load_pem_x509_certificate((pki / "client.crt").read_bytes())
+    assert [e.serial_number for e in crl] == [client.serial_number]
+    assert crl.issuer == client.issuer
+    assert f"serial {client.serial_number:x}" in capsys.readouterr().out
+    assert run("certs", "crl", pki, "--out", out, "--revoke", tmp_path / "missing.crt") == 2
+    assert "missing.crt" in one_line_error(capsys)

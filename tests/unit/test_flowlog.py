@@ -24,6 +24,7 @@ from enforcer.observe.flowlog import (
     FlowRecorder,
     MemoryFlowLog,
     check_sink_writable,
+    encode_record,
     utc_timestamp,
 )
 from enforcer.observe.metrics import Metrics, NullMetrics
@@ -245,6 +246,23 @@ def test_stream_override() -> None:
         fl.emit(record(i))
     fl.close()
     assert out.getvalue() == "".join(line(record(i)) for i in range(3))
+
+
+class _Key(str):
+    """A str subclass as a key: orjson's fast path refuses it, the fallback writes it."""
+
+
+@pytest.mark.parametrize("rec", [
+    record(7),
+    record(8) | {"tls": {"sni": "bücher.example", "peer": None}, "rule": None},
+    record(9) | {"proxy_protocol": {"tlvs": {1: "h2", 0xE0: "x"}}},
+    record(10) | {"tls": {_Key("sni"): "a"}},
+], ids=["plain", "utf8", "int-keys", "str-subclass-key"])
+def test_encoded_record_is_compact_json_whichever_keys(rec: dict[str, Any]) -> None:
+    """String keys take orjson's faster path and other keys the OPT_NON_STR_KEYS one; both
+    give json.dumps' compact text, with UTF-8 instead of \\u escapes."""
+    want = json.dumps(rec, separators=(",", ":"), ensure_ascii=False) + "\n"
+    assert encode_record(rec) == want.encode("utf-8")
 
 
 @pytest.mark.parametrize("sink", ["file", "stream"])

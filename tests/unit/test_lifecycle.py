@@ -39,6 +39,8 @@ PATHS: dict[Stage, list[Event]] = {
     Stage.CLOSED: TO_CLOSED,
 }
 UNDECIDED_CONNECT = [*TO_AUTHORIZE, E("decision", allow=None), E("upstream_connected")]
+EGRESS = {"egress_timeout": 10.0}  # an egress listener: the client's request comes first
+PASSTHROUGH = {"tls": "passthrough"}
 
 
 def drive(path: list[Event], plan: Plan = PLAN) -> Lifecycle:
@@ -69,7 +71,11 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                                ({"reason": "loop"}, {}, None, Stage.CLOSED, CLOSE,
                                 ("deny", "loop"))],
     (Stage.PROXY, "proxy_done"): [({}, {}, None, Stage.DETECT, ["start_timer"], None),
-                                  ({}, {"tls": "off"}, None, Stage.AUTHORIZE, ["decide"], None)],
+                                  ({}, {"tls": "off"}, None, Stage.AUTHORIZE, ["decide"], None),
+                                  ({}, PASSTHROUGH, None, Stage.DETECT,
+                                   ["start_timer", "start_peek"], None),
+                                  ({}, {"tls": "off", **EGRESS}, None, Stage.AUTHORIZE,
+                                   ["start_timer", "start_request"], None)],
     (Stage.PROXY, "client_data"): [({}, {}, None, Stage.PROXY, ["parse_proxy"], None)],
     (Stage.PROXY, "client_eof"): [({}, {}, None, Stage.PROXY, ["proxy_eof"], None)],
     (Stage.PROXY, "fail"): [({"reason": "proxy_protocol_truncated"}, {}, None, Stage.CLOSED,
@@ -79,22 +85,36 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
     (Stage.DETECT, "tls_detected"): [({}, {}, None, Stage.HANDSHAKE,
                                       ["start_timer", "start_tls"], None)],
     (Stage.DETECT, "plain_detected"): [({}, {}, None, Stage.AUTHORIZE, ["decide"], None)],
-    (Stage.DETECT, "client_data"): [({}, {}, None, Stage.DETECT, ["detect"], None)],
+    (Stage.DETECT, "client_data"): [({}, {}, None, Stage.DETECT, ["detect"], None),
+                                    ({}, PASSTHROUGH, None, Stage.DETECT, ["peek"], None)],
+    (Stage.DETECT, "hello_done"): [({}, PASSTHROUGH, None, Stage.AUTHORIZE, ["decide"], None),
+                                   ({}, {**PASSTHROUGH, **EGRESS}, None, Stage.AUTHORIZE,
+                                    ["start_timer", "start_request"], None)],
     (Stage.DETECT, "client_eof"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                     ("error", "client_closed"))],
     (Stage.DETECT, "fail"): [({"reason": "sslv2_hello"}, {}, None, Stage.CLOSED, CLOSE,
-                              ("error", "sslv2_hello"))],
+                              ("error", "sslv2_hello")),
+                             ({"reason": "sni_refused"}, PASSTHROUGH, None, Stage.CLOSED, CLOSE,
+                              ("deny", "sni_refused")),
+                             ({"reason": "client_hello_too_large"}, PASSTHROUGH, None,
+                              Stage.CLOSED, CLOSE, ("error", "client_hello_too_large")),
+                             ({"reason": "not_tls"}, PASSTHROUGH, None, Stage.CLOSED, CLOSE,
+                              ("error", "not_tls"))],
     (Stage.DETECT, "detect_timeout"): [({}, {}, None, Stage.AUTHORIZE, ["decide"], None),
                                        ({"flag": True}, {}, None, Stage.DETECT,
                                         ["start_timer"], None)],
     (Stage.DETECT, "handshake_timeout"): [({}, {"detect_timeout": 0.0}, None, Stage.CLOSED,
                                            CLOSE, ("error", "handshake_timeout"))],
-    (Stage.HANDSHAKE, "handshake_done"): [({}, {}, None, Stage.AUTHORIZE, ["decide"], None)],
+    (Stage.HANDSHAKE, "handshake_done"): [({}, {}, None, Stage.AUTHORIZE, ["decide"], None),
+                                          ({}, EGRESS, None, Stage.AUTHORIZE,
+                                           ["start_timer", "start_request"], None)],
     (Stage.HANDSHAKE, "client_data"): [({}, {}, None, Stage.HANDSHAKE, ["handshake"], None)],
     (Stage.HANDSHAKE, "client_eof"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                        ("error", "client_closed"))],
     (Stage.HANDSHAKE, "fail"): [({"reason": "handshake_failed"}, {}, None, Stage.CLOSED,
-                                 CLOSE, ("error", "handshake_failed"))],
+                                 CLOSE, ("error", "handshake_failed")),
+                                ({"reason": "revoked"}, {}, None, Stage.CLOSED, CLOSE,
+                                 ("deny", "revoked"))],
     (Stage.HANDSHAKE, "handshake_timeout"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                               ("error", "handshake_timeout"))],
     (Stage.AUTHORIZE, "decision"): [({"allow": True}, {}, None, Stage.CONNECT,
@@ -104,7 +124,19 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                                     ({"allow": False}, {}, None, Stage.CLOSED, CLOSE,
                                      ("deny", "denied"))],
     (Stage.AUTHORIZE, "fail"): [({"reason": "mesh_plaintext_refused"}, {}, None, Stage.CLOSED,
-                                 CLOSE, ("deny", "mesh_plaintext_refused"))],
+                                 CLOSE, ("deny", "mesh_plaintext_refused")),
+                                ({"reason": "rate_limited"}, {}, None, Stage.CLOSED, CLOSE,
+                                 ("deny", "rate_limited")),
+                                ({"reason": "concurrency_limited"}, {}, None, Stage.CLOSED,
+                                 CLOSE, ("deny", "concurrency_limited")),
+                                ({"reason": "egress_bad_version"}, EGRESS, None, Stage.CLOSED,
+                                 CLOSE, ("error", "egress_bad_version"))],
+    (Stage.AUTHORIZE, "client_data"): [({}, EGRESS, None, Stage.AUTHORIZE, ["request"], None)],
+    (Stage.AUTHORIZE, "request_done"): [({}, EGRESS, None, Stage.AUTHORIZE, ["decide"], None)],
+    (Stage.AUTHORIZE, "client_eof"): [({}, EGRESS, None, Stage.CLOSED, CLOSE,
+                                       ("error", "client_closed"))],
+    (Stage.AUTHORIZE, "request_timeout"): [({}, EGRESS, None, Stage.CLOSED, CLOSE,
+                                            ("error", "egress_timeout"))],
     (Stage.CONNECT, "decision"): [({"allow": True}, {"upstream_tls": False},
                                    UNDECIDED_CONNECT, Stage.RELAY, ["start_relay"], None),
                                   ({"allow": False}, {"upstream_tls": False},
@@ -139,7 +171,10 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                                             ("error", "upstream_tls_failed"))],
     (Stage.UPSTREAM_TLS, "fail"): [({"reason": "upstream_identity_mismatch"}, {}, None,
                                     Stage.CLOSED, CLOSE,
-                                    ("error", "upstream_identity_mismatch"))],
+                                    ("error", "upstream_identity_mismatch")),
+                                   ({"reason": "rate_limited"}, {},  # rules on its identity
+                                    [*UNDECIDED_CONNECT, E("upstream_tls_done")], Stage.CLOSED,
+                                    CLOSE, ("deny", "rate_limited"))],
     (Stage.UPSTREAM_TLS, "upstream_tls_timeout"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                                     ("error", "upstream_tls_timeout"))],
     (Stage.HALF_CLOSED, "relay_started"): [({}, {}, [*TO_RELAY[:-1], E("upstream_eof")],
@@ -176,6 +211,7 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
     (Stage.CLOSED, "upstream_error"): [({"reason": "closed"}, {}, None, Stage.CLOSED, [],
                                         None)],
     (Stage.CLOSED, "internal_error"): [({}, {}, None, Stage.CLOSED, [], None)],
+    (Stage.CLOSED, "cert_revoked"): [({"reason": "revoked"}, {}, None, Stage.CLOSED, [], None)],
     (Stage.CLOSED, "client_data"): [({}, {}, None, Stage.CLOSED, [], None)],
     (Stage.CLOSED, "upstream_data"): [({}, {}, None, Stage.CLOSED, [], None)],
     (Stage.CLOSED, "client_eof"): [({}, {}, None, Stage.CLOSED, [], None)],
@@ -195,6 +231,11 @@ for (_stage, _event), _outcome in TABLE.items():
                                     (_action, "peer_timeout"))]
     elif _event in ("max_lifetime", "drain"):
         CASES[(_stage, _event)] = [({}, {}, None, Stage.CLOSED, CLOSE, (_action, _event))]
+    elif _event == "cert_revoked":
+        CASES[(_stage, _event)] = [
+            ({"reason": "revoked"}, {}, None, Stage.CLOSED, CLOSE, ("deny", "revoked")),
+            ({"reason": "peer_certificate_expired"}, {}, None, Stage.CLOSED, CLOSE,
+             ("deny", "peer_certificate_expired"))]
     elif _event == "revoke":
         CASES[(_stage, _event)] = [({}, {}, None, Stage.CLOSED, CLOSE,
                                     ("deny", "policy_reload"))]
@@ -377,15 +418,63 @@ def test_data_after_its_eof_is_dropped_and_a_second_eof_impossible() -> None:
         drive([*TO_CONNECT, E("client_eof")]).handle(E("client_eof"))
 
 
+def test_egress_request_comes_before_the_policy() -> None:
+    plan = dataclasses.replace(PLAN, **EGRESS)
+    core = drive(TO_AUTHORIZE, plan)
+    assert core.timers["stage"] == "request_timeout"
+    with pytest.raises(LifecycleError, match="not asked for"):
+        core.handle(ALLOW)  # no decision before the request names the destination
+    assert kinds(core.handle(E("client_data"))) == ["request"]
+    assert kinds(core.handle(E("request_done"))) == ["decide"] and "stage" not in core.timers
+    with pytest.raises(LifecycleError, match="without a request"):
+        core.handle(E("client_data"))  # after the request: the policy answers at once
+    assert kinds(core.handle(ALLOW)) == ["start_timer", "connect"]
+    with pytest.raises(LifecycleError, match="was not being read"):
+        drive(TO_AUTHORIZE).handle(E("request_done"))  # not an egress listener
+
+
+def test_egress_request_timeout_closes_gracefully() -> None:
+    core = drive(TO_AUTHORIZE, dataclasses.replace(PLAN, timeout_rst=True, **EGRESS))
+    cmds = core.handle(E("request_timeout", detail="socks5: no complete request"))
+    close = next(c for c in cmds if c.kind == "close")
+    assert close.reason == "egress_timeout" and not close.abort and not close.reset
+    assert close.action == "error"  # (the egress session sends its refusal on close)
+
+
+def test_passthrough_hello_routes_then_authorizes() -> None:
+    plan = dataclasses.replace(PLAN, **PASSTHROUGH)
+    core = drive([E("accept"), E("proxy_done")], plan)
+    assert core.timers["stage"] == "handshake_timeout"
+    with pytest.raises(LifecycleError, match="without passthrough"):
+        drive([E("accept"), E("proxy_done")]).handle(E("hello_done"))
+    assert kinds(core.handle(E("hello_done"))) == ["decide"]
+    assert "stage" not in core.timers
+
+
+def test_certificate_closes_live_and_unknown_reasons_are_refused() -> None:
+    core = drive(TO_RELAY)
+    cmds = core.handle(E("cert_revoked", reason="peer_certificate_expired", detail="x"))
+    close = next(c for c in cmds if c.kind == "close")
+    assert close.abort and close.action == "deny"
+    assert core.record == ("deny", "peer_certificate_expired", "x", Stage.RELAY)
+    with pytest.raises(LifecycleError, match="certificate close reason"):
+        drive(TO_RELAY).handle(E("cert_revoked", reason="policy_reload"))
+    with pytest.raises(LifecycleError, match="ACCEPTED"):
+        drive([]).handle(E("cert_revoked", reason="revoked"))
+
+
 # ---------------------------------------------------------------------- property test
 SAMPLES = [E(name) for name in events()] + [
     E("decision", allow=None), E("decision", allow=False), E("relay_started", flag=True),
     E("detect_timeout", flag=True), E("client_error", reason="reset"),
     E("upstream_error", reason="tls_error"), E("fail", reason="upstream_connect_failed"),
     E("fail", reason="proxy_protocol_timeout"), E("idle_timeout", now=1e6, last_active=0.0),
-    E("client_data", now=5.0), E("upstream_data", now=7.0),
+    E("client_data", now=5.0), E("upstream_data", now=7.0), E("cert_revoked", reason="revoked"),
+    E("fail", reason="rate_limited"), E("fail", reason="egress_timeout"),
 ]
-PLANS = st.builds(Plan, proxy=st.booleans(), tls=st.sampled_from(["off", "terminate", "auto"]),
+PLANS = st.builds(Plan, proxy=st.booleans(),
+                  tls=st.sampled_from(["off", "terminate", "auto", "passthrough"]),
+                  egress_timeout=st.sampled_from([0.0, 10.0]),
                   detect_timeout=st.sampled_from([0.0, 1.0]),
                   max_lifetime=st.sampled_from([0.0, 60.0]), timeout_rst=st.booleans(),
                   upstream_tls=st.booleans(), open_events=st.booleans())
@@ -401,9 +490,9 @@ def _snapshot(core: Lifecycle) -> tuple[object, ...]:
 # sequences also reach the relay and its ends, not only the early stages)
 FORWARD: dict[Stage, list[Event]] = {
     Stage.ACCEPTED: [E("accept")], Stage.PROXY: [E("proxy_done")],
-    Stage.DETECT: [E("tls_detected"), E("plain_detected")],
+    Stage.DETECT: [E("tls_detected"), E("plain_detected"), E("hello_done")],
     Stage.HANDSHAKE: [E("handshake_done")],
-    Stage.AUTHORIZE: [ALLOW, E("decision", allow=None)],
+    Stage.AUTHORIZE: [ALLOW, E("decision", allow=None), E("request_done")],
     Stage.CONNECT: [E("upstream_connected"), ALLOW],
     Stage.UPSTREAM_TLS: [E("upstream_tls_done"), ALLOW],
     Stage.RELAY: [E("relay_started"), E("relay_started", flag=True), E("client_eof"),

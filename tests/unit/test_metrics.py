@@ -30,6 +30,12 @@ DESIGN: dict[str, tuple[str, frozenset[str]]] = {
     "enforcer_tls_groups_total": ("counter", frozenset({"listener", "side", "group"})),
     # mesh listeners' connections by how they came (docs/design.md, the contract)
     "enforcer_mesh_connections_total": ("counter", frozenset({"listener", "mode"})),
+    # passthrough listeners' connections by the upstream their SNI routed them to
+    "enforcer_passthrough_routed_total": ("counter", frozenset({"listener", "upstream"})),
+    "enforcer_limited_total": ("counter", frozenset({"listener", "reason"})),
+    "enforcer_certificate_closes_total": ("counter", frozenset({"listener", "reason"})),
+    "enforcer_egress_handshake_errors_total": ("counter",
+                                               frozenset({"listener", "protocol", "reason"})),
 }
 
 ATTRS = [name.removeprefix("enforcer_") for name in DESIGN]
@@ -52,6 +58,11 @@ def observe_everything(m: Metrics | NullMetrics) -> None:
     m.flowlog_dropped_total.inc()
     m.tls_groups_total.labels(listener="in", side="server", group="x25519").inc()
     m.mesh_connections_total.labels(listener="in", mode="mtls").inc()
+    m.passthrough_routed_total.labels(listener="in", upstream="app").inc()
+    m.limited_total.labels(listener="in", reason="rate_limited").inc()
+    m.certificate_closes_total.labels(listener="in", reason="revoked").inc()
+    m.egress_handshake_errors_total.labels(listener="in", protocol="socks5",
+                                           reason="timeout").inc()
 
 
 def exposed_name(family_name: str, family_type: str) -> str:

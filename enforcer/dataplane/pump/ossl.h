@@ -47,10 +47,11 @@
     X(SSL_SESSION_set_protocol_version) X(SSL_CTX_remove_session) X(SSL_CTX_up_ref)         \
     X(SSL_CTX_free)
 
-/* Faster paths of OpenSSL 3 (records.c: fetched once instead of looked up per call). */
+/* Faster paths of OpenSSL 3 (records.c: fetched once instead of looked up per call; the
+   negotiated group's name without a ctypes round trip). */
 #define OSSL_OPTIONAL(X)                                                                    \
     X(EVP_MAC_fetch) X(EVP_MAC_CTX_new) X(EVP_MAC_init) X(EVP_MAC_update) X(EVP_MAC_final)  \
-    X(EVP_CIPHER_fetch)
+    X(EVP_CIPHER_fetch) X(SSL_group_to_name) X(SSL_is_init_finished)
 
 #define OSSL_FN(name) __typeof__(name) *name;
 

@@ -28,6 +28,7 @@ PyObject *mod_set_session(PyObject *module, PyObject *args);
 PyObject *mod_track_sessions(PyObject *module, PyObject *args);
 PyObject *mod_resume_latest(PyObject *module, PyObject *args);
 PyObject *mod_track_records(PyObject *module, PyObject *args);
+PyObject *mod_negotiated_group(PyObject *module, PyObject *sample);
 PyObject *mod_verification_failures(PyObject *module, PyObject *args);
 PyObject *mod_record_protect(PyObject *module, PyObject *args);
 PyObject *mod_record_unprotect(PyObject *module, PyObject *args);
