@@ -4,6 +4,10 @@ Read a column for a stage, a row for an event; the cell names an outcome (its me
 in ``OUTCOMES`` and in docs/design.md, whose copy of this table a test checks). ``.`` is an
 impossible event: ``Lifecycle.handle`` raises ``LifecycleError``; ``-`` is an event that is
 expected and does nothing (a socket's last callbacks after enforcer closed it).
+
+Below the table: the close reasons the outcomes use (timers, ``fail`` and ``cert_revoked``
+reasons with their action and abort, socket errors). A ``fail`` with a reason missing here
+is a bug: ``LifecycleError``, and the connection closes as ``internal_error``.
 """
 
 from __future__ import annotations
@@ -105,6 +109,70 @@ OUTCOMES: Final = {
     "internal": "CLOSED `internal_error`",
     "-": "nothing (a socket's last callbacks after enforcer closed it)",
     ".": "impossible: LifecycleError",
+}
+
+
+# ---------------------------------------------------------------------- close reasons
+# timer events: the slot they use and the close reason when they end the connection
+TIMERS: Final = {
+    "proxy_timeout": ("stage", "proxy_protocol_timeout"),
+    "detect_timeout": ("stage", "detect_timeout"),
+    "handshake_timeout": ("stage", "handshake_timeout"),
+    "connect_timeout": ("stage", "upstream_connect_timeout"),
+    "upstream_tls_timeout": ("stage", "upstream_tls_timeout"),
+    "request_timeout": ("stage", "egress_timeout"),
+    "idle_timeout": ("idle", "idle_timeout"),
+    "close_timeout": ("close", "close_timeout"),
+    "max_lifetime": ("life", "max_lifetime"),
+}
+RESETTING: Final = frozenset({"idle_timeout", "close_timeout", "max_lifetime"})
+# a graceful close (egress_timeout: the HTTP client gets its 408 first)
+KEEP_SOCKETS: Final = frozenset({"upstream_connect_timeout", "egress_timeout"})
+
+# close reasons the I/O layer reports with a ``fail`` event: (action, abort)
+REASONS: Final = {
+    "max_connections": ("error", True),
+    "not_redirected": ("deny", True),
+    "loop": ("deny", True),
+    "mesh_external_denied": ("deny", True),
+    "mesh_plaintext_refused": ("deny", True),
+    "client_closed": ("error", False),
+    "sslv2_hello": ("error", False),
+    "unexpected_tls_record": ("error", False),
+    "handshake_failed": ("error", False),
+    "bad_peer_certificate": ("error", False),
+    "upstream_connect_failed": ("error", False),
+    "upstream_resolve_failed": ("error", False),
+    "upstream_tls_failed": ("error", False),
+    "upstream_identity_mismatch": ("error", False),
+    # tls.mode passthrough (passthrough.py): the ClientHello routes the connection
+    "sni_refused": ("deny", False),
+    "not_tls": ("error", False),
+    "client_hello_invalid": ("error", False),
+    "client_hello_too_large": ("error", False),
+    # rule limits (limitgate.py): refused before any upstream connect
+    "rate_limited": ("deny", False),
+    "concurrency_limited": ("deny", False),
+    # the client certificate (certwatch.py): at the handshake, or a ``cert_revoked`` event
+    "revoked": ("deny", True),
+    "peer_certificate_expired": ("deny", True),
+}
+# egress listeners (egress/session.py): a refused SOCKS5 or CONNECT request, after its reply
+REASONS.update({f"egress_{why}": ("error", False) for why in (
+    "auth_required", "bad_address", "bad_address_type", "bad_credentials", "bad_login",
+    "bad_method", "bad_request", "bad_version", "command_not_supported",
+    "no_acceptable_method", "no_methods", "too_long")})
+CERT_CLOSES: Final = frozenset({"revoked", "peer_certificate_expired"})
+PROXY_PREFIX: Final = "proxy_protocol_"  # proxy_protocol_<reason>: ("error", True)
+# what a side's socket reports (*_error events): (close reason, action, abort); "{who}"
+# is client or upstream, action None means allow in the relay, error before it
+SOCKET_ERRORS: Final = {
+    "reset": ("{who}_reset", None, False),
+    "closed": ("{who}_closed", None, False),
+    "peer_timeout": ("peer_timeout", None, False),
+    "tls_error": ("{who}_tls_error", "error", False),
+    "truncated": ("{who}_truncated", "allow", True),
+    "eof_without_close_notify": ("{who}_eof_without_close_notify", "allow", True),
 }
 
 

@@ -463,6 +463,25 @@ def test_certificate_closes_live_and_unknown_reasons_are_refused() -> None:
         drive([]).handle(E("cert_revoked", reason="revoked"))
 
 
+def test_every_refusal_a_feature_raises_is_a_known_close_reason() -> None:
+    """A reason missing from REASONS would close the connection as internal_error."""
+    import re
+    from pathlib import Path
+
+    from enforcer.dataplane.lifecycle import REASONS
+
+    root = Path(__file__).resolve().parents[2] / "enforcer"
+    egress = "".join((root / "egress" / f).read_text() for f in ("socks5.py", "httpconnect.py",
+                                                                  "session.py"))
+    found = {f"egress_{r}" for r in re.findall(r'(?:Socks5Error|HttpError)\(\s*"(\w+)"', egress)}
+    hello = (root / "dataplane" / "clienthello.py").read_text()
+    found |= set(re.findall(r'HelloError\(\s*"(\w+)"', hello))
+    found |= {"sni_refused", "rate_limited", "concurrency_limited", "revoked",
+              "peer_certificate_expired"}
+    assert len(found) > 15 and found <= set(REASONS), found - set(REASONS)
+    assert all(action in ("allow", "deny", "error") for action, _ in REASONS.values())
+
+
 # ---------------------------------------------------------------------- property test
 SAMPLES = [E(name) for name in events()] + [
     E("decision", allow=None), E("decision", allow=False), E("relay_started", flag=True),
