@@ -100,9 +100,9 @@ class Connection:
     __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
                  "connect_task", "connecting", "core", "decision", "early_upstream", "egress",
                  "flow_id", "hs_started", "identity", "listener", "local", "loop", "mesh",
-                 "original_dst", "peek", "peer", "pending", "pending_bytes", "plane", "proxy_header",
-                 "proxy_parser", "pump", "relay", "sni", "sniff_buf", "started",
-                 "started_mono", "timers", "tls_info", "up_rt", "upstream",
+                 "original_dst", "peek", "peer", "pending", "pending_bytes", "plane",
+                 "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf",
+                 "started", "started_mono", "timers", "tls_info", "up_rt", "upstream",
                  "upstream_identity")
 
     def __init__(self, listener: ListenerRuntime) -> None:

@@ -96,7 +96,7 @@ OUTCOMES: Final = {
     "lost": "CLOSED `<side>_reset`/`_closed`/`_tls_error`/`_truncated`/"
             "`_eof_without_close_notify`, or `peer_timeout`",
     "fail": "CLOSED with the reason the I/O layer found (a refusal or failure; its action "
-            "and abort come from the core's REASONS)",
+            "and abort come from REASONS, below the table in lifecycle_table.py)",
     "timeout": "CLOSED `<timer>`; idle/close/max_lifetime end as `<timer>_rst` with "
                "limits.timeout_close: rst",
     "silent": "bytes wait unread: re-arm (handshake_timeout); else the client is plaintext: "
