@@ -9,6 +9,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-build/sanitize}
 TESTS=${SANITIZE_TESTS:-tests/e2e/test_native_relay.py tests/e2e/test_tls_records.py
   tests/e2e/test_tls_records_refusals.py tests/e2e/test_tls_records_kat.py
+  tests/e2e/test_tls_records_handover.py
   tests/e2e/test_tls_close_semantics.py tests/e2e/test_tls_interop_gnutls.py
   tests/e2e/test_acceptor.py tests/e2e/test_native_group.py}
 

@@ -290,8 +290,10 @@ class Connection:
 
     def _plan(self) -> Plan:
         lst, limits = self.listener.cfg, self.listener.limits
-        return Plan(proxy=lst.proxy_protocol.accept != "off",
-                    proxy_timeout=lst.proxy_protocol.timeout, tls=lst.tls.mode,
+        pp = lst.proxy_protocol
+        return Plan(proxy=pp.accept != "off", proxy_timeout=pp.timeout, tls=lst.tls.mode,
+                    proxy_silence=detect.proxy_silence(lst.tls.mode, pp.accept,
+                                                       lst.tls.detect_timeout, pp.timeout),
                     detect_timeout=lst.tls.detect_timeout if lst.tls.mode == "auto" else 0.0,
                     handshake_timeout=limits.handshake_timeout,
                     connect_timeout=limits.connect_timeout, idle_timeout=limits.idle_timeout,
@@ -987,6 +989,10 @@ class Connection:
             return Event(name, detail="nothing received in time (with accept: optional the "
                          "client must send first)" if optional and silent
                          else "no complete PROXY header in time")
+        if name == "proxy_silence":  # has the client started to send?
+            parser = self.proxy_parser
+            started = bool(self.sniff_buf) or bool(parser is not None and parser.buffered)
+            return Event(name, flag=started or _has_unread(self.client.transport))
         if name == "detect_timeout":  # unread bytes: a late loop turn, not a silent client
             return Event(name, flag=_has_unread(self.client.transport))
         if name == "request_timeout" and self.listener.egress is not None:

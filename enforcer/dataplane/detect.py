@@ -14,6 +14,11 @@ How it works. ``classify(head)`` looks at the bytes the client sent first:
 - ``PLAIN``: anything else: relayed as plaintext;
 - ``None``: the bytes so far are the start of one of the TLS forms above: wait for more.
 
+``proxy_silence`` says how long a client may stay silent at the very start of a
+connection on a ``tls.mode: auto`` listener with ``proxy_protocol.accept: optional``
+before it is taken to send no PROXY header and no TLS either: the same ``detect_timeout``
+as for the first byte, so server-first protocols do not wait for the PROXY timeout.
+
 At most ``HEAD`` (5) bytes decide, and a plaintext client is told apart at the first byte
 that fits no TLS form, so only a client whose first bytes look exactly like a TLS header
 waits for more. (The SSLv2 three-byte header, for padded records, is never used for a
@@ -79,3 +84,14 @@ def _sslv2_hello(head: bytes) -> str | None:
         fits = minor == 0x02 if major == 0x00 else minor <= TLS_MINOR_MAX
         return SSLV2_HELLO if fits else PLAIN
     return None
+
+
+def proxy_silence(tls_mode: str, accept: str, detect_timeout: float,
+                  proxy_timeout: float) -> float:
+    """Seconds of client silence after which an ``accept: optional`` PROXY stage ends with
+    no header (then plaintext, the server speaks first); 0: wait for the PROXY timeout.
+    Only ``tls.mode: auto`` listeners, where ``detect_timeout`` already means "a silent
+    client is plaintext"."""
+    if accept != "optional" or tls_mode != "auto" or not 0 < detect_timeout < proxy_timeout:
+        return 0.0
+    return detect_timeout

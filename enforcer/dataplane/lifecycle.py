@@ -61,6 +61,8 @@ class Plan:
 
     proxy: bool = False  # a PROXY header is read (proxy_protocol.accept is not off)
     proxy_timeout: float = 5.0
+    proxy_silence: float = 0.0  # accept optional, tls auto: a client this silent sends no
+    # header and is plaintext (detect.proxy_silence; 0: wait for proxy_timeout)
     tls: str = "off"  # tls.mode: off | auto | terminate | passthrough
     detect_timeout: float = 0.0
     handshake_timeout: float = 10.0
@@ -268,7 +270,10 @@ class Lifecycle:
             self._arm("life", "max_lifetime", self.plan.max_lifetime)
         if self.plan.proxy:
             self.stage = Stage.PROXY
-            self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
+            if self.plan.proxy_silence > 0:
+                self._arm("stage", "proxy_silence", self.plan.proxy_silence)
+            else:
+                self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
             return
         self._after_proxy()
 
@@ -424,6 +429,12 @@ class Lifecycle:
     def _timeout(self, ev: Event) -> None:
         self._timeout_close(TIMERS[ev.kind][1], ev.detail)
 
+    def _quiet(self, ev: Event) -> None:
+        if ev.flag:  # the client started to send (held or unread): the full PROXY timeout
+            self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
+            return
+        self._authorize()  # no header and no TLS: plaintext, the server speaks first
+
     def _silent(self, ev: Event) -> None:
         if ev.flag:  # bytes wait unread: a late loop turn, not a silent client
             self._arm("stage", "detect_timeout", self.plan.handshake_timeout)
@@ -472,4 +483,5 @@ OUTCOMES: Final = {
     "idle": Lifecycle._idle, "drain": Lifecycle._drain, "revoke": Lifecycle._revoke,
     "internal": Lifecycle._internal, "routed": Lifecycle._routed,
     "request": Lifecycle._request, "ask": Lifecycle._requested, "cert": Lifecycle._cert,
+    "quiet": Lifecycle._quiet,
 }

@@ -39,6 +39,7 @@ client_error       .        lost     lost     lost     lost     lost     lost   
 upstream_error     .        .        .        .        .        lost     lost     lost     lost     -
 fail               fail     fail     fail     fail     fail     fail     fail     .        .        .
 proxy_timeout      .        timeout  .        .        .        .        .        .        .        .
+proxy_silence      .        quiet    .        .        .        .        .        .        .        .
 detect_timeout     .        .        silent   .        .        .        .        .        .        .
 handshake_timeout  .        .        timeout  timeout  .        .        .        .        .        .
 connect_timeout    .        .        .        .        .        timeout  .        .        .        .
@@ -55,8 +56,9 @@ internal_error     internal internal internal internal internal internal interna
 
 # What each outcome does (the I/O layer executes the commands; see lifecycle.py).
 OUTCOMES: Final = {
-    "begin": "arm max_lifetime; then PROXY (arm proxy_protocol.timeout) when a PROXY header "
-             "is read, else as `after`",
+    "begin": "arm max_lifetime; then PROXY (arm proxy_protocol.timeout; with accept: optional "
+             "on tls.mode auto, tls.detect_timeout as proxy_silence) when a PROXY header is "
+             "read, else as `after`",
     "after": "tls.mode off: AUTHORIZE; terminate: HANDSHAKE (arm handshake_timeout); auto: DETECT "
              "(arm tls.detect_timeout, or handshake_timeout when it is 0); passthrough: "
              "DETECT, the ClientHello is read (arm handshake_timeout)",
@@ -99,6 +101,8 @@ OUTCOMES: Final = {
             "and abort come from REASONS, below the table in lifecycle_table.py)",
     "timeout": "CLOSED `<timer>`; idle/close/max_lifetime end as `<timer>_rst` with "
                "limits.timeout_close: rst",
+    "quiet": "bytes came (held or unread): arm proxy_protocol.timeout; else no header and "
+             "no TLS: AUTHORIZE (plaintext)",
     "silent": "bytes wait unread: re-arm (handshake_timeout); else the client is plaintext: "
               "AUTHORIZE",
     "idle": "idle for idle_timeout: CLOSED `idle_timeout`; else re-arm for the rest",
@@ -116,6 +120,7 @@ OUTCOMES: Final = {
 # timer events: the slot they use and the close reason when they end the connection
 TIMERS: Final = {
     "proxy_timeout": ("stage", "proxy_protocol_timeout"),
+    "proxy_silence": ("stage", "proxy_protocol_timeout"),
     "detect_timeout": ("stage", "detect_timeout"),
     "handshake_timeout": ("stage", "handshake_timeout"),
     "connect_timeout": ("stage", "upstream_connect_timeout"),

@@ -1,9 +1,10 @@
 """Pods with an enforcer sidecar in network namespaces: the app's traffic is intercepted
 by ``enforcer intercept apply`` and goes through transparent listeners (mesh mode).
 
-The sidecar configs are files in ``tests/e2e/configs/`` (YAML with ``${VAR}`` placeholders
-for what only the test knows: certificate paths, flow log path, addresses), so they can be
-swapped for the manifests rendered from ``deploy/`` without touching the test code.
+test_across_hosts.py runs the configs and interception arguments rendered from
+``deploy/`` (tests/e2e/deployed.py); test_mesh.py, which exercises every mesh mode
+(strict/permissive, external plaintext, IPv6, a peer with the wrong identity), uses the
+template ``configs/sidecar.yaml`` (``${VAR}`` placeholders).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ APPS = str(Path(__file__).with_name("netapps.py"))
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
 
 
+def as_user(uid: int) -> list[str]:
+    """A command prefix running the command as ``uid`` (group ``uid``, no other groups)."""
+    return ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"]
+
+
 def render(name: str, **values: Any) -> dict[str, Any]:
     """``configs/NAME`` with ``${KEY}`` replaced by ``values``; the parsed YAML."""
     text = string.Template((CONFIGS / name).read_text()).substitute(
@@ -49,6 +55,7 @@ class Host:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     enforcer: EnforcerProcess | None = None
     flows: Path | None = None
+    user: list[str] = field(default_factory=lambda: list(NOBODY))  # the apps' uid
 
     def app(self, *args: str) -> None:
         proc = self.ns.popen([sys.executable, APPS, *args], stdout=subprocess.PIPE)
@@ -57,21 +64,25 @@ class Host:
 
     def client(self, host: str, port: int, size: int = 200_000, seed: int = 1, *,
                as_app: bool = True) -> dict[str, Any]:
-        who = NOBODY if as_app else []
+        who = self.user if as_app else []
         out = self.ns.run(*who, sys.executable, APPS, "client", host, str(port), str(size),
                           str(seed), timeout=90).stdout
         return dict(json.loads(out))
 
     def sidecar(self, cfg: dict[str, Any], workdir: Path, listeners: int,
-                intercept: list[str]) -> None:
-        """Interception applied (enforcer runs as uid 0, the apps as 65534), then
-        ``enforcer run`` with ``cfg`` in this namespace."""
-        done = self.ns.run(*enforcer_cmd("intercept", "apply", "--uid", "0", *intercept),
+                intercept: list[str], uid: int | None = None) -> None:
+        """Interception applied as root with ``intercept`` (as an init container does),
+        then ``enforcer run`` with ``cfg`` in this namespace, as ``uid``: the uid the rules
+        skip. ``uid`` None: enforcer runs as root and ``--uid 0`` is added to the rules
+        (the apps run as 65534)."""
+        extra = ["--uid", "0"] if uid is None else []
+        done = self.ns.run(*enforcer_cmd("intercept", "apply", *extra, *intercept),
                            check=False)
         assert done.returncode == 0, done.stderr
         path = workdir / f"{self.ns.name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        self.enforcer = EnforcerProcess(path, prefix=self.ns.cmd())
+        who = as_user(uid) if uid is not None else []
+        self.enforcer = EnforcerProcess(path, prefix=self.ns.cmd(*who))
         self.enforcer.wait_bound(listeners)
 
     def records(self, count: int, timeout: float = 20) -> list[dict[str, Any]]:

@@ -8,8 +8,13 @@
 - ``banner HOST PORT``: a server-first app: says ``220 ready``, then echoes.
 - ``slowclient HOST PORT SIZE SEED GATE``: as ``client``, but prints ``{"port": N}`` once
   half the payload is sent, and sends the rest only once the file GATE exists.
-- ``forge HOST PORT SRC CERT KEY CA``: a PROXY v2 header claiming client SRC, then TLS
-  with that certificate (CERT ``-``: plaintext), then a line; prints {bytes, error}.
+- ``tlsclient HOST PORT SIZE SEED SNI CA`` / ``tlsslowclient HOST PORT SIZE SEED GATE SNI
+  CA``: the same over TLS (server name SNI, verified against CA). The echo is read as its
+  first line plus SIZE bytes, then TLS is closed with close_notify (a TLS socket cannot
+  half-close and keep reading).
+- ``forge HOST PORT SRC CERT KEY CA``: a PROXY v2 header claiming client SRC (SRC ``-``:
+  no header), then TLS with that certificate (CERT ``-``: plaintext), then a line; prints
+  {bytes, error}.
 Exit status 0 always: the test reads the JSON.
 """
 
@@ -84,23 +89,49 @@ def serve(host: str, port: int, tag: str, banner: bytes = b"") -> None:
         threading.Thread(target=_echo, args=(conn, tag, banner), daemon=True).start()
 
 
-def client(host: str, port: int, size: int, seed: int) -> dict[str, object]:
+Tls = tuple[str, str] | None  # (server name, CA file) for the TLS clients
+
+
+def _connect(host: str, port: int, timeout: float, tls: Tls) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    if tls is None:
+        return sock
+    ctx = ssl.create_default_context(cafile=tls[1])
+    return ctx.wrap_socket(sock, server_hostname=tls[0])
+
+
+def _finish(s: socket.socket, got: bytearray, size: int) -> None:
+    """Read the echo to its end: EOF (plaintext), or its first line plus ``size`` bytes,
+    then close_notify both ways (TLS)."""
+    if not isinstance(s, ssl.SSLSocket):
+        while data := s.recv(65536):
+            got += data
+        return
+    while b"\n" not in got and (data := s.recv(65536)):
+        got += data
+    want = got.index(b"\n") + 1 + size if b"\n" in got else 0
+    while len(got) < want and (data := s.recv(65536)):
+        got += data
+    s.unwrap()
+
+
+def client(host: str, port: int, size: int, seed: int, tls: Tls = None) -> dict[str, object]:
     payload = random.Random(seed).randbytes(size)
     out: dict[str, object] = {"sent": hashlib.sha256(payload).hexdigest(), "received": None,
                               "bytes": 0, "error": None}
     got = bytearray()
     try:
-        with socket.create_connection((host, port), timeout=20) as s:
+        with _connect(host, port, 20, tls) as s:
             def send() -> None:
                 try:
                     s.sendall(payload)
-                    s.shutdown(socket.SHUT_WR)
+                    if tls is None:
+                        s.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
             t = threading.Thread(target=send, daemon=True)
             t.start()
-            while data := s.recv(65536):
-                got += data
+            _finish(s, got, size)
             t.join(20)
     except OSError as exc:
         out["error"] = type(exc).__name__
@@ -110,22 +141,23 @@ def client(host: str, port: int, size: int, seed: int) -> dict[str, object]:
     return out
 
 
-def slow_client(host: str, port: int, size: int, seed: int, gate: str) -> dict[str, object]:
+def slow_client(host: str, port: int, size: int, seed: int, gate: str,
+                tls: Tls = None) -> dict[str, object]:
     payload = random.Random(seed).randbytes(size)
     out: dict[str, object] = {"sent": hashlib.sha256(payload).hexdigest(), "received": None,
                               "bytes": 0, "error": None}
     got = bytearray()
     try:
-        with socket.create_connection((host, port), timeout=60) as s:
+        with _connect(host, port, 60, tls) as s:
             half = size // 2
             s.sendall(payload[:half])
             print(json.dumps({"port": s.getsockname()[1]}), flush=True)
             while not os.path.exists(gate):
                 time.sleep(0.02)
             s.sendall(payload[half:])
-            s.shutdown(socket.SHUT_WR)
-            while data := s.recv(65536):
-                got += data
+            if tls is None:
+                s.shutdown(socket.SHUT_WR)
+            _finish(s, got, size)
     except OSError as exc:
         out["error"] = type(exc).__name__
     out["received"] = hashlib.sha256(bytes(got)).hexdigest()
@@ -135,12 +167,14 @@ def slow_client(host: str, port: int, size: int, seed: int, gate: str) -> dict[s
 
 
 def forge(host: str, port: int, src: str, cert: str, key: str, ca: str) -> dict[str, object]:
-    header = V2_SIG + bytes([0x21, 0x11]) + (12).to_bytes(2, "big") + socket.inet_aton(src) \
+    header = V2_SIG + bytes([0x21, 0x11]) + (12).to_bytes(2, "big") + \
+        socket.inet_aton(src if src != "-" else "0.0.0.0") \
         + socket.inet_aton(host) + (40000).to_bytes(2, "big") + port.to_bytes(2, "big")
     out: dict[str, object] = {"bytes": 0, "error": None}
     try:
         with socket.create_connection((host, port), timeout=20) as raw:
-            raw.sendall(header)
+            if src != "-":
+                raw.sendall(header)
             conn: socket.socket = raw
             if cert != "-":
                 ctx = ssl.create_default_context(cafile=ca)
@@ -169,6 +203,12 @@ def main(argv: list[str]) -> None:
     elif mode == "slowclient":
         print(json.dumps(slow_client(argv[1], int(argv[2]), int(argv[3]), int(argv[4]),
                                      argv[5])), flush=True)
+    elif mode == "tlsclient":
+        print(json.dumps(client(argv[1], int(argv[2]), int(argv[3]), int(argv[4]),
+                                (argv[5], argv[6]))), flush=True)
+    elif mode == "tlsslowclient":
+        print(json.dumps(slow_client(argv[1], int(argv[2]), int(argv[3]), int(argv[4]),
+                                     argv[5], (argv[6], argv[7]))), flush=True)
     elif mode == "forge":
         print(json.dumps(forge(argv[1], int(argv[2]), *argv[3:7])), flush=True)
     else:

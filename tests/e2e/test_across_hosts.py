@@ -1,26 +1,39 @@
-"""The whole path across hosts, in network namespaces the test creates on one bridge:
+"""The whole path across hosts, with the Kubernetes objects of deploy/ as they render, in
+network namespaces the test creates on one bridge:
 
-    client --> nlb (haproxy, send-proxy-v2 + unique id) --> gw1 | gw2 (enforcer)
-           --PROXY v2 + mTLS--> pod B (sidecar, interception) --PROXY v1--> app B
+    client --TLS--> nlb (haproxy, send-proxy-v2 + unique id) --> gw1 | gw2 (deploy/gateway)
+           --PROXY v2 + mTLS--> pod B's app port (intercepted: deploy/sidecar) --PROXY v1--> app B
     pod A app --(intercepted, mTLS by A's sidecar)--> pod B
+
+Everything enforcer runs comes from `kubectl kustomize deploy/sidecar` and `deploy/gateway`
+(tests/e2e/deployed.py): the ConfigMaps' config.yaml and rules.yaml, with only addresses
+(pod and balancer networks, the upstream's host), the TLS directories, the rules file
+and the flow log rewritten; the certificates carry the SPIFFE IDs and DNS names of the
+rendered Certificates; the interception is `enforcer intercept apply` with the `intercept`
+init container's own arguments, run as root, and the sidecar runs as the enforcer
+container's uid, the apps as the app container's. So the manifests and the tested
+topology cannot drift apart.
 
 Asserted: the client's address reaches the app (its PROXY v1 line) and every hop's flow
 record, with one flow id (haproxy's unique id, adopted by each hop); pod A's app calls pod
 B's IP and port with no enforcer address configured and the bytes between the hosts are
-TLS (capture); the client dialing pod B's app port directly meets B's sidecar and is
-denied by the rules; a PROXY header forged from a host inside trusted_sources without the
-gateway's identity is refused; killing one gateway loses no connection on the other;
-sha256 of every payload both ways. The configs are files (tests/e2e/configs/) so that
-the manifests rendered from deploy/ can replace them.
+TLS (capture); a client dialing pod B's app port directly meets B's sidecar: plaintext
+refused (mesh.inbound strict), mTLS with an identity the rules do not name denied; a PROXY
+header forged from a host inside trusted_sources without the gateway's identity is
+refused; killing one gateway loses no connection on the other; sha256 of every payload
+both ways.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,26 +41,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from enforcer.tlsconf.certs import DEMO_CLIENT_ID, DEMO_SERVER_ID, issue
+from enforcer.tlsconf.certs import DEMO_CLIENT_ID, issue
 from tests.conftest import require_tool
+from tests.e2e import deployed
+from tests.e2e.deployed import Doc
 from tests.e2e.meshnet import (
     APPS,
-    CONFIGS,
     Host,
+    as_user,
     assert_tls_only,
     capture,
     expected,
-    render,
 )
 from tests.e2e.netns import Topology, topology
-from tests.e2e.proc import EnforcerProcess
+from tests.e2e.proc import EnforcerProcess, enforcer_cmd
 
 pytestmark = pytest.mark.slow  # about a minute: six hosts, four enforcers, haproxy
 
+NLB_CFG = Path(__file__).with_name("configs") / "nlb.haproxy.cfg"
+SUBNET = "10.9.0.0/24"
 CLIENT, NLB, GW1, GW2, POD_A, POD_B = ("10.9.0.50", "10.9.0.100", "10.9.0.11", "10.9.0.12",
                                        "10.9.0.1", "10.9.0.2")
-GATEWAY_ID = "spiffe://enforcer.demo/ns/edge/sa/gateway"
+# Pod A plays a frontend pod (deploy/sidecar's rules let this workload call payments); pod
+# B is a payments pod, the gateways are the gateway pods: their identities come from the
+# rendered Certificates.
+FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 SIZE = 400_000
 
@@ -58,20 +78,95 @@ class World:
     hosts: dict[str, Host]
     ports: dict[str, str]  # host -> its port on the bridge (switch namespace)
     tmp: Path
+    app_port: int  # the app's port: what the gateways dial (deploy/gateway's upstream)
+    sni: str  # the gateway's public name (its Certificate's dnsName)
+    ca: Path
+    payments_id: str  # pod B's identity (deploy/sidecar's Certificate)
+    gateway_id: str
+    side_uid: int  # the sidecar's uid (the interception skips it)
+    a_tls: Path  # pod A's mesh certificate directory
 
 
-def sidecar(pki: Any, host: Host, ident: Any, peer_id: str, client_id: str) -> dict[str, Any]:
-    return render("sidecar.yaml", CERT=ident.cert, KEY=ident.key, CA=pki.ca, FLOWS=host.flows,
-                  NODE=host.ns.name, MESH_CIDR="10.9.0.0/30", MESH_CIDR6="fd09::/126",
-                  EXTERNAL_CIDR=f"{CLIENT}/32",
-                  INBOUND_MODE="permissive", PEER_ID=peer_id, CLIENT_ID=client_id,
-                  GATEWAY_ID=GATEWAY_ID, TRUSTED_SOURCES="10.9.0.0/28", APP_PROXY="v1")
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _materials(docs: list[Doc], pki: Any, into: Path, uid: int,
+               spiffe_override: str | None = None) -> dict[str, Path]:
+    """Each TLS Secret the enforcer container mounts, as a directory (tls.crt, tls.key,
+    ca.crt) holding a certificate with the SPIFFE ID and DNS names of the Certificate that
+    fills that Secret. Returns mount path -> directory (owned by ``uid``)."""
+    spec = deployed.pod_spec(docs)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    certs = {c["spec"]["secretName"]: c["spec"] for c in deployed.by_kind(docs, "Certificate")}
+    out: dict[str, Path] = {}
+    for mount in deployed.container(docs, "enforcer")["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None:
+            continue
+        cert = certs[secret["secretName"]]
+        where = into / mount["name"]
+        uri = spiffe_override or (cert.get("uris") or [None])[0]
+        leaf = issue(pki.base, into / f"{mount['name']}-pki", name=mount["name"],
+                     spiffe_id=uri, dns=cert.get("dnsNames", []))
+        where.mkdir(parents=True)
+        shutil.copy(leaf.cert, where / "tls.crt")
+        shutil.copy(leaf.key, where / "tls.key")
+        shutil.copy(pki.ca, where / "ca.crt")
+        out[mount["mountPath"]] = where
+    for path in [into, *into.rglob("*")]:
+        os.chown(path, uid, uid)
+    return out
+
+
+def _localize(docs: list[Doc], host: Host, into: Path, tls: dict[str, Path]) -> dict[str, Any]:
+    """The rendered config.yaml with what a pod has at other paths rewritten: the TLS
+    directories, the rules file (rules.yaml written beside), the flow log (a file, with
+    open events)."""
+    cfg = deployed.config(docs)
+    for material in cfg["tls"].values():
+        material["dir"] = str(tls[material["dir"]])
+    rules = into / "rules.yaml"
+    rules.write_text(deployed.files(docs)["rules.yaml"])
+    cfg["rulesets_file"] = str(rules)
+    cfg["flow_log"] = {"sink": f"file:{host.flows}", "open_events": True}
+    return cfg
+
+
+def _sidecar_cfg(docs: list[Doc], host: Host, into: Path, tls: dict[str, Path]) -> dict[str, Any]:
+    """deploy/sidecar's config; addresses: the pod network is this bridge's subnet."""
+    cfg = _localize(docs, host, into, tls)
+    for network in cfg["mesh"]["networks"]:
+        network["cidrs"] = [SUBNET]
+    for listener in cfg["listeners"]:
+        if "proxy_protocol" in listener:
+            listener["proxy_protocol"]["trusted_sources"] = [SUBNET]
+    return cfg
+
+
+def _gateway_cfg(docs: list[Doc], host: Host, into: Path, tls: dict[str, Path]) -> dict[str, Any]:
+    """deploy/gateway's config; addresses: the balancer is ``nlb``, the Service is pod B."""
+    cfg = _localize(docs, host, into, tls)
+    (listener,) = cfg["listeners"]
+    listener["proxy_protocol"]["trusted_sources"] = [f"{NLB}/32"]
+    upstream = cfg["upstreams"][listener["upstream"]]
+    upstream["address"] = f"{POD_B}:{_port(upstream['address'])}"
+    return cfg
 
 
 @pytest.fixture
 def world(pki: Any, tmp_path: Path) -> Iterator[World]:
     haproxy = require_tool("haproxy")
-    gw_cert = issue(pki.base, pki.base / "gateway", name="gateway", spiffe_id=GATEWAY_ID)
+    side, gate = deployed.render("sidecar"), deployed.render("gateway")
+    side_uid = deployed.run_as_user(side, "enforcer")
+    app_uid = deployed.run_as_user(side, "app")
+    intercept = deployed.intercept_args(side)
+    gate_cfg = deployed.config(gate)
+    app_port = _port(gate_cfg["upstreams"][gate_cfg["listeners"][0]["upstream"]]["address"])
+    gw_port = _port(gate_cfg["listeners"][0]["listen"])
+    # a directory the sidecars' uid can reach (pytest's tmp_path is root's alone)
+    root = Path(tempfile.mkdtemp(prefix="enforcer-xh-"))
+    root.chmod(0o755)
     with topology("xh") as topo:
         topo.bridge("br0")
         hosts: dict[str, Host] = {}
@@ -80,35 +175,38 @@ def world(pki: Any, tmp_path: Path) -> Iterator[World]:
                           ("poda", POD_A), ("podb", POD_B)):
             ns = topo.ns(short)
             ports[short] = topo.attach(ns, "br0", "eth0", [f"{ip}/24"])
-            hosts[short] = Host(ns, ip, flows=tmp_path / f"{short}.jsonl")
+            hosts[short] = Host(ns, ip, flows=root / short / "flows.jsonl",
+                                user=as_user(app_uid))
         try:
-            b = hosts["podb"]
-            b.sidecar(sidecar(pki, b, pki.server, DEMO_CLIENT_ID, DEMO_CLIENT_ID), tmp_path, 4,
-                      ["--inbound-ports", "8080,8081"])
-            b.app("echo", POD_B, "8080", "podB")
-            a = hosts["poda"]
-            a.sidecar(sidecar(pki, a, pki.client, DEMO_SERVER_ID, DEMO_SERVER_ID), tmp_path, 4,
-                      ["--inbound-ports", "8080"])
+            tls_dirs: dict[str, dict[str, Path]] = {}
+            for name, override in (("podb", None), ("poda", FRONTEND)):
+                pod = hosts[name]
+                tls_dirs[name] = _materials(side, pki, root / name, side_uid, override)
+                pod.sidecar(_sidecar_cfg(side, pod, root / name, tls_dirs[name]), root / name,
+                            len(deployed.config(side)["listeners"]), intercept, uid=side_uid)
+            hosts["podb"].app("echo", POD_B, str(app_port), "podB")
             for name in ("gw1", "gw2"):
                 gw = hosts[name]
-                cfg = render("gateway.yaml", NODE=name, CERT=gw_cert.cert, KEY=gw_cert.key,
-                             CA=pki.ca, FLOWS=gw.flows, NLB=NLB, POD_B=POD_B,
-                             POD_B_ID=DEMO_SERVER_ID)
-                path = tmp_path / f"{name}.yaml"
-                path.write_text(json.dumps(cfg))
+                tls = _materials(gate, pki, root / name, 0)
+                path = root / name / "config.yaml"
+                path.write_text(yaml.safe_dump(_gateway_cfg(gate, gw, root / name, tls)))
                 gw.enforcer = EnforcerProcess(path, prefix=gw.ns.cmd())
                 gw.enforcer.wait_bound(1)
             nlb_cfg = tmp_path / "nlb.cfg"
-            nlb_cfg.write_text(string.Template((CONFIGS / "nlb.haproxy.cfg").read_text())
-                               .substitute(NLB=NLB, GW1=GW1, GW2=GW2))
+            nlb_cfg.write_text(string.Template(NLB_CFG.read_text()).substitute(
+                NLB=NLB, GW1=GW1, GW2=GW2, GW_PORT=gw_port))
             nlb = hosts["nlb"]
             nlb.procs.append(nlb.ns.popen([haproxy, "-db", "-f", str(nlb_cfg)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
             _wait_listening(nlb, 443)
-            yield World(topo, hosts, ports, tmp_path)
+            public = deployed.certificate(gate, "enforcer-public-tls")
+            yield World(topo, hosts, ports, tmp_path, app_port, public["dnsNames"][0],
+                        pki.ca, deployed.spiffe_id(side), deployed.spiffe_id(gate), side_uid,
+                        tls_dirs["poda"]["/etc/enforcer/tls"])
         finally:
             for host in hosts.values():
                 host.stop()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_listening(host: Host, port: int) -> None:
@@ -121,7 +219,7 @@ def _wait_listening(host: Host, port: int) -> None:
 def _flows(host: Host, pred: Any, count: int = 1, timeout: float = 20) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
-        recs = [r for r in host.records(0) if pred(r)]
+        recs = [r for r in host.records(0) if r["event"] == "flow" and pred(r)]
         if len(recs) >= count or time.monotonic() > deadline:
             return recs
         time.sleep(0.05)
@@ -138,9 +236,17 @@ def _gateway_flows(world: World, pred: Any, count: int = 1) -> list[dict[str, An
         time.sleep(0.05)
 
 
+def _through_nlb(world: World, seed: int) -> dict[str, Any]:
+    """The outside client's TLS connection to the balancer, as the gateway's public name."""
+    out = world.hosts["client"].ns.run(
+        sys.executable, APPS, "tlsclient", NLB, "443", str(SIZE), str(seed), world.sni,
+        str(world.ca), timeout=90).stdout
+    return dict(json.loads(out))
+
+
 def test_the_client_address_and_one_flow_id_reach_every_hop(world: World) -> None:
-    client, b = world.hosts["client"], world.hosts["podb"]
-    result = client.client(NLB, 443, SIZE, seed=3, as_app=False)
+    b = world.hosts["podb"]
+    result = _through_nlb(world, 3)
     assert result["error"] is None, result
     assert result["head"].startswith(f"podB proxy={CLIENT}\n")  # the app saw the client
     assert result["received"] == expected(SIZE, 3, f"podB proxy={CLIENT}\n".encode())
@@ -150,13 +256,14 @@ def test_the_client_address_and_one_flow_id_reach_every_hop(world: World) -> Non
     assert len(gw_recs) == 1, gw_recs
     gw = gw_recs[0]
     assert UUID.match(gw["flow_id"]), gw  # haproxy's unique id, adopted
-    assert gw["client"]["ip"] == CLIENT and gw["upstream"]["peer"]["spiffe_id"] == DEMO_SERVER_ID
+    assert gw["action"] == "allow" and gw["tls"]["sni"] == world.sni
+    assert gw["upstream"]["peer"]["spiffe_id"] == world.payments_id
     side = _flows(b, lambda r: r["flow_id"] == gw["flow_id"])
     assert len(side) == 1, b.records(0)
     rec = side[0]
     assert rec["client"]["ip"] == CLIENT and rec["action"] == "allow"
-    assert rec["mesh"] == "mtls" and rec["tls"]["peer"]["spiffe_id"] == GATEWAY_ID
-    assert rec["original_dst"] == {"ip": POD_B, "port": 8080}
+    assert rec["mesh"] == "mtls" and rec["tls"]["peer"]["spiffe_id"] == world.gateway_id
+    assert rec["original_dst"] == {"ip": POD_B, "port": world.app_port}
     assert rec["bytes"]["from_client"] == SIZE == gw["bytes"]["from_client"]
 
 
@@ -164,47 +271,60 @@ def test_pod_a_calls_pod_b_by_its_address_over_mtls(world: World) -> None:
     a, b = world.hosts["poda"], world.hosts["podb"]
     assert world.topo.switch is not None
     pcap = world.tmp / "a-to-b.pcap"
-    with capture(world.topo.switch, world.ports["poda"], "tcp port 8080", pcap):
-        result = a.client(POD_B, 8080, SIZE, seed=4)  # the app, with no enforcer address
+    with capture(world.topo.switch, world.ports["poda"], f"tcp port {world.app_port}", pcap):
+        result = a.client(POD_B, world.app_port, SIZE, seed=4)  # as the app: no enforcer address
     assert result["error"] is None, result
     assert result["received"] == expected(SIZE, 4, f"podB proxy={POD_A}\n".encode())
-    assert_tls_only(pcap, 8080, SIZE, 4)
+    assert_tls_only(pcap, world.app_port, SIZE, 4)
     a_rec = _flows(a, lambda r: r["listener"] == "outbound")[0]
-    assert a_rec["mesh"] == "mtls" and a_rec["upstream"]["peer"]["spiffe_id"] == DEMO_SERVER_ID
+    assert a_rec["mesh"] == "mtls" and a_rec["upstream"]["peer"]["spiffe_id"] == world.payments_id
     b_rec = _flows(b, lambda r: r["client"]["ip"] == POD_A)[0]
-    assert b_rec["mesh"] == "mtls" and b_rec["tls"]["peer"]["spiffe_id"] == DEMO_CLIENT_ID
+    assert b_rec["mesh"] == "mtls" and b_rec["tls"]["peer"]["spiffe_id"] == FRONTEND
 
 
-def test_a_direct_dial_to_pod_b_is_denied_by_its_sidecar(world: World) -> None:
+def test_a_direct_dial_to_pod_b_meets_its_sidecar(world: World, pki: Any) -> None:
+    """From outside: plaintext is refused (mesh.inbound strict); mTLS with a certificate
+    of the mesh CA whose identity the rules do not name is denied by the rules."""
     client, b = world.hosts["client"], world.hosts["podb"]
-    direct = client.client(POD_B, 8080, 1000, as_app=False)
+    direct = client.client(POD_B, world.app_port, 1000, as_app=False)
     assert direct["bytes"] == 0, direct
     rec = _flows(b, lambda r: r["client"]["ip"] == CLIENT)[0]
     assert rec["listener"] == "inbound" and rec["mesh"] == "plaintext"
-    assert (rec["action"], rec["reason"]) == ("deny", "default")
+    assert (rec["action"], rec["reason"]) == ("deny", "mesh_plaintext_refused")
+    assert rec["upstream"] is None
+    out = client.ns.run(sys.executable, APPS, "forge", POD_B, str(world.app_port), "-",
+                        str(pki.client.cert), str(pki.client.key), str(pki.ca)).stdout
+    assert json.loads(out)["bytes"] == 0, out
+    recs = _flows(b, lambda r: r["client"]["ip"] == CLIENT, count=2)
+    rec = recs[1]
+    assert rec["mesh"] == "mtls" and rec["tls"]["peer"]["spiffe_id"] == DEMO_CLIENT_ID
+    assert (rec["action"], rec["reason"]) == ("deny", "default") and rec["upstream"] is None
 
 
 @pytest.mark.parametrize("with_cert", [True, False])
 def test_a_forged_proxy_header_from_inside_trusted_sources_is_refused(
-        world: World, pki: Any, with_cert: bool) -> None:
+        world: World, with_cert: bool) -> None:
+    """Pod A's own sidecar uid is not intercepted: straight to pod B's app port, with
+    pod A's mesh certificate (a real peer, but not the gateway) or in plaintext."""
     a, b = world.hosts["poda"], world.hosts["podb"]
-    cert = [str(pki.client.cert), str(pki.client.key)] if with_cert else ["-", "-"]
-    # root on pod A: enforcer's uid, so not intercepted: straight to pod B's app port
-    out = a.ns.run(sys.executable, APPS, "forge", POD_B, "8080", "198.51.100.7", *cert,
-                   str(pki.ca)).stdout
+    tls = world.a_tls
+    cert = [str(tls / "tls.crt"), str(tls / "tls.key")] if with_cert else ["-", "-"]
+    out = a.ns.run(*as_user(world.side_uid), sys.executable, APPS, "forge", POD_B,
+                   str(world.app_port), "198.51.100.7", *cert, str(tls / "ca.crt")).stdout
     assert json.loads(out)["bytes"] == 0, out
     rec = _flows(b, lambda r: r["client"]["ip"] == POD_A)[0]
     assert rec["close"] == "proxy_protocol_untrusted_identity", rec
     assert rec["upstream"] is None  # refused before any upstream connect
     if with_cert:
-        assert rec["tls"]["peer"]["spiffe_id"] == DEMO_CLIENT_ID
+        assert rec["tls"]["peer"]["spiffe_id"] == FRONTEND
 
 
 def test_killing_one_gateway_loses_no_connection_on_the_other(world: World) -> None:
     client = world.hosts["client"]
     gate = world.tmp / "gate"
-    procs = [client.ns.popen([sys.executable, APPS, "slowclient", NLB, "443", str(SIZE),
-                              str(10 + i), str(gate)], stdout=subprocess.PIPE)
+    procs = [client.ns.popen([sys.executable, APPS, "tlsslowclient", NLB, "443", str(SIZE),
+                              str(10 + i), str(gate), world.sni, str(world.ca)],
+                             stdout=subprocess.PIPE)
              for i in range(6)]
     try:
         by_port: dict[int, subprocess.Popen[bytes]] = {}
@@ -231,10 +351,22 @@ def test_killing_one_gateway_loses_no_connection_on_the_other(world: World) -> N
                 proc.kill()
                 proc.wait()
     survivors = [port for port in by_port if port in via["gw2"]]
+    assert survivors
     for i, port in enumerate(by_port):
         if port in survivors:
             res = results[port]
             assert res["error"] is None, res
             assert res["received"] == expected(SIZE, 10 + i, f"podB proxy={CLIENT}\n".encode())
-    after = client.client(NLB, 443, SIZE, seed=30, as_app=False)  # gw2 takes new ones
+    after = _through_nlb(world, 30)  # gw2 takes new ones
     assert after["received"] == expected(SIZE, 30, f"podB proxy={CLIENT}\n".encode()), after
+
+
+def test_the_interception_is_the_init_containers(world: World) -> None:
+    """Pod B's installed rules are what the rendered init container's arguments install
+    (`enforcer intercept show` against `show --dry-run` with the same arguments)."""
+    b = world.hosts["podb"]
+    args = deployed.intercept_args(deployed.render("sidecar"))
+    want = b.ns.run(*enforcer_cmd("intercept", "show", "--dry-run", *args)).stdout
+    have = b.ns.run(*enforcer_cmd("intercept", "show", *args)).stdout
+    assert "redirect to :" in want
+    assert deployed.ruleset_words(want) == deployed.ruleset_words(have), (want, have)

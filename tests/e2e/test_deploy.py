@@ -10,9 +10,9 @@ Schema validation and checkov run in `make deploy-check` (.ci/deploy-check).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +22,22 @@ import yaml
 from enforcer.cli.main import main
 from enforcer.config.reader import parse_duration
 from enforcer.tlsconf.certs import init_pki, issue
+from tests.e2e.deployed import (
+    REPO,
+    by_kind,
+    config,
+    container,
+    intercept_spec,
+    render,
+    run_as_user,
+    spiffe_id,
+    the_deployment,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ("sidecar", "gateway")
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
                                 reason="kubectl is not installed (kubectl kustomize)")
-
-
-def render(overlay: str) -> list[dict[str, Any]]:
-    done = subprocess.run(["kubectl", "kustomize", str(REPO / "deploy" / overlay)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
-
-
-def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind]
 
 
 def enforcer_container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -46,19 +45,7 @@ def enforcer_container(deployment: dict[str, Any]) -> dict[str, Any]:
     found = [c for c in spec.get("initContainers", []) + spec["containers"]
              if c["name"] == "enforcer"]
     assert len(found) == 1
-    return found[0]
-
-
-def the_deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    deployments = by_kind(docs, "Deployment")
-    assert len(deployments) == 1
-    return deployments[0]
-
-
-def spiffe_ids(docs: list[dict[str, Any]]) -> dict[str, str]:
-    """Certificate name -> its SPIFFE URI."""
-    return {c["metadata"]["name"]: uri for c in by_kind(docs, "Certificate")
-            for uri in c["spec"].get("uris", [])}
+    return dict(found[0])
 
 
 def lay_out_pod(docs: list[dict[str, Any]], root: Path) -> dict[str, Path]:
@@ -148,16 +135,46 @@ def test_pods_are_confined_and_drain_in_time(overlay: str) -> None:
     assert by_kind(docs, "PodDisruptionBudget")
 
 
-def test_the_sidecar_is_native_and_the_app_is_not_reachable_on_the_pod_ip() -> None:
+def test_interception_runs_first_and_agrees_with_the_sidecar_config() -> None:
+    """The init container `intercept` (root, NET_ADMIN only) runs to completion before the
+    native sidecar starts; its rules send to the config's transparent listeners, skip the
+    sidecar's uid (not the app's) and the admin port."""
     docs = render("sidecar")
     pod = the_deployment(docs)["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod["initContainers"]] == ["enforcer"]
-    assert pod["initContainers"][0]["restartPolicy"] == "Always"
-    app = next(c for c in pod["containers"] if c["name"] == "app")
-    assert "ports" not in app
+    assert [c["name"] for c in pod["initContainers"]] == ["intercept", "enforcer"]
+    init, side = pod["initContainers"]
+    assert "restartPolicy" not in init and side["restartPolicy"] == "Always"
+    sc = init["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert (sc["runAsUser"], sc["allowPrivilegeEscalation"], sc["readOnlyRootFilesystem"],
+            sc["privileged"]) == (0, False, True, False)
+    spec = intercept_spec(docs)
+    cfg = config(docs)
+    transparent = {lst["name"]: int(lst["listen"].rsplit(":", 1)[1])
+                   for lst in cfg["listeners"] if lst.get("transparent")}
+    assert transparent == {"outbound": spec.outbound_port, "inbound": spec.inbound_port}
+    assert spec.uids == (run_as_user(docs, "enforcer"),)
+    assert run_as_user(docs, "app") not in spec.uids  # the app's connections are caught
+    admin = int(cfg["admin"]["listen"].rsplit(":", 1)[1])
+    assert spec.inbound_all and (admin, admin) in spec.exclude_inbound_ports
+    assert (53, 53) in spec.exclude_outbound_ports
+    namespace = by_kind(docs, "Namespace")[0]["metadata"]["labels"]
+    assert namespace["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert namespace["pod-security.kubernetes.io/warn"] == "restricted"
+
+
+def test_the_app_port_is_reached_through_the_sidecar_only() -> None:
+    """The app listens on its pod IP (the inbound sidecar dials the original destination);
+    the policy admits the app's port (intercepted) and the admin port from monitoring."""
+    docs = render("sidecar")
+    app = container(docs, "app")
+    env = {e["name"]: e for e in app["env"]}
+    assert env["LISTEN_ADDRESS"]["value"] == "$(POD_IP):8080"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert [p["containerPort"] for p in app["ports"]] == [8080]
     policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
     admitted = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert admitted == {15006, 15007, 9901}
+    assert admitted == {8080, 9901}
     admin_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 9901)
     assert admin_rule["from"] == [{"namespaceSelector": {"matchLabels": {
         "kubernetes.io/metadata.name": "monitoring"}}}]
@@ -165,8 +182,7 @@ def test_the_sidecar_is_native_and_the_app_is_not_reachable_on_the_pod_ip() -> N
 
 def test_the_gateway_chain_agrees_on_ports_proxy_and_identities() -> None:
     side, gate = render("sidecar"), render("gateway")
-    side_cfg = yaml.safe_load(by_kind(side, "ConfigMap")[0]["data"]["config.yaml"])
-    gate_cfg = yaml.safe_load(by_kind(gate, "ConfigMap")[0]["data"]["config.yaml"])
+    side_cfg, gate_cfg = config(side), config(gate)
     side_rules = yaml.safe_load((REPO / "deploy/sidecar/enforcer/rules.yaml").read_text())
     gw_listener = gate_cfg["listeners"][0]
     upstream = gate_cfg["upstreams"][gw_listener["upstream"]]
@@ -175,23 +191,31 @@ def test_the_gateway_chain_agrees_on_ports_proxy_and_identities() -> None:
     assert namespace == side[0]["metadata"]["name"] == "shop"
     svc = next(s for s in by_kind(side, "Service") if s["metadata"]["name"] == service)
     assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+    # the gateway dials the app's port; the pod's interception hands it to the inbound
+    # listener, which takes the gateway's PROXY v2 only with the gateway's identity
+    spec = intercept_spec(side)
+    assert spec.inbound_all and (int(port), int(port)) not in spec.exclude_inbound_ports
     inbound = next(lst for lst in side_cfg["listeners"]
-                   if lst["listen"].endswith(f":{port}"))
-    # the gateway sends PROXY v2 over mTLS; the sidecar's listener requires that header
+                   if lst["listen"].endswith(f":{spec.inbound_port}"))
     assert upstream["proxy_protocol"]["send"] == "v2" and upstream["tls"]["mode"] == "mtls"
-    assert inbound["proxy_protocol"]["accept"] == "required"
-    assert inbound["tls"]["client_auth"] == "required"
+    pp = inbound["proxy_protocol"]
+    assert pp["accept"] == "optional" and pp["trusted_identities"] == [spiffe_id(gate)]
+    assert inbound["tls"]["client_auth"] in ("required", "optional")
+    assert side_cfg["mesh"]["inbound"] == "strict"
     # the identities each side checks are the ones the other's Certificate carries
-    assert upstream["tls"]["verify"]["uri"] == [spiffe_ids(side)["enforcer-mesh-tls"]]
+    assert upstream["tls"]["verify"]["uri"] == [spiffe_id(side)]
     allowed = [i for rule in side_rules["rulesets"][inbound["ruleset"]]["rules"]
                if rule["action"] == "allow" for i in rule["from"].get("identities", [])]
-    assert allowed == [spiffe_ids(gate)["enforcer-mesh-tls"]]
+    assert spiffe_id(gate) in allowed
     # the NLB side: PROXY required, believed only from the balancer subnets the policy admits
     assert gw_listener["proxy_protocol"]["accept"] == "required"
     policy = by_kind(gate, "NetworkPolicy")[0]["spec"]
     blocks = [f["ipBlock"]["cidr"] for rule in policy["ingress"] for f in rule["from"]
               if "ipBlock" in f]
     assert blocks == gw_listener["proxy_protocol"]["trusted_sources"]
+    assert all(ipaddress.ip_network(b).prefixlen >= 20 for b in blocks)  # not the VPC
+    egress = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert int(port) in egress
     lb = next(s for s in by_kind(gate, "Service") if s["spec"]["type"] == "LoadBalancer")
     notes = lb["metadata"]["annotations"]
     prefix = "service.beta.kubernetes.io/aws-load-balancer-"

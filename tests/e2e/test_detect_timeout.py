@@ -102,3 +102,35 @@ def test_detect_timeout_config_mistakes(pki: Any, tls: dict[str, Any], message: 
     cfg = inbound_cfg(pki, 1, listener_extra={"tls": tls})
     with pytest.raises(ConfigError, match=message):
         parse_config(cfg)
+
+
+@pytest.mark.parametrize("header", [None, b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 25\r\n"])
+def test_optional_proxy_and_a_silent_client_do_not_stall(tmp_path: Path, pki: Any,
+                                                         header: bytes | None) -> None:
+    """``proxy_protocol.accept: optional`` on an auto listener: a server-first client
+    that sends nothing (or only a PROXY header, as a gateway does) gets the banner after
+    the detect timeout, not after the PROXY timeout (60 s here, beyond the socket's)."""
+    backend = EchoServer(banner=BANNER)
+    tls = {"mode": "auto", "material": "mesh", "client_auth": "optional"}
+    pp = {"accept": "optional", "trusted_sources": ["127.0.0.1/32"], "timeout": "60s"}
+    cfg = inbound_cfg(pki, backend.port, default="allow", rules=[],
+                      listener_extra={"tls": tls, "proxy_protocol": pp},
+                      limits={"handshake_timeout": "60s"})
+    proc = EnforcerProcess(write_config(tmp_path / "e.yaml", cfg))
+    payload = random_bytes(200_000)
+    try:
+        port = proc.wait_bound()["inbound"]
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            if header is not None:
+                sock.sendall(header)
+            assert _read_exactly(sock, len(BANNER)) == BANNER
+            sock.sendall(payload)
+            assert sha(_read_exactly(sock, len(payload))) == sha(payload)
+        record = _records(proc, 1)[0]
+    finally:
+        proc.stop()
+        backend.close()
+    assert (record["action"], record["tls"]) == ("allow", None)
+    assert record["client"]["ip"] == ("127.0.0.1" if header is None else "198.51.100.7")
+    assert record["bytes"] == {"from_client": len(payload),
+                               "to_client": len(payload) + len(BANNER)}

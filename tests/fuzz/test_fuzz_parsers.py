@@ -10,7 +10,9 @@ Targets, and the one exception each may raise (anything else is a crash):
 - the egress handshakes: SOCKS5 (``Socks5Parser``, logins answered yes or no):
   ``Socks5Error``; HTTP CONNECT (``ConnectParser``, then the Basic credentials):
   ``HttpError``; an egress credentials file (``parse_credentials``): ``CredentialsError``.
-(There is no flow-log replay input in enforcer to fuzz.)
+- flow-log replay input (``enforcer policy replay``: ``split_lines``, ``parse_line``, then
+  deciding with a rulesets-only and a full-config candidate and tallying the report):
+  ``ReplayInputError``.
 
 Inputs are hypothesis-generated: mutations (flips, inserts, deletes, splices, cuts) of the
 committed seed corpus in ``corpus/`` (``make_corpus.py`` regenerates the PROXY seeds),
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
+import json
 import os
 import signal
 import tempfile
@@ -49,6 +53,15 @@ from enforcer.egress.credentials import CredentialsError, parse_credentials
 from enforcer.egress.httpconnect import ConnectParser, HttpError, basic_credentials
 from enforcer.egress.socks5 import Done, Login, Send, Socks5Error, Socks5Parser
 from enforcer.policy import compile_rulesets
+from enforcer.policy.replay import (
+    Candidate,
+    IdentityCache,
+    RecordedFlow,
+    ReplayInputError,
+    ReplayReport,
+    parse_line,
+    split_lines,
+)
 from enforcer.proxyproto import HeaderParser, ProxyProtocolError
 
 pytestmark = [pytest.mark.faults]
@@ -333,3 +346,54 @@ def test_fuzz_egress_credentials(faults_summary: Any) -> None:
     data = st.one_of(mutated(_seeds("credentials")), st.binary(max_size=300))
     n = fuzz(data, _credentials_body)
     faults_summary(f"{n} credentials files, no crash or hang ({BUDGET:.0f} s)")
+
+
+# -- flow-log replay input ---------------------------------------------------------------------
+def structural_lines(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
+    """A seed flow log with a value anywhere in one of its records replaced."""
+    logs = [[json.loads(line) for line in s.splitlines()] for s in seeds]
+
+    @st.composite
+    def build(draw: Any) -> bytes:
+        records = draw(st.sampled_from(logs))
+        at = draw(st.integers(0, len(records) - 1))
+        path = draw(st.sampled_from(list(_paths(records[at]))))
+        records = [*records[:at], _replace(records[at], path, draw(_yaml_values)),
+                   *records[at + 1:]]
+        return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+    return build()
+
+
+def _replay_body(candidates: list[Candidate]) -> Callable[[bytes], None]:
+    def body(data: bytes) -> None:
+        identities = IdentityCache(limit=8)
+        reports = [ReplayReport() for _ in candidates]
+        for _, line in split_lines(io.BytesIO(data), limit=4096):
+            if line is None:
+                continue  # overlong: the CLI reports it
+            try:
+                flow = parse_line(line, identities)
+            except ReplayInputError as exc:
+                assert str(exc)  # names what was wrong
+                continue
+            if isinstance(flow, RecordedFlow):
+                for candidate, report in zip(candidates, reports, strict=True):
+                    report.add(flow, candidate.decide(flow))
+    return body
+
+
+def test_fuzz_flow_log_replay_input(faults_summary: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for rules in (CORPUS / "rules").iterdir():
+            (Path(tmp) / rules.name).write_bytes(rules.read_bytes())
+        (Path(tmp) / "enforcer.yaml").write_bytes(
+            (CORPUS / "config" / "sidecar-inbound.yaml").read_bytes())
+        cfg = load_config(str(Path(tmp) / "enforcer.yaml"))
+        candidates = [
+            Candidate(load_rulesets_file(str(CORPUS / "rules" / "sidecar-inbound.rules.yaml"))),
+            Candidate(cfg.rulesets, {lst.name: lst for lst in cfg.listeners}, cfg.upstreams)]
+    seeds = _seeds("flows")
+    inputs = st.one_of(mutated(seeds), structural_lines(seeds), st.binary(max_size=300))
+    n = fuzz(inputs, _replay_body(candidates))
+    faults_summary(f"{n} flow-log replay inputs, no crash or hang ({BUDGET:.0f} s)")

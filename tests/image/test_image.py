@@ -340,3 +340,43 @@ def test_a_broken_config_is_one_line_naming_file_and_key(tmp_path: Path) -> None
     assert len(lines) == 1, lines
     assert lines[0].startswith("enforcer: error: /etc/enforcer/config/config.yaml: "
                                "upstreams.u.timeout: unknown key"), lines
+
+
+def _as_the_init_container(user: str, caps: list[str], *command: str) -> list[str]:
+    """``podman run`` with the security context of deploy/sidecar's `intercept` init
+    container: read-only root, every capability dropped but ``caps``, no privilege gain,
+    in a network namespace of its own (never the host's: the rules would land there)."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    adds = [f"--cap-add={cap}" for cap in caps]
+    return ["run", "--rm", "--network", "none", "--read-only", "--read-only-tmpfs=false",
+            "--cap-drop", "ALL", *adds, "--security-opt", "no-new-privileges",
+            "--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", "nproc=4096:4096",
+            "--user", user, "--entrypoint", "sh", IMAGE, "-c", " ".join(command)]
+
+
+def test_the_intercept_init_container_installs_its_rules() -> None:
+    """deploy/sidecar's `intercept` init container, as rendered: its arguments, its uid and
+    its one capability install exactly the ruleset `show --dry-run` prints; without
+    NET_ADMIN it exits 6 with one line."""
+    from tests.e2e import deployed  # kubectl kustomize (skips without kubectl)
+
+    docs = deployed.render("sidecar")
+    init = deployed.container(docs, "intercept")
+    sc = init["securityContext"]
+    user = f"{sc['runAsUser']}:{sc['runAsGroup']}"
+    args = " ".join(f"'{a}'" for a in deployed.intercept_args(docs))
+    script = (f"enforcer intercept apply {args} && echo applied && enforcer intercept show"
+              f" && echo ==== && enforcer intercept show --dry-run {args}")
+    done = podman(*_as_the_init_container(user, sc["capabilities"]["add"], script),
+                  check=False)
+    assert done.returncode == 0, done.stderr
+    applied, _, want = done.stdout.partition("====\n")
+    assert applied.startswith("applied\ntable inet enforcer {"), done.stdout
+    assert "redirect to :15006" in want and "meta skuid 10001 return" in want
+    assert deployed.ruleset_words(applied.removeprefix("applied\n")) == \
+        deployed.ruleset_words(want), (applied, want)
+    done = podman(*_as_the_init_container(user, [], f"enforcer intercept apply {args}"),
+                  check=False)
+    assert done.returncode == 6, done
+    assert done.stderr.splitlines()[-1].startswith(
+        "enforcer: error: CAP_NET_ADMIN is missing"), done.stderr

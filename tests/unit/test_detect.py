@@ -62,3 +62,16 @@ def test_the_alerts_are_fatal_tls_alert_records() -> None:
     for kind, alert in detect.ALERTS.items():
         assert alert[:3] in (b"\x15\x03\x01", b"\x15\x03\x03") and alert[3:6] == b"\x00\x02\x02"
         assert alert[6] == (70 if kind == detect.SSLV2_HELLO else 10)
+
+
+@pytest.mark.parametrize(("mode", "accept", "detect_timeout", "proxy_timeout", "expected"), [
+    ("auto", "optional", 0.2, 3.0, 0.2),      # a silent client: no header after 200 ms
+    ("auto", "required", 0.2, 3.0, 0.0),      # a header is required: wait for it
+    ("terminate", "optional", 0.2, 3.0, 0.0),  # TLS clients speak first
+    ("off", "optional", 0.2, 3.0, 0.0),       # detect_timeout belongs to mode auto
+    ("auto", "optional", 0.0, 3.0, 0.0),      # detect_timeout 0s: the old wait
+    ("auto", "optional", 5.0, 3.0, 0.0),      # the PROXY timeout comes first anyway
+])
+def test_proxy_silence(mode: str, accept: str, detect_timeout: float, proxy_timeout: float,
+                       expected: float) -> None:
+    assert detect.proxy_silence(mode, accept, detect_timeout, proxy_timeout) == expected

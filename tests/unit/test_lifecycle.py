@@ -41,6 +41,7 @@ PATHS: dict[Stage, list[Event]] = {
 UNDECIDED_CONNECT = [*TO_AUTHORIZE, E("decision", allow=None), E("upstream_connected")]
 EGRESS = {"egress_timeout": 10.0}  # an egress listener: the client's request comes first
 PASSTHROUGH = {"tls": "passthrough"}
+SILENCE = {"proxy_silence": 0.2}
 
 
 def drive(path: list[Event], plan: Plan = PLAN) -> Lifecycle:
@@ -82,6 +83,10 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                              CLOSE, ("error", "proxy_protocol_truncated"))],
     (Stage.PROXY, "proxy_timeout"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                       ("error", "proxy_protocol_timeout"))],
+    # accept: optional on tls.mode auto: a silent client sends no header and is plaintext
+    (Stage.PROXY, "proxy_silence"): [({}, SILENCE, None, Stage.AUTHORIZE, ["decide"], None),
+                                     ({"flag": True}, SILENCE, None, Stage.PROXY,
+                                      ["start_timer"], None)],
     (Stage.DETECT, "tls_detected"): [({}, {}, None, Stage.HANDSHAKE,
                                       ["start_timer", "start_tls"], None)],
     (Stage.DETECT, "plain_detected"): [({}, {}, None, Stage.AUTHORIZE, ["decide"], None)],
@@ -441,6 +446,19 @@ def test_egress_request_timeout_closes_gracefully() -> None:
     assert close.action == "error"  # (the egress session sends its refusal on close)
 
 
+def test_proxy_silence_then_the_full_proxy_timeout() -> None:
+    core = drive([E("accept")], dataclasses.replace(PLAN, **SILENCE))
+    assert core.timers["stage"] == "proxy_silence"
+    cmds = core.handle(E("proxy_silence", flag=True))  # a header has begun
+    assert [(c.reason, c.delay) for c in cmds if c.kind == "start_timer"] == [
+        ("proxy_timeout", PLAN.proxy_timeout)]
+    with pytest.raises(LifecycleError, match="not armed"):
+        core.handle(E("proxy_silence"))
+    assert core.handle(E("proxy_timeout"))[-1].reason == "proxy_protocol_timeout"
+    quiet = drive([E("accept")], dataclasses.replace(PLAN, **SILENCE))
+    assert kinds(quiet.handle(E("proxy_silence"))) == ["decide"]  # no DETECT: plaintext
+
+
 def test_passthrough_hello_routes_then_authorizes() -> None:
     plan = dataclasses.replace(PLAN, **PASSTHROUGH)
     core = drive([E("accept"), E("proxy_done")], plan)
@@ -494,6 +512,7 @@ SAMPLES = [E(name) for name in events()] + [
 PLANS = st.builds(Plan, proxy=st.booleans(),
                   tls=st.sampled_from(["off", "terminate", "auto", "passthrough"]),
                   egress_timeout=st.sampled_from([0.0, 10.0]),
+                  proxy_silence=st.sampled_from([0.0, 0.2]),
                   detect_timeout=st.sampled_from([0.0, 1.0]),
                   max_lifetime=st.sampled_from([0.0, 60.0]), timeout_rst=st.booleans(),
                   upstream_tls=st.booleans(), open_events=st.booleans())
@@ -508,7 +527,7 @@ def _snapshot(core: Lifecycle) -> tuple[object, ...]:
 # None in a sequence: the event that moves the current stage forward (so that random
 # sequences also reach the relay and its ends, not only the early stages)
 FORWARD: dict[Stage, list[Event]] = {
-    Stage.ACCEPTED: [E("accept")], Stage.PROXY: [E("proxy_done")],
+    Stage.ACCEPTED: [E("accept")], Stage.PROXY: [E("proxy_done"), E("proxy_silence")],
     Stage.DETECT: [E("tls_detected"), E("plain_detected"), E("hello_done")],
     Stage.HANDSHAKE: [E("handshake_done")],
     Stage.AUTHORIZE: [ALLOW, E("decision", allow=None), E("request_done")],

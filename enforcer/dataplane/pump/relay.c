@@ -254,6 +254,7 @@ static void shrink_bio(BIO *bio) {
  *   boundary). So the count is the next sequence number of the application keys.
  * - An end is taken over only from a clean state: TLS 1.3 with one of the three AEAD
  *   suites, both Finished seen, no KeyUpdate yet, nothing buffered in the SSL or its BIOs,
+ *   no record read in part (its header consumed by OpenSSL, its body still to come),
  *   no shutdown begun, and (a client) after the server's first record since the handshake
  *   (its NewSessionTickets, which OpenSSL stores for resumption). Otherwise OpenSSL keeps
  *   the end, as before. Handing back is never needed.

@@ -59,6 +59,7 @@ typedef struct {
     unsigned finished[2];        /* Finished read / written */
     unsigned key_update;         /* a KeyUpdate went either way: no take-over */
     unsigned read_after;         /* a record read after the peer's Finished */
+    unsigned reading;            /* an encrypted record's header read, its body not yet */
     unsigned refused;            /* not TLS 1.3 or not an AEAD suite we know */
 } Tracker;
 
@@ -85,9 +86,12 @@ static void on_tls_message(int write_p, int version, int content_type, const voi
     }
     if (content_type == RT_HEADER && b[0] == RT_APPLICATION_DATA) {
         t->records[w]++;
+        t->reading |= !w;
         if (!w && t->finished[0]) {
             t->read_after = 1;
         }
+    } else if (content_type == SSL3_RT_INNER_CONTENT_TYPE && !w) {
+        t->reading = 0; /* the record is decrypted: OpenSSL is between records again */
     } else if (content_type == RT_HANDSHAKE && b[0] == HS_FINISHED) {
         t->records[w] = 0; /* the next record is the first under the application keys */
         t->finished[w] = 1;
@@ -143,6 +147,13 @@ static void on_keylog(const SSL *ssl, const char *line) {
 Records *records_from(SSL *ssl, BIO *rbio, BIO *wbio) {
     Tracker *t = ossl.SSL_get_ex_data(ssl, tracker_slot);
     if (t == NULL || t->refused || t->key_update || !t->finished[0] || !t->finished[1]) {
+        return NULL;
+    }
+    /* A record whose header OpenSSL has read and whose body has not come yet: its BIO and
+       buffers are empty (SSL_has_pending() is 0: the header's five bytes are consumed), but
+       the next bytes on the wire are that body, not a header. Taken over now, the body's
+       first bytes would be read as a header (ENCRYPTED_LENGTH_TOO_LONG at random). */
+    if (t->reading) {
         return NULL;
     }
     int server = ossl.SSL_is_server(ssl);
