@@ -3,7 +3,7 @@
 Opt-in per listener: ``tls.close_on_revocation`` and ``tls.close_on_expiry``. Only
 connections on such listeners are tracked: ``authenticated`` (called by ``Connection``
 right after the TLS handshake gave a verified peer certificate) files the connection under
-its ``PeerIdentity`` (one object per distinct certificate, ``tlsconf.identity``), and
+its ``PeerIdentity`` (or returns the refusal the connection closes with) (one object per distinct certificate, ``tlsconf.identity``), and
 ``closed`` (from ``DataPlane.connection_closed``) takes it out again. A handshake that
 began under the previous CRL and ended after a reload is checked against the CRL in use
 when it is filed, so no connection slips between a reload and the walk over open ones.
@@ -18,8 +18,9 @@ Expiry: one timer for the whole plane, not one per connection. It is set for the
 fires, every tracked certificate past its ``not_after`` has its connections closed, and
 the timer is set for the next. A scan costs one comparison per distinct certificate and
 happens only when a certificate expires (or every ``MAX_SLEEP`` at most, so that a wall
-clock that was stepped is noticed). Connections closed here end with ``action: deny``,
-``close: revoked`` or ``peer_certificate_expired``, and count in
+clock that was stepped is noticed). Open connections are closed through their lifecycle
+core (``Connection.certificate_closed``: a ``cert_revoked`` event) and end with
+``action: deny``, ``close: revoked`` or ``peer_certificate_expired``; every close counts in
 ``enforcer_certificate_closes_total{listener,reason}``.
 """
 
@@ -54,23 +55,24 @@ class CertWatch:
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at: float | None = None  # wall-clock time the timer is set for
 
-    def authenticated(self, conn: Connection) -> bool:
-        """Track ``conn``; False when it is closed already: its certificate is on the CRL
-        now in use (a handshake that began under the previous CRL and ended after the
-        reload)."""
+    def authenticated(self, conn: Connection) -> tuple[str, str] | None:
+        """Track ``conn``; or the (close reason, detail) to refuse it with: its certificate
+        is on the CRL now in use (a handshake that began under the previous CRL and ended
+        after the reload)."""
         ident = conn.identity
         tls = conn.listener.cfg.tls
         if ident is None or not (tls.close_on_revocation or tls.close_on_expiry):
-            return True
+            return None
         if tls.close_on_revocation and tls.material is not None \
                 and is_revoked(ident, self.revoked(tls.material)):
-            self._close(conn, "revoked", f"the client certificate (serial {ident.serial}) "
-                        f"is on the CRL of tls.{tls.material}")
-            return False
+            detail = (f"the client certificate (serial {ident.serial}) is on the CRL of "
+                      f"tls.{tls.material}")
+            self._count(conn, "revoked", detail)
+            return "revoked", detail
         self.by_identity.setdefault(ident, set()).add(conn)
         if tls.close_on_expiry:
             self._arm(ident.not_after.timestamp())
-        return True
+        return None
 
     def revoked(self, name: str) -> Revoked:
         """The revoked set of material ``name`` as loaded now, read once per CRL."""
@@ -154,10 +156,13 @@ class CertWatch:
             log.exception("certificate expiry sweep failed")
 
     def _close(self, conn: Connection, reason: str, detail: str) -> None:
+        self._count(conn, reason, detail)
+        conn.certificate_closed(reason, detail)
+
+    def _count(self, conn: Connection, reason: str, detail: str) -> None:
         log.info("flow %s on %s: %s; closing", conn.flow_id, conn.listener.name, detail)
         self.metrics.certificate_closes_total.labels(listener=conn.listener.name,
                                                      reason=reason).inc()
-        conn.close_with("deny", reason, detail, abort=True)
 
     def stop(self) -> None:
         if self.timer is not None:

@@ -1,45 +1,47 @@
-"""The per-connection state machine: accept -> [PROXY] -> [detect] -> [TLS] -> authorize
--> connect -> [PROXY out] -> [upstream TLS] -> relay -> half-closed -> closed.
+"""One proxied connection's I/O: sockets, TLS engines, the upstream connect, the relay.
 
-How it works. A ``Connection`` owns two ``Side`` protocols (client and upstream) and is
-driven entirely by their callbacks; the only task it creates is the upstream connect.
-Bytes from the client are interpreted according to ``stage``:
+How it works. The rules of a connection's life (which stage it is in, what an EOF, a
+timer or a decision does there, how it ends and with which close reason) are not here:
+they are the pure state machine of ``lifecycle.py`` and its table (docs/design.md). A
+``Connection`` owns two ``Side`` protocols (client and upstream); it turns their callbacks,
+its timers, the policy's answers, the native pump's reports, drain and revocation into
+``lifecycle.Event``s, and executes the ``Command``s the core answers with (``_run``):
 
-- PROXY: fed to the sans-IO ``HeaderParser`` until a header, an error or the timeout;
-- DETECT (``tls.mode: auto``): the first bytes decide TLS (a handshake record), a TLS
-  client we refuse (an SSLv2-format hello, another record type) or plaintext (detect.py);
-  a client silent for ``tls.detect_timeout`` is plaintext (server-first protocols: SMTP,
-  MySQL, SSH wait for the server's banner); on ``tls.mode: passthrough`` the ClientHello
-  is read instead, without terminating TLS, and routes the connection (passthrough.py);
-- HANDSHAKE: fed to the server ``TlsEngine`` until the handshake completes;
-- AUTHORIZE/CONNECT/UPSTREAM_TLS: plaintext is held in a bounded buffer (reading pauses
-  when it is full); no upstream connection exists before the policy said allow;
-- RELAY: plaintext is forwarded. Each direction is flow controlled: when one side's
-  write buffer passes its high-water mark, reading from the other side pauses.
+- bytes from a socket: the core says what they are for (PROXY parser, TLS detection,
+  a handshake, held until the relay starts, forwarded); parsers (proxyproto's
+  HeaderParser, detect.py, TlsEngine) report their verdicts back as events;
+- timers: the core arms and cancels named slots; ``_fire`` reports one that ran out;
+- ``start_relay``: held bytes go both ways, then the relay is handed to the native pump
+  when the core allows it (nothing held, no end of stream yet: see pump.py); the pump
+  reports EOFs, its end (``done``), resets, TLS errors and unclean ends as events;
+- ``close`` and ``record``: both sockets closed, one flow record.
 
-Half-close: an EOF (TCP FIN or TLS close_notify) from one side is passed on to the other
-(FIN, or close_notify + FIN), and the other direction keeps flowing until it too ends or
-``close_timeout`` passes. Every way out goes through ``_finish`` exactly once: it cancels
-timers and the connect task, closes both sockets, and emits one flow record.
+Features act through the same core: ``tls.mode: passthrough`` reads the ClientHello in
+DETECT (``start_peek``/``peek``: passthrough.py, which reports ``hello_done`` through
+``routed`` or refuses through ``refuse``); an egress listener reads the client's SOCKS5 or
+CONNECT request in AUTHORIZE (``start_request``/``request``: egress/session.py, then
+``request_done``) before the policy; a rule's limits refuse in ``_decided``
+(limitgate.py), and certwatch.py closes a connection whose client certificate is revoked
+or expired with a ``cert_revoked`` event (``certificate_closed``).
+
+A command list is executed in order; if an event raised while executing it closed the
+connection, the rest of that (older) list is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import errno
 import functools
-import ipaddress
 import logging
 import os
-import socket
 import ssl
 import time
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
 
 from enforcer.config.model import Address
 from enforcer.dataplane import (
+    connutil,
     detect,
     dialer,
     flowrecord,
@@ -48,9 +50,13 @@ from enforcer.dataplane import (
     passthrough,
     pump,
     rawtransport,
-    tcpopts,
 )
 from enforcer.dataplane.clienthello import HelloParser
+from enforcer.dataplane.connutil import has_unread as _has_unread
+from enforcer.dataplane.connutil import header_flow_id as _header_flow_id
+from enforcer.dataplane.lifecycle import Command, Event, Lifecycle, Plan, Stage
+from enforcer.dataplane.lifecycle_table import TIMERS
+from enforcer.dataplane.limitgate import denial
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
 from enforcer.dataplane.tlsengine import (
@@ -60,7 +66,7 @@ from enforcer.dataplane.tlsengine import (
     reset_on_close,
     unclean_detail,
 )
-from enforcer.egress import session as egress
+from enforcer.egress.session import EgressSession
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -68,46 +74,35 @@ from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from
 if TYPE_CHECKING:
     from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
     from enforcer.dataplane.pump import NativePump
-    from enforcer.egress.session import EgressSession
+
+__all__ = ["Connection", "Stage"]
 
 log = logging.getLogger("enforcer.dataplane")
 
 PENDING_LIMIT: Final = 256 * 1024  # client bytes held while the upstream connects
 # close reasons after which a client's TLS session must not be resumed
 TLS_FAILURES: Final = frozenset({"client_tls_error", "handshake_failed", "bad_peer_certificate"})
-# timeouts that limits.timeout_close: rst ends with a reset (close reason "<reason>_rst")
-RESETTING_TIMEOUTS: Final = frozenset({"idle_timeout", "close_timeout", "max_lifetime"})
-# an upstream socket that cannot be opened: an upstream error (errno as its reason),
-# logged as a warning at most every WARN_EVERY seconds (it comes in floods)
 OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
-WARN_EVERY: Final = 1.0
-_warned = {"at": -WARN_EVERY, "since": 0}
-# close reason: the kernel timed a silent peer out (TCP keepalive / TCP_USER_TIMEOUT)
-PEER_TIMEOUT: Final = "peer_timeout"
-
-
-class Stage(IntEnum):
-    ACCEPTED = 0
-    PROXY = 1
-    DETECT = 2
-    HANDSHAKE = 3
-    AUTHORIZE = 4
-    CONNECT = 5
-    UPSTREAM_TLS = 6
-    RELAY = 7
-    CLOSED = 8
+# close reasons counted in enforcer_upstream_errors_total, with their label
+UPSTREAM_ERRORS: Final = {"upstream_tls_failed": "tls_handshake",
+                          "upstream_identity_mismatch": "identity_mismatch",
+                          "upstream_resolve_failed": "resolve_failed",
+                          "upstream_connect_timeout": "connect_timeout",
+                          "upstream_tls_timeout": "tls_timeout"}
+_NO_PLAN: Final = Plan()
+_warned = connutil._warned  # the out-of-descriptors warning's rate limit (tests set it)
+WARN_EVERY: Final = connutil.WARN_EVERY
 
 
 class Connection:
     """One proxied client connection. Created by the listener's protocol factory."""
 
     __slots__ = ("bytes_from_client", "bytes_to_client", "client", "client_addr",
-                 "client_eof_pending", "close_timer", "connect_task", "connecting", "decision",
-                 "early_upstream", "egress", "first_eof",
-                 "flow_id", "hs_started", "identity", "idle_timer", "last_active", "life_timer",
-                 "listener", "local", "loop", "mesh", "original_dst", "peek", "peer", "pending", "pending_bytes", "plane",
-                 "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf", "stage", "stage_timer",
-                 "started", "started_mono", "tls_info", "up_rt", "upstream", "upstream_eof_pending",
+                 "connect_task", "connecting", "core", "decision", "early_upstream", "egress",
+                 "flow_id", "hs_started", "identity", "listener", "local", "loop", "mesh",
+                 "original_dst", "peek", "peer", "pending", "pending_bytes", "plane",
+                 "proxy_header", "proxy_parser", "pump", "relay", "sni", "sniff_buf",
+                 "started", "started_mono", "timers", "tls_info", "up_rt", "upstream",
                  "upstream_identity")
 
     def __init__(self, listener: ListenerRuntime) -> None:
@@ -116,11 +111,11 @@ class Connection:
         self.loop = asyncio.get_running_loop()
         self.client = Side(self, is_client=True)
         self.upstream: Side | None = None
-        self.stage = Stage.ACCEPTED
+        self.core = Lifecycle(_NO_PLAN, self.loop.time())  # its plan is set on accept
+        self.timers: dict[str, asyncio.TimerHandle] = {}  # the core's armed slots
         self.started = time.time()
         # Durations use time.monotonic(): uvloop's loop.time() has 1 ms resolution.
         self.started_mono = time.monotonic()
-        self.last_active = self.loop.time()
         self.flow_id = ""
         self.peer: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
@@ -134,62 +129,101 @@ class Connection:
         self.tls_info: dict[str, Any] | None = None
         self.sni: str | None = None
         self.peek: HelloParser | None = None  # tls.mode passthrough (passthrough.py)
+        self.egress: EgressSession | None = None  # egress listeners (egress/session.py)
         self.identity: PeerIdentity | None = None
         self.upstream_identity: PeerIdentity | None = None
         self.decision: Any = None
         self.pending: list[bytes] = []
         self.pending_bytes = 0
-        self.client_eof_pending = False
         self.early_upstream: list[bytes] | None = None  # a plaintext upstream spoke first
-        self.upstream_eof_pending = False
         self.pump: NativePump | None = None  # set once the native pump relays this connection
         self.relay: str | None = None  # who relayed: "python" or "native" (flow record)
         self.bytes_from_client = 0
         self.bytes_to_client = 0
-        self.first_eof: str | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.connecting: rawtransport.Connecting | None = None  # a bare-socket connect
-        self.stage_timer: asyncio.TimerHandle | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.close_timer: asyncio.TimerHandle | None = None
-        self.life_timer: asyncio.TimerHandle | None = None
         self.hs_started = 0.0
-        self.egress: EgressSession | None = None  # egress listeners (enforcer.egress.session)
+
+    @property
+    def stage(self) -> Stage:
+        return self.core.stage
+
+    # ===================================================================== the core
+    def _feed(self, ev: Event) -> None:
+        """Pass an event to the lifecycle core and execute what it answers."""
+        cmds = self.core.handle(ev)
+        closing = any(cmd.kind == "close" for cmd in cmds)
+        for cmd in cmds:
+            if self.core.stage == Stage.CLOSED and not closing:
+                return  # an event raised by an earlier command closed the connection
+            self._run(cmd)
+
+    def _run(self, cmd: Command) -> None:
+        kind = cmd.kind
+        if kind == "start_timer":
+            self._cancel_timer(cmd.timer)
+            assert cmd.timer is not None
+            self.timers[cmd.timer] = self.loop.call_later(cmd.delay, self._fire, cmd.reason)
+        elif kind == "cancel_timer":
+            self._cancel_timer(cmd.timer)
+        elif kind == "shut_write":
+            side = self.client if cmd.side == "client" else self.upstream
+            assert side is not None
+            side.send_eof()
+        elif kind in _RUN:
+            _RUN[kind](self, cmd)
+        else:
+            raise RuntimeError(f"lifecycle command {kind} without bytes to act on")
+
+    def _cancel_timer(self, slot: str | None) -> None:
+        handle = self.timers.pop(slot or "", None)
+        if handle is not None:
+            handle.cancel()
+
+    def _fail(self, reason: str, detail: str) -> None:
+        if self.core.stage != Stage.CLOSED:
+            self._feed(Event("fail", reason=reason, detail=detail))
+
+    def refuse(self, reason: str, detail: str) -> None:
+        """A feature module refuses the connection (the reason is in lifecycle.REASONS)."""
+        self._fail(reason, detail)
 
     # ===================================================================== side callbacks
     def side_connected(self, side: Side) -> None:
         if side is self.client:
             self._accepted()
-        elif self.stage == Stage.CLOSED:  # client left while we were connecting
+        elif self.core.stage == Stage.CLOSED:  # client left while we were connecting
             side.close(abort=True)
 
     def side_data(self, side: Side, data: bytes) -> None:
-        self.last_active = self.loop.time()
-        if side is self.client:
-            self._client_data(data)
-        else:
-            self._upstream_data(data)
+        who = "client" if side is self.client else "upstream"
+        detail = None
+        if who == "upstream" and self.core.stage == Stage.CONNECT:
+            detail = f"upstream {self.upstream_address()} sent data before the TLS handshake"
+        for cmd in self.core.handle(Event(f"{who}_data", now=self.loop.time(), detail=detail)):
+            if cmd.kind in _BYTES:
+                _BYTES[cmd.kind](self, side, data)
+            else:
+                self._run(cmd)
 
     def side_eof(self, side: Side) -> None:
-        if side is self.client and self.stage == Stage.PROXY:
-            self._proxy_eof()
+        tls, stage = side.tls, self.core.stage
+        if tls is None or (side is self.client and stage == Stage.HANDSHAKE) \
+                or (side is not self.client and stage == Stage.UPSTREAM_TLS):
+            if tls is not None:
+                tls.feed_eof()
+            self._eof(side)
             return
-        if side.tls is not None:
-            side.tls.feed_eof()
-            if side is self.client and self.stage == Stage.HANDSHAKE:
-                self._fail("client_closed", "the client closed during the TLS handshake")
-                return
-            if side is not self.client and self.stage == Stage.UPSTREAM_TLS:
-                self._fail("upstream_tls_failed", "the upstream closed during the TLS handshake",
-                           upstream_reason="tls_handshake")
-                return
-            if not side.tls.peer_closed and self._unclean_eof(side):
-                return
-            self._read_tls(side)
-            if not side.eof_in:  # FIN without close_notify, allowed by the listener
-                self._eof(side)
+        tls.feed_eof()
+        if not tls.peer_closed and self._unclean_eof(side):
             return
-        self._eof(side)
+        self._read_tls(side)
+        if not side.eof_in and self.core.stage != Stage.CLOSED:
+            self._eof(side)  # FIN without close_notify, allowed by the config
+
+    def _eof(self, side: Side) -> None:
+        side.eof_in = True
+        self._feed(Event("client_eof" if side is self.client else "upstream_eof"))
 
     def _unclean_eof(self, side: Side) -> bool:
         """A FIN without close_notify from a TLS peer: unless it fell on a record boundary
@@ -204,28 +238,26 @@ class Connection:
             if other is not None and other.transport is not None:
                 reset_on_close(other.transport)
         who = "client" if side is self.client else "upstream"
-        self._fail(f"{who}_{kind}", unclean_detail(who, kind), action="allow", abort=True)
+        self._feed(Event(f"{who}_error", reason=kind, detail=unclean_detail(who, kind)))
         return True
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
-        if self.stage == Stage.CLOSED:
+        if self.core.stage == Stage.CLOSED or (side.eof_in and side.eof_out and exc is None):
             return
         who = "client" if side is self.client else "upstream"
-        if side.eof_in and side.eof_out and exc is None:
-            return
-        action = "allow" if self.stage == Stage.RELAY else "error"
         if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
-            self._peer_timeout(who, action)
+            self._peer_timeout(who)
             return
-        reason = f"{who}_reset" if exc is not None else f"{who}_closed"
-        self._fail(reason, str(exc) if exc else f"the {who} closed the connection",
-                   action=action)
+        kind = "reset" if exc is not None else "closed"
+        self._feed(Event(f"{who}_error", reason=kind,
+                         detail=str(exc) if exc else f"the {who} closed the connection"))
 
-    def _peer_timeout(self, who: str, action: str) -> None:
+    def _peer_timeout(self, who: str) -> None:
         """The kernel gave up on a peer that stopped answering (keepalive probes or data
         unacknowledged past tcp_user_timeout: see tcpopts.py)."""
-        self._fail(PEER_TIMEOUT, f"the {who} stopped answering (no ACK to keepalive probes "
-                   "or data within the TCP timeouts): connection timed out", action=action)
+        self._feed(Event(f"{who}_error", reason="peer_timeout", detail=(
+            f"the {who} stopped answering (no ACK to keepalive probes or data within the "
+            "TCP timeouts): connection timed out")))
 
     def side_write_paused(self, side: Side, paused: bool) -> None:
         other = self.upstream if side is self.client else self.client
@@ -238,42 +270,54 @@ class Connection:
 
     # ===================================================================== accept
     def _accepted(self) -> None:
-        plane, lst = self.plane, self.listener
+        plane = self.plane
         transport = self.client.transport
         assert transport is not None
         self.flow_id = plane.new_flow_id()
-        self.peer = _addr(transport.get_extra_info("peername"))
-        self.local = _addr(transport.get_extra_info("sockname"))
+        self.peer = connutil.addr(transport.get_extra_info("peername"))
+        self.local = connutil.addr(transport.get_extra_info("sockname"))
         self.client_addr = self.peer
         plane.connection_opened(self)
         if plane.over_limit():
-            self._fail("max_connections", "max_connections reached", abort=True)
+            self._fail("max_connections", "max_connections reached")
             return
-        if lst.cfg.transparent and not self._learn_original_dst(transport):
+        if self.listener.cfg.transparent and not self._learn_original_dst(transport):
             return
-        limits = lst.limits
-        if limits.max_lifetime > 0:
-            self.life_timer = self.loop.call_later(limits.max_lifetime, self._timeout,
-                                                   "max_lifetime")
-        pp = lst.cfg.proxy_protocol
-        if pp.accept != "off":
-            trusted = lst.is_trusted(self.peer[0] if self.peer else None)
-            if not trusted and pp.accept == "required":
-                self._proxy_error("untrusted_source",
-                                  f"PROXY header required but {self._peer_text()} is not a "
-                                  "trusted source")
-                return
-            self.stage = Stage.PROXY
-            if trusted:
-                self.proxy_parser = HeaderParser()
-            silence = detect.proxy_silence(lst.cfg.tls.mode, pp.accept,
-                                           lst.cfg.tls.detect_timeout, pp.timeout)
-            if silence:  # a server-first client says nothing: no header, plaintext
-                self._set_stage_timer(silence, "proxy_silence")
-            else:
-                self._set_stage_timer(pp.timeout, "proxy_protocol_timeout")
+        if not self._proxy_source_allowed():
             return
-        self._after_proxy(b"")
+        self.core.plan = self._plan()
+        self._feed(Event("accept"))
+
+    def _plan(self) -> Plan:
+        lst, limits = self.listener.cfg, self.listener.limits
+        pp = lst.proxy_protocol
+        return Plan(proxy=pp.accept != "off", proxy_timeout=pp.timeout, tls=lst.tls.mode,
+                    proxy_silence=detect.proxy_silence(lst.tls.mode, pp.accept,
+                                                       lst.tls.detect_timeout, pp.timeout),
+                    detect_timeout=lst.tls.detect_timeout if lst.tls.mode == "auto" else 0.0,
+                    handshake_timeout=limits.handshake_timeout,
+                    connect_timeout=limits.connect_timeout, idle_timeout=limits.idle_timeout,
+                    close_timeout=limits.close_timeout, max_lifetime=limits.max_lifetime,
+                    timeout_rst=limits.timeout_close == "rst",
+                    upstream_tls=self.up_rt.client_ctx is not None,
+                    open_events=self.plane.open_events,
+                    egress_timeout=self.listener.egress.cfg.request_timeout
+                    if self.listener.egress is not None else 0.0)
+
+    def _proxy_source_allowed(self) -> bool:
+        """PROXY headers are read from trusted sources; ``accept: required`` refuses the
+        others."""
+        pp = self.listener.cfg.proxy_protocol
+        if pp.accept == "off":
+            return True
+        trusted = self.listener.is_trusted(self.peer[0] if self.peer else None)
+        if not trusted and pp.accept == "required":
+            self._proxy_error("untrusted_source", f"PROXY header required but "
+                              f"{self._peer_text()} is not a trusted source")
+            return False
+        if trusted:
+            self.proxy_parser = HeaderParser()
+        return True
 
     def _learn_original_dst(self, transport: Any) -> bool:
         """A transparent listener's connection: where it was going, or refused (no loops)."""
@@ -284,7 +328,7 @@ class Connection:
             return self._mesh_outbound() if self.listener.cfg.mesh == "outbound" else True
         if refused[0] == "not_redirected":
             self.original_dst = None  # the socket's own address, not a destination
-        self._finish("deny", refused[0], detail=refused[1], abort=True)
+        self._fail(refused[0], refused[1])
         return False
 
     def _mesh_outbound(self) -> bool:
@@ -300,9 +344,8 @@ class Connection:
             return True
         if self.mesh == "external":
             return True
-        self._finish("deny", "mesh_external_denied", abort=True,
-                     detail=f"{self.upstream_address()} is outside the mesh and mesh.external "
-                     "does not allow plaintext to it")
+        self._fail("mesh_external_denied", f"{self.upstream_address()} is outside the mesh "
+                   "and mesh.external does not allow plaintext to it")
         return False
 
     def _mesh_inbound(self) -> bool:
@@ -314,59 +357,34 @@ class Connection:
                                                          mode=self.mesh).inc()
         if tls or self.plane.cfg.mesh.inbound == "permissive":
             return True
-        self._finish("deny", "mesh_plaintext_refused", abort=True,
-                     detail=f"plaintext from {self._peer_text()} refused: mesh.inbound is strict")
+        self._fail("mesh_plaintext_refused",
+                   f"plaintext from {self._peer_text()} refused: mesh.inbound is strict")
         return False
 
-    def _after_proxy(self, data: bytes) -> None:
-        mode = self.listener.cfg.tls.mode
-        if mode == "off":
-            self._cancel_stage_timer()
-            self._authorize(data)
-            return
-        detect = self.listener.cfg.tls.detect_timeout if mode == "auto" else 0.0
-        if detect > 0:  # a silent client is plaintext after this (server-first protocols)
-            self._set_stage_timer(detect, "detect_timeout")
-        else:
-            self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
-        if mode == "auto":
-            self.stage = Stage.DETECT
-            if data:
-                self._detect(data)
-            return
-        if mode == "passthrough":
-            passthrough.begin(self, data)
-            return
-        self._start_server_tls(data)
+    def _again(self, data: bytes) -> None:
+        """Bytes read past the end of a stage go on as client bytes of the next one."""
+        if data and self.core.stage != Stage.CLOSED:
+            self.side_data(self.client, data)
 
     # ===================================================================== client bytes
-    def _client_data(self, data: bytes) -> None:
-        stage = self.stage
-        if stage >= Stage.AUTHORIZE:
-            if self.client.tls is not None:
-                self.client.tls.feed(data)
-                self._read_tls(self.client)
-            else:
-                self._from_client(data)
-        elif stage == Stage.HANDSHAKE:
-            self._handshake_data(data)
-        elif stage == Stage.PROXY:
-            self._proxy_data(data)
-        elif stage == Stage.DETECT:
-            if self.peek is not None:
-                passthrough.feed(self, data)
-            else:
-                self._detect(data)
+    def _deliver(self, side: Side, data: bytes) -> None:
+        """``hold``/``forward``: plaintext on (decrypted when TLS), to the other side or
+        held until the relay starts."""
+        if side.tls is not None:
+            side.tls.feed(data)
+            self._read_tls(side)
+        elif side is self.client:
+            self._from_client(data)
+        else:
+            self._to_client(data)
 
     def _from_client(self, data: bytes | memoryview) -> None:
-        if self.egress is not None and not self.egress.done:  # hook: the egress request
-            rest = self.egress.feed(data)
-            if rest is not None:
-                self._authorize(rest)
+        if self.core.stage == Stage.AUTHORIZE:  # an egress client's request (plaintext)
+            self._request_data(data)
             return
         self.bytes_from_client += len(data)
         self.listener.bytes_in.inc(len(data))
-        if self.stage == Stage.RELAY and self.upstream is not None:
+        if self.core.relaying and self.upstream is not None:
             self.upstream.send(data)
             return
         self.pending.append(bytes(data))  # may be a view of the shared TLS read buffer
@@ -374,20 +392,8 @@ class Connection:
         if self.pending_bytes >= PENDING_LIMIT:
             self.client.pause(PAUSE_BUFFER)
 
-    def _upstream_data(self, data: bytes) -> None:
-        up = self.upstream
-        assert up is not None
-        if up.tls is None:
-            self._to_client(data)
-            return
-        up.tls.feed(data)
-        if self.stage == Stage.UPSTREAM_TLS:
-            self._upstream_handshake()
-        else:
-            self._read_tls(up)
-
     def _to_client(self, data: bytes | memoryview) -> None:
-        if self.stage != Stage.RELAY:
+        if not self.core.relaying:
             self._early_upstream_data(data)
             return
         self.bytes_to_client += len(data)
@@ -397,15 +403,9 @@ class Connection:
     def _early_upstream_data(self, data: bytes | memoryview) -> None:
         """A plaintext upstream that speaks first (SMTP, MySQL and SSH banners) may do so
         before the relay has started: its bytes wait, as the client's do, and reach the
-        client once the relay starts. A TLS upstream may not speak before the handshake."""
-        if self.stage == Stage.CLOSED:
-            return
+        client once the relay starts (a TLS upstream may not: the core fails it)."""
         up = self.upstream
         assert up is not None
-        if self.up_rt.client_ctx is not None:
-            self._fail("upstream_tls_failed", f"upstream {self.upstream_address()} "
-                       "sent data before the TLS handshake", upstream_reason="tls_handshake")
-            return
         early = self.early_upstream
         if early is None:
             early = self.early_upstream = []
@@ -425,30 +425,57 @@ class Connection:
             except ssl.SSLError as exc:
                 who = "client" if side is self.client else "upstream"
                 side.flush_tls()  # the fatal alert OpenSSL wrote goes before the close
-                self._fail(f"{who}_tls_error", f"TLS error from the {who}: {exc.reason or exc}")
+                self._feed(Event(f"{who}_error", reason="tls_error",
+                                 detail=f"TLS error from the {who}: {exc.reason or exc}"))
                 return
             side.flush_tls()
             if data is not None:
                 forward(data)
-            if eof and not side.eof_in:
+            if eof and not side.eof_in and self.core.stage != Stage.CLOSED:
                 self._eof(side)
-            if data is None or len(data) < READ_CHUNK or self.stage == Stage.CLOSED:
+            if data is None or len(data) < READ_CHUNK or self.core.stage == Stage.CLOSED:
                 return
 
+    # ===================================================================== features
+    def _start_peek(self, cmd: Command) -> None:
+        passthrough.begin(self)
+
+    def _peek(self, side: Side, data: bytes) -> None:
+        passthrough.feed(self, data)
+
+    def routed(self, raw: bytes) -> None:
+        """passthrough.py: the ClientHello chose the route; its bytes go to the upstream."""
+        self._feed(Event("hello_done"))
+        self._again(raw)
+
+    def _start_request(self, cmd: Command) -> None:
+        rt = self.listener.egress
+        assert rt is not None
+        self.egress = EgressSession(self, rt, self._requested)
+
+    def _request_data(self, data: bytes | memoryview) -> None:
+        assert self.egress is not None
+        rest = self.egress.feed(data)
+        if rest is not None:
+            self._requested(rest)
+
+    def _requested(self, rest: bytes) -> None:
+        """The egress request is complete (now, or after a login check): the policy
+        decides; bytes sent behind the request are held for the upstream."""
+        self._feed(Event("request_done"))
+        if rest and self.core.stage != Stage.CLOSED:
+            self._from_client(rest)
+
+    def certificate_closed(self, reason: str, detail: str) -> None:
+        """certwatch.py: the client certificate was revoked or expired."""
+        if self.core.stage != Stage.CLOSED:
+            self._feed(Event("cert_revoked", reason=reason, detail=detail))
+
     # ===================================================================== PROXY protocol
-    def _proxy_data(self, data: bytes) -> None:
+    def _proxy_data(self, side: Side, data: bytes) -> None:
         parser = self.proxy_parser
         if parser is None:  # untrusted source, accept: optional: refuse anything PROXY-like
-            self.sniff_buf += data
-            kind = sniff(self.sniff_buf)
-            if kind is None:
-                return
-            if kind != "none":
-                self._proxy_error("untrusted_source",
-                                  f"PROXY header from untrusted source {self._peer_text()}")
-                return
-            buf, self.sniff_buf = self.sniff_buf, b""
-            self._after_proxy(buf)
+            self._sniff_untrusted(data)
             return
         if self.listener.cfg.proxy_protocol.accept == "optional" and not parser.buffered:
             # Still deciding (the parser buffers every byte of a header it is given, so
@@ -473,10 +500,25 @@ class Connection:
             "TCP4", "TCP6"
         ):
             self.client_addr = header.source
-        self._cancel_stage_timer()
         self._after_proxy(parser.rest)
 
-    def _proxy_eof(self) -> None:
+    def _sniff_untrusted(self, data: bytes) -> None:
+        self.sniff_buf += data
+        kind = sniff(self.sniff_buf)
+        if kind is None:
+            return
+        if kind != "none":
+            self._proxy_error("untrusted_source",
+                              f"PROXY header from untrusted source {self._peer_text()}")
+            return
+        buf, self.sniff_buf = self.sniff_buf, b""
+        self._after_proxy(buf)
+
+    def _after_proxy(self, rest: bytes) -> None:
+        self._feed(Event("proxy_done"))
+        self._again(rest)
+
+    def _proxy_eof(self, cmd: Command) -> None:
         """The client sent FIN during the PROXY stage: a truncated header (fail closed).
 
         With ``accept: optional``, a FIN before the first byte is a plain connect-and-close."""
@@ -514,27 +556,11 @@ class Connection:
                           f"{who}, not one of proxy_protocol.trusted_identities")
         return False
 
-    def _proxy_silence(self) -> None:
-        """``accept: optional`` on a ``tls.mode: auto`` listener and the client said nothing
-        for ``tls.detect_timeout``: no PROXY header and plaintext (a server-first protocol),
-        the upstream is connected. A client that has started to send (bytes held, or
-        waiting unread in the socket) gets the full PROXY timeout instead."""
-        self.stage_timer = None
-        parser = self.proxy_parser
-        if self.sniff_buf or (parser is not None and parser.buffered) \
-                or _has_unread(self.client.transport):
-            self._set_stage_timer(self.listener.cfg.proxy_protocol.timeout,
-                                  "proxy_protocol_timeout")
-            return
-        self._authorize(b"")
-
     def _proxy_error(self, reason: str, detail: str) -> None:
-        self.plane.metrics.proxy_protocol_errors_total.labels(
-            listener=self.listener.name, reason=reason).inc()
-        self._fail(f"proxy_protocol_{reason}", detail, abort=True)
+        self._fail(f"proxy_protocol_{reason}", detail)  # counted by _close
 
     # ===================================================================== TLS (server)
-    def _detect(self, data: bytes) -> None:
+    def _detect(self, side: Side, data: bytes) -> None:
         head = self.sniff_buf + data if self.sniff_buf else data
         kind = detect.classify(head)
         if kind is None:  # the start of a TLS header so far (at most 4 bytes are held)
@@ -542,10 +568,12 @@ class Connection:
             return
         self.sniff_buf = b""
         if kind == detect.TLS:
-            self._start_server_tls(head)
+            self._feed(Event("tls_detected"))
+            if self.client.tls is not None and self.core.stage == Stage.HANDSHAKE:
+                self._handshake_data(side, head)
         elif kind == detect.PLAIN:
-            self._cancel_stage_timer()
-            self._authorize(head)
+            self._feed(Event("plain_detected"))
+            self._again(head)
         else:
             self._refuse_tls(kind)
 
@@ -562,19 +590,14 @@ class Connection:
                 else "a TLS record that does not start a handshake")
         self._fail(kind, f"{self._peer_text()} sent {what}")
 
-    def _start_server_tls(self, data: bytes) -> None:
+    def _start_server_tls(self, cmd: Command) -> None:
         ctx = self.listener.server_ctx
         assert ctx is not None
-        if self.stage == Stage.DETECT and self.listener.cfg.tls.detect_timeout > 0:
-            self._set_stage_timer(self.listener.limits.handshake_timeout, "handshake_timeout")
-        self.stage = Stage.HANDSHAKE
         self.hs_started = time.monotonic()
         self.client.tls = TlsEngine(ctx, server_side=True,
                                     track_records=self.plane.native_relay)
-        if data:
-            self._handshake_data(data)
 
-    def _handshake_data(self, data: bytes) -> None:
+    def _handshake_data(self, side: Side, data: bytes) -> None:
         tls = self.client.tls
         assert tls is not None
         tls.feed(data)
@@ -589,21 +612,20 @@ class Connection:
             self._server_handshake_done(tls)
 
     def _handshake_failed(self, exc: ssl.SSLError) -> None:
-        reason = _tls_reason(exc)
+        reason = connutil.tls_reason(exc)
         why: str | None = None
         if self.client.tls is not None:  # set by tlsconf.sni when strict_sni refused
             why = getattr(self.client.tls.obj, "enforcer_sni_refused", None)
         if why is not None:
             reason = "sni_refused"
         elif isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-            why = _tls_detail(exc)  # e.g. certificate revoked
+            why = connutil.tls_detail(exc)  # e.g. certificate revoked
         self.plane.metrics.tls_handshake_errors_total.labels(
             listener=self.listener.name, reason=reason).inc()
         self._fail("handshake_failed", f"TLS handshake with {self._peer_text()} failed: "
                    f"{why or exc.reason or exc}")
 
     def _server_handshake_done(self, tls: TlsEngine) -> None:
-        self._cancel_stage_timer()
         self.listener.observe_handshake("server", time.monotonic() - self.hs_started, tls.group())
         self.sni = getattr(tls.obj, "enforcer_sni", None)
         der = tls.peer_cert_der()
@@ -616,24 +638,25 @@ class Connection:
         self.tls_info = {"version": tls.version(), "cipher": tls.cipher(), "sni": self.sni,
                          "alpn": tls.alpn(), "resumed": tls.session_reused,
                          "group": tls.group()}
-        if tls.session_reused and _expired(self.identity):
+        if tls.session_reused and connutil.expired(self.identity):
             self._fail("handshake_failed", f"{self._peer_text()} resumed a TLS session whose "
                        "client certificate has expired")
             return
-        if not self.plane.cert_watch.authenticated(self):  # revocation, expiry: certwatch.py
+        refused = self.plane.cert_watch.authenticated(self)  # revoked: certwatch.py
+        if refused is not None:
+            self._fail(*refused)
             return
-        self._authorize(b"")
-        if self.stage != Stage.CLOSED:
+        self._feed(Event("handshake_done"))
+        if self.core.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
 
     # ===================================================================== authorize
-    def _authorize(self, data: bytes) -> None:
-        self.stage = Stage.AUTHORIZE
-        if self.listener.egress is not None:  # hook: SOCKS5 / CONNECT request first
-            pending = egress.negotiate(self, data, self._authorize)
-            if pending is None:
-                return
-            data = pending
+    def _decide(self, cmd: Command) -> None:
+        """The core asks for the policy's decision: before the upstream (AUTHORIZE), or
+        once the upstream's identity is known (rules on it)."""
+        if self.core.stage != Stage.AUTHORIZE:
+            self._decided(self.plane.decide(self.listener, self._facts()))
+            return
         header = self.proxy_header
         # a LOCAL header (health checks) claims no address: no identity needed, none taken
         claims = header is not None and header.command == "PROXY"
@@ -646,27 +669,28 @@ class Connection:
             assert header is not None
             self.flow_id = _header_flow_id(header.unique_id) or self.flow_id  # one id per hop
         decision = self.plane.decide_before_upstream(self.listener, self._facts())
-        if decision is not None and not self._decided(decision):
+        if decision is None:  # it depends on the upstream's verified identity
+            self._feed(Event("decision", allow=None))
             return
-        # decision None: it depends on the upstream's verified identity; _start_relay
-        # decides once that is known, before any client byte is forwarded.
-        self.stage = Stage.CONNECT
-        if data:
-            self._from_client(data)
-        self._start_connect()
+        self._decided(decision)
 
-    def _decided(self, decision: Any) -> bool:
-        """Record and count the decision; on deny, close. Returns True for allow."""
+    def _decided(self, decision: Any) -> None:
+        """Record and count the decision, then tell the core."""
         self.decision = decision
         self.listener.count_decision(decision.ruleset, decision.rule or "", decision.action)
-        if decision.action != "allow":
-            passthrough.denied(self)
-            self._finish("deny", "denied", detail=flowrecord.deny_detail(decision))
-            return False
-        return self.plane.limit_gate.admit(self, decision)  # the rule's limits (limitgate.py)
+        allow = decision.action == "allow"
+        if not allow and self.peek is not None:
+            passthrough.denied(self)  # a handshake_failure alert
+        refused = self.plane.limit_gate.admit(self, decision) if allow else None
+        if refused is not None:  # the rule's limits (limitgate.py)
+            self.decision = denial(decision, refused)
+            self._fail(refused.reason, refused.detail)
+            return
+        self._feed(Event("decision", allow=allow,
+                         detail=None if allow else flowrecord.deny_detail(decision)))
 
     def _facts(self) -> FlowFacts:
-        ip = _client_ip(self.client_addr[0]) if self.client_addr is not None else None
+        ip = connutil.client_ip(self.client_addr[0]) if self.client_addr is not None else None
         tlvs = self.proxy_header.tlvs_for_policy() if self.proxy_header is not None else {}
         up = self.up_rt.cfg.address
         dest = self.original_dst
@@ -687,9 +711,10 @@ class Connection:
         )
 
     # ===================================================================== upstream
-    def _start_connect(self) -> None:
+    def _start_connect(self, cmd: Command) -> None:
         """Connect upstream: on a bare socket when the native pump will relay and no name
-        needs resolving (see rawtransport.py), else with the loop's create_connection."""
+        needs resolving (see rawtransport.py), else with the loop's create_connection. The
+        core armed connect_timeout."""
         poller = self.plane.poller if self.plane.native_relay else None
         target = self.up_rt.raw_target if poller is not None else None
         if poller is not None and self.original_dst is not None:
@@ -698,14 +723,13 @@ class Connection:
             self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
             return
         self.upstream = Side(self, is_client=False)
-        self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
         self.connecting = rawtransport.connect(
             self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()),
             self.up_rt.sockopts)
 
     def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
                        exc: OSError | None) -> None:
-        self.connecting = None  # (a cancelled connect never calls back: see _finish)
+        self.connecting = None  # (a cancelled connect never calls back: see _close)
         try:
             side = self.upstream
             assert side is not None
@@ -714,7 +738,6 @@ class Connection:
                 side.lost = True  # never connected: no callback will come from it
                 self._connect_failed(exc)
                 return
-            self._cancel_stage_timer()
             self.up_rt.observe_connect(time.monotonic() - started)
             transport.start(side)
             self._upstream_connected(side)
@@ -733,11 +756,13 @@ class Connection:
         addr = self.upstream_address()
         code = errno.errorcode.get(exc.errno or 0, "error").lower()
         if exc.errno in OUT_OF_DESCRIPTORS:
-            _warn_out_of_descriptors(self.listener.name, str(addr), exc)
-        if self.egress is not None:  # hook: the egress client's reply says why
+            connutil.warn_out_of_descriptors(self.listener.name, str(addr), exc)
+        if self.egress is not None:  # the egress client's reply says why
             self.egress.errno = exc.errno
-        self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}",
-                   upstream_reason=None if counted else code)
+        if not counted:
+            self.plane.metrics.upstream_errors_total.labels(upstream=self.up_rt.name,
+                                                            reason=code).inc()
+        self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}")
 
     async def _connect(self) -> None:
         try:
@@ -755,9 +780,6 @@ class Connection:
         side = Side(self, is_client=False)
         self.upstream = side
         started = time.monotonic()
-        # The stage timer bounds the connect (cheaper than asyncio.timeout): when it fires,
-        # _timeout fails the connection and _finish cancels this task.
-        self._set_stage_timer(self.listener.limits.connect_timeout, "upstream_connect_timeout")
         try:
             if addr.is_unix:
                 assert addr.path is not None
@@ -769,20 +791,18 @@ class Connection:
                                          self._attempt_failed)
                 await self.loop.create_connection(lambda: side, sock=sock)
         except dialer.ResolveError as exc:
-            self._fail("upstream_resolve_failed", exc.strerror or str(exc),
-                       upstream_reason="resolve_failed")
+            self._fail("upstream_resolve_failed", exc.strerror or str(exc))
             return
         except OSError as exc:
             # a host name's failed addresses were counted one by one (_attempt_failed)
             self._connect_failed(exc, counted=up.raw_target is None and not addr.is_unix)
             return
-        self._cancel_stage_timer()
         up.observe_connect(time.monotonic() - started)
-        if self.stage == Stage.CLOSED:
+        if self.core.stage == Stage.CLOSED:
             side.close(abort=True)
             return
         if up.sockopts and side.transport is not None:
-            _dead_peer_detection(side.transport, up.sockopts)
+            connutil.dead_peer_detection(side.transport, up.sockopts)
         self._upstream_connected(side)
 
     def _attempt_failed(self, addr: dialer.Addr, exc: OSError, fresh: bool) -> None:
@@ -793,23 +813,27 @@ class Connection:
         if fresh:
             log.warning("upstream %s: connect to %s (%s) failed: %s; other addresses of the "
                         "name are tried first while it keeps failing", up.name,
-                        _sockaddr_text(addr[1]), up.cfg.address, exc.strerror or exc)
+                        connutil.sockaddr_text(addr[1]), up.cfg.address, exc.strerror or exc)
 
     def _upstream_connected(self, side: Side) -> None:
-        up = self.up_rt
         header = self.plane.proxy_header_for(self)
         if header and side.transport is not None:
             side.transport.write(header)
-        if up.client_ctx is None:
-            self._enter_relay()
-            return
-        self.stage = Stage.UPSTREAM_TLS
+        self._feed(Event("upstream_connected"))
+
+    def _start_upstream_tls(self, cmd: Command) -> None:
+        up, side = self.up_rt, self.upstream
+        assert up.client_ctx is not None and side is not None
         self.hs_started = time.monotonic()
-        self._set_stage_timer(self.listener.limits.handshake_timeout, "upstream_tls_timeout")
         side.tls = TlsEngine(up.client_ctx, server_side=False,
                              server_hostname=up.server_hostname, session=up.session,
                              native_session=self.plane.native_relay,
                              track_records=self.plane.native_relay)
+        self._upstream_handshake()
+
+    def _upstream_handshake_data(self, side: Side, data: bytes) -> None:
+        assert side.tls is not None
+        side.tls.feed(data)
         self._upstream_handshake()
 
     def _upstream_handshake(self) -> None:
@@ -820,25 +844,23 @@ class Connection:
         except ssl.SSLError as exc:
             up.flush_tls()
             self.plane.metrics.tls_handshake_errors_total.labels(
-                listener=self.listener.name, reason=_tls_reason(exc)).inc()
-            self._fail("upstream_tls_failed",
-                       f"TLS handshake with upstream {self.upstream_address()} "
-                       f"failed: {_tls_detail(exc)}", upstream_reason="tls_handshake")
+                listener=self.listener.name, reason=connutil.tls_reason(exc)).inc()
+            self._fail("upstream_tls_failed", f"TLS handshake with upstream "
+                       f"{self.upstream_address()} failed: {connutil.tls_detail(exc)}")
             return
         if not done:
             up.flush_tls()
             return
-        # Our last flight (TLS 1.3: the Finished) stays in the BIO until _enter_relay has
-        # encrypted the client's first bytes behind it: one segment, one wake-up upstream.
+        # Our last flight (TLS 1.3: the Finished) stays in the BIO until the relay starts
+        # and encrypts the client's first bytes behind it: one segment, one wake-up.
         self.listener.observe_handshake("client", time.monotonic() - self.hs_started,
                                         up.tls.group())
         problem = self._upstream_identity_problem(up.tls)
         if problem is not None:
             up.flush_tls()
-            self._fail("upstream_identity_mismatch", problem, upstream_reason="identity_mismatch")
+            self._fail("upstream_identity_mismatch", problem)
             return
-        self._cancel_stage_timer()
-        self._enter_relay()
+        self._feed(Event("upstream_tls_done"))  # (denied: the close sends our Finished)
 
     def _upstream_identity_problem(self, tls: TlsEngine) -> str | None:
         """Why the upstream's certificate is not the one expected; None when it is."""
@@ -849,36 +871,16 @@ class Connection:
             return f"cannot read the upstream certificate: {exc}"
         problem = self.plane.check_upstream_identity(self.up_rt,
                                                      self.upstream_identity)
-        if problem is None and tls.session_reused and _expired(self.upstream_identity):
+        if problem is None and tls.session_reused and connutil.expired(self.upstream_identity):
             problem = "the upstream's certificate in the resumed TLS session has expired"
         return problem
 
     # ===================================================================== relay
-    def _enter_relay(self) -> None:
-        """Decide (if still open), start relaying, then hand over to the native pump."""
-        self._start_relay()
-        up = self.upstream
-        if up is not None:
-            up.flush_tls()  # the handshake's last flight, with any first bytes behind it
-        if self.stage != Stage.RELAY or up is None:
-            return
-        if up.tls is not None:
-            self._read_tls(up)  # application data that came with the upstream's Finished
-        self._go_native()
-        if self.stage == Stage.RELAY and self.pump is None:  # pumps are checked by the plane
-            self.idle_timer = self.loop.call_later(self.listener.limits.idle_timeout,
-                                                   self._check_idle)
-        if self.stage == Stage.RELAY and self.plane.open_events:
-            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
-                                                     event="open"))
-
-    def _start_relay(self) -> None:
-        if self.decision is None and not self._decided(
-                self.plane.decide(self.listener, self._facts())):
-            return
-        if self.egress is not None:  # hook: the egress client's success reply
-            self.egress.established()
-        self.stage = Stage.RELAY
+    def _start_relay(self, cmd: Command) -> None:
+        """Held bytes go both ways; then (a clean start) the native pump takes over, else
+        the core replays the EOFs it held (relay_started)."""
+        if self.egress is not None:
+            self.egress.established()  # the success reply, before any relayed byte
         self.relay = "python"
         up = self.upstream
         assert up is not None
@@ -891,15 +893,20 @@ class Connection:
             for chunk in early:
                 self._to_client(chunk)
             up.resume(PAUSE_BUFFER)
-        if self.client_eof_pending:
-            self._eof(self.client)
-        if self.upstream_eof_pending and self.stage == Stage.RELAY:
-            self._eof(up)
+        native_ok = cmd.reason == "native_ok"
+        if not native_ok:
+            self._feed(Event("relay_started"))
+        up.flush_tls()  # the handshake's last flight, with any first bytes behind it
+        if up.tls is not None and self.core.stage != Stage.CLOSED:
+            self._read_tls(up)  # application data that came with the upstream's Finished
+        if native_ok and self.core.stage != Stage.CLOSED:
+            self._go_native()
+            self._feed(Event("relay_started", flag=self.pump is not None))
 
     def _go_native(self) -> None:
         """Hand the relay to the native pump when this process uses it (see pump.py)."""
         up = self.upstream
-        if self.stage != Stage.RELAY or not self.plane.native_relay or up is None:
+        if not self.plane.native_relay or up is None or self.core.stage != Stage.RELAY:
             return
         lenient = (self.listener.cfg.tls.allow_eof_without_close_notify,
                    self.up_rt.cfg.tls.allow_eof_without_close_notify)
@@ -915,40 +922,42 @@ class Connection:
             if kind == "eof":
                 self._pump_eof(index)
             elif kind == "done":
-                self._finish("allow", self.first_eof or "client_fin")
+                self._feed(Event("done"))
             elif kind == "reset":
                 code = detail if isinstance(detail, int) else 0
                 if code == errno.ETIMEDOUT:
-                    self._peer_timeout(who, "allow")
+                    self._peer_timeout(who)
                     return
-                self._fail(f"{who}_reset", str(OSError(code, os.strerror(code))),
-                           action="allow")
+                self._feed(Event(f"{who}_error", reason="reset",
+                                 detail=str(OSError(code, os.strerror(code)))))
             elif kind == "tls_error":
-                self._fail(f"{who}_tls_error", f"TLS error from the {who}: {detail}")
+                self._feed(Event(f"{who}_error", reason="tls_error",
+                                 detail=f"TLS error from the {who}: {detail}"))
             elif kind == "unclean":  # the pump set both sockets to reset on close
-                self._fail(f"{who}_{detail}", unclean_detail(who, str(detail)), action="allow",
-                           abort=True)
+                self._feed(Event(f"{who}_error", reason=str(detail),
+                                 detail=unclean_detail(who, str(detail))))
             else:
                 raise RuntimeError(f"native pump: {detail}")
         except Exception as exc:
             self.internal_error(exc)
 
     def _pump_eof(self, index: int) -> None:
+        """The pump passed an EOF on itself (the same rule as the core's shut_write, which
+        is then a no-op on a side whose socket the pump has)."""
         side = self.client if index == 0 else self.upstream
         other = self.upstream if index == 0 else self.client
         assert side is not None and other is not None
         side.eof_in = other.eof_out = True
-        self._first_eof(index == 0)
+        self._feed(Event("client_eof" if index == 0 else "upstream_eof"))
 
     def pump_tick(self, now: float) -> None:
         """The plane's periodic visit (see plane.PUMP_TICK): counters catch up, a busy TLS
-        end quiet since the last visit gives its buffers back, and a connection idle for
-        its listener's idle_timeout closes."""
+        end quiet since the last visit gives its buffers back, and the core checks
+        idle_timeout against the pump's last activity."""
         assert self.pump is not None
         self.flush_pump_counts()
         self.pump.tick()
-        if now - self.pump.last_active >= self.listener.limits.idle_timeout:
-            self._timeout("idle_timeout")
+        self._feed(Event("idle_timeout", now=now, last_active=self.pump.last_active))
 
     def flush_pump_counts(self) -> None:
         """Add what the native pump relayed since the last call to the counters."""
@@ -961,148 +970,62 @@ class Connection:
             self.bytes_to_client += to_client
             self.listener.bytes_out.inc(to_client)
 
-    def _eof(self, side: Side) -> None:
-        if side.eof_in:
-            return
-        side.eof_in = True
-        is_client = side is self.client
-        if self.stage != Stage.RELAY:
-            # A half-close while the upstream is being reached is replayed by _start_relay
-            # (a request then FIN, or FIN alone to read a banner: `nc -N`), as is a FIN that
-            # follows a plaintext upstream's first words.
-            if is_client and self.stage in (Stage.CONNECT, Stage.UPSTREAM_TLS):
-                side.eof_in = False
-                self.client_eof_pending = True
-                return
-            if not is_client and self.stage == Stage.CONNECT and self.early_upstream:
-                side.eof_in = False
-                self.upstream_eof_pending = True
-                return
-            who = "client" if is_client else "upstream"
-            self._fail(f"{who}_closed", f"the {who} closed before the relay started")
-            return
-        self._first_eof(is_client)
-        other = self.upstream if is_client else self.client
-        assert other is not None
-        other.send_eof()
-        if other.eof_in:  # both directions have finished
-            self._finish("allow", self.first_eof or "client_fin")
-
-    def _first_eof(self, from_client: bool) -> None:
-        """The first direction ended: remember which, and give the other close_timeout."""
-        if self.first_eof is None:
-            self.first_eof = "client_fin" if from_client else "upstream_fin"
-            self.close_timer = self.loop.call_later(self.listener.limits.close_timeout,
-                                                    self._timeout, "close_timeout")
-
-    def _check_idle(self) -> None:
-        if self.stage == Stage.CLOSED:
-            return
-        idle = self.loop.time() - self.last_active
-        limit = self.listener.limits.idle_timeout
-        if idle >= limit:
-            self._timeout("idle_timeout")
-        else:
-            self.idle_timer = self.loop.call_later(limit - idle, self._check_idle)
-
     # ===================================================================== timers
-    def _set_stage_timer(self, delay: float, reason: str) -> None:
-        self._cancel_stage_timer()
-        self.stage_timer = self.loop.call_later(delay, self._timeout, reason)
+    def _fire(self, name: str) -> None:
+        """A timer the core armed ran out: tell it (with what only the I/O layer knows)."""
+        try:
+            self.timers.pop(TIMERS[name][0], None)
+            if self.core.stage == Stage.CLOSED:
+                return
+            self._feed(self._timer_event(name))
+        except Exception as exc:
+            self.internal_error(exc)
 
-    def _cancel_stage_timer(self) -> None:
-        if self.stage_timer is not None:
-            self.stage_timer.cancel()
-            self.stage_timer = None
-
-    def _timeout(self, reason: str) -> None:
-        if self.stage == Stage.CLOSED:
-            return
-        if reason == "proxy_protocol_timeout":
+    def _timer_event(self, name: str) -> Event:
+        if name == "proxy_timeout":
             optional = self.listener.cfg.proxy_protocol.accept == "optional"
             parser = self.proxy_parser
             silent = not self.sniff_buf and not (parser is not None and parser.buffered)
-            self._proxy_error("timeout", "nothing received in time (with accept: optional the "
-                              "client must send first)" if optional and silent
-                              else "no complete PROXY header in time")
-            return
-        if reason == "proxy_silence" and self.stage == Stage.PROXY:
-            self._proxy_silence()
-            return
-        if reason == "detect_timeout" and self.stage == Stage.DETECT:
-            self.stage_timer = None
-            if _has_unread(self.client.transport):  # a late loop turn, not a silent client
-                self._set_stage_timer(self.listener.limits.handshake_timeout, reason)
-                return
-            self._authorize(b"")  # the client said nothing: plaintext, the server speaks
-            return
-        if reason == "upstream_connect_timeout":
-            self._fail(reason, f"connect to {self.upstream_address()} timed out",
-                       upstream_reason="connect_timeout")
-            return
-        if reason == "handshake_timeout":
-            self.plane.metrics.tls_handshake_errors_total.labels(
-                listener=self.listener.name, reason="timeout").inc()
-        if reason == "upstream_tls_timeout":
-            self.plane.metrics.upstream_errors_total.labels(
-                upstream=self.up_rt.name, reason="tls_timeout").inc()
-        action = "allow" if self.stage == Stage.RELAY else "error"
-        detail = f"{reason.replace('_', ' ')} reached"
-        if reason in RESETTING_TIMEOUTS and self.listener.limits.timeout_close == "rst":
-            self._finish(action, f"{reason}_rst", detail=f"{detail}; both sockets reset "
-                         "(limits.timeout_close: rst)", abort=True, reset=True)
-            return
-        self._finish(action, reason, detail=detail, abort=True)
+            return Event(name, detail="nothing received in time (with accept: optional the "
+                         "client must send first)" if optional and silent
+                         else "no complete PROXY header in time")
+        if name == "proxy_silence":  # has the client started to send?
+            parser = self.proxy_parser
+            started = bool(self.sniff_buf) or bool(parser is not None and parser.buffered)
+            return Event(name, flag=started or _has_unread(self.client.transport))
+        if name == "detect_timeout":  # unread bytes: a late loop turn, not a silent client
+            return Event(name, flag=_has_unread(self.client.transport))
+        if name == "request_timeout" and self.listener.egress is not None:
+            rt = self.listener.egress
+            return Event(name, detail=f"{rt.protocol}: no complete request within "
+                         f"{rt.cfg.request_timeout:g} s")
+        if name == "connect_timeout":
+            return Event(name, detail=f"connect to {self.upstream_address()} timed out")
+        return Event(name, now=self.loop.time())
 
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
-        if self.stage != Stage.CLOSED:
-            action = "allow" if self.stage == Stage.RELAY else "error"
-            self._finish(action, "drain", detail="closed at the end of the drain", abort=True)
+        if self.core.stage != Stage.CLOSED:
+            self._feed(Event("drain"))
 
     def policy_revoked(self, decision: Any) -> None:
         """A reloaded ruleset now denies this open connection."""
-        if self.stage != Stage.CLOSED:
+        if self.core.stage != Stage.CLOSED:
             self.decision = decision
-            self._finish("deny", "policy_reload", detail="denied after a ruleset reload",
-                         abort=True)
-
-    def close_with(self, action: str, reason: str, detail: str, decision: Any = None, *,
-                   abort: bool = False) -> None:
-        """Closed by a rule's limits (limitgate.py) or its certificate (certwatch.py)."""
-        if self.stage != Stage.CLOSED:
-            if decision is not None:
-                self.decision = decision
-            self._finish(action, reason, detail=detail, abort=abort)
+            self._feed(Event("revoke"))
 
     # ===================================================================== ending
-    def _fail(self, reason: str, detail: str, *, action: str = "error", abort: bool = False,
-              upstream_reason: str | None = None) -> None:
-        if self.stage == Stage.CLOSED:
-            return
-        if upstream_reason is not None:
-            self.plane.metrics.upstream_errors_total.labels(
-                upstream=self.up_rt.name, reason=upstream_reason).inc()
-        self._finish(action, reason, detail=detail, abort=abort)
-
-    def _finish(self, action: str, reason: str, *, detail: str | None = None,
-                abort: bool = False, reset: bool = False) -> None:
-        if self.stage == Stage.CLOSED:
-            return
-        stage_reached = self.stage
-        self.stage = Stage.CLOSED
-        if self.egress is not None:  # hook: the egress client's refusal, if no reply yet
-            self.egress.closing(action, reason)
-        if stage_reached == Stage.RELAY:
+    def _close(self, cmd: Command) -> None:
+        """The core closed the connection: sockets, pump, connect, sessions, counters."""
+        if self.egress is not None:  # the egress client's refusal, if it has no reply yet
+            self.egress.closing(cmd.action, cmd.reason)
+        self.plane.limit_gate.release(self)  # once per connection: the core closes once
+        if cmd.stage >= Stage.RELAY:
             self._keep_session()
         if self.pump is not None:
             self.flush_pump_counts()
-            self.pump.close(reset)
+            self.pump.close(cmd.reset)
             self.plane.pump_stopped(self)
-        for timer in (self.stage_timer, self.idle_timer, self.close_timer, self.life_timer):
-            if timer is not None:
-                timer.cancel()
-        self.stage_timer = self.idle_timer = self.close_timer = self.life_timer = None
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         if self.connecting is not None:
@@ -1113,15 +1036,34 @@ class Connection:
         self.pending.clear()
         for side in (self.client, self.upstream):
             if side is not None:
-                side.close(abort=abort, reset=reset)
+                side.close(abort=cmd.abort, reset=cmd.reset)
         if self.client.tls is not None and self.plane.native_relay \
                 and not self.client.tls.detached \
-                and self.tls_info is not None and reason not in TLS_FAILURES:
+                and self.tls_info is not None and cmd.reason not in TLS_FAILURES:
             native.keep_session(self.client.tls.state)
-        if not abort:
+        if not cmd.abort:
             self.plane.schedule_abort(self)
-        self.plane.connection_closed(self, flowrecord.build(self, action, reason, detail,
-                                                           stage_reached))
+        self._count_close(cmd.reason)
+
+    def _count_close(self, reason: str) -> None:
+        metrics = self.plane.metrics
+        if reason in UPSTREAM_ERRORS:
+            metrics.upstream_errors_total.labels(upstream=self.up_rt.name,
+                                                 reason=UPSTREAM_ERRORS[reason]).inc()
+        elif reason.startswith("proxy_protocol_"):
+            metrics.proxy_protocol_errors_total.labels(
+                listener=self.listener.name, reason=reason.removeprefix("proxy_protocol_")).inc()
+        elif reason == "handshake_timeout":
+            metrics.tls_handshake_errors_total.labels(listener=self.listener.name,
+                                                      reason="timeout").inc()
+
+    def _record(self, cmd: Command) -> None:
+        if cmd.event == "open":
+            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
+                                                     event="open"))
+            return
+        self.plane.connection_closed(self, flowrecord.build(self, cmd.action, cmd.reason,
+                                                           cmd.detail, cmd.stage))
         if self.pump is not None:
             self.pump = None  # drops the pump's reference back to this connection
             self.release_if_done()
@@ -1147,7 +1089,7 @@ class Connection:
     def release_if_done(self) -> None:
         """Once closed with every socket gone, no callback can come: break the cycles
         between this connection and its sides so reference counting frees them."""
-        if self.stage != Stage.CLOSED or not self.client.lost:
+        if self.core.stage != Stage.CLOSED or not self.client.lost:
             return
         up = self.upstream
         if up is not None and not up.lost:
@@ -1160,13 +1102,12 @@ class Connection:
         """A bug in a callback: log it with the flow id and close (fail closed)."""
         log.error("internal error on flow %s (%s): %r", self.flow_id, self.listener.name, exc,
                   exc_info=exc)
-        if self.stage != Stage.CLOSED:
+        if self.core.stage != Stage.CLOSED:
             try:
-                self._finish("error", "internal_error", detail=f"internal error: {exc!r}",
-                             abort=True)
+                self._feed(Event("internal_error", detail=f"internal error: {exc!r}"))
             except Exception:
                 log.exception("while closing flow %s", self.flow_id)
-                self.stage = Stage.CLOSED
+                self.core.stage = Stage.CLOSED
                 self.abort_sockets()
         else:
             self.abort_sockets()
@@ -1181,103 +1122,18 @@ class Connection:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "the peer"
 
 
-def _warn_out_of_descriptors(listener: str, upstream: str, exc: OSError) -> None:
-    """A WARNING without traceback, at most one every WARN_EVERY seconds."""
-    now = time.monotonic()
-    _warned["since"] += 1
-    if now - _warned["at"] < WARN_EVERY:
-        return
-    log.warning("listener %s: cannot open a socket to upstream %s (%s): %d connection(s) "
-                "failed this way since the last warning (enforcer_upstream_errors_total)",
-                listener, upstream, exc.strerror or exc, _warned["since"])
-    _warned["at"], _warned["since"] = now, 0
-
-
-def _sockaddr_text(sockaddr: Any) -> str:
-    host, port = str(sockaddr[0]), int(sockaddr[1])
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _dead_peer_detection(transport: Any, options: tuple[tuple[int, int, int], ...]) -> None:
-    """Keepalive and user timeout on an upstream socket the loop connected (a host name),
-    unless the name led to this host (see tcpopts.py)."""
-    sock = transport.get_extra_info("socket")
-    peer = transport.get_extra_info("peername")
-    if sock is None or not isinstance(peer, tuple) or tcpopts.is_local_host(str(peer[0])):
-        return
-    try:
-        tcpopts.apply(sock, options)
-    except OSError as exc:
-        log.warning("cannot set TCP keepalive/user timeout on an upstream socket: %s", exc)
-
-
-@functools.lru_cache(maxsize=4096)
-def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The policy's client address (zone id dropped); parsed once per distinct address."""
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
-def _header_flow_id(unique_id: bytes | None) -> str | None:
-    """A PROXY unique_id TLV usable as a flow id (1-128 printable ASCII), else None."""
-    if not unique_id or len(unique_id) > 128 or not all(0x21 <= b < 0x7F for b in unique_id):
-        return None
-    return unique_id.decode("ascii")
-
-
-def _has_unread(transport: Any) -> bool:
-    """Whether the client's bytes (or FIN) wait in the socket unread: a busy loop can run
-    the detect timer before the read callback of data that came in time."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return False
-    try:
-        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
-            dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True  # an error is pending: let the read path report it
-    return True
-
-
-def _addr(value: object) -> tuple[str, int] | None:
-    if isinstance(value, tuple) and len(value) >= 2:
-        return str(value[0]), int(value[1])
-    if isinstance(value, str) and value:
-        return value, 0
-    return None
-
-
-def _tls_detail(exc: ssl.SSLError) -> str:
-    """OpenSSL's reason, plus the verifier's message when a certificate was refused."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return f"{exc.reason}: {exc.verify_message}"  # e.g. Hostname mismatch, ...
-    return str(exc.reason or exc)
-
-
-def _tls_reason(exc: ssl.SSLError) -> str:
-    """A short, low-cardinality label for a handshake failure."""
-    text = (exc.reason or "").lower().replace("_", " ")  # OpenSSL: PEER_DID_NOT_RETURN_...
-    if "wrong version number" in text or "http request" in text:
-        return "not_tls"
-    if "certificate required" in text or "peer did not return a certificate" in text:
-        return "no_client_cert"
-    if "unknown ca" in text or "certificate verify failed" in text:
-        return "bad_certificate"
-    if "certificate" in text:
-        return "bad_certificate"
-    if "version" in text or "protocol" in text:
-        return "protocol_version"
-    if "cipher" in text:
-        return "no_shared_cipher"
-    if isinstance(exc, ssl.SSLEOFError) or "unexpected eof" in text:
-        return "eof"
-    return "other"
-
-
-def _expired(identity: PeerIdentity | None) -> bool:
-    """OpenSSL does not look at the certificate again when a session resumes."""
-    return identity is not None and identity.not_after <= datetime.datetime.now(datetime.UTC)
+# what the I/O layer does for a command (commands that act on bytes are in _BYTES)
+_RUN: Final = {
+    "start_tls": Connection._start_server_tls, "decide": Connection._decide,
+    "start_peek": Connection._start_peek, "start_request": Connection._start_request,
+    "connect": Connection._start_connect, "start_upstream_tls": Connection._start_upstream_tls,
+    "start_relay": Connection._start_relay, "proxy_eof": Connection._proxy_eof,
+    "close": Connection._close, "record": Connection._record,
+}
+_BYTES: Final = {
+    "parse_proxy": Connection._proxy_data, "detect": Connection._detect,
+    "handshake": Connection._handshake_data, "peek": Connection._peek,
+    "request": Connection._deliver,
+    "upstream_handshake": Connection._upstream_handshake_data,
+    "hold": Connection._deliver, "forward": Connection._deliver,
+}

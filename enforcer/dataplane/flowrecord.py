@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from enforcer.dataplane.lifecycle import Stage
 from enforcer.observe.flowlog import utc_timestamp
 
 if TYPE_CHECKING:
@@ -81,8 +82,6 @@ def _tls(conn: Connection) -> dict[str, Any] | None:
 
 
 def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
-    from enforcer.dataplane.connection import Stage
-
     if stage < Stage.CONNECT:
         return None
     up = conn.up_rt

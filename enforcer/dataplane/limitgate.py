@@ -2,13 +2,14 @@
 
 ``Connection`` asks ``admit`` once, right after policy allowed it by a rule with
 ``limits`` and before any upstream connect (for rules on ``to.server_identities``, which
-decide only after the upstream handshake, before the first byte is relayed). A refused
-connection is closed with ``action: deny``, ``close`` and ``reason`` ``rate_limited`` or
-``concurrency_limited`` and counted in ``enforcer_limited_total{listener,reason}``.
+decide only after the upstream handshake, before the first byte is relayed). A refusal
+comes back to the connection, which records the ``denial`` decision and refuses through
+the lifecycle core: ``action: deny``, ``close`` and ``reason`` ``rate_limited`` or
+``concurrency_limited``; it is counted here in ``enforcer_limited_total{listener,reason}``.
 
 The lease of an admitted connection is kept here, by connection, and released from
-``DataPlane.connection_closed``, which every way a connection ends goes through exactly
-once (``Connection._finish``); ``pop`` makes a second call harmless.
+``Connection._close``, which runs once per connection (the core closes once); ``pop``
+makes a second call harmless.
 
 Counters live in this process: with ``workers: N`` each worker counts its own connections
 (see docs/limits-and-revocation.md for why and how to size limits).
@@ -36,11 +37,11 @@ class LimitGate:
         self.limiter = Limiter()
         self.leases: dict[Connection, Lease] = {}
 
-    def admit(self, conn: Connection, decision: Decision) -> bool:
-        """True: go on (no limits, or admitted). False: refused, and ``conn`` is closed."""
+    def admit(self, conn: Connection, decision: Decision) -> Refused | None:
+        """None: go on (no limits, or admitted); else why it is refused (counted)."""
         limits = decision.limits
         if limits is None or decision.rule is None:
-            return True
+            return None
         addr = conn.client_addr
         ip = _ip(addr[0]) if limits.per == "client" and addr is not None else None
         key = limit_key(limits, conn.listener.name, ip, conn.identity)
@@ -48,20 +49,19 @@ class LimitGate:
                                  time.monotonic())
         if isinstance(got, Lease):
             self.leases[conn] = got
-            return True
-        self._refuse(conn, decision, got)
-        return False
+            return None
+        self.metrics.limited_total.labels(listener=conn.listener.name, reason=got.reason).inc()
+        return got
 
     def release(self, conn: Connection) -> None:
         lease = self.leases.pop(conn, None)
         if lease is not None:
             lease.release()
 
-    def _refuse(self, conn: Connection, decision: Decision, refused: Refused) -> None:
-        self.metrics.limited_total.labels(listener=conn.listener.name,
-                                          reason=refused.reason).inc()
-        conn.close_with("deny", refused.reason, refused.detail,
-                        Decision("deny", decision.ruleset, decision.rule, refused.reason))
+
+def denial(decision: Decision, refused: Refused) -> Decision:
+    """The decision a limit refusal records (the rule that allowed, denying)."""
+    return Decision("deny", decision.ruleset, decision.rule, refused.reason)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,26 +1,28 @@
 """``tls.mode: passthrough``: route a TLS connection by the SNI of its ClientHello without
 terminating it, then relay its bytes untouched (the backend does the TLS).
 
-How it works. After the PROXY stage, ``begin`` puts the connection in the DETECT stage
-with a ``HelloParser`` (``clienthello.py``, pure) as ``conn.peek``; ``feed`` gives it the
-client's bytes as they come, bounded by ``limits.handshake_timeout`` (the stage timer
-set before) and the parser's size cap. Once the ClientHello is whole:
+How it works. After the PROXY stage the lifecycle core (lifecycle.py) puts the connection
+in its DETECT stage, arms ``limits.handshake_timeout`` and asks for ``start_peek``:
+``begin`` gives the connection a ``HelloParser`` (``clienthello.py``, pure) as
+``conn.peek``; the core sends the client's bytes (``peek``) to ``feed`` as they come,
+bounded by that timer and the parser's size cap. Once the ClientHello is whole:
 
 - ``SniRouter.route`` (``config/passthrough.py``) picks the upstream: an exact name first, then a ``*.`` name one
   label deep, else the default route (the listener's ``upstream``); with ``strict_sni``
   there is none, and an unknown name or a hello without SNI is refused with a fatal
   ``unrecognized_name`` alert (close ``sni_refused``);
 - the route's upstream becomes the connection's (``conn.up_rt``), the SNI a policy fact,
-  and ``conn._authorize`` decides as for any connection (SNI + client address + PROXY
-  facts) before any upstream connect, with every peeked byte as the first pending
-  bytes: they reach the backend exactly as the client sent them;
+  and ``conn.routed`` tells the core (``hello_done``): it authorizes as for any
+  connection (SNI + client address + PROXY facts) before any upstream connect, with every
+  peeked byte held as the first bytes: they reach the backend exactly as the client sent
+  them;
 - a denial sends a ``handshake_failure`` alert (``denied``), a malformed or oversize hello
   the parser's alert; a plaintext client gets no TLS record, only the close.
 
 The flow record's ``tls`` says ``mode: passthrough``, the ``sni`` and the ``route`` (the
-server name pattern that matched, or ``default``). The connection state machine keeps
-its stages; this module uses its ``_authorize``, ``_finish``, ``_cancel_stage_timer``
-and the ``sni``, ``up_rt``, ``tls_info`` and ``peek`` attributes.
+server name pattern that matched, or ``default``). Refusals go through ``conn.refuse``
+(their close reasons are in lifecycle.REASONS); this module sets the ``sni``, ``up_rt``,
+``tls_info`` and ``peek`` attributes, never a stage or a timer.
 """
 
 from __future__ import annotations
@@ -43,15 +45,10 @@ if TYPE_CHECKING:
 __all__ = ["SniRouter", "begin", "denied", "feed"]
 
 
-def begin(conn: Connection, data: bytes) -> None:
+def begin(conn: Connection) -> None:
     """The PROXY stage is over (the handshake timer runs): wait for the ClientHello."""
-    from enforcer.dataplane.connection import Stage
-
-    conn.stage = Stage.DETECT
     conn.peek = HelloParser()
     conn.tls_info = _record(None, None)
-    if data:
-        feed(conn, data)
 
 
 def feed(conn: Connection, data: bytes) -> None:
@@ -68,7 +65,6 @@ def feed(conn: Connection, data: bytes) -> None:
 
 
 def _routed(conn: Connection, parser: HelloParser, hello: Hello) -> None:
-    conn._cancel_stage_timer()
     conn.sni = hello.sni
     lst = conn.listener
     router = lst.sni_router
@@ -78,7 +74,7 @@ def _routed(conn: Connection, parser: HelloParser, hello: Hello) -> None:
         conn.tls_info = _record(hello.sni, None)
         _metric(conn, "sni_refused")
         _send_alert(conn, UNRECOGNIZED_NAME)
-        conn._finish("deny", "sni_refused", detail=(
+        conn.refuse("sni_refused", (
             "the ClientHello has no SNI (strict_sni)" if hello.sni is None else
             f"SNI {hello.sni!r} matches no route (strict_sni)"))
         return
@@ -88,7 +84,7 @@ def _routed(conn: Connection, parser: HelloParser, hello: Hello) -> None:
     lst.count_route(upstream.name)
     raw = bytes(parser.raw)
     parser.release()
-    conn._authorize(raw)
+    conn.routed(raw)
 
 
 def denied(conn: Connection) -> None:
@@ -102,7 +98,7 @@ def _refuse_hello(conn: Connection, exc: HelloError) -> None:
     _metric(conn, exc.reason)
     if exc.alert is not None:
         _send_alert(conn, exc.alert)
-    conn._finish("error", exc.reason, detail=f"{conn._peer_text()} sent {exc}")
+    conn.refuse(exc.reason, f"{conn._peer_text()} sent {exc}")
 
 
 def _send_alert(conn: Connection, description: int) -> None:

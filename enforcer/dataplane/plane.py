@@ -400,7 +400,6 @@ class DataPlane:
         return len(self.active) > self.max_connections
 
     def connection_closed(self, conn: Connection, record: dict[str, Any]) -> None:
-        self.limit_gate.release(conn)
         self.cert_watch.closed(conn)
         if conn in self.active:
             self.active.discard(conn)

@@ -1,23 +1,25 @@
 """An egress listener's part of one connection: the SOCKS5 or CONNECT exchange, the
 login check, and the reply that tells the client how its request ended.
 
-How it works. The connection calls four hooks; everything else is here:
+How it works. The request is a step of the connection's AUTHORIZE stage that the
+lifecycle core (lifecycle.py) knows: on an egress listener, after the PROXY header and
+the TLS handshake (so the client's certificate is known), the core arms
+``egress.request_timeout`` and asks for ``start_request`` before the policy. The
+connection then calls:
 
-- ``negotiate(conn, data, proceed)`` when the connection would authorize (after the
-  PROXY header and the TLS handshake, so the client's certificate is known): creates the
-  session, starts the request timer (``egress.request_timeout``), and feeds the bytes.
-  It returns the bytes after the request once the request is complete (the connection
-  then authorizes it), else None;
-- ``EgressSession.feed(data)`` for each later client byte (plaintext, after TLS) until
-  the request is complete; when that happens later (after a login checked in a thread),
-  ``proceed(rest)`` continues the connection;
+- ``EgressSession(conn, rt, proceed)`` on ``start_request``;
+- ``EgressSession.feed(data)`` for each client byte (plaintext, after TLS) until the
+  request is complete: it returns the bytes after the request then, else None; when that
+  happens later (after a login checked in a thread), ``proceed(rest)`` continues the
+  connection (which tells the core ``request_done``: the policy decides);
 - ``EgressSession.established()`` once the upstream is connected and the decision is
   allow: the success reply (SOCKS5 0x00 with the bound address, or ``200 Connection
   established``), before any byte is relayed;
 - ``EgressSession.closing(action, reason)`` from the connection's ``_finish``: if the
   client got no reply yet, the refusal that fits (policy deny: SOCKS5 0x02 / 403;
   resolve failure or EHOSTUNREACH: 0x04 / 502; ECONNREFUSED: 0x05 / 502; ENETUNREACH:
-  0x03 / 502; a connect timeout: 0x06 / 504; anything else 0x01 / 502).
+  0x03 / 502; a connect timeout: 0x06 / 504; anything else 0x01 / 502). The core's
+  ``request_timeout`` closes with ``egress_timeout``: the refusal is sent from here too.
 
 When the request is complete the destination becomes the connection's ``original_dst``
 (so facts, connect and the flow record treat it as a transparent listener's destination)
@@ -26,8 +28,8 @@ the dialer only after policy allowed it.
 
 A refused handshake (bad version, no acceptable method, wrong login, BIND, a malformed
 or oversized request, silence past the timeout) gets its reply where the protocol has
-one, and closes with reason ``egress_<reason>``, counted in
-``enforcer_egress_handshake_errors_total``.
+one, and closes with reason ``egress_<reason>`` (``Connection.refuse``; each is in
+lifecycle.REASONS), counted in ``enforcer_egress_handshake_errors_total``.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def make_runtime(listener: str, protocol: str, cfg: EgressConfig, metrics: Any) 
 
 class EgressSession:
     __slots__ = ("auth_task", "conn", "done", "errno", "held", "host", "http", "port", "proceed",
-                 "replied", "rt", "socks", "timer", "user")
+                 "replied", "rt", "socks", "user")
 
     def __init__(self, conn: Connection, rt: EgressRuntime, proceed: Proceed) -> None:
         self.conn: Connection | None = conn
@@ -97,8 +99,6 @@ class EgressSession:
         self.errno: int | None = None  # of a failed upstream connect
         self.auth_task: asyncio.Task[None] | None = None
         self.held = bytearray()  # http_connect: client bytes that came during a login check
-        self.timer: asyncio.TimerHandle | None = conn.loop.call_later(
-            rt.cfg.request_timeout, self._timeout)
 
     # ------------------------------------------------------------------ client bytes
     def feed(self, data: bytes | memoryview) -> bytes | None:
@@ -215,9 +215,6 @@ class EgressSession:
     # ------------------------------------------------------------------ outcome
     def _request(self, host: str, port: int) -> None:
         self.host, self.port, self.done = host, port, True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.conn is not None:
             self.conn.original_dst = (host, port)
 
@@ -237,10 +234,11 @@ class EgressSession:
 
     def closing(self, action: str, reason: str) -> None:
         """The connection ends: the client's refusal if it has no reply yet."""
-        for handle in (self.timer, self.auth_task):
-            if handle is not None:
-                handle.cancel()
-        self.timer = self.auth_task = None
+        if self.auth_task is not None:
+            self.auth_task.cancel()
+            self.auth_task = None
+        if reason == "egress_timeout" and not self.replied:
+            self._timed_out()
         if not self.done and not self.replied and reason == "client_closed":
             self._count("truncated")
         if self.done and not self.replied:
@@ -263,13 +261,13 @@ class EgressSession:
             reason, f"cannot connect to {where}")
         return httpconnect.response(502, what)
 
-    def _timeout(self) -> None:
-        self.timer = None
-        if self.done or self.conn is None:
-            return
-        message = f"no complete request within {self.rt.cfg.request_timeout:g} s"
-        reply = None if self.socks is not None else httpconnect.response(408, message)
-        self._refuse("timeout", message, reply)
+    def _timed_out(self) -> None:
+        """egress.request_timeout passed (the core's timer): the refusal, if any."""
+        self.replied = True
+        self._count("timeout")
+        if self.http is not None:
+            message = f"no complete request within {self.rt.cfg.request_timeout:g} s"
+            self._send(httpconnect.response(408, message))
 
     def _refuse(self, reason: str, message: str, reply: bytes | None) -> None:
         conn = self.conn
@@ -278,7 +276,7 @@ class EgressSession:
         if reply is not None:
             self._send(reply)
         if conn is not None:
-            conn._fail(f"egress_{reason}", f"{self.rt.protocol}: {message}")
+            conn.refuse(f"egress_{reason}", f"{self.rt.protocol}: {message}")
 
     def _count(self, reason: str) -> None:
         self.rt.errors.labels(listener=self.rt.listener, protocol=self.rt.protocol,
@@ -301,14 +299,3 @@ def _errno_of(reason: str, code: int | None) -> int | None:
         return errno.ETIMEDOUT
     return code
 
-
-def negotiate(conn: Connection, data: bytes, proceed: Proceed) -> bytes | None:
-    """The connection's authorize step on an egress listener: see the module comment."""
-    session = conn.egress
-    if session is None:
-        rt = conn.listener.egress
-        assert rt is not None
-        session = conn.egress = EgressSession(conn, rt, proceed)
-    if session.done:
-        return data
-    return session.feed(data)

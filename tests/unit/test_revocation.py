@@ -71,8 +71,7 @@ class _Conn:
         self.listener = type("L", (), {"name": "in", "cfg": type("C", (), {"tls": tls})()})()
         self.closed: list[str] = []
 
-    def close_with(self, action: str, reason: str, detail: str, decision: object = None, *,
-                   abort: bool = False) -> None:
+    def certificate_closed(self, reason: str, detail: str) -> None:
         self.closed.append(reason)
 
 
@@ -93,17 +92,17 @@ async def test_certwatch_checks_the_crl_in_use_and_sweeps_expiry() -> None:
     watch = CertWatch(metrics, {"mesh": material})  # type: ignore[dict-item]
     tls = ListenerTlsConfig(material="mesh", close_on_revocation=True, close_on_expiry=True)
     late = _Conn(ident, tls)
-    assert not watch.authenticated(late)  # type: ignore[arg-type]
-    assert late.closed == ["revoked"] and watch.by_identity == {}
+    refused = watch.authenticated(late)  # type: ignore[arg-type]
+    assert refused is not None and refused[0] == "revoked" and watch.by_identity == {}
     kept = _Conn(good_ident, tls)
-    assert watch.authenticated(kept)  # type: ignore[arg-type]
+    assert watch.authenticated(kept) is None  # type: ignore[arg-type]
     assert watch.timer is not None and watch.timer_at == good_ident.not_after.timestamp()
     assert watch.expire(now=good_ident.not_after.timestamp() - 1) == 0
     assert watch.expire(now=good_ident.not_after.timestamp()) == 1
     assert kept.closed == ["peer_certificate_expired"]
     off = _Conn(ident, dataclasses.replace(tls, close_on_revocation=False,
                                            close_on_expiry=False))
-    assert watch.authenticated(off) and off.closed == []  # type: ignore[arg-type]
+    assert watch.authenticated(off) is None and off.closed == []  # type: ignore[arg-type]
     assert metrics.registry.get_sample_value("enforcer_certificate_closes_total",
                                              {"listener": "in", "reason": "revoked"}) == 1
     watch.stop()

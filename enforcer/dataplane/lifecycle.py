@@ -1,0 +1,487 @@
+"""The connection lifecycle as a pure state machine: events in, commands out.
+
+How it works. A ``Lifecycle`` holds one connection's stage and the little state the rules
+need (the decision, which side finished first, held EOFs, armed timers, last activity).
+The I/O layer (connection.py, the native pump behind it) turns what happens on sockets,
+timers, the policy and the process into ``Event``s and passes them to ``handle``, which
+looks the (stage, event) pair up in the transition table (lifecycle_table.py, copied into
+docs/design.md), runs the named outcome and returns the ``Command``s to execute, in order:
+arm or cancel a timer, start a TLS handshake, ask the policy, connect, route bytes (parse,
+hold, forward), shut one direction, close, write the flow record. A pair missing from the
+table is an impossible event: ``LifecycleError``, never a silent guard.
+
+It does no I/O, reads no clock (times come in the events) and imports nothing from the
+data plane, so every rule is tested without sockets (tests/unit/test_lifecycle.py).
+Parsing stays in its own sans-IO code (proxyproto's HeaderParser, detect.py, the TLS
+engine): their verdicts come back as events (``proxy_done``, ``fail``, ...).
+
+Invariants (checked by a property test): nothing is forwarded and the relay does not start
+before the policy allowed the connection; every connection that ends emits exactly one
+``record`` command; after CLOSED no event yields a command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, NamedTuple
+
+from enforcer.dataplane.lifecycle_table import (  # the close reasons' data, re-exported
+    CERT_CLOSES,
+    KEEP_SOCKETS,
+    PROXY_PREFIX,
+    REASONS,
+    RESETTING,
+    SOCKET_ERRORS,
+    TIMERS,
+    parse,
+)
+
+
+class Stage(IntEnum):
+    ACCEPTED = 0
+    PROXY = 1
+    DETECT = 2
+    HANDSHAKE = 3
+    AUTHORIZE = 4
+    CONNECT = 5
+    UPSTREAM_TLS = 6
+    RELAY = 7
+    HALF_CLOSED = 8  # one direction ended (Lifecycle.first_eof says which)
+    CLOSED = 9
+
+
+class LifecycleError(Exception):
+    """An event that cannot happen in the current stage: a bug in the I/O layer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the listener's and upstream's configuration say about this connection."""
+
+    proxy: bool = False  # a PROXY header is read (proxy_protocol.accept is not off)
+    proxy_timeout: float = 5.0
+    proxy_silence: float = 0.0  # accept optional, tls auto: a client this silent sends no
+    # header and is plaintext (detect.proxy_silence; 0: wait for proxy_timeout)
+    tls: str = "off"  # tls.mode: off | auto | terminate | passthrough
+    detect_timeout: float = 0.0
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    close_timeout: float = 5.0
+    max_lifetime: float = 0.0  # 0: none
+    timeout_rst: bool = False  # limits.timeout_close: rst
+    upstream_tls: bool = False
+    open_events: bool = False  # flow_log.open_events
+    egress_timeout: float = 0.0  # egress listeners: egress.request_timeout (0: not one)
+
+
+class Event(NamedTuple):  # a NamedTuple: cheap to make (one per chunk on the Python relay)
+    kind: str  # a row of the table
+    now: float = 0.0  # the caller's monotonic clock
+    reason: str = ""  # fail, cert_revoked: the close reason; *_error: reset | closed | ...
+    detail: str | None = None
+    allow: bool | None = None  # decision: True allow, False deny, None not decidable yet
+    flag: bool = False  # detect_timeout: bytes wait unread; relay_started: native pump
+    last_active: float | None = None  # idle_timeout from the native pump's tick
+
+
+class Command(NamedTuple):
+    kind: str  # see COMMANDS
+    side: str | None = None  # client | upstream
+    timer: str | None = None  # slot: stage | idle | close | life
+    delay: float = 0.0
+    reason: str = ""  # start_timer: the event it fires; close/record: the close reason
+    action: str = ""  # close, record: allow | deny | error
+    detail: str | None = None
+    abort: bool = False  # close: drop unsent bytes
+    reset: bool = False  # close: RST (SO_LINGER 0)
+    stage: Stage = Stage.ACCEPTED  # close/record: the stage reached
+    event: str = "flow"  # record: flow | open
+
+
+COMMANDS: Final = ("start_timer", "cancel_timer", "start_tls", "start_peek", "start_request",
+                   "decide", "connect", "start_upstream_tls", "start_relay", "parse_proxy",
+                   "proxy_eof", "detect", "peek", "request", "handshake", "upstream_handshake",
+                   "hold", "forward", "shut_write", "close", "record")
+
+TABLE: Final = {(Stage[stage], event): outcome for (stage, event), outcome in parse().items()}
+# the same, as one row per stage indexed by its number (no enum hashing per event)
+_ROWS: Final = [{event: outcome for (s, event), outcome in TABLE.items() if s == stage}
+                for stage in Stage]
+
+OTHER: Final = {"client": "upstream", "upstream": "client"}
+_FORWARD: Final = {side: [Command("forward", side=other)] for side, other in OTHER.items()}
+
+
+class Lifecycle:
+    """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
+
+    __slots__ = ("asked", "decision", "early", "ended", "first_eof", "held_eof",
+                 "last_active", "native", "native_ok", "out", "plan", "record", "requested",
+                 "stage", "timers")
+
+    def __init__(self, plan: Plan, now: float) -> None:
+        self.plan = plan
+        self.stage = Stage.ACCEPTED
+        self.decision: bool | None = None  # True once allowed
+        self.asked = False  # the policy was asked after the upstream (rules on its identity)
+        self.early = False  # a plaintext upstream spoke before the relay started
+        self.requested = False  # egress: the client's SOCKS5/CONNECT request is complete
+        self.held_eof: set[str] = set()  # EOFs held until the relay starts
+        self.first_eof: str | None = None  # client | upstream: who finished first
+        self.ended = False  # both directions ended; the native pump still sends
+        self.native = False  # the native pump relays
+        self.native_ok = False  # start_relay allowed a hand-over to the pump
+        self.last_active = now
+        self.timers: dict[str, str] = {}  # armed slot -> the event it fires
+        self.record: tuple[str, str, str | None, Stage] | None = None  # how it closed
+        self.out: list[Command] = []
+
+    @property
+    def relaying(self) -> bool:
+        return self.stage in (Stage.RELAY, Stage.HALF_CLOSED)
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, ev: Event) -> list[Command]:
+        outcome = _ROWS[self.stage].get(ev.kind)
+        if outcome is None:
+            raise LifecycleError(f"event {ev.kind} cannot happen in stage {self.stage.name}")
+        if outcome == "-":
+            return []
+        if outcome == "fwd":  # the hot path: no list is built
+            return self._fwd(ev)
+        if ev.kind in TIMERS:
+            self._fired(ev)
+        out: list[Command] = []
+        self.out = out
+        OUTCOMES[outcome](self, ev)
+        self.out = []
+        return out
+
+    def _fired(self, ev: Event) -> None:
+        slot = TIMERS[ev.kind][0]
+        if ev.kind == "idle_timeout" and self.native:
+            return  # the pump's tick: no timer of its own
+        if self.timers.get(slot) != ev.kind:
+            raise LifecycleError(f"timer {ev.kind} fired but was not armed")
+        del self.timers[slot]
+
+    # ------------------------------------------------------------------ helpers
+    def _cmd(self, kind: str, **fields: object) -> None:
+        self.out.append(Command(kind, **fields))  # type: ignore[arg-type]
+
+    def _arm(self, slot: str, event: str, delay: float) -> None:
+        self.timers[slot] = event
+        self._cmd("start_timer", timer=slot, reason=event, delay=delay)
+
+    def _disarm(self, slot: str) -> None:
+        if self.timers.pop(slot, None) is not None:
+            self._cmd("cancel_timer", timer=slot)
+
+    def _close(self, action: str, reason: str, detail: str | None = None, *,
+               abort: bool = False, reset: bool = False) -> None:
+        reached = self.stage
+        for slot in list(self.timers):
+            self._disarm(slot)
+        self.stage = Stage.CLOSED
+        self.record = (action, reason, detail, reached)
+        self._cmd("close", reason=reason, action=action, abort=abort, reset=reset,
+                  stage=reached)
+        self._cmd("record", action=action, reason=reason, detail=detail, stage=reached)
+
+    def _fail(self, reason: str, detail: str | None) -> None:
+        if reason.startswith(PROXY_PREFIX):
+            action, abort = "error", True
+        elif reason in REASONS:
+            action, abort = REASONS[reason]
+        else:
+            raise LifecycleError(f"unknown close reason {reason!r}")
+        self._close(action, reason, detail, abort=abort)
+
+    @property
+    def egress(self) -> bool:
+        return self.plan.egress_timeout > 0
+
+    def _authorize(self) -> None:
+        self.stage = Stage.AUTHORIZE
+        if self.egress and not self.requested:  # the client's request names the destination
+            self._arm("stage", "request_timeout", self.plan.egress_timeout)
+            self._cmd("start_request")
+            return
+        self._cmd("decide")
+
+    def _after_proxy(self) -> None:
+        plan = self.plan
+        if plan.tls == "off":
+            self._disarm("stage")
+            self._authorize()
+        elif plan.tls == "auto":
+            if plan.detect_timeout > 0:  # a silent client is plaintext after this
+                self._arm("stage", "detect_timeout", plan.detect_timeout)
+            else:
+                self._arm("stage", "handshake_timeout", plan.handshake_timeout)
+            self.stage = Stage.DETECT
+        elif plan.tls == "passthrough":  # the ClientHello is read, not answered
+            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
+            self.stage = Stage.DETECT
+            self._cmd("start_peek")
+        else:  # terminate
+            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
+            self.stage = Stage.HANDSHAKE
+            self._cmd("start_tls")
+
+    def _enter_relay(self) -> None:
+        if self.decision is None:  # rules on the upstream's identity: decide now
+            self.asked = True
+            self._cmd("decide")
+            return
+        self.stage = Stage.RELAY
+        self.native_ok = not self.held_eof  # the pump takes only a clean start
+        self._cmd("start_relay", reason="native_ok" if self.native_ok else "")
+
+    def _timeout_close(self, reason: str, detail: str | None) -> None:
+        action = "allow" if self.relaying else "error"
+        detail = detail or f"{reason.replace('_', ' ')} reached"
+        if reason in RESETTING and self.plan.timeout_rst:
+            self._close(action, f"{reason}_rst", f"{detail}; both sockets reset "
+                        "(limits.timeout_close: rst)", abort=True, reset=True)
+            return
+        self._close(action, reason, detail, abort=reason not in KEEP_SOCKETS)
+
+    def _eof_in_relay(self, side: str) -> None:
+        if self.stage == Stage.RELAY:
+            self.first_eof = side
+            self._cmd("shut_write", side=OTHER[side])
+            self.stage = Stage.HALF_CLOSED
+            self._arm("close", "close_timeout", self.plan.close_timeout)
+            return
+        if side == self.first_eof or self.ended:
+            raise LifecycleError(f"a second EOF from the {side}")
+        self._cmd("shut_write", side=OTHER[side])
+        if self.native:
+            self.ended = True  # the pump reports done once both ends have their bytes
+            return
+        self._close("allow", f"{self.first_eof}_fin")
+
+    # ------------------------------------------------------------------ outcomes
+    def _begin(self, ev: Event) -> None:
+        if self.plan.max_lifetime > 0:
+            self._arm("life", "max_lifetime", self.plan.max_lifetime)
+        if self.plan.proxy:
+            self.stage = Stage.PROXY
+            if self.plan.proxy_silence > 0:
+                self._arm("stage", "proxy_silence", self.plan.proxy_silence)
+            else:
+                self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
+            return
+        self._after_proxy()
+
+    def _after(self, ev: Event) -> None:
+        self._after_proxy()
+
+    def _tls(self, ev: Event) -> None:
+        if self.plan.detect_timeout > 0:
+            self._arm("stage", "handshake_timeout", self.plan.handshake_timeout)
+        self.stage = Stage.HANDSHAKE
+        self._cmd("start_tls")
+
+    def _plain(self, ev: Event) -> None:
+        self._disarm("stage")
+        self._authorize()
+
+    def _decided(self, ev: Event) -> None:
+        if (self.stage != Stage.AUTHORIZE and (not self.asked or ev.allow is None)) \
+                or (self.egress and not self.requested):
+            raise LifecycleError(f"a decision in {self.stage.name} that was not asked for")
+        self.asked = False
+        if ev.allow is False:
+            self._close("deny", "denied", ev.detail)
+            return
+        self.decision = ev.allow
+        if self.stage != Stage.AUTHORIZE:
+            self._enter_relay()
+            return
+        self.stage = Stage.CONNECT
+        self._arm("stage", "connect_timeout", self.plan.connect_timeout)
+        self._cmd("connect")
+
+    def _upready(self, ev: Event) -> None:
+        self._disarm("stage")
+        if not self.plan.upstream_tls:
+            self._enter_relay()
+            return
+        self.stage = Stage.UPSTREAM_TLS
+        self._arm("stage", "upstream_tls_timeout", self.plan.handshake_timeout)
+        self._cmd("start_upstream_tls")
+
+    def _relay(self, ev: Event) -> None:
+        self._disarm("stage")
+        self._enter_relay()
+
+    def _started(self, ev: Event) -> None:
+        if ev.flag and not self.native_ok:
+            raise LifecycleError("the native pump took a connection with a held EOF")
+        self.native = ev.flag
+        for side in ("client", "upstream"):
+            if side in self.held_eof and self.relaying:
+                self.held_eof.discard(side)
+                self._eof_in_relay(side)
+        if not self.relaying:
+            return
+        if not self.native:
+            self._arm("idle", "idle_timeout", self.plan.idle_timeout)
+        if self.plan.open_events:
+            self._cmd("record", action="allow", stage=Stage.RELAY, event="open")
+
+    def _data(self, kind: str, ev: Event) -> None:
+        self.last_active = ev.now
+        self._cmd(kind, side=ev.kind.split("_", 1)[0])
+
+    def _parse(self, ev: Event) -> None:
+        self._data("parse_proxy", ev)
+
+    def _detect(self, ev: Event) -> None:
+        self._data("peek" if self.plan.tls == "passthrough" else "detect", ev)
+
+    def _routed(self, ev: Event) -> None:
+        if self.plan.tls != "passthrough":
+            raise LifecycleError("a ClientHello routed on a listener without passthrough")
+        self._plain(ev)
+
+    def _request(self, ev: Event) -> None:
+        if not self.egress or self.requested:
+            raise LifecycleError("client bytes in AUTHORIZE without a request to read")
+        self._data("request", ev)
+
+    def _requested(self, ev: Event) -> None:
+        if not self.egress or self.requested:
+            raise LifecycleError("an egress request that was not being read")
+        self.requested = True
+        self._disarm("stage")
+        self._cmd("decide")
+
+    def _shake(self, ev: Event) -> None:
+        self._data("handshake", ev)
+
+    def _upshake(self, ev: Event) -> None:
+        self._data("upstream_handshake", ev)
+
+    def _hold(self, ev: Event) -> None:
+        self._data("hold", ev)
+
+    def _early(self, ev: Event) -> None:
+        if self.plan.upstream_tls:
+            self._fail("upstream_tls_failed", ev.detail)
+            return
+        self.early = True
+        self._data("hold", ev)
+
+    def _fwd(self, ev: Event) -> list[Command]:
+        side = "client" if ev.kind == "client_data" else "upstream"
+        if side == self.first_eof or self.ended:
+            return []  # a TLS peer's bytes after its close_notify: OpenSSL drops them too
+        self.last_active = ev.now
+        return _FORWARD[side]
+
+    def _proxyeof(self, ev: Event) -> None:
+        self._cmd("proxy_eof", side="client")
+
+    def _closed(self, ev: Event) -> None:
+        when = "during the TLS handshake" if self.stage == Stage.HANDSHAKE \
+            else "before the relay started"
+        self._close("error", "client_closed", f"the client closed {when}")
+
+    def _defer(self, ev: Event) -> None:
+        side = "client" if ev.kind == "client_eof" else "upstream"
+        if side in self.held_eof:
+            raise LifecycleError(f"a second EOF from the {side}")
+        self.held_eof.add(side)
+
+    def _updefer(self, ev: Event) -> None:
+        if self.early:
+            self._defer(ev)
+            return
+        self._close("error", "upstream_closed", "the upstream closed before the relay started")
+
+    def _uptls(self, ev: Event) -> None:
+        self._fail("upstream_tls_failed", "the upstream closed during the TLS handshake")
+
+    def _half(self, ev: Event) -> None:
+        self._eof_in_relay("client" if ev.kind == "client_eof" else "upstream")
+
+    def _done(self, ev: Event) -> None:
+        if not self.ended:
+            raise LifecycleError("the pump reported done before both directions ended")
+        self._close("allow", f"{self.first_eof}_fin")
+
+    def _lost(self, ev: Event) -> None:
+        who = "client" if ev.kind == "client_error" else "upstream"
+        if ev.reason not in SOCKET_ERRORS:
+            raise LifecycleError(f"unknown socket error {ev.reason!r}")
+        reason, action, abort = SOCKET_ERRORS[ev.reason]
+        action = action or ("allow" if self.relaying else "error")
+        self._close(action, reason.format(who=who), ev.detail, abort=abort)
+
+    def _failed(self, ev: Event) -> None:
+        self._fail(ev.reason, ev.detail)
+
+    def _timeout(self, ev: Event) -> None:
+        self._timeout_close(TIMERS[ev.kind][1], ev.detail)
+
+    def _quiet(self, ev: Event) -> None:
+        if ev.flag:  # the client started to send (held or unread): the full PROXY timeout
+            self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
+            return
+        self._authorize()  # no header and no TLS: plaintext, the server speaks first
+
+    def _silent(self, ev: Event) -> None:
+        if ev.flag:  # bytes wait unread: a late loop turn, not a silent client
+            self._arm("stage", "detect_timeout", self.plan.handshake_timeout)
+            return
+        self._authorize()  # the client said nothing: plaintext, the server speaks first
+
+    def _idle(self, ev: Event) -> None:
+        if self.native and ev.last_active is None:
+            raise LifecycleError("an idle check of a pumped connection without its activity")
+        last = ev.last_active if self.native and ev.last_active is not None \
+            else self.last_active
+        idle = ev.now - last
+        if idle >= self.plan.idle_timeout:
+            self._timeout_close("idle_timeout", ev.detail)
+        elif not self.native:
+            self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle)
+
+    def _drain(self, ev: Event) -> None:
+        action = "allow" if self.relaying else "error"
+        self._close(action, "drain", "closed at the end of the drain", abort=True)
+
+    def _revoke(self, ev: Event) -> None:
+        if self.decision is not True:
+            raise LifecycleError("a revocation of a connection that was not allowed")
+        self._close("deny", "policy_reload", "denied after a ruleset reload", abort=True)
+
+    def _cert(self, ev: Event) -> None:
+        if ev.reason not in CERT_CLOSES:
+            raise LifecycleError(f"unknown certificate close reason {ev.reason!r}")
+        self._fail(ev.reason, ev.detail)
+
+    def _internal(self, ev: Event) -> None:
+        self._close("error", "internal_error", ev.detail, abort=True)
+
+
+OUTCOMES: Final = {
+    "begin": Lifecycle._begin, "after": Lifecycle._after, "tls": Lifecycle._tls,
+    "plain": Lifecycle._plain, "authz": Lifecycle._plain, "decided": Lifecycle._decided,
+    "upready": Lifecycle._upready, "relay": Lifecycle._relay, "started": Lifecycle._started,
+    "parse": Lifecycle._parse, "detect": Lifecycle._detect, "shake": Lifecycle._shake,
+    "upshake": Lifecycle._upshake, "hold": Lifecycle._hold, "early": Lifecycle._early,
+    "proxyeof": Lifecycle._proxyeof, "closed": Lifecycle._closed, "defer": Lifecycle._defer,
+    "updefer": Lifecycle._updefer, "uptls": Lifecycle._uptls, "half": Lifecycle._half,
+    "fin": Lifecycle._half, "done": Lifecycle._done, "lost": Lifecycle._lost,
+    "fail": Lifecycle._failed, "timeout": Lifecycle._timeout, "silent": Lifecycle._silent,
+    "idle": Lifecycle._idle, "drain": Lifecycle._drain, "revoke": Lifecycle._revoke,
+    "internal": Lifecycle._internal, "routed": Lifecycle._routed,
+    "request": Lifecycle._request, "ask": Lifecycle._requested, "cert": Lifecycle._cert,
+    "quiet": Lifecycle._quiet,
+}
