@@ -37,6 +37,7 @@ from tests.e2e.harness import (
     sha,
     wait_until,
 )
+from tests.e2e.tls_util import read_over_bio
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=native.unavailable_reason())
 
@@ -93,17 +94,7 @@ class Client:
         await self.flush()
 
     async def receive(self, n: int) -> bytes:
-        got = bytearray()
-        while len(got) < n:
-            try:
-                got += self.tls.read(n - len(got))
-                continue
-            except ssl.SSLWantReadError:
-                pass
-            data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), 5)
-            assert data, "the connection ended"
-            self.incoming.write(data)
-        return bytes(got)
+        return await read_over_bio(self.tls, self.incoming, self.sock, n, "the connection ended")
 
     # -- records of our own making -------------------------------------------------------
     def take_over(self) -> None:

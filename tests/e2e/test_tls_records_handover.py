@@ -24,6 +24,7 @@ import pytest
 from enforcer.dataplane import native
 from tests.e2e.harness import Enforcer, outbound_cfg, random_bytes, running, sha, wait_until
 from tests.e2e.test_tls_records import _pumps
+from tests.e2e.tls_util import read_over_bio
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=native.unavailable_reason())
 
@@ -65,17 +66,7 @@ class Server:
         await self.loop.sock_sendall(self.sock, data)
 
     async def receive(self, n: int) -> bytes:
-        got = bytearray()
-        while len(got) < n:
-            try:
-                got += self.tls.read(n - len(got))
-                continue
-            except ssl.SSLWantReadError:
-                pass
-            data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), 5)
-            assert data, "the outbound ended the connection"
-            self.incoming.write(data)
-        return bytes(got)
+        return await read_over_bio(self.tls, self.incoming, self.sock, n, "the outbound ended the connection")
 
 
 @pytest.mark.parametrize("cut", [5, 1, 4, 6], ids=lambda c: f"{c}_bytes_of_the_record")

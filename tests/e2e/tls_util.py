@@ -344,3 +344,21 @@ def openssl_issued(pki: Any, out: Path, serial: str, *,
                     "-copy_extensions", "copy", "-out", str(cert)],
                    check=True, capture_output=True)
     return IssuedPaths(cert=cert, key=key, ca=pki.ca)
+
+
+async def read_over_bio(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, sock: socket.socket,
+                        n: int, ended: str) -> bytes:
+    """N plaintext bytes from a memory-BIO TLS object fed from a non-blocking socket; the
+    peer closing first fails with ``ended``."""
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < n:
+        try:
+            got += tls.read(n - len(got))
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        assert data, ended
+        incoming.write(data)
+    return bytes(got)
