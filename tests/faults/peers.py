@@ -5,6 +5,7 @@ blocking client that checks what came back by sha256."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -170,6 +171,34 @@ def echo_roundtrip(sock: socket.socket, addr: tuple[str, int], payload: bytes,
     sender.join(timeout)
     if sender_error:
         raise sender_error[0]
+    return bytes(got)
+
+
+def closed_on_arrival(sock: socket.socket, addr: tuple[str, int], payload: bytes,
+                      timeout: float = 30) -> bytes:
+    """Connect and send ``payload`` to a proxy expected to close without answering.
+
+    Returns every byte that came back. The proxy may close before the payload is
+    written or half-closed; the reset that unread bytes cause is how it ends, not
+    an error, so ENOTCONN/ECONNRESET/EPIPE on our side end the exchange quietly.
+    """
+    sock.settimeout(timeout)
+    sock.connect(addr)
+    got = bytearray()
+    with sock:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+        try:
+            while data := sock.recv(CHUNK):
+                got += data
+        except ConnectionResetError:
+            pass
     return bytes(got)
 
 

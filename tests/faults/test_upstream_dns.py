@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.proc import write_config
 from tests.faults.netns import hosts
-from tests.faults.peers import Backend, NsEnforcer, echo_roundtrip, http_get, sha
+from tests.faults.peers import Backend, NsEnforcer, closed_on_arrival, echo_roundtrip, http_get, sha
 
 pytestmark = [pytest.mark.faults]
 
@@ -78,7 +78,7 @@ def test_dead_addresses_and_a_name_that_stops_resolving(tmp_path: Path,
                        for ip in (dead_ip, refusing_ip)) == 2
 
             etc_hosts.write_text("127.0.0.1 localhost\n")  # the name stops resolving
-            got = echo_roundtrip(proxy.socket(), ("127.0.0.1", port), b"anyone?", timeout=30)
+            got = closed_on_arrival(proxy.socket(), ("127.0.0.1", port), b"anyone?")
             assert got == b""
             rec = enf.wait_records(13)[-1]
             assert (rec["action"], rec["close"]) == ("error", "upstream_resolve_failed")
