@@ -289,6 +289,19 @@ class Connection:
         self._feed(Event("accept"))
 
     def _plan(self) -> Plan:
+        """What the configuration says about this connection: made once per listener and
+        upstream (runtimes are replaced, not changed, on reload), not per connection."""
+        up = self.up_rt
+        key = (up, up.client_ctx is not None)
+        plans = self.listener.plans
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) >= 8:  # mesh upstreams replaced by reloads: keep the map small
+                plans.clear()
+            plan = plans[key] = self._make_plan()
+        return plan
+
+    def _make_plan(self) -> Plan:
         lst, limits = self.listener.cfg, self.listener.limits
         pp = lst.proxy_protocol
         return Plan(proxy=pp.accept != "off", proxy_timeout=pp.timeout, tls=lst.tls.mode,

@@ -74,6 +74,8 @@ class ListenerRuntime:
     # rule, action): enforcer_policy_decisions_total
     sni_router: SniRouter[UpstreamRuntime] | None = None  # tls.mode passthrough
     routed: dict[str, Any] = field(default_factory=dict)  # enforcer_passthrough_routed_total
+    # the lifecycle core's Plan by (upstream runtime, upstream TLS): see Connection._plan
+    plans: dict[tuple[UpstreamRuntime, bool], Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
