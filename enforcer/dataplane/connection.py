@@ -56,6 +56,7 @@ from enforcer.dataplane.connutil import has_unread as _has_unread
 from enforcer.dataplane.connutil import header_flow_id as _header_flow_id
 from enforcer.dataplane.lifecycle import Command, Event, Lifecycle, Plan, Stage
 from enforcer.dataplane.lifecycle_table import TIMERS
+from enforcer.dataplane.lifecycle_table import events as lifecycle_events
 from enforcer.dataplane.limitgate import denial
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
@@ -90,6 +91,11 @@ UPSTREAM_ERRORS: Final = {"upstream_tls_failed": "tls_handshake",
                           "upstream_connect_timeout": "connect_timeout",
                           "upstream_tls_timeout": "tls_timeout"}
 _NO_PLAN: Final = Plan()
+_CLOSED: Final = Stage.CLOSED
+# the events that carry nothing but their kind, made once
+_EVENTS: Final = {kind: Event(kind) for kind in lifecycle_events()}
+_PUMPED: Final = Event("relay_started", flag=True)  # the native pump took the relay
+_CONNECT: Final = Stage.CONNECT
 _warned = connutil._warned  # the out-of-descriptors warning's rate limit (tests set it)
 WARN_EVERY: Final = connutil.WARN_EVERY
 
@@ -151,34 +157,42 @@ class Connection:
     # ===================================================================== the core
     def _feed(self, ev: Event) -> None:
         """Pass an event to the lifecycle core and execute what it answers."""
-        cmds = self.core.handle(ev)
-        closing = any(cmd.kind == "close" for cmd in cmds)
+        core = self.core
+        cmds = core.handle(ev)
+        # only a close command ends in CLOSED (and a closed core answers nothing)
+        closing = core.stage is _CLOSED
         for cmd in cmds:
-            if self.core.stage == Stage.CLOSED and not closing:
+            if not closing and core.stage is _CLOSED:
                 return  # an event raised by an earlier command closed the connection
-            self._run(cmd)
+            run = _RUN.get(cmd.kind)
+            if run is None:
+                raise RuntimeError(f"lifecycle command {cmd.kind} without bytes to act on")
+            run(self, cmd)
 
     def _run(self, cmd: Command) -> None:
-        kind = cmd.kind
-        if kind == "start_timer":
-            self._cancel_timer(cmd.timer)
-            assert cmd.timer is not None
-            self.timers[cmd.timer] = self.loop.call_later(cmd.delay, self._fire, cmd.reason)
-        elif kind == "cancel_timer":
-            self._cancel_timer(cmd.timer)
-        elif kind == "shut_write":
-            side = self.client if cmd.side == "client" else self.upstream
-            assert side is not None
-            side.send_eof()
-        elif kind in _RUN:
-            _RUN[kind](self, cmd)
-        else:
-            raise RuntimeError(f"lifecycle command {kind} without bytes to act on")
+        run = _RUN.get(cmd.kind)
+        if run is None:
+            raise RuntimeError(f"lifecycle command {cmd.kind} without bytes to act on")
+        run(self, cmd)
 
-    def _cancel_timer(self, slot: str | None) -> None:
-        handle = self.timers.pop(slot or "", None)
+    def _start_timer(self, cmd: Command) -> None:
+        slot = cmd.timer
+        assert slot is not None
+        timers = self.timers
+        old = timers.get(slot)
+        if old is not None:
+            old.cancel()
+        timers[slot] = self.loop.call_later(cmd.delay, self._fire, cmd.reason)
+
+    def _cancel_timer(self, cmd: Command) -> None:
+        handle = self.timers.pop(cmd.timer or "", None)
         if handle is not None:
             handle.cancel()
+
+    def _shut_write(self, cmd: Command) -> None:
+        side = self.client if cmd.side == "client" else self.upstream
+        assert side is not None
+        side.send_eof()
 
     def _fail(self, reason: str, detail: str) -> None:
         if self.core.stage != Stage.CLOSED:
@@ -196,13 +210,18 @@ class Connection:
             side.close(abort=True)
 
     def side_data(self, side: Side, data: bytes) -> None:
-        who = "client" if side is self.client else "upstream"
-        detail = None
-        if who == "upstream" and self.core.stage == Stage.CONNECT:
-            detail = f"upstream {self.upstream_address()} sent data before the TLS handshake"
-        for cmd in self.core.handle(Event(f"{who}_data", now=self.loop.time(), detail=detail)):
-            if cmd.kind in _BYTES:
-                _BYTES[cmd.kind](self, side, data)
+        core = self.core
+        if side is self.client:
+            ev = Event("client_data", self.loop.time())
+        elif core.stage is _CONNECT:
+            ev = Event("upstream_data", self.loop.time(), detail=f"upstream "
+                       f"{self.upstream_address()} sent data before the TLS handshake")
+        else:
+            ev = Event("upstream_data", self.loop.time())
+        for cmd in core.handle(ev):
+            on_bytes = _BYTES.get(cmd.kind)
+            if on_bytes is not None:
+                on_bytes(self, side, data)
             else:
                 self._run(cmd)
 
@@ -223,7 +242,7 @@ class Connection:
 
     def _eof(self, side: Side) -> None:
         side.eof_in = True
-        self._feed(Event("client_eof" if side is self.client else "upstream_eof"))
+        self._feed(_EVENTS["client_eof" if side is self.client else "upstream_eof"])
 
     def _unclean_eof(self, side: Side) -> bool:
         """A FIN without close_notify from a TLS peer: unless it fell on a record boundary
@@ -286,7 +305,7 @@ class Connection:
         if not self._proxy_source_allowed():
             return
         self.core.plan = self._plan()
-        self._feed(Event("accept"))
+        self._feed(_EVENTS["accept"])
 
     def _plan(self) -> Plan:
         """What the configuration says about this connection: made once per listener and
@@ -458,7 +477,7 @@ class Connection:
 
     def routed(self, raw: bytes) -> None:
         """passthrough.py: the ClientHello chose the route; its bytes go to the upstream."""
-        self._feed(Event("hello_done"))
+        self._feed(_EVENTS["hello_done"])
         self._again(raw)
 
     def _start_request(self, cmd: Command) -> None:
@@ -475,7 +494,7 @@ class Connection:
     def _requested(self, rest: bytes) -> None:
         """The egress request is complete (now, or after a login check): the policy
         decides; bytes sent behind the request are held for the upstream."""
-        self._feed(Event("request_done"))
+        self._feed(_EVENTS["request_done"])
         if rest and self.core.stage != Stage.CLOSED:
             self._from_client(rest)
 
@@ -528,7 +547,7 @@ class Connection:
         self._after_proxy(buf)
 
     def _after_proxy(self, rest: bytes) -> None:
-        self._feed(Event("proxy_done"))
+        self._feed(_EVENTS["proxy_done"])
         self._again(rest)
 
     def _proxy_eof(self, cmd: Command) -> None:
@@ -581,11 +600,11 @@ class Connection:
             return
         self.sniff_buf = b""
         if kind == detect.TLS:
-            self._feed(Event("tls_detected"))
+            self._feed(_EVENTS["tls_detected"])
             if self.client.tls is not None and self.core.stage == Stage.HANDSHAKE:
                 self._handshake_data(side, head)
         elif kind == detect.PLAIN:
-            self._feed(Event("plain_detected"))
+            self._feed(_EVENTS["plain_detected"])
             self._again(head)
         else:
             self._refuse_tls(kind)
@@ -659,7 +678,7 @@ class Connection:
         if refused is not None:
             self._fail(*refused)
             return
-        self._feed(Event("handshake_done"))
+        self._feed(_EVENTS["handshake_done"])
         if self.core.stage != Stage.CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
 
@@ -832,7 +851,7 @@ class Connection:
         header = self.plane.proxy_header_for(self)
         if header and side.transport is not None:
             side.transport.write(header)
-        self._feed(Event("upstream_connected"))
+        self._feed(_EVENTS["upstream_connected"])
 
     def _start_upstream_tls(self, cmd: Command) -> None:
         up, side = self.up_rt, self.upstream
@@ -873,7 +892,7 @@ class Connection:
             up.flush_tls()
             self._fail("upstream_identity_mismatch", problem)
             return
-        self._feed(Event("upstream_tls_done"))  # (denied: the close sends our Finished)
+        self._feed(_EVENTS["upstream_tls_done"])  # (denied: the close sends our Finished)
 
     def _upstream_identity_problem(self, tls: TlsEngine) -> str | None:
         """Why the upstream's certificate is not the one expected; None when it is."""
@@ -908,13 +927,13 @@ class Connection:
             up.resume(PAUSE_BUFFER)
         native_ok = cmd.reason == "native_ok"
         if not native_ok:
-            self._feed(Event("relay_started"))
+            self._feed(_EVENTS["relay_started"])
         up.flush_tls()  # the handshake's last flight, with any first bytes behind it
         if up.tls is not None and self.core.stage != Stage.CLOSED:
             self._read_tls(up)  # application data that came with the upstream's Finished
         if native_ok and self.core.stage != Stage.CLOSED:
             self._go_native()
-            self._feed(Event("relay_started", flag=self.pump is not None))
+            self._feed(_PUMPED if self.pump is not None else _EVENTS["relay_started"])
 
     def _go_native(self) -> None:
         """Hand the relay to the native pump when this process uses it (see pump.py)."""
@@ -935,7 +954,7 @@ class Connection:
             if kind == "eof":
                 self._pump_eof(index)
             elif kind == "done":
-                self._feed(Event("done"))
+                self._feed(_EVENTS["done"])
             elif kind == "reset":
                 code = detail if isinstance(detail, int) else 0
                 if code == errno.ETIMEDOUT:
@@ -961,7 +980,7 @@ class Connection:
         other = self.upstream if index == 0 else self.client
         assert side is not None and other is not None
         side.eof_in = other.eof_out = True
-        self._feed(Event("client_eof" if index == 0 else "upstream_eof"))
+        self._feed(_EVENTS["client_eof" if index == 0 else "upstream_eof"])
 
     def pump_tick(self, now: float) -> None:
         """The plane's periodic visit (see plane.PUMP_TICK): counters catch up, a busy TLS
@@ -1019,13 +1038,13 @@ class Connection:
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
         if self.core.stage != Stage.CLOSED:
-            self._feed(Event("drain"))
+            self._feed(_EVENTS["drain"])
 
     def policy_revoked(self, decision: Any) -> None:
         """A reloaded ruleset now denies this open connection."""
         if self.core.stage != Stage.CLOSED:
             self.decision = decision
-            self._feed(Event("revoke"))
+            self._feed(_EVENTS["revoke"])
 
     # ===================================================================== ending
     def _close(self, cmd: Command) -> None:
@@ -1137,6 +1156,8 @@ class Connection:
 
 # what the I/O layer does for a command (commands that act on bytes are in _BYTES)
 _RUN: Final = {
+    "start_timer": Connection._start_timer, "cancel_timer": Connection._cancel_timer,
+    "shut_write": Connection._shut_write,
     "start_tls": Connection._start_server_tls, "decide": Connection._decide,
     "start_peek": Connection._start_peek, "start_request": Connection._start_request,
     "connect": Connection._start_connect, "start_upstream_tls": Connection._start_upstream_tls,

@@ -113,6 +113,25 @@ _ROWS: Final = [{event: outcome for (s, event), outcome in TABLE.items() if s ==
 OTHER: Final = {"client": "upstream", "upstream": "client"}
 _FORWARD: Final = {side: [Command("forward", side=other)] for side, other in OTHER.items()}
 
+# Commands are immutable: the ones whose fields do not depend on the connection are made
+# once here, not per event (a NamedTuple made with keywords is a Python-level call).
+_CONST: Final = {kind: Command(kind) for kind in (
+    "start_tls", "start_peek", "start_request", "decide", "connect", "start_upstream_tls")}
+_START_RELAY: Final = {True: Command("start_relay", reason="native_ok"),
+                       False: Command("start_relay", reason="")}
+_PROXY_EOF: Final = Command("proxy_eof", side="client")
+_OPEN_RECORD: Final = Command("record", action="allow", stage=Stage.RELAY, event="open")
+_SHUT: Final = {side: Command("shut_write", side=side) for side in OTHER}
+_CANCEL: Final = {slot: Command("cancel_timer", timer=slot) for slot, _ in TIMERS.values()}
+# bytes events: the side they come from, and the command per (command kind, side)
+_SIDE_OF: Final = {"client_data": "client", "upstream_data": "upstream"}
+_DATA: Final = {(kind, side): Command(kind, side=side) for side in OTHER for kind in (
+    "parse_proxy", "detect", "peek", "request", "handshake", "upstream_handshake", "hold")}
+# start_timer commands by (slot, event, delay): the delays come from the listeners' plans,
+# so there are few; an idle re-arm for the rest of a period is made, not kept
+_ARMS: dict[tuple[str, str, float], Command] = {}
+_ARMS_MAX: Final = 1024
+
 
 class Lifecycle:
     """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
@@ -154,9 +173,8 @@ class Lifecycle:
         if ev.kind in TIMERS:
             self._fired(ev)
         out: list[Command] = []
-        self.out = out
+        self.out = out  # (left in place until the next event: no second list per event)
         OUTCOMES[outcome](self, ev)
-        self.out = []
         return out
 
     def _fired(self, ev: Event) -> None:
@@ -171,13 +189,19 @@ class Lifecycle:
     def _cmd(self, kind: str, **fields: object) -> None:
         self.out.append(Command(kind, **fields))  # type: ignore[arg-type]
 
-    def _arm(self, slot: str, event: str, delay: float) -> None:
+    def _arm(self, slot: str, event: str, delay: float, *, keep: bool = True) -> None:
         self.timers[slot] = event
-        self._cmd("start_timer", timer=slot, reason=event, delay=delay)
+        key = (slot, event, delay)
+        cmd = _ARMS.get(key)
+        if cmd is None:
+            cmd = Command("start_timer", timer=slot, reason=event, delay=delay)
+            if keep and len(_ARMS) < _ARMS_MAX:
+                _ARMS[key] = cmd
+        self.out.append(cmd)
 
     def _disarm(self, slot: str) -> None:
         if self.timers.pop(slot, None) is not None:
-            self._cmd("cancel_timer", timer=slot)
+            self.out.append(_CANCEL[slot])
 
     def _close(self, action: str, reason: str, detail: str | None = None, *,
                abort: bool = False, reset: bool = False) -> None:
@@ -207,9 +231,9 @@ class Lifecycle:
         self.stage = Stage.AUTHORIZE
         if self.egress and not self.requested:  # the client's request names the destination
             self._arm("stage", "request_timeout", self.plan.egress_timeout)
-            self._cmd("start_request")
+            self.out.append(_CONST["start_request"])
             return
-        self._cmd("decide")
+        self.out.append(_CONST["decide"])
 
     def _after_proxy(self) -> None:
         plan = self.plan
@@ -225,20 +249,20 @@ class Lifecycle:
         elif plan.tls == "passthrough":  # the ClientHello is read, not answered
             self._arm("stage", "handshake_timeout", plan.handshake_timeout)
             self.stage = Stage.DETECT
-            self._cmd("start_peek")
+            self.out.append(_CONST["start_peek"])
         else:  # terminate
             self._arm("stage", "handshake_timeout", plan.handshake_timeout)
             self.stage = Stage.HANDSHAKE
-            self._cmd("start_tls")
+            self.out.append(_CONST["start_tls"])
 
     def _enter_relay(self) -> None:
         if self.decision is None:  # rules on the upstream's identity: decide now
             self.asked = True
-            self._cmd("decide")
+            self.out.append(_CONST["decide"])
             return
         self.stage = Stage.RELAY
         self.native_ok = not self.held_eof  # the pump takes only a clean start
-        self._cmd("start_relay", reason="native_ok" if self.native_ok else "")
+        self.out.append(_START_RELAY[self.native_ok])
 
     def _timeout_close(self, reason: str, detail: str | None) -> None:
         action = "allow" if self.relaying else "error"
@@ -252,13 +276,13 @@ class Lifecycle:
     def _eof_in_relay(self, side: str) -> None:
         if self.stage == Stage.RELAY:
             self.first_eof = side
-            self._cmd("shut_write", side=OTHER[side])
+            self.out.append(_SHUT[OTHER[side]])
             self.stage = Stage.HALF_CLOSED
             self._arm("close", "close_timeout", self.plan.close_timeout)
             return
         if side == self.first_eof or self.ended:
             raise LifecycleError(f"a second EOF from the {side}")
-        self._cmd("shut_write", side=OTHER[side])
+        self.out.append(_SHUT[OTHER[side]])
         if self.native:
             self.ended = True  # the pump reports done once both ends have their bytes
             return
@@ -284,7 +308,7 @@ class Lifecycle:
         if self.plan.detect_timeout > 0:
             self._arm("stage", "handshake_timeout", self.plan.handshake_timeout)
         self.stage = Stage.HANDSHAKE
-        self._cmd("start_tls")
+        self.out.append(_CONST["start_tls"])
 
     def _plain(self, ev: Event) -> None:
         self._disarm("stage")
@@ -304,7 +328,7 @@ class Lifecycle:
             return
         self.stage = Stage.CONNECT
         self._arm("stage", "connect_timeout", self.plan.connect_timeout)
-        self._cmd("connect")
+        self.out.append(_CONST["connect"])
 
     def _upready(self, ev: Event) -> None:
         self._disarm("stage")
@@ -313,7 +337,7 @@ class Lifecycle:
             return
         self.stage = Stage.UPSTREAM_TLS
         self._arm("stage", "upstream_tls_timeout", self.plan.handshake_timeout)
-        self._cmd("start_upstream_tls")
+        self.out.append(_CONST["start_upstream_tls"])
 
     def _relay(self, ev: Event) -> None:
         self._disarm("stage")
@@ -332,11 +356,11 @@ class Lifecycle:
         if not self.native:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout)
         if self.plan.open_events:
-            self._cmd("record", action="allow", stage=Stage.RELAY, event="open")
+            self.out.append(_OPEN_RECORD)
 
     def _data(self, kind: str, ev: Event) -> None:
         self.last_active = ev.now
-        self._cmd(kind, side=ev.kind.split("_", 1)[0])
+        self.out.append(_DATA[kind, _SIDE_OF[ev.kind]])
 
     def _parse(self, ev: Event) -> None:
         self._data("parse_proxy", ev)
@@ -359,7 +383,7 @@ class Lifecycle:
             raise LifecycleError("an egress request that was not being read")
         self.requested = True
         self._disarm("stage")
-        self._cmd("decide")
+        self.out.append(_CONST["decide"])
 
     def _shake(self, ev: Event) -> None:
         self._data("handshake", ev)
@@ -385,7 +409,7 @@ class Lifecycle:
         return _FORWARD[side]
 
     def _proxyeof(self, ev: Event) -> None:
-        self._cmd("proxy_eof", side="client")
+        self.out.append(_PROXY_EOF)
 
     def _closed(self, ev: Event) -> None:
         when = "during the TLS handshake" if self.stage == Stage.HANDSHAKE \
@@ -450,7 +474,7 @@ class Lifecycle:
         if idle >= self.plan.idle_timeout:
             self._timeout_close("idle_timeout", ev.detail)
         elif not self.native:
-            self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle)
+            self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle, keep=False)
 
     def _drain(self, ev: Event) -> None:
         action = "allow" if self.relaying else "error"
