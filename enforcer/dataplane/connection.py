@@ -192,7 +192,8 @@ class Connection:
     def _shut_write(self, cmd: Command) -> None:
         side = self.client if cmd.side == "client" else self.upstream
         assert side is not None
-        side.send_eof()
+        if not side.eof_out:  # (the native pump passed its EOFs on itself: see _pump_eof)
+            side.send_eof()
 
     def _fail(self, reason: str, detail: str) -> None:
         if self.core.stage != Stage.CLOSED:

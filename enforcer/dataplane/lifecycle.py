@@ -125,8 +125,12 @@ _SHUT: Final = {side: Command("shut_write", side=side) for side in OTHER}
 _CANCEL: Final = {slot: Command("cancel_timer", timer=slot) for slot, _ in TIMERS.values()}
 # bytes events: the side they come from, and the command per (command kind, side)
 _SIDE_OF: Final = {"client_data": "client", "upstream_data": "upstream"}
+_RELAYING: Final = (Stage.RELAY, Stage.HALF_CLOSED)
 _DATA: Final = {(kind, side): Command(kind, side=side) for side in OTHER for kind in (
     "parse_proxy", "detect", "peek", "request", "handshake", "upstream_handshake", "hold")}
+_HANDSHAKE: Final = {f"{side}_data": _DATA["handshake", side] for side in OTHER}
+_UPSTREAM_HANDSHAKE: Final = {f"{side}_data": _DATA["upstream_handshake", side]
+                              for side in OTHER}
 # start_timer commands by (slot, event, delay): the delays come from the listeners' plans,
 # so there are few; an idle re-arm for the rest of a period is made, not kept
 _ARMS: dict[tuple[str, str, float], Command] = {}
@@ -159,7 +163,7 @@ class Lifecycle:
 
     @property
     def relaying(self) -> bool:
-        return self.stage in (Stage.RELAY, Stage.HALF_CLOSED)
+        return self.stage in _RELAYING
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, ev: Event) -> list[Command]:
@@ -186,9 +190,6 @@ class Lifecycle:
         del self.timers[slot]
 
     # ------------------------------------------------------------------ helpers
-    def _cmd(self, kind: str, **fields: object) -> None:
-        self.out.append(Command(kind, **fields))  # type: ignore[arg-type]
-
     def _arm(self, slot: str, event: str, delay: float, *, keep: bool = True) -> None:
         self.timers[slot] = event
         key = (slot, event, delay)
@@ -206,13 +207,18 @@ class Lifecycle:
     def _close(self, action: str, reason: str, detail: str | None = None, *,
                abort: bool = False, reset: bool = False) -> None:
         reached = self.stage
-        for slot in list(self.timers):
-            self._disarm(slot)
+        out = self.out
+        if self.timers:
+            for slot in self.timers:
+                out.append(_CANCEL[slot])
+            self.timers.clear()
         self.stage = Stage.CLOSED
         self.record = (action, reason, detail, reached)
-        self._cmd("close", reason=reason, action=action, abort=abort, reset=reset,
-                  stage=reached)
-        self._cmd("record", action=action, reason=reason, detail=detail, stage=reached)
+        # positional (Command's fields in order): no keyword matching per close
+        out.append(Command("close", None, None, 0.0, reason, action, None, abort, reset,
+                           reached))
+        out.append(Command("record", None, None, 0.0, reason, action, detail, False, False,
+                           reached))
 
     def _fail(self, reason: str, detail: str | None) -> None:
         if reason.startswith(PROXY_PREFIX):
@@ -229,7 +235,8 @@ class Lifecycle:
 
     def _authorize(self) -> None:
         self.stage = Stage.AUTHORIZE
-        if self.egress and not self.requested:  # the client's request names the destination
+        if self.plan.egress_timeout > 0 and not self.requested:  # (egress) the client's
+            # request names the destination
             self._arm("stage", "request_timeout", self.plan.egress_timeout)
             self.out.append(_CONST["start_request"])
             return
@@ -316,7 +323,7 @@ class Lifecycle:
 
     def _decided(self, ev: Event) -> None:
         if (self.stage != Stage.AUTHORIZE and (not self.asked or ev.allow is None)) \
-                or (self.egress and not self.requested):
+                or (self.plan.egress_timeout > 0 and not self.requested):
             raise LifecycleError(f"a decision in {self.stage.name} that was not asked for")
         self.asked = False
         if ev.allow is False:
@@ -347,12 +354,13 @@ class Lifecycle:
         if ev.flag and not self.native_ok:
             raise LifecycleError("the native pump took a connection with a held EOF")
         self.native = ev.flag
-        for side in ("client", "upstream"):
-            if side in self.held_eof and self.relaying:
-                self.held_eof.discard(side)
-                self._eof_in_relay(side)
-        if not self.relaying:
-            return
+        if self.held_eof:
+            for side in ("client", "upstream"):
+                if side in self.held_eof and self.stage in _RELAYING:
+                    self.held_eof.discard(side)
+                    self._eof_in_relay(side)
+            if self.stage not in _RELAYING:
+                return  # (without held EOFs the stage is still RELAY or HALF_CLOSED)
         if not self.native:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout)
         if self.plan.open_events:
@@ -361,6 +369,14 @@ class Lifecycle:
     def _data(self, kind: str, ev: Event) -> None:
         self.last_active = ev.now
         self.out.append(_DATA[kind, _SIDE_OF[ev.kind]])
+
+    def _shake(self, ev: Event) -> None:  # (the hot ones without the _data call)
+        self.last_active = ev.now
+        self.out.append(_HANDSHAKE[ev.kind])
+
+    def _upshake(self, ev: Event) -> None:
+        self.last_active = ev.now
+        self.out.append(_UPSTREAM_HANDSHAKE[ev.kind])
 
     def _parse(self, ev: Event) -> None:
         self._data("parse_proxy", ev)
@@ -384,12 +400,6 @@ class Lifecycle:
         self.requested = True
         self._disarm("stage")
         self.out.append(_CONST["decide"])
-
-    def _shake(self, ev: Event) -> None:
-        self._data("handshake", ev)
-
-    def _upshake(self, ev: Event) -> None:
-        self._data("upstream_handshake", ev)
 
     def _hold(self, ev: Event) -> None:
         self._data("hold", ev)
