@@ -54,7 +54,19 @@ from enforcer.dataplane import (
 from enforcer.dataplane.clienthello import HelloParser
 from enforcer.dataplane.connutil import has_unread as _has_unread
 from enforcer.dataplane.connutil import header_flow_id as _header_flow_id
-from enforcer.dataplane.lifecycle import Command, Event, Lifecycle, Plan, Stage
+from enforcer.dataplane.lifecycle import (
+    AUTHORIZE,
+    CLOSED,
+    CONNECT,
+    HANDSHAKE,
+    RELAY,
+    UPSTREAM_TLS,
+    Command,
+    Event,
+    Lifecycle,
+    Plan,
+    Stage,
+)
 from enforcer.dataplane.lifecycle_table import TIMERS
 from enforcer.dataplane.lifecycle_table import events as lifecycle_events
 from enforcer.dataplane.limitgate import denial
@@ -91,11 +103,9 @@ UPSTREAM_ERRORS: Final = {"upstream_tls_failed": "tls_handshake",
                           "upstream_connect_timeout": "connect_timeout",
                           "upstream_tls_timeout": "tls_timeout"}
 _NO_PLAN: Final = Plan()
-_CLOSED: Final = Stage.CLOSED
 # the events that carry nothing but their kind, made once
 _EVENTS: Final = {kind: Event(kind) for kind in lifecycle_events()}
 _PUMPED: Final = Event("relay_started", flag=True)  # the native pump took the relay
-_CONNECT: Final = Stage.CONNECT
 _warned = connutil._warned  # the out-of-descriptors warning's rate limit (tests set it)
 WARN_EVERY: Final = connutil.WARN_EVERY
 
@@ -160,9 +170,9 @@ class Connection:
         core = self.core
         cmds = core.handle(ev)
         # only a close command ends in CLOSED (and a closed core answers nothing)
-        closing = core.stage is _CLOSED
+        closing = core.stage is CLOSED
         for cmd in cmds:
-            if not closing and core.stage is _CLOSED:
+            if not closing and core.stage is CLOSED:
                 return  # an event raised by an earlier command closed the connection
             run = _RUN.get(cmd.kind)
             if run is None:
@@ -192,11 +202,11 @@ class Connection:
     def _shut_write(self, cmd: Command) -> None:
         side = self.client if cmd.side == "client" else self.upstream
         assert side is not None
-        if not side.eof_out:  # (the native pump passed its EOFs on itself: see _pump_eof)
+        if not side.eof_out:  # (the native pump passed its EOFs on itself: _pump_event)
             side.send_eof()
 
     def _fail(self, reason: str, detail: str) -> None:
-        if self.core.stage != Stage.CLOSED:
+        if self.core.stage != CLOSED:
             self._feed(Event("fail", reason=reason, detail=detail))
 
     def refuse(self, reason: str, detail: str) -> None:
@@ -207,14 +217,14 @@ class Connection:
     def side_connected(self, side: Side) -> None:
         if side is self.client:
             self._accepted()
-        elif self.core.stage == Stage.CLOSED:  # client left while we were connecting
+        elif self.core.stage == CLOSED:  # client left while we were connecting
             side.close(abort=True)
 
     def side_data(self, side: Side, data: bytes) -> None:
         core = self.core
         if side is self.client:
             ev = Event("client_data", self.loop.time())
-        elif core.stage is _CONNECT:
+        elif core.stage is CONNECT:
             ev = Event("upstream_data", self.loop.time(), detail=f"upstream "
                        f"{self.upstream_address()} sent data before the TLS handshake")
         else:
@@ -228,8 +238,8 @@ class Connection:
 
     def side_eof(self, side: Side) -> None:
         tls, stage = side.tls, self.core.stage
-        if tls is None or (side is self.client and stage == Stage.HANDSHAKE) \
-                or (side is not self.client and stage == Stage.UPSTREAM_TLS):
+        if tls is None or (side is self.client and stage == HANDSHAKE) \
+                or (side is not self.client and stage == UPSTREAM_TLS):
             if tls is not None:
                 tls.feed_eof()
             self._eof(side)
@@ -238,7 +248,7 @@ class Connection:
         if not tls.peer_closed and self._unclean_eof(side):
             return
         self._read_tls(side)
-        if not side.eof_in and self.core.stage != Stage.CLOSED:
+        if not side.eof_in and self.core.stage != CLOSED:
             self._eof(side)  # FIN without close_notify, allowed by the config
 
     def _eof(self, side: Side) -> None:
@@ -262,7 +272,7 @@ class Connection:
         return True
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
-        if self.core.stage == Stage.CLOSED or (side.eof_in and side.eof_out and exc is None):
+        if self.core.stage == CLOSED or (side.eof_in and side.eof_out and exc is None):
             return
         who = "client" if side is self.client else "upstream"
         if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
@@ -396,7 +406,7 @@ class Connection:
 
     def _again(self, data: bytes) -> None:
         """Bytes read past the end of a stage go on as client bytes of the next one."""
-        if data and self.core.stage != Stage.CLOSED:
+        if data and self.core.stage != CLOSED:
             self.side_data(self.client, data)
 
     # ===================================================================== client bytes
@@ -412,7 +422,7 @@ class Connection:
             self._to_client(data)
 
     def _from_client(self, data: bytes | memoryview) -> None:
-        if self.core.stage == Stage.AUTHORIZE:  # an egress client's request (plaintext)
+        if self.core.stage == AUTHORIZE:  # an egress client's request (plaintext)
             self._request_data(data)
             return
         self.bytes_from_client += len(data)
@@ -464,9 +474,9 @@ class Connection:
             side.flush_tls()
             if data is not None:
                 forward(data)
-            if eof and not side.eof_in and self.core.stage != Stage.CLOSED:
+            if eof and not side.eof_in and self.core.stage != CLOSED:
                 self._eof(side)
-            if data is None or len(data) < READ_CHUNK or self.core.stage == Stage.CLOSED:
+            if data is None or len(data) < READ_CHUNK or self.core.stage == CLOSED:
                 return
 
     # ===================================================================== features
@@ -496,12 +506,12 @@ class Connection:
         """The egress request is complete (now, or after a login check): the policy
         decides; bytes sent behind the request are held for the upstream."""
         self._feed(_EVENTS["request_done"])
-        if rest and self.core.stage != Stage.CLOSED:
+        if rest and self.core.stage != CLOSED:
             self._from_client(rest)
 
     def certificate_closed(self, reason: str, detail: str) -> None:
         """certwatch.py: the client certificate was revoked or expired."""
-        if self.core.stage != Stage.CLOSED:
+        if self.core.stage != CLOSED:
             self._feed(Event("cert_revoked", reason=reason, detail=detail))
 
     # ===================================================================== PROXY protocol
@@ -602,7 +612,7 @@ class Connection:
         self.sniff_buf = b""
         if kind == detect.TLS:
             self._feed(_EVENTS["tls_detected"])
-            if self.client.tls is not None and self.core.stage == Stage.HANDSHAKE:
+            if self.client.tls is not None and self.core.stage == HANDSHAKE:
                 self._handshake_data(side, head)
         elif kind == detect.PLAIN:
             self._feed(_EVENTS["plain_detected"])
@@ -680,14 +690,14 @@ class Connection:
             self._fail(*refused)
             return
         self._feed(_EVENTS["handshake_done"])
-        if self.core.stage != Stage.CLOSED:
+        if self.core.stage != CLOSED:
             self._read_tls(self.client)  # application data that came with the Finished
 
     # ===================================================================== authorize
     def _decide(self, cmd: Command) -> None:
         """The core asks for the policy's decision: before the upstream (AUTHORIZE), or
         once the upstream's identity is known (rules on it)."""
-        if self.core.stage != Stage.AUTHORIZE:
+        if self.core.stage != AUTHORIZE:
             self._decided(self.plane.decide(self.listener, self._facts()))
             return
         header = self.proxy_header
@@ -831,7 +841,7 @@ class Connection:
             self._connect_failed(exc, counted=up.raw_target is None and not addr.is_unix)
             return
         up.observe_connect(time.monotonic() - started)
-        if self.core.stage == Stage.CLOSED:
+        if self.core.stage == CLOSED:
             side.close(abort=True)
             return
         if up.sockopts and side.transport is not None:
@@ -930,16 +940,16 @@ class Connection:
         if not native_ok:
             self._feed(_EVENTS["relay_started"])
         up.flush_tls()  # the handshake's last flight, with any first bytes behind it
-        if up.tls is not None and self.core.stage != Stage.CLOSED:
+        if up.tls is not None and self.core.stage != CLOSED:
             self._read_tls(up)  # application data that came with the upstream's Finished
-        if native_ok and self.core.stage != Stage.CLOSED:
+        if native_ok and self.core.stage != CLOSED:
             self._go_native()
             self._feed(_PUMPED if self.pump is not None else _EVENTS["relay_started"])
 
     def _go_native(self) -> None:
         """Hand the relay to the native pump when this process uses it (see pump.py)."""
         up = self.upstream
-        if not self.plane.native_relay or up is None or self.core.stage != Stage.RELAY:
+        if not self.plane.native_relay or up is None or self.core.stage != RELAY:
             return
         lenient = (self.listener.cfg.tls.allow_eof_without_close_notify,
                    self.up_rt.cfg.tls.allow_eof_without_close_notify)
@@ -951,10 +961,16 @@ class Connection:
     def _pump_event(self, kind: str, index: int, detail: object) -> None:
         """What the native pump reports: an end of stream, the end, or a failure."""
         try:
+            if kind == "eof":  # the pump passed it on itself: the core's shut_write is a
+                # no-op on the other side, whose socket the pump has
+                side, other = (self.client, self.upstream) if index == 0 \
+                    else (self.upstream, self.client)
+                assert side is not None and other is not None
+                side.eof_in = other.eof_out = True
+                self._feed(_EVENTS["client_eof" if index == 0 else "upstream_eof"])
+                return
             who = "client" if index == 0 else "upstream"
-            if kind == "eof":
-                self._pump_eof(index)
-            elif kind == "done":
+            if kind == "done":
                 self._feed(_EVENTS["done"])
             elif kind == "reset":
                 code = detail if isinstance(detail, int) else 0
@@ -973,15 +989,6 @@ class Connection:
                 raise RuntimeError(f"native pump: {detail}")
         except Exception as exc:
             self.internal_error(exc)
-
-    def _pump_eof(self, index: int) -> None:
-        """The pump passed an EOF on itself (the same rule as the core's shut_write, which
-        is then a no-op on a side whose socket the pump has)."""
-        side = self.client if index == 0 else self.upstream
-        other = self.upstream if index == 0 else self.client
-        assert side is not None and other is not None
-        side.eof_in = other.eof_out = True
-        self._feed(_EVENTS["client_eof" if index == 0 else "upstream_eof"])
 
     def pump_tick(self, now: float) -> None:
         """The plane's periodic visit (see plane.PUMP_TICK): counters catch up, a busy TLS
@@ -1008,7 +1015,7 @@ class Connection:
         """A timer the core armed ran out: tell it (with what only the I/O layer knows)."""
         try:
             self.timers.pop(TIMERS[name][0], None)
-            if self.core.stage == Stage.CLOSED:
+            if self.core.stage == CLOSED:
                 return
             self._feed(self._timer_event(name))
         except Exception as exc:
@@ -1038,12 +1045,12 @@ class Connection:
 
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
-        if self.core.stage != Stage.CLOSED:
+        if self.core.stage != CLOSED:
             self._feed(_EVENTS["drain"])
 
     def policy_revoked(self, decision: Any) -> None:
         """A reloaded ruleset now denies this open connection."""
-        if self.core.stage != Stage.CLOSED:
+        if self.core.stage != CLOSED:
             self.decision = decision
             self._feed(_EVENTS["revoke"])
 
@@ -1053,7 +1060,7 @@ class Connection:
         if self.egress is not None:  # the egress client's refusal, if it has no reply yet
             self.egress.closing(cmd.action, cmd.reason)
         self.plane.limit_gate.release(self)  # once per connection: the core closes once
-        if cmd.stage >= Stage.RELAY:
+        if cmd.stage >= RELAY:
             self._keep_session()
         if self.pump is not None:
             self.flush_pump_counts()
@@ -1092,7 +1099,7 @@ class Connection:
 
     def _record(self, cmd: Command) -> None:
         if cmd.event == "open":
-            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, Stage.RELAY,
+            self.plane.flowlog.emit(flowrecord.build(self, "allow", "", None, RELAY,
                                                      event="open"))
             return
         self.plane.connection_closed(self, flowrecord.build(self, cmd.action, cmd.reason,
@@ -1122,7 +1129,7 @@ class Connection:
     def release_if_done(self) -> None:
         """Once closed with every socket gone, no callback can come: break the cycles
         between this connection and its sides so reference counting frees them."""
-        if self.core.stage != Stage.CLOSED or not self.client.lost:
+        if self.core.stage != CLOSED or not self.client.lost:
             return
         up = self.upstream
         if up is not None and not up.lost:
@@ -1135,12 +1142,12 @@ class Connection:
         """A bug in a callback: log it with the flow id and close (fail closed)."""
         log.error("internal error on flow %s (%s): %r", self.flow_id, self.listener.name, exc,
                   exc_info=exc)
-        if self.core.stage != Stage.CLOSED:
+        if self.core.stage != CLOSED:
             try:
                 self._feed(Event("internal_error", detail=f"internal error: {exc!r}"))
             except Exception:
                 log.exception("while closing flow %s", self.flow_id)
-                self.core.stage = Stage.CLOSED
+                self.core.stage = CLOSED
                 self.abort_sockets()
         else:
             self.abort_sockets()

@@ -29,6 +29,7 @@ class UpstreamRuntime:
     _connect_child: Any = None
     # where a bare-socket connect can go without name resolution (see rawtransport.py)
     raw_target: Target | None = field(init=False, default=None)
+    address_text: str = field(init=False, default="")  # str(cfg.address): flow records
     # setsockopt triples for dead-peer detection (tcpopts.py); none for a local upstream
     sockopts: tuple[SockOpt, ...] = ()
     # a host-name upstream's addresses that failed lately (dialer.py)
@@ -36,6 +37,7 @@ class UpstreamRuntime:
 
     def __post_init__(self) -> None:
         self.raw_target = target_of(self.cfg.address)
+        self.address_text = str(self.cfg.address)
 
     def observe_connect(self, seconds: float) -> None:
         """The series appears with the first connect (no zero series for dead upstreams)."""

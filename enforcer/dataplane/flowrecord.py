@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from enforcer.dataplane.lifecycle import Stage
+from enforcer.dataplane.lifecycle import CONNECT
 from enforcer.observe.flowlog import utc_timestamp
 
 if TYPE_CHECKING:
@@ -82,11 +82,11 @@ def _tls(conn: Connection) -> dict[str, Any] | None:
 
 
 def _upstream(conn: Connection, stage: int) -> dict[str, Any] | None:
-    if stage < Stage.CONNECT:
+    if stage < CONNECT:
         return None
     up = conn.up_rt
-    out: dict[str, Any] = {"name": up.name, "address": str(conn.upstream_address()),
-                           "tls": up.cfg.tls.mode}
+    address = up.address_text if conn.original_dst is None else str(conn.upstream_address())
+    out: dict[str, Any] = {"name": up.name, "address": address, "tls": up.cfg.tls.mode}
     if conn.upstream_identity is not None:
         out["peer"] = conn.upstream_identity.to_record()
     up_side = conn.upstream
