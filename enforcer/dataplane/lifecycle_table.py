@@ -158,6 +158,9 @@ REASONS: Final = {
     # rule limits (limitgate.py): refused before any upstream connect
     "rate_limited": ("deny", False),
     "concurrency_limited": ("deny", False),
+    # egress listeners (egress/resolved.py): every address the requested name resolved to
+    # is refused by the rules
+    "denied_resolved_address": ("deny", False),
     # the client certificate (certwatch.py): at the handshake, or a ``cert_revoked`` event
     "revoked": ("deny", True),
     "peer_certificate_expired": ("deny", True),

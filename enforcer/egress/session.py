@@ -24,7 +24,9 @@ connection then calls:
 When the request is complete the destination becomes the connection's ``original_dst``
 (so facts, connect and the flow record treat it as a transparent listener's destination)
 and ``host`` feeds the ``to.hosts`` rule key. Nothing is resolved here: the name goes to
-the dialer only after policy allowed it.
+the dialer only after policy allowed it, and each address it resolves to is decided on
+again before any connect (egress/resolved.py; none allowed: ``denied_resolved_address``,
+refused like a policy deny).
 
 A refused handshake (bad version, no acceptable method, wrong login, BIND, a malformed
 or oversized request, silence past the timeout) gets its reply where the protocol has
@@ -251,8 +253,10 @@ class EgressSession:
         where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         code = _errno_of(reason, self.errno)
         if action == "deny":
+            why = (f"{host} resolves to no address the rules allow" if reason ==
+                   "denied_resolved_address" else f"CONNECT to {where} is not allowed")
             return (socks5.reply(socks5.NOT_ALLOWED) if self.socks is not None else
-                    httpconnect.response(403, f"CONNECT to {where} is not allowed"))
+                    httpconnect.response(403, why))
         if self.socks is not None:
             return socks5.reply(_SOCKS_ERRNO.get(code or 0, socks5.GENERAL_FAILURE))
         if code == errno.ETIMEDOUT:
