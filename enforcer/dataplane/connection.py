@@ -709,6 +709,7 @@ class Connection:
             destination=dest,
             server_identity=self.upstream_identity,
             host=self.egress.host if self.egress is not None else None,
+            resolved=self.egress.address if self.egress is not None else None,
         )
 
     # ===================================================================== upstream

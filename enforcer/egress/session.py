@@ -82,8 +82,8 @@ def make_runtime(listener: str, protocol: str, cfg: EgressConfig, metrics: Any) 
 
 
 class EgressSession:
-    __slots__ = ("auth_task", "conn", "done", "errno", "held", "host", "http", "port", "proceed",
-                 "replied", "rt", "socks", "user")
+    __slots__ = ("address", "auth_task", "conn", "done", "errno", "held", "host", "http", "port",
+                 "proceed", "replied", "rt", "socks", "user")
 
     def __init__(self, conn: Connection, rt: EgressRuntime, proceed: Proceed) -> None:
         self.conn: Connection | None = conn
@@ -99,6 +99,7 @@ class EgressSession:
         self.port: int | None = None
         self.user: str | None = None
         self.errno: int | None = None  # of a failed upstream connect
+        self.address: str | None = None  # the IP address connected to (reload re-decisions)
         self.auth_task: asyncio.Task[None] | None = None
         self.held = bytearray()  # http_connect: client bytes that came during a login check
 
@@ -226,8 +227,11 @@ class EgressSession:
         if self.replied or conn is None:
             return
         self.replied = True
+        up = conn.upstream
+        peer = up.transport.get_extra_info("peername") if up and up.transport else None
+        if isinstance(peer, tuple):
+            self.address = str(peer[0])
         if self.socks is not None:
-            up = conn.upstream
             bound = up.transport.get_extra_info("sockname") if up and up.transport else None
             addr = (str(bound[0]), int(bound[1])) if isinstance(bound, tuple) else None
             self._send(socks5.reply(socks5.SUCCEEDED, addr))

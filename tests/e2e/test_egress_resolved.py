@@ -17,14 +17,18 @@ Every address is on loopback, so even a broken check could not send a packet els
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enforcer.config.loader import parse_config
+from enforcer.policy import compile_rulesets
 from tests.e2e.egress_util import FakeResolver, egress_cfg
-from tests.e2e.harness import Enforcer, running
+from tests.e2e.harness import Backend, Enforcer, running
 from tests.e2e.test_egress import _curl, _upload
 from tests.e2e.test_real_clients import HttpBackend
 
@@ -126,3 +130,45 @@ async def test_name_only_allow_under_default_deny_and_an_address_request(
         assert resolver.asked == ["db.egress.test"]
         assert internal.connections == 0
     await internal.close()
+
+
+async def test_reload_re_decides_on_the_address_connected_to(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``reevaluate_on_reload``, an open egress connection to a name is decided on
+    again with the address it connected to: a new CIDR deny closes it (policy_reload)."""
+    resolver = FakeResolver(monkeypatch)
+    backend = await Backend(mode="echo").start()
+    resolver.names = {"svc.egress.test": ["127.0.0.1"]}
+    allow = {"name": "svc", "action": "allow", "to": {"hosts": ["svc.egress.test"]}}
+    cfg = egress_cfg("socks5", [allow])
+    cfg["rulesets"]["egress"]["reevaluate_on_reload"] = True
+    enforcer = await Enforcer(cfg).start()
+
+    def swap(rules: list[dict[str, Any]]) -> None:
+        new = parse_config({**cfg, "rulesets": {"egress": {
+            "default": "deny", "reevaluate_on_reload": True, "rules": rules}}})
+        enforcer.plane.swap_rulesets(compile_rulesets(new.rulesets))
+
+    async with running(enforcer, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", enforcer.port())
+        name = b"svc.egress.test"
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        writer.write(b"\x05\x01\x00\x03" + bytes([len(name)]) + name
+                     + struct.pack(">H", backend.port))
+        reply = await reader.readexactly(10)
+        assert reply[:2] == b"\x05\x00", reply
+        payload = os.urandom(100_000)
+        writer.write(payload)
+        got = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        swap([allow, {"name": "other-net", "action": "deny", "to": {"cidrs": ["10.0.0.0/8"]}}])
+        writer.write(payload)  # still allowed: its address is not in the new deny
+        got = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        swap([allow, {"name": "no-loopback", "action": "deny",
+                      "to": {"cidrs": ["127.0.0.1/32"]}}])
+        rec = (await enforcer.wait_flows(1))[0]
+        assert rec["close"] == "policy_reload" and rec["rule"] == "no-loopback", rec
+        assert rec["bytes"]["to_client"] == 2 * len(payload)
+        writer.close()
