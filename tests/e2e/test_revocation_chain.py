@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -186,3 +189,74 @@ async def test_expiring_intermediate_closes_its_leaves_connections(
         assert dt.datetime.now(dt.UTC) >= pki.inter_a.cert.not_valid_after_utc
         assert closes(server, "peer_certificate_expired") == 1
         await _other_keeps_flowing(server, through_b, through_a)
+
+
+class BlockingStream:
+    """A TLS connection that can resume a session (asyncio's streams cannot), driven from
+    a thread: round trips checked by sha256."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        self.moved = 0
+
+    def roundtrip(self, n: int = 32 * 1024) -> None:
+        payload = os.urandom(n)
+        self.tls.sendall(payload)
+        got = bytearray()
+        while len(got) < n:
+            data = self.tls.recv(65536)
+            assert data, "closed early"
+            got += data
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        self.moved += n
+
+    def ended(self) -> bool:
+        try:
+            while self.tls.recv(65536):
+                pass
+        except (ssl.SSLError, OSError):
+            pass
+        return True
+
+    def close(self) -> None:
+        self.tls.close()
+
+
+@pytest.mark.parametrize("forget", [False, True])
+async def test_a_resumed_session_is_closed_by_its_revoked_intermediate(
+        tmp_path: Path, relay: str, forget: bool) -> None:
+    """A resumed TLS session verifies no chain: the chain remembered from the full
+    handshake is used, or (``forget``, native relay: the server-side session cache kept
+    the certificates the client sent) it is rebuilt from them and the trust bundle."""
+    if forget and relay == "python":
+        pytest.skip("stateless tickets keep no chain (docs/limits-and-revocation.md)")
+    pki = TwoIntermediates.create()
+    async with serving(pki, tmp_path, relay, close_on_revocation=True) as (server, crl):
+        port = server.plane.listeners[0].local_port
+        ctx = pki.client(tmp_path, pki.client_a, pki.inter_a)
+        first = await asyncio.to_thread(BlockingStream, port, ctx, None)
+        await asyncio.to_thread(first.roundtrip)
+        session = first.tls.session
+        await asyncio.to_thread(first.close)
+        assert session is not None
+        await wait_until(lambda: len(server.flowlog.records) == 1)
+        watch = server.plane.cert_watch
+        if forget:
+            watch.recent.clear()
+        resumed = await asyncio.to_thread(BlockingStream, port, ctx, session)
+        await asyncio.to_thread(resumed.roundtrip)
+        assert resumed.tls.session_reused
+        (chain,) = watch.by_chain
+        assert chain.complete and len(chain.certs) == 3
+
+        write(crl, pki.crl(pki.inter_a.cert.serial_number))
+        await wait_until(lambda: tls_reloads(server, "ok") >= 1)
+        assert await asyncio.to_thread(resumed.ended)
+        await wait_until(lambda: len(server.flowlog.records) == 2)
+        rec = server.flowlog.records[1]
+        assert rec["close"] == "revoked" and rec["tls"]["resumed"] is True, rec
+        assert "intermediate CA A" in rec["detail"]
+        assert rec["bytes"]["to_client"] == resumed.moved
+        assert closes(server, "revoked") == 1
+        await asyncio.to_thread(resumed.close)
