@@ -170,7 +170,7 @@ async def test_expiring_intermediate_closes_its_leaves_connections(
         tmp_path: Path, relay: str) -> None:
     now = dt.datetime.now(dt.UTC)
     pki = TwoIntermediates.create(a_not_before=now - dt.timedelta(minutes=1),
-                                  a_days=(60 + 5) / 86400)  # A expires in about 5 s
+                                  a_days=(60 + 10) / 86400)  # A expires in about 10 s
     assert pki.client_a.cert.not_valid_after_utc > now + dt.timedelta(days=1)
     async with serving(pki, tmp_path, relay, close_on_expiry=True) as (server, _crl):
         port = server.plane.listeners[0].local_port
