@@ -79,6 +79,7 @@ from enforcer.dataplane.tlsengine import (
     reset_on_close,
     unclean_detail,
 )
+from enforcer.egress import resolved
 from enforcer.egress.session import EgressSession
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
@@ -751,6 +752,7 @@ class Connection:
             destination=dest,
             server_identity=self.upstream_identity,
             host=self.egress.host if self.egress is not None else None,
+            resolved=self.egress.address if self.egress is not None else None,
         )
 
     # ===================================================================== upstream
@@ -830,11 +832,16 @@ class Connection:
             elif up.raw_target is not None:  # an IP address
                 await self.loop.create_connection(lambda: side, addr.host, addr.port)
             else:
+                admit = resolved.admitter(self.egress, self._facts, functools.partial(
+                    self.plane.decide, self.listener), self.flow_id)  # egress: rules on addresses
                 sock = await dialer.dial(self.loop, addr.host, addr.port, up.addresses,
-                                         self._attempt_failed)
+                                         self._attempt_failed, admit)
                 await self.loop.create_connection(lambda: side, sock=sock)
         except dialer.ResolveError as exc:
             self._fail("upstream_resolve_failed", exc.strerror or str(exc))
+            return
+        except resolved.AllRefused as exc:
+            self._fail(resolved.REASON, str(exc))
             return
         except OSError as exc:
             # a host name's failed addresses were counted one by one (_attempt_failed)

@@ -90,10 +90,16 @@ async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list
 
 
 async def dial(loop: asyncio.AbstractEventLoop, host: str, port: int, book: AddressBook,
-               on_error: OnError) -> socket.socket:
+               on_error: OnError, admit: Callable[[list[Addr]], list[Addr]] | None = None
+               ) -> socket.socket:
     """A connected non-blocking socket to one of ``host``'s addresses; raises
-    ``ResolveError``, or the first attempt's OSError when every address failed."""
-    addrs = book.order(await resolve(loop, host, port), time.monotonic())
+    ``ResolveError``, or the first attempt's OSError when every address failed.
+    ``admit`` (egress listeners: egress/resolved.py) keeps the addresses that may be
+    connected to, or raises: it runs after resolving, before any connect."""
+    addrs = await resolve(loop, host, port)
+    if admit is not None:
+        addrs = admit(addrs)
+    addrs = book.order(addrs, time.monotonic())
     return await _race(loop, addrs, book, on_error)
 
 

@@ -108,8 +108,8 @@ OUTCOMES: Final = {
     "idle": "idle for idle_timeout: CLOSED `idle_timeout`; else re-arm for the rest",
     "drain": "CLOSED `drain` (the drain deadline passed)",
     "revoke": "only once allowed: CLOSED `policy_reload` (action deny)",
-    "cert": "the client certificate was revoked by a reloaded CRL or expired: CLOSED "
-            "`revoked`/`peer_certificate_expired` (action deny)",
+    "cert": "the client certificate or a CA of its chain was revoked by a reloaded CRL or "
+            "expired: CLOSED `revoked`/`peer_certificate_expired` (action deny)",
     "internal": "CLOSED `internal_error`",
     "-": "nothing (a socket's last callbacks after enforcer closed it)",
     ".": "impossible: LifecycleError",
@@ -158,6 +158,9 @@ REASONS: Final = {
     # rule limits (limitgate.py): refused before any upstream connect
     "rate_limited": ("deny", False),
     "concurrency_limited": ("deny", False),
+    # egress listeners (egress/resolved.py): every address the requested name resolved to
+    # is refused by the rules
+    "denied_resolved_address": ("deny", False),
     # the client certificate (certwatch.py): at the handshake, or a ``cert_revoked`` event
     "revoked": ("deny", True),
     "peer_certificate_expired": ("deny", True),

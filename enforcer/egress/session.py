@@ -24,7 +24,9 @@ connection then calls:
 When the request is complete the destination becomes the connection's ``original_dst``
 (so facts, connect and the flow record treat it as a transparent listener's destination)
 and ``host`` feeds the ``to.hosts`` rule key. Nothing is resolved here: the name goes to
-the dialer only after policy allowed it.
+the dialer only after policy allowed it, and each address it resolves to is decided on
+again before any connect (egress/resolved.py; none allowed: ``denied_resolved_address``,
+refused like a policy deny).
 
 A refused handshake (bad version, no acceptable method, wrong login, BIND, a malformed
 or oversized request, silence past the timeout) gets its reply where the protocol has
@@ -80,8 +82,8 @@ def make_runtime(listener: str, protocol: str, cfg: EgressConfig, metrics: Any) 
 
 
 class EgressSession:
-    __slots__ = ("auth_task", "conn", "done", "errno", "held", "host", "http", "port", "proceed",
-                 "replied", "rt", "socks", "user")
+    __slots__ = ("address", "auth_task", "conn", "done", "errno", "held", "host", "http", "port",
+                 "proceed", "replied", "rt", "socks", "user")
 
     def __init__(self, conn: Connection, rt: EgressRuntime, proceed: Proceed) -> None:
         self.conn: Connection | None = conn
@@ -97,6 +99,7 @@ class EgressSession:
         self.port: int | None = None
         self.user: str | None = None
         self.errno: int | None = None  # of a failed upstream connect
+        self.address: str | None = None  # the IP address connected to (reload re-decisions)
         self.auth_task: asyncio.Task[None] | None = None
         self.held = bytearray()  # http_connect: client bytes that came during a login check
 
@@ -224,8 +227,11 @@ class EgressSession:
         if self.replied or conn is None:
             return
         self.replied = True
+        up = conn.upstream
+        peer = up.transport.get_extra_info("peername") if up and up.transport else None
+        if isinstance(peer, tuple):
+            self.address = str(peer[0])
         if self.socks is not None:
-            up = conn.upstream
             bound = up.transport.get_extra_info("sockname") if up and up.transport else None
             addr = (str(bound[0]), int(bound[1])) if isinstance(bound, tuple) else None
             self._send(socks5.reply(socks5.SUCCEEDED, addr))
@@ -251,8 +257,10 @@ class EgressSession:
         where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         code = _errno_of(reason, self.errno)
         if action == "deny":
+            why = (f"{host} resolves to no address the rules allow" if reason ==
+                   "denied_resolved_address" else f"CONNECT to {where} is not allowed")
             return (socks5.reply(socks5.NOT_ALLOWED) if self.socks is not None else
-                    httpconnect.response(403, f"CONNECT to {where} is not allowed"))
+                    httpconnect.response(403, why))
         if self.socks is not None:
             return socks5.reply(_SOCKS_ERRNO.get(code or 0, socks5.GENERAL_FAILURE))
         if code == errno.ETIMEDOUT:

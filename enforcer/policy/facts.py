@@ -34,6 +34,10 @@ class FlowFacts:
     destination: tuple[str, int] | None = None  # outbound: upstream host, port
     server_identity: PeerIdentity | None = None  # outbound: upstream's verified identity
     host: str | None = None  # egress listeners: the host the client asked for (normalised)
+    # egress listeners, once a requested name resolved: the address about to be connected
+    # to, which address rules (to.cidrs, to.destinations with a CIDR) then test
+    # (egress/resolved.py); None when deciding on the request as asked
+    resolved: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

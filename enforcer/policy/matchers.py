@@ -121,7 +121,8 @@ DIMENSIONS: dict[str, Callable[[FlowFacts], Any]] = {
     "peer": lambda f: f.identity,
     "client": lambda f: f.client_ip,
     "sni": lambda f: f.sni,
-    "destination": lambda f: f.destination,
+    "destination": lambda f: (f.destination if f.resolved is None or f.destination is None
+                              else (*f.destination, f.resolved)),
     "host": lambda f: f.host,
     "server": lambda f: f.server_identity,
 }
@@ -227,11 +228,14 @@ class DestinationMatcher(Matcher):
              None if d.host is None else DnsSet([d.host]))
             for d in self.dests)
 
-    def test(self, value: tuple[str, int] | None) -> bool:
+    def test(self, value: tuple[str, int] | tuple[str, int, str] | None) -> bool:
+        """``value``: (host, port), or (name, port, resolved address) for a requested name
+        once resolved (egress/resolved.py): CIDR entries test the address, name entries
+        the name."""
         if value is None:
             return False
-        host, port = value
-        ip = _parse_ip(host)
+        host, port = value[0], value[1]
+        ip = _parse_ip(value[2] if len(value) > 2 else host)
         for ports, net, names in self.items:
             if ports and not any(r.low <= port <= r.high for r in ports):
                 continue
@@ -242,10 +246,12 @@ class DestinationMatcher(Matcher):
                 return True
         return False
 
-    def why_not(self, value: tuple[str, int] | None) -> str:
+    def why_not(self, value: tuple[str, int] | tuple[str, int, str] | None) -> str:
         if value is None:
             return "no destination (not an outbound connection)"
         shown = f"[{value[0]}]:{value[1]}" if ":" in value[0] else f"{value[0]}:{value[1]}"
+        if len(value) > 2:
+            shown += f" (resolved to {value[2]})"
         return f"destination {shown} matches none of {_listing(d.text for d in self.dests)}"
 
 

@@ -246,9 +246,11 @@ def parse_line(line: bytes, identities: IdentityCache | None = None) -> Recorded
 
 
 # ``action: deny`` records whose policy decision was allow: refused by the allowing rule's
-# limits, or closed later for a revoked or expired client certificate
+# limits, closed later for a revoked or expired client certificate, or an egress request
+# whose name was allowed and whose every address was refused (egress/resolved.py: the
+# addresses are not in the record, so the name's decision is what is replayed)
 ALLOWED_THEN_CLOSED = frozenset({"rate_limited", "concurrency_limited", "revoked",
-                                 "peer_certificate_expired"})
+                                 "peer_certificate_expired", "denied_resolved_address"})
 
 
 def _flow(rec: _Where, action: Action, identities: IdentityCache) -> RecordedFlow:

@@ -317,7 +317,8 @@ def _decode(tag: int, value: bytes) -> str:
 
 
 class _RawTbs:
-    __slots__ = ("data", "extensions", "issuer", "issuer_der", "spki", "subject")
+    __slots__ = ("data", "extensions", "issuer", "issuer_der", "spki", "subject",
+                 "subject_der")
 
     def __init__(self, tbs: bytes) -> None:
         self.data = tbs
@@ -329,6 +330,7 @@ class _RawTbs:
         self.issuer = fields[2][2:]
         self.issuer_der = tbs[fields[2][1]:fields[2][3]]
         self.subject = fields[4][2:]
+        self.subject_der = tbs[fields[4][1]:fields[4][3]]
         _, spki_start, _, spki_end = fields[5]
         self.spki = tbs[spki_start:spki_end]
         self.extensions = next((f[2:] for f in fields[6:] if f[0] == 0xA3), None)

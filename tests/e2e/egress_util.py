@@ -1,9 +1,9 @@
 """Helpers for the egress proxy tests (SOCKS5, HTTP CONNECT).
 
 - ``FakeResolver``: replaces the dialer's resolver in-process: names under ``.egress.test``
-  resolve to 127.0.0.1 and nothing else does (addresses are returned as they are, as
-  getaddrinfo does); every name asked is recorded, so a test can show a denied name was
-  never looked up.
+  resolve to 127.0.0.1 (or to the loopback addresses ``names`` maps them to, in that
+  order) and nothing else does (addresses are returned as they are, as getaddrinfo does);
+  every name asked is recorded, so a test can show a denied name was never looked up.
 - ``egress_cfg``: a one-listener egress config (upstream ``original_destination``).
 - ``credentials_file``: a credentials file with scrypt hashes (cheap parameters).
 - ``raw_session``: a plain TCP client sending byte chunks and reading what comes back
@@ -28,6 +28,7 @@ SUFFIX = ".egress.test"
 class FakeResolver:
     def __init__(self, monkeypatch: Any) -> None:
         self.asked: list[str] = []
+        self.names: dict[str, list[str]] = {}  # name -> its addresses (loopback only)
         monkeypatch.setattr(dialer, "resolve", self.resolve)
 
     async def resolve(self, loop: asyncio.AbstractEventLoop, host: str,
@@ -37,6 +38,8 @@ class FakeResolver:
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
             return [(family, (host, port) if ip.version == 4 else (host, port, 0, 0))]
         self.asked.append(host)
+        if host in self.names:
+            return [(socket.AF_INET, (ip, port)) for ip in self.names[host]]
         if host.endswith(SUFFIX):
             return [(socket.AF_INET, ("127.0.0.1", port))]
         raise dialer.ResolveError(socket.EAI_NONAME, f"cannot resolve {host}: unknown name")

@@ -136,5 +136,5 @@ async def test_expired_certificate_closes_its_connection(
         await expiring.close()
         await wait_until(lambda: len(server.flowlog.records) == 2)
         await asyncio.sleep(0)
-        assert server.plane.cert_watch.by_identity == {}
+        assert server.plane.cert_watch.by_chain == {} and not server.plane.cert_watch.chain_of
         assert server.plane.cert_watch.timer is None
