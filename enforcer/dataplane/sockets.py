@@ -10,10 +10,17 @@ bind error stops the start (exit 3) and port 0 resolves to one port for everyone
   workers.
 - UNIX: there is no reuseport, so the supervisor binds and listens, and the workers share
   the inherited socket (passed to them as a file descriptor).
+
+IPv6: ``[::]`` is one dual-stack socket (``IPV6_V6ONLY`` off, whatever the host's
+``net.ipv6.bindv6only``): it accepts IPv4 too, whose peers the kernel shows as
+``::ffff:a.b.c.d`` (connutil.addr turns them back into IPv4). Any other IPv6 address is
+IPv6 only. The same holds with one worker (``dual_stack_socket``, the loop would set
+``IPV6_V6ONLY``) and with several, and for the admin listener.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -53,13 +60,47 @@ def worker_socket_for(host: str, port: int) -> socket.socket:
     return sock
 
 
+def dual_stack(host: str | None) -> bool:
+    """``[::]``: a listener for IPv6 and IPv4 alike."""
+    try:
+        return ipaddress.ip_address(host or "") == ipaddress.IPv6Address("::")
+    except ValueError:
+        return False
+
+
+def set_v6only(sock: socket.socket, host: str | None) -> None:
+    """IPv6 sockets: dual-stack on ``::``, IPv6 only on any other address."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack(host) else 1)
+
+
+def dual_stack_socket(addr: Address) -> socket.socket:
+    """A bound, not yet listening ``[::]`` socket that takes IPv4 too (one worker: the
+    event loop's create_server would make it IPv6 only); raises OSError."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_v6only(sock, addr.host)
+        sock.bind(("::", addr.port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _tcp_socket(addr: Address) -> socket.socket:
     infos = socket.getaddrinfo(addr.host or None, addr.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family = infos[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        set_v6only(sock, addr.host)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
