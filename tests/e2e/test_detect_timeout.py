@@ -17,6 +17,7 @@ import pytest
 
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import parse_config
+from tests.conftest import require_tool
 from tests.e2e.harness import inbound_cfg, random_bytes, sha
 from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
 from tests.e2e.proxy_util import free_port
@@ -148,7 +149,7 @@ class SocatBanner:
         script.write_text(f"#!/bin/sh\nprintf '{BANNER.decode().strip()}\\r\\n'\nexec cat\n")
         script.chmod(0o755)
         self.proc = subprocess.Popen(
-            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
+            [require_tool("socat"), f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
              f"EXEC:{script}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -114,3 +114,29 @@ def test_a_v6_loopback_listener_is_ipv6_only(tmp_path: Path, pki: Any) -> None:
     finally:
         proc.stop()
         backend.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_beside_an_ipv4_wildcard_listener_v6_wildcard_is_ipv6_only(tmp_path: Path, pki: Any,
+                                                                 workers: int) -> None:
+    """``0.0.0.0:P`` and ``[::]:P`` in one config split the families, as configs written
+    before ``[::]`` was dual-stack do: each takes its own, both bind."""
+    backend = EchoServer()
+    port = free_port()
+    cfg = inbound_cfg(pki, backend.port, default="allow", rules=[], mode="off",
+                      listener_extra={"listen": f"0.0.0.0:{port}"})
+    six = {**cfg["listeners"][0], "name": "inbound6", "listen": f"[::]:{port}"}
+    cfg["listeners"].append(six)
+    cfg["workers"] = workers
+    proc = EnforcerProcess(write_config(tmp_path / "e.yaml", cfg))
+    payloads = [random_bytes(20_000), random_bytes(20_001)]
+    try:
+        assert proc.wait_bound(2) == {"inbound": port, "inbound6": port}
+        for host, payload in zip(("127.0.0.1", "::1"), payloads, strict=True):
+            assert sha(_echo(host, port, payload)) == sha(payload)
+        records = _records(proc, 2)
+    finally:
+        proc.stop()
+        backend.close()
+    assert sorted((r["listener"], r["client"]["ip"]) for r in records) == [
+        ("inbound", "127.0.0.1"), ("inbound6", "::1")]
