@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         chosen = [cmod.BY_NAME[n] for n in _pick(args.only, CONTESTANTS, "contestant")]
         chosen += _variants(getattr(args, "variant", None) or [])
         if getattr(args, "netns", False):
-            chosen.append(transparent.TransparentEnforcer())
+            chosen += [transparent.NatHooksEnforcer(), transparent.TransparentEnforcer()]
         works = [wmod.BY_NAME[n] for n in _pick(args.workloads, WORKLOADS, "workload")]
         extra = _load_extra(args.enforcer_extra)
     except UsageError as exc:

@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--render", metavar="RUN_DIR", type=Path,
                    help="only redraw results.md, charts and latest.* from RUN_DIR/results.json")
     p.add_argument("--netns", action="store_true",
-                   help="run in a private network namespace (root) and add the column "
-                   "enforcer-transparent: the enforcer pair behind nftables redirects")
+                   help="run in a private network namespace (root) and add the columns "
+                   "enforcer-transparent (the enforcer pair behind nftables redirects) and "
+                   "enforcer-nathooks (its control: the explicit-port pair with the same "
+                   "rules loaded for an unused port: conntrack and NAT hooks, no redirect)")
     p.add_argument("--list", action="store_true",
                    help="list contestants and workloads with what is installed, then exit")

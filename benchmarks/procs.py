@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -197,21 +198,64 @@ def pss_bytes(sids: Sequence[int]) -> int:
 # --------------------------------------------------------------------------- ports
 
 
-class Ports:
-    """Hands out free loopback TCP ports, never the same one twice in a run."""
+PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+BAND = 8192  # how many ports below the ephemeral range listeners get theirs from
 
-    def __init__(self) -> None:
+
+def ephemeral_range(path: Path = PORT_RANGE_FILE) -> tuple[int, int]:
+    """The source ports connect() picks from (this network namespace's sysctl)."""
+    try:
+        low, high = (int(v) for v in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # the kernel's default
+    return low, high
+
+
+def _bindable(port: int) -> bool:
+    """Nothing holds ``port`` on 127.0.0.1 (no listener, no connection, no TIME_WAIT)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Ports:
+    """Hands out free loopback TCP ports, never the same one twice in a run.
+
+    They come from just below the ephemeral range, not from it (as ``bind(port 0)``
+    would): the load makes tens of thousands of connections whose source ports, and
+    then TIME_WAIT sockets, can fill the ephemeral range for a minute or more, and
+    ``bind(port 0)`` then only finds the few ports given out before (idle-large in the
+    transparent pair, whose three hops all dial the backend's address, did that).
+    Only when that band is too small (a range starting low) does the kernel choose.
+    """
+
+    def __init__(self, path: Path = PORT_RANGE_FILE) -> None:
         self._given: set[int] = set()
+        low, self._high = ephemeral_range(path)
+        self._band = range(max(1024, low - BAND), low)
+        self._next = random.randrange(len(self._band)) if self._band else 0
 
     def take(self) -> int:
-        for _ in range(100):
+        band = self._band
+        for _ in range(len(band) if len(band) >= 256 else 0):
+            port = band[self._next % len(band)]
+            self._next += 1
+            if port not in self._given and _bindable(port):
+                self._given.add(port)
+                return port
+        for _ in range(100):  # the kernel's choice, from the ephemeral range
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = int(s.getsockname()[1])
             if port not in self._given:
                 self._given.add(port)
                 return port
-        raise StartError("no free loopback port")
+        raise StartError(f"no free loopback port below or in the ephemeral range "
+                         f"(up to {self._high}): TIME_WAIT or leaked sockets hold them "
+                         "(ss -tan)")
 
 
 def listening_ports() -> set[int]:

@@ -148,7 +148,7 @@ def markdown(doc: Doc, latest: str | None = None) -> str:
              "## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
              "enforcer ÷ the best of haproxy, stunnel and nginx in this run. "
              + _suite_sentence(doc), "",
-             *results_table(doc), "", *_defaults_lines(doc)]
+             *results_table(doc), "", *interception_lines(doc), *_defaults_lines(doc)]
     errors = _error_lines(doc)
     if errors:
         lines += ["## Errors", "", *errors, ""]
@@ -177,6 +177,51 @@ def markdown(doc: Doc, latest: str | None = None) -> str:
     for n in charts:
         lines += [f"![{n}]({doc['workloads'][n]['chart']})", ""]
     return "\n".join(lines)
+
+
+# (numerator, denominator, what the ratio shows): the --netns columns and their control
+INTERCEPTION = (
+    ("enforcer-nathooks", "enforcer", "conntrack + NAT hooks"),
+    ("enforcer-transparent", "enforcer-nathooks", "redirect + SO_ORIGINAL_DST"),
+    ("enforcer-transparent", "enforcer", "interception in all"),
+)
+NAT_TARGET = 1.05  # the redirect within 5 % CPU of the NAT hooks alone
+
+
+def _cpu_ratio(w: dict[str, Any], key: str, num: str, den: str) -> float | None:
+    a, b = w["results"].get(num) or {}, w["results"].get(den) or {}
+    if a.get("status") != "ok" or b.get("status") != "ok":
+        return None
+    x, y = a["values"].get(key), b["values"].get(key)
+    return x / y if isinstance(x, int | float) and isinstance(y, int | float) and y else None
+
+
+def interception_lines(doc: Doc) -> list[str]:
+    """What interception costs in CPU per unit of work (``--netns`` runs): ratios of the
+    transparent pair, its control (the NAT hooks loaded, no redirect) and the
+    explicit-port pair. Above 1.00 costs more."""
+    ratios = [r for r in INTERCEPTION if r[0] in doc["contestants"] and r[1] in doc["contestants"]]
+    if not ratios:
+        return []
+    lines = ["## Interception", "",
+             "CPU per unit of work, one column ÷ another of the table above (above 1.00 "
+             "costs more): the NAT hooks alone (conntrack tracks every packet while they "
+             "are loaded), the redirect and reading the original destination on top of "
+             f"them (target: at most {NAT_TARGET:.2f}{TIMES}), and both together.", "",
+             "| workload | metric | " + " | ".join(f"{n} ÷ {d} ({what})" for n, d, what in ratios)
+             + " |", "|---|---|" + "---:|" * len(ratios)]
+    for w in doc["workloads"].values():
+        if w["status"] != "ok":
+            continue
+        for m in (m for m in w["metrics"] if str(m["unit"]).startswith("CPU")):
+            cells = []
+            for num, den, _ in ratios:
+                r = _cpu_ratio(w, m["key"], num, den)
+                mark = "" if r is None or den != "enforcer-nathooks" else (
+                    " ✅" if r <= NAT_TARGET else " ❌")
+                cells.append(DASH if r is None else f"{r:.2f}{TIMES}{mark}")
+            lines.append(f"| {_workload_title(w)} | {m['unit']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _suite_sentence(doc: Doc) -> str:

@@ -14,6 +14,20 @@ this contestant offered. The enforcers run under their own uids (``setpriv``): t
 what keeps their own connections from being redirected again, as in a pod. The rules are
 installed when the pair starts and removed when it stops (other contestants reach the
 same backend port).
+
+The control, ``enforcer-nathooks``: the explicit-port pair while the same rules are
+loaded, aimed at a port nobody dials (``UNUSED_PORT``). They register what the redirect
+rules register: the NAT hooks (the nat chain) and conntrack for both families (the
+redirect expressions; an empty nat chain alone would not make conntrack track anything),
+and the chain is evaluated on each connection's first packet as before, but nothing is
+redirected. So ``enforcer-nathooks`` ÷ ``enforcer`` is what conntrack and the NAT hooks
+cost, and ``enforcer-transparent`` ÷ ``enforcer-nathooks`` what the redirect and
+``SO_ORIGINAL_DST`` cost on top.
+
+The private namespace gets a wider ephemeral port range (``EPHEMERAL``): in the
+transparent pair the load tool, the outbound sidecar and the inbound one all dial the
+backend's own address, so idle-large needs three source ports per connection towards one
+destination (3 x 9,700 is more than the default range's 28,232).
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from benchmarks.contestants import Enforcer, Env, Pair, stop_pair
 from benchmarks.procs import StartError, wait_listening
@@ -32,6 +46,9 @@ from benchmarks.procs import StartError, wait_listening
 ENV_FLAG = "ENFORCER_BENCH_NETNS"  # set in the re-executed harness (private namespace)
 OUTBOUND_UID, INBOUND_UID = 1337, 1338
 TABLE = "enforcer-bench"
+HOOKS_TABLE = "enforcer-bench-hooks"
+UNUSED_PORT = 9  # discard: nothing in the private namespace dials it
+EPHEMERAL = "20000 65535"  # the private namespace's net.ipv4.ip_local_port_range
 
 
 def reexec_in_netns(argv: Sequence[str]) -> NoReturn:
@@ -43,7 +60,8 @@ def reexec_in_netns(argv: Sequence[str]) -> NoReturn:
     checkout = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (checkout, os.environ.get("PYTHONPATH", "")) if p)
-    script = 'ip link set lo up && exec "$0" "$@"'
+    script = (f'ip link set lo up && echo "{EPHEMERAL}" > /proc/sys/net/ipv4/ip_local_port_range'
+              ' && exec "$0" "$@"')
     os.execv(unshare, [unshare, "--net", "--", "sh", "-c", script, sys.executable, "-m",
                        "benchmarks", *argv])
 
@@ -72,6 +90,12 @@ def rules(backend_port: int, out_port: int, in_port: int, table: str = TABLE) ->
             "\t}\n}\n")
 
 
+def hook_rules(out_port: int, in_port: int, table: str = HOOKS_TABLE) -> str:
+    """The control's table: the transparent pair's rules, for a backend port nobody
+    dials (conntrack and the NAT hooks registered, nothing redirected)."""
+    return rules(UNUSED_PORT, out_port, in_port, table)
+
+
 def remove_rules(table: str = TABLE) -> str:
     return f"table inet {table}\ndelete table inet {table}\n"
 
@@ -83,6 +107,43 @@ def nft(script: str) -> None:
         raise StartError(f"nft: {done.stderr.strip()}")
 
 
+def _missing(tools: tuple[str, ...]) -> str | None:
+    if not in_private_netns():
+        return "needs --netns (root): the nftables rules go into a private namespace"
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (apt install {'nftables' if tool == 'nft' else 'util-linux'})"
+    return None
+
+
+class NatHooksEnforcer(Enforcer):
+    """The explicit-port pair with the NAT and conntrack hooks loaded but no redirect
+    (column ``enforcer-nathooks``): the control for ``enforcer-transparent``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "enforcer-nathooks"
+
+    def missing(self) -> str | None:
+        return _missing(("nft",))
+
+    def describe(self) -> str:
+        return ("the explicit-port enforcer pair while enforcer-transparent's nftables rules "
+                f"are loaded for a port nobody dials ({UNUSED_PORT}): conntrack and the NAT "
+                "hooks, no redirect; the control for enforcer-transparent")
+
+    def start(self, env: Env, backend_port: int) -> Pair:
+        pair = super().start(env, backend_port)
+        pair.cleanup.append(lambda: nft(remove_rules(HOOKS_TABLE)))
+        try:
+            assert pair.inbound_port is not None
+            nft(hook_rules(pair.entry_port, pair.inbound_port))
+        except BaseException:
+            stop_pair(env, pair)
+            raise
+        return pair
+
+
 class TransparentEnforcer(Enforcer):
     """The ``enforcer`` pair behind redirect rules (column ``enforcer-transparent``)."""
 
@@ -91,12 +152,7 @@ class TransparentEnforcer(Enforcer):
         self.name = "enforcer-transparent"
 
     def missing(self) -> str | None:
-        if not in_private_netns():
-            return "needs --netns (root): the redirect rules go into a private namespace"
-        for tool in ("nft", "setpriv"):
-            if shutil.which(tool) is None:
-                return f"{tool} not installed (apt install {'nftables' if tool == 'nft' else 'util-linux'})"
-        return None
+        return _missing(("nft", "setpriv"))
 
     def describe(self) -> str:
         return ("the enforcer pair behind nftables redirects (transparent listeners, "
@@ -146,7 +202,7 @@ class TransparentEnforcer(Enforcer):
         return self._readable(self._write(env, d / "outbound.yaml", {
             "version": 1,
             "node": {"name": "bench-outbound"},
-            "tls": {"mesh": files},
+            "tls": {"mesh": self._pinned(env, files)},
             "listeners": [{"name": "outbound", "listen": f"127.0.0.1:{port}",
                            "transparent": True, "tls": {"mode": "off"}, "ruleset": "bench",
                            "upstream": "inbound"}],
@@ -163,7 +219,7 @@ class TransparentEnforcer(Enforcer):
         return self._readable(self._write(env, d / "inbound.yaml", {
             "version": 1,
             "node": {"name": "bench-inbound"},
-            "tls": {"mesh": files},
+            "tls": {"mesh": self._pinned(env, files)},
             "listeners": [{"name": "inbound", "listen": f"127.0.0.1:{port}",
                            "transparent": True,
                            "tls": {"mode": "terminate", "material": "mesh",
@@ -172,6 +228,11 @@ class TransparentEnforcer(Enforcer):
             "upstreams": {"app": {"address": "original_destination"}},
             "rulesets": {"bench": {"default": "allow"}},
         }))
+
+    @staticmethod
+    def _pinned(env: Env, files: dict[str, str]) -> dict[str, Any]:
+        """The material, with the run's TLS suite as the explicit pair has it."""
+        return {**files, **({"cipher_suites": [env.suite]} if env.suite else {})}
 
     @staticmethod
     def _readable(path: Path) -> Path:

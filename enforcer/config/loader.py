@@ -365,6 +365,11 @@ class _Parser:
             else:
                 upstream = item["upstream"].required_str()
             pp = self.proxy_accept(item["proxy_protocol"])
+            if tls.mode == "off" and not item["tls"]["detect_timeout"].is_null \
+                    and pp.accept != "optional":
+                item["tls"]["detect_timeout"].error(
+                    "with mode off goes with proxy_protocol.accept optional (it bounds the "
+                    "wait for a PROXY header from a silent client)")
             if pp.trusted_identities and (tls.mode == "off" or tls.client_auth == "none"):
                 item["proxy_protocol"]["trusted_identities"].error(
                     "needs tls mode terminate or auto with client_auth required or optional "
@@ -428,9 +433,10 @@ class _Parser:
         detect = node["detect_timeout"].duration(DETECT_TIMEOUT)
         if detect < 0:
             node["detect_timeout"].error("must be 0s (off) or more")
-        if not node["detect_timeout"].is_null and mode != "auto":
-            node["detect_timeout"].error("goes with mode auto (it bounds the wait for the "
-                                         "client's first byte)")
+        if not node["detect_timeout"].is_null and mode not in ("auto", "off"):
+            node["detect_timeout"].error("goes with mode auto, or mode off with "
+                                         "proxy_protocol.accept optional (it bounds the wait "
+                                         "for the client's first byte)")
         client_auth = node["client_auth"].choice(("required", "optional", "none"), "required")
         return ListenerTlsConfig(
             mode=cast(Any, mode),

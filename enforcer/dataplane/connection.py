@@ -107,6 +107,15 @@ _NO_PLAN: Final = Plan()
 # the events that carry nothing but their kind, made once
 _EVENTS: Final = {kind: Event(kind) for kind in lifecycle_events()}
 _PUMPED: Final = Event("relay_started", flag=True)  # the native pump took the relay
+
+
+def _silent_detail(tls_mode: str) -> str:
+    """Why an ``accept: optional`` listener waited for a silent client's first bytes."""
+    why = (f"with tls.mode {tls_mode}" if tls_mode not in ("auto", "off") else
+           "tls.detect_timeout is 0s or not shorter than proxy_protocol.timeout")
+    return f"nothing received in time ({why}: the client must send first)"
+
+
 _warned = connutil._warned  # the out-of-descriptors warning's rate limit (tests set it)
 WARN_EVERY: Final = connutil.WARN_EVERY
 
@@ -336,8 +345,9 @@ class Connection:
         lst, limits = self.listener.cfg, self.listener.limits
         pp = lst.proxy_protocol
         return Plan(proxy=pp.accept != "off", proxy_timeout=pp.timeout, tls=lst.tls.mode,
-                    proxy_silence=detect.proxy_silence(lst.tls.mode, pp.accept,
-                                                       lst.tls.detect_timeout, pp.timeout),
+                    # egress clients always send first (their request): no silence timer
+                    proxy_silence=0.0 if lst.protocol != "tcp" else detect.proxy_silence(
+                        lst.tls.mode, pp.accept, lst.tls.detect_timeout, pp.timeout),
                     detect_timeout=lst.tls.detect_timeout if lst.tls.mode == "auto" else 0.0,
                     handshake_timeout=limits.handshake_timeout,
                     connect_timeout=limits.connect_timeout, idle_timeout=limits.idle_timeout,
@@ -1033,9 +1043,8 @@ class Connection:
             optional = self.listener.cfg.proxy_protocol.accept == "optional"
             parser = self.proxy_parser
             silent = not self.sniff_buf and not (parser is not None and parser.buffered)
-            return Event(name, detail="nothing received in time (with accept: optional the "
-                         "client must send first)" if optional and silent
-                         else "no complete PROXY header in time")
+            return Event(name, detail=_silent_detail(self.listener.cfg.tls.mode)
+                         if optional and silent else "no complete PROXY header in time")
         if name == "proxy_silence":  # has the client started to send?
             parser = self.proxy_parser
             started = bool(self.sniff_buf) or bool(parser is not None and parser.buffered)

@@ -54,6 +54,9 @@ def dead_peer_detection(transport: Any, options: tuple[tuple[int, int, int], ...
         log.warning("cannot set TCP keepalive/user timeout on an upstream socket: %s", exc)
 
 
+MAPPED: Final = "::ffff:"  # an IPv4-mapped IPv6 address, as the kernel prints it
+
+
 @functools.lru_cache(maxsize=4096)
 def client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The policy's client address (zone id dropped); parsed once per distinct address."""
@@ -87,8 +90,13 @@ def has_unread(transport: Any) -> bool:
 
 
 def addr(value: object) -> tuple[str, int] | None:
+    """A socket address as (host, port); an IPv4 peer of a dual-stack ``[::]`` listener
+    (``::ffff:a.b.c.d``) as the IPv4 address it is, for rules, PROXY and records."""
     if isinstance(value, tuple) and len(value) >= 2:
-        return str(value[0]), int(value[1])
+        host = str(value[0])
+        if host.startswith(MAPPED) and "." in host:
+            host = host[len(MAPPED):]
+        return host, int(value[1])
     if isinstance(value, str) and value:
         return value, 0
     return None

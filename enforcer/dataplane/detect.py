@@ -15,9 +15,9 @@ How it works. ``classify(head)`` looks at the bytes the client sent first:
 - ``None``: the bytes so far are the start of one of the TLS forms above: wait for more.
 
 ``proxy_silence`` says how long a client may stay silent at the very start of a
-connection on a ``tls.mode: auto`` listener with ``proxy_protocol.accept: optional``
-before it is taken to send no PROXY header and no TLS either: the same ``detect_timeout``
-as for the first byte, so server-first protocols do not wait for the PROXY timeout.
+connection on a ``tls.mode: auto`` or ``off`` listener with ``proxy_protocol.accept:
+optional`` before it is taken to send no PROXY header (and, on ``auto``, no TLS either):
+``tls.detect_timeout``, so server-first protocols do not wait for the PROXY timeout.
 
 At most ``HEAD`` (5) bytes decide, and a plaintext client is told apart at the first byte
 that fits no TLS form, so only a client whose first bytes look exactly like a TLS header
@@ -90,8 +90,9 @@ def proxy_silence(tls_mode: str, accept: str, detect_timeout: float,
                   proxy_timeout: float) -> float:
     """Seconds of client silence after which an ``accept: optional`` PROXY stage ends with
     no header (then plaintext, the server speaks first); 0: wait for the PROXY timeout.
-    Only ``tls.mode: auto`` listeners, where ``detect_timeout`` already means "a silent
-    client is plaintext"."""
-    if accept != "optional" or tls_mode != "auto" or not 0 < detect_timeout < proxy_timeout:
+    Only ``tls.mode: auto`` and ``off`` listeners: a TLS client (``terminate``,
+    ``passthrough``) always speaks first, and a required header is always awaited."""
+    if accept != "optional" or tls_mode not in ("auto", "off") \
+            or not 0 < detect_timeout < proxy_timeout:
         return 0.0
     return detect_timeout

@@ -69,8 +69,8 @@ class Plan:
 
     proxy: bool = False  # a PROXY header is read (proxy_protocol.accept is not off)
     proxy_timeout: float = 5.0
-    proxy_silence: float = 0.0  # accept optional, tls auto: a client this silent sends no
-    # header and is plaintext (detect.proxy_silence; 0: wait for proxy_timeout)
+    proxy_silence: float = 0.0  # accept optional, tls auto or off: a client this silent
+    # sends no header and is plaintext (detect.proxy_silence; 0: wait for proxy_timeout)
     tls: str = "off"  # tls.mode: off | auto | terminate | passthrough
     detect_timeout: float = 0.0
     handshake_timeout: float = 10.0

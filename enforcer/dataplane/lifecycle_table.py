@@ -57,8 +57,8 @@ internal_error     internal internal internal internal internal internal interna
 # What each outcome does (the I/O layer executes the commands; see lifecycle.py).
 OUTCOMES: Final = {
     "begin": "arm max_lifetime; then PROXY (arm proxy_protocol.timeout; with accept: optional "
-             "on tls.mode auto, tls.detect_timeout as proxy_silence) when a PROXY header is "
-             "read, else as `after`",
+             "on tls.mode auto or off, tls.detect_timeout as proxy_silence) when a PROXY "
+             "header is read, else as `after`",
     "after": "tls.mode off: AUTHORIZE; terminate: HANDSHAKE (arm handshake_timeout); auto: DETECT "
              "(arm tls.detect_timeout, or handshake_timeout when it is 0); passthrough: "
              "DETECT, the ClientHello is read (arm handshake_timeout)",
@@ -102,7 +102,7 @@ OUTCOMES: Final = {
     "timeout": "CLOSED `<timer>`; idle/close/max_lifetime end as `<timer>_rst` with "
                "limits.timeout_close: rst",
     "quiet": "bytes came (held or unread): arm proxy_protocol.timeout; else no header and "
-             "no TLS: AUTHORIZE (plaintext)",
+             "no TLS: AUTHORIZE (plaintext; the server speaks first)",
     "silent": "bytes wait unread: re-arm (handshake_timeout); else the client is plaintext: "
               "AUTHORIZE",
     "idle": "idle for idle_timeout: CLOSED `idle_timeout`; else re-arm for the rest",

@@ -4,8 +4,10 @@ How it works. When nftables (or iptables) REDIRECTs a connection to a transparen
 listener, conntrack keeps the connection's original tuple; ``getsockopt`` on the accepted
 socket with ``SO_ORIGINAL_DST`` (IPv4, level SOL_IP) or ``IP6T_SO_ORIGINAL_DST`` (IPv6,
 level SOL_IPV6; both option 80) returns its original destination as a ``sockaddr_in`` /
-``sockaddr_in6``. The kernel answers ENOENT when conntrack has no entry for the socket
-(nothing redirected it and conntrack was not tracking it); a connection conntrack tracks
+``sockaddr_in6``. An IPv4 connection on a dual-stack ``[::]`` socket (local address
+``::ffff:a.b.c.d``) is an IPv4 conntrack entry: it is asked with the IPv4 option. The
+kernel answers ENOENT when conntrack has no entry for the socket (nothing redirected it
+and conntrack was not tracking it); a connection conntrack tracks
 but did not redirect returns the listener's own address. ``classify`` turns the answer into
 an original destination or the reason to refuse the connection (no loops).
 """
@@ -43,7 +45,8 @@ def read(sock: Any) -> Endpoint | None:
     """The original destination of an accepted TCP socket; None when the kernel has none."""
     family = sock.family
     try:
-        if family == socket.AF_INET:
+        # (an IPv4 connection on a dual-stack socket is asked as IPv4)
+        if family == socket.AF_INET or (family == socket.AF_INET6 and _mapped(sock)):
             raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_LEN)
         elif family == socket.AF_INET6:
             raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_LEN)
@@ -55,6 +58,13 @@ def read(sock: Any) -> Endpoint | None:
         return parse_sockaddr(raw)
     except ValueError:
         return None
+
+
+def _mapped(sock: Any) -> bool:
+    """An IPv4 connection accepted by a dual-stack ``[::]`` socket: conntrack tracked it
+    as IPv4, so only the IPv4 option finds it."""
+    local = sock.getsockname()[0]
+    return isinstance(local, str) and local.startswith("::ffff:") and "." in local
 
 
 def classify(original: Endpoint | None, local: Endpoint | None,

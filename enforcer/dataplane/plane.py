@@ -36,7 +36,12 @@ from enforcer.dataplane.certwatch import CertWatch
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
 from enforcer.dataplane.limitgate import LimitGate
-from enforcer.dataplane.sockets import remove_stale_unix_socket
+from enforcer.dataplane.sockets import (
+    dual_stack,
+    dual_stack_socket,
+    remove_stale_unix_socket,
+    split_ports,
+)
 from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
 from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
@@ -314,6 +319,7 @@ class DataPlane:
         # With the native pump, listeners accept into bare sockets (see acceptor.py): the
         # loop binds them but does not serve them.
         serve = self.poller is None
+        split = split_ports(lst.cfg.listen for lst in self.listeners)
         for lst in self.listeners:
             addr = lst.cfg.listen
             factory = _factory(lst)
@@ -332,6 +338,15 @@ class DataPlane:
                     server = await loop.create_unix_server(factory, addr.path, backlog=1024,
                                                            start_serving=serve)
                     self.owns_unix_paths.append(addr.path)
+                elif dual_stack(addr.host) and addr.port not in split:  # [::]: IPv4 too
+                    # (the loop would set IPV6_V6ONLY)
+                    sock = dual_stack_socket(addr)
+                    try:
+                        server = await loop.create_server(factory, sock=sock, backlog=1024,
+                                                          start_serving=serve)
+                    except BaseException:
+                        sock.close()
+                        raise
                 else:
                     server = await loop.create_server(
                         factory, addr.host or None, addr.port, backlog=1024, reuse_address=True,

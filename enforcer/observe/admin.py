@@ -44,6 +44,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from enforcer.config.model import Address
+from enforcer.dataplane.sockets import set_v6only
 from enforcer.observe.metrics import AggregatedMetrics, Metrics, NullMetrics
 
 log = logging.getLogger("enforcer.admin")
@@ -112,6 +113,10 @@ class _Server(ThreadingHTTPServer):
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        set_v6only(self.socket, str(self.server_address[0]))  # [::]: IPv4 too
+        super().server_bind()
 
 
 class _UnixServer(_Server):

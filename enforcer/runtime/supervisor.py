@@ -50,7 +50,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from enforcer import __version__
 from enforcer.config.model import Config
 from enforcer.dataplane.plane import StartupError
-from enforcer.dataplane.sockets import reserve, worker_socket_for
+from enforcer.dataplane.sockets import is_dual_stack, reserve, split_ports, worker_socket_for
 from enforcer.observe.flowlog import utc_timestamp
 from enforcer.observe.heartbeat import read_stamp, verdict
 from enforcer.observe.metrics import PREFIX
@@ -74,9 +74,10 @@ def run_workers(cfg: Config, workers: int, run_args: list[str] | None = None) ->
     reserved: dict[str, socket.socket] = {}
     try:
         _validate(cfg)
+        split = split_ports(lst.listen for lst in cfg.listeners)
         for lst in cfg.listeners:
             try:
-                reserved[lst.name] = reserve(lst.listen)
+                reserved[lst.name] = reserve(lst.listen, lst.listen.port in split)
             except OSError as exc:
                 raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind "
                                    f"{lst.listen}: {exc.strerror or exc}") from None
@@ -301,7 +302,8 @@ class Supervisor:
                 fds.append(sock.fileno())
             else:
                 host, port = sock.getsockname()[:2]
-                spec["sockets"][lst.name] = {"host": host, "port": port}
+                spec["sockets"][lst.name] = {"host": host, "port": port,
+                                             "dual": is_dual_stack(sock)}
         secret_fd = self._secret_pipe()
         spec["ticket_secret_fd"] = secret_fd
         env = dict(os.environ, ENFORCER_WORKER=json.dumps(spec),
@@ -383,6 +385,7 @@ def worker_sockets(spec_text: str) -> tuple[int, dict[str, socket.socket], Path]
             sock = socket.socket(fileno=int(where["fd"]))
             sock.setblocking(False)
         else:
-            sock = worker_socket_for(str(where["host"]), int(where["port"]))
+            sock = worker_socket_for(str(where["host"]), int(where["port"]),
+                                     bool(where.get("dual", True)))
         sockets[name] = sock
     return int(spec["index"]), sockets, Path(spec["ready_dir"]) / str(os.getpid())

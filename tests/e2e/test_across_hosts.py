@@ -17,7 +17,7 @@ topology cannot drift apart.
 Asserted: the client's address reaches the app (its PROXY v1 line) and every hop's flow
 record, with one flow id (haproxy's unique id, adopted by each hop); pod A's app calls pod
 B's IP and port with no enforcer address configured and the bytes between the hosts are
-TLS (capture); a client dialing pod B's app port directly meets B's sidecar: plaintext
+TLS (capture), over IPv4 and over IPv6 (the pods are dual-stack); a client dialing pod B's app port directly meets B's sidecar: plaintext
 refused (mesh.inbound strict), mTLS with an identity the rules do not name denied; a PROXY
 header forged from a host inside trusted_sources without the gateway's identity is
 refused; killing one gateway loses no connection on the other; sha256 of every payload
@@ -64,6 +64,9 @@ NLB_CFG = Path(__file__).with_name("configs") / "nlb.haproxy.cfg"
 SUBNET = "10.9.0.0/24"
 CLIENT, NLB, GW1, GW2, POD_A, POD_B = ("10.9.0.50", "10.9.0.100", "10.9.0.11", "10.9.0.12",
                                        "10.9.0.1", "10.9.0.2")
+# the pods are dual-stack: an IPv6 address each too (the IPv6 leg, pod A -> pod B)
+SUBNET6 = "fd09::/64"
+POD_A6, POD_B6 = "fd09::1", "fd09::2"
 # Pod A plays a frontend pod (deploy/sidecar's rules let this workload call payments); pod
 # B is a payments pod, the gateways are the gateway pods: their identities come from the
 # rendered Certificates.
@@ -134,13 +137,14 @@ def _localize(docs: list[Doc], host: Host, into: Path, tls: dict[str, Path]) -> 
 
 
 def _sidecar_cfg(docs: list[Doc], host: Host, into: Path, tls: dict[str, Path]) -> dict[str, Any]:
-    """deploy/sidecar's config; addresses: the pod network is this bridge's subnet."""
+    """deploy/sidecar's config; addresses: the pod network is this bridge's subnets (one
+    per family, as the manifest's lists)."""
     cfg = _localize(docs, host, into, tls)
     for network in cfg["mesh"]["networks"]:
-        network["cidrs"] = [SUBNET]
+        network["cidrs"] = [SUBNET, SUBNET6]
     for listener in cfg["listeners"]:
         if "proxy_protocol" in listener:
-            listener["proxy_protocol"]["trusted_sources"] = [SUBNET]
+            listener["proxy_protocol"]["trusted_sources"] = [SUBNET, SUBNET6]
     return cfg
 
 
@@ -171,10 +175,12 @@ def world(pki: Any, tmp_path: Path) -> Iterator[World]:
         topo.bridge("br0")
         hosts: dict[str, Host] = {}
         ports: dict[str, str] = {}
+        six = {"poda": POD_A6, "podb": POD_B6}
         for short, ip in (("client", CLIENT), ("nlb", NLB), ("gw1", GW1), ("gw2", GW2),
                           ("poda", POD_A), ("podb", POD_B)):
             ns = topo.ns(short)
-            ports[short] = topo.attach(ns, "br0", "eth0", [f"{ip}/24"])
+            addrs = [f"{ip}/24"] + ([f"{six[short]}/64"] if short in six else [])
+            ports[short] = topo.attach(ns, "br0", "eth0", addrs)
             hosts[short] = Host(ns, ip, flows=root / short / "flows.jsonl",
                                 user=as_user(app_uid))
         try:
@@ -185,6 +191,7 @@ def world(pki: Any, tmp_path: Path) -> Iterator[World]:
                 pod.sidecar(_sidecar_cfg(side, pod, root / name, tls_dirs[name]), root / name,
                             len(deployed.config(side)["listeners"]), intercept, uid=side_uid)
             hosts["podb"].app("echo", POD_B, str(app_port), "podB")
+            hosts["podb"].app("echo", POD_B6, str(app_port), "podB")  # its IPv6 address
             for name in ("gw1", "gw2"):
                 gw = hosts[name]
                 tls = _materials(gate, pki, root / name, 0)
@@ -280,6 +287,29 @@ def test_pod_a_calls_pod_b_by_its_address_over_mtls(world: World) -> None:
     assert a_rec["mesh"] == "mtls" and a_rec["upstream"]["peer"]["spiffe_id"] == world.payments_id
     b_rec = _flows(b, lambda r: r["client"]["ip"] == POD_A)[0]
     assert b_rec["mesh"] == "mtls" and b_rec["tls"]["peer"]["spiffe_id"] == FRONTEND
+
+
+def test_pod_a_calls_pod_b_over_ipv6(world: World) -> None:
+    """The same call to pod B's IPv6 address: A's [::]:15001 takes the ip6 redirect (to
+    ::1), B's [::]:15006 the ip6 prerouting one; both sidecars read IP6T_SO_ORIGINAL_DST,
+    the app sees pod A's IPv6 address in the PROXY line."""
+    a, b = world.hosts["poda"], world.hosts["podb"]
+    assert world.topo.switch is not None
+    pcap = world.tmp / "a-to-b-v6.pcap"
+    with capture(world.topo.switch, world.ports["poda"], f"ip6 and tcp port {world.app_port}",
+                 pcap):
+        result = a.client(POD_B6, world.app_port, SIZE, seed=6)
+    assert result["error"] is None, result
+    assert result["received"] == expected(SIZE, 6, f"podB proxy={POD_A6}\n".encode())
+    assert_tls_only(pcap, world.app_port, SIZE, 6)
+    a_rec = _flows(a, lambda r: r["listener"] == "outbound"
+                   and r["original_dst"]["ip"] == POD_B6)[0]
+    assert a_rec["mesh"] == "mtls" and a_rec["upstream"]["peer"]["spiffe_id"] == world.payments_id
+    assert a_rec["bytes"]["from_client"] == SIZE
+    b_rec = _flows(b, lambda r: r["client"]["ip"] == POD_A6)[0]
+    assert b_rec["mesh"] == "mtls" and b_rec["tls"]["peer"]["spiffe_id"] == FRONTEND
+    assert b_rec["original_dst"] == {"ip": POD_B6, "port": world.app_port}
+    assert b_rec["action"] == "allow" and b_rec["bytes"]["from_client"] == SIZE
 
 
 def test_a_direct_dial_to_pod_b_meets_its_sidecar(world: World, pki: Any) -> None:

@@ -116,6 +116,33 @@ def test_targets_and_markdown(tmp_path: Path) -> None:
     assert "stunnel4 not installed (apt install stunnel4)" in md
 
 
+def test_interception_ratios_isolate_conntrack_and_the_redirect(tmp_path: Path) -> None:
+    """--netns runs: the transparent pair against its control (the NAT hooks loaded, no
+    redirect) and the control against the explicit pair, in CPU per unit of work."""
+    doc = full_doc(tmp_path)
+    assert report.interception_lines(doc) == []  # no --netns columns: no section
+    for name in ("enforcer-nathooks", "enforcer-transparent"):
+        doc["contestants"][name] = {"status": "ok", "peer": False, "version": "1",
+                                    "setup": "s", "tls": None}
+    w = doc["workloads"]["keepalive"]
+    w["results"]["enforcer-nathooks"] = ok(req_per_s=11000.0, cpu_us_per_req=88.0)
+    w["results"]["enforcer-transparent"] = ok(req_per_s=10500.0, cpu_us_per_req=96.8)
+    lines = report.interception_lines(doc)
+    x = report.TIMES
+    header = next(line for line in lines if line.startswith("| workload"))
+    assert "enforcer-nathooks ÷ enforcer (conntrack + NAT hooks)" in header
+    assert "enforcer-transparent ÷ enforcer-nathooks (redirect + SO_ORIGINAL_DST)" in header
+    rows = [line for line in lines if line.startswith("| keep-alive")]
+    assert rows == [f"| keep-alive requests, 32 connections | CPU µs/req | 1.10{x} | "
+                    f"1.10{x} ❌ | 1.21{x} |"], lines
+    w["results"]["enforcer-transparent"] = ok(cpu_us_per_req=92.0)
+    assert f"| 1.05{x} ✅ |" in "\n".join(report.interception_lines(doc))
+    w["results"]["enforcer-nathooks"] = {"status": "error", "error": "boom"}
+    assert f"| {report.DASH} | {report.DASH} | 1.15{x} |" in "\n".join(
+        report.interception_lines(doc))
+    assert "## Interception" in report.markdown(doc)
+
+
 def test_write_all_writes_run_dir_latest_and_charts(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     doc = full_doc(tmp_path)

@@ -10,6 +10,8 @@ Schema validation and checkov run in `make deploy-check` (.ci/deploy-check).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import re
 import shutil
@@ -20,6 +22,7 @@ import pytest
 import yaml
 
 from enforcer.cli.main import main
+from enforcer.config.loader import parse_address
 from enforcer.config.reader import parse_duration
 from enforcer.tlsconf.certs import init_pki, issue
 from tests.e2e.deployed import (
@@ -27,6 +30,7 @@ from tests.e2e.deployed import (
     by_kind,
     config,
     container,
+    intercept_args,
     intercept_spec,
     render,
     run_as_user,
@@ -169,8 +173,8 @@ def test_the_app_port_is_reached_through_the_sidecar_only() -> None:
     docs = render("sidecar")
     app = container(docs, "app")
     env = {e["name"]: e for e in app["env"]}
-    assert env["LISTEN_ADDRESS"]["value"] == "$(POD_IP):8080"
-    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["LISTEN_PORT"]["value"] == "8080"
+    assert env["POD_IPS"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIPs"}}
     assert [p["containerPort"] for p in app["ports"]] == [8080]
     policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
     admitted = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
@@ -213,7 +217,9 @@ def test_the_gateway_chain_agrees_on_ports_proxy_and_identities() -> None:
     blocks = [f["ipBlock"]["cidr"] for rule in policy["ingress"] for f in rule["from"]
               if "ipBlock" in f]
     assert blocks == gw_listener["proxy_protocol"]["trusted_sources"]
-    assert all(ipaddress.ip_network(b).prefixlen >= 20 for b in blocks)  # not the VPC
+    # subnets, not the VPC (AWS: IPv4 VPCs up to /16, IPv6 VPCs /56 with /64 subnets)
+    assert all(ipaddress.ip_network(b).prefixlen >= (20 if ipaddress.ip_network(b).version == 4
+                                                      else 57) for b in blocks)
     egress = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
     assert int(port) in egress
     lb = next(s for s in by_kind(gate, "Service") if s["spec"]["type"] == "LoadBalancer")
@@ -226,3 +232,55 @@ def test_the_gateway_chain_agrees_on_ports_proxy_and_identities() -> None:
     gateway = the_deployment(gate)
     assert gateway["spec"]["replicas"] >= 2
     assert "podAntiAffinity" in gateway["spec"]["template"]["spec"]["affinity"]
+
+
+def _families(cidrs: list[str]) -> set[int]:
+    return {ipaddress.ip_network(c).version for c in cidrs}
+
+
+def _env_fields(docs: list[dict[str, Any]]) -> list[str]:
+    """Every downward-API field an env var of the pod reads."""
+    spec = the_deployment(docs)["spec"]["template"]["spec"]
+    return [e["valueFrom"]["fieldRef"]["fieldPath"]
+            for c in spec.get("initContainers", []) + spec["containers"]
+            for e in c.get("env", []) if "fieldRef" in e.get("valueFrom", {})]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ipv4_ipv6_and_dual_stack_clusters(overlay: str) -> None:
+    """The overlays work on IPv4, IPv6 and dual-stack clusters: every listener and the
+    admin port on [::] (one dual-stack socket: tests/e2e/test_dual_stack.py), every CIDR
+    list with a range of each family, dual-stack Services, the pod IPs as status.podIPs."""
+    docs = render(overlay)
+    cfg = config(docs)
+    for listen in [lst["listen"] for lst in cfg["listeners"]] + [cfg["admin"]["listen"]]:
+        assert parse_address(listen).host == "::", listen
+    for lst in cfg["listeners"]:
+        if "proxy_protocol" in lst:
+            assert _families(lst["proxy_protocol"]["trusted_sources"]) == {4, 6}, lst
+    for svc in by_kind(docs, "Service"):
+        assert svc["spec"]["ipFamilyPolicy"] == "PreferDualStack", svc["metadata"]["name"]
+    assert "status.podIP" not in _env_fields(docs)  # the first family's address only
+    policy = by_kind(docs, "NetworkPolicy")[0]["spec"]
+    blocks = [f["ipBlock"]["cidr"] for rule in policy["ingress"] + policy["egress"]
+              for f in rule.get("from", []) + rule.get("to", []) if "ipBlock" in f]
+    assert not blocks or _families(blocks) == {4, 6}
+    if overlay != "sidecar":
+        return
+    assert _families([c for n in cfg["mesh"]["networks"] for c in n["cidrs"]]) == {4, 6}
+    assert _env_fields(docs) == ["status.podIPs"]
+    spec = intercept_spec(docs)
+    assert _families([str(c) for c in spec.exclude_cidrs]) == {4, 6}
+    # the installed table returns both families' excluded addresses before the redirect
+    shown = main_output(["intercept", "show", "--dry-run", *intercept_args(docs)])
+    for cidr in spec.exclude_cidrs:
+        family = "ip" if cidr.version == 4 else "ip6"
+        assert f"{family} daddr {cidr}" in shown or \
+            f"{family} daddr {cidr.network_address}" in shown, shown
+
+
+def main_output(argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 
 from enforcer.config.errors import ConfigError
 from enforcer.config.loader import parse_config
+from tests.conftest import require_tool
 from tests.e2e.harness import inbound_cfg, random_bytes, sha
 from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
+from tests.e2e.proxy_util import free_port
 
 BANNER = b"220 mail.example ESMTP ready\r\n"
 
@@ -96,6 +99,7 @@ def test_detect_timeout_0_waits_for_the_handshake_timeout(tmp_path: Path, pki: A
 
 @pytest.mark.parametrize(("tls", "message"), [
     ({"mode": "terminate", "material": "mesh", "detect_timeout": "100ms"}, "goes with mode auto"),
+
     ({"mode": "auto", "material": "mesh", "detect_timeout": "-1s"}, "detect_timeout"),
 ])
 def test_detect_timeout_config_mistakes(pki: Any, tls: dict[str, Any], message: str) -> None:
@@ -134,3 +138,108 @@ def test_optional_proxy_and_a_silent_client_do_not_stall(tmp_path: Path, pki: An
     assert record["client"]["ip"] == ("127.0.0.1" if header is None else "198.51.100.7")
     assert record["bytes"] == {"from_client": len(payload),
                                "to_client": len(payload) + len(BANNER)}
+
+
+class SocatBanner:
+    """A real server-first backend: socat says the SMTP greeting at accept, then echoes."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        script = tmp_path / "banner.sh"  # a file: socat's address syntax has its own quoting
+        script.write_text(f"#!/bin/sh\nprintf '{BANNER.decode().strip()}\\r\\n'\nexec cat\n")
+        script.chmod(0o755)
+        self.proc = subprocess.Popen(
+            [require_tool("socat"), f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
+             f"EXEC:{script}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        self.close()
+        raise TimeoutError("socat did not listen")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+def _off_optional(pki: Any, port: int, tmp_path: Path, relay: str,
+                  accept: str = "optional") -> EnforcerProcess:
+    """tls.mode off with a PROXY header (the default detect_timeout, 200ms), the PROXY
+    timeout (60 s) far beyond the client's socket timeout."""
+    pp = {"accept": accept, "trusted_sources": ["127.0.0.1/32"], "timeout": "60s"}
+    cfg = inbound_cfg(pki, port, default="allow", rules=[],
+                      listener_extra={"tls": {"mode": "off"}, "proxy_protocol": pp})
+    return EnforcerProcess(write_config(tmp_path / "e.yaml", {"relay": relay, **cfg}))
+
+
+HEADER = b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 25\r\n"
+
+
+@pytest.mark.parametrize(("relay", "backend", "header"), [
+    ("python", "echo", None), ("native", "echo", None), ("native", "echo", HEADER),
+    ("native", "socat", None), ("python", "socat", HEADER),
+], ids=["python-silent", "native-silent", "native-header", "socat-silent", "socat-header"])
+def test_tls_off_optional_proxy_and_a_silent_client_get_the_banner(
+        tmp_path: Path, pki: Any, relay: str, backend: str, header: bytes | None) -> None:
+    """``tls.mode: off`` with ``proxy_protocol.accept: optional``: a server-first client
+    that sends nothing (or only a header) gets the banner after ``tls.detect_timeout``."""
+    server: EchoServer | SocatBanner = EchoServer(banner=BANNER) if backend == "echo" \
+        else SocatBanner(tmp_path)
+    proc = _off_optional(pki, server.port, tmp_path, relay)
+    payload = random_bytes(200_000)
+    try:
+        port = proc.wait_bound()["inbound"]
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            if header is not None:
+                sock.sendall(header)
+            assert _read_exactly(sock, len(BANNER)) == BANNER
+            sock.sendall(payload)
+            assert sha(_read_exactly(sock, len(payload))) == sha(payload)
+        record = _records(proc, 1)[0]
+    finally:
+        proc.stop()
+        server.close()
+    assert (record["action"], record["tls"]) == ("allow", None)
+    assert record["client"]["ip"] == ("127.0.0.1" if header is None else "198.51.100.7")
+    assert record["bytes"] == {"from_client": len(payload),
+                               "to_client": len(payload) + len(BANNER)}
+
+
+def test_tls_off_required_proxy_refuses_a_silent_client(tmp_path: Path, pki: Any) -> None:
+    """A required header stays strict: silence is the PROXY timeout, no upstream connect."""
+    server = EchoServer(banner=BANNER)
+    pp = {"accept": "required", "trusted_sources": ["127.0.0.1/32"], "timeout": "1s"}
+    cfg = inbound_cfg(pki, server.port, default="allow", rules=[],
+                      listener_extra={"tls": {"mode": "off"}, "proxy_protocol": pp})
+    proc = EnforcerProcess(write_config(tmp_path / "e.yaml", cfg))
+    try:
+        port = proc.wait_bound()["inbound"]
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            assert sock.recv(100) == b""  # closed at the PROXY timeout, no banner
+        record = _records(proc, 1)[0]
+    finally:
+        proc.stop()
+        server.close()
+    assert (record["action"], record["close"]) == ("error", "proxy_protocol_timeout")
+    assert record["upstream"] is None and record["detail"] == "no complete PROXY header in time"
+
+
+@pytest.mark.parametrize(("accept", "ok"), [("optional", True), ("required", False),
+                                            ("off", False)])
+def test_detect_timeout_on_tls_off_goes_with_optional_proxy(pki: Any, accept: str,
+                                                            ok: bool) -> None:
+    pp: dict[str, Any] = {"accept": accept}
+    if accept != "off":
+        pp["trusted_sources"] = ["127.0.0.1/32"]
+    cfg = inbound_cfg(pki, 1, rules=[], listener_extra={
+        "tls": {"mode": "off", "detect_timeout": "50ms"}, "proxy_protocol": pp})
+    if ok:
+        assert parse_config(cfg).listeners[0].tls.detect_timeout == 0.05
+        return
+    with pytest.raises(ConfigError, match=r"goes with proxy_protocol\.accept optional"):
+        parse_config(cfg)

@@ -68,7 +68,10 @@ def test_the_alerts_are_fatal_tls_alert_records() -> None:
     ("auto", "optional", 0.2, 3.0, 0.2),      # a silent client: no header after 200 ms
     ("auto", "required", 0.2, 3.0, 0.0),      # a header is required: wait for it
     ("terminate", "optional", 0.2, 3.0, 0.0),  # TLS clients speak first
-    ("off", "optional", 0.2, 3.0, 0.0),       # detect_timeout belongs to mode auto
+    ("off", "optional", 0.2, 3.0, 0.2),       # plaintext: a silent client has no header
+    ("off", "required", 0.2, 3.0, 0.0),       # a required header stays strict
+    ("passthrough", "optional", 0.2, 3.0, 0.0),  # the ClientHello comes first
+    ("off", "optional", 0.0, 3.0, 0.0),       # detect_timeout 0s: the old wait
     ("auto", "optional", 0.0, 3.0, 0.0),      # detect_timeout 0s: the old wait
     ("auto", "optional", 5.0, 3.0, 0.0),      # the PROXY timeout comes first anyway
 ])

@@ -83,10 +83,15 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                              CLOSE, ("error", "proxy_protocol_truncated"))],
     (Stage.PROXY, "proxy_timeout"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                       ("error", "proxy_protocol_timeout"))],
-    # accept: optional on tls.mode auto: a silent client sends no header and is plaintext
+    # accept: optional on tls.mode auto or off: a silent client sends no header and is
+    # plaintext (the server speaks first)
     (Stage.PROXY, "proxy_silence"): [({}, SILENCE, None, Stage.AUTHORIZE, ["decide"], None),
                                      ({"flag": True}, SILENCE, None, Stage.PROXY,
-                                      ["start_timer"], None)],
+                                      ["start_timer"], None),
+                                     ({}, {**SILENCE, "tls": "off"}, None, Stage.AUTHORIZE,
+                                      ["decide"], None),
+                                     ({"flag": True}, {**SILENCE, "tls": "off"}, None,
+                                      Stage.PROXY, ["start_timer"], None)],
     (Stage.DETECT, "tls_detected"): [({}, {}, None, Stage.HANDSHAKE,
                                       ["start_timer", "start_tls"], None)],
     (Stage.DETECT, "plain_detected"): [({}, {}, None, Stage.AUTHORIZE, ["decide"], None)],
@@ -457,6 +462,31 @@ def test_proxy_silence_then_the_full_proxy_timeout() -> None:
     assert core.handle(E("proxy_timeout"))[-1].reason == "proxy_protocol_timeout"
     quiet = drive([E("accept")], dataclasses.replace(PLAN, **SILENCE))
     assert kinds(quiet.handle(E("proxy_silence"))) == ["decide"]  # no DETECT: plaintext
+
+
+def test_tls_off_optional_proxy_silence_connects_and_takes_the_banner() -> None:
+    """tls.mode off, accept optional: silence means no header; the upstream's banner (early
+    bytes before the relay) is held and then forwarded; a required header stays strict."""
+    plan = dataclasses.replace(PLAN, tls="off", upstream_tls=False, **SILENCE)
+    core = drive([E("accept")], plan)
+    assert core.timers["stage"] == "proxy_silence"
+    assert kinds(core.handle(E("proxy_silence"))) == ["decide"]
+    assert "stage" not in core.timers
+    assert kinds(core.handle(ALLOW)) == ["start_timer", "connect"]
+    assert kinds(core.handle(E("upstream_data"))) == ["hold"]  # the banner, before the relay
+    assert kinds(core.handle(E("upstream_connected"))) == ["start_relay"]
+    assert core.handle(E("relay_started")) and core.stage == Stage.RELAY
+    assert core.handle(E("client_data")) == [Command("forward", side="upstream")]
+    # a header after a short pause: the parser takes it, then AUTHORIZE at once
+    late = drive([E("accept")], plan)
+    assert kinds(late.handle(E("proxy_silence", flag=True))) == ["start_timer"]
+    assert kinds(late.handle(E("proxy_done"))) == ["decide"]
+    # accept required (proxy_silence 0): silence is the PROXY timeout, refused
+    strict = drive([E("accept")], dataclasses.replace(plan, proxy_silence=0.0))
+    assert strict.timers["stage"] == "proxy_timeout"
+    with pytest.raises(LifecycleError):
+        strict.handle(E("proxy_silence"))
+    assert strict.handle(E("proxy_timeout"))[-1].reason == "proxy_protocol_timeout"
 
 
 def test_passthrough_hello_routes_then_authorizes() -> None:
