@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +58,10 @@ class EgressProxy:
     binary: str | None = None
     apt: str | None = None
     is_peer = True
-    login = False  # can check a username/password here
+
+    def no_login(self) -> str | None:
+        """Why this proxy cannot take part in the login workloads here, or None."""
+        return "the harness does not set up its logins"
 
     def missing(self) -> str | None:
         if self.binary and not shutil.which(self.binary):
@@ -96,10 +101,12 @@ class Enforcer(EgressProxy):
 
     name = "enforcer"
     is_peer = False
-    login = True
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
+
+    def no_login(self) -> str | None:
+        return None
 
     def version(self) -> str | None:
         from enforcer import __version__
@@ -141,24 +148,52 @@ class Dante(EgressProxy):
     apt = "dante-server"
 
     def version(self) -> str | None:
-        return tool_version(["danted", "-v"], r"Dante v(\S+)")
+        return tool_version(["danted", "-v"], r"Dante v([0-9.]*[0-9])")
 
     def describe(self) -> str:
         return ("`danted -f <conf>`, `clientmethod: none`, `socksmethod: none`, one `client "
-                "pass` and one `socks pass` rule for 127.0.0.0/8, default child processes")
+                "pass` and one `socks pass` rule for 127.0.0.0/8, default child processes; "
+                "the login variant: `socksmethod: username` (the system's user database: "
+                "a user with a SHA-512 crypt password, `openssl passwd -6`, in copies of "
+                "/etc/passwd and /etc/shadow mounted over the originals in a mount namespace "
+                "of dante's own)")
+
+    def no_login(self) -> str | None:
+        # dante checks a login against the system's users: the harness adds one in copies
+        # of /etc/passwd and /etc/shadow that only dante's own mount namespace sees
+        if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("openssl"):
+            return ("dante checks logins against the system's users: the harness adds one "
+                    "in a private mount namespace, which needs root, unshare and openssl")
+        return None
 
     def argv(self, env: Env, d: Path, port: int, login: bool) -> list[str]:
-        if login:
-            raise MeasureError("dante checks logins against the system's users only")
         root = os.geteuid() == 0
         (d / "danted.conf").write_text(
             "logoutput: stderr\n"
             f"internal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n"
-            "clientmethod: none\nsocksmethod: none\n"
+            f"clientmethod: none\nsocksmethod: {'username' if login else 'none'}\n"
             + ("user.privileged: root\nuser.unprivileged: nobody\n" if root else "")
             + "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
             "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }\n")
-        return ["danted", "-f", str(d / "danted.conf"), "-p", str(d / "danted.pid")]
+        argv = ["danted", "-f", str(d / "danted.conf"), "-p", str(d / "danted.pid")]
+        return self._with_user(d, argv) if login else argv
+
+    @staticmethod
+    def _with_user(d: Path, argv: list[str]) -> list[str]:
+        """``argv`` in a private mount namespace whose /etc/passwd and /etc/shadow are
+        copies with the bench user added (the machine's own files are not touched)."""
+        hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=PASSWORD,
+                                capture_output=True, text=True, check=True, timeout=10)
+        passwd, shadow = d / "passwd", d / "shadow"
+        passwd.write_text(Path("/etc/passwd").read_text()
+                          + f"{USER}:x:64026:64026::/nonexistent:/usr/sbin/nologin\n")
+        shadow.touch(mode=0o600)
+        shadow.write_text(Path("/etc/shadow").read_text()
+                          + f"{USER}:{hashed.stdout.strip()}:20000:0:99999:7:::\n")
+        script = (f"mount --bind {shlex.quote(str(passwd))} /etc/passwd && "
+                  f"mount --bind {shlex.quote(str(shadow))} /etc/shadow && exec \"$@\"")
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                "danted", *argv]
 
 
 class Tinyproxy(EgressProxy):
@@ -173,6 +208,9 @@ class Tinyproxy(EgressProxy):
     def describe(self) -> str:
         return ("`tinyproxy -d -c <conf>`, `Allow 127.0.0.1`, every port allowed for CONNECT "
                 "(no `ConnectPort`), `LogLevel Connect` to a file, default `MaxClients`")
+
+    def no_login(self) -> str | None:
+        return None  # BasicAuth (no HTTP CONNECT login workload yet)
 
     def argv(self, env: Env, d: Path, port: int, login: bool) -> list[str]:
         (d / "tinyproxy.conf").write_text(
@@ -204,8 +242,6 @@ class Squid(EgressProxy):
                 "`cache deny all`, access log to /dev/null, one process (its default)")
 
     def argv(self, env: Env, d: Path, port: int, login: bool) -> list[str]:
-        if login:
-            raise MeasureError("squid's login is not set up by the harness")
         (d / "squid.conf").write_text(
             f"http_port 127.0.0.1:{port}\nvisible_hostname bench\n"
             "http_access allow localhost\nhttp_access deny all\ncache deny all\n"
@@ -286,15 +322,16 @@ BY_NAME = {w.name: w for w in WORKLOADS}
 # --------------------------------------------------------------------------- measuring
 
 
-def load_argv(w: EgressWorkload, proxy_port: int, backend_port: int, seconds: float
-              ) -> list[str]:
+def load_argv(w: EgressWorkload, proxy_port: int, backend_port: int, seconds: float,
+              connections: int | None = None) -> list[str]:
     path = BULK_PATH if w.mode == "bulk" else PATH
     size = BULK_SIZE if w.mode == "bulk" else BODY_SIZE
     argv = [sys.executable, "-m", "benchmarks.egress_load", "--protocol", w.protocol,
             "--proxy", f"127.0.0.1:{proxy_port}", "--target", f"127.0.0.1:{backend_port}",
             "--mode", w.mode, "--path", path, "--size", str(size),
             "--sha256", sha256_of(path), "--seconds", str(seconds),
-            "--connections", str(BULK_TUNNELS if w.mode == "bulk" else CONNECTIONS)]
+            "--connections", str(connections or (BULK_TUNNELS if w.mode == "bulk"
+                                                 else CONNECTIONS))]
     if w.login:
         argv += ["--user", USER, "--password", PASSWORD]
     return argv
@@ -326,6 +363,8 @@ def measure(env: Env, s: Settings, backend_port: int, w: EgressWorkload, c: Egre
     try:
         warmup = s.wrk_warmup_seconds if w.mode == "newconn" else 0.5
         seconds = s.wrk_seconds if w.mode == "newconn" else s.bulk_seconds
+        if w.login:  # one login first: the measured ones are of a user seen before
+            run_load(env, d, load_argv(w, pair.entry_port, backend_port, 0.2, 1), 0.2)
         run_load(env, d, load_argv(w, pair.entry_port, backend_port, warmup), warmup)
         with Window(pair) as win:
             got = run_load(env, d, load_argv(w, pair.entry_port, backend_port, seconds),
@@ -343,7 +382,8 @@ def _values(w: EgressWorkload, got: dict[str, Any], win: Window) -> Values:
     cpu = win.total
     out: Values = {"errors": got["errors"], "bytes_checked": got["body_bytes"],
                    "load_seconds": got["seconds"], "cpu_s": _r(cpu),
-                   "cpu_cores": _r(cpu / win.wall if cpu is not None and win.wall else None)}
+                   "cpu_cores": _r(cpu / win.wall if cpu is not None and win.wall else None),
+                   "load_cpu_cores": got["cpu_cores"]}
     if w.mode == "bulk":
         gb = got["body_bytes"] / 1e9
         out.update(gbit_per_s=round(got["body_bytes"] * 8 / 1e9 / got["seconds"], 3),

@@ -210,13 +210,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     job = Job(a.protocol, a.proxy, a.target, a.path, a.size, a.sha256, login,
               keep_alive=a.mode == "bulk")
     go = newconn if a.mode == "newconn" else bulk
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     tally = _event_loop_run(go(job, a.connections, a.seconds, a.timeout))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu0
     ms = sorted(t * 1e3 for t in tally.latencies)
     return {"mode": a.mode, "protocol": a.protocol, "seconds": round(elapsed, 4),
             "completed": tally.completed, "body_bytes": tally.body_bytes,
             "errors": tally.errors, "first_error": tally.first_error,
+            "cpu_cores": round(cpu / elapsed, 3) if elapsed else None,
             "p50_ms": _pct(ms, 50), "p99_ms": _pct(ms, 99)}
 
 
