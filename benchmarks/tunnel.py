@@ -97,12 +97,15 @@ class Socks5(Handshake):
         return b"", *self._reply()
 
     def _reply(self) -> tuple[bool, bytes]:
-        if len(self.buf) < 5:
+        if len(self.buf) < 2:
             return False, b""
-        ver, rep, atyp = self.buf[0], self.buf[1], self.buf[3]
-        if ver != 5 or rep != 0:
+        ver, rep = self.buf[0], self.buf[1]
+        if ver != 5 or rep != 0:  # a refusal is final whatever follows
             raise TunnelError(f"SOCKS5 CONNECT refused: reply {rep:#x} "
                               f"({SOCKS_REPLIES.get(rep, 'unknown')})")
+        if len(self.buf) < 5:
+            return False, b""
+        atyp = self.buf[3]
         size = {1: 4, 4: 16, 3: 1 + self.buf[4]}.get(atyp)
         if size is None:
             raise TunnelError(f"SOCKS5 reply with address type {atyp:#x}")
