@@ -316,7 +316,7 @@ class Runner:
             self._workload(ctx, w, self.doc["workloads"])
         for name, seen in ctx.tls_seen.items():
             self.doc["contestants"][name]["tls"] = seen
-        if not self.defaults:
+        if not self.defaults or not self.works:
             return
         env.suite = None
         self.doc["defaults"] = {"workloads": {}}

@@ -4,8 +4,9 @@
     egress load tool --SOCKS5 / CONNECT--> [proxy] --plain--> HTTP backend
 
 Every contestant is started fresh for each measurement with no login (the ``-auth``
-workloads: a username/password login, SOCKS5 RFC 1929, for the proxies that can check
-one without changing the machine), allows any destination to every local client, and
+workload: a username/password login, SOCKS5 RFC 1929: enforcer's scrypt file, and for
+dante a system user the harness adds in copies of /etc/passwd and /etc/shadow that only
+dante's own mount namespace sees), allows any destination to every local client, and
 keeps its own defaults for processes and threads (dante preforks, tinyproxy a thread per
 connection, squid one process, enforcer ``workers: 1``). Per-connection logs are written
 as each tool ships them to /dev/null, or a file where the tool refuses /dev/null
@@ -17,7 +18,8 @@ Workloads (``WORKLOADS``): for each protocol, new connections (handshake + CONNE
 ``GET`` of the 256 B file with ``Connection: close``, 32 at a time) and bulk (one tunnel,
 keep-alive ``GET`` of the 16 MiB file back to back). Every body is checked by sha256 in the
 load tool. CPU is every process of the proxy's session, from /proc, over the measured
-window only (``workloads.Window``).
+window only (``workloads.Window``); the load tool's own share of a core is recorded too
+(``load_cpu_cores``), to see whether it, not the proxy, was the limit.
 """
 
 from __future__ import annotations
@@ -63,8 +65,15 @@ class EgressProxy:
         """Why this proxy cannot take part in the login workloads here, or None."""
         return "the harness does not set up its logins"
 
+    def exe(self) -> str | None:
+        """The binary's path: on PATH, or in /usr/sbin (daemons, off a user's PATH)."""
+        if self.binary is None:
+            return None
+        sbin = Path("/usr/sbin") / self.binary
+        return shutil.which(self.binary) or (str(sbin) if sbin.exists() else None)
+
     def missing(self) -> str | None:
-        if self.binary and not shutil.which(self.binary):
+        if self.binary and not self.exe():
             return f"{self.binary} not installed (apt install {self.apt})"
         return None
 
@@ -148,7 +157,7 @@ class Dante(EgressProxy):
     apt = "dante-server"
 
     def version(self) -> str | None:
-        return tool_version(["danted", "-v"], r"Dante v([0-9.]*[0-9])")
+        return tool_version([str(self.exe()), "-v"], r"Dante v([0-9.]*[0-9])")
 
     def describe(self) -> str:
         return ("`danted -f <conf>`, `clientmethod: none`, `socksmethod: none`, one `client "
@@ -175,7 +184,7 @@ class Dante(EgressProxy):
             + ("user.privileged: root\nuser.unprivileged: nobody\n" if root else "")
             + "client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }\n"
             "socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 command: connect }\n")
-        argv = ["danted", "-f", str(d / "danted.conf"), "-p", str(d / "danted.pid")]
+        argv = [str(self.exe()), "-f", str(d / "danted.conf"), "-p", str(d / "danted.pid")]
         return self._with_user(d, argv) if login else argv
 
     @staticmethod
@@ -203,7 +212,7 @@ class Tinyproxy(EgressProxy):
     apt = "tinyproxy"
 
     def version(self) -> str | None:
-        return tool_version(["tinyproxy", "-v"], r"tinyproxy (\S+)")
+        return tool_version([str(self.exe()), "-v"], r"tinyproxy (\S+)")
 
     def describe(self) -> str:
         return ("`tinyproxy -d -c <conf>`, `Allow 127.0.0.1`, every port allowed for CONNECT "
@@ -217,7 +226,7 @@ class Tinyproxy(EgressProxy):
             f"Port {port}\nListen 127.0.0.1\nTimeout 600\n"
             f'LogFile "{d}/access.log"\nLogLevel Connect\nPidFile "{d}/tinyproxy.pid"\n'
             "Allow 127.0.0.1\n" + (f"BasicAuth {USER} {PASSWORD}\n" if login else ""))
-        return ["tinyproxy", "-d", "-c", str(d / "tinyproxy.conf")]
+        return [str(self.exe()), "-d", "-c", str(d / "tinyproxy.conf")]
 
 
 class Squid(EgressProxy):
@@ -226,16 +235,8 @@ class Squid(EgressProxy):
     binary = "squid"
     apt = "squid"
 
-    def missing(self) -> str | None:
-        if not (shutil.which("squid") or Path("/usr/sbin/squid").exists()):
-            return "squid not installed (apt install squid)"
-        return None
-
     def version(self) -> str | None:
-        return tool_version([self._exe(), "-v"], r"Version (\S+)")
-
-    def _exe(self) -> str:
-        return shutil.which("squid") or "/usr/sbin/squid"
+        return tool_version([str(self.exe()), "-v"], r"Version (\S+)")
 
     def describe(self) -> str:
         return ("`squid -N -f <conf>`, `http_access allow localhost`, CONNECT to any port, "
@@ -247,7 +248,7 @@ class Squid(EgressProxy):
             "http_access allow localhost\nhttp_access deny all\ncache deny all\n"
             "access_log stdio:/dev/null\ncache_log /dev/null\npid_filename none\n"
             "pinger_enable off\nshutdown_lifetime 0 seconds\n")
-        return [self._exe(), "-N", "-d", "1", "-f", str(d / "squid.conf")]
+        return [str(self.exe()), "-N", "-d", "1", "-f", str(d / "squid.conf")]
 
 
 CONTESTANTS: dict[str, tuple[EgressProxy, ...]] = {

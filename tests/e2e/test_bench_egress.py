@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,7 +180,7 @@ def test_quick_egress_run_peers(tmp_path: Path) -> None:
     check_egress_run(tmp_path, installed_peers())
 
 
-@pytest.mark.skipif(shutil.which("danted") is None, reason="dante-server not installed")
+@pytest.mark.skipif(egress.Dante().missing() is not None, reason="dante-server not installed")
 def test_dante_is_named_in_the_listing() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
