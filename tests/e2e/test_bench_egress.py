@@ -8,24 +8,28 @@
   bytes that the load tool checked by sha256, with no error; the "Egress proxies" table is in
   egress-quick.md, latest-quick.* is not written (an egress-only run never replaces the
   pairs' summary), and no process the harness started is left.
-- Which summary file a run writes, and the egress table in a combined report.
+- Which summary file a run writes, and the egress table in a combined report; the
+  fallback HTTP backend (no nginx) serves the bulk file by its path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks import egress
-from benchmarks.backends import BODY_SIZE, BULK_SIZE
+from benchmarks.backends import BODY_SIZE, BULK_PATH, BULK_SIZE, body, bulk_body, sha256_of
 from benchmarks.options import EGRESS_CONTESTANTS, EGRESS_WORKLOADS
 from benchmarks.report import latest_name, markdown
 from benchmarks.tunnel import HttpConnect, Login, Response, Socks5, TunnelError
@@ -224,3 +228,36 @@ def test_summary_file_and_table(pairs: bool, name: str) -> None:
             "2.00\u00d7 (dante) |") in md
     assert ("## Results" in md) is pairs
     assert "- **dante**: skipped: danted not installed (apt install dante-server)" in md
+
+
+def get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_the_fallback_backend_serves_each_file_by_path(tmp_path: Path) -> None:
+    """Without nginx, benchmarks.httpd serves the bulk file the egress workloads fetch."""
+    (tmp_path / "bench.txt").write_bytes(body())
+    (tmp_path / "bulk.bin").write_bytes(bulk_body())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.httpd", str(port),
+                             str(tmp_path)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+        for path, expected in (("/bulk.bin", BULK_PATH), ("/bench.txt", "/bench.txt"),
+                               ("/other", "/bench.txt")):
+            r = Response(BULK_SIZE if expected == BULK_PATH else BODY_SIZE, sha256_of(expected))
+            assert r.feed(get(port, path)) is True, path
+    finally:
+        proc.terminate()
+        proc.wait(10)
