@@ -2,10 +2,13 @@
 
 Order of a run: certificates, the shared HTTP backend, then workload by workload, every
 contestant in turn on a freshly started pair (interleaving contestants within a workload
-keeps slow drifts of a shared machine from favouring whoever ran first), then the
-micro-benchmarks, then results.json / results.md / charts into a run directory
-(``<out>/runs/<stamp>/``, ignored by git) and the summary, latest.json / latest.md /
-latest.png, into ``<out>`` (the only results the repository keeps). Progress goes to stderr as it runs.
+keeps slow drifts of a shared machine from favouring whoever ran first), then the egress
+proxies' workloads the same way (``benchmarks.egress``: one proxy process per contestant,
+a table of their own), then the micro-benchmarks, then results.json / results.md / charts
+into a run directory (``<out>/runs/<stamp>/``, ignored by git) and the summary, latest.json
+/ latest.md / latest.png, into ``<out>`` (the only results the repository keeps; a run of
+only the egress proxies writes egress.json / egress.md instead). Progress goes to stderr
+as it runs.
 
 Cleanup: every child is in ``Processes``; the ``finally`` block stops them all and removes
 the temp dir, on success, on error and on Ctrl-C/SIGTERM (which also write the partial
@@ -239,7 +242,9 @@ class Runner:
         """The egress workloads to measure after the pair's, for the contestants named."""
         self.egress, self.egress_only = works, names
         for w in works:
-            self.total += len(emod.contestants(w.protocol, names)) * self.repeat
+            ready = [c for c in emod.contestants(w.protocol, names) if not c.missing()
+                     and not (w.login and c.no_login())]
+            self.total += len(ready) * self.repeat
 
     def go(self, out: Path, run_dir: Path) -> int:
         install_signal_handlers()
