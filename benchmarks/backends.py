@@ -4,7 +4,9 @@
   worker, no access log, keep-alive without a request cap (nginx's default
   ``keepalive_requests 1000`` would turn the keep-alive workload into a partly
   new-connection one). Without nginx, ``benchmarks.httpd`` (a uvloop responder) stands
-  in and the results say so (``backend`` in the JSON).
+  in and the results say so (``backend`` in the JSON). A second, large file
+  (``BULK_PATH``, ``BULK_SIZE`` bytes of a fixed pseudo-random stream) is what the egress
+  bulk workloads download through a tunnel.
 - bulk: ``iperf3 -s``, started fresh for each measurement.
 
 Their CPU is not counted: only the contestants' processes are measured.
@@ -12,7 +14,10 @@ Their CPU is not counted: only the contestants' processes are measured.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -24,6 +29,8 @@ from benchmarks.procs import wait_listening
 
 BODY_SIZE = 256
 PATH = "/bench.txt"
+BULK_PATH = "/bulk.bin"
+BULK_SIZE = 16 * 2**20
 
 
 def request(close: bool = False) -> bytes:
@@ -43,11 +50,24 @@ def body() -> bytes:
     return (b"enforcer benchmark body " * 20)[:BODY_SIZE - 1] + b"\n"
 
 
+@functools.cache
+def bulk_body() -> bytes:
+    """The large file: the same bytes in every run (a seeded stream, not compressible)."""
+    return random.Random(26).randbytes(BULK_SIZE)
+
+
+@functools.cache
+def sha256_of(path: str) -> str:
+    data = bulk_body() if path == BULK_PATH else body()
+    return hashlib.sha256(data).hexdigest()
+
+
 def start_http(env: Env) -> HttpBackend:
     d = env.workdir("backend-http")
     port = env.ports.take()
     (d / "www").mkdir()
     (d / "www" / PATH.lstrip("/")).write_bytes(body())
+    (d / "www" / BULK_PATH.lstrip("/")).write_bytes(bulk_body())
     if shutil.which("nginx"):
         conf = d / "nginx.conf"
         temp = "".join(f"  {kind}_temp_path {d}/{kind};\n"

@@ -2,10 +2,13 @@
 
 Order of a run: certificates, the shared HTTP backend, then workload by workload, every
 contestant in turn on a freshly started pair (interleaving contestants within a workload
-keeps slow drifts of a shared machine from favouring whoever ran first), then the
-micro-benchmarks, then results.json / results.md / charts into a run directory
-(``<out>/runs/<stamp>/``, ignored by git) and the summary, latest.json / latest.md /
-latest.png, into ``<out>`` (the only results the repository keeps). Progress goes to stderr as it runs.
+keeps slow drifts of a shared machine from favouring whoever ran first), then the egress
+proxies' workloads the same way (``benchmarks.egress``: one proxy process per contestant,
+a table of their own), then the micro-benchmarks, then results.json / results.md / charts
+into a run directory (``<out>/runs/<stamp>/``, ignored by git) and the summary, latest.json
+/ latest.md / latest.png, into ``<out>`` (the only results the repository keeps; a run of
+only the egress proxies writes egress.json / egress.md instead). Progress goes to stderr
+as it runs.
 
 Cleanup: every child is in ``Processes``; the ``finally`` block stops them all and removes
 the temp dir, on success, on error and on Ctrl-C/SIGTERM (which also write the partial
@@ -32,14 +35,22 @@ from typing import Any
 import yaml
 
 from benchmarks import contestants as cmod
+from benchmarks import egress as emod
 from benchmarks import results as rmod
 from benchmarks import transparent
 from benchmarks import workloads as wmod
-from benchmarks.backends import BODY_SIZE, start_http
+from benchmarks.backends import BODY_SIZE, BULK_SIZE, start_http
 from benchmarks.contestants import Contestant, Env, tool_version
 from benchmarks.load import MeasureError
 from benchmarks.micro import run_micro
-from benchmarks.options import CONTESTANTS, RUNS_DIR, WORKLOADS, add_arguments
+from benchmarks.options import (
+    CONTESTANTS,
+    EGRESS_CONTESTANTS,
+    EGRESS_WORKLOADS,
+    RUNS_DIR,
+    WORKLOADS,
+    add_arguments,
+)
 from benchmarks.pki import make_pki
 from benchmarks.procs import (
     Ports,
@@ -99,6 +110,11 @@ def list_everything() -> int:
         print(f"contestant {c.name:<9} {c.missing() or 'ready'}")
     for w in wmod.WORKLOADS:
         print(f"workload   {w.name:<11} {w.missing_tool() or 'ready'}  ({w.title})")
+    for proxy in (emod.Dante(), emod.Tinyproxy(), emod.Squid()):
+        print(f"egress     {proxy.name:<11} {proxy.missing() or 'ready'}  "
+              f"({emod.label_title(proxy.protocol)})")
+    for e in emod.WORKLOADS:
+        print(f"workload   {e.name:<11} ready  ({e.title})")
     return 0
 
 
@@ -120,11 +136,16 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "netns", False) and not transparent.in_private_netns():
         transparent.reexec_in_netns(transparent.harness_argv(sys.argv[1:]))
     try:
-        chosen = [cmod.BY_NAME[n] for n in _pick(args.only, CONTESTANTS, "contestant")]
+        names = _pick(args.only, CONTESTANTS + EGRESS_CONTESTANTS, "contestant")
+        chosen = [cmod.BY_NAME[n] for n in names if n in cmod.BY_NAME]
         chosen += _variants(getattr(args, "variant", None) or [])
         if getattr(args, "netns", False):
             chosen += [transparent.NatHooksEnforcer(), transparent.TransparentEnforcer()]
-        works = [wmod.BY_NAME[n] for n in _pick(args.workloads, WORKLOADS, "workload")]
+        picked = _pick(_expand_egress(args.workloads), WORKLOADS + EGRESS_WORKLOADS,
+                       "workload")
+        works = [wmod.BY_NAME[n] for n in picked if n in wmod.BY_NAME] if chosen else []
+        chosen = chosen if works else []  # only egress proxies: no pair to describe
+        egress = [emod.BY_NAME[n] for n in picked if n in emod.BY_NAME]
         extra = _load_extra(args.enforcer_extra)
     except UsageError as exc:
         print(f"enforcer bench: {exc}", file=sys.stderr)
@@ -137,7 +158,17 @@ def run(args: argparse.Namespace) -> int:
     run_dir = out / RUNS_DIR / stamp  # raw runs: an ignored folder (see .gitignore)
     doc = rmod.new_doc(settings, f"{RUNS_DIR}/{stamp}")
     doc["settings"]["enforcer_extra"] = extra  # merged into every enforcer config
-    return Runner(doc, settings, chosen, works, extra, args).go(out, run_dir)
+    runner = Runner(doc, settings, chosen, works, extra, args)
+    runner.add_egress(egress, set(names))
+    return runner.go(out, run_dir)
+
+
+def _expand_egress(text: str | None) -> str | None:
+    """``--workloads`` with ``egress`` standing for every egress workload."""
+    if not text or text == "all":
+        return text
+    parts = [t.strip() for t in text.split(",")]
+    return ",".join(n for t in parts for n in (EGRESS_WORKLOADS if t == "egress" else (t,)))
 
 
 def _load_extra(path: Path | None, option: str = "--enforcer-extra") -> dict[str, Any]:
@@ -203,6 +234,17 @@ class Runner:
             not settings.quick or getattr(args, "defaults", False))
         self.done = 0
         self.total = len(self.ready) * len(works) * self.repeat * (2 if self.defaults else 1)
+        self.http: Any = None  # the HTTP backend, once started
+        self.egress: list[emod.EgressWorkload] = []
+        self.egress_only: set[str] = set()
+
+    def add_egress(self, works: list[emod.EgressWorkload], names: set[str]) -> None:
+        """The egress workloads to measure after the pair's, for the contestants named."""
+        self.egress, self.egress_only = works, names
+        for w in works:
+            ready = [c for c in emod.contestants(w.protocol, names) if not c.missing()
+                     and not (w.login and c.no_login())]
+            self.total += len(ready) * self.repeat
 
     def go(self, out: Path, run_dir: Path) -> int:
         install_signal_handlers()
@@ -212,7 +254,8 @@ class Runner:
         try:
             env = Env(tmp, make_pki(tmp / "pki"), procs, Ports(), self.extra)
             self._measure_all(env)
-            if not self.args.no_micro:
+            self._measure_egress(env)
+            if not self.args.no_micro and self.works:
                 self.doc["micro"] = run_micro(self.settings.quick, _progress)
         except KeyboardInterrupt:
             self.doc["interrupted"] = True
@@ -230,11 +273,21 @@ class Runner:
         self._describe_tools()
         self._describe_contestants()
         mode = "quick" if self.settings.quick else "full"
-        _progress(f"enforcer bench: {mode} run, {len(self.ready)} contestants x "
-                  f"{len(self.works)} workloads -> {run_dir}")
+        what = (f"{len(self.ready)} contestants x {len(self.works)} workloads"
+                if self.works else "egress proxies only")
+        if self.works and self.egress:
+            what += f", then {len(self.egress)} egress workloads"
+        _progress(f"enforcer bench: {mode} run, {what} -> {run_dir}")
         for name, c in self.doc["contestants"].items():
             state = c.get("reason") or c.get("version") or "ready"
             _progress(f"  {name:<9} {state}")
+        shown = {"enforcer"} if self.doc["contestants"] else set()
+        for w in self.egress:
+            for proxy in emod.contestants(w.protocol, self.egress_only):
+                if proxy.name not in shown:
+                    shown.add(proxy.name)
+                    _progress(f"  {proxy.name:<9} {proxy.missing() or proxy.version() or 'ready'}"
+                              " (egress)")
         busy = self.doc["host"]["cpu_busy_before"] = rmod.cpu_busy()
         if busy > 0.2:
             _progress(f"  warning: the machine is busy ({busy:.0%} of CPU in use before the "
@@ -268,7 +321,7 @@ class Runner:
             self._workload(ctx, w, self.doc["workloads"])
         for name, seen in ctx.tls_seen.items():
             self.doc["contestants"][name]["tls"] = seen
-        if not self.defaults:
+        if not self.defaults or not self.works:
             return
         env.suite = None
         self.doc["defaults"] = {"workloads": {}}
@@ -280,8 +333,10 @@ class Runner:
             self.doc["contestants"][name]["tls_defaults"] = seen
 
     def _start_http(self, env: Env) -> Any:
-        if not any(w.backend == "http" for w in self.works):
+        if not any(w.backend == "http" for w in self.works) and not self.egress:
             return None
+        if self.http is not None:
+            return self.http
         try:
             http = start_http(env)
         except StartError as exc:
@@ -290,8 +345,10 @@ class Runner:
             return None
         version = tool_version(["nginx", "-v"], r"nginx/(\S+)") if http.kind == "nginx" else ""
         self.doc["backends"]["http"] = (
-            f"{http.kind} {version}".strip() + f", one static {BODY_SIZE} B file, "
+            f"{http.kind} {version}".strip() + f", one static {BODY_SIZE} B file "
+            f"(and a {BULK_SIZE // 2**20} MiB one for the egress bulk workloads), "
             "keep-alive without a request cap")
+        self.http = http
         return http
 
     def _workload(self, ctx: wmod.Ctx, w: wmod.Workload, table: dict[str, Any]) -> None:
@@ -336,12 +393,13 @@ class Runner:
         self._say(w, c, headline, t0)
         return {"status": "ok", "values": values}
 
-    def _say(self, w: wmod.Workload, c: Contestant, text: str, t0: float) -> None:
+    def _say(self, w: wmod.Workload | emod.EgressWorkload, c: Contestant | emod.EgressProxy,
+             text: str, t0: float) -> None:
         elapsed = int(time.monotonic() - self.started)
         _progress(f"[{self.done:>2}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] "
                   f"{w.name:<10} {c.name:<9} {text}  ({time.monotonic() - t0:.1f} s)")
 
-    def _say_comparison(self, w: wmod.Workload, doc: rmod.Doc) -> None:
+    def _say_comparison(self, w: wmod.Workload | emod.EgressWorkload, doc: rmod.Doc) -> None:
         parts = []
         for m in w.metrics:
             c = doc["comparison"][m.key]
@@ -350,6 +408,62 @@ class Runner:
                              .replace("  ", " "))
         if parts:
             _progress(f"    {w.name}: enforcer = " + ", ".join(parts))
+
+    def _measure_egress(self, env: Env) -> None:
+        """The egress proxies' table: each workload, its protocol's contestants in turn."""
+        if not self.egress:
+            return
+        http = self._start_http(env)
+        table: dict[str, Any] = {"contestants": self._egress_contestants(), "workloads": {}}
+        self.doc["egress"] = table
+        for w in self.egress:
+            doc = table["workloads"][w.name] = w.doc(self.settings)
+            proxies = emod.contestants(w.protocol, self.egress_only)
+            samples: dict[str, list[dict[str, Any]]] = {c.name: [] for c in proxies}
+            for _ in range(self.repeat):
+                for c in proxies:
+                    samples[c.name].append(self._egress_one(env, http, w, c))
+            for c in proxies:
+                doc["results"][c.name] = combine(samples[c.name])
+            rmod.compare(doc, w.metrics, [c.name for c in proxies if c.is_peer])
+            self._say_comparison(w, doc)
+
+    def _egress_contestants(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for w in self.egress:
+            for c in emod.contestants(w.protocol, self.egress_only):
+                entry = out.setdefault(c.name, {"peer": c.is_peer, "setup": {}})
+                entry["setup"][w.protocol] = c.describe()
+                reason = c.missing()
+                entry.update(status="skipped" if reason else "ok",
+                             version=None if reason else c.version())
+                if reason:
+                    entry.update(reason=reason, apt=c.apt)
+        return out
+
+    def _egress_one(self, env: Env, http: Any, w: emod.EgressWorkload,
+                    c: emod.EgressProxy) -> dict[str, Any]:
+        reason = c.missing()
+        if reason:
+            return {"status": "skipped", "reason": reason}
+        no_login = c.no_login() if w.login else None
+        if no_login:
+            return {"status": "n/a", "reason": no_login}
+        self.done += 1
+        t0 = time.monotonic()
+        if http is None:
+            error = getattr(self, "http_error", "HTTP backend not running")
+            self._say(w, c, f"ERROR {error}", t0)
+            return {"status": "error", "error": error}
+        try:
+            values = emod.measure(env, self.settings, http.port, w, c,
+                                  env.workdir(f"{w.name}-{c.name}"))
+        except (MeasureError, StartError, OSError) as exc:
+            self._say(w, c, f"ERROR {str(exc).splitlines()[0]}", t0)
+            return {"status": "error", "error": str(exc)}
+        self._say(w, c, " · ".join(f"{m.short} {fmt(values.get(m.key))} {m.unit}".strip()
+                                   for m in w.metrics), t0)
+        return {"status": "ok", "values": values}
 
     def _finish(self, out: Path, run_dir: Path) -> int:
         self.doc["finished_at"] = rmod.utcnow()

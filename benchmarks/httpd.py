@@ -1,7 +1,7 @@
 """Fallback HTTP backend when nginx is not installed: ``python -m benchmarks.httpd PORT DIR``.
 
-Answers every request (any path) with the one file in DIR, HTTP/1.1 keep-alive unless
-the request says ``Connection: close``. Just enough HTTP for wrk and the harness's own
+Answers a request for ``/NAME`` with the file NAME in DIR, any other path with the first
+file (by name), HTTP/1.1 keep-alive unless the request says ``Connection: close``. Just enough HTTP for wrk and the harness's own
 clients: requests are read up to the blank line, bodies are not expected.
 """
 
@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import cast
 
+Answers = dict[bytes, tuple[bytes, bytes]]  # path -> (keep-alive, close) responses
+
 
 class Responder(asyncio.Protocol):
-    def __init__(self, keep: bytes, close: bytes) -> None:
-        self.keep, self.close = keep, close
+    def __init__(self, answers: Answers, default: bytes) -> None:
+        self.answers, self.default = answers, default
         self.buf = b""
         self.transport: asyncio.Transport | None = None
 
@@ -27,11 +29,14 @@ class Responder(asyncio.Protocol):
         self.buf += data
         while b"\r\n\r\n" in self.buf:
             head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            parts = head.split(b" ", 2)
+            path = parts[1] if len(parts) > 2 else b""
+            keep, close = self.answers.get(path) or self.answers[self.default]
             if b"connection: close" in head.lower():
-                self.transport.write(self.close)
+                self.transport.write(close)
                 self.transport.close()
                 return
-            self.transport.write(self.keep)
+            self.transport.write(keep)
 
 
 def responses(body: bytes) -> tuple[bytes, bytes]:
@@ -41,11 +46,17 @@ def responses(body: bytes) -> tuple[bytes, bytes]:
             head + b"Connection: close\r\n\r\n" + body)
 
 
-async def serve(port: int, body: bytes) -> None:
-    keep, close = responses(body)
+def load_answers(directory: Path) -> tuple[Answers, bytes]:
+    """The responses for every file in the directory, and the default path."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    answers = {b"/" + p.name.encode(): responses(p.read_bytes()) for p in files}
+    return answers, b"/" + files[0].name.encode()
+
+
+async def serve(port: int, answers: Answers, default: bytes) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Responder(keep, close), "127.0.0.1", port,
-                                      backlog=4096)
+    server = await loop.create_server(lambda: Responder(answers, default), "127.0.0.1",
+                                      port, backlog=4096)
     async with server:
         await server.serve_forever()
 
@@ -53,10 +64,8 @@ async def serve(port: int, body: bytes) -> None:
 def main() -> None:
     import uvloop  # a dependency of enforcer
 
-    directory = Path(sys.argv[2])
-    body = next(p for p in sorted(directory.iterdir()) if p.is_file()).read_bytes()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(serve(int(sys.argv[1]), body))
+    asyncio.run(serve(int(sys.argv[1]), *load_answers(Path(sys.argv[2]))))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,22 @@ SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY
 HEADLINE_SUITE = "TLS_AES_256_GCM_SHA384"
 WORKLOADS = ("bulk-1", "bulk-8", "keepalive", "newconn", "latency", "idle-small",
              "idle-large")
+# the egress proxies (benchmarks/egress.py): their own contestants beside enforcer, their
+# own table; "--workloads egress" picks them all
+EGRESS_CONTESTANTS = ("dante", "tinyproxy", "squid")
+EGRESS_WORKLOADS = ("socks5-newconn", "socks5-newconn-auth", "socks5-bulk", "connect-newconn",
+                    "connect-bulk")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="short run (< 2 min): 1-2 s per measurement, smaller N; indicative")
     p.add_argument("--only", metavar="LIST",
-                   help="contestants, comma-separated (" + ", ".join(CONTESTANTS) + ")")
+                   help="contestants, comma-separated (" + ", ".join(CONTESTANTS) + "; egress "
+                   "proxies: " + ", ".join(EGRESS_CONTESTANTS) + ")")
     p.add_argument("--workloads", metavar="LIST",
-                   help="workloads, comma-separated (" + ", ".join(WORKLOADS) + ")")
+                   help="workloads, comma-separated (" + ", ".join(WORKLOADS) + "; egress "
+                   "proxies: " + ", ".join(EGRESS_WORKLOADS) + ", or egress for all of them)")
     p.add_argument("--out", metavar="DIR", type=Path, default=RESULTS_DIR,
                    help="results directory (default benchmarks/results; runs go to its runs/)")
     p.add_argument("--duration", metavar="S", type=int,

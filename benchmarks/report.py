@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from benchmarks import egress_report
 from benchmarks import results as rmod
 from benchmarks.options import RUNS_DIR
 from benchmarks.results import Doc
@@ -133,26 +134,20 @@ def markdown(doc: Doc, latest: str | None = None) -> str:
     to the runs folder: it embeds ``<latest>.png`` (the summary chart, copied there) and
     names the per-workload charts, which stay in the run's folder, git-ignored."""
     mode = "quick run (indicative only)" if doc["mode"] == "quick" else "full run"
-    h = doc["host"]
     lines = [f"# enforcer benchmark: {doc['started_at']} ({mode})", "",
-             "Sidecar pair on one machine, every contestant in the same run with the same "
-             "certificates (ECDSA P-256 mutual TLS) and the same load: load tool → outbound "
-             "(plain in, mTLS out) → inbound (mTLS in, plain out) → backend. CPU is the "
-             "pair's own (both sidecars, all processes and threads, from /proc).", "",
-             f"Host: {h['cpus']} CPUs, Linux {h['kernel']} {h['machine']}, Python "
-             f"{h['python']}, {h['openssl']}. CPU busy in the second before the run: "
-             f"{fmt(100 * (h.get('cpu_busy_before') or 0))} % (other work on the machine "
-             f"during the run makes absolute numbers lower and noisier; ratios compare "
-             f"contestants under the same conditions). Duration: {fmt(doc['duration_s'])} s."
-             + (" **Interrupted: partial results.**" if doc["interrupted"] else ""), "",
-             "## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
-             "enforcer ÷ the best of haproxy, stunnel and nginx in this run. "
-             + _suite_sentence(doc), "",
-             *results_table(doc), "", *interception_lines(doc), *_defaults_lines(doc)]
+             *(_pair_intro(doc) if pair_run(doc) else _egress_intro()), "", _host_line(doc),
+             ""]
+    if pair_run(doc):
+        lines += ["## Results", "", "↑ higher is better, ↓ lower is better; ratios are "
+                  "enforcer ÷ the best of haproxy, stunnel and nginx in this run. "
+                  + _suite_sentence(doc), "", *results_table(doc), "", *interception_lines(doc),
+                  *_defaults_lines(doc)]
+    lines += egress_report.section(doc)
     errors = _error_lines(doc)
     if errors:
         lines += ["## Errors", "", *errors, ""]
-    lines += ["## Contestants", "", *_contestant_lines(doc), ""]
+    if pair_run(doc):
+        lines += ["## Contestants", "", *_contestant_lines(doc), ""]
     b = doc["backends"]
     lines += ["## Backends and load", "", f"- HTTP backend: {b.get('http') or DASH}",
               f"- bulk backend: {b.get('bulk') or DASH}"]
@@ -161,7 +156,8 @@ def markdown(doc: Doc, latest: str | None = None) -> str:
                  else f"missing (apt install {t['apt']})")
         lines.append(f"- {name}: {state}")
     lines += ["", "## Settings", "", "```json", json.dumps(doc["settings"], indent=1), "```", ""]
-    lines += _micro_lines(doc)
+    if pair_run(doc):
+        lines += _micro_lines(doc)
     charts = [name for name, w in doc["workloads"].items() if w.get("chart")]
     if charts or doc.get("summary_chart"):
         lines += ["## Charts", ""]
@@ -222,6 +218,37 @@ def interception_lines(doc: Doc) -> list[str]:
                 cells.append(DASH if r is None else f"{r:.2f}{TIMES}{mark}")
             lines.append(f"| {_workload_title(w)} | {m['unit']} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def pair_run(doc: Doc) -> bool:
+    """Whether the run measured the sidecar pairs (not only the egress proxies)."""
+    return bool(doc["workloads"]) or not doc.get("egress")
+
+
+def _pair_intro(doc: Doc) -> list[str]:
+    return ["Sidecar pair on one machine, every contestant in the same run with the same "
+            "certificates (ECDSA P-256 mutual TLS) and the same load: load tool → outbound "
+            "(plain in, mTLS out) → inbound (mTLS in, plain out) → backend. CPU is the "
+            "pair's own (both sidecars, all processes and threads, from /proc)."
+            + (" The egress proxies have a table of their own (below)."
+               if doc.get("egress") else "")]
+
+
+def _egress_intro() -> list[str]:
+    return ["Egress proxies only (`--workloads egress`): enforcer's `socks5` and "
+            "`http_connect` listeners beside dante, tinyproxy and squid, on one machine, "
+            "in the same run, with the same load. The sidecar pairs' numbers are in "
+            "[latest.md](latest.md) (a full run)."]
+
+
+def _host_line(doc: Doc) -> str:
+    h = doc["host"]
+    return (f"Host: {h['cpus']} CPUs, Linux {h['kernel']} {h['machine']}, Python "
+            f"{h['python']}, {h['openssl']}. CPU busy in the second before the run: "
+            f"{fmt(100 * (h.get('cpu_busy_before') or 0))} % (other work on the machine "
+            f"during the run makes absolute numbers lower and noisier; ratios compare "
+            f"contestants under the same conditions). Duration: {fmt(doc['duration_s'])} s."
+            + (" **Interrupted: partial results.**" if doc["interrupted"] else ""))
 
 
 def _suite_sentence(doc: Doc) -> str:
@@ -379,7 +406,8 @@ def write_all(doc: Doc, out: Path, run_dir: Path) -> list[Path]:
     all the repository keeps of benchmark runs.
 
     A quick run writes latest-quick.* instead (also ignored), so that an indicative run
-    never replaces the latest full run's numbers.
+    never replaces the latest full run's numbers; a run of only the egress proxies writes
+    egress.* (egress-quick.*) for the same reason.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     reason = write_charts(doc, run_dir)
@@ -405,4 +433,7 @@ def render(run_dir: Path) -> list[Path]:
 
 
 def latest_name(doc: Doc) -> str:
-    return "latest-quick" if doc["mode"] == "quick" else "latest"
+    """latest(-quick) for a run of the pairs; egress(-quick) for a run of only the egress
+    proxies, which must not replace the latest full run's summary."""
+    base = "latest" if pair_run(doc) else "egress"
+    return f"{base}-quick" if doc["mode"] == "quick" else base

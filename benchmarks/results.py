@@ -20,6 +20,11 @@ Shape (``SCHEMA``; every key is always present, values may be null):
                                                    "reason"|"error": str}},
                           "comparison": {metric: {enforcer, best_peer, best_peer_value,
                                                   ratio, target, met}}}},
+     "defaults": {"workloads": {...}} | null  (the same workloads, every tool's TLS defaults),
+     "egress": {"contestants": {name: {status, reason?, apt?, version, peer,
+                                       setup: {protocol: str}}},
+                "workloads": {name: {... as above; results of that protocol's proxies}}}
+               | null  (the egress proxies, benchmarks/egress.py),
      "targets": [{workload, metric, unit, target, enforcer, best_peer, ratio, met}],
      "micro": {"status": "ok"|"skipped", "reason"?, "benchmarks": {...}}}
 
@@ -79,7 +84,8 @@ def new_doc(settings: Settings, run_dir: str) -> Doc:
             "interrupted": False, "started_at": utcnow(), "finished_at": None,
             "duration_s": None, "run_dir": run_dir, "host": host_facts(),
             "settings": asdict(settings), "backends": {"http": None, "bulk": None},
-            "tools": {}, "contestants": {}, "workloads": {}, "defaults": None, "targets": [],
+            "tools": {}, "contestants": {}, "workloads": {}, "defaults": None, "egress": None,
+            "targets": [],
             "micro": {"status": "skipped", "reason": "not run", "benchmarks": {}}}
 
 
@@ -145,9 +151,10 @@ def collect_targets(doc: Doc) -> list[Doc]:
 
 
 def tables(doc: Doc) -> list[dict[str, Doc]]:
-    """The workload tables of a run: the headline one, and defaults vs defaults if run."""
-    defaults = doc.get("defaults")
-    return [doc["workloads"], *([defaults["workloads"]] if defaults else [])]
+    """The workload tables of a run: the headline one, defaults vs defaults and the egress
+    proxies' if run."""
+    extra = [t["workloads"] for t in (doc.get("defaults"), doc.get("egress")) if t]
+    return [doc["workloads"], *extra]
 
 
 def had_errors(doc: Doc) -> bool:

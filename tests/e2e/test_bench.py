@@ -131,7 +131,10 @@ def test_option_lists_match_the_harness() -> None:
 
 
 def test_quick_run_enforcer_and_direct(tmp_path: Path) -> None:
-    done, doc = run_bench(tmp_path, "--only", "enforcer,direct", "--duration", "1")
+    # every pair workload, and one egress workload (its own table in the same summary;
+    # tests/e2e/test_bench_egress.py runs them all)
+    done, doc = run_bench(tmp_path, "--only", "enforcer,direct", "--duration", "1",
+                          "--workloads", ",".join((*WORKLOADS, "socks5-newconn")))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_shape(doc, set(WORKLOADS))
     assert set(doc["contestants"]) == {"enforcer", "direct"}
@@ -152,6 +155,9 @@ def test_quick_run_enforcer_and_direct(tmp_path: Path) -> None:
     assert not (tmp_path / "latest.json").exists()
     md = (tmp_path / "latest-quick.md").read_text()
     assert "| workload | metric | direct | enforcer |" in md
+    assert set(doc["egress"]["workloads"]) == {"socks5-newconn"}
+    assert doc["egress"]["workloads"]["socks5-newconn"]["results"]["enforcer"]["status"] == "ok"
+    assert "## Egress proxies" in md and "| SOCKS5: new connections, 32 at a time |" in md
     for name, w in doc["workloads"].items():
         if w["status"] == "ok":
             assert w["title"].split(" (")[0] in md
