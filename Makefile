@@ -16,7 +16,7 @@ UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
 NATIVE_SOURCES := setup.py $(wildcard enforcer/dataplane/*.c enforcer/dataplane/*.h \
                   enforcer/dataplane/pump/*.c enforcer/dataplane/pump/*.h)
 
-.PHONY: demo test test-hosts test-fast test-faults soak fuzz fuzz-parsers sanitize lint bench clean \
+.PHONY: demo test test-hosts test-fast test-faults soak fuzz fuzz-parsers sanitize lint bench bench-passthrough clean \
         lock lock-check check-installed test-debian13 image image-test deploy-check
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
@@ -96,6 +96,10 @@ sanitize: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
+
+# SNI passthrough: enforcer vs haproxy vs nginx routing TLS by SNI (docs/performance.md)
+bench-passthrough: $(STAMP)
+	$(PY) -m benchmarks --passthrough $(if $(QUICK),--quick,)
 
 # The lock matches pyproject.toml, and .venv matches the lock exactly (CI runs both).
 lock-check: $(STAMP)

@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         for path in render(args.render):
             _progress(f"wrote {path}")
         return 0
+    if getattr(args, "passthrough", False):
+        from benchmarks import passthrough  # its own contestants, workloads and report
+
+        return passthrough.run(args)
     if getattr(args, "netns", False) and not transparent.in_private_netns():
         transparent.reexec_in_netns(transparent.harness_argv(sys.argv[1:]))
     try:

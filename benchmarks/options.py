@@ -49,5 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netns", action="store_true",
                    help="run in a private network namespace (root) and add the column "
                    "enforcer-transparent: the enforcer pair behind nftables redirects")
+    p.add_argument("--passthrough", action="store_true",
+                   help="instead of the sidecar pair: SNI passthrough (enforcer tls.mode "
+                   "passthrough vs haproxy req.ssl_sni vs nginx ssl_preread), workloads "
+                   "sni-newconn,sni-bulk; writes passthrough.md (benchmarks/passthrough.py)")
     p.add_argument("--list", action="store_true",
                    help="list contestants and workloads with what is installed, then exit")
