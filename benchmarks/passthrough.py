@@ -21,7 +21,9 @@ Workloads (``WORKLOADS``): ``sni-newconn``, a new connection per request (Client
 peek + route + upstream connect + the TLS handshake end to end + a 256 B response);
 ``sni-bulk``, 1 MiB responses over keep-alive tunnels. CPU is the proxy's own (its
 processes, from /proc) over the measured window. ``direct`` (wrk straight to the
-backend) is the ceiling of load tool and backend, not a peer.
+backend) is the ceiling of load tool and backend, and ``enforcer-tcp`` (enforcer relaying
+plain TCP to the same backend, no peek, no routing) shows what passthrough adds to
+enforcer's own per-connection work; neither is a peer.
 
 Bytes are checked around every measurement: before it, one connection per probe name
 (``PROBES``: exact, ``*.``, names the ``*.`` must not match, no SNI) must reach the
@@ -73,7 +75,7 @@ from benchmarks.workloads import Metric, Window
 
 Values = dict[str, Any]
 SCHEMA = "enforcer-bench-passthrough/1"
-CONTESTANTS = ("direct", "enforcer", "haproxy", "nginx")
+CONTESTANTS = ("direct", "enforcer", "enforcer-tcp", "haproxy", "nginx")
 
 # --------------------------------------------------------------------------- routing table
 
@@ -190,6 +192,8 @@ def _single(c: cmod.Contestant, env: Env, config: Callable[[Path, int], Path]) -
 
 
 class Direct(cmod.Direct):
+    routes_by_sni = False
+
     def describe(self) -> str:
         return ("no proxy: wrk straight to the backend of the `*.` route (the ceiling, "
                 "not a peer; no routing, so the route probes are not run)")
@@ -199,6 +203,8 @@ class Direct(cmod.Direct):
 
 
 class Enforcer(cmod.Enforcer):
+    routes_by_sni = True
+
     def describe(self) -> str:
         return ("`python -m enforcer run -c <yaml>`, a `tls.mode: passthrough` listener "
                 "with `tls.routes` and the default route as its `upstream`, config defaults")
@@ -222,7 +228,35 @@ class Enforcer(cmod.Enforcer):
         })
 
 
+class EnforcerTcp(Enforcer):
+    """enforcer relaying plain TCP (``tls.mode: off``) to the `*.` route's backend: no
+    ClientHello, no routing. Not a peer: beside ``enforcer`` it shows what passthrough
+    itself adds per connection."""
+
+    routes_by_sni = False
+
+    def __init__(self) -> None:
+        super().__init__("tcp")
+
+    def describe(self) -> str:
+        return ("enforcer with `tls.mode: off` straight to the `*.` route's backend (no "
+                "ClientHello peek, no routing; not a peer: what passthrough adds is "
+                "`enforcer` minus this)")
+
+    def config(self, env: Env, d: Path, port: int, backend: Backend) -> Path:
+        return self._write(env, d / "proxy.yaml", {
+            "version": 1,
+            "node": {"name": "bench-tcp"},
+            "listeners": [{"name": "edge", "listen": f"127.0.0.1:{port}",
+                           "tls": {"mode": "off"}, "ruleset": "bench", "upstream": "apps"}],
+            "upstreams": {"apps": {"address": f"127.0.0.1:{backend.ports['apps']}"}},
+            "rulesets": {"bench": {"default": "allow"}},
+        })
+
+
 class Haproxy(cmod.Haproxy):
+    routes_by_sni = True
+
     def describe(self) -> str:
         return ("`mode tcp`, `tcp-request inspect-delay 5s` + `content accept if "
                 "{ req.ssl_hello_type 1 }`, `use_backend` on `req.ssl_sni` (`-i` exact "
@@ -247,6 +281,8 @@ class Haproxy(cmod.Haproxy):
 
 
 class Nginx(cmod.Nginx):
+    routes_by_sni = True
+
     def describe(self) -> str:
         return ("`stream` with `ssl_preread on`, `map $ssl_preread_server_name` (exact "
                 "names, a `~*` regex for the `*.` name, `default`) → `proxy_pass $route`, "
@@ -270,7 +306,7 @@ class Nginx(cmod.Nginx):
 
 
 PtContestant = Direct | Enforcer | Haproxy | Nginx
-ALL: tuple[PtContestant, ...] = (Direct(), Enforcer(), Haproxy(), Nginx())
+ALL: tuple[PtContestant, ...] = (Direct(), Enforcer(), EnforcerTcp(), Haproxy(), Nginx())
 BY_NAME = {c.name: c for c in ALL}
 
 
@@ -463,7 +499,7 @@ def measure(ctx: Ctx, w: Workload, c: PtContestant) -> Values:
     pair = c.start_passthrough(ctx.env, ctx.backend)
     try:
         ctx.d = ctx.env.workdir(f"{w.name}-{c.name}")
-        if not isinstance(c, Direct):
+        if c.routes_by_sni:
             ctx.tls_seen[c.name] = check_routes(pair.entry_port, ctx.backend.ca)
         values = w.run(ctx, pair)
         check_bulk(pair.entry_port, ctx.backend.ca)
@@ -471,7 +507,7 @@ def measure(ctx: Ctx, w: Workload, c: PtContestant) -> Values:
             if proc.poll() is not None:
                 raise MeasureError(f"{c.name} exited with code {proc.returncode} during the "
                                    f"measurement: {log_tail(ctx.env.procs.log_of(proc), 5)}")
-        values["routes_checked"] = 0 if isinstance(c, Direct) else len(PROBES)
+        values["routes_checked"] = len(PROBES) if c.routes_by_sni else 0
         values["bulk_sha256_ok"] = True
         return values
     finally:
@@ -651,6 +687,7 @@ def markdown(doc: rmod.Doc) -> str:
         lines += [f"Not measured: {doc.get('skipped') or doc.get('error')}", ""]
     else:
         lines += [*results_table(doc), ""]
+    lines += _spread_lines(doc)
     errors = [f"- {wn} / {cn}: {str(r.get('error', '')).splitlines()[0]}"
               for wn, w in doc["workloads"].items() for cn, r in w["results"].items()
               if r.get("status") == "error"]
@@ -670,6 +707,24 @@ def markdown(doc: rmod.Doc) -> str:
 
 
 DASH_TEXT = "not started"
+
+
+def _spread_lines(doc: rmod.Doc) -> list[str]:
+    """With ``--repeat N``: the lowest and highest of the N rounds behind each median."""
+    rows = []
+    for w in doc["workloads"].values():
+        for m in w["metrics"]:
+            cells = []
+            for name, r in w["results"].items():
+                got = [v.get(m["key"]) for v in r.get("samples", [])]
+                if got and all(isinstance(x, int | float) for x in got):
+                    cells.append(f"{name} {fmt(min(got))} to {fmt(max(got))}")
+            if cells:
+                rows.append(f"- {w['title'].split(' (')[0]}, {m['unit']}: " + ", ".join(cells))
+    if not rows:
+        return []
+    return ["Spread over the " + str(doc["settings"]["repeat"]) + " rounds (lowest to highest; "
+            "the table shows medians):", "", *rows, ""]
 
 
 def write_all(doc: rmod.Doc, out: Path, run_dir: Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """The SNI passthrough comparison of the benchmark harness (``--passthrough``), quickest mode,
 no timing assertions.
 
-- ``test_quick_passthrough_run``: enforcer (and haproxy and nginx when installed) through
+- ``test_quick_passthrough_run``: enforcer, enforcer-tcp (plain relay, the reference for
+  what passthrough adds) and haproxy and nginx when installed, through
   both workloads for a second each: every probe name reached its route's backend, the
   1 MiB body came through by sha256, wrk's bytes cover whole bodies, every metric has a
   number, the table is written to passthrough-quick.md (never latest.* or passthrough.md),
@@ -55,7 +56,7 @@ def run_passthrough(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[
 
 @needs_tools
 def test_quick_passthrough_run(tmp_path: Path) -> None:
-    done, doc = run_passthrough(tmp_path, "--only", "enforcer,haproxy,nginx")
+    done, doc = run_passthrough(tmp_path, "--only", "enforcer,enforcer-tcp,haproxy,nginx")
     assert done.returncode == 0, done.stderr[-3000:]
     assert doc["schema"] == pt.SCHEMA and doc["mode"] == "quick" and not doc["interrupted"]
     assert set(doc["workloads"]) == set(pt.WORKLOAD_NAMES)
@@ -64,7 +65,7 @@ def test_quick_passthrough_run(tmp_path: Path) -> None:
     for name, c in doc["contestants"].items():
         if c["status"] == "skipped":  # a peer not installed here
             assert "apt install" in c["reason"]
-        else:  # the suite the backend is pinned to, through the proxy
+        elif name != "enforcer-tcp":  # the suite the backend is pinned to, through the proxy
             assert c["tls"] == "TLSv1.3 TLS_AES_256_GCM_SHA384", name
     sizes = {"sni-newconn": 256, "sni-bulk": pt.BULK_SIZE}
     for wname, w in doc["workloads"].items():
@@ -72,12 +73,14 @@ def test_quick_passthrough_run(tmp_path: Path) -> None:
             r = w["results"][name]
             assert r["status"] == "ok", (wname, name, r)
             v = r["values"]
-            assert v["routes_checked"] == len(pt.PROBES) and v["bulk_sha256_ok"] is True
+            probes = 0 if name == "enforcer-tcp" else len(pt.PROBES)  # no routing there
+            assert v["routes_checked"] == probes and v["bulk_sha256_ok"] is True
             assert v["errors"] == 0 and v["bytes"] >= v["requests"] * sizes[wname] > 0
             for m in w["metrics"]:
                 assert is_number(v[m["key"]]), (wname, name, m["key"])
         c = w["comparison"]["cpu_s_per_gb" if wname == "sni-bulk" else "cpu_us_per_conn"]
-        assert (c["ratio"] is None) == (ran == ["enforcer"])  # a ratio once a peer ran
+        peers = [n for n in ran if n in ("haproxy", "nginx")]  # enforcer-tcp is no peer
+        assert (c["ratio"] is None) == (not peers)
     md = (tmp_path / "passthrough-quick.md").read_text()
     assert "| workload | metric | " + " | ".join(ran) + " | enforcer ÷ best peer |" in md
     assert "| conn/s ↑ |" in md and "| CPU s/GB ↓ |" in md
@@ -122,6 +125,6 @@ def test_passthrough_usage_errors(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks", "--passthrough", "--only", "stunnel", "--out",
          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    assert "unknown contestant stunnel for --passthrough (known: direct, enforcer, haproxy, " \
-        "nginx)" in done.stderr
+    assert "unknown contestant stunnel for --passthrough (known: direct, enforcer, " \
+        "enforcer-tcp, haproxy, nginx)" in done.stderr
     assert list(tmp_path.iterdir()) == []
