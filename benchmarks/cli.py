@@ -108,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "passthrough", False):
+        from benchmarks import passthrough  # its own contestants, workloads and report
+
+        return passthrough.run(args)
     if args.list:
         return list_everything()
     if getattr(args, "render", None):
@@ -117,10 +121,6 @@ def run(args: argparse.Namespace) -> int:
         for path in render(args.render):
             _progress(f"wrote {path}")
         return 0
-    if getattr(args, "passthrough", False):
-        from benchmarks import passthrough  # its own contestants, workloads and report
-
-        return passthrough.run(args)
     if getattr(args, "netns", False) and not transparent.in_private_netns():
         transparent.reexec_in_netns(transparent.harness_argv(sys.argv[1:]))
     try:

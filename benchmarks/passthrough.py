@@ -542,8 +542,30 @@ def new_doc(settings: Settings, run_dir: str, suite: str | None) -> rmod.Doc:
             "backend": None, "tools": {}, "contestants": {}, "workloads": {}}
 
 
+# options of the sidecar comparison that mean nothing here: refused, not ignored
+NOT_HERE = (("variant", "--variant"), ("enforcer_extra", "--enforcer-extra"),
+            ("netns", "--netns"), ("render", "--render"), ("defaults", "--defaults"))
+
+
+def list_everything() -> int:
+    for c in ALL:
+        print(f"contestant {c.name:<12} {c.missing() or 'ready'}")
+    for w in WORKLOADS:
+        print(f"workload   {w.name:<12} ({w.title})")
+    for tool in ("wrk", "nginx"):
+        print(f"needs      {tool:<12} {'ready' if shutil.which(tool) else 'not installed'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """``python -m benchmarks --passthrough [--quick] [--only ...] [--workloads ...]``."""
+    given = [flag for attr, flag in NOT_HERE if getattr(args, attr, None)]
+    if given:
+        print(f"enforcer bench: {', '.join(given)} does not apply to --passthrough",
+              file=sys.stderr)
+        return 2
+    if getattr(args, "list", False):
+        return list_everything()
     try:
         chosen = [BY_NAME[n] for n in _pick(args.only, CONTESTANTS, "contestant")]
         works = [BY_WORKLOAD[n] for n in _pick(args.workloads, WORKLOAD_NAMES, "workload")]

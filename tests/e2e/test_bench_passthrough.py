@@ -120,11 +120,24 @@ def test_the_checks_fail_when_routing_is_wrong(backend: tuple[Env, pt.Backend],
                      path=pt.SMALL_PATH, size=256, close=True)
 
 
-def test_passthrough_usage_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--only", "stunnel"], "unknown contestant stunnel for --passthrough (known: direct, "
+     "enforcer, enforcer-tcp, haproxy, nginx)"),
+    (["--workloads", "bulk-1"], "unknown workload bulk-1 for --passthrough"),
+    (["--variant", "a=b.yaml"], "--variant does not apply to --passthrough"),
+    (["--netns"], "--netns does not apply to --passthrough")])
+def test_passthrough_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--passthrough", "--only", "stunnel", "--out",
-         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        [sys.executable, "-m", "benchmarks", "--passthrough", "--out", str(tmp_path), *argv],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    assert "unknown contestant stunnel for --passthrough (known: direct, enforcer, " \
-        "enforcer-tcp, haproxy, nginx)" in done.stderr
+    assert done.stderr.startswith("enforcer bench: ") and message in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_passthrough_list() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--passthrough", "--list"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    for name in (*pt.CONTESTANTS, *pt.WORKLOAD_NAMES):
+        assert f" {name} " in done.stdout
