@@ -33,485 +33,64 @@ measurement on a non-2xx response, socket errors, or fewer bytes than whole bodi
 
 Results: ``<out>/runs/<stamp>-passthrough/results.{json,md}`` (ignored by git) and the
 summary ``<out>/passthrough.{json,md}`` (``passthrough-quick.*`` for a quick run, ignored).
+
+This module is the run and its report; ``passthrough_peers`` holds the routing table, the
+TLS backend and the contestants, ``passthrough_load`` the load, the checks and the
+workloads.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
-import random
 import shutil
-import socket
-import ssl
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import contestants as cmod
 from benchmarks import results as rmod
-from benchmarks.backends import BODY_SIZE, body
-from benchmarks.contestants import CAPACITY, Env, Pair, nginx_main, stop_pair, tool_version
-from benchmarks.load import WRK_LUA, MeasureError, run_to_end
+from benchmarks.backends import BODY_SIZE
+from benchmarks.contestants import Env, tool_version
+from benchmarks.load import MeasureError
 from benchmarks.options import RUNS_DIR
+from benchmarks.passthrough_load import (
+    BY_WORKLOAD,
+    WORKLOAD_NAMES,
+    WORKLOADS,
+    Ctx,
+    Settings,
+    Values,
+    Workload,
+    measure,
+)
+from benchmarks.passthrough_peers import (
+    ALL,
+    API_NAMES,
+    APPS_GLOB,
+    BULK_SIZE,
+    BY_NAME,
+    CONTESTANTS,
+    LOAD_NAME,
+    PROBES,
+    PtContestant,
+    start_backend,
+)
 from benchmarks.pki import make_pki
 from benchmarks.procs import (
     Ports,
     Processes,
     StartError,
     install_signal_handlers,
-    log_tail,
     shield_cleanup,
-    wait_listening,
 )
 from benchmarks.report import fmt, results_table
-from benchmarks.workloads import Metric, Window
 
-Values = dict[str, Any]
 SCHEMA = "enforcer-bench-passthrough/1"
-CONTESTANTS = ("direct", "enforcer", "enforcer-tcp", "haproxy", "nginx")
-
-# --------------------------------------------------------------------------- routing table
-
-API_NAMES = ("api.localhost", "api2.localhost")  # exact names -> route "api"
-APPS_GLOB = "*.apps.localhost"  # exactly one more label -> route "apps"
-APPS_REGEX = r"^[^.]+\.apps\.localhost$"  # the same, for haproxy and nginx
-ROUTES = ("api", "apps", "fallback")  # fallback: the default route
-LOAD_NAME = "shop.apps.localhost"  # the SNI of the load (the *. route)
-# (SNI or None for no SNI extension, the route whose backend must answer)
-PROBES: tuple[tuple[str | None, str], ...] = (
-    ("api.localhost", "api"), ("api2.localhost", "api"), (LOAD_NAME, "apps"),
-    ("a.b.apps.localhost", "fallback"), ("apps.localhost", "fallback"),
-    ("other.localhost", "fallback"), (None, "fallback"))
-SMALL_PATH, BULK_PATH, ROUTE_PATH = "/bench.txt", "/bulk.bin", "/route.txt"
-BULK_SIZE = 1 << 20
-
-
-def bulk_body() -> bytes:
-    return random.Random(26).randbytes(BULK_SIZE)  # the same bytes in every run
-
-
-def route_body(route: str) -> bytes:
-    return f"route {route}\n".encode()
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Settings:
-    quick: bool
-    seconds: int
-    warmup_s: int
-    newconn_connections: int
-    bulk_connections: int
-    threads: int
-    repeat: int = 1
-
-    @classmethod
-    def make(cls, quick: bool, duration: int | None, repeat: int) -> Settings:
-        return cls(quick=quick, seconds=duration or (2 if quick else 10),
-                   warmup_s=1 if quick else 2, newconn_connections=32, bulk_connections=8,
-                   threads=2, repeat=max(1, repeat))
-
-
-# --------------------------------------------------------------------------- the TLS backend
-
-
-@dataclass
-class Backend:
-    ports: dict[str, int]  # route -> port of its TLS server
-    ca: Path
-    suite: str | None
-
-
-def start_backend(env: Env) -> Backend:
-    """One nginx, a TLS 1.3 server per route, each serving route.txt from its own root;
-    the apps route also bench.txt (256 B) and bulk.bin (1 MiB), so that load routed
-    anywhere else gets 404s and fails the measurement."""
-    from enforcer.tlsconf.certs import issue
-
-    if not shutil.which("nginx"):
-        raise StartError("nginx not installed (apt install nginx): it is the TLS backend")
-    d = env.workdir("backend-tls")
-    names = sorted({*API_NAMES, APPS_GLOB, *(n for n, _ in PROBES if n)})
-    cert = issue(env.pki.ca.parent, d, name="backend", dns=names, client=False)
-    ports = {route: env.ports.take() for route in ROUTES}
-    servers = ""
-    for route, port in ports.items():
-        root = d / route
-        root.mkdir()
-        files = [(ROUTE_PATH, route_body(route))]
-        if route == "apps":  # the load's files: any other route answers them with 404
-            files += [(SMALL_PATH, body()), (BULK_PATH, bulk_body())]
-        for path, data in files:
-            (root / path.lstrip("/")).write_bytes(data)
-        servers += (f"  server {{\n    listen 127.0.0.1:{port} ssl backlog=4096;\n"
-                    f"    root {root};\n  }}\n")
-    suite = f"  ssl_conf_command Ciphersuites {env.suite};\n" if env.suite else ""
-    temp = "".join(f"  {kind}_temp_path {d}/{kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    user = "user root;\n" if os.geteuid() == 0 else ""  # as in backends.start_http
-    conf = d / "nginx.conf"
-    conf.write_text(
-        f"{user}daemon off;\nmaster_process on;\nworker_processes auto;\npid {d}/nginx.pid;\n"
-        f"error_log {d}/backend.log warn;\nevents {{ worker_connections {CAPACITY}; }}\n"
-        f"http {{\n  access_log off;\n{temp}  keepalive_timeout 600s;\n"
-        "  keepalive_requests 100000000;\n"
-        f"  ssl_certificate {cert.cert};\n  ssl_certificate_key {cert.key};\n"
-        f"  ssl_protocols TLSv1.3;\n{suite}{servers}}}\n")
-    proc = env.procs.spawn(["nginx", "-p", f"{d}/", "-e", str(d / "backend.log"), "-c",
-                            str(conf)], cwd=d, log=d / "backend.log")
-    wait_listening(list(ports.values()), [proc], env.procs, "TLS backend (nginx)")
-    return Backend(ports, env.pki.ca, env.suite)
-
-
-# --------------------------------------------------------------------------- contestants
-
-
-def _single(c: cmod.Contestant, env: Env, config: Callable[[Path, int], Path]) -> Pair:
-    """Start one proxy process (role ``proxy``) from ``config(dir, port)``."""
-    d = env.workdir(f"passthrough-{c.name}")
-    port = env.ports.take()
-    pair = Pair(c.name, port)
-    try:
-        proc = c.spawn_role(env, d, "proxy", config(d, port))
-        pair.procs.append(proc)
-        pair.roles["proxy"] = proc.pid
-        wait_listening([port], pair.procs, env.procs, f"{c.name} passthrough proxy")
-    except BaseException:
-        stop_pair(env, pair)
-        raise
-    return pair
-
-
-class Direct(cmod.Direct):
-    routes_by_sni = False
-
-    def describe(self) -> str:
-        return ("no proxy: wrk straight to the backend of the `*.` route (the ceiling, "
-                "not a peer; no routing, so the route probes are not run)")
-
-    def start_passthrough(self, env: Env, backend: Backend) -> Pair:
-        return Pair(self.name, backend.ports["apps"])
-
-
-class Enforcer(cmod.Enforcer):
-    routes_by_sni = True
-
-    def describe(self) -> str:
-        return ("`python -m enforcer run -c <yaml>`, a `tls.mode: passthrough` listener "
-                "with `tls.routes` and the default route as its `upstream`, config defaults")
-
-    def start_passthrough(self, env: Env, backend: Backend) -> Pair:
-        return _single(self, env, lambda d, port: self.config(env, d, port, backend))
-
-    def config(self, env: Env, d: Path, port: int, backend: Backend) -> Path:
-        p = backend.ports
-        return self._write(env, d / "proxy.yaml", {
-            "version": 1,
-            "node": {"name": "bench-passthrough"},
-            "listeners": [{
-                "name": "edge", "listen": f"127.0.0.1:{port}",
-                "tls": {"mode": "passthrough", "routes": [
-                    {"server_names": list(API_NAMES), "upstream": "api"},
-                    {"server_names": [APPS_GLOB], "upstream": "apps"}]},
-                "ruleset": "bench", "upstream": "fallback"}],
-            "upstreams": {route: {"address": f"127.0.0.1:{p[route]}"} for route in ROUTES},
-            "rulesets": {"bench": {"default": "allow"}},
-        })
-
-
-class EnforcerTcp(Enforcer):
-    """enforcer relaying plain TCP (``tls.mode: off``) to the `*.` route's backend: no
-    ClientHello, no routing. Not a peer: beside ``enforcer`` it shows what passthrough
-    itself adds per connection."""
-
-    routes_by_sni = False
-
-    def __init__(self) -> None:
-        super().__init__("tcp")
-
-    def describe(self) -> str:
-        return ("enforcer with `tls.mode: off` straight to the `*.` route's backend (no "
-                "ClientHello peek, no routing; not a peer: what passthrough adds is "
-                "`enforcer` minus this)")
-
-    def config(self, env: Env, d: Path, port: int, backend: Backend) -> Path:
-        return self._write(env, d / "proxy.yaml", {
-            "version": 1,
-            "node": {"name": "bench-tcp"},
-            "listeners": [{"name": "edge", "listen": f"127.0.0.1:{port}",
-                           "tls": {"mode": "off"}, "ruleset": "bench", "upstream": "apps"}],
-            "upstreams": {"apps": {"address": f"127.0.0.1:{backend.ports['apps']}"}},
-            "rulesets": {"bench": {"default": "allow"}},
-        })
-
-
-class Haproxy(cmod.Haproxy):
-    routes_by_sni = True
-
-    def describe(self) -> str:
-        return ("`mode tcp`, `tcp-request inspect-delay 5s` + `content accept if "
-                "{ req.ssl_hello_type 1 }`, `use_backend` on `req.ssl_sni` (`-i` exact "
-                "names, `-m reg` for the `*.` name), `default_backend`, default nbthread")
-
-    def start_passthrough(self, env: Env, backend: Backend) -> Pair:
-        return _single(self, env, lambda d, port: self.config(d, port, backend))
-
-    def config(self, d: Path, port: int, backend: Backend) -> Path:
-        path = d / "proxy.cfg"
-        path.write_text(
-            self._DEFAULTS
-            + f"frontend edge\n    bind 127.0.0.1:{port}\n"
-            "    tcp-request inspect-delay 5s\n"
-            "    tcp-request content accept if { req.ssl_hello_type 1 }\n"
-            f"    use_backend api if {{ req.ssl_sni -i {' '.join(API_NAMES)} }}\n"
-            f"    use_backend apps if {{ req.ssl_sni -m reg -i {APPS_REGEX} }}\n"
-            "    default_backend fallback\n"
-            + "".join(f"backend {route}\n    server {route} 127.0.0.1:{p}\n"
-                      for route, p in backend.ports.items()))
-        return path
-
-
-class Nginx(cmod.Nginx):
-    routes_by_sni = True
-
-    def describe(self) -> str:
-        return ("`stream` with `ssl_preread on`, `map $ssl_preread_server_name` (exact "
-                "names, a `~*` regex for the `*.` name, `default`) → `proxy_pass $route`, "
-                "`worker_processes auto`")
-
-    def start_passthrough(self, env: Env, backend: Backend) -> Pair:
-        return _single(self, env, lambda d, port: self.config(d, port, backend))
-
-    def config(self, d: Path, port: int, backend: Backend) -> Path:
-        p = backend.ports
-        entries = "".join(f"    {name} 127.0.0.1:{p['api']};\n" for name in API_NAMES)
-        path = d / "proxy.conf"
-        path.write_text(
-            nginx_main(d, "proxy", "auto")
-            + "stream {\n  map $ssl_preread_server_name $route {\n" + entries
-            + f"    \"~*{APPS_REGEX}\" 127.0.0.1:{p['apps']};\n"
-            f"    default 127.0.0.1:{p['fallback']};\n  }}\n"
-            f"  server {{\n    listen 127.0.0.1:{port};\n    ssl_preread on;\n"
-            "    proxy_pass $route;\n  }\n}\n")
-        return path
-
-
-PtContestant = Direct | Enforcer | Haproxy | Nginx
-ALL: tuple[PtContestant, ...] = (Direct(), Enforcer(), EnforcerTcp(), Haproxy(), Nginx())
-BY_NAME = {c.name: c for c in ALL}
-
-
-# --------------------------------------------------------------------------- load: wrk over https
-
-# wrk resolves the URL's host and sends it as SNI; this makes every name 127.0.0.1
-# (and skips wrk's probe connection to each address)
-RESOLVE_LUA = """
-wrk.resolve = function(host, service)
-  wrk.addrs = wrk.lookup("127.0.0.1", service)
-end
-"""
-
-
-@dataclass(frozen=True)
-class Got:
-    requests: int
-    seconds: float
-    bytes: int
-    errors: int
-    p50_ms: float
-    p99_ms: float
-
-
-def wrk_https(env: Env, d: Path, port: int, *, seconds: int, connections: int, threads: int,
-              path: str, size: int, close: bool) -> Got:
-    script = d / "pt.lua"
-    script.write_text(RESOLVE_LUA + WRK_LUA)
-    out = d / f"wrk-{time.monotonic_ns()}.txt"
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-            "--timeout", "10s", "-s", str(script)]
-    if close:
-        argv += ["-H", "Connection: close"]
-    proc = env.procs.spawn([*argv, f"https://{LOAD_NAME}:{port}{path}"], cwd=d, stdout=out,
-                           log=d / "wrk.log")
-    run_to_end(env, proc, "wrk", timeout=seconds + 30)
-    line = next((ln for ln in out.read_text().splitlines() if ln.startswith("WRKJSON ")), "")
-    if not line:
-        raise MeasureError(f"wrk: no summary in its output: {out.read_text()[-300:]!r}")
-    r: dict[str, Any] = json.loads(line[len("WRKJSON "):])
-    errors = sum(int(r[k]) for k in r if k.endswith("_errors"))
-    if r["requests"] == 0 or r["status_errors"]:
-        raise MeasureError(f"wrk: {r['requests']} responses, {r['status_errors']} not 2xx/3xx, "
-                           f"{errors} errors through the proxy")
-    if errors > max(10, r["requests"] // 100):
-        raise MeasureError(f"wrk: {errors} socket errors for {r['requests']} requests "
-                           f"(connect {r['connect_errors']}, read {r['read_errors']}, "
-                           f"write {r['write_errors']}, timeout {r['timeout_errors']})")
-    if r["bytes"] < r["requests"] * size:  # every counted response carried its whole body
-        raise MeasureError(f"wrk: {r['bytes']} bytes for {r['requests']} responses of "
-                           f"{size} B: responses were cut short")
-    return Got(int(r["requests"]), r["duration_us"] / 1e6, int(r["bytes"]), errors,
-               r["p50_us"] / 1e3, r["p99_us"] / 1e3)
-
-
-# --------------------------------------------------------------------------- byte checks
-
-
-def fetch(port: int, ca: Path, sni: str | None, path: str, timeout: float = 10.0
-          ) -> tuple[bytes, str]:
-    """GET ``path`` over TLS with this SNI (None: no SNI; the chain is verified, and the
-    name too when there is one); the body and the negotiated version + suite."""
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.check_hostname = sni is not None
-    req = (f"GET {path} HTTP/1.1\r\nHost: {sni or 'bench'}\r\nConnection: close\r\n\r\n"
-           ).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout) as raw, \
-            ctx.wrap_socket(raw, server_hostname=sni) as tls:
-        tls.sendall(req)
-        chunks = []
-        while data := tls.recv(1 << 16):
-            chunks.append(data)
-        negotiated = f"{tls.version()} {(tls.cipher() or ('?',))[0]}"
-    head, _, payload = b"".join(chunks).partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise MeasureError(f"{sni or 'no SNI'}: bad response {head[:60]!r}")
-    return payload, negotiated
-
-
-def _same(got: bytes, want: bytes) -> bool:
-    return hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
-
-
-def check_routes(port: int, ca: Path) -> str:
-    """Every probe name reaches its route's backend; returns the negotiated TLS."""
-    negotiated = ""
-    for sni, route in PROBES:
-        try:
-            got, negotiated = fetch(port, ca, sni, ROUTE_PATH)
-        except (OSError, ssl.SSLError) as exc:
-            raise MeasureError(f"route probe {sni or 'without SNI'}: {exc}") from None
-        if not _same(got, route_body(route)):
-            raise MeasureError(f"route probe {sni or 'without SNI'}: expected route {route}, "
-                               f"got {got[:40]!r}")
-    return negotiated
-
-
-def check_bulk(port: int, ca: Path) -> None:
-    try:
-        got, _ = fetch(port, ca, LOAD_NAME, BULK_PATH)
-    except (OSError, ssl.SSLError) as exc:
-        raise MeasureError(f"bulk check: {exc}") from None
-    if not _same(got, bulk_body()):
-        raise MeasureError(f"bulk check: {len(got)} bytes, not the backend's {BULK_SIZE} "
-                           "(sha256 differs)")
-
-
-# --------------------------------------------------------------------------- workloads
-
-
-@dataclass
-class Ctx:
-    env: Env
-    settings: Settings
-    backend: Backend
-    d: Path = field(default_factory=Path)
-    tls_seen: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    title: str
-    metrics: tuple[Metric, ...]
-    run: Callable[[Ctx, Pair], Values]
-    params: Callable[[Settings], Values]
-
-
-def _per(cpu: float | None, units: float, scale: float) -> float | None:
-    return None if cpu is None or units <= 0 else round(cpu * scale / units, 3)
-
-
-def _newconn(ctx: Ctx, pair: Pair) -> Values:
-    s = ctx.settings
-
-    def go(seconds: int) -> Got:
-        return wrk_https(ctx.env, ctx.d, pair.entry_port, seconds=seconds,
-                         connections=s.newconn_connections, threads=s.threads,
-                         path=SMALL_PATH, size=BODY_SIZE, close=True)
-
-    go(s.warmup_s)
-    with Window(pair) as w:
-        got = go(s.seconds)
-    return {"conn_per_s": round(got.requests / got.seconds, 1),
-            "cpu_us_per_conn": _per(w.total, got.requests, 1e6),
-            "p50_ms": round(got.p50_ms, 3), "p99_ms": round(got.p99_ms, 3),
-            "requests": got.requests, "errors": got.errors, "bytes": got.bytes, **w.values()}
-
-
-def _bulk(ctx: Ctx, pair: Pair) -> Values:
-    s = ctx.settings
-
-    def go(seconds: int) -> Got:
-        return wrk_https(ctx.env, ctx.d, pair.entry_port, seconds=seconds,
-                         connections=s.bulk_connections, threads=s.threads,
-                         path=BULK_PATH, size=BULK_SIZE, close=False)
-
-    go(s.warmup_s)
-    with Window(pair) as w:
-        got = go(s.seconds)
-    gb = got.bytes / 1e9
-    return {"gbit_per_s": round(got.bytes * 8 / got.seconds / 1e9, 3),
-            "cpu_s_per_gb": _per(w.total, gb, 1.0), "requests": got.requests,
-            "errors": got.errors, "bytes": got.bytes, **w.values()}
-
-
-WORKLOADS: tuple[Workload, ...] = (
-    Workload("sni-newconn", "new connections through SNI routing (TLS handshake end to "
-             "end, 256 B response)",
-             (Metric("conn_per_s", "new connections/s", "conn/s", "higher", ratio_target=1.0),
-              Metric("cpu_us_per_conn", "CPU per new connection", "CPU µs/conn", "lower",
-                     ratio_target=1.0),
-              Metric("p99_ms", "p99 latency under load", "ms", "lower", short="p99")),
-             _newconn, lambda s: {"connections": s.newconn_connections, "threads": s.threads,
-                                  "seconds": s.seconds, "warmup_s": s.warmup_s,
-                                  "sni": LOAD_NAME}),
-    Workload("sni-bulk", "bulk through established tunnels (1 MiB responses, keep-alive)",
-             (Metric("gbit_per_s", "throughput", "Gbit/s", "higher", ratio_target=1.0),
-              Metric("cpu_s_per_gb", "CPU per GB", "CPU s/GB", "lower", ratio_target=1.0)),
-             _bulk, lambda s: {"connections": s.bulk_connections, "threads": s.threads,
-                               "seconds": s.seconds, "warmup_s": s.warmup_s,
-                               "response_bytes": BULK_SIZE, "sni": LOAD_NAME}),
-)
-WORKLOAD_NAMES = tuple(w.name for w in WORKLOADS)
-BY_WORKLOAD = {w.name: w for w in WORKLOADS}
-
-
-def measure(ctx: Ctx, w: Workload, c: PtContestant) -> Values:
-    """A fresh proxy: route probes, the workload, the bulk sha256 check, stop."""
-    pair = c.start_passthrough(ctx.env, ctx.backend)
-    try:
-        ctx.d = ctx.env.workdir(f"{w.name}-{c.name}")
-        if c.routes_by_sni:
-            ctx.tls_seen[c.name] = check_routes(pair.entry_port, ctx.backend.ca)
-        values = w.run(ctx, pair)
-        check_bulk(pair.entry_port, ctx.backend.ca)
-        for proc in pair.procs:
-            if proc.poll() is not None:
-                raise MeasureError(f"{c.name} exited with code {proc.returncode} during the "
-                                   f"measurement: {log_tail(ctx.env.procs.log_of(proc), 5)}")
-        values["routes_checked"] = len(PROBES) if c.routes_by_sni else 0
-        values["bulk_sha256_ok"] = True
-        return values
-    finally:
-        stop_pair(ctx.env, pair)
 
 
 # --------------------------------------------------------------------------- the run

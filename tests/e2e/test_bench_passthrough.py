@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 
 from benchmarks import passthrough as pt
+from benchmarks import passthrough_load as ptl
+from benchmarks import passthrough_peers as ptp
 from benchmarks.contestants import Env
 from benchmarks.load import MeasureError
 from benchmarks.pki import make_pki
@@ -59,7 +61,7 @@ def test_quick_passthrough_run(tmp_path: Path) -> None:
     done, doc = run_passthrough(tmp_path, "--only", "enforcer,enforcer-tcp,haproxy,nginx")
     assert done.returncode == 0, done.stderr[-3000:]
     assert doc["schema"] == pt.SCHEMA and doc["mode"] == "quick" and not doc["interrupted"]
-    assert set(doc["workloads"]) == set(pt.WORKLOAD_NAMES)
+    assert set(doc["workloads"]) == set(ptl.WORKLOAD_NAMES)
     assert doc["contestants"]["enforcer"]["status"] == "ok"
     ran = [n for n, c in doc["contestants"].items() if c["status"] == "ok"]
     for name, c in doc["contestants"].items():
@@ -67,13 +69,13 @@ def test_quick_passthrough_run(tmp_path: Path) -> None:
             assert "apt install" in c["reason"]
         elif name != "enforcer-tcp":  # the suite the backend is pinned to, through the proxy
             assert c["tls"] == "TLSv1.3 TLS_AES_256_GCM_SHA384", name
-    sizes = {"sni-newconn": 256, "sni-bulk": pt.BULK_SIZE}
+    sizes = {"sni-newconn": 256, "sni-bulk": ptp.BULK_SIZE}
     for wname, w in doc["workloads"].items():
         for name in ran:
             r = w["results"][name]
             assert r["status"] == "ok", (wname, name, r)
             v = r["values"]
-            probes = 0 if name == "enforcer-tcp" else len(pt.PROBES)  # no routing there
+            probes = 0 if name == "enforcer-tcp" else len(ptp.PROBES)  # no routing there
             assert v["routes_checked"] == probes and v["bulk_sha256_ok"] is True
             assert v["errors"] == 0 and v["bytes"] >= v["requests"] * sizes[wname] > 0
             for m in w["metrics"]:
@@ -94,30 +96,30 @@ def test_quick_passthrough_run(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def backend(tmp_path: Path) -> Iterator[tuple[Env, pt.Backend]]:
+def backend(tmp_path: Path) -> Iterator[tuple[Env, ptp.Backend]]:
     env = Env(tmp_path, make_pki(tmp_path / "pki"), Processes(), Ports())
     try:
-        yield env, pt.start_backend(env)
+        yield env, ptp.start_backend(env)
     finally:
         env.procs.stop_all()
 
 
 @needs_tools
-def test_the_checks_fail_when_routing_is_wrong(backend: tuple[Env, pt.Backend],
+def test_the_checks_fail_when_routing_is_wrong(backend: tuple[Env, ptp.Backend],
                                                 tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     env, be = backend
     # everything to the apps backend (what a proxy ignoring SNI would do): the api probe fails
     with pytest.raises(MeasureError, match="expected route api"):
-        pt.check_routes(be.ports["apps"], be.ca)
-    pair = pt.Enforcer().start_passthrough(env, be)
-    assert pt.check_routes(pair.entry_port, be.ca) == "TLSv1.3 TLS_AES_256_GCM_SHA384"
-    pt.check_bulk(pair.entry_port, be.ca)
+        ptl.check_routes(be.ports["apps"], be.ca)
+    pair = ptp.Enforcer().start_passthrough(env, be)
+    assert ptl.check_routes(pair.entry_port, be.ca) == "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    ptl.check_bulk(pair.entry_port, be.ca)
     # load whose name takes the default route: the fallback backend has no such file
-    monkeypatch.setattr(pt, "LOAD_NAME", "other.localhost")
+    monkeypatch.setattr(ptl, "LOAD_NAME", "other.localhost")
     with pytest.raises(MeasureError, match="not 2xx"):
-        pt.wrk_https(env, tmp_path, pair.entry_port, seconds=1, connections=2, threads=1,
-                     path=pt.SMALL_PATH, size=256, close=True)
+        ptl.wrk_https(env, tmp_path, pair.entry_port, seconds=1, connections=2, threads=1,
+                      path=ptp.SMALL_PATH, size=256, close=True)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -139,5 +141,5 @@ def test_passthrough_list() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--passthrough", "--list"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    for name in (*pt.CONTESTANTS, *pt.WORKLOAD_NAMES):
+    for name in (*ptp.CONTESTANTS, *ptl.WORKLOAD_NAMES):
         assert f" {name} " in done.stdout
