@@ -16,7 +16,7 @@ UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
 NATIVE_SOURCES := setup.py $(wildcard enforcer/dataplane/*.c enforcer/dataplane/*.h \
                   enforcer/dataplane/pump/*.c enforcer/dataplane/pump/*.h)
 
-.PHONY: demo test test-hosts test-fast test-faults soak fuzz fuzz-parsers sanitize lint bench bench-passthrough clean \
+.PHONY: demo test test-hosts test-fast test-faults soak fuzz fuzz-parsers sanitize lint bench clean \
         lock lock-check check-installed test-debian13 image image-test deploy-check
 
 # The editable install builds the native extension in place (enforcer/dataplane/_pump*.so):
@@ -98,6 +98,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
 
 # SNI passthrough: enforcer vs haproxy vs nginx routing TLS by SNI (docs/performance.md)
+.PHONY: bench-passthrough
 bench-passthrough: $(STAMP)
 	$(PY) -m benchmarks --passthrough $(if $(QUICK),--quick,)
 
