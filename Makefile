@@ -97,6 +97,11 @@ sanitize: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
 
+# SNI passthrough: enforcer vs haproxy vs nginx routing TLS by SNI (docs/performance.md)
+.PHONY: bench-passthrough
+bench-passthrough: $(STAMP)
+	$(PY) -m benchmarks --passthrough $(if $(QUICK),--quick,)
+
 # The lock matches pyproject.toml, and .venv matches the lock exactly (CI runs both).
 lock-check: $(STAMP)
 	$(PY) tools/lockcheck.py declared

@@ -124,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "passthrough", False):
+        from benchmarks import passthrough  # its own contestants, workloads and report
+
+        return passthrough.run(args)
     if args.list:
         return list_everything()
     if getattr(args, "render", None):

@@ -58,5 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "enforcer-transparent (the enforcer pair behind nftables redirects) and "
                    "enforcer-nathooks (its control: the explicit-port pair with the same "
                    "rules loaded for an unused port: conntrack and NAT hooks, no redirect)")
+    p.add_argument("--passthrough", action="store_true",
+                   help="instead of the sidecar pair: SNI passthrough (enforcer tls.mode "
+                   "passthrough vs haproxy req.ssl_sni vs nginx ssl_preread), workloads "
+                   "sni-newconn,sni-bulk; writes passthrough.md (benchmarks/passthrough.py)")
     p.add_argument("--list", action="store_true",
                    help="list contestants and workloads with what is installed, then exit")
