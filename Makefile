@@ -43,9 +43,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not faults" --ignore=$(HOSTS_TEST)
 
-# The whole path across hosts (six network namespaces, four enforcers, haproxy): run alone,
-# not beside the rest of the suite, whose load once made its new connections fail
-# (docs/interception.md). CI runs it after make test.
+# The whole path across hosts (six network namespaces, four enforcers, haproxy), on its own;
+# CI runs it after make test. (Its new connections through the NLB failing with SSLError
+# under the suite's load was the test client's TLS send and read running in two threads
+# on one SSL object: tests/e2e/netapps.py now does both in one.)
 HOSTS_TEST := tests/e2e/test_across_hosts.py
 test-hosts: $(STAMP)
 	$(PY) -m pytest -q $(HOSTS_TEST)

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import yaml
 
-from enforcer.config import passthrough
+from enforcer.config import boundedyaml, passthrough
 from enforcer.config.errors import ConfigError, ConfigIssue
 from enforcer.config.model import (
     CIPHER_SUITES,
@@ -76,7 +76,7 @@ def read_yaml(path: str) -> Any:
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue("", f"{path}: not UTF-8 text")]) from None
     try:
-        return yaml.safe_load(text)
+        return boundedyaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -84,7 +84,7 @@ def read_yaml(path: str) -> Any:
         raise ConfigError([ConfigIssue("", f"{path}: invalid YAML at {where}: {what}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigIssue("", f"{path}: invalid YAML: {exc}")]) from None
-    except RecursionError:  # PyYAML builds nested collections recursively
+    except (boundedyaml.TooDeep, RecursionError):  # PyYAML composes nested ones recursively
         raise ConfigError([ConfigIssue("", f"{path}: invalid YAML: nested too deeply")]) from None
 
 

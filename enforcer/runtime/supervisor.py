@@ -310,14 +310,17 @@ class Supervisor:
                    ENFORCER_SUPERVISOR_PID=str(os.getpid()))
         assert self.cfg.source is not None
         try:
+            # The forwarded signals stay held here until the new worker is in
+            # self.children: one that comes meanwhile is handled (by _forward) as soon as
+            # spawning() unblocks it, and must reach this worker too.
             with early_signals.spawning():
                 child = subprocess.Popen(
                     [sys.executable, "-m", "enforcer", "run", "-c", self.cfg.source,
                      *self.run_args], env=env, pass_fds=[*fds, secret_fd])
+                self.children[child.pid] = index
+                self.started[index] = time.monotonic()
         finally:
             os.close(secret_fd)
-        self.children[child.pid] = index
-        self.started[index] = time.monotonic()
 
     def _secret_pipe(self) -> int:
         """The read end of a pipe holding the ticket secret, for one child to inherit (a

@@ -20,10 +20,12 @@ Exit status 0 always: the test reads the JSON.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import select
 import socket
 import ssl
 import sys
@@ -115,6 +117,43 @@ def _finish(s: socket.socket, got: bytearray, size: int) -> None:
     s.unwrap()
 
 
+def _tls_exchange(s: ssl.SSLSocket, payload: bytes, got: bytearray, size: int,
+                  idle: float) -> None:
+    """Send ``payload`` while reading the echo (its first line plus ``size`` bytes), then
+    close_notify both ways, all in this one thread: OpenSSL forbids using one SSL object
+    from two threads at once (a sender thread beside the reader made SSL_write and
+    SSL_read race, e.g. over the server's session tickets, and failed with SSLError now
+    and then on a loaded host). ``idle``: seconds without progress before giving up."""
+    s.setblocking(False)
+    sent, want = 0, None
+    deadline = time.monotonic() + idle
+    while want is None or len(got) < want:
+        progress = False
+        if sent < len(payload):
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                sent += s.send(payload[sent:sent + 65536])
+                progress = True
+        try:
+            data: bytes | None = s.recv(65536)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            data = None
+        if data == b"":
+            break  # the echo ended early: unwrap() below says how
+        if data:
+            got += data
+            progress = True
+            if want is None and b"\n" in got:
+                want = got.index(b"\n") + 1 + size
+        if progress:
+            deadline = time.monotonic() + idle
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"no progress for {idle} s")
+        else:
+            select.select([s], [s] if sent < len(payload) else [], [], 0.2)
+    s.settimeout(idle)
+    s.unwrap()
+
+
 def client(host: str, port: int, size: int, seed: int, tls: Tls = None) -> dict[str, object]:
     payload = random.Random(seed).randbytes(size)
     out: dict[str, object] = {"sent": hashlib.sha256(payload).hexdigest(), "received": None,
@@ -122,11 +161,14 @@ def client(host: str, port: int, size: int, seed: int, tls: Tls = None) -> dict[
     got = bytearray()
     try:
         with _connect(host, port, 20, tls) as s:
+            if isinstance(s, ssl.SSLSocket):
+                _tls_exchange(s, payload, got, size, 20)
+                return _result(out, got)
+
             def send() -> None:
-                try:
+                try:  # a plain socket may be sent on and read from by two threads
                     s.sendall(payload)
-                    if tls is None:
-                        s.shutdown(socket.SHUT_WR)
+                    s.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
             t = threading.Thread(target=send, daemon=True)
@@ -134,7 +176,16 @@ def client(host: str, port: int, size: int, seed: int, tls: Tls = None) -> dict[
             _finish(s, got, size)
             t.join(20)
     except OSError as exc:
-        out["error"] = type(exc).__name__
+        _error(out, exc)
+    return _result(out, got)
+
+
+def _error(out: dict[str, object], exc: OSError) -> None:
+    out["error"] = type(exc).__name__
+    out["detail"] = str(exc)  # e.g. which TLS alert or OpenSSL reason
+
+
+def _result(out: dict[str, object], got: bytearray) -> dict[str, object]:
     out["received"] = hashlib.sha256(bytes(got)).hexdigest()
     out["bytes"] = len(got)
     out["head"] = bytes(got[:80]).decode("latin-1")
@@ -159,11 +210,8 @@ def slow_client(host: str, port: int, size: int, seed: int, gate: str,
                 s.shutdown(socket.SHUT_WR)
             _finish(s, got, size)
     except OSError as exc:
-        out["error"] = type(exc).__name__
-    out["received"] = hashlib.sha256(bytes(got)).hexdigest()
-    out["bytes"] = len(got)
-    out["head"] = bytes(got[:80]).decode("latin-1")
-    return out
+        _error(out, exc)
+    return _result(out, got)
 
 
 def forge(host: str, port: int, src: str, cert: str, key: str, ca: str) -> dict[str, object]:
@@ -187,7 +235,7 @@ def forge(host: str, port: int, src: str, cert: str, key: str, ca: str) -> dict[
                 got += data
             out["bytes"] = len(got)
     except (OSError, ssl.SSLError) as exc:
-        out["error"] = type(exc).__name__
+        _error(out, exc)
     return out
 
 

@@ -54,7 +54,11 @@ class EnforcerProcess:
             if m:
                 self.ports[m.group(1)] = int(m.group(3))
 
-    def wait_bound(self, n: int = 1, timeout: float = 20) -> dict[str, int]:
+    def wait_bound(self, n: int = 1, timeout: float = 60) -> dict[str, int]:
+        """Until ``n`` listeners logged their port. It returns as soon as they did; the
+        timeout only ends a start that hangs: a fresh interpreter importing enforcer took
+        20-28 s of wall time (0.4 s of CPU) on the shared 2-core host at load 20, so 20 s
+        failed good starts (the supervisor allows its workers 60 s, STARTUP_TIMEOUT)."""
         deadline = time.monotonic() + timeout
         while len(self.ports) < n:
             if self.proc.poll() is not None:

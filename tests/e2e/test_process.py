@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -168,11 +169,12 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _wait(predicate: object, what: str, timeout: float = 20) -> None:
+def _wait(predicate: object, what: str | Callable[[], str], timeout: float = 20) -> None:
+    """Until ``predicate()``; ``what`` (a callable: made at the timeout) names the failure."""
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            raise TimeoutError(what)
+            raise TimeoutError(what if isinstance(what, str) else what())
         time.sleep(0.002)
 
 
@@ -196,7 +198,7 @@ def test_reload_signals_during_startup_wait_for_the_handlers(tmp_path: Path, pki
         os.kill(pid, signal.SIGUSR1)
         proc.wait_bound()
         _wait(lambda: sum("SIGHUP: reloading" in line for line in proc.stderr_lines) == workers,
-              "no reload after startup:\n" + "\n".join(proc.stderr_lines))
+              lambda: "no reload after startup:\n" + "\n".join(proc.stderr_lines))
         time.sleep(0.5)
         assert proc.proc.poll() is None, "\n".join(proc.stderr_lines)
         assert sum("SIGHUP: reloading" in line for line in proc.stderr_lines) == workers

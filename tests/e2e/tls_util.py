@@ -270,16 +270,29 @@ def sha(data: bytes) -> str:
 
 async def run_tool(*cmd: str, stdin: bytes = b"", timeout: float = 120,
                    env: dict[str, str] | None = None) -> tuple[int, bytes, bytes]:
-    # Nothing to send: stdin is /dev/null (EOF at once). Writing even b"" to a pipe races
-    # with a tool that exits first (s_client after a refused handshake), and uvloop then
-    # raises instead of ignoring the closed pipe.
+    # Nothing to send: stdin is /dev/null (EOF at once). Otherwise the tool may exit before
+    # its stdin is written (s_client after a refused handshake, more often on a loaded
+    # host): asyncio's communicate() ignores the closed pipe, but on uvloop it raises
+    # RuntimeError ("the handler is closed"), so _feed writes stdin itself.
     feed = bool(stdin)
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=asyncio.subprocess.PIPE if feed else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    out, err = await asyncio.wait_for(proc.communicate(stdin if feed else None), timeout)
+    async with asyncio.timeout(timeout):
+        if proc.stdin is not None:
+            await _feed(proc.stdin, stdin)
+        out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out, err
+
+
+async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
+    """Write ``data`` to a tool's stdin and close it, unless the tool closed it first."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        if not pipe.is_closing():  # closed by the loop once it saw the tool's end go
+            pipe.write(data)
+            await pipe.drain()
+    pipe.close()
 
 
 class ExactBackend(LocalServer):

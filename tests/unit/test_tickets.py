@@ -8,12 +8,14 @@ import json
 import os
 import ssl
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from enforcer.config.loader import parse_config
 from enforcer.dataplane import native
+from enforcer.dataplane import plane as plane_module
 from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import NullMetrics
@@ -21,6 +23,7 @@ from enforcer.runtime.supervisor import worker_ticket_secret
 from enforcer.tlsconf.context import build_client_context
 from enforcer.tlsconf.material import load_material
 from enforcer.tlsconf.tickets import (
+    ROTATION_PERIOD,
     TICKET_KEY_BYTES,
     new_secret,
     rotation_epoch,
@@ -102,20 +105,22 @@ def test_a_single_process_keeps_its_stateful_cache(pki: Any) -> None:
 
 
 @needs_native
-def test_shared_keys_rotate_with_the_period(pki: Any) -> None:
+def test_shared_keys_rotate_with_the_period(pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a wall clock the test moves: the real one, with a period short enough for a test,
+    could cross into the next period between any two lines on a loaded host."""
+    now = [1000 * ROTATION_PERIOD + 10.0]  # 10 s into a period
+    monkeypatch.setattr(plane_module, "time",
+                        SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic))
     plane = _plane(pki, SECRET)
-    plane.ticket_period = 0.2
     lst = plane.listeners[0]
     material = plane.materials["mesh"]
     before = plane.listener_context(material, lst.cfg.tls, lst.name)
     same = plane.listener_context(material, lst.cfg.tls, lst.name)
     epoch = plane.ticket_epoch
     client = _client(pki, ssl.TLSVersion.TLSv1_3)
-    if rotation_epoch(time.time(), 0.2) == epoch:  # both built within one period
-        assert not plane.ticket_keys_due()
-        assert _resumes(before, same, client)
-    while rotation_epoch(time.time(), 0.2) == epoch:
-        time.sleep(0.01)
+    assert epoch == 1000 and not plane.ticket_keys_due()
+    assert _resumes(before, same, client)
+    now[0] += ROTATION_PERIOD
     assert plane.ticket_keys_due()  # a new period: every worker rotates
     # a reload before the rotation keeps the period of the other listeners' keys
     mid = plane.listener_context(material, lst.cfg.tls, lst.name)
@@ -123,7 +128,7 @@ def test_shared_keys_rotate_with_the_period(pki: Any) -> None:
     assert _resumes(before, mid, client)
     plane.enter_ticket_period()  # what rotate_ticket_keys does before rebuilding
     after = plane.listener_context(material, lst.cfg.tls, lst.name)
-    assert plane.ticket_epoch > epoch and not plane.ticket_keys_due()
+    assert plane.ticket_epoch == epoch + 1 and not plane.ticket_keys_due()
     assert not _resumes(before, after, client)
 
 
