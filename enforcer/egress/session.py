@@ -10,8 +10,8 @@ connection then calls:
 - ``EgressSession(conn, rt, proceed)`` on ``start_request``;
 - ``EgressSession.feed(data)`` for each client byte (plaintext, after TLS) until the
   request is complete: it returns the bytes after the request then, else None; when that
-  happens later (after a login checked in a thread), ``proceed(rest)`` continues the
-  connection (which tells the core ``request_done``: the policy decides);
+  happens later (after a login checked in the scrypt pool, logincheck.py),
+  ``proceed(rest)`` continues the connection (which tells the core ``request_done``: the policy decides);
 - ``EgressSession.established()`` once the upstream is connected and the decision is
   allow: the success reply (SOCKS5 0x00 with the bound address, or ``200 Connection
   established``), before any byte is relayed;
@@ -36,6 +36,7 @@ lifecycle.REASONS), counted in ``enforcer_egress_handshake_errors_total``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,8 +48,6 @@ from enforcer.egress import httpconnect, socks5
 from enforcer.egress.credentials import Credentials
 
 if TYPE_CHECKING:
-    import asyncio
-
     from enforcer.dataplane.connection import Connection
 
 Proceed = Callable[[bytes], None]
@@ -167,7 +166,8 @@ class EgressSession:
     # ------------------------------------------------------------------ login
     def _login(self, user: bytes, password: bytes,
                request: httpconnect.ConnectRequest | None = None) -> bool | None:
-        """True/False, or None while the check runs in a thread (it then goes on)."""
+        """True/False, or None while the scrypt check runs (the connection then goes on);
+        raises the protocol's error when the scrypt pool is full (logincheck.py)."""
         creds = self.rt.credentials
         assert creds is not None
         creds = creds.current()
@@ -175,11 +175,16 @@ class EgressSession:
             self.user = user.decode("utf-8", "replace")
             return True
         assert self.conn is not None
-        loop = self.conn.loop
-        future = loop.run_in_executor(None, creds.verify, user, password)
+        outcome = creds.start_check(user, password, self.conn.loop)
+        if outcome is None:
+            busy = (f"more than {creds.pool.limit} login checks unfinished: refused without "
+                    "checking, try again")
+            if request is None:
+                raise socks5.Socks5Error("login_busy", busy, b"\x01\x01")
+            raise httpconnect.HttpError("login_busy", 407, busy)
 
         async def wait() -> None:
-            ok = await future
+            ok = await asyncio.shield(outcome)  # other logins may wait for it too
             self.auth_task = None
             if ok:
                 self.user = user.decode("utf-8", "replace")
