@@ -38,7 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from enforcer.egress.logincheck import POOL, ScryptPool, SingleFlight, VerifiedCache
+from enforcer.egress import logincheck
+from enforcer.egress.logincheck import ScryptPool, SingleFlight, VerifiedCache
 
 log = logging.getLogger("enforcer.egress")
 
@@ -149,14 +150,14 @@ class Credentials:
     __slots__ = ("_checked", "_dummy", "_key", "_stamp", "cache", "flights", "path", "pool",
                  "users")
 
-    def __init__(self, path: str, pool: ScryptPool = POOL) -> None:
+    def __init__(self, path: str, pool: ScryptPool | None = None) -> None:
         self.path = path
         self._stamp = self._file_stamp()
         self.users = read_credentials(path)
         self._key = secrets.token_bytes(32)
         self.cache = VerifiedCache()
         self.flights: SingleFlight[bytes, _Flight] = SingleFlight()
-        self.pool = pool
+        self.pool = pool or logincheck.POOL  # the process's scrypt pool
         self._checked = time.monotonic()
         self._dummy = ScryptHash(DEFAULT_LN, 8, 1, b"\0" * 16, b"\0" * 32)
 
