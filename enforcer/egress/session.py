@@ -28,7 +28,8 @@ the dialer only after policy allowed it, and each address it resolves to is deci
 again before any connect (egress/resolved.py; none allowed: ``denied_resolved_address``,
 refused like a policy deny).
 
-A refused handshake (bad version, no acceptable method, wrong login, BIND, a malformed
+A refused handshake (bad version, no acceptable method, wrong login, a login refused
+unchecked because the scrypt pool is full (``login_busy``), BIND, a malformed
 or oversized request, silence past the timeout) gets its reply where the protocol has
 one, and closes with reason ``egress_<reason>`` (``Connection.refuse``; each is in
 lifecycle.REASONS), counted in ``enforcer_egress_handshake_errors_total``.
