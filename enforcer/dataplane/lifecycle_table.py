@@ -168,7 +168,7 @@ REASONS: Final = {
 # egress listeners (egress/session.py): a refused SOCKS5 or CONNECT request, after its reply
 REASONS.update({f"egress_{why}": ("error", False) for why in (
     "auth_required", "bad_address", "bad_address_type", "bad_credentials", "bad_login",
-    "bad_method", "bad_request", "bad_version", "command_not_supported",
+    "bad_method", "bad_request", "bad_version", "command_not_supported", "login_busy",
     "no_acceptable_method", "no_methods", "too_long")})
 CERT_CLOSES: Final = frozenset({"revoked", "peer_certificate_expired"})
 PROXY_PREFIX: Final = "proxy_protocol_"  # proxy_protocol_<reason>: ("error", True)

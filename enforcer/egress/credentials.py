@@ -7,21 +7,27 @@ prints such a line. scrypt is in Python's hashlib (OpenSSL), no extra
 package needed.
 
 Checking a password costs a scrypt run (about 50 ms at the default ln=15), far too long
-for the event loop: ``Credentials.check`` answers at once from a cache of logins that
-succeeded (an HMAC of user and password under a key made at startup, compared in
-constant time) and otherwise returns None, and the caller runs ``verify`` in a thread.
-An unknown user costs the same scrypt run as a known one (a dummy hash), so timing does
-not tell which user names exist.
+for the event loop: ``Credentials.check`` answers at once from the cache of verified
+logins, and otherwise ``start_check`` runs scrypt in the bounded scrypt pool, shared by
+concurrent identical logins (logincheck.py explains the cache, the single flight and the
+bound). A success is cached only if the user's hash is still the one checked against
+when the result lands (a reload in between makes it a failure). An unknown user costs
+the same scrypt run as a known one (a dummy hash), so timing does not tell which user
+names exist.
 
 ``Credentials.current`` re-reads the file when its size, mtime or inode changed (looked at
 at most once a second): a rewritten file is live without a restart; one that no longer
-parses is refused with an error log and the previous users stay.
+parses is refused with an error log and the previous users stay. A reload forgets the
+cached logins of every user whose hash changed or who is gone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -32,6 +38,9 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
+from enforcer.egress import logincheck
+from enforcer.egress.logincheck import ScryptPool, SingleFlight, VerifiedCache
+
 log = logging.getLogger("enforcer.egress")
 
 DEFAULT_LN: Final = 15
@@ -39,7 +48,6 @@ MAX_LN: Final = 20
 MAX_R: Final = 32
 MAX_P: Final = 16
 MAX_FILE: Final = 4 * 1024 * 1024
-CACHE_LIMIT: Final = 4096
 RECHECK_EVERY: Final = 1.0
 _HASH: Final = re.compile(r"\$scrypt\$ln=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 USER_NAME: Final = re.compile(r"[^\s:]{1,255}")
@@ -139,14 +147,17 @@ def read_credentials(path: str) -> dict[str, ScryptHash]:
 class Credentials:
     """The users of one listener (see the module comment)."""
 
-    __slots__ = ("_cache", "_checked", "_dummy", "_key", "_stamp", "path", "users")
+    __slots__ = ("_checked", "_dummy", "_key", "_stamp", "cache", "flights", "path", "pool",
+                 "users")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, pool: ScryptPool | None = None) -> None:
         self.path = path
         self._stamp = self._file_stamp()
         self.users = read_credentials(path)
         self._key = secrets.token_bytes(32)
-        self._cache: set[bytes] = set()
+        self.cache = VerifiedCache()
+        self.flights: SingleFlight[bytes, _Flight] = SingleFlight()
+        self.pool = pool or logincheck.POOL  # the process's scrypt pool
         self._checked = time.monotonic()
         self._dummy = ScryptHash(DEFAULT_LN, 8, 1, b"\0" * 16, b"\0" * 32)
 
@@ -172,32 +183,75 @@ class Credentials:
             log.error("egress credentials not reloaded (the previous users stay): %s", exc)
             self._stamp = stamp
             return self
-        self.users, self._stamp = users, stamp
-        self._cache = set()
+        self.replace(users)
+        self._stamp = stamp
         log.info("egress credentials reloaded from %s: %d user(s)", self.path, len(users))
         return self
+
+    def replace(self, users: dict[str, ScryptHash]) -> None:
+        """New users: the cached logins of a changed or removed user are forgotten."""
+        changed = {name for name, hashed in self.users.items() if users.get(name) != hashed}
+        self.users = users
+        self.cache.forget(changed)
 
     def _tag(self, user: bytes, password: bytes) -> bytes:
         return hmac.new(self._key, len(user).to_bytes(2, "big") + user + password,
                         hashlib.sha256).digest()
 
-    def check(self, user: bytes, password: bytes) -> bool | None:
-        """True when this login succeeded before (cached); None: run ``verify``."""
+    def check(self, user: bytes, password: bytes, now: float | None = None) -> bool:
+        """True when this login passed scrypt within ``logincheck.TTL`` (cached)."""
+        return self.cache.hit(self._tag(user, password),
+                              time.monotonic() if now is None else now)
+
+    def start_check(self, user: bytes, password: bytes,
+                    loop: asyncio.AbstractEventLoop) -> asyncio.Future[bool] | None:
+        """The scrypt check's outcome to come (joined if the same login is being checked
+        already), or None when the pool has too many checks unfinished: refuse the login.
+        Await it through ``asyncio.shield`` (other logins may wait for it too)."""
         tag = self._tag(user, password)
-        return True if tag in self._cache else None
+        name = _name(user)
+        hashed = self.users.get(name)
+        flight = self.flights.get(tag)
+        if flight is not None and flight.hashed == hashed:
+            return flight.outcome
+        running = self.pool.submit((hashed or self._dummy).verify, password)
+        if running is None:
+            return None
+        flight = _Flight(hashed, loop.create_future())
+        self.flights.start(tag, flight)
 
-    def verify(self, user: bytes, password: bytes) -> bool:
-        """The scrypt check (slow: call it in a thread); a success is cached."""
-        users = self.users
-        try:
-            name = user.decode("utf-8")
-        except UnicodeDecodeError:
-            name = ""
-        hashed = users.get(name)
-        ok = (hashed or self._dummy).verify(password) and hashed is not None
+        def landed(_: concurrent.futures.Future[bool]) -> None:  # in the pool's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._finished, tag, name, flight, running)
+
+        running.add_done_callback(landed)
+        return flight.outcome
+
+    def _finished(self, tag: bytes, name: str, flight: _Flight,
+                  running: concurrent.futures.Future[bool]) -> None:
+        self.flights.finish(tag, flight)
+        ok = False
+        if not running.cancelled():
+            exc = running.exception()
+            if exc is not None:
+                log.error("egress login check failed: %s", exc)
+            # the hash checked against must still be the user's (not reloaded meanwhile)
+            ok = (exc is None and running.result() and flight.hashed is not None
+                  and self.users.get(name) == flight.hashed)
         if ok:
-            if len(self._cache) >= CACHE_LIMIT:
-                self._cache = set()
-            self._cache.add(self._tag(user, password))
-        return ok
+            self.cache.add(tag, name, time.monotonic())
+        if not flight.outcome.done():
+            flight.outcome.set_result(ok)
 
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Flight:
+    hashed: ScryptHash | None  # None: an unknown user (checked against a dummy hash)
+    outcome: asyncio.Future[bool]
+
+
+def _name(user: bytes) -> str:
+    try:
+        return user.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""  # no user has this name: a dummy check, refused

@@ -10,8 +10,8 @@ connection then calls:
 - ``EgressSession(conn, rt, proceed)`` on ``start_request``;
 - ``EgressSession.feed(data)`` for each client byte (plaintext, after TLS) until the
   request is complete: it returns the bytes after the request then, else None; when that
-  happens later (after a login checked in a thread), ``proceed(rest)`` continues the
-  connection (which tells the core ``request_done``: the policy decides);
+  happens later (after a login checked in the scrypt pool, logincheck.py),
+  ``proceed(rest)`` continues the connection (which tells the core ``request_done``: the policy decides);
 - ``EgressSession.established()`` once the upstream is connected and the decision is
   allow: the success reply (SOCKS5 0x00 with the bound address, or ``200 Connection
   established``), before any byte is relayed;
@@ -28,7 +28,8 @@ the dialer only after policy allowed it, and each address it resolves to is deci
 again before any connect (egress/resolved.py; none allowed: ``denied_resolved_address``,
 refused like a policy deny).
 
-A refused handshake (bad version, no acceptable method, wrong login, BIND, a malformed
+A refused handshake (bad version, no acceptable method, wrong login, a login refused
+unchecked because the scrypt pool is full (``login_busy``), BIND, a malformed
 or oversized request, silence past the timeout) gets its reply where the protocol has
 one, and closes with reason ``egress_<reason>`` (``Connection.refuse``; each is in
 lifecycle.REASONS), counted in ``enforcer_egress_handshake_errors_total``.
@@ -36,6 +37,7 @@ lifecycle.REASONS), counted in ``enforcer_egress_handshake_errors_total``.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,8 +49,6 @@ from enforcer.egress import httpconnect, socks5
 from enforcer.egress.credentials import Credentials
 
 if TYPE_CHECKING:
-    import asyncio
-
     from enforcer.dataplane.connection import Connection
 
 Proceed = Callable[[bytes], None]
@@ -167,7 +167,8 @@ class EgressSession:
     # ------------------------------------------------------------------ login
     def _login(self, user: bytes, password: bytes,
                request: httpconnect.ConnectRequest | None = None) -> bool | None:
-        """True/False, or None while the check runs in a thread (it then goes on)."""
+        """True/False, or None while the scrypt check runs (the connection then goes on);
+        raises the protocol's error when the scrypt pool is full (logincheck.py)."""
         creds = self.rt.credentials
         assert creds is not None
         creds = creds.current()
@@ -175,11 +176,16 @@ class EgressSession:
             self.user = user.decode("utf-8", "replace")
             return True
         assert self.conn is not None
-        loop = self.conn.loop
-        future = loop.run_in_executor(None, creds.verify, user, password)
+        outcome = creds.start_check(user, password, self.conn.loop)
+        if outcome is None:
+            busy = (f"more than {creds.pool.limit} login checks unfinished: refused without "
+                    "checking, try again")
+            if request is None:
+                raise socks5.Socks5Error("login_busy", busy, b"\x01\x01")
+            raise httpconnect.HttpError("login_busy", 407, busy)
 
         async def wait() -> None:
-            ok = await future
+            ok = await asyncio.shield(outcome)  # other logins may wait for it too
             self.auth_task = None
             if ok:
                 self.user = user.decode("utf-8", "replace")
