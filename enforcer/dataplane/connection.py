@@ -80,7 +80,6 @@ from enforcer.dataplane.tlsengine import (
     unclean_detail,
 )
 from enforcer.egress import resolved
-from enforcer.egress.session import EgressSession
 from enforcer.policy import FlowFacts
 from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -88,6 +87,7 @@ from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from
 if TYPE_CHECKING:
     from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
     from enforcer.dataplane.pump import NativePump
+    from enforcer.egress.session import EgressSession
 
 __all__ = ["Connection", "Stage"]
 
@@ -503,6 +503,9 @@ class Connection:
         self._again(raw)
 
     def _start_request(self, cmd: Command) -> None:
+        # imported here: only egress listeners need it (plane.py imported it for them)
+        from enforcer.egress.session import EgressSession
+
         rt = self.listener.egress
         assert rt is not None
         self.egress = EgressSession(self, rt, self._requested)
