@@ -80,14 +80,14 @@ from enforcer.dataplane.tlsengine import (
     unclean_detail,
 )
 from enforcer.egress import resolved
-from enforcer.egress.session import EgressSession
 from enforcer.policy import FlowFacts
-from enforcer.proxyproto import HeaderParser, ProxyHeader, ProxyProtocolError, sniff
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
 
 if TYPE_CHECKING:
     from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
     from enforcer.dataplane.pump import NativePump
+    from enforcer.egress.session import EgressSession
+    from enforcer.proxyproto import HeaderParser, ProxyHeader
 
 __all__ = ["Connection", "Stage"]
 
@@ -370,6 +370,8 @@ class Connection:
                               f"{self._peer_text()} is not a trusted source")
             return False
         if trusted:
+            from enforcer.proxyproto import HeaderParser  # listeners with proxy_protocol only
+
             self.proxy_parser = HeaderParser()
         return True
 
@@ -503,6 +505,9 @@ class Connection:
         self._again(raw)
 
     def _start_request(self, cmd: Command) -> None:
+        # imported here: only egress listeners need it (plane.py imported it for them)
+        from enforcer.egress.session import EgressSession
+
         rt = self.listener.egress
         assert rt is not None
         self.egress = EgressSession(self, rt, self._requested)
@@ -526,7 +531,11 @@ class Connection:
             self._feed(Event("cert_revoked", reason=reason, detail=detail))
 
     # ===================================================================== PROXY protocol
+    # enforcer.proxyproto is imported by the methods below, on the listeners that accept
+    # PROXY headers, so a sidecar without them does not hold it in memory.
     def _proxy_data(self, side: Side, data: bytes) -> None:
+        from enforcer.proxyproto import ProxyProtocolError, sniff
+
         parser = self.proxy_parser
         if parser is None:  # untrusted source, accept: optional: refuse anything PROXY-like
             self._sniff_untrusted(data)
@@ -557,6 +566,8 @@ class Connection:
         self._after_proxy(parser.rest)
 
     def _sniff_untrusted(self, data: bytes) -> None:
+        from enforcer.proxyproto import sniff
+
         self.sniff_buf += data
         kind = sniff(self.sniff_buf)
         if kind is None:
@@ -576,6 +587,8 @@ class Connection:
         """The client sent FIN during the PROXY stage: a truncated header (fail closed).
 
         With ``accept: optional``, a FIN before the first byte is a plain connect-and-close."""
+        from enforcer.proxyproto import ProxyProtocolError
+
         parser = self.proxy_parser
         sniffing = parser is None or (
             self.listener.cfg.proxy_protocol.accept == "optional" and not parser.buffered)

@@ -46,15 +46,6 @@ from enforcer.dataplane.tlsengine import SESSION_GETTER_LEAKS
 from enforcer.observe.flowid import new_flow_id
 from enforcer.policy import CompiledRuleset, Decision, FlowFacts, compile_rulesets
 from enforcer.policy.globs import identity_set
-from enforcer.proxyproto import (
-    alpn_tlv,
-    authority_tlv,
-    build_v1,
-    build_v2,
-    identity_tlv,
-    ssl_tlv,
-    unique_id_tlv,
-)
 from enforcer.tlsconf.context import build_client_context, build_listener_context, tls13_suites
 from enforcer.tlsconf.groups import GroupsError, apply_groups
 from enforcer.tlsconf.identity import PeerIdentity
@@ -492,6 +483,9 @@ class DataPlane:
         pp = conn.up_rt.cfg.proxy_protocol
         if pp.send == "off":
             return None
+        # imported here: only upstreams that send PROXY headers need the builders
+        from enforcer.proxyproto import build_v1, build_v2
+
         src = _ip_endpoint(conn.client_addr)
         dst = _ip_endpoint(conn.original_dst or conn.local)
         received = conn.proxy_header
@@ -670,6 +664,14 @@ def _ip_endpoint(addr: tuple[str, int] | None) -> tuple[str, int] | None:
 
 
 def _send_tlvs(conn: Connection, names: tuple[str, ...]) -> list[Any]:
+    from enforcer.proxyproto import (
+        alpn_tlv,
+        authority_tlv,
+        identity_tlv,
+        ssl_tlv,
+        unique_id_tlv,
+    )
+
     tlvs: list[Any] = []
     tls = conn.client.tls
     for name in names:

@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -34,7 +34,6 @@ from enforcer.dataplane import native
 from enforcer.dataplane.context import ListenerRuntime
 from enforcer.dataplane.plane import DataPlane, StartupError
 from enforcer.dataplane.tasks import spawn
-from enforcer.observe.admin import AdminServer
 from enforcer.observe.flowlog import FlowLog, utc_timestamp
 from enforcer.observe.heartbeat import Heartbeat
 from enforcer.observe.metrics import RELOAD_KINDS, Metrics
@@ -43,6 +42,9 @@ from enforcer.runtime.heaptrim import HeapTrimmer
 from enforcer.runtime.reload import Reloader
 from enforcer.tlsconf.identity import IdentityError, identity_from_der
 from enforcer.tlsconf.material import LoadedMaterial
+
+if TYPE_CHECKING:
+    from enforcer.observe.admin import AdminServer
 
 log = logging.getLogger("enforcer.runtime")
 
@@ -93,6 +95,8 @@ class Server:
         self.plane.build()
         await self.plane.bind(self.sockets)
         if self.cfg.admin.listen is not None and self.admin_enabled:
+            from enforcer.observe.admin import AdminServer  # only with admin.listen set
+
             self.admin = AdminServer(self.cfg.admin.listen, self.metrics, status=self.status,
                                      ready=self.is_ready, health=self.heartbeat.check)
             try:
