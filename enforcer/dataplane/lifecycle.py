@@ -49,14 +49,15 @@ class Stage(IntEnum):
     UPSTREAM_TLS = 6
     RELAY = 7
     HALF_CLOSED = 8  # one direction ended (Lifecycle.first_eof says which)
-    CLOSED = 9
+    DRAINING = 9  # relaying while the process drains (first_eof: a side may have finished)
+    CLOSED = 10
 
 
 # The stages as plain module constants for the code that runs per event: reading
 # ``Stage.X`` goes through the enum's metaclass every time (~0.2 µs, as much as a whole
 # outcome of the core).
 (ACCEPTED, PROXY, DETECT, HANDSHAKE, AUTHORIZE, CONNECT, UPSTREAM_TLS, RELAY, HALF_CLOSED,
- CLOSED) = tuple(Stage)
+ DRAINING, CLOSED) = tuple(Stage)
 
 
 class LifecycleError(Exception):
@@ -133,7 +134,7 @@ _SHUT: Final = {side: Command("shut_write", side=side) for side in OTHER}
 _CANCEL: Final = {slot: Command("cancel_timer", timer=slot) for slot, _ in TIMERS.values()}
 # bytes events: the side they come from, and the command per (command kind, side)
 _SIDE_OF: Final = {"client_data": "client", "upstream_data": "upstream"}
-_RELAYING: Final = (RELAY, HALF_CLOSED)
+_RELAYING: Final = (RELAY, HALF_CLOSED, DRAINING)
 _NONE_HELD: Final[frozenset[str]] = frozenset()  # (rarely any: no set per connection)
 _EOF_SIDE: Final = {"client_eof": "client", "upstream_eof": "upstream"}
 _EOF_EVENT: Final = {side: Event(kind) for kind, side in _EOF_SIDE.items()}  # held, replayed
@@ -151,7 +152,7 @@ _ARMS_MAX: Final = 1024
 class Lifecycle:
     """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
 
-    __slots__ = ("asked", "decision", "early", "ended", "first_eof", "held_eof",
+    __slots__ = ("asked", "decision", "draining", "early", "ended", "first_eof", "held_eof",
                  "last_active", "native", "native_ok", "out", "plan", "record", "requested",
                  "stage", "timers")
 
@@ -167,6 +168,7 @@ class Lifecycle:
         self.ended = False  # both directions ended; the native pump still sends
         self.native = False  # the native pump relays
         self.native_ok = False  # start_relay allowed a hand-over to the pump
+        self.draining = False  # the process drains: DRAINING once relaying
         self.last_active = now
         self.timers: dict[str, str] = {}  # armed slot -> the event it fires
         self.record: tuple[str, str, str | None, Stage] | None = None  # how it closed
@@ -294,10 +296,11 @@ class Lifecycle:
 
     def _eof_in_relay(self, ev: Event) -> None:
         side = _EOF_SIDE[ev.kind]
-        if self.stage == RELAY:
+        if self.first_eof is None:
             self.first_eof = side
             self.out.append(_SHUT[OTHER[side]])
-            self.stage = HALF_CLOSED
+            if self.stage == RELAY:
+                self.stage = HALF_CLOSED
             self._arm("close", "close_timeout", self.plan.close_timeout)
             return
         if side == self.first_eof or self.ended:
@@ -374,6 +377,8 @@ class Lifecycle:
                     self._eof_in_relay(_EOF_EVENT[side])
             if self.stage not in _RELAYING:
                 return  # (without held EOFs the stage is still RELAY or HALF_CLOSED)
+        if self.draining:
+            self.stage = DRAINING
         if not self.native:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout)
         if self.plan.open_events:
@@ -497,6 +502,13 @@ class Lifecycle:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle, keep=False)
 
     def _drain(self, ev: Event) -> None:
+        if self.draining:
+            raise LifecycleError("a second drain")
+        self.draining = True
+        if self.stage in _RELAYING:
+            self.stage = DRAINING
+
+    def _deadline(self, ev: Event) -> None:
         action = "allow" if self.relaying else "error"
         self._close(action, "drain", "closed at the end of the drain", abort=True)
 
@@ -524,7 +536,8 @@ OUTCOMES: Final = {
     "updefer": Lifecycle._updefer, "uptls": Lifecycle._uptls, "half": Lifecycle._eof_in_relay,
     "fin": Lifecycle._eof_in_relay, "done": Lifecycle._done, "lost": Lifecycle._lost,
     "fail": Lifecycle._failed, "timeout": Lifecycle._timeout, "silent": Lifecycle._silent,
-    "idle": Lifecycle._idle, "drain": Lifecycle._drain, "revoke": Lifecycle._revoke,
+    "idle": Lifecycle._idle, "drain": Lifecycle._drain, "deadline": Lifecycle._deadline,
+    "eof": Lifecycle._eof_in_relay, "revoke": Lifecycle._revoke,
     "internal": Lifecycle._internal, "routed": Lifecycle._routed,
     "request": Lifecycle._request, "ask": Lifecycle._requested, "cert": Lifecycle._cert,
     "quiet": Lifecycle._quiet,
