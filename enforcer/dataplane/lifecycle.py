@@ -256,25 +256,12 @@ class Lifecycle:
             return
         self.out.append(_CONST["decide"])
 
-    def _after_proxy(self) -> None:
-        plan = self.plan
-        if plan.tls == "off":
-            self._disarm("stage")
-            self._authorize()
-        elif plan.tls == "auto":
-            if plan.detect_timeout > 0:  # a silent client is plaintext after this
-                self._arm("stage", "detect_timeout", plan.detect_timeout)
-            else:
-                self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = DETECT
-        elif plan.tls == "passthrough":  # the ClientHello is read, not answered
-            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = DETECT
-            self.out.append(_CONST["start_peek"])
-        else:  # terminate
-            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = HANDSHAKE
-            self.out.append(_CONST["start_tls"])
+    def _enter(self, stage: Stage, timer: str, delay: float, command: str = "") -> None:
+        """Move to ``stage`` with its stage timer armed, then ``command`` (if any)."""
+        self.stage = stage
+        self._arm("stage", timer, delay)
+        if command:
+            self.out.append(_CONST[command])
 
     def _enter_relay(self) -> None:
         if self.decision is None:  # rules on the upstream's identity: decide now
@@ -322,10 +309,21 @@ class Lifecycle:
             else:
                 self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
             return
-        self._after_proxy()
+        self._after()
 
-    def _after(self, ev: Event) -> None:
-        self._after_proxy()
+    def _after(self, ev: Event | None = None) -> None:
+        plan = self.plan
+        if plan.tls == "off":
+            self._plain(ev)
+        elif plan.tls == "auto":
+            if plan.detect_timeout > 0:  # a silent client is plaintext after this
+                self._enter(DETECT, "detect_timeout", plan.detect_timeout)
+            else:
+                self._enter(DETECT, "handshake_timeout", plan.handshake_timeout)
+        elif plan.tls == "passthrough":  # the ClientHello is read, not answered
+            self._enter(DETECT, "handshake_timeout", plan.handshake_timeout, "start_peek")
+        else:  # terminate
+            self._enter(HANDSHAKE, "handshake_timeout", plan.handshake_timeout, "start_tls")
 
     def _tls(self, ev: Event) -> None:
         if self.plan.detect_timeout > 0:
@@ -333,7 +331,7 @@ class Lifecycle:
         self.stage = HANDSHAKE
         self.out.append(_CONST["start_tls"])
 
-    def _plain(self, ev: Event) -> None:
+    def _plain(self, ev: Event | None = None) -> None:
         self._disarm("stage")
         self._authorize()
 
@@ -349,18 +347,15 @@ class Lifecycle:
         if self.stage != AUTHORIZE:
             self._enter_relay()
             return
-        self.stage = CONNECT
-        self._arm("stage", "connect_timeout", self.plan.connect_timeout)
-        self.out.append(_CONST["connect"])
+        self._enter(CONNECT, "connect_timeout", self.plan.connect_timeout, "connect")
 
     def _upready(self, ev: Event) -> None:
         self._disarm("stage")
         if not self.plan.upstream_tls:
             self._enter_relay()
             return
-        self.stage = UPSTREAM_TLS
-        self._arm("stage", "upstream_tls_timeout", self.plan.handshake_timeout)
-        self.out.append(_CONST["start_upstream_tls"])
+        self._enter(UPSTREAM_TLS, "upstream_tls_timeout", self.plan.handshake_timeout,
+                    "start_upstream_tls")
 
     def _relay(self, ev: Event) -> None:
         self._disarm("stage")
