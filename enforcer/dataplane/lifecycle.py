@@ -37,6 +37,7 @@ from enforcer.dataplane.lifecycle_table import (  # the close reasons' data, re-
     TIMERS,
     parse,
 )
+from enforcer.dataplane.lifecycle_table import OUTCOMES as MEANINGS
 
 
 class Stage(IntEnum):
@@ -521,22 +522,12 @@ class Lifecycle:
         self._close("error", "internal_error", ev.detail, abort=True)
 
 
-OUTCOMES: Final = {
-    "begin": Lifecycle._begin, "after": Lifecycle._after, "tls": Lifecycle._tls,
-    "plain": Lifecycle._plain, "authz": Lifecycle._plain, "decided": Lifecycle._decided,
-    "upready": Lifecycle._upready, "relay": Lifecycle._relay, "started": Lifecycle._started,
-    "parse": Lifecycle._parse, "detect": Lifecycle._detect, "shake": Lifecycle._shake,
-    "upshake": Lifecycle._upshake, "hold": Lifecycle._hold, "early": Lifecycle._early,
-    "proxyeof": Lifecycle._proxyeof, "closed": Lifecycle._closed, "defer": Lifecycle._defer,
-    "updefer": Lifecycle._updefer, "uptls": Lifecycle._uptls, "half": Lifecycle._eof_in_relay,
-    "fin": Lifecycle._eof_in_relay, "done": Lifecycle._done, "lost": Lifecycle._lost,
-    "fail": Lifecycle._failed, "timeout": Lifecycle._timeout, "silent": Lifecycle._silent,
-    "idle": Lifecycle._idle, "drain": Lifecycle._drain, "deadline": Lifecycle._deadline,
-    "eof": Lifecycle._eof_in_relay, "revoke": Lifecycle._revoke,
-    "internal": Lifecycle._internal, "routed": Lifecycle._routed,
-    "request": Lifecycle._request, "ask": Lifecycle._requested, "cert": Lifecycle._cert,
-    "quiet": Lifecycle._quiet,
-}
+# each outcome of the table is the method of its name (``_<name>``), but for these
+_ALIASES: Final = {"authz": "plain", "half": "eof_in_relay", "fin": "eof_in_relay",
+                   "eof": "eof_in_relay", "fail": "failed", "ask": "requested"}
+OUTCOMES: Final[dict[str, Callable[[Lifecycle, Event], object]]] = {
+    name: getattr(Lifecycle, f"_{_ALIASES.get(name, name)}")
+    for name in MEANINGS if name not in ("-", ".", "fwd")}
 
 
 def _nothing(core: Lifecycle, ev: Event) -> None:
