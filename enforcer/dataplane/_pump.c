@@ -95,33 +95,14 @@ static struct PyModuleDef pump_module = {
 #define API_VERSION 10
 
 PyMODINIT_FUNC PyInit__pump(void) {
-    if (PyType_Ready(&PumpType) < 0 || PyType_Ready(&PollerType) < 0 ||
-        PyType_Ready(&WatchType) < 0) {
-        return NULL;
-    }
     PyObject *m = PyModule_Create(&pump_module);
     if (m == NULL) {
         return NULL;
     }
-    Py_INCREF(&PumpType);
-    if (PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) {
-        Py_DECREF(&PumpType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&PollerType);
-    if (PyModule_AddObject(m, "Poller", (PyObject *)&PollerType) < 0) {
-        Py_DECREF(&PollerType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&WatchType);
-    if (PyModule_AddObject(m, "Watch", (PyObject *)&WatchType) < 0) {
-        Py_DECREF(&WatchType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    if (PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0) {
+    /* PyModule_AddType readies each type and adds it under its short tp_name */
+    if (PyModule_AddType(m, &PumpType) < 0 || PyModule_AddType(m, &PollerType) < 0 ||
+        PyModule_AddType(m, &WatchType) < 0 ||
+        PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -327,6 +327,8 @@ class Connection:
             return
         self.core.plan = self._plan()
         self._feed(_EVENTS["accept"])
+        if plane.draining:  # accepted as the drain began
+            self.drain_begin()
 
     def _plan(self) -> Plan:
         """What the configuration says about this connection: made once per listener and
@@ -1072,10 +1074,18 @@ class Connection:
             return Event(name, detail=f"connect to {self.upstream_address()} timed out")
         return Event(name, now=self.loop.time())
 
+    def drain_begin(self) -> None:
+        """The process began to drain: a relaying connection goes on, as DRAINING."""
+        if self.core.stage != CLOSED and not self.core.draining:
+            try:
+                self._feed(_EVENTS["drain"])
+            except Exception as exc:
+                self.internal_error(exc)
+
     def drain_close(self) -> None:
         """Called when the drain deadline passes with this connection still open."""
         if self.core.stage != CLOSED:
-            self._feed(_EVENTS["drain"])
+            self._feed(_EVENTS["drain_deadline"])
 
     def policy_revoked(self, decision: Any) -> None:
         """A reloaded ruleset now denies this open connection."""

@@ -37,6 +37,7 @@ from enforcer.dataplane.lifecycle_table import (  # the close reasons' data, re-
     TIMERS,
     parse,
 )
+from enforcer.dataplane.lifecycle_table import OUTCOMES as MEANINGS
 
 
 class Stage(IntEnum):
@@ -49,14 +50,15 @@ class Stage(IntEnum):
     UPSTREAM_TLS = 6
     RELAY = 7
     HALF_CLOSED = 8  # one direction ended (Lifecycle.first_eof says which)
-    CLOSED = 9
+    DRAINING = 9  # relaying while the process drains (first_eof: a side may have finished)
+    CLOSED = 10
 
 
 # The stages as plain module constants for the code that runs per event: reading
 # ``Stage.X`` goes through the enum's metaclass every time (~0.2 µs, as much as a whole
 # outcome of the core).
 (ACCEPTED, PROXY, DETECT, HANDSHAKE, AUTHORIZE, CONNECT, UPSTREAM_TLS, RELAY, HALF_CLOSED,
- CLOSED) = tuple(Stage)
+ DRAINING, CLOSED) = tuple(Stage)
 
 
 class LifecycleError(Exception):
@@ -133,7 +135,7 @@ _SHUT: Final = {side: Command("shut_write", side=side) for side in OTHER}
 _CANCEL: Final = {slot: Command("cancel_timer", timer=slot) for slot, _ in TIMERS.values()}
 # bytes events: the side they come from, and the command per (command kind, side)
 _SIDE_OF: Final = {"client_data": "client", "upstream_data": "upstream"}
-_RELAYING: Final = (RELAY, HALF_CLOSED)
+_RELAYING: Final = (RELAY, HALF_CLOSED, DRAINING)
 _NONE_HELD: Final[frozenset[str]] = frozenset()  # (rarely any: no set per connection)
 _EOF_SIDE: Final = {"client_eof": "client", "upstream_eof": "upstream"}
 _EOF_EVENT: Final = {side: Event(kind) for kind, side in _EOF_SIDE.items()}  # held, replayed
@@ -151,7 +153,7 @@ _ARMS_MAX: Final = 1024
 class Lifecycle:
     """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
 
-    __slots__ = ("asked", "decision", "early", "ended", "first_eof", "held_eof",
+    __slots__ = ("asked", "decision", "draining", "early", "ended", "first_eof", "held_eof",
                  "last_active", "native", "native_ok", "out", "plan", "record", "requested",
                  "stage", "timers")
 
@@ -167,6 +169,7 @@ class Lifecycle:
         self.ended = False  # both directions ended; the native pump still sends
         self.native = False  # the native pump relays
         self.native_ok = False  # start_relay allowed a hand-over to the pump
+        self.draining = False  # the process drains: DRAINING once relaying
         self.last_active = now
         self.timers: dict[str, str] = {}  # armed slot -> the event it fires
         self.record: tuple[str, str, str | None, Stage] | None = None  # how it closed
@@ -254,25 +257,12 @@ class Lifecycle:
             return
         self.out.append(_CONST["decide"])
 
-    def _after_proxy(self) -> None:
-        plan = self.plan
-        if plan.tls == "off":
-            self._disarm("stage")
-            self._authorize()
-        elif plan.tls == "auto":
-            if plan.detect_timeout > 0:  # a silent client is plaintext after this
-                self._arm("stage", "detect_timeout", plan.detect_timeout)
-            else:
-                self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = DETECT
-        elif plan.tls == "passthrough":  # the ClientHello is read, not answered
-            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = DETECT
-            self.out.append(_CONST["start_peek"])
-        else:  # terminate
-            self._arm("stage", "handshake_timeout", plan.handshake_timeout)
-            self.stage = HANDSHAKE
-            self.out.append(_CONST["start_tls"])
+    def _enter(self, stage: Stage, timer: str, delay: float, command: str = "") -> None:
+        """Move to ``stage`` with its stage timer armed, then ``command`` (if any)."""
+        self.stage = stage
+        self._arm("stage", timer, delay)
+        if command:
+            self.out.append(_CONST[command])
 
     def _enter_relay(self) -> None:
         if self.decision is None:  # rules on the upstream's identity: decide now
@@ -294,10 +284,11 @@ class Lifecycle:
 
     def _eof_in_relay(self, ev: Event) -> None:
         side = _EOF_SIDE[ev.kind]
-        if self.stage == RELAY:
+        if self.first_eof is None:
             self.first_eof = side
             self.out.append(_SHUT[OTHER[side]])
-            self.stage = HALF_CLOSED
+            if self.stage == RELAY:
+                self.stage = HALF_CLOSED
             self._arm("close", "close_timeout", self.plan.close_timeout)
             return
         if side == self.first_eof or self.ended:
@@ -319,10 +310,21 @@ class Lifecycle:
             else:
                 self._arm("stage", "proxy_timeout", self.plan.proxy_timeout)
             return
-        self._after_proxy()
+        self._after()
 
-    def _after(self, ev: Event) -> None:
-        self._after_proxy()
+    def _after(self, ev: Event | None = None) -> None:
+        plan = self.plan
+        if plan.tls == "off":
+            self._plain(ev)
+        elif plan.tls == "auto":
+            if plan.detect_timeout > 0:  # a silent client is plaintext after this
+                self._enter(DETECT, "detect_timeout", plan.detect_timeout)
+            else:
+                self._enter(DETECT, "handshake_timeout", plan.handshake_timeout)
+        elif plan.tls == "passthrough":  # the ClientHello is read, not answered
+            self._enter(DETECT, "handshake_timeout", plan.handshake_timeout, "start_peek")
+        else:  # terminate
+            self._enter(HANDSHAKE, "handshake_timeout", plan.handshake_timeout, "start_tls")
 
     def _tls(self, ev: Event) -> None:
         if self.plan.detect_timeout > 0:
@@ -330,7 +332,7 @@ class Lifecycle:
         self.stage = HANDSHAKE
         self.out.append(_CONST["start_tls"])
 
-    def _plain(self, ev: Event) -> None:
+    def _plain(self, ev: Event | None = None) -> None:
         self._disarm("stage")
         self._authorize()
 
@@ -346,18 +348,15 @@ class Lifecycle:
         if self.stage != AUTHORIZE:
             self._enter_relay()
             return
-        self.stage = CONNECT
-        self._arm("stage", "connect_timeout", self.plan.connect_timeout)
-        self.out.append(_CONST["connect"])
+        self._enter(CONNECT, "connect_timeout", self.plan.connect_timeout, "connect")
 
     def _upready(self, ev: Event) -> None:
         self._disarm("stage")
         if not self.plan.upstream_tls:
             self._enter_relay()
             return
-        self.stage = UPSTREAM_TLS
-        self._arm("stage", "upstream_tls_timeout", self.plan.handshake_timeout)
-        self.out.append(_CONST["start_upstream_tls"])
+        self._enter(UPSTREAM_TLS, "upstream_tls_timeout", self.plan.handshake_timeout,
+                    "start_upstream_tls")
 
     def _relay(self, ev: Event) -> None:
         self._disarm("stage")
@@ -374,6 +373,8 @@ class Lifecycle:
                     self._eof_in_relay(_EOF_EVENT[side])
             if self.stage not in _RELAYING:
                 return  # (without held EOFs the stage is still RELAY or HALF_CLOSED)
+        if self.draining:
+            self.stage = DRAINING
         if not self.native:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout)
         if self.plan.open_events:
@@ -497,6 +498,13 @@ class Lifecycle:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle, keep=False)
 
     def _drain(self, ev: Event) -> None:
+        if self.draining:
+            raise LifecycleError("a second drain")
+        self.draining = True
+        if self.stage in _RELAYING:
+            self.stage = DRAINING
+
+    def _deadline(self, ev: Event) -> None:
         action = "allow" if self.relaying else "error"
         self._close(action, "drain", "closed at the end of the drain", abort=True)
 
@@ -514,21 +522,12 @@ class Lifecycle:
         self._close("error", "internal_error", ev.detail, abort=True)
 
 
-OUTCOMES: Final = {
-    "begin": Lifecycle._begin, "after": Lifecycle._after, "tls": Lifecycle._tls,
-    "plain": Lifecycle._plain, "authz": Lifecycle._plain, "decided": Lifecycle._decided,
-    "upready": Lifecycle._upready, "relay": Lifecycle._relay, "started": Lifecycle._started,
-    "parse": Lifecycle._parse, "detect": Lifecycle._detect, "shake": Lifecycle._shake,
-    "upshake": Lifecycle._upshake, "hold": Lifecycle._hold, "early": Lifecycle._early,
-    "proxyeof": Lifecycle._proxyeof, "closed": Lifecycle._closed, "defer": Lifecycle._defer,
-    "updefer": Lifecycle._updefer, "uptls": Lifecycle._uptls, "half": Lifecycle._eof_in_relay,
-    "fin": Lifecycle._eof_in_relay, "done": Lifecycle._done, "lost": Lifecycle._lost,
-    "fail": Lifecycle._failed, "timeout": Lifecycle._timeout, "silent": Lifecycle._silent,
-    "idle": Lifecycle._idle, "drain": Lifecycle._drain, "revoke": Lifecycle._revoke,
-    "internal": Lifecycle._internal, "routed": Lifecycle._routed,
-    "request": Lifecycle._request, "ask": Lifecycle._requested, "cert": Lifecycle._cert,
-    "quiet": Lifecycle._quiet,
-}
+# each outcome of the table is the method of its name (``_<name>``), but for these
+_ALIASES: Final = {"authz": "plain", "half": "eof_in_relay", "fin": "eof_in_relay",
+                   "eof": "eof_in_relay", "fail": "failed", "ask": "requested"}
+OUTCOMES: Final[dict[str, Callable[[Lifecycle, Event], object]]] = {
+    name: getattr(Lifecycle, f"_{_ALIASES.get(name, name)}")
+    for name in MEANINGS if name not in ("-", ".", "fwd")}
 
 
 def _nothing(core: Lifecycle, ev: Event) -> None:

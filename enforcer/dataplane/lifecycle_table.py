@@ -15,43 +15,44 @@ from __future__ import annotations
 from typing import Final
 
 STAGES: Final = ("ACCEPTED", "PROXY", "DETECT", "HANDSHAKE", "AUTHORIZE", "CONNECT",
-                 "UPSTREAM_TLS", "RELAY", "HALF_CLOSED", "CLOSED")
+                 "UPSTREAM_TLS", "RELAY", "HALF_CLOSED", "DRAINING", "CLOSED")
 
 GRID: Final = """
-event              ACCEPTED PROXY    DETECT   HANDSHAKE AUTHORIZE CONNECT  UPSTREAM_TLS RELAY    HALF_CLOSED CLOSED
-accept             begin    .        .        .        .        .        .        .        .        .
-proxy_done         .        after    .        .        .        .        .        .        .        .
-tls_detected       .        .        tls      .        .        .        .        .        .        .
-plain_detected     .        .        plain    .        .        .        .        .        .        .
-handshake_done     .        .        .        authz    .        .        .        .        .        .
-hello_done         .        .        routed   .        .        .        .        .        .        .
-request_done       .        .        .        .        ask      .        .        .        .        .
-decision           .        .        .        .        decided  decided  decided  .        .        .
-upstream_connected .        .        .        .        .        upready  .        .        .        .
-upstream_tls_done  .        .        .        .        .        .        relay    .        .        .
-relay_started      .        .        .        .        .        .        .        started  started  .
-client_data        .        parse    detect   shake    request  hold     hold     fwd      fwd      -
-upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      -
-client_eof         .        proxyeof closed   closed   closed   defer    defer    half     fin      -
-upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      -
-done               .        .        .        .        .        .        .        .        done     .
-client_error       .        lost     lost     lost     lost     lost     lost     lost     lost     -
-upstream_error     .        .        .        .        .        lost     lost     lost     lost     -
-fail               fail     fail     fail     fail     fail     fail     fail     .        .        .
-proxy_timeout      .        timeout  .        .        .        .        .        .        .        .
-proxy_silence      .        quiet    .        .        .        .        .        .        .        .
-detect_timeout     .        .        silent   .        .        .        .        .        .        .
-handshake_timeout  .        .        timeout  timeout  .        .        .        .        .        .
-connect_timeout    .        .        .        .        .        timeout  .        .        .        .
-upstream_tls_timeout .      .        .        .        .        .        timeout  .        .        .
-request_timeout    .        .        .        .        timeout  .        .        .        .        .
-idle_timeout       .        .        .        .        .        .        .        idle     idle     .
-close_timeout      .        .        .        .        .        .        .        .        timeout  .
-max_lifetime       .        timeout  timeout  timeout  timeout  timeout  timeout  timeout  timeout  .
-drain              drain    drain    drain    drain    drain    drain    drain    drain    drain    .
-revoke             .        .        .        .        .        revoke   revoke   revoke   revoke   .
-cert_revoked       .        .        .        .        cert     cert     cert     cert     cert     -
-internal_error     internal internal internal internal internal internal internal internal internal -
+event              ACCEPTED PROXY    DETECT   HANDSHAKE AUTHORIZE CONNECT  UPSTREAM_TLS RELAY    HALF_CLOSED DRAINING CLOSED
+accept             begin    .        .        .        .        .        .        .        .        .        .
+proxy_done         .        after    .        .        .        .        .        .        .        .        .
+tls_detected       .        .        tls      .        .        .        .        .        .        .        .
+plain_detected     .        .        plain    .        .        .        .        .        .        .        .
+handshake_done     .        .        .        authz    .        .        .        .        .        .        .
+hello_done         .        .        routed   .        .        .        .        .        .        .        .
+request_done       .        .        .        .        ask      .        .        .        .        .        .
+decision           .        .        .        .        decided  decided  decided  .        .        .        .
+upstream_connected .        .        .        .        .        upready  .        .        .        .        .
+upstream_tls_done  .        .        .        .        .        .        relay    .        .        .        .
+relay_started      .        .        .        .        .        .        .        started  started  started  .
+client_data        .        parse    detect   shake    request  hold     hold     fwd      fwd      fwd      -
+upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      fwd      -
+client_eof         .        proxyeof closed   closed   closed   defer    defer    half     fin      eof      -
+upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      eof      -
+done               .        .        .        .        .        .        .        .        done     done     .
+client_error       .        lost     lost     lost     lost     lost     lost     lost     lost     lost     -
+upstream_error     .        .        .        .        .        lost     lost     lost     lost     lost     -
+fail               fail     fail     fail     fail     fail     fail     fail     .        .        .        .
+proxy_timeout      .        timeout  .        .        .        .        .        .        .        .        .
+proxy_silence      .        quiet    .        .        .        .        .        .        .        .        .
+detect_timeout     .        .        silent   .        .        .        .        .        .        .        .
+handshake_timeout  .        .        timeout  timeout  .        .        .        .        .        .        .
+connect_timeout    .        .        .        .        .        timeout  .        .        .        .        .
+upstream_tls_timeout .        .        .        .        .        .        timeout  .        .        .        .
+request_timeout    .        .        .        .        timeout  .        .        .        .        .        .
+idle_timeout       .        .        .        .        .        .        .        idle     idle     idle     .
+close_timeout      .        .        .        .        .        .        .        .        timeout  timeout  .
+max_lifetime       .        timeout  timeout  timeout  timeout  timeout  timeout  timeout  timeout  timeout  .
+drain              drain    drain    drain    drain    drain    drain    drain    drain    drain    .        .
+drain_deadline     deadline deadline deadline deadline deadline deadline deadline deadline deadline deadline .
+revoke             .        .        .        .        .        revoke   revoke   revoke   revoke   revoke   .
+cert_revoked       .        .        .        .        cert     cert     cert     cert     cert     cert     -
+internal_error     internal internal internal internal internal internal internal internal internal internal -
 """
 
 # What each outcome does (the I/O layer executes the commands; see lifecycle.py).
@@ -72,7 +73,8 @@ OUTCOMES: Final = {
     "relay": "if undecided (rules on the upstream's identity): ask the policy and wait; "
              "else RELAY: held bytes go both ways",
     "started": "a held client EOF, then a held upstream EOF, are replayed (`half`/`fin`); "
-               "Python relay: arm idle_timeout; `open` record when flow_log.open_events",
+               "Python relay: arm idle_timeout; `open` record when flow_log.open_events; "
+               "DRAINING if the drain began",
     "parse": "bytes go to the PROXY parser",
     "detect": "bytes go to TLS/plaintext detection (passthrough: to the ClientHello parser)",
     "routed": "passthrough: the ClientHello named the route: AUTHORIZE",
@@ -94,6 +96,8 @@ OUTCOMES: Final = {
             "close_timeout",
     "fin": "from the side still open: pass it on; Python relay: CLOSED `client_fin` or "
            "`upstream_fin` (who finished first); native pump: wait for `done`",
+    "eof": "the first EOF: as `half` but the stage stays DRAINING (`first_eof` says which "
+           "side finished); the second: as `fin`",
     "done": "the pump sent both ends' last bytes: CLOSED `client_fin`/`upstream_fin`",
     "lost": "CLOSED `<side>_reset`/`_closed`/`_tls_error`/`_truncated`/"
             "`_eof_without_close_notify`, or `peer_timeout`",
@@ -106,7 +110,10 @@ OUTCOMES: Final = {
     "silent": "bytes wait unread: re-arm (handshake_timeout); else the client is plaintext: "
               "AUTHORIZE",
     "idle": "idle for idle_timeout: CLOSED `idle_timeout`; else re-arm for the rest",
-    "drain": "CLOSED `drain` (the drain deadline passed)",
+    "drain": "the drain began (stop signal, reload): RELAY/HALF_CLOSED: DRAINING (relays on "
+             "until both sides finish or the deadline); before the relay: noted, the "
+             "connection goes on and enters DRAINING when its relay starts",
+    "deadline": "CLOSED `drain` (the drain deadline passed, or a second stop signal)",
     "revoke": "only once allowed: CLOSED `policy_reload` (action deny)",
     "cert": "the client certificate or a CA of its chain was revoked by a reloaded CRL or "
             "expired: CLOSED `revoked`/`peer_certificate_expired` (action deny)",

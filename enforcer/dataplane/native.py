@@ -255,29 +255,29 @@ def tracks_sessions(ctx: ssl.SSLContext) -> bool:
     return ctx in _tracking
 
 
-def resume_latest(engine_state: Triple) -> bool:
-    """Resume a copy of the newest session of a tracked client context on a client
-    SSLObject before its handshake. False if there is none (or no extension)."""
+def _engine_call(function: str, engine_state: Triple) -> bool:
+    """``_pump.<function>(engine_state)`` as a bool: False without the extension, or if
+    it refuses (the refusal is noted)."""
     if not available():
         return False
     try:
-        return bool(_pump.resume_latest(engine_state))
+        return bool(getattr(_pump, function)(engine_state))
     except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
         note_refusal(exc)
         return False
+
+
+def resume_latest(engine_state: Triple) -> bool:
+    """Resume a copy of the newest session of a tracked client context on a client
+    SSLObject before its handshake. False if there is none (or no extension)."""
+    return _engine_call("resume_latest", engine_state)
 
 
 def track_records(engine_state: Triple) -> bool:
     """Before a handshake: let a pump take this SSLObject's TLS 1.3 records over from
     OpenSSL once the handshake is done, freeing its SSL object (see "TLS 1.3 records" in
     ``_pump.c``). False if it cannot be (no extension, or a context logging its keys)."""
-    if not available():
-        return False
-    try:
-        return bool(_pump.track_records(engine_state))
-    except (RuntimeError, TypeError, ValueError, AttributeError, MemoryError) as exc:
-        note_refusal(exc)
-        return False
+    return _engine_call("track_records", engine_state)
 
 
 def negotiated_group(engine_state: Triple) -> str | None:

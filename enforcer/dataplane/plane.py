@@ -552,6 +552,8 @@ class DataPlane:
         for lst in self.listeners:
             if lst.server is not None:
                 lst.server.close()
+        for conn in list(self.active):
+            conn.drain_begin()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
         left = list(self.active)

@@ -82,14 +82,14 @@ class Side(asyncio.Protocol):
         conn.release_if_done()
 
     def pause_writing(self) -> None:
-        try:
-            self.conn.side_write_paused(self, True)
-        except Exception as exc:
-            self.conn.internal_error(exc)
+        self._write_paused(True)
 
     def resume_writing(self) -> None:
+        self._write_paused(False)
+
+    def _write_paused(self, paused: bool) -> None:  # (per buffer threshold, not per read)
         try:
-            self.conn.side_write_paused(self, False)
+            self.conn.side_write_paused(self, paused)
         except Exception as exc:
             self.conn.internal_error(exc)
 

@@ -32,11 +32,12 @@ TO_UPTLS = [*TO_CONNECT, E("upstream_connected")]
 TO_RELAY = [*TO_UPTLS, E("upstream_tls_done"), E("relay_started")]
 TO_HALF = [*TO_RELAY, E("client_eof")]  # the client finished first
 TO_CLOSED = [*TO_HALF, E("upstream_eof")]
+TO_DRAINING = [*TO_RELAY, E("drain")]
 PATHS: dict[Stage, list[Event]] = {
     Stage.ACCEPTED: [], Stage.PROXY: [E("accept")], Stage.DETECT: [E("accept"), E("proxy_done")],
     Stage.HANDSHAKE: TO_AUTHORIZE[:3], Stage.AUTHORIZE: TO_AUTHORIZE, Stage.CONNECT: TO_CONNECT,
     Stage.UPSTREAM_TLS: TO_UPTLS, Stage.RELAY: TO_RELAY, Stage.HALF_CLOSED: TO_HALF,
-    Stage.CLOSED: TO_CLOSED,
+    Stage.DRAINING: TO_DRAINING, Stage.CLOSED: TO_CLOSED,
 }
 UNDECIDED_CONNECT = [*TO_AUTHORIZE, E("decision", allow=None), E("upstream_connected")]
 EGRESS = {"egress_timeout": 10.0}  # an egress listener: the client's request comes first
@@ -217,6 +218,29 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
                                            ("allow", "idle_timeout"))],
     (Stage.HALF_CLOSED, "close_timeout"): [({}, {}, None, Stage.CLOSED, CLOSE,
                                             ("allow", "close_timeout"))],
+    # DRAINING: the relay goes on (a drain does not end a connection before its deadline)
+    (Stage.DRAINING, "relay_started"): [({}, {}, [*TO_RELAY[:-1], E("drain")], Stage.DRAINING,
+                                         ["start_timer"], None)],
+    (Stage.DRAINING, "client_data"): [({}, {}, None, Stage.DRAINING, ["forward"], None)],
+    (Stage.DRAINING, "upstream_data"): [({}, {}, None, Stage.DRAINING, ["forward"], None)],
+    (Stage.DRAINING, "client_eof"): [({}, {}, None, Stage.DRAINING,
+                                      ["shut_write", "start_timer"], None),
+                                     ({}, {}, [*TO_RELAY, E("upstream_eof"), E("drain")],
+                                      Stage.CLOSED, ["shut_write", *CLOSE],
+                                      ("allow", "upstream_fin"))],
+    (Stage.DRAINING, "upstream_eof"): [({}, {}, None, Stage.DRAINING,
+                                        ["shut_write", "start_timer"], None),
+                                       ({}, {}, [*TO_HALF, E("drain")], Stage.CLOSED,
+                                        ["shut_write", *CLOSE], ("allow", "client_fin"))],
+    (Stage.DRAINING, "done"): [({}, {}, [*TO_RELAY[:-1], E("relay_started", flag=True),
+                                         E("drain"), E("client_eof"), E("upstream_eof")],
+                                Stage.CLOSED, CLOSE, ("allow", "client_fin"))],
+    (Stage.DRAINING, "idle_timeout"): [({"now": 300.0}, {}, None, Stage.CLOSED, CLOSE,
+                                        ("allow", "idle_timeout")),
+                                       ({"now": 100.0}, {}, None, Stage.DRAINING,
+                                        ["start_timer"], None)],
+    (Stage.DRAINING, "close_timeout"): [({}, {}, [*TO_HALF, E("drain")], Stage.CLOSED, CLOSE,
+                                         ("allow", "close_timeout"))],
     (Stage.CLOSED, "client_error"): [({"reason": "reset"}, {}, None, Stage.CLOSED, [], None)],
     (Stage.CLOSED, "upstream_error"): [({"reason": "closed"}, {}, None, Stage.CLOSED, [],
                                         None)],
@@ -228,7 +252,7 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
     (Stage.CLOSED, "upstream_eof"): [({}, {}, None, Stage.CLOSED, [], None)],
 }
 # events that close every open stage where the table allows them, the same way
-RELAYING = (Stage.RELAY, Stage.HALF_CLOSED)
+RELAYING = (Stage.RELAY, Stage.HALF_CLOSED, Stage.DRAINING)
 for (_stage, _event), _outcome in TABLE.items():
     _action = "allow" if _stage in RELAYING else "error"
     if _stage == Stage.CLOSED or (_stage, _event) in CASES:
@@ -239,8 +263,12 @@ for (_stage, _event), _outcome in TABLE.items():
     elif _event == "upstream_error":
         CASES[(_stage, _event)] = [({"reason": "peer_timeout"}, {}, None, Stage.CLOSED, CLOSE,
                                     (_action, "peer_timeout"))]
-    elif _event in ("max_lifetime", "drain"):
-        CASES[(_stage, _event)] = [({}, {}, None, Stage.CLOSED, CLOSE, (_action, _event))]
+    elif _event in ("max_lifetime", "drain_deadline"):
+        CASES[(_stage, _event)] = [({}, {}, None, Stage.CLOSED, CLOSE,
+                                    (_action, _event.removesuffix("_deadline")))]
+    elif _event == "drain":  # noted; the relay (or its start) goes on as DRAINING
+        CASES[(_stage, _event)] = [({}, {}, None, Stage.DRAINING if _stage in RELAYING
+                                    else _stage, [], None)]
     elif _event == "cert_revoked":
         CASES[(_stage, _event)] = [
             ({"reason": "revoked"}, {}, None, Stage.CLOSED, CLOSE, ("deny", "revoked")),
@@ -336,11 +364,59 @@ def test_revoke_during_upstream_handshake() -> None:
 
 
 def test_drain_during_proxy_header() -> None:
+    """The drain does not cut a connection short: the header, handshake and connect go on,
+    the relay starts as DRAINING; only the deadline closes it (before the relay: error)."""
     core = drive([E("accept"), E("client_data")])
-    cmds = core.handle(E("drain"))
+    assert core.handle(E("drain")) == [] and core.stage == Stage.PROXY and core.draining
+    with pytest.raises(LifecycleError, match="second drain"):
+        core.handle(E("drain"))
+    for ev in TO_RELAY[1:-1]:
+        core.handle(ev)
+    assert core.stage == Stage.RELAY  # start_relay ran; relay_started says how it relays
+    core.handle(E("relay_started"))
+    assert core.stage == Stage.DRAINING and core.timers["idle"] == "idle_timeout"
+    assert core.handle(E("client_data"))[0].side == "upstream"
+    late = drive([E("accept"), E("client_data"), E("drain")])
+    cmds = late.handle(E("drain_deadline"))
     assert [c.kind for c in cmds] == ["cancel_timer", "cancel_timer", "close", "record"]
-    assert cmds[2].abort and core.record == ("error", "drain", "closed at the end of the drain",
+    assert cmds[2].abort and late.record == ("error", "drain", "closed at the end of the drain",
                                              Stage.PROXY)
+    with pytest.raises(LifecycleError, match="DRAINING"):
+        drive(TO_DRAINING).handle(E("drain"))
+
+
+def test_drain_with_held_eofs_replays_them_then_drains() -> None:
+    plan = dataclasses.replace(PLAN, upstream_tls=False)
+    core = drive([*TO_CONNECT, E("client_eof"), E("drain"), E("upstream_connected")], plan)
+    cmds = core.handle(E("relay_started"))
+    assert kinds(cmds)[0] == "shut_write" and core.stage == Stage.DRAINING
+    assert core.first_eof == "client" and core.timers["close"] == "close_timeout"
+    core.handle(E("upstream_eof"))
+    assert core.record is not None and core.record[:2] == ("allow", "client_fin")
+    both = drive([*TO_CONNECT, E("upstream_data"), E("client_eof"), E("upstream_eof"),
+                  E("drain"), E("upstream_connected")], plan)
+    both.handle(E("relay_started"))
+    assert both.stage == Stage.CLOSED and both.record is not None
+    assert both.record[:2] == ("allow", "client_fin")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_close_timeout_after_half_close_and_drain(native: bool) -> None:
+    """A side finished, then the drain: the close_timeout armed at the half-close still
+    ends it (same reason, same record as without a drain)."""
+    start = [*TO_RELAY[:-1], E("relay_started", flag=native), E("upstream_eof")]
+    core = drive([*start, E("drain")])
+    assert core.stage == Stage.DRAINING and core.first_eof == "upstream"
+    assert core.handle(E("upstream_data")) == []  # after its end: dropped, as in HALF_CLOSED
+    with pytest.raises(LifecycleError, match="second EOF"):
+        core.handle(E("upstream_eof"))
+    cmds = core.handle(E("close_timeout"))
+    assert kinds(cmds) == CLOSE and cmds[-2].abort
+    assert core.record is not None and core.record[:2] == ("allow", "close_timeout")
+    without = drive(start).handle(E("close_timeout"))[-1]  # the same record, but the stage
+    assert without == cmds[-1]._replace(stage=Stage.HALF_CLOSED)
+    with pytest.raises(LifecycleError, match="not armed"):  # no half-close: nothing armed
+        drive(TO_DRAINING).handle(E("close_timeout"))
 
 
 @pytest.mark.parametrize(("rst", "reason"), [(False, "close_timeout"),
@@ -566,6 +642,7 @@ FORWARD: dict[Stage, list[Event]] = {
     Stage.RELAY: [E("relay_started"), E("relay_started", flag=True), E("client_eof"),
                   E("upstream_eof")],
     Stage.HALF_CLOSED: [E("client_eof"), E("upstream_eof"), E("done")],
+    Stage.DRAINING: [E("client_eof"), E("upstream_eof"), E("done"), E("drain_deadline")],
     Stage.CLOSED: [E("client_error", reason="closed")],
 }
 
@@ -575,7 +652,7 @@ FORWARD: dict[Stage, list[Event]] = {
 def test_random_event_sequences_keep_the_invariants(plan: Plan,
                                                     seq: list[Event | int]) -> None:
     core = Lifecycle(plan, 0.0)
-    allowed = False
+    allowed = drained = started = False
     records = 0
     for item in [*seq, E("internal_error")]:
         if isinstance(item, int):
@@ -594,6 +671,11 @@ def test_random_event_sequences_keep_the_invariants(plan: Plan,
             assert cmds == []  # no command after CLOSED
         if ev.kind == "decision" and ev.allow is True:
             allowed = True
+        drained = drained or ev.kind == "drain"
+        started = started or ev.kind == "relay_started"
+        # DRAINING only after a drain; relaying (started) after a drain only as DRAINING
+        assert drained or core.stage != Stage.DRAINING
+        assert not (drained and started) or core.stage in (Stage.DRAINING, Stage.CLOSED)
         for cmd in cmds:
             if cmd.kind in ("forward", "start_relay"):
                 assert allowed, "relayed before the policy allowed"
