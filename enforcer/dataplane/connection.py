@@ -54,7 +54,10 @@ from enforcer.dataplane import (
 from enforcer.dataplane.clienthello import HelloParser
 from enforcer.dataplane.connutil import has_unread as _has_unread
 from enforcer.dataplane.connutil import header_flow_id as _header_flow_id
-from enforcer.dataplane.lifecycle import (
+from enforcer.dataplane.lifecycle import Lifecycle
+from enforcer.dataplane.lifecycle_table import TIMERS
+from enforcer.dataplane.lifecycle_table import events as lifecycle_events
+from enforcer.dataplane.lifecycle_types import (
     AUTHORIZE,
     CLOSED,
     CONNECT,
@@ -63,12 +66,9 @@ from enforcer.dataplane.lifecycle import (
     UPSTREAM_TLS,
     Command,
     Event,
-    Lifecycle,
     Plan,
     Stage,
 )
-from enforcer.dataplane.lifecycle_table import TIMERS
-from enforcer.dataplane.lifecycle_table import events as lifecycle_events
 from enforcer.dataplane.limitgate import denial
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn

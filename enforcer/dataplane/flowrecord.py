@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from enforcer.dataplane.lifecycle import CONNECT
+from enforcer.dataplane.lifecycle_types import CONNECT
 from enforcer.observe.flowlog import utc_timestamp
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.dataplane.lifecycle import Stage
+from enforcer.dataplane.lifecycle_types import Stage
 from tests.e2e.harness import Backend, Enforcer, inbound_cfg, random_bytes, sha, wait_until
 
 RELAYS = ["python", "native"]

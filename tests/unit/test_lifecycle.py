@@ -10,17 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.dataplane.lifecycle import (
-    OUTCOMES,
-    TABLE,
-    Command,
-    Event,
-    Lifecycle,
-    LifecycleError,
-    Plan,
-    Stage,
-)
+from enforcer.dataplane.lifecycle import OUTCOMES, TABLE, Lifecycle
 from enforcer.dataplane.lifecycle_table import events
+from enforcer.dataplane.lifecycle_types import Command, Event, LifecycleError, Plan, Stage
 
 PLAN = Plan(proxy=True, tls="auto", detect_timeout=1.0, max_lifetime=60.0, upstream_tls=True,
             idle_timeout=300.0, close_timeout=5.0)
