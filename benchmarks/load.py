@@ -113,30 +113,42 @@ class Requests:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def wrk_run(env: Env, d: Path, port: int, *, seconds: int, connections: int, threads: int,
-            close: bool) -> Requests:
-    script = d / "report.lua"
-    script.write_text(WRK_LUA)
+def wrk_summary(env: Env, d: Path, url: str, lua: str, *, seconds: int, connections: int,
+                threads: int, close: bool) -> tuple[dict[str, Any], int]:
+    """Run wrk with ``lua`` (which prints the WRKJSON summary line) against ``url``: its
+    summary and the socket errors it counted."""
+    script = d / f"wrk-{time.monotonic_ns()}.lua"
+    script.write_text(lua)
     out = d / f"wrk-{time.monotonic_ns()}.txt"
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
             "--timeout", "10s", "-s", str(script)]
     if close:
         argv += ["-H", "Connection: close"]
-    proc = env.procs.spawn([*argv, f"http://127.0.0.1:{port}{PATH}"], cwd=d, stdout=out,
-                           log=d / "wrk.log")
+    proc = env.procs.spawn([*argv, url], cwd=d, stdout=out, log=d / "wrk.log")
     run_to_end(env, proc, "wrk", timeout=seconds + 30)
     line = next((ln for ln in out.read_text().splitlines() if ln.startswith("WRKJSON ")), "")
     if not line:
         raise MeasureError(f"wrk: no summary in its output: {out.read_text()[-300:]!r}")
     r: dict[str, Any] = json.loads(line[len("WRKJSON "):])
-    errors = sum(int(r[k]) for k in r if k.endswith("_errors"))
-    if r["status_errors"]:
-        raise MeasureError(f"wrk: {r['status_errors']} of {r['requests']} responses were not "
-                           "2xx/3xx through the pair")
+    return r, sum(int(r[k]) for k in r if k.endswith("_errors"))
+
+
+def check_socket_errors(r: dict[str, Any], errors: int) -> None:
+    """More than 1 % (at least 10) socket errors make a measurement worthless."""
     if errors > max(10, r["requests"] // 100):
         raise MeasureError(f"wrk: {errors} socket errors for {r['requests']} requests "
                            f"(connect {r['connect_errors']}, read {r['read_errors']}, "
                            f"write {r['write_errors']}, timeout {r['timeout_errors']})")
+
+
+def wrk_run(env: Env, d: Path, port: int, *, seconds: int, connections: int, threads: int,
+            close: bool) -> Requests:
+    r, errors = wrk_summary(env, d, f"http://127.0.0.1:{port}{PATH}", WRK_LUA, seconds=seconds,
+                            connections=connections, threads=threads, close=close)
+    if r["status_errors"]:
+        raise MeasureError(f"wrk: {r['status_errors']} of {r['requests']} responses were not "
+                           "2xx/3xx through the pair")
+    check_socket_errors(r, errors)
     return Requests(int(r["requests"]), r["duration_us"] / 1e6, errors,
                     r["p50_us"] / 1e3, r["p90_us"] / 1e3, r["p99_us"] / 1e3)
 

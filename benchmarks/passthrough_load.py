@@ -12,10 +12,8 @@ over the measured window only (``Window``), then checks the 1 MiB body through t
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 from benchmarks.backends import BODY_SIZE
 from benchmarks.contestants import Env, Pair, stop_pair
-from benchmarks.load import WRK_LUA, MeasureError, run_to_end
+from benchmarks.load import WRK_LUA, MeasureError, check_socket_errors, wrk_summary
 from benchmarks.passthrough_peers import (
     BULK_PATH,
     BULK_SIZE,
@@ -85,28 +83,13 @@ class Got:
 
 def wrk_https(env: Env, d: Path, port: int, *, seconds: int, connections: int, threads: int,
               path: str, size: int, close: bool) -> Got:
-    script = d / "pt.lua"
-    script.write_text(RESOLVE_LUA + WRK_LUA)
-    out = d / f"wrk-{time.monotonic_ns()}.txt"
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-            "--timeout", "10s", "-s", str(script)]
-    if close:
-        argv += ["-H", "Connection: close"]
-    proc = env.procs.spawn([*argv, f"https://{LOAD_NAME}:{port}{path}"], cwd=d, stdout=out,
-                           log=d / "wrk.log")
-    run_to_end(env, proc, "wrk", timeout=seconds + 30)
-    line = next((ln for ln in out.read_text().splitlines() if ln.startswith("WRKJSON ")), "")
-    if not line:
-        raise MeasureError(f"wrk: no summary in its output: {out.read_text()[-300:]!r}")
-    r: dict[str, Any] = json.loads(line[len("WRKJSON "):])
-    errors = sum(int(r[k]) for k in r if k.endswith("_errors"))
+    r, errors = wrk_summary(env, d, f"https://{LOAD_NAME}:{port}{path}", RESOLVE_LUA + WRK_LUA,
+                            seconds=seconds, connections=connections, threads=threads,
+                            close=close)
     if r["requests"] == 0 or r["status_errors"]:
         raise MeasureError(f"wrk: {r['requests']} responses, {r['status_errors']} not 2xx/3xx, "
                            f"{errors} errors through the proxy")
-    if errors > max(10, r["requests"] // 100):
-        raise MeasureError(f"wrk: {errors} socket errors for {r['requests']} requests "
-                           f"(connect {r['connect_errors']}, read {r['read_errors']}, "
-                           f"write {r['write_errors']}, timeout {r['timeout_errors']})")
+    check_socket_errors(r, errors)
     if r["bytes"] < r["requests"] * size:  # every counted response carried its whole body
         raise MeasureError(f"wrk: {r['bytes']} bytes for {r['requests']} responses of "
                            f"{size} B: responses were cut short")
