@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import ssl
+from typing import Any
 
 
 class LiveStream:
@@ -50,3 +51,10 @@ class LiveStream:
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+def closes(server: Any, reason: str) -> float:
+    """``enforcer_certificate_closes_total`` of the listener ``inbound`` for ``reason``."""
+    value = server.metrics.registry.get_sample_value(
+        "enforcer_certificate_closes_total", {"listener": "inbound", "reason": reason})
+    return float(value or 0.0)

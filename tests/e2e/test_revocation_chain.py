@@ -31,7 +31,7 @@ from enforcer.observe.flowlog import MemoryFlowLog
 from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
 from tests.e2e.harness import Backend, wait_until
-from tests.e2e.live_util import LiveStream
+from tests.e2e.live_util import LiveStream, closes
 from tests.e2e.proc import write_config
 from tests.e2e.tls_util import Issued, make_cert, make_crl, mtls_client, tls_reloads, write
 
@@ -99,12 +99,6 @@ async def serving(pki: TwoIntermediates, tmp: Path, relay: str, **tls: bool
     finally:
         await server.shutdown()
         await backend.close()
-
-
-def closes(server: Server, reason: str) -> float:
-    value = server.metrics.registry.get_sample_value(
-        "enforcer_certificate_closes_total", {"listener": "inbound", "reason": reason})
-    return float(value or 0.0)
 
 
 def record_of(server: Server, spiffe_id: str) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from enforcer.observe.metrics import Metrics
 from enforcer.runtime.server import Server
 from enforcer.tlsconf.certs import issue, write_crl
 from tests.e2e.harness import Backend, inbound_cfg, wait_until
-from tests.e2e.live_util import LiveStream
+from tests.e2e.live_util import LiveStream, closes
 from tests.e2e.proc import write_config
 from tests.e2e.tls_util import mtls_client, serial_of_file, tls_reloads
 
@@ -48,12 +48,6 @@ async def serving(pki: Any, tmp_path: Path, relay: str, **tls: bool
     finally:
         await server.shutdown()
         await backend.close()
-
-
-def closes(server: Server, reason: str) -> float:
-    value = server.metrics.registry.get_sample_value(
-        "enforcer_certificate_closes_total", {"listener": "inbound", "reason": reason})
-    return float(value or 0.0)
 
 
 def record_where(server: Server, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
