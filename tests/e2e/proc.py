@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -67,6 +68,17 @@ class EnforcerProcess:
                 raise TimeoutError("enforcer did not bind:\n" + "\n".join(self.stderr_lines))
             time.sleep(0.02)
         return self.ports
+
+    def flow_records(self, n: int, timeout: float = 20) -> list[dict[str, Any]]:
+        """Until at least ``n`` flow records (JSON lines on stdout) were written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = [json.loads(line) for line in list(self.stdout_lines)
+                       if line.startswith("{")]
+            if len(records) >= n:
+                return records
+            time.sleep(0.05)
+        raise TimeoutError(f"{n} flow records expected:\n" + "\n".join(self.stderr_lines))
 
     def wait(self, timeout: float = 30) -> int:
         code = self.proc.wait(timeout)

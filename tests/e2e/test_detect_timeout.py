@@ -5,7 +5,6 @@ listener still get TLS. With ``detect_timeout: 0`` the old wait is back."""
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import subprocess
@@ -32,14 +31,6 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
     return got
 
 
-def _records(proc: EnforcerProcess, n: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        records = [json.loads(line) for line in list(proc.stdout_lines) if line.startswith("{")]
-        if len(records) >= n:
-            return records
-        time.sleep(0.05)
-    raise TimeoutError(f"{n} flow records expected:\n" + "\n".join(proc.stderr_lines))
 
 
 def _auto(pki: Any, port: int, tmp_path: Path, relay: str, detect: str | None,
@@ -72,7 +63,7 @@ def test_a_silent_client_is_plaintext_and_gets_the_banner(tmp_path: Path, pki: A
             assert _read_exactly(tls, len(BANNER)) == BANNER
             tls.sendall(payload)
             assert sha(_read_exactly(tls, len(payload))) == sha(payload)
-        records = _records(proc, 2)
+        records = proc.flow_records(2)
     finally:
         proc.stop()
         backend.close()
@@ -89,7 +80,7 @@ def test_detect_timeout_0_waits_for_the_handshake_timeout(tmp_path: Path, pki: A
         port = proc.wait_bound()["inbound"]
         with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
             assert sock.recv(100) == b""  # closed at handshake_timeout, no banner
-        record = _records(proc, 1)[0]
+        record = proc.flow_records(1)[0]
     finally:
         proc.stop()
         backend.close()
@@ -130,7 +121,7 @@ def test_optional_proxy_and_a_silent_client_do_not_stall(tmp_path: Path, pki: An
             assert _read_exactly(sock, len(BANNER)) == BANNER
             sock.sendall(payload)
             assert sha(_read_exactly(sock, len(payload))) == sha(payload)
-        record = _records(proc, 1)[0]
+        record = proc.flow_records(1)[0]
     finally:
         proc.stop()
         backend.close()
@@ -200,7 +191,7 @@ def test_tls_off_optional_proxy_and_a_silent_client_get_the_banner(
             assert _read_exactly(sock, len(BANNER)) == BANNER
             sock.sendall(payload)
             assert sha(_read_exactly(sock, len(payload))) == sha(payload)
-        record = _records(proc, 1)[0]
+        record = proc.flow_records(1)[0]
     finally:
         proc.stop()
         server.close()
@@ -221,7 +212,7 @@ def test_tls_off_required_proxy_refuses_a_silent_client(tmp_path: Path, pki: Any
         port = proc.wait_bound()["inbound"]
         with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
             assert sock.recv(100) == b""  # closed at the PROXY timeout, no banner
-        record = _records(proc, 1)[0]
+        record = proc.flow_records(1)[0]
     finally:
         proc.stop()
         server.close()

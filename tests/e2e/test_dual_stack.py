@@ -7,7 +7,6 @@ listen on ``[::]:15006`` as deploy/sidecar does.)"""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 import urllib.request
@@ -39,14 +38,6 @@ def _echo(host: str, port: int, payload: bytes) -> bytes:
     return got
 
 
-def _records(proc: EnforcerProcess, n: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        records = [json.loads(line) for line in list(proc.stdout_lines) if line.startswith("{")]
-        if len(records) >= n:
-            return records
-        time.sleep(0.05)
-    raise TimeoutError(f"{n} flow records expected:\n" + "\n".join(proc.stderr_lines))
 
 
 def _readyz(host: str, port: int) -> int:
@@ -90,7 +81,7 @@ def test_a_v6_wildcard_listener_takes_ipv4_and_ipv6(tmp_path: Path, pki: Any, wo
         assert _readyz("127.0.0.1", admin) == 200 and _readyz("::1", admin) == 200
         for host, payload in zip(("127.0.0.1", "::1"), payloads, strict=True):
             assert sha(_echo(host, port, payload)) == sha(payload)
-        records = _records(proc, 2)
+        records = proc.flow_records(2)
     finally:
         proc.stop()
         backend.close()
@@ -134,7 +125,7 @@ def test_beside_an_ipv4_wildcard_listener_v6_wildcard_is_ipv6_only(tmp_path: Pat
         assert proc.wait_bound(2) == {"inbound": port, "inbound6": port}
         for host, payload in zip(("127.0.0.1", "::1"), payloads, strict=True):
             assert sha(_echo(host, port, payload)) == sha(payload)
-        records = _records(proc, 2)
+        records = proc.flow_records(2)
     finally:
         proc.stop()
         backend.close()

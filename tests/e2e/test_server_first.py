@@ -10,10 +10,8 @@ backend: within one event loop the ordering that lost the bytes does not happen.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import ssl
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +31,6 @@ from tests.e2e.proc import EchoServer, EnforcerProcess, write_config
 BANNER = b"220 mail.example ESMTP ready\r\n"
 
 
-def _records(proc: EnforcerProcess, n: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        records = [json.loads(line) for line in list(proc.stdout_lines) if line.startswith("{")]
-        if len(records) >= n:
-            return records
-        time.sleep(0.05)
-    raise TimeoutError(f"{n} flow records expected:\n" + "\n".join(proc.stderr_lines))
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -75,7 +65,7 @@ def test_a_banner_sent_at_accept_reaches_every_client(tmp_path: Path, pki: Any,
                 sock.sendall(payload)
                 assert sha(_read_exactly(sock, len(payload))) == sha(payload)
                 sent_total += len(payload)
-        records = _records(proc, rounds)
+        records = proc.flow_records(rounds)
     finally:
         proc.stop()
         backend.close()
@@ -99,7 +89,7 @@ def test_a_client_that_half_closes_at_once_gets_the_answer(tmp_path: Path, pki: 
         while data := sock.recv(100):
             got += data
         sock.close()
-        record = _records(proc, 1)[0]
+        record = proc.flow_records(1)[0]
     finally:
         proc.stop()
         backend.close()
