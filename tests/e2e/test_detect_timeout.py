@@ -99,6 +99,25 @@ def test_detect_timeout_config_mistakes(pki: Any, tls: dict[str, Any], message: 
         parse_config(cfg)
 
 
+def _banner_first(proc: EnforcerProcess, header: bytes | None) -> None:
+    """A server-first exchange: the client sends nothing (or only ``header``) until the
+    banner arrives, then 200 kB echoed back (sha256); its flow record is plaintext, from
+    the header's address when there is one, and counts the banner."""
+    payload = random_bytes(200_000)
+    port = proc.wait_bound()["inbound"]
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        if header is not None:
+            sock.sendall(header)
+        assert _read_exactly(sock, len(BANNER)) == BANNER
+        sock.sendall(payload)
+        assert sha(_read_exactly(sock, len(payload))) == sha(payload)
+    record = proc.flow_records(1)[0]
+    assert (record["action"], record["tls"]) == ("allow", None)
+    assert record["client"]["ip"] == ("127.0.0.1" if header is None else "198.51.100.7")
+    assert record["bytes"] == {"from_client": len(payload),
+                               "to_client": len(payload) + len(BANNER)}
+
+
 @pytest.mark.parametrize("header", [None, b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 25\r\n"])
 def test_optional_proxy_and_a_silent_client_do_not_stall(tmp_path: Path, pki: Any,
                                                          header: bytes | None) -> None:
@@ -112,23 +131,11 @@ def test_optional_proxy_and_a_silent_client_do_not_stall(tmp_path: Path, pki: An
                       listener_extra={"tls": tls, "proxy_protocol": pp},
                       limits={"handshake_timeout": "60s"})
     proc = EnforcerProcess(write_config(tmp_path / "e.yaml", cfg))
-    payload = random_bytes(200_000)
     try:
-        port = proc.wait_bound()["inbound"]
-        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-            if header is not None:
-                sock.sendall(header)
-            assert _read_exactly(sock, len(BANNER)) == BANNER
-            sock.sendall(payload)
-            assert sha(_read_exactly(sock, len(payload))) == sha(payload)
-        record = proc.flow_records(1)[0]
+        _banner_first(proc, header)
     finally:
         proc.stop()
         backend.close()
-    assert (record["action"], record["tls"]) == ("allow", None)
-    assert record["client"]["ip"] == ("127.0.0.1" if header is None else "198.51.100.7")
-    assert record["bytes"] == {"from_client": len(payload),
-                               "to_client": len(payload) + len(BANNER)}
 
 
 class SocatBanner:
@@ -182,23 +189,11 @@ def test_tls_off_optional_proxy_and_a_silent_client_get_the_banner(
     server: EchoServer | SocatBanner = EchoServer(banner=BANNER) if backend == "echo" \
         else SocatBanner(tmp_path)
     proc = _off_optional(pki, server.port, tmp_path, relay)
-    payload = random_bytes(200_000)
     try:
-        port = proc.wait_bound()["inbound"]
-        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-            if header is not None:
-                sock.sendall(header)
-            assert _read_exactly(sock, len(BANNER)) == BANNER
-            sock.sendall(payload)
-            assert sha(_read_exactly(sock, len(payload))) == sha(payload)
-        record = proc.flow_records(1)[0]
+        _banner_first(proc, header)
     finally:
         proc.stop()
         server.close()
-    assert (record["action"], record["tls"]) == ("allow", None)
-    assert record["client"]["ip"] == ("127.0.0.1" if header is None else "198.51.100.7")
-    assert record["bytes"] == {"from_client": len(payload),
-                               "to_client": len(payload) + len(BANNER)}
 
 
 def test_tls_off_required_proxy_refuses_a_silent_client(tmp_path: Path, pki: Any) -> None:
