@@ -307,13 +307,7 @@ class Runner:
 
     def _describe_contestants(self) -> None:
         for c in self.chosen:
-            reason = c.missing()
-            entry: dict[str, Any] = {"status": "skipped" if reason else "ok", "peer": c.is_peer,
-                                     "version": None if reason else c.version(),
-                                     "setup": c.describe(), "tls": None}
-            if reason:
-                entry.update(reason=reason, apt=c.apt)
-            self.doc["contestants"][c.name] = entry
+            self.doc["contestants"][c.name] = cmod.status_entry(c)
 
     def _measure_all(self, env: Env) -> None:
         """The headline table (every pair on one TLS 1.3 suite), then, unless skipped, the

@@ -85,6 +85,20 @@ class Env:
         return d
 
 
+def status_entry(c: Any) -> dict[str, Any]:
+    """A contestant's entry in a results document: ok or skipped (with why and the apt
+    package), whether it is a peer, its version and setup. ``c`` is any contestant
+    (sidecar pair, egress proxy or passthrough proxy): ``missing``, ``version``,
+    ``describe``, ``is_peer``, ``apt``."""
+    reason = c.missing()
+    entry: dict[str, Any] = {"status": "skipped" if reason else "ok", "peer": c.is_peer,
+                             "version": None if reason else c.version(),
+                             "setup": c.describe(), "tls": None}
+    if reason:
+        entry.update(reason=reason, apt=c.apt)
+    return entry
+
+
 def tool_version(argv: list[str], pattern: str) -> str | None:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)

@@ -51,11 +51,10 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from benchmarks import results as rmod
 from benchmarks.backends import BODY_SIZE
-from benchmarks.contestants import Env, tool_version
+from benchmarks.contestants import Env, status_entry, tool_version
 from benchmarks.load import MeasureError
 from benchmarks.options import RUNS_DIR
 from benchmarks.passthrough_load import (
@@ -192,13 +191,7 @@ def _describe(doc: rmod.Doc, chosen: list[PtContestant]) -> None:
                            "version": tool_version(["wrk", "--version"], r"wrk (\S+)")}
     doc["host"]["cpu_busy_before"] = rmod.cpu_busy()
     for c in chosen:
-        reason = c.missing()
-        entry: dict[str, Any] = {"status": "skipped" if reason else "ok", "peer": c.is_peer,
-                                 "version": None if reason else c.version(),
-                                 "setup": c.describe(), "tls": None}
-        if reason:
-            entry.update(reason=reason, apt=c.apt)
-        doc["contestants"][c.name] = entry
+        doc["contestants"][c.name] = status_entry(c)
 
 
 def _measure_all(doc: rmod.Doc, env: Env, settings: Settings, chosen: list[PtContestant],
