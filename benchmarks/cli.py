@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         names = _pick(args.only, CONTESTANTS + EGRESS_CONTESTANTS, "contestant")
         chosen = [cmod.BY_NAME[n] for n in names if n in cmod.BY_NAME]
         chosen += _variants(getattr(args, "variant", None) or [])
+        chosen += _checkouts(getattr(args, "enforcer_at", None) or [])
         if getattr(args, "netns", False):
             chosen += [transparent.NatHooksEnforcer(), transparent.TransparentEnforcer()]
         picked = _pick(_expand_egress(args.workloads), WORKLOADS + EGRESS_WORKLOADS,
@@ -185,6 +186,19 @@ def _load_extra(path: Path | None, option: str = "--enforcer-extra") -> dict[str
     if not isinstance(data, dict):
         raise UsageError(f"{option} {path}: must be a YAML mapping")
     return data
+
+
+def _checkouts(specs: list[str]) -> list[Contestant]:
+    out: list[Contestant] = []
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,30}", name):
+            raise UsageError(f"--enforcer-at {spec!r}: use NAME=DIR, NAME in a-z 0-9 . _ -")
+        checkout = Path(directory).resolve()
+        if not (checkout / "enforcer" / "__init__.py").is_file():
+            raise UsageError(f"--enforcer-at {spec!r}: {checkout} is not an enforcer checkout")
+        out.append(cmod.Enforcer(name, checkout=checkout))
+    return out
 
 
 def _variants(specs: list[str]) -> list[Contestant]:

@@ -26,6 +26,7 @@ of the load tool and backend on this machine, not a peer.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -194,23 +195,39 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class Enforcer(Contestant):
-    """enforcer itself, or a variant (``--variant NAME=YAML``: extra config merged in,
-    shown as its own column ``enforcer-NAME``, never a peer) to see a change's effect
-    within one run."""
+    """enforcer itself, or a variant shown as its own column ``enforcer-NAME``, never a
+    peer, to see a change's effect within one run: extra config merged in (``--variant
+    NAME=YAML``), or the enforcer code of another checkout (``--enforcer-at NAME=DIR``: a
+    commit before a change, same configs), run by this harness's Python and libraries with
+    that checkout first on ``PYTHONPATH``."""
 
     is_peer = False
 
-    def __init__(self, variant: str = "", extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, variant: str = "", extra: dict[str, Any] | None = None,
+                 checkout: Path | None = None) -> None:
         self.name = f"enforcer-{variant}" if variant else "enforcer"
         self.extra = extra or {}
+        self.checkout = checkout
+
+    def missing(self) -> str | None:
+        if self.checkout is not None and not list(
+                (self.checkout / "enforcer" / "dataplane").glob("_pump*.so")):
+            return (f"{self.checkout}: native extension not built (there: "
+                    f"{sys.executable} setup.py build_ext --inplace)")
+        return None
 
     def version(self) -> str | None:
+        if self.checkout is not None:
+            return tool_version(["git", "-C", str(self.checkout), "describe", "--always",
+                                 "--dirty"], r"(\S+)")
         from enforcer import __version__
 
         return __version__
 
     def describe(self) -> str:
         base = "`python -m enforcer run -c <yaml>` per sidecar"
+        if self.checkout is not None:
+            base += f" from the checkout {self.checkout} at {self.version()}"
         return f"{base} with {json.dumps(self.extra)} merged in" if self.extra else (
             f"{base}, config defaults")
 
@@ -260,7 +277,8 @@ class Enforcer(Contestant):
         # flow records (one JSON line per connection, the default stdout sink) are
         # written, as in production, and thrown away
         return env.procs.spawn(self.command(config, d, role), cwd=d, log=d / f"{role}.log",
-                               stdout=Path("/dev/null"))
+                               stdout=Path("/dev/null"), env=None if self.checkout is None
+                               else {**os.environ, "PYTHONPATH": str(self.checkout)})
 
 
 # --------------------------------------------------------------------------- haproxy

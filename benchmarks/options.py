@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", metavar="NAME=YAML", action="append", default=[],
                    help="also run enforcer with YAML merged into its configs, as column "
                    "enforcer-NAME (repeatable; compares a change within one run)")
+    p.add_argument("--enforcer-at", metavar="NAME=DIR", action="append", default=[],
+                   help="also run the enforcer code of another checkout (native extension built "
+                   "in place), as column enforcer-NAME: before/after a change in one run")
     p.add_argument("--keep-temp", action="store_true",
                    help="keep the temp dir (generated configs and process logs)")
     p.add_argument("--render", metavar="RUN_DIR", type=Path,

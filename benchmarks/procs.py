@@ -5,7 +5,7 @@ Every process the harness starts (proxies, backends, load tools) goes through
 the session id equals its pid and every descendant (nginx workers, enforcer workers,
 threads) stays findable in /proc by that session id. Three things use that:
 
-- CPU: ``cpu_seconds(sids)`` sums utime+stime+cutime+cstime of every live process in
+- CPU: ``cpu_split(sids)`` sums utime+cutime and stime+cstime of every live process in
   the sessions (threads are included in their process's counters; a child that exited
   and was reaped moves into its parent's cutime/cstime, so nothing is lost or counted
   twice between two snapshots);
@@ -163,14 +163,17 @@ def session_pids(sids: Sequence[int]) -> list[int]:
     return [pid for pid, f in _all_stats().items() if f[3] in wanted and f[0] != "Z"]
 
 
-def cpu_seconds(sids: Sequence[int]) -> float:
-    """utime+stime+cutime+cstime of every process in the sessions, in seconds."""
+def cpu_split(sids: Sequence[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of every process in the sessions: utime+cutime and
+    stime+cstime. System time includes the kernel's work for the process's own packets
+    (conntrack, NAT), which the user-space part does not."""
     wanted = {str(s) for s in sids}
-    ticks = 0
+    user = system = 0
     for fields in _all_stats().values():
         if fields[3] in wanted:  # field 6 (session) is index 3 here
-            ticks += sum(int(v) for v in fields[11:15])  # fields 14-17
-    return ticks / CLK_TCK
+            user += int(fields[11]) + int(fields[13])  # fields 14 (utime), 16 (cutime)
+            system += int(fields[12]) + int(fields[14])  # fields 15 (stime), 17 (cstime)
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def _sum_field(sids: Sequence[int], file: str, field: str) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 from benchmarks import load
 from benchmarks.backends import HttpBackend, start_iperf3
 from benchmarks.contestants import Contestant, Env, Pair, stop_pair
-from benchmarks.procs import cpu_seconds, log_tail, pss_bytes, rss_bytes
+from benchmarks.procs import cpu_split, log_tail, pss_bytes, rss_bytes
 
 Values = dict[str, Any]
 
@@ -122,17 +122,19 @@ class Window:
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
         self.cpu: dict[str, float] = {}
+        self.user = 0.0
         self.wall = 0.0
 
     def __enter__(self) -> Window:
-        self._cpu0 = {role: cpu_seconds([sid]) for role, sid in self.pair.roles.items()}
+        self._cpu0 = {role: cpu_split([sid]) for role, sid in self.pair.roles.items()}
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._t0
-        self.cpu = {role: cpu_seconds([sid]) - self._cpu0[role]
-                    for role, sid in self.pair.roles.items()}
+        now = {role: cpu_split([sid]) for role, sid in self.pair.roles.items()}
+        self.cpu = {role: sum(now[role]) - sum(self._cpu0[role]) for role in now}
+        self.user = sum(now[role][0] - self._cpu0[role][0] for role in now)
 
     @property
     def total(self) -> float | None:
@@ -140,6 +142,8 @@ class Window:
 
     def values(self) -> Values:
         out: Values = {"cpu_s": _round(self.total), "wall_s": round(self.wall, 3)}
+        if self.cpu:
+            out["cpu_s_user"] = round(self.user, 3)  # the rest is system time
         for role, seconds in self.cpu.items():
             out[f"cpu_s_{role}"] = round(seconds, 3)
         if self.total is not None and self.wall:

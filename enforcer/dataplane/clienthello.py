@@ -32,6 +32,7 @@ A ClientHello without the server_name extension is not an error: ``Hello.sni`` i
 from __future__ import annotations
 
 import re
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -49,14 +50,14 @@ EXT_SERVER_NAME: Final = 0x0000
 NAME_TYPE_HOST: Final = 0x00
 MAX_HOST_NAME: Final = 255
 
-# TLS alert descriptions (RFC 8446 6.2)
-UNEXPECTED_MESSAGE: Final = 10
-RECORD_OVERFLOW: Final = 22
-HANDSHAKE_FAILURE: Final = 40
-ILLEGAL_PARAMETER: Final = 47
-DECODE_ERROR: Final = 50
-PROTOCOL_VERSION: Final = 70
-UNRECOGNIZED_NAME: Final = 112
+# TLS alert descriptions (RFC 8446 6.2), as the ssl module numbers them
+_ALERT: Final = ssl.AlertDescription
+UNEXPECTED_MESSAGE, RECORD_OVERFLOW, HANDSHAKE_FAILURE, ILLEGAL_PARAMETER = (
+    _ALERT.ALERT_DESCRIPTION_UNEXPECTED_MESSAGE, _ALERT.ALERT_DESCRIPTION_RECORD_OVERFLOW,
+    _ALERT.ALERT_DESCRIPTION_HANDSHAKE_FAILURE, _ALERT.ALERT_DESCRIPTION_ILLEGAL_PARAMETER)
+DECODE_ERROR, PROTOCOL_VERSION, UNRECOGNIZED_NAME = (
+    _ALERT.ALERT_DESCRIPTION_DECODE_ERROR, _ALERT.ALERT_DESCRIPTION_PROTOCOL_VERSION,
+    _ALERT.ALERT_DESCRIPTION_UNRECOGNIZED_NAME)
 
 _EXT_HEADER: Final = struct.Struct("!HH")
 _HOST_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")

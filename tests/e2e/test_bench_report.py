@@ -133,14 +133,42 @@ def test_interception_ratios_isolate_conntrack_and_the_redirect(tmp_path: Path) 
     assert "enforcer-nathooks ÷ enforcer (conntrack + NAT hooks)" in header
     assert "enforcer-transparent ÷ enforcer-nathooks (redirect + SO_ORIGINAL_DST)" in header
     rows = [line for line in lines if line.startswith("| keep-alive")]
+    dash = report.DASH
     assert rows == [f"| keep-alive requests, 32 connections | CPU µs/req | 1.10{x} | "
-                    f"1.10{x} ❌ | 1.21{x} |"], lines
+                    f"1.10{x} ❌ | 1.21{x} |",
+                    f"| keep-alive requests, 32 connections | CPU µs/req, user space | "
+                    f"{dash} | {dash} | {dash} |"], lines  # no user/system split recorded
     w["results"]["enforcer-transparent"] = ok(cpu_us_per_req=92.0)
     assert f"| 1.05{x} ✅ |" in "\n".join(report.interception_lines(doc))
     w["results"]["enforcer-nathooks"] = {"status": "error", "error": "boom"}
     assert f"| {report.DASH} | {report.DASH} | 1.15{x} |" in "\n".join(
         report.interception_lines(doc))
     assert "## Interception" in report.markdown(doc)
+
+
+def test_interception_ratios_pair_rounds_and_split_user_space(tmp_path: Path) -> None:
+    """With --repeat, a ratio is the median of the ratios within each round (a slow drift
+    of the machine cancels out), and the user-space row leaves the system time out."""
+    doc = full_doc(tmp_path)
+    for name in ("enforcer-nathooks", "enforcer-transparent"):
+        doc["contestants"][name] = {"status": "ok", "peer": False, "version": "1",
+                                    "setup": "s", "tls": None}
+    w = doc["workloads"]["keepalive"]
+
+    def rounds(costs: list[float], user_share: float) -> dict[str, Any]:
+        samples = [{"cpu_us_per_req": c, "cpu_s": 10.0, "cpu_s_user": 10.0 * user_share}
+                   for c in costs]
+        return {"status": "ok", "values": samples[1], "samples": samples}
+
+    # the machine slows down round after round; within each round transparent costs 2 %
+    # more than its control, and all of it in the kernel (same user-space share of more)
+    w["results"]["enforcer"] = rounds([50.0, 80.0, 120.0], 0.5)
+    w["results"]["enforcer-nathooks"] = rounds([60.0, 90.0, 100.0], 0.5)
+    w["results"]["enforcer-transparent"] = rounds([61.2, 91.8, 102.0], 0.49)
+    x = report.TIMES
+    rows = [line for line in report.interception_lines(doc) if line.startswith("| keep")]
+    assert rows[0].endswith(f"| CPU µs/req | 1.12{x} | 1.02{x} ✅ | 1.15{x} |"), rows
+    assert rows[1].endswith(f"| CPU µs/req, user space | 1.12{x} | 1.00{x} ✅ | 1.12{x} |"), rows
 
 
 def test_write_all_writes_run_dir_latest_and_charts(tmp_path: Path) -> None:
@@ -203,3 +231,21 @@ def test_repetitions_combine_to_medians_and_keep_samples() -> None:
     assert combine([a]) == a
     failure = {"status": "error", "error": "boom"}
     assert combine([a, failure, c]) == failure  # one failed repetition fails the result
+
+
+def test_enforcer_at_runs_another_checkouts_code_as_its_own_column(tmp_path: Path) -> None:
+    """--enforcer-at NAME=DIR: a before/after column in one run, refused unless DIR is an
+    enforcer checkout, and not offered until its native extension is built."""
+    from benchmarks.cli import UsageError, _checkouts
+
+    with pytest.raises(UsageError, match="not an enforcer checkout"):
+        _checkouts([f"before={tmp_path}"])
+    with pytest.raises(UsageError, match="NAME=DIR"):
+        _checkouts([str(tmp_path)])
+    (tmp_path / "enforcer" / "dataplane").mkdir(parents=True)
+    (tmp_path / "enforcer" / "__init__.py").write_text("")
+    [before] = _checkouts([f"before={tmp_path}"])
+    assert before.name == "enforcer-before" and not before.is_peer
+    assert "native extension not built" in (before.missing() or "")
+    (tmp_path / "enforcer" / "dataplane" / "_pump.cpython-311-x86_64-linux-gnu.so").touch()
+    assert before.missing() is None
