@@ -92,6 +92,14 @@ class Server:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._heartbeat = spawn(self.heartbeat.run(), name="heartbeat")
+        try:
+            await self._start_serving()
+        except BaseException:  # a startup error: nothing of this server outlives it
+            self._heartbeat.cancel()
+            self.heartbeat.close()
+            raise
+
+    async def _start_serving(self) -> None:
         self.plane.build()
         await self.plane.bind(self.sockets)
         if self.cfg.admin.listen is not None and self.admin_enabled:

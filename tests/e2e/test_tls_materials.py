@@ -181,3 +181,5 @@ def test_run_refuses_bad_material_with_exit_4(pki: Any, tmp_path: Path, case: st
     errors = [line for line in proc.stderr_lines if "error" in line]
     assert any(expected in line for line in errors), proc.stderr_lines
     assert not any("Traceback" in line for line in proc.stderr_lines)
+    # the error is the last word: no task of the server left pending behind it
+    assert not any("Task was destroyed" in line for line in proc.stderr_lines), proc.stderr_lines
