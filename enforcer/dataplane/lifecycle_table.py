@@ -6,7 +6,7 @@ impossible event: ``Lifecycle.handle`` raises ``LifecycleError``; ``-`` is an ev
 expected and does nothing (a socket's last callbacks after enforcer closed it).
 
 Below the table: the close reasons the outcomes use (timers, ``fail`` and ``cert_revoked``
-reasons with their action and abort, socket errors). A ``fail`` with a reason missing here
+reasons with their action and abort, socket errors, unclean ends of a TLS stream). A ``fail`` with a reason missing here
 is a bug: ``LifecycleError``, and the connection closes as ``internal_error``.
 """
 
