@@ -24,14 +24,18 @@
  *   pump watches it for writability and stops reading the other socket until it drains.
  *   Ciphertext enters an incoming BIO at most BIO_SLICE at a time (memory BIOs keep their
  *   peak size), as in tlsengine.py.
- * - Half-close: an EOF (FIN, or close_notify for TLS) from one side becomes close_notify
- *   (TLS) and shutdown(SHUT_WR) on the other, after its pending bytes. Python is told with
- *   on_event("eof", side, "") and, once both directions have ended and everything is
- *   sent, on_event("done", -1, ""). Errors are on_event("reset", side, errno) and
- *   on_event("tls_error", side, reason) (after the alert OpenSSL would send); a FIN
- *   without close_notify is on_event("unclean", side, "truncated" or
- *   "eof_without_close_notify"), both sockets then set to reset on close. Python then calls close() (also for timeouts,
- *   drain and policy revocation), which unregisters and closes both descriptors.
+ * - The pump has no policy: Python's lifecycle core (lifecycle.py, through connection.py)
+ *   decides half-close, timeouts and close reasons for both relays; the pump reports and
+ *   executes. An EOF from one side stops reading it and is reported as
+ *   on_event("eof", side, kind): kind None for close_notify (TLS) or a plaintext FIN,
+ *   "truncated" or "no_close_notify" for a TLS end's FIN without close_notify, mid-record
+ *   or on a record boundary. The core answers with shut_write(other side) (close_notify
+ *   for TLS, then shutdown(SHUT_WR) once that socket's pending bytes are sent) or with
+ *   close(). Once both directions have ended and everything is sent, on_event("done",
+ *   -1, None). Errors are on_event("reset", side, errno) and on_event("tls_error", side,
+ *   reason) (after the alert OpenSSL would send). Python calls close(reset) to end (also
+ *   for timeouts, drain and policy revocation, and with reset=True for an unclean end the
+ *   core refuses), which unregisters and closes both descriptors.
  */
 /* Files (each with a header for its boundary):
  * - pump/poller.c  the epoll set and the watches (poller.h)
@@ -92,7 +96,7 @@ static struct PyModuleDef pump_module = {
 
 /* Bumped whenever what Python calls here changes: native.py refuses any other value, so a
    stale build (setup.py keeps the old .so when a compile fails) is reported, not half used. */
-#define API_VERSION 10
+#define API_VERSION 11
 
 PyMODINIT_FUNC PyInit__pump(void) {
     PyObject *m = PyModule_Create(&pump_module);

@@ -12,10 +12,12 @@ from typing import Final, Literal, final, overload
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-# on_event(kind, side, detail): ("eof", 0|1, None), ("done", -1, None),
-# ("reset", 0|1, errno), ("tls_error", 0|1, reason), ("unclean", 0|1,
-# "truncated" | "eof_without_close_notify"), ("internal", -1, message)
-EventKind = Literal["eof", "done", "reset", "tls_error", "unclean", "internal"]
+# on_event(kind, side, detail): ("eof", 0|1, None | "truncated" | "no_close_notify"): an
+# end of stream (close_notify or a plaintext FIN: None; a TLS end's FIN without
+# close_notify: mid-record or on a record boundary), passed on only by shut_write();
+# ("done", -1, None), ("reset", 0|1, errno), ("tls_error", 0|1, reason),
+# ("internal", -1, message)
+EventKind = Literal["eof", "done", "reset", "tls_error", "internal"]
 OnEvent = Callable[[EventKind, int, int | str | None], object]
 
 API_VERSION: Final[int]
@@ -38,9 +40,10 @@ class Poller:
 class Pump:
     def __init__(self, client_fd: int, client_tls: Triple | None, upstream_fd: int,
                  upstream_tls: Triple | None, poller: Poller, on_event: OnEvent,
-                 client_watch: Watch | None = None, upstream_watch: Watch | None = None,
-                 client_lenient: bool = False, upstream_lenient: bool = False) -> None: ...
+                 client_watch: Watch | None = None,
+                 upstream_watch: Watch | None = None) -> None: ...
     def start(self) -> None: ...
+    def shut_write(self, side: int, /) -> None: ...
     def close(self, reset: bool = False, /) -> None: ...
     def take_counts(self) -> tuple[int, int]: ...
     def tick(self) -> None: ...

@@ -13,7 +13,12 @@ its timers, the policy's answers, the native pump's reports, drain and revocatio
 - timers: the core arms and cancels named slots; ``_fire`` reports one that ran out;
 - ``start_relay``: held bytes go both ways, then the relay is handed to the native pump
   when the core allows it (nothing held, no end of stream yet: see pump.py); the pump
-  reports EOFs, its end (``done``), resets, TLS errors and unclean ends as events;
+  reports EOFs, its end (``done``), resets and TLS errors as events;
+- ends of stream: both relays only report them, a TLS end's FIN without close_notify with
+  its kind (``truncated`` mid-record, ``no_close_notify`` on a record boundary: ``_eof``).
+  The core decides whether that ends a direction (``shut_write``: ``Side.send_eof``, or
+  ``Pump.shut_write`` once the pump relays, which sends close_notify and FIN after the
+  bytes it holds for that socket) or fails the connection (``close`` with reset);
 - ``close`` and ``record``: both sockets closed, one flow record.
 
 Features act through the same core: ``tls.mode: passthrough`` reads the ClientHello in
@@ -72,13 +77,7 @@ from enforcer.dataplane.lifecycle_types import (
 from enforcer.dataplane.limitgate import denial
 from enforcer.dataplane.side import PAUSE_BACKPRESSURE, PAUSE_BUFFER, Side
 from enforcer.dataplane.tasks import spawn
-from enforcer.dataplane.tlsengine import (
-    READ_CHUNK,
-    SESSION_GETTER_LEAKS,
-    TlsEngine,
-    reset_on_close,
-    unclean_detail,
-)
+from enforcer.dataplane.tlsengine import READ_CHUNK, SESSION_GETTER_LEAKS, TlsEngine
 from enforcer.egress import resolved
 from enforcer.policy import FlowFacts
 from enforcer.tlsconf.identity import IdentityError, PeerIdentity, identity_from_der
@@ -107,6 +106,18 @@ _NO_PLAN: Final = Plan()
 # the events that carry nothing but their kind, made once
 _EVENTS: Final = {kind: Event(kind) for kind in lifecycle_events()}
 _PUMPED: Final = Event("relay_started", flag=True)  # the native pump took the relay
+# an end of stream by (0 client | 1 upstream, kind): None is a clean end (a FIN, or a TLS
+# end's close_notify), else what a TLS end's FIN without close_notify was (the core decides)
+_EOFS: Final[dict[tuple[int, object], Event]] = {
+    (i, kind): Event(f"{who}_eof") if kind is None
+    else Event(f"{who}_unclean_eof", reason=kind)
+    for i, who in enumerate(("client", "upstream"))
+    for kind in (None, "truncated", "no_close_notify")}
+
+
+def _unclean_kind(tls: TlsEngine) -> str:
+    """What a FIN without close_notify from a TLS end was (the core decides what it does)."""
+    return "truncated" if tls.mid_record() else "no_close_notify"
 
 
 def _silent_detail(tls_mode: str) -> str:
@@ -210,10 +221,14 @@ class Connection:
             handle.cancel()
 
     def _shut_write(self, cmd: Command) -> None:
+        """Pass an EOF on: close_notify (TLS), then FIN once the bytes before it are sent."""
         side = self.client if cmd.side == "client" else self.upstream
         assert side is not None
-        if not side.eof_out:  # (the native pump passed its EOFs on itself: _pump_event)
+        if self.pump is None:
             side.send_eof()
+        elif not side.eof_out:
+            side.eof_out = True
+            self.pump.shut_write(0 if side is self.client else 1)
 
     def _fail(self, reason: str, detail: str) -> None:
         if self.core.stage != CLOSED:
@@ -247,6 +262,9 @@ class Connection:
                 self._run(cmd)
 
     def side_eof(self, side: Side) -> None:
+        """A FIN. From a TLS end past its handshake that sent no close_notify (which was its
+        end of stream, reported when read) it is reported with its kind: the core decides
+        whether it ends that direction or fails the connection."""
         tls, stage = side.tls, self.core.stage
         if tls is None or (side is self.client and stage == HANDSHAKE) \
                 or (side is not self.client and stage == UPSTREAM_TLS):
@@ -255,31 +273,13 @@ class Connection:
             self._eof(side)
             return
         tls.feed_eof()
-        if not tls.peer_closed and self._unclean_eof(side):
-            return
-        self._read_tls(side)
-        if not side.eof_in and self.core.stage != CLOSED:
-            self._eof(side)  # FIN without close_notify, allowed by the config
+        if not tls.peer_closed:
+            self._eof(side, _unclean_kind(tls))
 
-    def _eof(self, side: Side) -> None:
+    def _eof(self, side: Side, kind: str | None = None) -> None:
+        """Report an end of stream (``kind``: see ``_EOFS``)."""
         side.eof_in = True
-        self._feed(_EVENTS["client_eof" if side is self.client else "upstream_eof"])
-
-    def _unclean_eof(self, side: Side) -> bool:
-        """A FIN without close_notify from a TLS peer: unless it fell on a record boundary
-        and its config allows it, the connection fails and both sockets reset (the other
-        side must not take a cut stream for a whole one). True if it failed."""
-        assert side.tls is not None
-        kind = "truncated" if side.tls.mid_record() else "eof_without_close_notify"
-        cfg = self.listener.cfg.tls if side is self.client else self.up_rt.cfg.tls
-        if kind == "eof_without_close_notify" and cfg.allow_eof_without_close_notify:
-            return False
-        for other in (self.client, self.upstream):
-            if other is not None and other.transport is not None:
-                reset_on_close(other.transport)
-        who = "client" if side is self.client else "upstream"
-        self._feed(Event(f"{who}_error", reason=kind, detail=unclean_detail(who, kind)))
-        return True
+        self._feed(_EOFS[0 if side is self.client else 1, kind])
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         if self.core.stage == CLOSED or (side.eof_in and side.eof_out and exc is None):
@@ -356,6 +356,8 @@ class Connection:
                     close_timeout=limits.close_timeout, max_lifetime=limits.max_lifetime,
                     timeout_rst=limits.timeout_close == "rst",
                     upstream_tls=self.up_rt.client_ctx is not None,
+                    client_lenient=lst.tls.allow_eof_without_close_notify,
+                    upstream_lenient=self.up_rt.cfg.tls.allow_eof_without_close_notify,
                     open_events=self.plane.open_events,
                     egress_timeout=self.listener.egress.cfg.request_timeout
                     if self.listener.egress is not None else 0.0)
@@ -478,8 +480,10 @@ class Connection:
         while True:
             try:
                 data, eof = tls.read()
-            except ssl.SSLEOFError:
-                data, eof = None, True  # TCP FIN without close_notify
+            except ssl.SSLEOFError:  # TCP FIN without close_notify (side_eof reports it)
+                if not side.eof_in and self.core.stage != CLOSED:
+                    self._eof(side, _unclean_kind(tls))
+                return
             except ssl.SSLError as exc:
                 who = "client" if side is self.client else "upstream"
                 side.flush_tls()  # the fatal alert OpenSSL wrote goes before the close
@@ -974,32 +978,39 @@ class Connection:
         up.flush_tls()  # the handshake's last flight, with any first bytes behind it
         if up.tls is not None and self.core.stage != CLOSED:
             self._read_tls(up)  # application data that came with the upstream's Finished
-        if native_ok and self.core.stage != CLOSED:
-            self._go_native()
-            self._feed(_PUMPED if self.pump is not None else _EVENTS["relay_started"])
+        if native_ok and self.core.stage != CLOSED and not self._go_native():
+            self._feed(_EVENTS["relay_started"])
 
-    def _go_native(self) -> None:
-        """Hand the relay to the native pump when this process uses it (see pump.py)."""
+    def _go_native(self) -> bool:
+        """Hand the relay to the native pump when this process uses it (see pump.py); True
+        if it did. The core hears of it before the pump starts: an end of stream the pump
+        finds buffered is then passed on by the pump, when the core says so."""
         up = self.upstream
         if not self.plane.native_relay or up is None or self.core.stage != RELAY:
-            return
-        lenient = (self.listener.cfg.tls.allow_eof_without_close_notify,
-                   self.up_rt.cfg.tls.allow_eof_without_close_notify)
-        self.pump = pump.hand_over(self.client, up, self.plane.poller, self._pump_event, lenient)
-        if self.pump is not None:
-            self.relay = "native"
-            self.plane.pump_started(self)
+            return False
+        handed = pump.hand_over(self.client, up, self.plane.poller, self._pump_event)
+        if handed is None:
+            return False
+        self.pump, self.relay = handed, "native"
+        self.plane.pump_started(self)
+        self._feed(_PUMPED)
+        if self.core.stage != CLOSED:
+            handed.start()  # on failure it has closed both sockets; the connection fails
+        return True
 
     def _pump_event(self, kind: str, index: int, detail: object) -> None:
-        """What the native pump reports: an end of stream, the end, or a failure."""
+        """What the native pump reports: an end of stream (with its kind: see ``_EOFS``),
+        the end, or a failure. It passes nothing on by itself: the core's ``shut_write``
+        does (``_shut_write``)."""
         try:
-            if kind == "eof":  # the pump passed it on itself: the core's shut_write is a
-                # no-op on the other side, whose socket the pump has
-                side, other = (self.client, self.upstream) if index == 0 \
-                    else (self.upstream, self.client)
-                assert side is not None and other is not None
-                side.eof_in = other.eof_out = True
-                self._feed(_EVENTS["client_eof" if index == 0 else "upstream_eof"])
+            if kind == "eof":
+                ev = _EOFS.get((index, detail))
+                if ev is None:
+                    raise RuntimeError(f"native pump: an end of stream {index} {detail!r}")
+                side = self.client if index == 0 else self.upstream
+                assert side is not None
+                side.eof_in = True
+                self._feed(ev)
                 return
             who = "client" if index == 0 else "upstream"
             if kind == "done":
@@ -1014,9 +1025,6 @@ class Connection:
             elif kind == "tls_error":
                 self._feed(Event(f"{who}_error", reason="tls_error",
                                  detail=f"TLS error from the {who}: {detail}"))
-            elif kind == "unclean":  # the pump set both sockets to reset on close
-                self._feed(Event(f"{who}_error", reason=str(detail),
-                                 detail=unclean_detail(who, str(detail))))
             else:
                 raise RuntimeError(f"native pump: {detail}")
         except Exception as exc:

@@ -10,6 +10,13 @@ arm or cancel a timer, start a TLS handshake, ask the policy, connect, route byt
 hold, forward), shut one direction, close, write the flow record. A pair missing from the
 table is an impossible event: ``LifecycleError``, never a silent guard.
 
+Both relays (Python's and the native pump) only report what happened on a socket: an end of
+stream, and for a TLS end's FIN without close_notify its kind (``*_unclean_eof``: cut
+mid-record, or on a record boundary). Whether an EOF ends one direction (``shut_write``
+passes it on: the relay sends close_notify and FIN once the bytes before it are out) or
+fails the connection (``close`` with reset), and with which close reason, is decided here
+from the plan (``tls.allow_eof_without_close_notify`` of each side).
+
 It does no I/O, reads no clock (times come in the events) and imports nothing from the
 data plane, so every rule is tested without sockets (tests/unit/test_lifecycle.py).
 Parsing stays in its own sans-IO code (proxyproto's HeaderParser, detect.py, the TLS
@@ -33,6 +40,7 @@ from enforcer.dataplane.lifecycle_table import (  # the close reasons' data, re-
     RESETTING,
     SOCKET_ERRORS,
     TIMERS,
+    UNCLEAN,
     parse,
 )
 from enforcer.dataplane.lifecycle_table import OUTCOMES as MEANINGS
@@ -394,6 +402,21 @@ class Lifecycle:
 
     def _uptls(self, ev: Event) -> None:
         self._fail("upstream_tls_failed", "the upstream closed during the TLS handshake")
+
+    def _unclean(self, ev: Event) -> None:
+        side = "client" if ev.kind == "client_unclean_eof" else "upstream"
+        if ev.reason not in UNCLEAN:
+            raise LifecycleError(f"unknown kind of EOF {ev.reason!r}")
+        if side == self.first_eof or side in self.held_eof or self.ended:
+            raise LifecycleError(f"a second EOF from the {side}")
+        plan = self.plan
+        if ev.reason == "no_close_notify" and (
+                plan.client_lenient if side == "client" else plan.upstream_lenient):
+            _STEPS[self.stage][f"{side}_eof"](self, _EOF_EVENT[side])  # as a FIN
+            return
+        reason, detail = UNCLEAN[ev.reason]
+        self._close("allow", reason.format(who=side), detail.format(who=side), abort=True,
+                    reset=True)
 
     def _done(self, ev: Event) -> None:
         if not self.ended:

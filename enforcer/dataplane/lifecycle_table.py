@@ -6,7 +6,7 @@ impossible event: ``Lifecycle.handle`` raises ``LifecycleError``; ``-`` is an ev
 expected and does nothing (a socket's last callbacks after enforcer closed it).
 
 Below the table: the close reasons the outcomes use (timers, ``fail`` and ``cert_revoked``
-reasons with their action and abort, socket errors). A ``fail`` with a reason missing here
+reasons with their action and abort, socket errors, unclean ends of a TLS stream). A ``fail`` with a reason missing here
 is a bug: ``LifecycleError``, and the connection closes as ``internal_error``.
 """
 
@@ -34,6 +34,8 @@ client_data        .        parse    detect   shake    request  hold     hold   
 upstream_data      .        .        .        .        .        early    upshake  fwd      fwd      fwd      -
 client_eof         .        proxyeof closed   closed   closed   defer    defer    half     fin      eof      -
 upstream_eof       .        .        .        .        .        updefer  uptls    half     fin      eof      -
+client_unclean_eof .        .        .        .        unclean  unclean  unclean  unclean  unclean  unclean  -
+upstream_unclean_eof .        .        .        .        .        .        .        unclean  unclean  unclean  -
 done               .        .        .        .        .        .        .        .        done     done     .
 client_error       .        lost     lost     lost     lost     lost     lost     lost     lost     lost     -
 upstream_error     .        .        .        .        .        lost     lost     lost     lost     lost     -
@@ -98,9 +100,13 @@ OUTCOMES: Final = {
            "`upstream_fin` (who finished first); native pump: wait for `done`",
     "eof": "the first EOF: as `half` but the stage stays DRAINING (`first_eof` says which "
            "side finished); the second: as `fin`",
+    "unclean": "a TLS end's FIN without close_notify (the event says which kind): on a "
+               "record boundary (`no_close_notify`) with that side's "
+               "tls.allow_eof_without_close_notify: as `<side>_eof` in that stage; else, and always mid-record "
+               "(`truncated`): CLOSED `<side>_eof_without_close_notify`/`<side>_truncated` "
+               "(action allow), both sockets reset",
     "done": "the pump sent both ends' last bytes: CLOSED `client_fin`/`upstream_fin`",
-    "lost": "CLOSED `<side>_reset`/`_closed`/`_tls_error`/`_truncated`/"
-            "`_eof_without_close_notify`, or `peer_timeout`",
+    "lost": "CLOSED `<side>_reset`/`_closed`/`_tls_error`, or `peer_timeout`",
     "fail": "CLOSED with the reason the I/O layer found (a refusal or failure; its action "
             "and abort come from REASONS, below the table in lifecycle_table.py)",
     "timeout": "CLOSED `<timer>`; idle/close/max_lifetime end as `<timer>_rst` with "
@@ -186,8 +192,16 @@ SOCKET_ERRORS: Final = {
     "closed": ("{who}_closed", None, False),
     "peer_timeout": ("peer_timeout", None, False),
     "tls_error": ("{who}_tls_error", "error", False),
-    "truncated": ("{who}_truncated", "allow", True),
-    "eof_without_close_notify": ("{who}_eof_without_close_notify", "allow", True),
+}
+# what a TLS end's FIN without close_notify was (``*_unclean_eof`` events: both relays
+# classify, the core decides): the close reason when it fails the connection (action
+# allow, both sockets reset: the other side must not take a cut stream for a whole one)
+# and the flow record's detail
+UNCLEAN: Final = {
+    "truncated": ("{who}_truncated",
+                  "the {who}'s TLS stream ended in the middle of a record (truncated)"),
+    "no_close_notify": ("{who}_eof_without_close_notify",
+                        "the {who} closed without TLS close_notify"),
 }
 
 

@@ -53,6 +53,10 @@ class Plan:
     max_lifetime: float = 0.0  # 0: none
     timeout_rst: bool = False  # limits.timeout_close: rst
     upstream_tls: bool = False
+    # tls.allow_eof_without_close_notify of the listener (client) and of the upstream: a
+    # FIN without close_notify on a record boundary ends that side's stream like a FIN
+    client_lenient: bool = False
+    upstream_lenient: bool = False
     open_events: bool = False  # flow_log.open_events
     egress_timeout: float = 0.0  # egress listeners: egress.request_timeout (0: not one)
 
@@ -60,7 +64,8 @@ class Plan:
 class Event(NamedTuple):  # a NamedTuple: cheap to make (one per chunk on the Python relay)
     kind: str  # a row of the table
     now: float = 0.0  # the caller's monotonic clock
-    reason: str = ""  # fail, cert_revoked: the close reason; *_error: reset | closed | ...
+    reason: str = ""  # fail, cert_revoked: the close reason; *_error: reset | closed | ...;
+    # *_unclean_eof: truncated (mid-record) | no_close_notify (on a record boundary)
     detail: str | None = None
     allow: bool | None = None  # decision: True allow, False deny, None not decidable yet
     flag: bool = False  # detect_timeout: bytes wait unread; relay_started: native pump

@@ -68,7 +68,7 @@ else:
 
 Triple = tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]
 
-API_VERSION: Final = 10  # what _pump.c must say it offers (its API_VERSION)
+API_VERSION: Final = 11  # what _pump.c must say it offers (its API_VERSION)
 SESSION_CACHE_SIZE: Final = 2048  # sessions per listener context (about 1-2 KiB each)
 
 log = logging.getLogger("enforcer.native")
@@ -322,14 +322,12 @@ def close_poller(loop: asyncio.AbstractEventLoop, poller: Poller) -> None:
 
 
 def new_pump(fds: tuple[int, int], tls: tuple[Triple | None, Triple | None], poller: Poller,
-             on_event: OnEvent, watches: tuple[Watch | None, Watch | None],
-             lenient: tuple[bool, bool]) -> Pump:
+             on_event: OnEvent, watches: tuple[Watch | None, Watch | None]) -> Pump:
     """A pump for one connection's two sockets (see pump.py); RuntimeError, TypeError or
     ValueError when the extension refuses them (e.g. a TLS state that does not verify)."""
     if not available():
         raise RuntimeError(unavailable_reason())
-    return _pump.Pump(fds[0], tls[0], fds[1], tls[1], poller, on_event, watches[0], watches[1],
-                      lenient[0], lenient[1])
+    return _pump.Pump(fds[0], tls[0], fds[1], tls[1], poller, on_event, watches[0], watches[1])
 
 
 def accept_function() -> Callable[[int], tuple[int, int, object] | None]:

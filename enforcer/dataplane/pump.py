@@ -6,6 +6,13 @@ the Python relay, which behaves the same way. A ``RawTransport`` (a bare socket:
 socket of a plane that uses the pump, see ``rawtransport.py``) gives its descriptor
 itself; a uvloop transport's socket (an upstream reached by host name) is given as a
 duplicate and the transport then aborted.
+
+The pump moves bytes; it decides nothing about a connection's life. It reports what
+happens (``on_event``: an end of stream, with its kind for a TLS end's FIN without
+close_notify, resets, TLS errors, ``done``) to the connection's lifecycle core
+(connection.py), and executes what the core answers: ``shut_write`` (pass an EOF on:
+close_notify and FIN once the bytes it holds for that socket are sent) and ``close``
+(optionally with RST).
 """
 
 from __future__ import annotations
@@ -38,12 +45,12 @@ def _transport_ready(side: Side) -> bool:
             and not side.pause_flags and t.get_write_buffer_size() == 0)
 
 
-def hand_over(client: Side, upstream: Side, poller: Poller | None, on_event: OnEvent,
-              lenient: tuple[bool, bool] = (False, False)) -> Pump | None:
-    """Move both sockets (and TLS states) of a connection in RELAY to a new pump, started.
-    None if it cannot be done now (the Python relay then carries on, nothing changed).
-    ``lenient``: whether a FIN without close_notify from the client / the upstream ends its
-    stream (``tls.allow_eof_without_close_notify``) instead of failing the connection."""
+def hand_over(client: Side, upstream: Side, poller: Poller | None,
+              on_event: OnEvent) -> Pump | None:
+    """Move both sockets (and TLS states) of a connection in RELAY to a new pump, to be
+    started (``Pump.start``) once the caller holds it: what it finds buffered may report
+    events at once. None if it cannot be done now (the Python relay then carries on,
+    nothing changed)."""
     if not native.available() or poller is None or not (_transport_ready(client)
                                                          and _transport_ready(upstream)):
         return None
@@ -71,7 +78,7 @@ def hand_over(client: Side, upstream: Side, poller: Poller | None, on_event: OnE
                 duplicates.append(fds[-1])
                 watches.append(None)
         pump = native.new_pump((fds[0], fds[1]), (tls_states[0], tls_states[1]), poller,
-                               on_event, (watches[0], watches[1]), lenient)
+                               on_event, (watches[0], watches[1]))
     except (OSError, AttributeError, RuntimeError, TypeError, ValueError) as exc:
         native.note_refusal(exc)
         for fd in duplicates:
@@ -81,7 +88,6 @@ def hand_over(client: Side, upstream: Side, poller: Poller | None, on_event: OnE
         _detach(side)
         if side.tls is not None:
             side.tls.detach()
-    pump.start()  # on failure it has closed both sockets; the caller fails the connection
     return pump
 
 

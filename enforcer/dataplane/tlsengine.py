@@ -28,11 +28,7 @@ per burst (the records are the same; the kernel still gets one ``writev``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
 import ssl
-import struct
 import sys
 from collections import deque
 from typing import Any, Final
@@ -62,25 +58,6 @@ def _scratch_buffer() -> memoryview:
     if _scratch is None:
         _scratch = bytearray(READ_CHUNK)
     return memoryview(_scratch)
-
-
-_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
-
-
-def reset_on_close(transport: asyncio.BaseTransport) -> None:
-    """Make closing the transport's socket send an RST (SO_LINGER 0): an abortive close,
-    for a TLS stream that ended uncleanly (see ``Connection._unclean_eof``)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):  # already gone
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-
-
-def unclean_detail(who: str, kind: str) -> str:
-    """The flow record's detail for a TLS stream that ended without close_notify."""
-    if kind == "truncated":
-        return f"the {who}'s TLS stream ended in the middle of a record (truncated)"
-    return f"the {who} closed without TLS close_notify"
 
 
 # Reading SSLObject.session leaks a copy of the session (with its certificate) every time

@@ -146,6 +146,62 @@ async def test_upstream_half_close_first_and_the_client_keeps_sending(pki: Any) 
             assert rec["bytes"] == {"from_client": len(later) + 5, "to_client": len(greeting)}
 
 
+async def test_the_pump_passes_an_eof_on_only_when_told_after_the_bytes_before_it() -> None:
+    """The pump owns no policy (the lifecycle core does): an end of stream is reported
+    (("eof", side, None) for a plaintext FIN) and nothing is passed on until
+    shut_write(other side), whose FIN follows every byte still waiting for that socket;
+    once both directions have ended and all is sent, it reports done."""
+    ext = native.module()
+    assert ext is not None
+    loop = asyncio.get_running_loop()
+    poller = native.new_poller(loop)
+    a_near, a_far = socket.socketpair()
+    b_near, b_far = socket.socketpair()
+    for s in (a_near, a_far, b_near, b_far):
+        s.setblocking(False)
+    events: list[tuple[str, int, object]] = []
+    pump: Any = None
+
+    def on_event(kind: str, side: int, detail: object) -> None:
+        events.append((kind, side, detail))
+        if (kind, side) == ("eof", 0):
+            pump.shut_write(1)  # what the core answers to the first EOF, at once
+
+    pump = ext.Pump(a_near.detach(), None, b_near.detach(), None, poller, on_event)
+    with pytest.raises(RuntimeError, match="not started"):
+        pump.shut_write(1)
+    pump.start()
+    with pytest.raises(ValueError, match="0 or 1"):
+        pump.shut_write(2)
+    data = random_bytes(3 * MiB)  # more than the socket buffers: some waits in the pump
+
+    async def send() -> None:
+        await loop.sock_sendall(a_far, data)
+        a_far.shutdown(socket.SHUT_WR)
+
+    try:
+        sender = asyncio.ensure_future(send())
+        got = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(b_far, 65536), 10):
+            got += chunk
+        await sender
+        assert sha(bytes(got)) == sha(data)  # every byte, then the FIN
+        assert events == [("eof", 0, None)]
+        b_far.shutdown(socket.SHUT_WR)
+        await wait_until(lambda: len(events) == 2)
+        assert events[1] == ("eof", 1, None)
+        with pytest.raises(BlockingIOError):  # reported, not passed on: no FIN yet
+            a_far.recv(1)
+        pump.shut_write(0)
+        assert await asyncio.wait_for(loop.sock_recv(a_far, 1), 5) == b""
+        assert events[2:] == [("done", -1, None)]
+    finally:
+        pump.close()
+        native.close_poller(loop, poller)
+        a_far.close()
+        b_far.close()
+
+
 async def test_a_stalled_upstream_bounds_memory_then_gets_every_byte(pki: Any) -> None:
     """Flow control: while the upstream reads nothing, the pump holds at most one read's
     worth and stops reading the client; once it reads, every byte arrives."""

@@ -195,6 +195,44 @@ async def test_the_listener_may_allow_a_fin_without_close_notify(
         assert rec["close"] == "client_truncated"
 
 
+async def _read_to_the_end(client: Client) -> tuple[bytes, str]:
+    """What the client reads until its stream ends, and how: ``close_notify`` (then the
+    FIN) or a bare ``fin``; an alert raises its SSLError."""
+    got = bytearray()
+    ended = ""
+    while True:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while not ended:
+                chunk = client.tls.read(65536)  # b"" once close_notify came
+                got += chunk
+                ended = "" if chunk else "close_notify"
+        data = await asyncio.wait_for(client.loop.sock_recv(client.sock, 65536), 5)
+        if not data:
+            return bytes(got), ended or "fin"
+        client.incoming.write(data)
+
+
+async def test_a_fin_the_listener_allows_is_a_half_close(pki: Any, tmp_path: Path) -> None:
+    """With ``tls.allow_eof_without_close_notify`` a bare FIN on a record boundary is
+    passed on as a FIN and the other direction goes on: the client still reads everything
+    the upstream sends after it, then close_notify and the FIN (never an alert)."""
+    upstream, enforcer = await _start(pki, allow_eof_without_close_notify=True)
+    async with running(enforcer, upstream):
+        client = await _client(pki, enforcer, tmp_path)
+        try:
+            data = random_bytes(3000)
+            await client.send_raw(client.record(23, data))
+            await wait_until(lambda: len(upstream.received) == 3100)
+            client.sock.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(upstream.ended, 5) == "fin"
+            echoed, how = await _read_to_the_end(client)  # the echo, then the upstream's end
+            assert sha(echoed) == sha(data) and how == "close_notify"
+            rec = (await enforcer.wait_flows(1))[0]
+        finally:
+            client.close()
+    assert (rec["action"], rec["close"]) == ("allow", "client_fin")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

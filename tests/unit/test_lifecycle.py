@@ -243,6 +243,38 @@ CASES: dict[tuple[Stage, str], list[Case]] = {
     (Stage.CLOSED, "client_eof"): [({}, {}, None, Stage.CLOSED, [], None)],
     (Stage.CLOSED, "upstream_eof"): [({}, {}, None, Stage.CLOSED, [], None)],
 }
+# A TLS end's FIN without close_notify (its kind in the event): mid-record (truncated) it
+# always fails the connection, on a record boundary (no_close_notify) only without that
+# side's tls.allow_eof_without_close_notify; a lenient one is that stage's plain EOF
+# (AS_EOF: what the same cell of the ``<side>_eof`` row does).
+LENIENT = {"client_lenient": True, "upstream_lenient": True}
+TRUNCATED, NO_NOTIFY = {"reason": "truncated"}, {"reason": "no_close_notify"}
+UPSTREAM_FIRST = [*TO_RELAY, E("upstream_eof")]
+HALF_KINDS = ["shut_write", "start_timer"]
+AS_EOF: dict[tuple[Stage, str], tuple[list[Event] | None, Stage, list[str],
+                                      tuple[str, str] | None]] = {
+    (Stage.AUTHORIZE, "client"): (None, Stage.CLOSED, CLOSE, ("error", "client_closed")),
+    (Stage.CONNECT, "client"): (None, Stage.CONNECT, [], None),  # held until the relay
+    (Stage.UPSTREAM_TLS, "client"): (None, Stage.UPSTREAM_TLS, [], None),
+    (Stage.RELAY, "client"): (None, Stage.HALF_CLOSED, HALF_KINDS, None),
+    (Stage.HALF_CLOSED, "client"): (UPSTREAM_FIRST, Stage.CLOSED, ["shut_write", *CLOSE],
+                                    ("allow", "upstream_fin")),
+    (Stage.DRAINING, "client"): (None, Stage.DRAINING, HALF_KINDS, None),
+    (Stage.RELAY, "upstream"): (None, Stage.HALF_CLOSED, HALF_KINDS, None),
+    (Stage.HALF_CLOSED, "upstream"): (None, Stage.CLOSED, ["shut_write", *CLOSE],
+                                      ("allow", "client_fin")),
+    (Stage.DRAINING, "upstream"): (None, Stage.DRAINING, HALF_KINDS, None),
+}
+for (_stage, _who), (_path, _after, _kinds, _record) in AS_EOF.items():
+    CASES[(_stage, f"{_who}_unclean_eof")] = [
+        (NO_NOTIFY, LENIENT, _path, _after, _kinds, _record),
+        (NO_NOTIFY, {}, _path, Stage.CLOSED, CLOSE, ("allow", f"{_who}_eof_without_close_notify")),
+        (TRUNCATED, LENIENT, _path, Stage.CLOSED, CLOSE, ("allow", f"{_who}_truncated")),
+        (TRUNCATED, {}, _path, Stage.CLOSED, CLOSE, ("allow", f"{_who}_truncated"))]
+for _who in ("client", "upstream"):
+    CASES[(Stage.CLOSED, f"{_who}_unclean_eof")] = [
+        (TRUNCATED, {}, None, Stage.CLOSED, [], None),
+        (NO_NOTIFY, LENIENT, None, Stage.CLOSED, [], None)]
 # events that close every open stage where the table allows them, the same way
 RELAYING = (Stage.RELAY, Stage.HALF_CLOSED, Stage.DRAINING)
 for (_stage, _event), _outcome in TABLE.items():
@@ -431,11 +463,91 @@ def test_error_after_eof() -> None:
     assert closed.handle(E("client_error", reason="reset")) == []
 
 
-def test_unclean_tls_end_resets_both() -> None:
-    core = drive(TO_RELAY)
-    cmds = core.handle(E("client_error", reason="truncated"))
-    assert next(c for c in cmds if c.kind == "close").abort
-    assert core.record is not None and core.record[:2] == ("allow", "client_truncated")
+@pytest.mark.parametrize("path", [TO_AUTHORIZE, TO_CONNECT, TO_UPTLS, TO_RELAY, TO_DRAINING,
+                                  UPSTREAM_FIRST], ids=lambda p: p[-1].kind)
+@pytest.mark.parametrize(("kind", "lenient", "reason", "detail"), [
+    ("truncated", True, "client_truncated",
+     "the client's TLS stream ended in the middle of a record (truncated)"),
+    ("no_close_notify", False, "client_eof_without_close_notify",
+     "the client closed without TLS close_notify")])
+def test_unclean_tls_end_resets_both(path: list[Event], kind: str, lenient: bool, reason: str,
+                                     detail: str) -> None:
+    """A FIN without close_notify the plan does not take as an end: CLOSED at once in
+    every stage (never held while the upstream connects), both sockets reset, the flow
+    record allow with the reason and detail from the core."""
+    core = drive(path, dataclasses.replace(PLAN, client_lenient=lenient))
+    stage = core.stage
+    cmds = core.handle(E("client_unclean_eof", reason=kind))
+    close = next(c for c in cmds if c.kind == "close")
+    assert close.abort and close.reset and close.action == "allow" and close.stage == stage
+    assert core.record == ("allow", reason, detail, stage)
+    assert "shut_write" not in kinds(cmds) and not core.timers
+
+
+def test_unclean_upstream_end_follows_the_upstreams_setting() -> None:
+    """Each side has its own setting: a lenient client says nothing about the upstream."""
+    core = drive(TO_RELAY, dataclasses.replace(PLAN, client_lenient=True))
+    core.handle(E("upstream_unclean_eof", reason="no_close_notify"))
+    assert core.record is not None and core.record[:2] == (
+        "allow", "upstream_eof_without_close_notify")
+    up = drive(TO_RELAY, dataclasses.replace(PLAN, upstream_lenient=True))
+    cmds = up.handle(E("upstream_unclean_eof", reason="no_close_notify"))
+    assert cmds[0] == Command("shut_write", side="client")
+    assert up.first_eof == "upstream" and up.stage == Stage.HALF_CLOSED
+    with pytest.raises(LifecycleError, match="second EOF"):  # its FIN was its end
+        up.handle(E("upstream_unclean_eof", reason="no_close_notify"))
+
+
+def test_lenient_fin_during_upstream_connect_is_held() -> None:
+    """A lenient FIN on a record boundary while the upstream connects waits, like a FIN,
+    and is passed on when the relay starts (on the Python relay: the pump takes only a
+    clean start); a second one from the same side is impossible."""
+    plan = dataclasses.replace(PLAN, upstream_tls=False, client_lenient=True)
+    core = drive([*TO_CONNECT, E("client_data"),
+                  E("client_unclean_eof", reason="no_close_notify")], plan)
+    assert core.held_eof == {"client"} and core.record is None
+    with pytest.raises(LifecycleError, match="second EOF"):
+        core.handle(E("client_unclean_eof", reason="no_close_notify"))
+    with pytest.raises(LifecycleError, match="second EOF"):
+        core.handle(E("client_eof"))
+    assert core.handle(E("upstream_connected"))[-1].reason == ""  # no hand-over
+    cmds = core.handle(E("relay_started"))
+    assert cmds[0] == Command("shut_write", side="upstream") and core.first_eof == "client"
+    core.handle(E("upstream_eof"))
+    assert core.record is not None and core.record[:2] == ("allow", "client_fin")
+
+
+def test_error_after_an_unclean_eof_taken_as_the_end() -> None:
+    core = drive(TO_RELAY, dataclasses.replace(PLAN, client_lenient=True))
+    core.handle(E("client_unclean_eof", reason="no_close_notify"))
+    core.handle(E("upstream_error", reason="reset", detail="Connection reset by peer"))
+    assert core.record == ("allow", "upstream_reset", "Connection reset by peer",
+                           Stage.HALF_CLOSED)
+    closed = drive(TO_RELAY)  # an unclean end closed it: the other side's last callbacks
+    closed.handle(E("upstream_unclean_eof", reason="truncated"))
+    assert closed.handle(E("client_error", reason="reset")) == []
+    assert closed.handle(E("client_unclean_eof", reason="no_close_notify")) == []
+
+
+def test_native_pump_lenient_second_eof_waits_for_done() -> None:
+    plan = dataclasses.replace(PLAN, client_lenient=True, upstream_lenient=True)
+    core = drive([*TO_RELAY[:-1], E("relay_started", flag=True)], plan)
+    assert kinds(core.handle(E("upstream_unclean_eof", reason="no_close_notify"))) == \
+        HALF_KINDS
+    cmds = core.handle(E("client_unclean_eof", reason="no_close_notify"))
+    assert cmds == [Command("shut_write", side="upstream")] and core.record is None
+    with pytest.raises(LifecycleError, match="second EOF"):  # both ended: none can come
+        core.handle(E("client_unclean_eof", reason="truncated"))
+    core.handle(E("done"))
+    assert core.record is not None and core.record[:2] == ("allow", "upstream_fin")
+
+
+def test_unknown_kind_of_eof_is_refused() -> None:
+    for reason in ("", "eof_without_close_notify", "oops"):
+        with pytest.raises(LifecycleError, match="kind of EOF"):
+            drive(TO_RELAY).handle(E("client_unclean_eof", reason=reason))
+    with pytest.raises(LifecycleError, match="unknown socket error"):  # no longer an error
+        drive(TO_RELAY).handle(E("client_error", reason="truncated"))
 
 
 def test_deferred_decision_deny_never_relays() -> None:
@@ -606,6 +718,9 @@ SAMPLES = [E(name) for name in events()] + [
     E("fail", reason="proxy_protocol_timeout"), E("idle_timeout", now=1e6, last_active=0.0),
     E("client_data", now=5.0), E("upstream_data", now=7.0), E("cert_revoked", reason="revoked"),
     E("fail", reason="rate_limited"), E("fail", reason="egress_timeout"),
+    E("client_unclean_eof", reason="truncated"), E("client_unclean_eof", reason="no_close_notify"),
+    E("upstream_unclean_eof", reason="no_close_notify"),
+    E("upstream_unclean_eof", reason="truncated"),
 ]
 PLANS = st.builds(Plan, proxy=st.booleans(),
                   tls=st.sampled_from(["off", "terminate", "auto", "passthrough"]),
@@ -613,7 +728,8 @@ PLANS = st.builds(Plan, proxy=st.booleans(),
                   proxy_silence=st.sampled_from([0.0, 0.2]),
                   detect_timeout=st.sampled_from([0.0, 1.0]),
                   max_lifetime=st.sampled_from([0.0, 60.0]), timeout_rst=st.booleans(),
-                  upstream_tls=st.booleans(), open_events=st.booleans())
+                  upstream_tls=st.booleans(), open_events=st.booleans(),
+                  client_lenient=st.booleans(), upstream_lenient=st.booleans())
 
 
 def _snapshot(core: Lifecycle) -> tuple[object, ...]:
@@ -632,8 +748,9 @@ FORWARD: dict[Stage, list[Event]] = {
     Stage.CONNECT: [E("upstream_connected"), ALLOW],
     Stage.UPSTREAM_TLS: [E("upstream_tls_done"), ALLOW],
     Stage.RELAY: [E("relay_started"), E("relay_started", flag=True), E("client_eof"),
-                  E("upstream_eof")],
-    Stage.HALF_CLOSED: [E("client_eof"), E("upstream_eof"), E("done")],
+                  E("upstream_eof"), E("upstream_unclean_eof", reason="no_close_notify")],
+    Stage.HALF_CLOSED: [E("client_eof"), E("upstream_eof"), E("done"),
+                        E("client_unclean_eof", reason="no_close_notify")],
     Stage.DRAINING: [E("client_eof"), E("upstream_eof"), E("done"), E("drain_deadline")],
     Stage.CLOSED: [E("client_error", reason="closed")],
 }
@@ -646,6 +763,7 @@ def test_random_event_sequences_keep_the_invariants(plan: Plan,
     core = Lifecycle(plan, 0.0)
     allowed = drained = started = False
     records = 0
+    shut: set[str | None] = set()  # sides whose write was shut (their EOF passed on)
     for item in [*seq, E("internal_error")]:
         if isinstance(item, int):
             choices = FORWARD[core.stage]
@@ -673,5 +791,12 @@ def test_random_event_sequences_keep_the_invariants(plan: Plan,
                 assert allowed, "relayed before the policy allowed"
             if cmd.kind == "record" and cmd.event == "flow":
                 records += 1
+            # nothing goes to a side after its EOF was passed on, and that happens once
+            assert not (cmd.kind in ("forward", "shut_write") and cmd.side in shut), cmd
+            if cmd.kind == "shut_write":
+                shut.add(cmd.side)
+            # an unclean end the core does not take as a FIN resets both sockets
+            if cmd.kind == "close" and cmd.reason.endswith(("_truncated", "_close_notify")):
+                assert cmd.reset and cmd.abort and cmd.action == "allow"
     assert core.stage == Stage.CLOSED and records == 1  # exactly one flow record
     assert not core.timers

@@ -1,5 +1,16 @@
 /* relay.c: the Pump, see "How it works" at the top of _pump.c and, for TLS 1.3 ends the
- * pump protects itself, "TLS 1.3 records" below. */
+ * pump protects itself, "TLS 1.3 records" below.
+ *
+ * Who decides what: the pump is mechanism only. It reports what happened to Python's
+ * lifecycle core (connection.py, lifecycle.py) and executes what the core answers; it
+ * owns no policy. An end of stream is reported (got_eof) with its kind: a close_notify or
+ * a plaintext FIN (None), or a TLS end's FIN without close_notify, "truncated" (mid-record)
+ * or "no_close_notify" (on a record boundary): classifying is mechanism, it reads the
+ * record state only the pump has. Whether that FIN is an end or a failure
+ * (tls.allow_eof_without_close_notify), and every close reason, is the core's. The EOF is
+ * passed on only when the core says so (Pump.shut_write: close_notify, then FIN once the
+ * bytes buffered for that socket are sent: finish_shutdown); the connection ends with
+ * Pump.close (with RST when the core resets it). Timeouts are the core's too. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -426,7 +437,10 @@ static void send_eof(Pump *p, int j) {
     finish_shutdown(p, j);
 }
 
-static void got_eof(Pump *p, int i) {
+/* Side i finished sending: it is no longer read, and Python is told, with the kind of end
+   (NULL: close_notify, or a plaintext end's FIN; else see unclean_kind). Nothing is passed
+   on here: the core answers with shut_write (Pump_shut_write), or closes. */
+static void got_eof(Pump *p, int i, const char *kind) {
     End *s = &p->e[i];
     if (s->eof_in) {
         return;
@@ -436,13 +450,10 @@ static void got_eof(Pump *p, int i) {
         fatal(p);
         return;
     }
-    emit(p, "eof", i, NULL);
-    if (p->closed) {
-        return;
-    }
-    send_eof(p, 1 - i);
-    if (!p->closed) {
-        check_done(p);
+    if (kind == NULL) {
+        emit(p, "eof", i, NULL);
+    } else {
+        emit_str(p, "eof", i, kind);
     }
 }
 
@@ -586,7 +597,7 @@ static void records_in(Pump *p, int i, const char *data, size_t len) {
     }
     burst_over(s);
     if (status == RECORDS_CLOSE_NOTIFY) {
-        got_eof(p, i); /* close_notify (a FIN is unclean_eof's) */
+        got_eof(p, i, NULL); /* close_notify (a FIN is relay_readable's) */
     }
 }
 
@@ -626,7 +637,7 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
         }
         if (err == SSL_ERROR_ZERO_RETURN) {
             ossl.ERR_clear_error();
-            eof = 1; /* close_notify (a FIN never reaches OpenSSL: see unclean_eof) */
+            eof = 1; /* close_notify (a FIN never reaches OpenSSL: see unclean_kind) */
             break;
         }
         char buf[40];
@@ -656,40 +667,24 @@ static void tls_in(Pump *p, int i, const char *data, size_t len) {
     }
     burst_over(s);
     if (eof) {
-        got_eof(p, i);
+        got_eof(p, i, NULL);
     } else {
         take_over(p, i);
     }
 }
 
-/* A TCP FIN from a TLS end that sent no close_notify (that one would have ended reading:
-   got_eof). Mid-record (part of a record or of a handshake message held), the stream was
-   cut: "truncated". On a record boundary it is "eof_without_close_notify", which a
-   lenient end (the listener's or upstream's tls.allow_eof_without_close_notify) takes as
-   the end of its stream, as a FIN. Otherwise both sockets are set to reset on close
-   (SO_LINGER 0) and Python is told: it fails the connection, and the other side gets an
-   RST, never a clean end it could mistake for the whole stream. */
-static void unclean_eof(Pump *p, int i) {
-    End *s = &p->e[i];
+/* What a TCP FIN from a TLS end that sent no close_notify (that one would have ended
+   reading: got_eof) was. Mid-record (part of a record or of a handshake message held), the
+   stream was cut: "truncated"; else "no_close_notify" (on a record boundary). The core
+   decides what it does (an end, by tls.allow_eof_without_close_notify, or a failure: then
+   it closes the pump with RST, so the other side never sees a clean end it could mistake
+   for the whole stream). */
+static const char *unclean_kind(const End *s) {
     int truncated = s->rec != NULL
                         ? s->rec->part_len > 0 || s->rec->hs_len > 0
                         : ossl.SSL_has_pending(s->ssl) ||
                               ossl.BIO_ctrl(s->rbio, BIO_CTRL_PENDING, 0, NULL) > 0;
-    if (!truncated && s->lenient) {
-        got_eof(p, i);
-        return;
-    }
-    static const struct linger reset = {1, 0};
-    for (int k = 0; k < 2; k++) {
-        if (p->e[k].fd >= 0) {
-            setsockopt(p->e[k].fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
-        }
-    }
-    if (watch(p, i, 0, 0) < 0) {
-        fatal(p);
-        return;
-    }
-    emit_str(p, "unclean", i, truncated ? "truncated" : "eof_without_close_notify");
+    return truncated ? "truncated" : "no_close_notify";
 }
 
 void relay_readable(Pump *p, int i) {
@@ -711,11 +706,7 @@ void relay_readable(Pump *p, int i) {
     p->last_active = monotonic_now();
     if (n == 0) {
         s->fin_in = 1;
-        if (!tls_end(s)) {
-            got_eof(p, i);
-        } else {
-            unclean_eof(p, i);
-        }
+        got_eof(p, i, tls_end(s) ? unclean_kind(s) : NULL);
         return;
     }
     if (s->rec != NULL) {
@@ -856,6 +847,35 @@ static PyObject *Pump_start(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
+/* shut_write(side): the core passes an end of stream on towards `side` (0 client,
+   1 upstream): close_notify (TLS), then shutdown(SHUT_WR) once the bytes buffered for that
+   socket are sent (finish_shutdown, also from relay_writable). Once both directions have
+   ended and everything is sent, "done" is reported (possibly before this returns). */
+static PyObject *Pump_shut_write(PyObject *self, PyObject *arg) {
+    Pump *p = (Pump *)self;
+    long j = PyLong_AsLong(arg);
+    if (j == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (j != 0 && j != 1) {
+        PyErr_SetString(PyExc_ValueError, "shut_write: side must be 0 or 1");
+        return NULL;
+    }
+    if (!p->started) {
+        PyErr_SetString(PyExc_RuntimeError, "shut_write: pump not started");
+        return NULL;
+    }
+    Py_INCREF(self); /* a report may make Python drop its last reference */
+    if (!p->closed) {
+        send_eof(p, (int)j);
+    }
+    if (!p->closed) {
+        check_done(p);
+    }
+    Py_DECREF(self);
+    Py_RETURN_NONE;
+}
+
 /* close(reset=False): with reset, SO_LINGER 0 makes the kernel's close send RST, not FIN
    (limits.timeout_close: rst). */
 static PyObject *Pump_close(PyObject *self, PyObject *args) {
@@ -944,14 +964,13 @@ static PyObject *Pump_get_bio_bytes(PyObject *self, void *Py_UNUSED(closure)) {
 
 static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"client_fd", "client_tls", "upstream_fd", "upstream_tls", "poller",
-                             "on_event", "client_watch", "upstream_watch", "client_lenient",
-                             "upstream_lenient", NULL};
+                             "on_event", "client_watch", "upstream_watch", NULL};
     Pump *p = (Pump *)self;
-    int fds[2], lenient[2] = {0, 0};
+    int fds[2];
     PyObject *tls[2], *poller, *on_event, *watches[2] = {Py_None, Py_None};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OOpp", kwlist, &fds[0], &tls[0],
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iOiOOO|OO", kwlist, &fds[0], &tls[0],
                                      &fds[1], &tls[1], &poller, &on_event, &watches[0],
-                                     &watches[1], &lenient[0], &lenient[1])) {
+                                     &watches[1])) {
         return -1;
     }
     for (int i = 0; i < 2; i++) {
@@ -986,8 +1005,6 @@ static int Pump_init(PyObject *self, PyObject *args, PyObject *kwds) {
     }
     p->e[0].fd = fds[0];
     p->e[1].fd = fds[1];
-    p->e[0].lenient = lenient[0];
-    p->e[1].lenient = lenient[1];
     for (int i = 0; i < 2; i++) {
         if (watches[i] != Py_None) {
             Py_INCREF(watches[i]);
@@ -1043,6 +1060,8 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
 
 static PyMethodDef Pump_methods[] = {
     {"start", Pump_start, METH_NOARGS, "Register with the loop and relay what is buffered."},
+    {"shut_write", Pump_shut_write, METH_O,
+     "shut_write(side): pass an end of stream on to side 0/1 once its bytes are sent."},
     {"close", Pump_close, METH_VARARGS,
      "close(reset=False): unregister and close both descriptors (idempotent); reset: RST."},
     {"take_counts", Pump_take_counts, METH_NOARGS,

@@ -37,7 +37,6 @@ typedef struct {
     int active;           /* a TLS burst ended since the last tick */
     int keeping;          /* busy: keeps its TLS buffers until a quiet tick */
     int tls_failed;       /* a TLS error was reported for this end */
-    int lenient;          /* a FIN without close_notify ends its stream (not truncated) */
 } End;
 
 struct PumpObject {
