@@ -28,17 +28,19 @@ per burst (the records are the same; the kernel still gets one ``writev``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import ssl
 import struct
 import sys
 from collections import deque
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from enforcer.dataplane import native
 from enforcer.tlsconf import groups
+
+if TYPE_CHECKING:
+    from enforcer.dataplane.rawtransport import RawTransport
 
 READ_CHUNK: Final = 256 * 1024
 BIO_SLICE: Final = 17 * 1024  # > the largest TLS record (16 KiB + 256 + 5 header)
@@ -67,7 +69,7 @@ def _scratch_buffer() -> memoryview:
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 
 
-def reset_on_close(transport: asyncio.BaseTransport) -> None:
+def reset_on_close(transport: RawTransport) -> None:
     """Make closing the transport's socket send an RST (SO_LINGER 0): an abortive close,
     for a TLS stream that ended uncleanly (see ``Connection._unclean_eof``)."""
     sock = transport.get_extra_info("socket")
