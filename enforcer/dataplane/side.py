@@ -18,7 +18,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Final, cast
 
-from enforcer.dataplane.tlsengine import TlsEngine, scratch_taken
+from enforcer.dataplane.tlsengine import TlsEngine
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
@@ -102,9 +102,7 @@ class Side(asyncio.Protocol):
             return
         tls = self.tls
         if tls is None:
-            transport.write(data)
-            if type(data) is memoryview and transport.get_write_buffer_size():
-                scratch_taken()  # the transport keeps the view: don't reuse its buffer
+            transport.write(data)  # (it copies what it keeps of a view: rawtransport.py)
         else:
             chunks = tls.encrypt(data)
             if len(chunks) == 1:
