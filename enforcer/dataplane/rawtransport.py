@@ -41,9 +41,9 @@ How it works:
 - ``connect()`` makes a non-blocking socket, starts the connect and watches it for
   writability (unless ``getpeername()`` shows it connected already, as loopback connects
   are, when the next loop turn stands in for that wait); then ``SO_ERROR`` says how the
-  connect ended and
-  ``done(transport, None)`` or ``done(None, OSError)`` is called (the socket is closed on
-  failure). ``Connecting.cancel()`` (connect timeout, the client left) closes it silently.
+  connect ended and ``done(transport, None)`` or ``done(None, OSError)`` is called (the
+  socket is closed on failure). ``Connecting.cancel()`` (connect timeout, the client
+  left, a lost race of dialer.py) closes it silently.
 - ``RawTransport`` is the part of ``asyncio.Transport`` that ``Side`` and ``Connection``
   use, with the callback order of asyncio's own socket transports: ``connection_made``
   (from ``start()``), ``data_received``/``eof_received`` when readable,
