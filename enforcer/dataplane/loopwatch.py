@@ -34,6 +34,10 @@ class LoopWatch:
 
     __slots__ = ("_callback", "_closed", "_fd", "_loop", "_reading", "_writing")
 
+    # what a RawTransport watched by the loop reads at a time: on such a plane it carries
+    # the Python relay too, and reads as much as uvloop's own transports (rawtransport.py)
+    read_size = 256 * 1024
+
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, callback: Callback) -> None:
         self._loop = loop
         self._fd = fd
