@@ -1,18 +1,22 @@
-"""Accepting connections on listeners whose connections the native pump relays.
+"""Accepting connections: every listener's connections start on a ``RawTransport``.
 
-Why: an accepted connection that the pump will relay only needs a transport until the
-hand-over (PROXY header, TLS handshake, pending bytes). A uvloop transport for it is
-created, registered, given its protocol through ``call_soon``, then duplicated (``dup``)
-for the pump, deregistered and closed. Here the connection's socket gets a
-``RawTransport`` (``rawtransport.py``) in the pumps' own epoll set from the start, and
-the pump later takes the descriptor itself.
+Why: a connection only needs a transport of its own until the hand-over to the relay
+(PROXY header, TLS handshake, pending bytes; see ``rawtransport.py`` for the rule). A
+uvloop transport for it would be created, registered, given its protocol through
+``call_soon``, then duplicated (``dup``) for the pump, deregistered and closed. Here the
+connection's socket gets a ``RawTransport`` from the start: in the pumps' own epoll set on
+a plane that uses the native pump (which later takes the descriptor itself), in the loop
+(``loopwatch.py``) on a plane that does not, so that every connection goes through the
+same code before the relay whichever relay carries it.
 
 How it works: the listener is still created by ``loop.create_server(...,
 start_serving=False)``, so binding (every address of a wildcard host, IPv6-only sockets,
-unix paths, the sockets a supervisor hands to its workers) and closing behave as before.
-``Acceptor`` then calls ``listen()`` on each of its sockets and watches them in the
-poller; a ready listener is drained with ``_pump.accept`` (``accept4`` with
-``SOCK_NONBLOCK | SOCK_CLOEXEC``, the peer address included), at most ``ACCEPT_BATCH``
+unix paths, the sockets a supervisor hands to its workers) and closing behave as the
+loop's. ``Acceptor`` then calls ``listen()`` on each of its sockets and watches them with
+the plane's poller (``_pump.Poller``, or ``loopwatch.LoopPoller`` where no native code
+runs); a ready listener is drained with ``_pump.accept`` (``accept4`` with
+``SOCK_NONBLOCK | SOCK_CLOEXEC``, the peer address included) or, without the native
+poller, with ``socket.accept`` (then made non-blocking), at most ``ACCEPT_BATCH``
 connections per wake-up so that one busy listener cannot starve the rest. When the
 process runs out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), or accept
 fails in a way that says nothing about one connection, accepting pauses for
@@ -31,6 +35,7 @@ import socket
 from typing import TYPE_CHECKING, Any, Final
 
 from enforcer.dataplane import native
+from enforcer.dataplane.loopwatch import LoopPoller
 from enforcer.dataplane.rawtransport import RawTransport
 
 if TYPE_CHECKING:
@@ -53,7 +58,7 @@ def _unset(readable: bool, writable: bool) -> None:
 
 
 class Acceptor:
-    """The listening side of a pumped listener; stands in for its ``asyncio.Server``."""
+    """The listening side of a listener; stands in for its ``asyncio.Server``."""
 
     def __init__(self, server: asyncio.Server, listener: ListenerRuntime,
                  poller: Any, make_connection: Any) -> None:
@@ -62,7 +67,10 @@ class Acceptor:
         self._poller = poller
         self._make_connection = make_connection  # ListenerRuntime -> Connection
         self._loop = asyncio.get_running_loop()
-        self._accept = native.accept_function()
+        # no native code without the native poller: socket.accept on these objects
+        self._listening: dict[int, socket.socket] = {}
+        self._accept = (self._accept_python if isinstance(poller, LoopPoller)
+                        else native.accept_function())
         self._watches: list[Any] = []
         self._local: dict[int, Any] = {}  # listening fd -> its connections' local address
         self._retry: asyncio.TimerHandle | None = None
@@ -72,17 +80,18 @@ class Acceptor:
                 fd, family = sock.fileno(), sock.family
                 self._local[fd] = _fixed_local_address(sock)
                 listening = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-                try:
-                    listening.listen(BACKLOG)
-                finally:
-                    listening.detach()  # the server still owns the descriptor
+                self._listening[fd] = listening  # detached by _let_go
+                listening.listen(BACKLOG)
                 watch = poller.watch(fd, functools.partial(self._ready, fd))
                 self._watches.append(watch)
             self._watch_all(True)
         except OSError:
             for watch in self._watches:
                 watch.close()
+            self._let_go()
             raise
+        if not isinstance(poller, LoopPoller):
+            self._let_go()  # _pump.accept takes the descriptor only
 
     # -- the asyncio.Server surface the plane uses -------------------------------------------
     @property
@@ -98,7 +107,14 @@ class Acceptor:
             self._retry = None
         for watch in self._watches:
             watch.close()  # before the server closes the descriptors
+        self._let_go()
         self._server.close()
+
+    def _let_go(self) -> None:
+        """The socket objects made here let go of the descriptors the server owns."""
+        for listening in self._listening.values():
+            listening.detach()
+        self._listening.clear()
 
     async def wait_closed(self) -> None:
         await self._server.wait_closed()
@@ -125,6 +141,21 @@ class Acceptor:
                 self._open(conn_fd, family, peer, self._local[fd])
             except Exception:  # a bug: this connection fails, the listener goes on
                 log.exception("listener %s: accepting a connection failed", self._listener.name)
+
+    def _accept_python(self, fd: int) -> tuple[int, int, Any] | None:
+        """What ``_pump.accept`` returns, with ``socket.accept``: a non-blocking
+        descriptor, its family and the peer address; None when no connection waits."""
+        listening = self._listening[fd]
+        try:
+            conn, peer = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        try:
+            conn.setblocking(False)
+        except OSError:
+            conn.close()
+            raise
+        return conn.detach(), listening.family, peer
 
     def _open(self, fd: int, family: int, peer: Any, local: Any) -> None:
         # SOCK_NONBLOCK in the type: non-blocking in Python's view too, with no syscall

@@ -11,9 +11,13 @@ its timers, the policy's answers, the native pump's reports, drain and revocatio
   a handshake, held until the relay starts, forwarded); parsers (proxyproto's
   HeaderParser, detect.py, TlsEngine) report their verdicts back as events;
 - timers: the core arms and cancels named slots; ``_fire`` reports one that ran out;
+- sockets: both are ``RawTransport``s from the start (the client's from acceptor.py, the
+  upstream's from ``rawtransport.connect``, after dialer.py's race for a host name), on
+  every plane, whichever relay follows;
 - ``start_relay``: held bytes go both ways, then the relay is handed to the native pump
-  when the core allows it (nothing held, no end of stream yet: see pump.py); the pump
-  reports EOFs, its end (``done``), resets and TLS errors as events;
+  by the hand-over rule written at the top of rawtransport.py (nothing held, no end of
+  stream yet: see pump.py), or stays here on the Python relay over the same transports;
+  the pump reports EOFs, its end (``done``), resets and TLS errors as events;
 - ends of stream: both relays only report them, a TLS end's FIN without close_notify with
   its kind (``truncated`` mid-record, ``no_close_notify`` on a record boundary: ``_eof``).
   The core decides whether that ends a direction (``shut_write``: ``Side.send_eof``, or
@@ -42,6 +46,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 from enforcer.config.model import Address
@@ -786,20 +791,19 @@ class Connection:
 
     # ===================================================================== upstream
     def _start_connect(self, cmd: Command) -> None:
-        """Connect upstream: on a bare socket when the native pump will relay and no name
-        needs resolving (see rawtransport.py), else with the loop's create_connection. The
-        core armed connect_timeout."""
-        poller = self.plane.poller if self.plane.native_relay else None
-        target = self.up_rt.raw_target if poller is not None else None
-        if poller is not None and self.original_dst is not None:
+        """Connect upstream on a bare socket (rawtransport.py) watched by the plane's
+        poller: at once to an address or a unix socket, after resolving a host name
+        (``_connect``). The core armed connect_timeout."""
+        target = self.up_rt.raw_target
+        if self.original_dst is not None:
             target = rawtransport.target_of(Address(*self.original_dst))
+        self.upstream = Side(self, is_client=False)
         if target is None:
             self.connect_task = spawn(self._connect(), name=f"connect-{self.flow_id}")
             return
-        self.upstream = Side(self, is_client=False)
         self.connecting = rawtransport.connect(
-            self.loop, poller, target, functools.partial(self._raw_connected, time.monotonic()),
-            self.up_rt.sockopts)
+            self.loop, self.plane.poller, target,
+            functools.partial(self._raw_connected, time.monotonic()), self.up_rt.sockopts)
 
     def _raw_connected(self, started: float, transport: rawtransport.RawTransport | None,
                        exc: OSError | None) -> None:
@@ -839,50 +843,47 @@ class Connection:
         self._fail("upstream_connect_failed", f"connect to {addr} failed: {exc.strerror or exc}")
 
     async def _connect(self) -> None:
-        try:
-            await self._connect_upstream()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.internal_error(exc)
-        finally:
-            self.connect_task = None  # a finished task is not kept for the connection's life
-
-    async def _connect_upstream(self) -> None:
-        up = self.up_rt
-        addr = self.upstream_address()
-        side = Side(self, is_client=False)
-        self.upstream = side
+        """A host-name upstream: resolved and its addresses raced (dialer.py), each attempt
+        a bare socket; the winner goes on as ``_raw_connected``. Cancelled by ``_close``."""
+        side = self.upstream
+        assert side is not None
         started = time.monotonic()
         try:
-            if addr.is_unix:
-                assert addr.path is not None
-                await self.loop.create_unix_connection(lambda: side, addr.path)
-            elif up.raw_target is not None:  # an IP address
-                await self.loop.create_connection(lambda: side, addr.host, addr.port)
-            else:
-                admit = resolved.admitter(self.egress, self._facts, functools.partial(
-                    self.plane.decide, self.listener), self.flow_id)  # egress: rules on addresses
-                sock = await dialer.dial(self.loop, addr.host, addr.port, up.addresses,
-                                         self._attempt_failed, admit)
-                await self.loop.create_connection(lambda: side, sock=sock)
-        except dialer.ResolveError as exc:
-            self._fail("upstream_resolve_failed", exc.strerror or str(exc))
+            transport = await self._dial()
+        except asyncio.CancelledError:  # the connection closed
+            self.connect_task = None
+            side.lost = True
+            raise
+        except (OSError, resolved.AllRefused) as exc:
+            self.connect_task = None
+            side.lost = True  # never connected: no callback will come from it
+            self._dial_failed(exc)
             return
-        except resolved.AllRefused as exc:
-            self._fail(resolved.REASON, str(exc))
+        except Exception as exc:
+            self.connect_task = None
+            self.internal_error(exc)
             return
-        except OSError as exc:
-            # a host name's failed addresses were counted one by one (_attempt_failed)
-            self._connect_failed(exc, counted=up.raw_target is None and not addr.is_unix)
-            return
-        up.observe_connect(time.monotonic() - started)
+        self.connect_task = None  # done: _close must not cancel it from inside
         if self.core.stage == CLOSED:
-            side.close(abort=True)
+            transport.abort()
+            side.lost = True
             return
-        if up.sockopts and side.transport is not None:
-            connutil.dead_peer_detection(side.transport, up.sockopts)
-        self._upstream_connected(side)
+        self._raw_connected(started, transport, None)
+
+    def _dial(self) -> Coroutine[Any, Any, rawtransport.RawTransport]:
+        addr, up = self.upstream_address(), self.up_rt
+        admit = resolved.admitter(self.egress, self._facts, functools.partial(
+            self.plane.decide, self.listener), self.flow_id)  # egress: rules on addresses
+        return dialer.dial(self.loop, self.plane.poller, addr.host, addr.port, up.addresses,
+                           self._attempt_failed, admit, up.sockopts)
+
+    def _dial_failed(self, exc: OSError | resolved.AllRefused) -> None:
+        if isinstance(exc, dialer.ResolveError):
+            self._fail("upstream_resolve_failed", exc.strerror or str(exc))
+        elif isinstance(exc, resolved.AllRefused):
+            self._fail(resolved.REASON, str(exc))
+        else:  # every address failed, each counted as it did (_attempt_failed)
+            self._connect_failed(exc, counted=True)
 
     def _attempt_failed(self, addr: dialer.Addr, exc: OSError, fresh: bool) -> None:
         """One address of a host-name upstream refused or failed (another may work)."""

@@ -13,7 +13,6 @@ import ssl
 import time
 from typing import Any, Final
 
-from enforcer.dataplane import tcpopts
 from enforcer.tlsconf.identity import PeerIdentity
 
 log = logging.getLogger("enforcer.dataplane")
@@ -39,19 +38,6 @@ def warn_out_of_descriptors(listener: str, upstream: str, exc: OSError) -> None:
 def sockaddr_text(sockaddr: Any) -> str:
     host, port = str(sockaddr[0]), int(sockaddr[1])
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def dead_peer_detection(transport: Any, options: tuple[tuple[int, int, int], ...]) -> None:
-    """Keepalive and user timeout on an upstream socket the loop connected (a host name),
-    unless the name led to this host (see tcpopts.py)."""
-    sock = transport.get_extra_info("socket")
-    peer = transport.get_extra_info("peername")
-    if sock is None or not isinstance(peer, tuple) or tcpopts.is_local_host(str(peer[0])):
-        return
-    try:
-        tcpopts.apply(sock, options)
-    except OSError as exc:
-        log.warning("cannot set TCP keepalive/user timeout on an upstream socket: %s", exc)
 
 
 MAPPED: Final = "::ffff:"  # an IPv4-mapped IPv6 address, as the kernel prints it

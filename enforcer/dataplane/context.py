@@ -61,7 +61,7 @@ class ListenerRuntime:
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     proxy_identities: StringSet | None = None  # proxy_protocol.trusted_identities
     egress: EgressRuntime | None = None  # protocol socks5 / http_connect (enforcer.egress)
-    server: Any = None  # asyncio.Server once bound
+    server: Any = None  # its Acceptor (acceptor.py) once bound
     bound: str = ""
     active: int = 0
     # Metric children looked up once (labels() takes a lock and builds a key each call):

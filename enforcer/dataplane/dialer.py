@@ -13,7 +13,10 @@ anonymous "error". Here:
   Eyeballs") does: the next attempt starts when the previous one fails or after
   ``ATTEMPT_DELAY`` without an answer, earlier attempts keep going, and the first socket
   to connect wins (the others are cancelled and closed). The connection's
-  ``connect_timeout`` bounds the whole race.
+  ``connect_timeout`` bounds the whole race. Each attempt is a bare socket connected by
+  ``rawtransport.connect`` (the one transport of every connection before the relay),
+  with the upstream's dead-peer detection options unless the address is this host's
+  (tcpopts.py); the winner is its ``RawTransport``, not started yet.
 - ``AddressBook`` remembers, per upstream, which addresses failed in the last ``DEAD_FOR``
   seconds and tries them last, so that after one failure the next connections go to a
   live address first instead of paying the delay again. A failed attempt is reported to
@@ -26,11 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Protocol, TypeVar, overload
 
+from enforcer.dataplane import rawtransport, tcpopts
+from enforcer.dataplane.loopwatch import LoopPoller
+from enforcer.dataplane.rawtransport import RawTransport
 from enforcer.dataplane.tasks import spawn
 
 ATTEMPT_DELAY: Final = 0.25  # RFC 8305's recommended Connection Attempt Delay
@@ -38,6 +45,14 @@ DEAD_FOR: Final = 30.0  # seconds an address that failed is tried last
 
 Addr = tuple[int, Any]  # (family, sockaddr)
 OnError = Callable[[Addr, OSError, bool], None]  # (address, error, newly marked dead)
+SockOpts = tuple[tuple[int, int, int], ...]
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Closable)
 
 
 class ResolveError(OSError):
@@ -89,40 +104,78 @@ async def resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list
     return out
 
 
-async def dial(loop: asyncio.AbstractEventLoop, host: str, port: int, book: AddressBook,
-               on_error: OnError, admit: Callable[[list[Addr]], list[Addr]] | None = None
-               ) -> socket.socket:
-    """A connected non-blocking socket to one of ``host``'s addresses; raises
-    ``ResolveError``, or the first attempt's OSError when every address failed.
-    ``admit`` (egress listeners: egress/resolved.py) keeps the addresses that may be
-    connected to, or raises: it runs after resolving, before any connect."""
+async def dial(loop: asyncio.AbstractEventLoop, poller: Any, host: str, port: int,
+               book: AddressBook, on_error: OnError,
+               admit: Callable[[list[Addr]], list[Addr]] | None = None,
+               options: SockOpts = ()) -> RawTransport:
+    """A connected ``RawTransport`` (not started) to one of ``host``'s addresses, watched
+    by ``poller``; raises ``ResolveError``, or the first attempt's OSError when every
+    address failed. ``admit`` (egress listeners: egress/resolved.py) keeps the addresses
+    that may be connected to, or raises: it runs after resolving, before any connect.
+    ``options``: setsockopt triples for sockets to other hosts (tcpopts.py)."""
     addrs = await resolve(loop, host, port)
     if admit is not None:
         addrs = admit(addrs)
     addrs = book.order(addrs, time.monotonic())
-    return await _race(loop, addrs, book, on_error)
+    return await _race(loop, addrs, book, on_error,
+                       functools.partial(_attempt, loop, poller, options))
 
 
-async def _attempt(loop: asyncio.AbstractEventLoop, addr: Addr) -> socket.socket:
-    sock = socket.socket(addr[0], socket.SOCK_STREAM)
+async def _attempt(loop: asyncio.AbstractEventLoop, poller: Any, options: SockOpts,
+                   addr: Addr) -> RawTransport:
+    """One address on a bare socket; cancelling the attempt closes it."""
+    got: asyncio.Future[RawTransport] = loop.create_future()
+
+    def done(transport: RawTransport | None, exc: OSError | None) -> None:
+        if got.done():  # cancelled meanwhile
+            if transport is not None:
+                transport.abort()
+        elif transport is not None:
+            got.set_result(transport)
+        else:
+            got.set_exception(exc or OSError("connect failed"))
+
+    if options and (addr[0] == socket.AF_UNIX or tcpopts.is_local_host(str(addr[1][0]))):
+        options = ()  # a peer on this host gets no dead-peer detection (tcpopts.py)
+    pending = rawtransport.connect(loop, poller, addr, done, options)
     try:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, addr[1])
+        return await got
     except BaseException:
-        sock.close()
+        if pending is not None:
+            pending.cancel()
+        if got.done() and not got.cancelled() and got.exception() is None:
+            got.result().abort()  # connected as the attempt was cancelled
         raise
-    return sock
 
 
+async def _socket_attempt(loop: asyncio.AbstractEventLoop, addr: Addr) -> socket.socket:
+    """One address, for a caller that wants a connected non-blocking socket, not a
+    transport: the same connect, watched by the loop."""
+    transport = await _attempt(loop, LoopPoller(loop), (), addr)
+    return socket.socket(addr[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0,
+                         fileno=transport.release())
+
+
+@overload
 async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: AddressBook,
-                on_error: OnError) -> socket.socket:
-    pending: dict[asyncio.Task[socket.socket], tuple[Addr, float]] = {}
+                on_error: OnError) -> socket.socket: ...
+@overload
+async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: AddressBook,
+                on_error: OnError, attempt: Callable[[Addr], Coroutine[Any, Any, T]]) -> T: ...
+async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: AddressBook,
+                on_error: OnError, attempt: Callable[[Addr], Coroutine[Any, Any, Any]] | None = None
+                ) -> Any:
+    """The race of the module comment; ``attempt`` connects one address (by default to a
+    plain socket) and what the winner gives is returned, the others closed."""
+    if attempt is None:
+        attempt = functools.partial(_socket_attempt, loop)
+    pending: dict[asyncio.Task[Any], tuple[Addr, float]] = {}
     first_error: OSError | None = None
     started = 0
     try:
         while True:
             if started < len(addrs):
-                task = spawn(_attempt(loop, addrs[started]), name="upstream-attempt")
+                task = spawn(attempt(addrs[started]), name="upstream-attempt")
                 pending[task] = (addrs[started], time.monotonic())
                 started += 1
             if not pending:
@@ -150,7 +203,7 @@ async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: Addres
                     task.result().close()  # connected too, but another one won
 
 
-def _silent_losers(pending: dict[asyncio.Task[socket.socket], tuple[Addr, float]],
+def _silent_losers(pending: dict[asyncio.Task[Any], tuple[Addr, float]],
                    book: AddressBook, on_error: OnError) -> None:
     """Attempts still unanswered after ``ATTEMPT_DELAY`` when another address connected
     (a host that drops packets: no refusal ever comes) count as failed, so the next

@@ -36,6 +36,7 @@ from enforcer.dataplane.certwatch import CertWatch
 from enforcer.dataplane.connection import Connection
 from enforcer.dataplane.context import ListenerRuntime, UpstreamRuntime
 from enforcer.dataplane.limitgate import LimitGate
+from enforcer.dataplane.loopwatch import LoopPoller
 from enforcer.dataplane.sockets import (
     dual_stack,
     dual_stack_socket,
@@ -95,7 +96,9 @@ class DataPlane:
         self.ticket_epoch = 0  # rotation period of the ticket keys in use (tlsconf.tickets)
         self.ticket_period = float(ROTATION_PERIOD)  # seconds (tests shorten it)
         self.pumped: set[Connection] = set()  # connections relayed by the native pump
-        self.poller: Any = None  # the native pumps' epoll set, watched by the loop
+        # the native pumps' epoll set, watched by the loop (loopwatch.LoopPoller without
+        # the native relay): every connection's sockets are watched by it before the relay
+        self.poller: Any = None
         self._pump_tick: asyncio.TimerHandle | None = None
         self._pump_every = PUMP_TICK
         self.warned_no_resumption = False
@@ -305,47 +308,45 @@ class DataPlane:
     async def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Listen on every listener; ``sockets`` are ready-made ones (worker processes)."""
         loop = asyncio.get_running_loop()
-        if self.native_relay and self.poller is None:
-            self.poller = native.new_poller(loop)
-        # With the native pump, listeners accept into bare sockets (see acceptor.py): the
-        # loop binds them but does not serve them.
-        serve = self.poller is None
+        if self.poller is None:  # what watches every connection's sockets before the relay
+            self.poller = native.new_poller(loop) if self.native_relay else LoopPoller(loop)
+        # Listeners accept into bare sockets (see acceptor.py): the loop binds them but
+        # does not serve them.
         split = split_ports(lst.cfg.listen for lst in self.listeners)
         for lst in self.listeners:
             addr = lst.cfg.listen
-            factory = _factory(lst)
+            factory = _not_served
             try:
                 if sockets is not None:
                     if addr.is_unix:
                         server = await loop.create_unix_server(
-                            factory, sock=sockets[lst.name], start_serving=serve)
+                            factory, sock=sockets[lst.name], start_serving=False)
                     else:  # bound, not listening yet (sockets.worker_socket_for)
                         server = await loop.create_server(
                             factory, sock=sockets[lst.name], backlog=1024,
-                            start_serving=serve)
+                            start_serving=False)
                 elif addr.is_unix:
                     assert addr.path is not None
                     remove_stale_unix_socket(addr.path)
                     server = await loop.create_unix_server(factory, addr.path, backlog=1024,
-                                                           start_serving=serve)
+                                                           start_serving=False)
                     self.owns_unix_paths.append(addr.path)
                 elif dual_stack(addr.host) and addr.port not in split:  # [::]: IPv4 too
                     # (the loop would set IPV6_V6ONLY)
                     sock = dual_stack_socket(addr)
                     try:
                         server = await loop.create_server(factory, sock=sock, backlog=1024,
-                                                          start_serving=serve)
+                                                          start_serving=False)
                     except BaseException:
                         sock.close()
                         raise
                 else:
                     server = await loop.create_server(
                         factory, addr.host or None, addr.port, backlog=1024, reuse_address=True,
-                        start_serving=serve)
+                        start_serving=False)
                 lst.server = server  # closed by close_servers() if the next step fails
                 self._set_listener_options(lst, server)
-                if not serve:
-                    lst.server = Acceptor(server, lst, self.poller, Connection)
+                lst.server = Acceptor(server, lst, self.poller, Connection)
             except OSError as exc:
                 await self.close_servers()
                 raise StartupError("bind", f"listeners.{lst.name}.listen: cannot bind {addr}: "
@@ -562,7 +563,10 @@ class DataPlane:
         await self.close_servers()
         self.cert_watch.stop()
         if self.poller is not None:  # every pump has closed with its connection
-            native.close_poller(asyncio.get_running_loop(), self.poller)
+            if self.native_relay:
+                native.close_poller(asyncio.get_running_loop(), self.poller)
+            else:
+                self.poller.close()
             self.poller = None
         return len(left)
 
@@ -608,10 +612,9 @@ def _egress_runtime(lcfg: ListenerConfig, metrics: Any) -> Any:
             from None
 
 
-def _factory(lst: ListenerRuntime) -> Any:
-    def make() -> Any:
-        return Connection(lst).client
-    return make
+def _not_served() -> asyncio.Protocol:
+    """The loop's protocol factory for listeners it binds but never serves (acceptor.py)."""
+    raise RuntimeError("listeners are served by acceptor.py, not by the loop")
 
 
 def _note_bound(lst: ListenerRuntime) -> None:

@@ -1,11 +1,10 @@
 """Handing a connection in RELAY over to the native relay pump (``_pump.c``).
 
-Whether the pump can run at all is ``native.available()``. A connection is handed over
-only from a clean state (nothing buffered, no end of stream seen); anything else stays on
-the Python relay, which behaves the same way. A ``RawTransport`` (a bare socket: every
-socket of a plane that uses the pump, see ``rawtransport.py``) gives its descriptor
-itself; a uvloop transport's socket (an upstream reached by host name) is given as a
-duplicate and the transport then aborted.
+Whether the pump can run at all is ``native.available()``. The rule of when a connection
+is handed over (a clean state: nothing buffered, no end of stream seen) and when it stays
+on the Python relay, which behaves the same way, is written at the top of
+``rawtransport.py``. Both sockets are ``RawTransport``s in the pumps' epoll set: each gives
+the pump its descriptor and epoll entry themselves.
 
 The pump moves bytes; it decides nothing about a connection's life. It reports what
 happens (``on_event``: an end of stream, with its kind for a TLS end's FIN without
@@ -17,26 +16,16 @@ close_notify and FIN once the bytes it holds for that socket are sent) and ``clo
 
 from __future__ import annotations
 
-import asyncio
-import os
 import ssl
 from typing import TYPE_CHECKING
 
 from enforcer.dataplane import native
-from enforcer.dataplane.rawtransport import RawTransport
 
 if TYPE_CHECKING:
-    from enforcer.dataplane._pump import OnEvent, Poller, Pump, Watch
+    from enforcer.dataplane._pump import OnEvent, Poller, Pump
     from enforcer.dataplane.side import Side
 
     NativePump = Pump
-
-
-class _Detached(asyncio.Protocol):
-    """Takes a handed-over transport's last callbacks (its socket now belongs to a pump)."""
-
-
-_DETACHED = _Detached()
 
 
 def _transport_ready(side: Side) -> bool:
@@ -63,26 +52,13 @@ def hand_over(client: Side, upstream: Side, poller: Poller | None,
         if state is None:
             return None
         tls_states.append(state)
-    fds: list[int] = []
-    watches: list[Watch | None] = []  # a bare socket's epoll entry, taken over by the pump
-    duplicates: list[int] = []  # a bare socket's descriptor is given away, not duplicated
+    ct, ut = client.transport, upstream.transport
+    assert ct is not None and ut is not None
     try:
-        for side in (client, upstream):
-            transport = side.transport
-            assert transport is not None
-            if isinstance(transport, RawTransport):
-                fds.append(transport.fileno())
-                watches.append(transport.handover_watch())
-            else:
-                fds.append(os.dup(transport.get_extra_info("socket").fileno()))
-                duplicates.append(fds[-1])
-                watches.append(None)
-        pump = native.new_pump((fds[0], fds[1]), (tls_states[0], tls_states[1]), poller,
-                               on_event, (watches[0], watches[1]))
+        pump = native.new_pump((ct.fileno(), ut.fileno()), (tls_states[0], tls_states[1]),
+                               poller, on_event, (ct.handover_watch(), ut.handover_watch()))
     except (OSError, AttributeError, RuntimeError, TypeError, ValueError) as exc:
         native.note_refusal(exc)
-        for fd in duplicates:
-            os.close(fd)
         return None
     for side in (client, upstream):
         _detach(side)
@@ -92,14 +68,8 @@ def hand_over(client: Side, upstream: Side, poller: Poller | None,
 
 
 def _detach(side: Side) -> None:
-    """The transport lets go of its socket (the pump has its own descriptor of it, or, for
-    a bare socket, the descriptor itself)."""
-    transport = side.transport
-    assert transport is not None
-    if isinstance(transport, RawTransport):
-        transport.release(keep_entry=True)  # Pump.start() takes the epoll entry over
-    else:
-        transport.set_protocol(_DETACHED)
-        transport.abort()
+    """The transport lets go of its socket: the pump has the descriptor itself."""
+    assert side.transport is not None
+    side.transport.release(keep_entry=True)  # Pump.start() takes the epoll entry over
     side.transport = None
     side.lost = True

@@ -1,37 +1,59 @@
-"""Sockets without asyncio transports, for connections the native pump will relay.
+"""The one transport of every connection before the relay, and the rule of the hand-over.
 
-Why: a connection relayed by the native pump (``pump.py``) only needs a transport for its
-two sockets until the hand-over: to read a PROXY header, run the TLS handshakes and send
-pending bytes. A uvloop transport costs more than that work: it is created, registered
-with the loop, given its protocol through ``call_soon``, then duplicated (``dup``) for the
-pump, deregistered and closed. Here both sockets (the accepted one, see ``acceptor.py``,
-and the upstream one, connected here) sit in the pumps' own epoll set (a ``Watch`` of the
-plane's ``Poller``) from the start, and the pump later takes the descriptors themselves.
-Ready sockets of many connections then come back from one ``epoll_wait`` in one call
-from the loop. (``loop.add_reader``/``add_writer`` would not do: each registration costs
-uvloop a poll handle, an ``ioctl`` and an add/delete probe of the descriptor, more than
-the transport it replaces; measured.)
+Every socket of every connection is a ``RawTransport`` from the moment it exists: the
+client's, accepted by ``acceptor.py``; the upstream's, connected here (``connect()``: an IP
+address or a unix socket at once, a host name's addresses one attempt each after
+``dialer.py`` resolved it). It carries the pre-relay phase (PROXY header, TLS detection,
+the handshakes, the bytes held until the relay starts) and, when the connection is not
+handed over, the Python relay after it. There is no other transport: no uvloop transport,
+no ``dup`` of a socket.
+
+A transport asks a *watch* to call it back when its socket is ready: on a plane that
+relays with the native pump (``plane.native_relay``), an entry in the pumps' own epoll set
+(``_pump.Poller.watch``), so that ready sockets of many connections come back from one
+``epoll_wait`` in one call from the loop, and the pump later takes the entry over with the
+descriptor (``loop.add_reader``/``add_writer`` cost uvloop a poll handle, an ``ioctl`` and
+an add/delete probe per registration, more than the transport; measured); on a plane
+without it (``relay: python``, or the extension unavailable: no native code runs), a
+``loopwatch.LoopWatch`` over those loop calls, with the same interface.
+
+The hand-over rule (``Connection._start_relay``, ``pump.hand_over``). When the lifecycle
+core starts the relay, the held bytes go first, on these transports: the client's to the
+upstream, a speaking-first upstream's to the client, the upstream handshake's last flight,
+and application data that came with a Finished is read. Then the connection leaves this
+transport for the native pump only if all of these hold at that moment:
+
+1. the plane relays with the native pump (``relay: auto`` with the extension, or
+   ``native``);
+2. the core allowed it (``start_relay`` with ``native_ok``: no end of stream was held
+   before the relay started) and the connection is still in RELAY;
+3. both transports are clean: not closing, no end of stream seen or sent on either side,
+   reading not paused for any reason, nothing in their write buffers;
+4. each TLS side can give its state away (``TlsEngine.hand_over``: no end of stream
+   queued, nothing left to send) and the extension accepts it.
+
+Then ``release(keep_entry=True)`` gives each descriptor and its epoll entry to the pump
+(no ``dup``, no ``close``): nothing more comes from these transports. Otherwise (or if the
+pump refuses) nothing changed and the connection stays on these transports, relayed by
+the Python relay (``Side``/``Connection``), until it closes; it is never handed over later.
 
 How it works:
 - ``connect()`` makes a non-blocking socket, starts the connect and watches it for
   writability (unless ``getpeername()`` shows it connected already, as loopback connects
   are, when the next loop turn stands in for that wait); then ``SO_ERROR`` says how the
-  connect ended and
-  ``done(transport, None)`` or ``done(None, OSError)`` is called (the socket is closed on
-  failure). ``Connecting.cancel()`` (connect timeout, the client left) closes it silently.
+  connect ended and ``done(transport, None)`` or ``done(None, OSError)`` is called (the
+  socket is closed on failure). ``Connecting.cancel()`` (connect timeout, the client
+  left, a lost race of dialer.py) closes it silently.
 - ``RawTransport`` is the part of ``asyncio.Transport`` that ``Side`` and ``Connection``
   use, with the callback order of asyncio's own socket transports: ``connection_made``
   (from ``start()``), ``data_received``/``eof_received`` when readable,
   ``pause_writing``/``resume_writing`` around the write-buffer marks, and
   ``connection_lost`` exactly once, scheduled with ``call_soon`` after the socket closed.
   Writes go straight to ``send()``; what the kernel does not take is copied to a buffer
-  sent when the socket is writable. It can carry a whole relay (the Python relay uses it
-  when a connection cannot be handed over), but that is the rare path.
-- ``release()`` gives the descriptor to the pump: it leaves the epoll set and the socket
-  object lets go of it without closing it (no ``dup``, no ``close``).
-
-Only IP-literal and unix-socket upstreams are connected here (``target_of``); a host
-name needs the resolver, and keeps ``loop.create_connection``.
+  sent when the socket is writable.
+- ``release()`` gives the descriptor to the pump: it leaves the epoll set (or, with
+  ``keep_entry``, leaves its entry to the pump) and the socket object lets go of it
+  without closing it.
 """
 
 from __future__ import annotations
@@ -48,7 +70,9 @@ from enforcer.config.model import Address
 
 # Reads below glibc's mmap threshold (128 KiB): a 256 KiB recv() costs an mmap, an mremap
 # and an munmap per call. The handshake reads a few KiB; the rare Python relay over this
-# transport just makes more calls.
+# transport on a pumped plane just makes more calls. A loop-watched transport (no native
+# pump: it carries every relay of its plane) reads as much as uvloop's transports did
+# (its watch's ``read_size``): fewer, larger reads cost less than the extra syscalls.
 READ_CHUNK: Final = 64 * 1024
 DEFAULT_HIGH_WATER: Final = 64 * 1024
 DEFAULT_LOW_WATER: Final = 16 * 1024
@@ -106,7 +130,8 @@ class Connecting:
 
 def connect(loop: asyncio.AbstractEventLoop, poller: Any, target: Target,
             done: Done, options: tuple[tuple[int, int, int], ...] = ()) -> Connecting | None:
-    """Start connecting to ``target``, watched by ``poller``. A connect that fails at once
+    """Start connecting to ``target``, watched by ``poller`` (``_pump.Poller`` or
+    ``loopwatch.LoopPoller``). A connect that fails at once
     calls ``done`` with the error before returning None; otherwise ``done`` is called when
     the socket is ready. ``options``: setsockopt triples for a TCP socket (tcpopts.py)."""
     family, sockaddr = target
@@ -165,8 +190,9 @@ class RawTransport:
     """A socket transport for ``Side`` (see the module comment)."""
 
     __slots__ = ("_buffer", "_closing", "_eof_wanted", "_fd", "_gone", "_high", "_loop",
-                 "_low", "_peername", "_protocol", "_read_eof", "_read_paused", "_reading",
-                 "_sock", "_sockname", "_started", "_watch", "_write_paused", "_writing")
+                 "_low", "_peername", "_protocol", "_read_eof", "_read_paused", "_read_size",
+                 "_reading", "_sock", "_sockname", "_started", "_watch", "_write_paused",
+                 "_writing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, watch: Any, *,
                  peername: Any = None, sockname: Any = None) -> None:
@@ -175,8 +201,9 @@ class RawTransport:
         # known from accept() and the listener: no getpeername()/getsockname() needed
         self._peername = peername
         self._sockname = sockname
-        self._watch = watch  # the socket's entry in the pumps' epoll set (_pump.Watch)
+        self._watch = watch  # _pump.Watch (the pumps' epoll set) or loopwatch.LoopWatch
         watch.set_callback(self._ready)
+        self._read_size: int = getattr(watch, "read_size", READ_CHUNK)
         self._fd = sock.fileno()
         self._protocol: Any = None
         self._buffer = bytearray()
@@ -242,7 +269,7 @@ class RawTransport:
         if not self._reading:
             return
         try:
-            data = self._sock.recv(READ_CHUNK)
+            data = self._sock.recv(self._read_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

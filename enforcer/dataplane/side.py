@@ -1,4 +1,5 @@
-"""One socket of a proxied connection: a raw transport plus, when TLS, a ``TlsEngine``.
+"""One socket of a proxied connection: its ``RawTransport`` (the only transport a
+connection's sockets have: see ``rawtransport.py``) plus, when TLS, a ``TlsEngine``.
 
 A ``Side`` is the asyncio Protocol for that socket. It owns no policy: every event goes
 to its ``Connection`` (the state machine), which decides what the bytes mean. What it
@@ -17,10 +18,11 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Final, cast
 
-from enforcer.dataplane.tlsengine import TlsEngine, scratch_taken
+from enforcer.dataplane.tlsengine import TlsEngine
 
 if TYPE_CHECKING:
     from enforcer.dataplane.connection import Connection
+    from enforcer.dataplane.rawtransport import RawTransport
 
 PAUSE_BACKPRESSURE: Final = 1  # the other side's write buffer is above its high-water mark
 PAUSE_BUFFER: Final = 2  # pre-relay buffer full (upstream not connected yet)
@@ -37,7 +39,7 @@ class Side(asyncio.Protocol):
     def __init__(self, conn: Connection, *, is_client: bool) -> None:
         self.conn = conn
         self.is_client = is_client
-        self.transport: asyncio.Transport | None = None
+        self.transport: RawTransport | None = None
         self.tls: TlsEngine | None = None
         self.eof_in = False  # the peer finished sending (FIN or close_notify)
         self.eof_out = False  # we finished sending to the peer
@@ -48,7 +50,7 @@ class Side(asyncio.Protocol):
     # Every callback is guarded: a bug must close this connection (fail closed), never
     # leave it hanging or reach the event loop's exception handler.
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = cast("RawTransport", transport)
         try:
             self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
             self.conn.side_connected(self)
@@ -100,9 +102,7 @@ class Side(asyncio.Protocol):
             return
         tls = self.tls
         if tls is None:
-            transport.write(data)
-            if type(data) is memoryview and transport.get_write_buffer_size():
-                scratch_taken()  # the transport keeps the view: don't reuse its buffer
+            transport.write(data)  # (it copies what it keeps of a view: rawtransport.py)
         else:
             chunks = tls.encrypt(data)
             if len(chunks) == 1:

@@ -14,8 +14,8 @@ How: ``socket_options(limits)`` turns the ``limits.tcp_*`` keys into setsockopt 
 - Accepted connections inherit these options from their listening socket (Linux copies
   them into every socket ``accept()`` returns), so they are set once per listener, not
   per connection.
-- Upstream sockets get them before ``connect()`` (a bare socket) or right after (a socket
-  the loop connected by host name), per connection.
+- Upstream sockets get them before ``connect()``, per connection (for a host name, per
+  address tried: dialer.py).
 - Loopback and unix-socket peers get none: a local peer cannot vanish without the kernel
   knowing, and ``TCP_USER_TIMEOUT`` would also end a connection whose local reader merely
   stops reading for that long (the kernel applies it to zero-window probes too).

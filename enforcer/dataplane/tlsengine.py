@@ -42,15 +42,9 @@ WRITE_SLICE: Final = 16 * 1024  # one full TLS record of plaintext
 
 # Decrypted data is read into one shared scratch buffer (the loop is single-threaded and
 # every read is forwarded at once), many TLS records per read, so a 256 KiB burst costs one
-# buffer and one send() instead of sixteen 16 KiB objects and sends. If whoever consumed a
-# view kept a reference (a transport that could not send it all at once keeps the view),
-# ``scratch_taken()`` drops the buffer and the next read starts a new one.
+# buffer and one send() instead of sixteen 16 KiB objects and sends. Nobody keeps a view of
+# it: a RawTransport copies what the kernel did not take, held bytes are copied.
 _scratch: bytearray | None = None
-
-
-def scratch_taken() -> None:
-    global _scratch
-    _scratch = None
 
 
 def _scratch_buffer() -> memoryview:
