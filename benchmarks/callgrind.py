@@ -39,6 +39,7 @@ show is what interception adds to the sidecars themselves, reading
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -114,8 +115,14 @@ def one_connection(port: int, want: bytes) -> None:
         raise SystemExit(f"bad response through the pair: {got[:200]!r}")
 
 
-def control(*args: str) -> None:
-    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=300)
+def control(command: str, pid: int) -> None:
+    """``callgrind_control`` as the process's own uid: vgdb makes its reply FIFO
+    readable by itself only, so a root vgdb would wait forever on a sidecar of uid 1337."""
+    owner = os.stat(f"/proc/{pid}").st_uid
+    setpriv = [] if owner == os.geteuid() else [
+        "setpriv", "--reuid", str(owner), "--regid", str(owner), "--clear-groups"]
+    subprocess.run([*setpriv, "callgrind_control", command, str(pid)], check=True,
+                   capture_output=True, timeout=300)
 
 
 def totals(out: Path, pid: int) -> int:
@@ -135,12 +142,12 @@ def measure(pids: dict[str, int], out: Path, run: Callable[[], object]
             ) -> tuple[dict[str, int], float]:
     """Instructions of each process while ``run`` runs, and how long it took (s)."""
     for pid in pids.values():
-        control("-z", str(pid))
+        control("-z", pid)
     start = time.monotonic()
     run()
     seconds = time.monotonic() - start
     for pid in pids.values():
-        control("-d", str(pid))
+        control("-d", pid)
     return {role: totals(out, pid) for role, pid in pids.items()}, seconds
 
 
