@@ -26,7 +26,9 @@ are): the run re-executes itself in a private network namespace as ``--netns`` d
 redirects are loaded. Each connection dials the backend's own address, as the harness's
 transparent workload does; the rules send it to the outbound sidecar, and the outbound
 sidecar's connection to the inbound one. The dump directory is made writable by those
-uids, and after the window the redirect rules' counters must show every connection
+uids, ``callgrind_control`` runs as each sidecar's uid (vgdb's FIFOs are private to
+their owner), the uids must be able to read the interpreter (``sys.executable``: a
+virtualenv made from a Python under ``/root`` is not), and after the window the redirect rules' counters must show every connection
 redirected twice (else the count would be of connections that went straight to the
 backend). ``--nathooks`` counts the control, ``enforcer-nathooks``: the explicit pair
 in the namespace while the same rules are loaded for a port nobody dials (their counters
