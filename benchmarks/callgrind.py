@@ -17,24 +17,46 @@ checked against the backend's body.
 The counts include everything the processes did in the measured window, every thread (the
 flow-record writer too). The dumps stay in ``--out`` for
 ``callgrind_annotate`` (``--inclusive=yes``) to see where the instructions go.
+
+``--transparent`` counts the harness's ``enforcer-transparent`` pair instead
+(``benchmarks/transparent.py``, whose start, configs, rules and uids are used as they
+are): the run re-executes itself in a private network namespace as ``--netns`` does
+(root), the sidecars run as uids 1337/1338 (``setpriv``, then valgrind) with
+``transparent: true`` listeners and ``address: original_destination``, and the nftables
+redirects are loaded. Each connection dials the backend's own address, as the harness's
+transparent workload does; the rules send it to the outbound sidecar, and the outbound
+sidecar's connection to the inbound one. The dump directory is made writable by those
+uids, ``callgrind_control`` runs as each sidecar's uid (vgdb's FIFOs are private to
+their owner), the uids must be able to read the interpreter (``sys.executable``: a
+virtualenv made from a Python under ``/root`` is not), and after the window the redirect rules' counters must show every connection
+redirected twice (else the count would be of connections that went straight to the
+backend). ``--nathooks`` counts the control, ``enforcer-nathooks``: the explicit pair
+in the namespace while the same rules are loaded for a port nobody dials (their counters
+must stay at zero). ``--netns`` runs the explicit pair in such a namespace without rules.
+The kernel's NAT and conntrack work is not in these counts (user space only): what they
+show is what interception adds to the sidecars themselves, reading
+``SO_ORIGINAL_DST`` and routing to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import transparent
 from benchmarks.backends import body, request, start_http
 from benchmarks.contestants import Enforcer, Env, Pair, stop_pair
 from benchmarks.pki import make_pki
-from benchmarks.procs import Ports, Processes, wait_listening
+from benchmarks.procs import Ports, Processes, StartError
 
 VALGRIND = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--collect-systime=no"]
 
@@ -42,26 +64,47 @@ VALGRIND = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--collect-systim
 class Callgrinded(Enforcer):
     """The benchmark's enforcer pair, each sidecar under callgrind."""
 
+    start_timeout = 600.0  # an interpreter under callgrind starts some 50 times slower
+
     def __init__(self, out: Path) -> None:
         super().__init__()
         self.out = out
 
-    def start(self, env: Env, backend_port: int) -> Pair:
-        d = env.workdir(self.name)
-        out_port, in_port = env.ports.take(), env.ports.take()
-        pair = Pair(self.name, out_port, inbound_port=in_port)
-        for role, config in (("inbound", self.inbound_config(env, d, in_port, backend_port)),
-                             ("outbound", self.outbound_config(env, d, out_port, in_port))):
-            proc = self.spawn_role(env, d, role, config)
-            pair.procs.append(proc)
-            pair.roles[role] = proc.pid
-        # an interpreter under callgrind starts some 50 times slower
-        wait_listening([in_port, out_port], pair.procs, env.procs, "callgrind pair", 600)
-        return pair
-
     def command(self, config: Path, d: Path, role: str) -> list[str]:
         dump = self.out / f"callgrind.{role}.%p"
         return [*VALGRIND, f"--callgrind-out-file={dump}", *super().command(config, d, role)]
+
+
+class CallgrindedTransparent(Callgrinded, transparent.TransparentEnforcer):
+    """``enforcer-transparent`` (redirect rules, uids 1337/1338), each sidecar under
+    callgrind (valgrind runs inside ``setpriv``, so as the sidecar's uid)."""
+
+
+class CallgrindedNatHooks(Callgrinded, transparent.NatHooksEnforcer):
+    """``enforcer-nathooks`` (the explicit pair, the rules loaded for an unused port),
+    each sidecar under callgrind."""
+
+
+def pick(args: argparse.Namespace, out: Path) -> Callgrinded:
+    if args.transparent:
+        return CallgrindedTransparent(out)
+    if args.nathooks:
+        return CallgrindedNatHooks(out)
+    return Callgrinded(out)
+
+
+def check_redirects(args: argparse.Namespace, connections: int) -> None:
+    """The rules did what the mode says: every connection redirected twice (outbound's
+    to the inbound sidecar, the load tool's to the outbound one), or none at all."""
+    if args.transparent:
+        counters = transparent.redirected()
+        if len(counters) != 2 or min(counters) < connections:
+            raise SystemExit(f"the redirect rules matched {counters} packets, fewer than "
+                             f"the {connections} connections: they did not go through the pair")
+    elif args.nathooks:
+        counters = transparent.redirected(transparent.HOOKS_TABLE)
+        if any(counters):
+            raise SystemExit(f"the control's rules redirected {counters} connections")
 
 
 def one_connection(port: int, want: bytes) -> None:
@@ -74,13 +117,22 @@ def one_connection(port: int, want: bytes) -> None:
         raise SystemExit(f"bad response through the pair: {got[:200]!r}")
 
 
-def control(*args: str) -> None:
-    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=300)
+def control(command: str, pid: int) -> None:
+    """``callgrind_control`` as the process's own uid: vgdb makes its reply FIFO
+    readable by itself only, so a root vgdb would wait forever on a sidecar of uid 1337."""
+    owner = os.stat(f"/proc/{pid}").st_uid
+    setpriv = [] if owner == os.geteuid() else [
+        "setpriv", "--reuid", str(owner), "--regid", str(owner), "--clear-groups"]
+    subprocess.run([*setpriv, "callgrind_control", command, str(pid)], check=True,
+                   capture_output=True, timeout=300)
 
 
 def totals(out: Path, pid: int) -> int:
     """Instructions in the last dump of process ``pid`` (after the zeroing)."""
     dumps = sorted(out.glob(f"callgrind.*.{pid}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    if not dumps:
+        raise SystemExit(f"no callgrind dump of process {pid} in {out} (can its uid write "
+                         "there?)")
     text = dumps[-1].read_text(errors="replace")
     match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
     if match is None:
@@ -92,54 +144,89 @@ def measure(pids: dict[str, int], out: Path, run: Callable[[], object]
             ) -> tuple[dict[str, int], float]:
     """Instructions of each process while ``run`` runs, and how long it took (s)."""
     for pid in pids.values():
-        control("-z", str(pid))
+        control("-z", pid)
     start = time.monotonic()
     run()
     seconds = time.monotonic() - start
     for pid in pids.values():
-        control("-d", str(pid))
+        control("-d", pid)
     return {role: totals(out, pid) for role, pid in pids.items()}, seconds
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--connections", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--idle", type=float, default=10.0,
                     help="seconds of the idle window that measures the housekeeping")
     ap.add_argument("--out", type=Path, default=None, help="where the dumps go")
-    args = ap.parse_args()
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--transparent", action="store_true",
+                      help="the transparent pair behind nftables redirects (root; runs in "
+                           "a private network namespace)")
+    mode.add_argument("--nathooks", action="store_true",
+                      help="the control: the explicit pair with the redirect rules loaded "
+                           "for a port nobody dials (root; private network namespace)")
+    mode.add_argument("--netns", action="store_true",
+                      help="the explicit pair in a private network namespace, no rules")
+    return ap.parse_args()
+
+
+def report(name: str, n: int, counts: dict[str, int], net: dict[str, float],
+           housekeeping: float, busy_s: float) -> None:
+    print(f"{name}: {n} connections in {busy_s:.1f} s; housekeeping "
+          f"{housekeeping:,.0f} instructions/s (pair), subtracted")
+    for role in counts:
+        print(f"{role:9} {net[role] / n:12,.0f} instructions per connection "
+              f"({counts[role] / n:,.0f} raw)")
+    print(f"{'pair':9} {sum(net.values()) / n:12,.0f} instructions per connection "
+          f"({sum(counts.values()) / n:,.0f} raw)")
+
+
+def count(args: argparse.Namespace, pair: Pair, out: Path) -> None:
+    want = body()
+    n = args.connections
+    for _ in range(args.warmup):
+        one_connection(pair.entry_port, want)
+    idle, idle_s = measure(pair.roles, out, lambda: time.sleep(args.idle))
+
+    def connections() -> None:
+        for _ in range(n):
+            one_connection(pair.entry_port, want)
+
+    counts, busy_s = measure(pair.roles, out, connections)
+    check_redirects(args, args.warmup + n)
+    net = {role: counts[role] - idle[role] * busy_s / idle_s for role in counts}
+    report(pair.contestant, n, counts, net, sum(idle.values()) / idle_s, busy_s)
+    print(f"dumps in {out} (callgrind_annotate --inclusive=yes FILE)")
+
+
+def main() -> None:
+    args = parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    private = args.transparent or args.nathooks or args.netns
+    if private and not transparent.in_private_netns():
+        transparent.reexec_in_netns(sys.argv[1:], module="benchmarks.callgrind")
     tmp = Path(tempfile.mkdtemp(prefix="enforcer-callgrind-"))
     out = args.out or tmp / "dumps"
     out.mkdir(parents=True, exist_ok=True)
+    contestant = pick(args, out)
+    if reason := contestant.missing():
+        raise SystemExit(f"{contestant.name}: {reason}")
+    if args.transparent:
+        out.chmod(0o1777)  # the sidecars' uids write their dumps there
     env = Env(tmp=tmp, pki=make_pki(tmp / "pki"), procs=Processes(), ports=Ports())
-    backend = start_http(env)
-    pair = Callgrinded(out).start(env, backend.port)
-    want = body()
-    n = args.connections
     try:
-        for _ in range(args.warmup):
-            one_connection(pair.entry_port, want)
-        idle, idle_s = measure(pair.roles, out, lambda: time.sleep(args.idle))
-
-        def connections() -> None:
-            for _ in range(n):
-                one_connection(pair.entry_port, want)
-
-        counts, busy_s = measure(pair.roles, out, connections)
-        net = {role: counts[role] - idle[role] * busy_s / idle_s for role in counts}
-        print(f"{n} connections in {busy_s:.1f} s; housekeeping "
-              f"{sum(idle.values()) / idle_s:,.0f} instructions/s (pair), subtracted")
-        for role in counts:
-            print(f"{role:9} {net[role] / n:12,.0f} instructions per connection "
-                  f"({counts[role] / n:,.0f} raw)")
-        print(f"{'pair':9} {sum(net.values()) / n:12,.0f} instructions per connection "
-              f"({sum(counts.values()) / n:,.0f} raw)")
-        print(f"dumps in {out} (callgrind_annotate --inclusive=yes FILE)")
+        try:
+            pair = contestant.start(env, start_http(env).port)
+        except StartError as exc:
+            raise SystemExit(f"{contestant.name}: {exc}") from None
+        try:
+            count(args, pair, out)
+        finally:
+            stop_pair(env, pair)
     finally:
-        stop_pair(env, pair)
         env.procs.stop_all()
 
 

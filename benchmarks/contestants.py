@@ -115,6 +115,7 @@ class Contestant:
     apt: str | None = None
     is_peer = True  # counts as a peer when finding the best peer for ratios
     role_names = ("outbound", "inbound")
+    start_timeout = 20.0  # seconds for both sidecars to listen
 
     def missing(self) -> str | None:
         """Why this contestant cannot run here (with the apt package), or None."""
@@ -140,7 +141,8 @@ class Contestant:
                 proc = self.spawn_role(env, d, role, config)
                 pair.procs.append(proc)
                 pair.roles[role] = proc.pid
-            wait_listening([in_port, out_port], pair.procs, env.procs, f"{self.name} pair")
+            wait_listening([in_port, out_port], pair.procs, env.procs, f"{self.name} pair",
+                           self.start_timeout)
         except BaseException:
             stop_pair(env, pair)
             raise

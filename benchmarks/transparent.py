@@ -33,6 +33,7 @@ destination (3 x 9,700 is more than the default range's 28,232).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,11 +52,13 @@ UNUSED_PORT = 9  # discard: nothing in the private namespace dials it
 EPHEMERAL = "20000 65535"  # the private namespace's net.ipv4.ip_local_port_range
 
 
-def reexec_in_netns(argv: Sequence[str]) -> NoReturn:
-    """Run this harness again in a new network namespace, loopback up (``--netns``)."""
+def reexec_in_netns(argv: Sequence[str], module: str = "benchmarks") -> NoReturn:
+    """Run this harness (or another of its entry points, ``python -m module``) again in a
+    new network namespace, loopback up (``--netns``)."""
     unshare = shutil.which("unshare")
     if os.geteuid() != 0 or unshare is None:
-        raise SystemExit("enforcer bench: --netns needs root and unshare (util-linux)")
+        who = "enforcer bench" if module == "benchmarks" else f"python -m {module}"
+        raise SystemExit(f"{who}: --netns needs root and unshare (util-linux)")
     os.environ[ENV_FLAG] = "1"
     checkout = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -63,7 +66,7 @@ def reexec_in_netns(argv: Sequence[str]) -> NoReturn:
     script = (f'ip link set lo up && echo "{EPHEMERAL}" > /proc/sys/net/ipv4/ip_local_port_range'
               ' && exec "$0" "$@"')
     os.execv(unshare, [unshare, "--net", "--", "sh", "-c", script, sys.executable, "-m",
-                       "benchmarks", *argv])
+                       module, *argv])
 
 
 def harness_argv(argv: Sequence[str]) -> list[str]:
@@ -105,6 +108,16 @@ def nft(script: str) -> None:
                           timeout=30, check=False)
     if done.returncode != 0:
         raise StartError(f"nft: {done.stderr.strip()}")
+
+
+def redirected(table: str = TABLE) -> list[int]:
+    """Packets each of ``table``'s redirect rules matched (its counters, in rule order):
+    one per connection redirected, as the nat chain sees only a connection's first."""
+    done = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
+                          text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise StartError(f"nft: {done.stderr.strip()}")
+    return [int(n) for n in re.findall(r"packets (\d+)", done.stdout)]
 
 
 def _missing(tools: tuple[str, ...]) -> str | None:
@@ -175,7 +188,8 @@ class TransparentEnforcer(Enforcer):
                     cwd=d, log=d / f"{role}.log", stdout=Path("/dev/null"))
                 pair.procs.append(proc)
                 pair.roles[role] = proc.pid
-            wait_listening([in_port, out_port], pair.procs, env.procs, f"{self.name} pair")
+            wait_listening([in_port, out_port], pair.procs, env.procs, f"{self.name} pair",
+                           self.start_timeout)
             nft(rules(backend_port, out_port, in_port))
         except BaseException:
             stop_pair(env, pair)

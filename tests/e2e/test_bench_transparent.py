@@ -2,7 +2,8 @@
 and one connection through each freshly started pair in a namespace the test creates
 (bytes checked by sha256): the explicit pair leaves conntrack idle, the control
 (``enforcer-nathooks``) makes conntrack track its connection without redirecting it, the
-transparent pair's counters show the redirects; the rules are gone after each pair stops.
+transparent pair's counters show the redirects (one per rule and connection, as
+``benchmarks.callgrind --transparent`` relies on); the rules are gone after each pair stops.
 No workload is measured here."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from benchmarks.contestants import Env, stop_pair
 from benchmarks.pki import make_pki
 from benchmarks.procs import Ports, Processes
 from benchmarks.contestants import Enforcer
-from benchmarks.transparent import NatHooksEnforcer, TransparentEnforcer
+from benchmarks.transparent import NatHooksEnforcer, TransparentEnforcer, redirected
 
 tmp = Path(sys.argv[1])
 srv = socket.create_server(("127.0.0.1", 0))
@@ -65,6 +66,7 @@ for name, contestant, table in (("explicit", Enforcer(), None),
     if table:
         out["rules_" + name] = subprocess.run(["nft", "list", "table", "inet", table],
                                               capture_output=True, text=True).stdout
+        out["redirected_" + name] = redirected(table)
     stop_pair(env, pair)
 out["after"] = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
 print(json.dumps(out))
@@ -112,6 +114,9 @@ def test_one_connection_through_the_transparent_pair() -> None:
     assert hooks == [0, 0] and "tcp dport 9 " in out["rules_nathooks"], out["rules_nathooks"]
     counters = [int(n) for n in re.findall(r"packets (\d+)", out["rules_transparent"])]
     assert len(counters) == 2 and all(n > 0 for n in counters), out["rules_transparent"]
+    # what benchmarks.callgrind checks: one match per rule and connection (the first packet)
+    assert out["redirected_nathooks"] == [0, 0]
+    assert out["redirected_transparent"] == [1, 1], out["rules_transparent"]
     assert "enforcer-bench" not in out["after"]
     # listener ports come from below the namespace's ephemeral range (32768-60999 here;
     # the transparent pair's entry is the backend's own port)
