@@ -129,6 +129,26 @@ def _missing(tools: tuple[str, ...]) -> str | None:
     return None
 
 
+def other_interpreter(uid: int) -> str | None:
+    """Why the sidecars would not run this harness's interpreter under ``uid``, or None.
+    An interpreter whose files only root may read (pyenv under /root) makes the loader
+    fall back to the system's libpython and standard library: the transparent column would
+    then measure another Python than the columns it is compared with."""
+    probe = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+             sys.executable, "-c", "import sys; print(sys.version)"]
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run {sys.executable} as uid {uid}: {exc}"
+    seen = done.stdout.strip()
+    if done.returncode != 0 or seen != sys.version:
+        return (f"uid {uid} cannot run this harness's Python as it is ({sys.executable}: "
+                f"{seen.split()[0] if seen else 'not started'} instead of "
+                f"{sys.version.split()[0]}); run the harness with an interpreter every uid "
+                "can read")
+    return None
+
+
 class NatHooksEnforcer(Enforcer):
     """The explicit-port pair with the NAT and conntrack hooks loaded but no redirect
     (column ``enforcer-nathooks``): the control for ``enforcer-transparent``."""
@@ -165,7 +185,7 @@ class TransparentEnforcer(Enforcer):
         self.name = "enforcer-transparent"
 
     def missing(self) -> str | None:
-        return _missing(("nft", "setpriv"))
+        return _missing(("nft", "setpriv")) or other_interpreter(OUTBOUND_UID)
 
     def describe(self) -> str:
         return ("the enforcer pair behind nftables redirects (transparent listeners, "

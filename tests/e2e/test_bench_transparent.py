@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.transparent import UNUSED_PORT, harness_argv, hook_rules, rules
+from benchmarks.transparent import (
+    OUTBOUND_UID,
+    UNUSED_PORT,
+    harness_argv,
+    hook_rules,
+    other_interpreter,
+    rules,
+)
 from tests.e2e.netns import topology
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -106,7 +113,9 @@ def test_one_connection_through_the_transparent_pair() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["missing_nathooks"] is None and out["missing_transparent"] is None
+    # an interpreter uid 1337 cannot read as it is (pyenv under /root) is refused by name
+    assert out["missing_nathooks"] is None
+    assert out["missing_transparent"] == other_interpreter(OUTBOUND_UID)
     assert out["same"] == {"explicit": True, "nathooks": True, "transparent": True}
     # no rules, no conntrack; the control's rules make conntrack track (and redirect nothing)
     assert out["tracked"]["explicit"] == 0 and out["tracked"]["nathooks"] > 0, out["tracked"]
@@ -121,6 +130,16 @@ def test_one_connection_through_the_transparent_pair() -> None:
     # listener ports come from below the namespace's ephemeral range (32768-60999 here;
     # the transparent pair's entry is the backend's own port)
     assert all(1024 <= p < 32768 for p in out["ports"][:2]), out["ports"]
+
+
+def test_an_interpreter_the_sidecar_uid_cannot_run_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transparent sidecars run under their own uids: if those cannot run the harness's
+    interpreter as it is, the column would measure another Python, so it is not offered."""
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    why = other_interpreter(OUTBOUND_UID) or ""
+    assert why.startswith("uid 1337 cannot run this harness's Python as it is "
+                          "(/nonexistent/python3: not started instead of "), why
 
 
 def test_without_a_private_namespace_it_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
