@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -85,13 +84,15 @@ def target_of(address: Address) -> Target | None:
     """(family, sockaddr) for an upstream that needs no name resolution, else None."""
     if address.path is not None:
         return socket.AF_UNIX, address.path
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError:
+    host = address.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:  # inet_pton, not ipaddress: a transparent listener parses every original destination
+        socket.inet_pton(family, host)
+    except (OSError, ValueError):  # a host name, for the resolver
         return None
-    if ip.version == 4:
-        return socket.AF_INET, (address.host, address.port)
-    return socket.AF_INET6, (address.host, address.port, 0, 0)
+    if family == socket.AF_INET:
+        return family, (host, address.port)
+    return family, (host, address.port, 0, 0)
 
 
 class Connecting:

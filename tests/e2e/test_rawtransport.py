@@ -110,6 +110,9 @@ def test_targets_need_no_name_resolution() -> None:
     assert target_of(Address(host="::1", port=443)) == (socket.AF_INET6, ("::1", 443, 0, 0))
     assert target_of(Address(path="/run/app.sock")) == (socket.AF_UNIX, "/run/app.sock")
     assert target_of(Address(host="app.default.svc", port=80)) is None
+    assert target_of(Address(host="10.0.0.256", port=80)) is None  # a name to the resolver
+    assert target_of(Address(host="2001:db8::7", port=443)) == (
+        socket.AF_INET6, ("2001:db8::7", 443, 0, 0))
 
 
 async def test_bytes_both_ways_with_flow_control_and_half_close(poller: Any) -> None:
