@@ -107,6 +107,10 @@ _NO_PLAN: Final = Plan()
 # the events that carry nothing but their kind, made once
 _EVENTS: Final = {kind: Event(kind) for kind in lifecycle_events()}
 _PUMPED: Final = Event("relay_started", flag=True)  # the native pump took the relay
+# no timer armed, nothing held: shared and never written (an idle pumped connection keeps
+# no dict or list of its own); _start_timer and _from_client put their own in place first
+_NO_TIMERS: Final[dict[str, asyncio.TimerHandle]] = {}
+_NOTHING_HELD: Final[list[bytes]] = []
 
 
 def _silent_detail(tls_mode: str) -> str:
@@ -138,7 +142,7 @@ class Connection:
         self.client = Side(self, is_client=True)
         self.upstream: Side | None = None
         self.core = Lifecycle(_NO_PLAN, self.loop.time())  # its plan is set on accept
-        self.timers: dict[str, asyncio.TimerHandle] = {}  # the core's armed slots
+        self.timers: dict[str, asyncio.TimerHandle] = _NO_TIMERS  # the core's armed slots
         self.started = time.time()
         # Durations use time.monotonic(): uvloop's loop.time() has 1 ms resolution.
         self.started_mono = time.monotonic()
@@ -159,7 +163,7 @@ class Connection:
         self.identity: PeerIdentity | None = None
         self.upstream_identity: PeerIdentity | None = None
         self.decision: Any = None
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = _NOTHING_HELD
         self.pending_bytes = 0
         self.early_upstream: list[bytes] | None = None  # a plaintext upstream spoke first
         self.pump: NativePump | None = None  # set once the native pump relays this connection
@@ -199,15 +203,20 @@ class Connection:
         slot = cmd.timer
         assert slot is not None
         timers = self.timers
+        if timers is _NO_TIMERS:
+            timers = self.timers = {}
         old = timers.get(slot)
         if old is not None:
             old.cancel()
         timers[slot] = self.loop.call_later(cmd.delay, self._fire, cmd.reason)
 
     def _cancel_timer(self, cmd: Command) -> None:
-        handle = self.timers.pop(cmd.timer or "", None)
+        timers = self.timers
+        handle = timers.pop(cmd.timer or "", None)
         if handle is not None:
             handle.cancel()
+            if not timers:
+                self.timers = _NO_TIMERS
 
     def _shut_write(self, cmd: Command) -> None:
         side = self.client if cmd.side == "client" else self.upstream
@@ -445,6 +454,8 @@ class Connection:
         if self.core.relaying and self.upstream is not None:
             self.upstream.send(data)
             return
+        if self.pending is _NOTHING_HELD:
+            self.pending = []
         self.pending.append(bytes(data))  # may be a view of the shared TLS read buffer
         self.pending_bytes += len(data)
         if self.pending_bytes >= PENDING_LIMIT:
@@ -959,7 +970,7 @@ class Connection:
         self.relay = "python"
         up = self.upstream
         assert up is not None
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        pending, self.pending, self.pending_bytes = self.pending, _NOTHING_HELD, 0
         for chunk in pending:
             up.send(chunk)
         self.client.resume(PAUSE_BUFFER)
@@ -1046,7 +1057,9 @@ class Connection:
     def _fire(self, name: str) -> None:
         """A timer the core armed ran out: tell it (with what only the I/O layer knows)."""
         try:
-            self.timers.pop(TIMERS[name][0], None)
+            timers = self.timers
+            if timers.pop(TIMERS[name][0], None) is not None and not timers:
+                self.timers = _NO_TIMERS
             if self.core.stage == CLOSED:
                 return
             self._feed(self._timer_event(name))

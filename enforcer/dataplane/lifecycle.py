@@ -90,6 +90,20 @@ _ARMS: dict[tuple[str, str, float], Command] = {}
 _ARMS_MAX: Final = 1024
 
 
+class _Spent(list[Command]):
+    """``Lifecycle.out`` between events: the last list belongs to its caller (an idle
+    connection keeps no list of its own); adding to it is a bug in the core."""
+
+    def append(self, cmd: Command, /) -> None:
+        raise LifecycleError(f"command {cmd.kind} outside an event")
+
+
+_SPENT: Final = _Spent()
+# no timer armed: one shared empty map (an idle pumped connection keeps none of its own),
+# never written: _arm puts a new dict in its place first
+_NO_TIMERS: Final[dict[str, str]] = {}
+
+
 class Lifecycle:
     """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
 
@@ -111,9 +125,9 @@ class Lifecycle:
         self.native_ok = False  # start_relay allowed a hand-over to the pump
         self.draining = False  # the process drains: DRAINING once relaying
         self.last_active = now
-        self.timers: dict[str, str] = {}  # armed slot -> the event it fires
+        self.timers: dict[str, str] = _NO_TIMERS  # armed slot -> the event it fires
         self.record: tuple[str, str, str | None, Stage] | None = None  # how it closed
-        self.out: list[Command] = []
+        self.out: list[Command] = _SPENT
 
     @property
     def relaying(self) -> bool:
@@ -132,8 +146,9 @@ class Lifecycle:
         if kind in TIMERS:
             self._fired(ev)
         out: list[Command] = []
-        self.out = out  # (left in place until the next event: no second list per event)
+        self.out = out
         run(self, ev)
+        self.out = _SPENT  # (the caller's now: not kept while the connection idles)
         return out
 
     def _fired(self, ev: Event) -> None:
@@ -142,11 +157,17 @@ class Lifecycle:
             return  # the pump's tick: no timer of its own
         if self.timers.get(slot) != ev.kind:
             raise LifecycleError(f"timer {ev.kind} fired but was not armed")
-        del self.timers[slot]
+        timers = self.timers
+        del timers[slot]
+        if not timers:
+            self.timers = _NO_TIMERS
 
     # ------------------------------------------------------------------ helpers
     def _arm(self, slot: str, event: str, delay: float, *, keep: bool = True) -> None:
-        self.timers[slot] = event
+        if self.timers is _NO_TIMERS:
+            self.timers = {slot: event}
+        else:
+            self.timers[slot] = event
         key = (slot, event, delay)
         cmd = _ARMS.get(key)
         if cmd is None:
@@ -156,7 +177,10 @@ class Lifecycle:
         self.out.append(cmd)
 
     def _disarm(self, slot: str) -> None:
-        if self.timers.pop(slot, None) is not None:
+        timers = self.timers
+        if timers.pop(slot, None) is not None:  # (no-op on _NO_TIMERS)
+            if not timers:
+                self.timers = _NO_TIMERS
             self.out.append(_CANCEL[slot])
 
     def _close(self, action: str, reason: str, detail: str | None = None, *,
@@ -166,7 +190,7 @@ class Lifecycle:
         if self.timers:
             for slot in self.timers:
                 out.append(_CANCEL[slot])
-            self.timers.clear()
+            self.timers = _NO_TIMERS
         self.stage = CLOSED
         self.record = (action, reason, detail, reached)
         # positional (Command's fields in order): no keyword matching per close
