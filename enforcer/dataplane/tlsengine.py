@@ -295,11 +295,11 @@ class TlsEngine:
         return self.obj.getpeercert(binary_form=True)
 
     def version(self) -> str | None:
-        return self.obj.version()
+        return _shared(self.obj.version())
 
     def cipher(self) -> str | None:
         c = self.obj.cipher()
-        return c[0] if c else None
+        return sys.intern(c[0]) if c else None
 
     def alpn(self) -> str | None:
         return self.obj.selected_alpn_protocol()
@@ -312,7 +312,7 @@ class TlsEngine:
         if found == "":  # not read yet
             if self.detached or self.obj.version() is None:  # no finished handshake
                 return None
-            found = self._group = _negotiated_group(self.state)
+            found = self._group = _shared(_negotiated_group(self.state))
         return found
 
     @property
@@ -324,6 +324,12 @@ class TlsEngine:
         if self._reused is not None:
             return self._reused
         return self.obj.session_reused
+
+
+def _shared(name: str | None) -> str | None:
+    """One string per name of a version, suite or group (a few, from OpenSSL), kept by
+    the flow record's facts of every held connection, not one copy per connection."""
+    return None if name is None else sys.intern(name)
 
 
 def _negotiated_group(state: native.Triple) -> str | None:
