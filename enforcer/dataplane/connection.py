@@ -211,12 +211,9 @@ class Connection:
         timers[slot] = self.loop.call_later(cmd.delay, self._fire, cmd.reason)
 
     def _cancel_timer(self, cmd: Command) -> None:
-        timers = self.timers
-        handle = timers.pop(cmd.timer or "", None)
+        handle = self.timers.pop(cmd.timer or "", None)
         if handle is not None:
             handle.cancel()
-            if not timers:
-                self.timers = _NO_TIMERS
 
     def _shut_write(self, cmd: Command) -> None:
         side = self.client if cmd.side == "client" else self.upstream
@@ -988,6 +985,8 @@ class Connection:
         if native_ok and self.core.stage != CLOSED:
             self._go_native()
             self._feed(_PUMPED if self.pump is not None else _EVENTS["relay_started"])
+        if not self.timers:  # (the pump relays: it may idle, with no map of its own)
+            self.timers = _NO_TIMERS
 
     def _go_native(self) -> None:
         """Hand the relay to the native pump when this process uses it (see pump.py)."""
@@ -1057,9 +1056,7 @@ class Connection:
     def _fire(self, name: str) -> None:
         """A timer the core armed ran out: tell it (with what only the I/O layer knows)."""
         try:
-            timers = self.timers
-            if timers.pop(TIMERS[name][0], None) is not None and not timers:
-                self.timers = _NO_TIMERS
+            self.timers.pop(TIMERS[name][0], None)
             if self.core.stage == CLOSED:
                 return
             self._feed(self._timer_event(name))

@@ -91,8 +91,8 @@ _ARMS_MAX: Final = 1024
 
 
 class _Spent(list[Command]):
-    """``Lifecycle.out`` between events: the last list belongs to its caller (an idle
-    connection keeps no list of its own); adding to it is a bug in the core."""
+    """``Lifecycle.out`` of a pumped connection between events (see ``_started``): the
+    last list is its caller's, none is kept while it idles; adding to it is a bug."""
 
     def append(self, cmd: Command, /) -> None:
         raise LifecycleError(f"command {cmd.kind} outside an event")
@@ -146,9 +146,8 @@ class Lifecycle:
         if kind in TIMERS:
             self._fired(ev)
         out: list[Command] = []
-        self.out = out
+        self.out = out  # (left in place until the next event: see _started for the idle)
         run(self, ev)
-        self.out = _SPENT  # (the caller's now: not kept while the connection idles)
         return out
 
     def _fired(self, ev: Event) -> None:
@@ -157,10 +156,7 @@ class Lifecycle:
             return  # the pump's tick: no timer of its own
         if self.timers.get(slot) != ev.kind:
             raise LifecycleError(f"timer {ev.kind} fired but was not armed")
-        timers = self.timers
-        del timers[slot]
-        if not timers:
-            self.timers = _NO_TIMERS
+        del self.timers[slot]
 
     # ------------------------------------------------------------------ helpers
     def _arm(self, slot: str, event: str, delay: float, *, keep: bool = True) -> None:
@@ -177,10 +173,7 @@ class Lifecycle:
         self.out.append(cmd)
 
     def _disarm(self, slot: str) -> None:
-        timers = self.timers
-        if timers.pop(slot, None) is not None:  # (no-op on _NO_TIMERS)
-            if not timers:
-                self.timers = _NO_TIMERS
+        if self.timers.pop(slot, None) is not None:  # (no-op on _NO_TIMERS)
             self.out.append(_CANCEL[slot])
 
     def _close(self, action: str, reason: str, detail: str | None = None, *,
@@ -343,6 +336,10 @@ class Lifecycle:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout)
         if self.plan.open_events:
             self.out.append(_OPEN_RECORD)
+        if self.native:  # it may idle from here on: no map or list of its own is kept
+            self.out = _SPENT  # (the caller has this event's list)
+            if not self.timers:
+                self.timers = _NO_TIMERS
 
     def _data(self, kind: str, ev: Event) -> None:
         self.last_active = ev.now
@@ -460,6 +457,8 @@ class Lifecycle:
             self._timeout_close("idle_timeout", ev.detail)
         elif not self.native:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle, keep=False)
+        else:
+            self.out = _SPENT  # the pump's tick: see _started
 
     def _drain(self, ev: Event) -> None:
         if self.draining:
