@@ -43,6 +43,9 @@ from enforcer.tlsconf import groups
 READ_CHUNK: Final = 256 * 1024
 BIO_SLICE: Final = 17 * 1024  # > the largest TLS record (16 KiB + 256 + 5 header)
 WRITE_SLICE: Final = 16 * 1024  # one full TLS record of plaintext
+# the names of TLS versions, suites and groups (a few, from OpenSSL and the configured
+# groups): one string each, kept for the flow record by every open connection
+_NAMES: Final[dict[str, str]] = {}
 
 # Decrypted data is read into one shared scratch buffer (the loop is single-threaded and
 # every read is forwarded at once), many TLS records per read, so a 256 KiB burst costs one
@@ -295,11 +298,12 @@ class TlsEngine:
         return self.obj.getpeercert(binary_form=True)
 
     def version(self) -> str | None:
-        return _shared(self.obj.version())
+        v = self.obj.version()
+        return _NAMES.setdefault(v, v) if v is not None else None
 
     def cipher(self) -> str | None:
         c = self.obj.cipher()
-        return sys.intern(c[0]) if c else None
+        return _NAMES.setdefault(c[0], c[0]) if c else None
 
     def alpn(self) -> str | None:
         return self.obj.selected_alpn_protocol()
@@ -312,7 +316,8 @@ class TlsEngine:
         if found == "":  # not read yet
             if self.detached or self.obj.version() is None:  # no finished handshake
                 return None
-            found = self._group = _shared(_negotiated_group(self.state))
+            found = _negotiated_group(self.state)
+            found = self._group = _NAMES.setdefault(found, found) if found else found
         return found
 
     @property
@@ -324,12 +329,6 @@ class TlsEngine:
         if self._reused is not None:
             return self._reused
         return self.obj.session_reused
-
-
-def _shared(name: str | None) -> str | None:
-    """One string per name of a version, suite or group (a few, from OpenSSL), kept by
-    the flow record's facts of every held connection, not one copy per connection."""
-    return None if name is None else sys.intern(name)
 
 
 def _negotiated_group(state: native.Triple) -> str | None:
