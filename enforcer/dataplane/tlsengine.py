@@ -43,9 +43,6 @@ from enforcer.tlsconf import groups
 READ_CHUNK: Final = 256 * 1024
 BIO_SLICE: Final = 17 * 1024  # > the largest TLS record (16 KiB + 256 + 5 header)
 WRITE_SLICE: Final = 16 * 1024  # one full TLS record of plaintext
-# the names of TLS versions, suites and groups (a few, from OpenSSL and the configured
-# groups): one string each, kept for the flow record by every open connection
-_NAMES: Final[dict[str, str]] = {}
 
 # Decrypted data is read into one shared scratch buffer (the loop is single-threaded and
 # every read is forwarded at once), many TLS records per read, so a 256 KiB burst costs one
@@ -298,12 +295,11 @@ class TlsEngine:
         return self.obj.getpeercert(binary_form=True)
 
     def version(self) -> str | None:
-        v = self.obj.version()
-        return _NAMES.setdefault(v, v) if v is not None else None
+        return self.obj.version()
 
     def cipher(self) -> str | None:
         c = self.obj.cipher()
-        return _NAMES.setdefault(c[0], c[0]) if c else None
+        return c[0] if c else None
 
     def alpn(self) -> str | None:
         return self.obj.selected_alpn_protocol()
@@ -316,8 +312,7 @@ class TlsEngine:
         if found == "":  # not read yet
             if self.detached or self.obj.version() is None:  # no finished handshake
                 return None
-            found = _negotiated_group(self.state)
-            found = self._group = _NAMES.setdefault(found, found) if found else found
+            found = self._group = _negotiated_group(self.state)
         return found
 
     @property

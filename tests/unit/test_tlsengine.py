@@ -272,13 +272,3 @@ def _a_session(pki) -> ssl.SSLSession:  # type: ignore[no-untyped-def]
     send(server, client, b"t", [1], [4096])
     assert client.session is not None
     return client.session
-
-
-def test_connections_share_the_strings_of_version_suite_and_group(pki) -> None:  # type: ignore[no-untyped-def]
-    """What an open connection keeps for its flow record: one string per name, not a
-    copy per connection."""
-    first, second = pair(pki), pair(pki)
-    for (a, _), (b, _) in ((first, second), (first[::-1], second[::-1])):
-        assert a.version() == "TLSv1.3" and a.version() is b.version()
-        assert a.cipher() is not None and a.cipher() is b.cipher()
-        assert a.group() is not None and a.group() is b.group()
