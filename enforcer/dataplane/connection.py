@@ -118,6 +118,10 @@ _EOFS: Final[dict[tuple[int, object], Event]] = {
     else Event(f"{who}_unclean_eof", reason=kind)
     for i, who in enumerate(("client", "upstream"))
     for kind in (None, "truncated", "no_close_notify")}
+# no timer armed, nothing held: shared and never written (an idle pumped connection keeps
+# no dict or list of its own); _start_timer and _from_client put their own in place first
+_NO_TIMERS: Final[dict[str, asyncio.TimerHandle]] = {}
+_NOTHING_HELD: Final[list[bytes]] = []
 
 
 def _unclean_kind(tls: TlsEngine) -> str:
@@ -154,7 +158,7 @@ class Connection:
         self.client = Side(self, is_client=True)
         self.upstream: Side | None = None
         self.core = Lifecycle(_NO_PLAN, self.loop.time())  # its plan is set on accept
-        self.timers: dict[str, asyncio.TimerHandle] = {}  # the core's armed slots
+        self.timers: dict[str, asyncio.TimerHandle] = _NO_TIMERS  # the core's armed slots
         self.started = time.time()
         # Durations use time.monotonic(): uvloop's loop.time() has 1 ms resolution.
         self.started_mono = time.monotonic()
@@ -175,7 +179,7 @@ class Connection:
         self.identity: PeerIdentity | None = None
         self.upstream_identity: PeerIdentity | None = None
         self.decision: Any = None
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = _NOTHING_HELD
         self.pending_bytes = 0
         self.early_upstream: list[bytes] | None = None  # a plaintext upstream spoke first
         self.pump: NativePump | None = None  # set once the native pump relays this connection
@@ -215,6 +219,8 @@ class Connection:
         slot = cmd.timer
         assert slot is not None
         timers = self.timers
+        if timers is _NO_TIMERS:
+            timers = self.timers = {}
         old = timers.get(slot)
         if old is not None:
             old.cancel()
@@ -452,6 +458,8 @@ class Connection:
         if self.core.relaying and self.upstream is not None:
             self.upstream.send(data)
             return
+        if self.pending is _NOTHING_HELD:
+            self.pending = []
         self.pending.append(bytes(data))  # may be a view of the shared TLS read buffer
         self.pending_bytes += len(data)
         if self.pending_bytes >= PENDING_LIMIT:
@@ -964,7 +972,7 @@ class Connection:
         self.relay = "python"
         up = self.upstream
         assert up is not None
-        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        pending, self.pending, self.pending_bytes = self.pending, _NOTHING_HELD, 0
         for chunk in pending:
             up.send(chunk)
         self.client.resume(PAUSE_BUFFER)
@@ -981,6 +989,8 @@ class Connection:
             self._read_tls(up)  # application data that came with the upstream's Finished
         if native_ok and self.core.stage != CLOSED and not self._go_native():
             self._feed(_EVENTS["relay_started"])
+        if not self.timers:  # (the pump relays: it may idle, with no map of its own)
+            self.timers = _NO_TIMERS
 
     def _go_native(self) -> bool:
         """Hand the relay to the native pump when this process uses it (see pump.py); True

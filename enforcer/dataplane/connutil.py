@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from enforcer.tlsconf.identity import PeerIdentity
 
@@ -82,6 +82,8 @@ def addr(value: object) -> tuple[str, int] | None:
         host = str(value[0])
         if host.startswith(MAPPED) and "." in host:
             host = host[len(MAPPED):]
+        elif len(value) == 2 and host is value[0] and type(value[1]) is int:
+            return cast(tuple[str, int], value)  # as it is: no copy kept per connection
         return host, int(value[1])
     if isinstance(value, str) and value:
         return value, 0

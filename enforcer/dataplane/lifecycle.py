@@ -98,6 +98,20 @@ _ARMS: dict[tuple[str, str, float], Command] = {}
 _ARMS_MAX: Final = 1024
 
 
+class _Spent(list[Command]):
+    """``Lifecycle.out`` of a pumped connection between events (see ``_started``): the
+    last list is its caller's, none is kept while it idles; adding to it is a bug."""
+
+    def append(self, cmd: Command, /) -> None:
+        raise LifecycleError(f"command {cmd.kind} outside an event")
+
+
+_SPENT: Final = _Spent()
+# no timer armed: one shared empty map (an idle pumped connection keeps none of its own),
+# never written: _arm puts a new dict in its place first
+_NO_TIMERS: Final[dict[str, str]] = {}
+
+
 class Lifecycle:
     """One connection's lifecycle. ``handle(event)`` returns the commands to execute."""
 
@@ -119,9 +133,9 @@ class Lifecycle:
         self.native_ok = False  # start_relay allowed a hand-over to the pump
         self.draining = False  # the process drains: DRAINING once relaying
         self.last_active = now
-        self.timers: dict[str, str] = {}  # armed slot -> the event it fires
+        self.timers: dict[str, str] = _NO_TIMERS  # armed slot -> the event it fires
         self.record: tuple[str, str, str | None, Stage] | None = None  # how it closed
-        self.out: list[Command] = []
+        self.out: list[Command] = _SPENT
 
     @property
     def relaying(self) -> bool:
@@ -140,7 +154,7 @@ class Lifecycle:
         if kind in TIMERS:
             self._fired(ev)
         out: list[Command] = []
-        self.out = out  # (left in place until the next event: no second list per event)
+        self.out = out  # (left in place until the next event: see _started for the idle)
         run(self, ev)
         return out
 
@@ -154,7 +168,10 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ helpers
     def _arm(self, slot: str, event: str, delay: float, *, keep: bool = True) -> None:
-        self.timers[slot] = event
+        if self.timers is _NO_TIMERS:
+            self.timers = {slot: event}
+        else:
+            self.timers[slot] = event
         key = (slot, event, delay)
         cmd = _ARMS.get(key)
         if cmd is None:
@@ -164,7 +181,7 @@ class Lifecycle:
         self.out.append(cmd)
 
     def _disarm(self, slot: str) -> None:
-        if self.timers.pop(slot, None) is not None:
+        if self.timers.pop(slot, None) is not None:  # (no-op on _NO_TIMERS)
             self.out.append(_CANCEL[slot])
 
     def _close(self, action: str, reason: str, detail: str | None = None, *,
@@ -174,7 +191,7 @@ class Lifecycle:
         if self.timers:
             for slot in self.timers:
                 out.append(_CANCEL[slot])
-            self.timers.clear()
+            self.timers = _NO_TIMERS
         self.stage = CLOSED
         self.record = (action, reason, detail, reached)
         # positional (Command's fields in order): no keyword matching per close
@@ -327,6 +344,10 @@ class Lifecycle:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout)
         if self.plan.open_events:
             self.out.append(_OPEN_RECORD)
+        if self.native:  # it may idle from here on: no map or list of its own is kept
+            self.out = _SPENT  # (the caller has this event's list)
+            if not self.timers:
+                self.timers = _NO_TIMERS
 
     def _data(self, kind: str, ev: Event) -> None:
         self.last_active = ev.now
@@ -459,6 +480,8 @@ class Lifecycle:
             self._timeout_close("idle_timeout", ev.detail)
         elif not self.native:
             self._arm("idle", "idle_timeout", self.plan.idle_timeout - idle, keep=False)
+        else:
+            self.out = _SPENT  # the pump's tick: see _started
 
     def _drain(self, ev: Event) -> None:
         if self.draining:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from enforcer.dataplane import native
+from enforcer.dataplane import connection, lifecycle, native
 from tests.e2e import harness
 from tests.e2e.harness import (
     Backend,
@@ -292,6 +292,28 @@ async def test_an_idle_pumped_connection_holds_no_tls_buffers(pki: Any) -> None:
         rec = (await outbound.wait_flows(1))[0]
         total = 1 * MiB + 100 + 300 * 1024
         assert rec["bytes"] == {"from_client": total, "to_client": total}
+
+
+async def test_an_idle_pumped_connection_keeps_no_timer_map_or_held_list(pki: Any) -> None:
+    """Memory per held connection: once the pump relays, nothing is armed or held in
+    Python, and neither the connection nor its lifecycle core keeps a dict or a list of
+    its own for that (the shared empty ones), on both sidecars."""
+    backend = await Backend(mode="echo").start()
+    inbound, outbound = await _pair(pki, backend.port)
+    async with running(outbound, inbound, backend):
+        reader, writer = await asyncio.open_connection("127.0.0.1", outbound.port())
+        payload = random_bytes(1000)
+        writer.write(payload)
+        assert sha(await asyncio.wait_for(reader.readexactly(len(payload)), 30)) == sha(payload)
+        await wait_until(lambda: outbound.plane.pumped and inbound.plane.pumped)
+        for conn in (*outbound.plane.pumped, *inbound.plane.pumped):
+            assert conn.timers is connection._NO_TIMERS and conn.timers == {}
+            assert conn.pending is connection._NOTHING_HELD and conn.pending == []
+            assert conn.core.timers == {} and conn.core.out == []
+            assert conn.core.timers is lifecycle._NO_TIMERS
+        writer.close()
+        rec = (await outbound.wait_flows(1))[0]
+        assert rec["bytes"] == {"from_client": len(payload), "to_client": len(payload)}
 
 
 def _keeping(*proxies: Enforcer) -> int:

@@ -576,6 +576,22 @@ def test_native_pump_waits_for_done() -> None:
     assert core.record is not None and core.record[:2] == ("allow", "upstream_fin")
 
 
+def test_an_idle_pumped_connection_keeps_no_timer_map_or_command_list() -> None:
+    """Memory per held connection: once the pump relays with no timer armed, the core
+    holds the one shared empty timer map and none of the lists it answered with."""
+    core = drive([*TO_RELAY[:-1], E("relay_started", flag=True)],
+                 dataclasses.replace(PLAN, max_lifetime=0.0))
+    cmds = core.handle(E("idle_timeout", now=1.0, last_active=0.0))  # the plane's tick
+    fresh = Lifecycle(PLAN, 0.0)
+    assert cmds == [] and core.timers == {} and core.timers is fresh.timers
+    assert core.out is not cmds and core.out is fresh.out and core.out == []
+    with pytest.raises(LifecycleError, match="outside an event"):
+        core.out.append(Command("decide"))  # the shared list is never written
+    armed = drive(TO_RELAY)  # the Python relay: idle (and max_lifetime) armed, its own map
+    assert armed.timers == {"idle": "idle_timeout", "life": "max_lifetime"}
+    assert armed.timers is not fresh.timers and fresh.timers == {}
+
+
 def test_idle_rearms_for_the_rest() -> None:
     core = drive(TO_RELAY)
     core.handle(E("client_data", now=250.0))
