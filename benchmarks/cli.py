@@ -188,12 +188,18 @@ def _load_extra(path: Path | None, option: str = "--enforcer-extra") -> dict[str
     return data
 
 
+def _named(spec: str, option: str, value: str) -> tuple[str, str]:
+    """NAME=VALUE of a column option, NAME usable in a column's name."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,30}", name):
+        raise UsageError(f"{option} {spec!r}: use NAME={value}, NAME in a-z 0-9 . _ -")
+    return name, rest
+
+
 def _checkouts(specs: list[str]) -> list[Contestant]:
     out: list[Contestant] = []
     for spec in specs:
-        name, sep, directory = spec.partition("=")
-        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,30}", name):
-            raise UsageError(f"--enforcer-at {spec!r}: use NAME=DIR, NAME in a-z 0-9 . _ -")
+        name, directory = _named(spec, "--enforcer-at", "DIR")
         checkout = Path(directory).resolve()
         if not (checkout / "enforcer" / "__init__.py").is_file():
             raise UsageError(f"--enforcer-at {spec!r}: {checkout} is not an enforcer checkout")
@@ -204,9 +210,7 @@ def _checkouts(specs: list[str]) -> list[Contestant]:
 def _variants(specs: list[str]) -> list[Contestant]:
     out: list[Contestant] = []
     for spec in specs:
-        name, sep, file = spec.partition("=")
-        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,30}", name):
-            raise UsageError(f"--variant {spec!r}: use NAME=FILE.yaml, NAME in a-z 0-9 . _ -")
+        name, file = _named(spec, "--variant", "FILE.yaml")
         out.append(cmod.Enforcer(name, _load_extra(Path(file), "--variant")))
     if len({c.name for c in out}) < len(out):
         raise UsageError("--variant: names must differ")

@@ -161,6 +161,17 @@ async def test_a_fin_without_close_notify_is_an_abort_towards_the_upstream(
     assert len(upstream.received) == (100 if cut == "mid_record" else 5100)
 
 
+async def _one_record_then_fin(client: Client, upstream: Upstream) -> bytes:
+    """The client sends one application-data record, then a bare FIN (no close_notify),
+    which the listener allows: the upstream gets the bytes and a FIN."""
+    data = random_bytes(3000)
+    await client.send_raw(client.record(23, data))
+    await wait_until(lambda: len(upstream.received) == 3100)
+    client.sock.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(upstream.ended, 5) == "fin"
+    return data
+
+
 async def test_the_listener_may_allow_a_fin_without_close_notify(
         pki: Any, tmp_path: Path) -> None:
     """``tls.allow_eof_without_close_notify: true``: a FIN on a record boundary ends the
@@ -169,11 +180,7 @@ async def test_the_listener_may_allow_a_fin_without_close_notify(
     async with running(enforcer, upstream):
         client = await _client(pki, enforcer, tmp_path)
         try:
-            data = random_bytes(3000)
-            await client.send_raw(client.record(23, data))
-            await wait_until(lambda: len(upstream.received) == 3100)
-            client.sock.shutdown(socket.SHUT_WR)
-            assert await asyncio.wait_for(upstream.ended, 5) == "fin"
+            data = await _one_record_then_fin(client, upstream)
             assert sha(bytes(upstream.received[100:])) == sha(data)
             # the record before the client's socket goes: a close_notify sent to a closed
             # socket would be answered with a reset (client_reset), a race on fast machines
@@ -220,11 +227,7 @@ async def test_a_fin_the_listener_allows_is_a_half_close(pki: Any, tmp_path: Pat
     async with running(enforcer, upstream):
         client = await _client(pki, enforcer, tmp_path)
         try:
-            data = random_bytes(3000)
-            await client.send_raw(client.record(23, data))
-            await wait_until(lambda: len(upstream.received) == 3100)
-            client.sock.shutdown(socket.SHUT_WR)
-            assert await asyncio.wait_for(upstream.ended, 5) == "fin"
+            data = await _one_record_then_fin(client, upstream)
             echoed, how = await _read_to_the_end(client)  # the echo, then the upstream's end
             assert sha(echoed) == sha(data) and how == "close_notify"
             rec = (await enforcer.wait_flows(1))[0]
