@@ -23,8 +23,22 @@ from enforcer.dataplane.rawtransport import RawTransport, target_of
 from tests.e2e.harness import blackhole_listener, random_bytes
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds() -> set[tuple[str, str]]:
+    """This process's descriptors with what they point at. Checks compare them as sets
+    (what is new since), not counts: a socket of an earlier test closing meanwhile would
+    otherwise look like a descriptor gone missing."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except FileNotFoundError:  # the listing's own descriptor, closed since
+            continue
+    return fds
+
+
+def _new_since(before: set[tuple[str, str]]) -> int:
+    """How many descriptors are open now that were not open before."""
+    return len(_open_fds() - before)
 
 
 async def _warm_loop() -> None:
@@ -146,7 +160,7 @@ async def test_close_stops_accepting_and_leaves_no_descriptor() -> None:
     await acc.wait_closed()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
-    assert _open_fds() == before
+    assert _new_since(before) == 0
 
 
 async def _connect(poller: Any, target: rawtransport.Target
@@ -192,10 +206,10 @@ async def test_connect_outcomes_with_the_loop_watching(
         pending = rawtransport.connect(asyncio.get_running_loop(), poller,
                                        (socket.AF_INET, ("127.0.0.1", silent_port)),
                                        lambda t, e: results.append((t, e)))
-        assert pending is not None and _open_fds() == before + 1
+        assert pending is not None and _new_since(before) == 1
         await asyncio.sleep(0.1)
         pending.cancel()
-        assert _open_fds() == before
+        assert _new_since(before) == 0
         await asyncio.sleep(0.05)
         assert results == []  # a cancelled connect never calls back
     finally:
@@ -233,17 +247,17 @@ async def test_the_dialer_races_bare_sockets_and_closes_the_losers(
         accepted.client.transport.close()
         await accepted.client.lost
         await asyncio.sleep(0.05)  # the cancelled silent attempt closes its socket
-        assert _open_fds() == before
+        assert _new_since(before) == 0
 
         race = asyncio.ensure_future(dialer._race(loop, [silent, silent], dialer.AddressBook(),
                                                   lambda a, e, fresh: None, attempt))
         await asyncio.sleep(0.4)  # both attempts started (ATTEMPT_DELAY is 0.25 s)
-        assert _open_fds() == before + 2
+        assert _new_since(before) == 2
         race.cancel()
         with pytest.raises(asyncio.CancelledError):
             await race
         await asyncio.sleep(0.05)
-        assert _open_fds() == before
+        assert _new_since(before) == 0
     finally:
         blackhole.close()
         for f in fillers:
