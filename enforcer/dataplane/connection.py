@@ -1015,13 +1015,11 @@ class Connection:
         does (``_shut_write``)."""
         try:
             if kind == "eof":
-                ev = _EOFS.get((index, detail))
-                if ev is None:
+                if (index, detail) not in _EOFS:
                     raise RuntimeError(f"native pump: an end of stream {index} {detail!r}")
                 side = self.client if index == 0 else self.upstream
                 assert side is not None
-                side.eof_in = True
-                self._feed(ev)
+                self._eof(side, None if detail is None else str(detail))
                 return
             who = "client" if index == 0 else "upstream"
             if kind == "done":

@@ -33,10 +33,9 @@ import functools
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol, TypeVar, overload
+from typing import Any, Final
 
 from enforcer.dataplane import rawtransport, tcpopts
-from enforcer.dataplane.loopwatch import LoopPoller
 from enforcer.dataplane.rawtransport import RawTransport
 from enforcer.dataplane.tasks import spawn
 
@@ -46,13 +45,6 @@ DEAD_FOR: Final = 30.0  # seconds an address that failed is tried last
 Addr = tuple[int, Any]  # (family, sockaddr)
 OnError = Callable[[Addr, OSError, bool], None]  # (address, error, newly marked dead)
 SockOpts = tuple[tuple[int, int, int], ...]
-
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
-
-
-T = TypeVar("T", bound=_Closable)
 
 
 class ResolveError(OSError):
@@ -148,28 +140,12 @@ async def _attempt(loop: asyncio.AbstractEventLoop, poller: Any, options: SockOp
         raise
 
 
-async def _socket_attempt(loop: asyncio.AbstractEventLoop, addr: Addr) -> socket.socket:
-    """One address, for a caller that wants a connected non-blocking socket, not a
-    transport: the same connect, watched by the loop."""
-    transport = await _attempt(loop, LoopPoller(loop), (), addr)
-    return socket.socket(addr[0], socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0,
-                         fileno=transport.release())
-
-
-@overload
 async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: AddressBook,
-                on_error: OnError) -> socket.socket: ...
-@overload
-async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: AddressBook,
-                on_error: OnError, attempt: Callable[[Addr], Coroutine[Any, Any, T]]) -> T: ...
-async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: AddressBook,
-                on_error: OnError, attempt: Callable[[Addr], Coroutine[Any, Any, Any]] | None = None
-                ) -> Any:
-    """The race of the module comment; ``attempt`` connects one address (by default to a
-    plain socket) and what the winner gives is returned, the others closed."""
-    if attempt is None:
-        attempt = functools.partial(_socket_attempt, loop)
-    pending: dict[asyncio.Task[Any], tuple[Addr, float]] = {}
+                on_error: OnError, attempt: Callable[[Addr], Coroutine[Any, Any, RawTransport]]
+                ) -> RawTransport:
+    """The race of the module comment; ``attempt`` connects one address, the winner's
+    transport is returned and the others closed."""
+    pending: dict[asyncio.Task[RawTransport], tuple[Addr, float]] = {}
     first_error: OSError | None = None
     started = 0
     try:
@@ -203,7 +179,7 @@ async def _race(loop: asyncio.AbstractEventLoop, addrs: list[Addr], book: Addres
                     task.result().close()  # connected too, but another one won
 
 
-def _silent_losers(pending: dict[asyncio.Task[Any], tuple[Addr, float]],
+def _silent_losers(pending: dict[asyncio.Task[RawTransport], tuple[Addr, float]],
                    book: AddressBook, on_error: OnError) -> None:
     """Attempts still unanswered after ``ATTEMPT_DELAY`` when another address connected
     (a host that drops packets: no refusal ever comes) count as failed, so the next
